@@ -1,0 +1,45 @@
+use thiserror::Error;
+
+/// Everything the queue can refuse or fail at.
+#[derive(Debug, Error)]
+pub enum QueueError {
+    /// The caller asked for something the queue will not store or do.
+    #[error("invalid {field}: {message}")]
+    InvalidInput { field: String, message: String },
+    /// No such job for this tenant (another tenant's job is "not found" too).
+    #[error("job {0} not found")]
+    JobNotFound(uuid::Uuid),
+    /// The task is no longer held by this worker at this attempt: it was
+    /// swept, re-claimed or cancelled. The result must be dropped.
+    #[error("task {task_id} is no longer held by {worker_id} at attempt {attempt}")]
+    LeaseLost {
+        task_id: i64,
+        worker_id: String,
+        attempt: i32,
+    },
+    /// The same idempotency key was used before with a different request.
+    #[error("idempotency key {key:?} was already used for a different job ({existing})")]
+    IdempotencyConflict { key: String, existing: uuid::Uuid },
+    /// The job is in a state where the operation does not apply.
+    #[error("job {job_id} is {status}: {message}")]
+    InvalidState {
+        job_id: uuid::Uuid,
+        status: String,
+        message: String,
+    },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl QueueError {
+    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        QueueError::InvalidInput {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T, E = QueueError> = std::result::Result<T, E>;

@@ -1,0 +1,433 @@
+//! Jobs: enqueue (single and batch), read, list, cancel, retry.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::{QueueError, Result};
+use crate::model::{Job, JobStatus, JobType, NewJob, Task};
+use crate::Queue;
+
+/// The job an enqueue returned, and whether this call created it (false when
+/// an earlier call with the same idempotency key did).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Enqueued {
+    pub job: Job,
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobWithTasks {
+    pub job: Job,
+    pub tasks: Vec<Task>,
+}
+
+/// Which of a tenant's jobs to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub job_type: Option<JobType>,
+    /// Only jobs older than this one (the previous page's last id).
+    pub before: Option<Uuid>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// The id to pass as `before` for the next page, when there is one.
+    pub next: Option<Uuid>,
+}
+
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+const MAX_TENANT_LEN: usize = 128;
+const MAX_ATTEMPTS_LIMIT: i32 = 100;
+
+impl Queue {
+    /// Enqueue one job and its task DAG in one transaction.
+    pub async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
+        let mut out = self.enqueue_batch(vec![job]).await.map_err(|e| match e {
+            // A single job's fields are not "jobs[0].…".
+            QueueError::InvalidInput { field, message } => QueueError::InvalidInput {
+                field: field.trim_start_matches("jobs[0].").to_string(),
+                message,
+            },
+            e => e,
+        })?;
+        Ok(out.remove(0))
+    }
+
+    /// Enqueue many jobs and all their tasks in one statement and one
+    /// transaction. Nothing is written unless every job is valid. Results are
+    /// in input order.
+    pub async fn enqueue_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
+        if jobs.is_empty() {
+            return Err(QueueError::invalid("jobs", "at least one job is required"));
+        }
+        if jobs.len() > self.config.max_batch_jobs {
+            return Err(QueueError::invalid(
+                "jobs",
+                format!(
+                    "{} jobs in one batch; the limit is {}",
+                    jobs.len(),
+                    self.config.max_batch_jobs
+                ),
+            ));
+        }
+        for (i, job) in jobs.iter().enumerate() {
+            self.validate(job).map_err(|e| match e {
+                QueueError::InvalidInput { field, message } => QueueError::InvalidInput {
+                    field: format!("jobs[{i}].{field}"),
+                    message,
+                },
+                e => e,
+            })?;
+        }
+
+        let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+        let mut task_job = Vec::new();
+        let mut task_type = Vec::new();
+        let mut task_deps = Vec::new();
+        let mut task_priority = Vec::new();
+        let mut task_attempts = Vec::new();
+        let mut task_timeout = Vec::new();
+        for (id, job) in ids.iter().zip(&jobs) {
+            for plan in job.job_type.plan() {
+                task_job.push(*id);
+                task_type.push(plan.task_type.as_str());
+                task_deps.push(
+                    plan.depends_on
+                        .iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
+                task_priority.push(job.priority);
+                task_attempts.push(job.max_attempts);
+                task_timeout.push(plan.task_type.default_timeout_seconds());
+            }
+        }
+
+        let mut tx = self.pool.begin().await?;
+        let inserted: Vec<Job> = sqlx::query_as(
+            r#"
+            WITH inserted AS (
+                INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key)
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::text[])
+                ON CONFLICT (tenant, idempotency_key) DO NOTHING
+                RETURNING *
+            ), tasks AS (
+                INSERT INTO job_tasks (job_id, task_type, dependencies, waiting_on, priority, max_attempts, timeout_seconds)
+                SELECT p.job_id, p.task_type, d.deps, cardinality(d.deps), p.priority, p.max_attempts, p.timeout_seconds
+                FROM unnest($7::uuid[], $8::text[], $9::text[], $10::int[], $11::int[], $12::int[])
+                     AS p(job_id, task_type, deps, priority, max_attempts, timeout_seconds)
+                CROSS JOIN LATERAL (SELECT string_to_array(nullif(p.deps, ''), ',') AS deps_or_null) a
+                CROSS JOIN LATERAL (SELECT coalesce(a.deps_or_null, '{}'::text[]) AS deps) d
+                WHERE p.job_id IN (SELECT id FROM inserted)
+            )
+            SELECT * FROM inserted
+            "#,
+        )
+        .bind(&ids)
+        .bind(jobs.iter().map(|j| j.tenant.as_str()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.job_type.as_str()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| &j.input).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.priority).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.idempotency_key.as_deref()).collect::<Vec<_>>())
+        .bind(&task_job)
+        .bind(&task_type)
+        .bind(&task_deps)
+        .bind(&task_priority)
+        .bind(&task_attempts)
+        .bind(&task_timeout)
+        .fetch_all(&mut *tx)
+        .await?;
+
+        let mut created: HashMap<Uuid, Job> = inserted.into_iter().map(|j| (j.id, j)).collect();
+        // Jobs not inserted lost to an existing idempotency key (from an
+        // earlier call, or earlier in this batch).
+        let missing: Vec<usize> = (0..jobs.len())
+            .filter(|i| !created.contains_key(&ids[*i]))
+            .collect();
+        let mut existing: HashMap<(String, String), Job> = HashMap::new();
+        if !missing.is_empty() {
+            let rows: Vec<Job> = sqlx::query_as(
+                "SELECT j.* FROM jobs j JOIN unnest($1::text[], $2::text[]) AS k(tenant, key)
+                 ON j.tenant = k.tenant AND j.idempotency_key = k.key",
+            )
+            .bind(
+                missing
+                    .iter()
+                    .map(|&i| jobs[i].tenant.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                missing
+                    .iter()
+                    .map(|&i| jobs[i].idempotency_key.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            for job in rows {
+                let key = (
+                    job.tenant.clone(),
+                    job.idempotency_key.clone().unwrap_or_default(),
+                );
+                existing.insert(key, job);
+            }
+        }
+
+        let mut out = Vec::with_capacity(jobs.len());
+        for (i, new) in jobs.iter().enumerate() {
+            if let Some(job) = created.remove(&ids[i]) {
+                out.push(Enqueued { job, created: true });
+                continue;
+            }
+            let key = new.idempotency_key.clone().unwrap_or_default();
+            let job = existing
+                .get(&(new.tenant.clone(), key.clone()))
+                .cloned()
+                .ok_or_else(|| QueueError::invalid("idempotency_key", "conflicting job vanished; retry"))?;
+            if job.job_type != new.job_type || job.input != new.input {
+                return Err(QueueError::IdempotencyConflict {
+                    key,
+                    existing: job.id,
+                });
+            }
+            out.push(Enqueued { job, created: false });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    fn validate(&self, job: &NewJob) -> Result<()> {
+        if job.tenant.trim().is_empty() || job.tenant.len() > MAX_TENANT_LEN {
+            return Err(QueueError::invalid(
+                "tenant",
+                format!("must be 1 to {MAX_TENANT_LEN} characters"),
+            ));
+        }
+        if let Some(key) = &job.idempotency_key {
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+                return Err(QueueError::invalid(
+                    "idempotency_key",
+                    format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+                ));
+            }
+        }
+        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&job.max_attempts) {
+            return Err(QueueError::invalid(
+                "max_attempts",
+                format!(
+                    "must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}",
+                    job.max_attempts
+                ),
+            ));
+        }
+        let Some(input) = job.input.as_object() else {
+            return Err(QueueError::invalid("input", "must be a JSON object"));
+        };
+        let size = job.input.to_string().len();
+        if size > self.config.max_input_bytes {
+            return Err(QueueError::invalid(
+                "input",
+                format!(
+                    "is {size} bytes; the limit is {} bytes",
+                    self.config.max_input_bytes
+                ),
+            ));
+        }
+        let required = match job.job_type {
+            JobType::Reading | JobType::Text => "prompt",
+            JobType::Pdf | JobType::Audiobook => "text",
+        };
+        match input.get(required) {
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => {}
+            Some(serde_json::Value::String(_)) => {
+                return Err(QueueError::invalid(
+                    format!("input.{required}"),
+                    "must not be empty",
+                ))
+            }
+            Some(_) => {
+                return Err(QueueError::invalid(
+                    format!("input.{required}"),
+                    "must be a string",
+                ))
+            }
+            None => {
+                return Err(QueueError::invalid(
+                    format!("input.{required}"),
+                    format!("is required for {} jobs", job.job_type),
+                ))
+            }
+        }
+        for optional in ["title", "voice"] {
+            if let Some(v) = input.get(optional) {
+                if !v.is_string() {
+                    return Err(QueueError::invalid(
+                        format!("input.{optional}"),
+                        "must be a string",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A tenant's job; another tenant's job is not found.
+    pub async fn job(&self, tenant: &str, id: Uuid) -> Result<Job> {
+        sqlx::query_as("SELECT * FROM jobs WHERE id = $1 AND tenant = $2")
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(QueueError::JobNotFound(id))
+    }
+
+    /// A job with its tasks, regardless of tenant (workers and operators).
+    pub async fn job_by_id(&self, id: Uuid) -> Result<Job> {
+        sqlx::query_as("SELECT * FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(QueueError::JobNotFound(id))
+    }
+
+    /// A tenant's job and its tasks in dependency order.
+    pub async fn job_with_tasks(&self, tenant: &str, id: Uuid) -> Result<JobWithTasks> {
+        let job = self.job(tenant, id).await?;
+        let tasks = self.tasks_of(id).await?;
+        Ok(JobWithTasks { job, tasks })
+    }
+
+    pub async fn tasks_of(&self, job_id: Uuid) -> Result<Vec<Task>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM job_tasks WHERE job_id = $1 ORDER BY id")
+                .bind(job_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// A tenant's jobs, newest first.
+    pub async fn list_jobs(&self, tenant: &str, filter: &JobFilter) -> Result<JobPage> {
+        if !(1..=1000).contains(&filter.limit) {
+            return Err(QueueError::invalid(
+                "limit",
+                format!("must be between 1 and 1000, got {}", filter.limit),
+            ));
+        }
+        let mut jobs: Vec<Job> = sqlx::query_as(
+            "SELECT * FROM jobs
+             WHERE tenant = $1
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::text IS NULL OR job_type = $3)
+               AND ($4::uuid IS NULL OR id < $4)
+             ORDER BY id DESC
+             LIMIT $5",
+        )
+        .bind(tenant)
+        .bind(filter.status.map(|s| s.as_str()))
+        .bind(filter.job_type.map(|t| t.as_str()))
+        .bind(filter.before)
+        .bind(filter.limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let next = if jobs.len() as i64 > filter.limit {
+            jobs.truncate(filter.limit as usize);
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next })
+    }
+
+    /// Cancel a job: its unfinished tasks are cancelled (a worker holding one
+    /// loses its lease at the next heartbeat). Cancelling a finished job is
+    /// refused; cancelling a cancelled one is a no-op.
+    pub async fn cancel_job(&self, tenant: &str, id: Uuid) -> Result<Job> {
+        let mut tx = self.pool.begin().await?;
+        let job: Job = sqlx::query_as("SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR UPDATE")
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(QueueError::JobNotFound(id))?;
+        match job.status {
+            JobStatus::Cancelled => return Ok(job),
+            JobStatus::Complete | JobStatus::Failed => {
+                return Err(QueueError::InvalidState {
+                    job_id: id,
+                    status: job.status.to_string(),
+                    message: "a finished job cannot be cancelled".into(),
+                })
+            }
+            JobStatus::Queued | JobStatus::Processing => {}
+        }
+        sqlx::query(
+            "UPDATE job_tasks SET status = 'cancelled', finished_at = now(), updated_at = now(),
+                    last_error = coalesce(last_error, 'cancelled')
+             WHERE job_id = $1 AND status IN ('pending', 'claimed', 'processing')",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let job = sqlx::query_as(
+            "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now()
+             WHERE id = $1 RETURNING *",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// Put a failed job's failed tasks (and the tasks they blocked) back to
+    /// pending with fresh attempts.
+    pub async fn retry_job(&self, tenant: &str, id: Uuid) -> Result<Job> {
+        let mut tx = self.pool.begin().await?;
+        let job: Job = sqlx::query_as("SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR UPDATE")
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(QueueError::JobNotFound(id))?;
+        if job.status != JobStatus::Failed {
+            return Err(QueueError::InvalidState {
+                job_id: id,
+                status: job.status.to_string(),
+                message: "only a failed job can be retried".into(),
+            });
+        }
+        sqlx::query(
+            "UPDATE job_tasks d
+             SET status = 'pending', attempts = 0, run_at = now(), finished_at = NULL,
+                 claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL, updated_at = now(),
+                 waiting_on = (SELECT count(*) FROM job_tasks p
+                               WHERE p.job_id = d.job_id AND p.task_type = ANY (d.dependencies)
+                                 AND p.status <> 'complete')
+             WHERE d.job_id = $1 AND d.status IN ('failed', 'cancelled')",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SELECT refresh_job_status(ARRAY[$1::uuid])")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let job = sqlx::query_as("SELECT * FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+}

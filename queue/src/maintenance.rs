@@ -1,0 +1,153 @@
+//! Maintenance: the sweeper that rescues stuck tasks, and retention that
+//! keeps the hot tables small. Both are safe to run from several processes
+//! at once.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::{QueueError, Result};
+use crate::model::TaskStatus;
+use crate::Queue;
+
+/// A task the sweeper took back from a dead or overdue worker.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SweptTask {
+    pub task_id: i64,
+    pub job_id: Uuid,
+    /// `pending` (will be retried) or `failed` (attempts spent).
+    pub status: TaskStatus,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SweepOutcome {
+    pub tasks: Vec<SweptTask>,
+    /// Registry rows removed because their replica stopped heartbeating.
+    pub workers_removed: u64,
+}
+
+impl SweepOutcome {
+    pub fn retried(&self) -> usize {
+        self.tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Pending)
+            .count()
+    }
+
+    pub fn failed(&self) -> usize {
+        self.tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Failed)
+            .count()
+    }
+}
+
+/// What to do with finished jobs past the retention age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionMode {
+    Delete,
+    /// Copy job, tasks and artifact records into `jobs_archive`, then delete.
+    Archive,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub older_than: Duration,
+    pub mode: RetentionMode,
+    /// Jobs removed per statement, so a large backlog is pruned in short
+    /// transactions.
+    pub batch: i64,
+}
+
+impl Queue {
+    /// Return tasks whose heartbeat is older than `stale_after` or whose
+    /// timeout passed to pending (with backoff), or to failed once attempts
+    /// are spent; forget replicas silent for ten times `stale_after`.
+    pub async fn sweep(&self, stale_after: Duration) -> Result<SweepOutcome> {
+        let rows: Vec<(i64, Uuid, String, String)> =
+            sqlx::query_as("SELECT task_id, job_id, status, reason FROM sweep_tasks($1, $2, $3)")
+                .bind(stale_after.as_secs_f64())
+                .bind(self.config.retry_base.as_secs_f64())
+                .bind(self.config.retry_cap.as_secs_f64())
+                .fetch_all(&self.pool)
+                .await?;
+        let tasks = rows
+            .into_iter()
+            .map(|(task_id, job_id, status, reason)| {
+                Ok(SweptTask {
+                    task_id,
+                    job_id,
+                    status: status.parse()?,
+                    reason,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let workers_removed = sqlx::query(
+            "DELETE FROM workers w
+             WHERE w.heartbeat_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (SELECT 1 FROM job_tasks t
+                               WHERE t.claimed_by = w.id AND t.status IN ('claimed', 'processing'))",
+        )
+        .bind(stale_after.as_secs_f64() * 10.0)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if !tasks.is_empty() {
+            tracing::warn!(
+                retried = tasks.len(),
+                "sweeper took back tasks from stale or overdue workers"
+            );
+        }
+        Ok(SweepOutcome {
+            tasks,
+            workers_removed,
+        })
+    }
+
+    /// Remove (or archive) finished jobs older than the retention age.
+    /// Returns how many jobs were removed.
+    pub async fn prune(&self, retention: Retention) -> Result<u64> {
+        if retention.batch < 1 {
+            return Err(QueueError::invalid("batch", "must be at least 1"));
+        }
+        let mut total = 0;
+        loop {
+            let removed = match retention.mode {
+                RetentionMode::Delete => sqlx::query(
+                    "DELETE FROM jobs WHERE id IN (
+                         SELECT id FROM jobs
+                         WHERE finished_at < now() - make_interval(secs => $1)
+                           AND status IN ('complete', 'failed', 'cancelled')
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                ),
+                RetentionMode::Archive => sqlx::query(
+                    "WITH doomed AS (
+                         SELECT id FROM jobs
+                         WHERE finished_at < now() - make_interval(secs => $1)
+                           AND status IN ('complete', 'failed', 'cancelled')
+                         LIMIT $2 FOR UPDATE SKIP LOCKED
+                     ), archived AS (
+                         INSERT INTO jobs_archive (id, tenant, job_type, status, finished_at, job, tasks, artifacts)
+                         SELECT j.id, j.tenant, j.job_type, j.status, j.finished_at, to_jsonb(j),
+                                coalesce((SELECT jsonb_agg(to_jsonb(t) ORDER BY t.id) FROM job_tasks t WHERE t.job_id = j.id), '[]'),
+                                coalesce((SELECT jsonb_agg(to_jsonb(a)) FROM artifacts a WHERE a.job_id = j.id), '[]')
+                         FROM jobs j JOIN doomed d ON d.id = j.id
+                         ON CONFLICT (id) DO NOTHING
+                     )
+                     DELETE FROM jobs WHERE id IN (SELECT id FROM doomed)",
+                ),
+            }
+            .bind(retention.older_than.as_secs_f64())
+            .bind(retention.batch)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            total += removed;
+            if removed < retention.batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}

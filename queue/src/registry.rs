@@ -1,0 +1,217 @@
+//! The worker registry: which replicas exist, what they run, and which hold
+//! tasks. The controller reads it to remove only idle replicas, and drains
+//! them through it so a scale-down never races a new claim.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::error::{QueueError, Result};
+use crate::model::TaskType;
+use crate::Queue;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Running,
+    /// Chosen for removal: claims nothing more.
+    Draining,
+    Stopped,
+}
+
+impl WorkerState {
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "running" => Ok(WorkerState::Running),
+            "draining" => Ok(WorkerState::Draining),
+            "stopped" => Ok(WorkerState::Stopped),
+            other => Err(QueueError::invalid(
+                "state",
+                format!("unknown worker state {other:?}"),
+            )),
+        }
+    }
+}
+
+/// A replica announcing itself.
+#[derive(Debug, Clone)]
+pub struct NewWorker {
+    /// `FLY_MACHINE_ID`, `POD_NAME`, or host+pid.
+    pub id: String,
+    pub pool: Option<String>,
+    pub task_types: Vec<TaskType>,
+    pub concurrency: i32,
+    pub hostname: Option<String>,
+    pub pid: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub pool: Option<String>,
+    pub task_types: Vec<TaskType>,
+    pub concurrency: i32,
+    pub state: WorkerState,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    /// Tasks it holds right now.
+    pub in_flight: i64,
+}
+
+/// How many tasks one replica holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaLoad {
+    pub worker_id: String,
+    pub in_flight: i64,
+}
+
+type WorkerRow = (
+    String,
+    Option<String>,
+    Vec<String>,
+    i32,
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    i64,
+);
+
+impl Queue {
+    /// Register (or re-register after a restart) a replica as running.
+    pub async fn register_worker(&self, worker: &NewWorker) -> Result<()> {
+        if worker.id.is_empty() {
+            return Err(QueueError::invalid("id", "worker identity must not be empty"));
+        }
+        if worker.task_types.is_empty() {
+            return Err(QueueError::invalid(
+                "task_types",
+                "a worker runs at least one task type",
+            ));
+        }
+        if worker.concurrency < 1 {
+            return Err(QueueError::invalid(
+                "concurrency",
+                format!("must be at least 1, got {}", worker.concurrency),
+            ));
+        }
+        sqlx::query(
+            "INSERT INTO workers (id, pool, task_types, concurrency, hostname, pid)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE
+             SET pool = EXCLUDED.pool, task_types = EXCLUDED.task_types,
+                 concurrency = EXCLUDED.concurrency, hostname = EXCLUDED.hostname,
+                 pid = EXCLUDED.pid, state = 'running', started_at = now(), heartbeat_at = now()",
+        )
+        .bind(&worker.id)
+        .bind(&worker.pool)
+        .bind(worker.task_types.iter().map(|t| t.as_str()).collect::<Vec<_>>())
+        .bind(worker.concurrency)
+        .bind(&worker.hostname)
+        .bind(worker.pid)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Record that the replica is alive; returns its state (a worker that
+    /// reads `Draining` stops claiming). `None` when it is not registered.
+    pub async fn worker_heartbeat(&self, worker_id: &str) -> Result<Option<WorkerState>> {
+        let state: Option<String> =
+            sqlx::query_scalar("UPDATE workers SET heartbeat_at = now() WHERE id = $1 RETURNING state")
+                .bind(worker_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        state.as_deref().map(WorkerState::parse).transpose()
+    }
+
+    pub async fn deregister_worker(&self, worker_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM workers WHERE id = $1")
+            .bind(worker_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Registered replicas (of one pool, or all) with the tasks each holds.
+    pub async fn workers(&self, pool: Option<&str>) -> Result<Vec<WorkerRecord>> {
+        let rows: Vec<WorkerRow> = sqlx::query_as(
+            "SELECT w.id, w.pool, w.task_types, w.concurrency, w.state, w.started_at, w.heartbeat_at,
+                    (SELECT count(*) FROM job_tasks t
+                     WHERE t.claimed_by = w.id AND t.status IN ('claimed', 'processing')) AS in_flight
+             FROM workers w
+             WHERE $1::text IS NULL OR w.pool = $1
+             ORDER BY w.id",
+        )
+        .bind(pool)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(id, pool, types, concurrency, state, started_at, heartbeat_at, in_flight)| {
+                    Ok(WorkerRecord {
+                        id,
+                        pool,
+                        task_types: types.iter().map(|t| t.parse()).collect::<Result<_>>()?,
+                        concurrency,
+                        state: WorkerState::parse(&state)?,
+                        started_at,
+                        heartbeat_at,
+                        in_flight,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Replicas holding at least one task, with how many: one grouped read of
+    /// the active tasks for every pool at once.
+    pub async fn busy_replicas(&self) -> Result<Vec<ReplicaLoad>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT claimed_by, count(*) FROM job_tasks
+             WHERE status IN ('claimed', 'processing') AND claimed_by IS NOT NULL
+             GROUP BY claimed_by ORDER BY claimed_by",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(worker_id, in_flight)| ReplicaLoad { worker_id, in_flight })
+            .collect())
+    }
+
+    /// The drain step of a scale-down: mark these replicas draining, but only
+    /// those that hold no task at that moment. Returns the ones marked; the
+    /// others picked up work and must be kept. Taking the registry rows
+    /// FOR UPDATE first waits out any claim in progress (claims hold them
+    /// FOR SHARE), and the idle check then sees every committed claim.
+    pub async fn drain_idle(&self, worker_ids: &[String]) -> Result<Vec<String>> {
+        if worker_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT 1 FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(worker_ids)
+            .execute(&mut *tx)
+            .await?;
+        let drained: Vec<String> = sqlx::query_scalar(
+            "UPDATE workers w SET state = 'draining'
+             WHERE w.id = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM job_tasks t
+                               WHERE t.claimed_by = w.id AND t.status IN ('claimed', 'processing'))
+             RETURNING w.id",
+        )
+        .bind(worker_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(drained)
+    }
+
+    /// Put draining replicas back to running (a removal that did not happen).
+    pub async fn undrain(&self, worker_ids: &[String]) -> Result<()> {
+        sqlx::query("UPDATE workers SET state = 'running' WHERE id = ANY($1) AND state = 'draining'")
+            .bind(worker_ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,211 @@
+//! The task lifecycle as a worker sees it: claim, heartbeat, complete, fail,
+//! release. Every call after the claim presents the [`Lease`]; the database
+//! refuses one that is no longer held.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::error::{QueueError, Result};
+use crate::model::{Lease, Task, TaskType};
+use crate::Queue;
+
+/// Whether another attempt could succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Timeouts, 429/5xx from a provider, storage hiccups: retry with backoff.
+    Retryable,
+    /// Bad input or a 4xx: retrying cannot help, so the task fails now.
+    Permanent,
+}
+
+/// Why a task attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Failure {
+            kind: FailureKind::Retryable,
+            message: message.into(),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Failure {
+            kind: FailureKind::Permanent,
+            message: message.into(),
+        }
+    }
+}
+
+/// What became of a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// Back to pending; runnable again at this time.
+    RetryAt(DateTime<Utc>),
+    /// Out of attempts, or the failure was permanent.
+    Failed,
+}
+
+impl Queue {
+    /// Claim up to `limit` runnable tasks of these types for `worker_id`
+    /// through the `claim_tasks` SQL function.
+    pub async fn claim(&self, worker_id: &str, task_types: &[TaskType], limit: i32) -> Result<Vec<Task>> {
+        if worker_id.is_empty() {
+            return Err(QueueError::invalid("worker_id", "must not be empty"));
+        }
+        if task_types.is_empty() {
+            return Err(QueueError::invalid(
+                "task_types",
+                "at least one task type is required",
+            ));
+        }
+        if limit < 1 {
+            return Err(QueueError::invalid(
+                "limit",
+                format!("must be at least 1, got {limit}"),
+            ));
+        }
+        let types: Vec<&str> = task_types.iter().map(|t| t.as_str()).collect();
+        Ok(sqlx::query_as("SELECT * FROM claim_tasks($1, $2, $3)")
+            .bind(worker_id)
+            .bind(&types)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Renew leases; marks claimed tasks as processing. Returns the leases
+    /// that are no longer held (cancelled or swept): abandon those.
+    pub async fn heartbeat(&self, worker_id: &str, leases: &[Lease]) -> Result<Vec<Lease>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held = self
+            .lease_call(
+                "SELECT task_id FROM heartbeat_tasks($1, $2, $3)",
+                worker_id,
+                leases,
+            )
+            .await?;
+        Ok(leases
+            .iter()
+            .filter(|l| !held.contains(&l.task_id))
+            .copied()
+            .collect())
+    }
+
+    /// Complete one held task with its output.
+    pub async fn complete(&self, worker_id: &str, lease: Lease, output: serde_json::Value) -> Result<()> {
+        let done = self.complete_batch(worker_id, &[(lease, output)]).await?;
+        if done.is_empty() {
+            return Err(QueueError::LeaseLost {
+                task_id: lease.task_id,
+                worker_id: worker_id.into(),
+                attempt: lease.attempt,
+            });
+        }
+        Ok(())
+    }
+
+    /// Complete many held tasks in one round trip. Returns the leases that
+    /// were completed; the others were no longer held and were not applied.
+    pub async fn complete_batch(
+        &self,
+        worker_id: &str,
+        results: &[(Lease, serde_json::Value)],
+    ) -> Result<Vec<Lease>> {
+        if results.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = results.iter().map(|(l, _)| l.task_id).collect();
+        let attempts: Vec<i32> = results.iter().map(|(l, _)| l.attempt).collect();
+        let outputs: Vec<&serde_json::Value> = results.iter().map(|(_, o)| o).collect();
+        let done: Vec<i64> = sqlx::query_scalar("SELECT task_id FROM complete_tasks($1, $2, $3, $4)")
+            .bind(worker_id)
+            .bind(&ids)
+            .bind(&attempts)
+            .bind(&outputs)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(results
+            .iter()
+            .map(|(l, _)| *l)
+            .filter(|l| done.contains(&l.task_id))
+            .collect())
+    }
+
+    /// Record a failed attempt: retried after a capped exponential backoff
+    /// with jitter while attempts remain and the failure is retryable,
+    /// failed otherwise (and the tasks that depended on it are cancelled).
+    pub async fn fail(&self, worker_id: &str, lease: Lease, failure: &Failure) -> Result<RetryOutcome> {
+        let row: Option<(String, DateTime<Utc>)> =
+            sqlx::query_as("SELECT status, run_at FROM fail_task($1, $2, $3, $4, $5, $6, $7)")
+                .bind(worker_id)
+                .bind(lease.task_id)
+                .bind(lease.attempt)
+                .bind(&failure.message)
+                .bind(failure.kind == FailureKind::Retryable)
+                .bind(self.config.retry_base.as_secs_f64())
+                .bind(self.config.retry_cap.as_secs_f64())
+                .fetch_optional(&self.pool)
+                .await?;
+        match row {
+            None => Err(QueueError::LeaseLost {
+                task_id: lease.task_id,
+                worker_id: worker_id.into(),
+                attempt: lease.attempt,
+            }),
+            Some((status, run_at)) if status == "pending" => Ok(RetryOutcome::RetryAt(run_at)),
+            Some(_) => Ok(RetryOutcome::Failed),
+        }
+    }
+
+    /// Hand unfinished tasks back to pending without spending an attempt.
+    /// Returns the leases released.
+    pub async fn release(&self, worker_id: &str, leases: &[Lease]) -> Result<Vec<Lease>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let released = self
+            .lease_call("SELECT task_id FROM release_tasks($1, $2, $3)", worker_id, leases)
+            .await?;
+        Ok(leases
+            .iter()
+            .filter(|l| released.contains(&l.task_id))
+            .copied()
+            .collect())
+    }
+
+    /// The output of a job's completed task of this type (how a pdf task finds
+    /// the text it typesets).
+    pub async fn task_output(
+        &self,
+        job_id: uuid::Uuid,
+        task_type: TaskType,
+    ) -> Result<Option<serde_json::Value>> {
+        Ok(sqlx::query_scalar(
+            "SELECT output FROM job_tasks WHERE job_id = $1 AND task_type = $2 AND status = 'complete'",
+        )
+        .bind(job_id)
+        .bind(task_type.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
+    async fn lease_call(&self, sql: &'static str, worker_id: &str, leases: &[Lease]) -> Result<Vec<i64>> {
+        let ids: Vec<i64> = leases.iter().map(|l| l.task_id).collect();
+        let attempts: Vec<i32> = leases.iter().map(|l| l.attempt).collect();
+        Ok(sqlx::query_scalar(sql)
+            .bind(worker_id)
+            .bind(&ids)
+            .bind(&attempts)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}

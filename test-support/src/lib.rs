@@ -1,0 +1,52 @@
+//! Fixtures shared by backlog's tests.
+//!
+//! Tests that touch data use `#[sqlx::test(migrator = "queue::MIGRATOR")]`,
+//! which gives each test a fresh, migrated database on the server named by
+//! `DATABASE_URL` (`make test` sets it). The helpers here hand that
+//! database to code under test that wants a URL (child processes, servers).
+
+use sqlx::PgPool;
+
+/// A `postgres://` URL for the database a pool is connected to, so a child
+/// process can connect to the same per-test database.
+pub fn database_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by make test");
+    let db = pool
+        .connect_options()
+        .get_database()
+        .unwrap_or("postgres")
+        .to_string();
+    with_database(&base, &db)
+}
+
+/// Replace the database name of a `postgres://` URL.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match head[scheme_end..].find('/') {
+        Some(i) => &head[..scheme_end + i],
+        None => head,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn replaces_the_database_and_keeps_the_query() {
+        assert_eq!(with_database("postgres://u@h:5/a", "b"), "postgres://u@h:5/b");
+        assert_eq!(with_database("postgres://u@h:5", "b"), "postgres://u@h:5/b");
+        assert_eq!(
+            with_database("postgres://u@h/a?host=/tmp&sslmode=disable", "b"),
+            "postgres://u@h/b?host=/tmp&sslmode=disable"
+        );
+    }
+}
