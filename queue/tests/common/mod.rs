@@ -1,0 +1,69 @@
+//! Fixtures for the queue's integration tests: each test gets a fresh
+//! migrated database from `#[sqlx::test]`.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use queue::{JobType, Lease, NewJob, Queue, QueueConfig, Task, TaskType};
+use serde_json::json;
+use sqlx::PgPool;
+
+pub const TENANT: &str = "acme";
+
+/// A queue whose retries back off quickly, so tests can watch them.
+pub fn queue(pool: PgPool) -> Queue {
+    Queue::new(pool).with_config(QueueConfig {
+        retry_base: Duration::from_secs(10),
+        retry_cap: Duration::from_secs(3600),
+        ..QueueConfig::default()
+    })
+}
+
+pub fn text_job(prompt: &str) -> NewJob {
+    NewJob::new(TENANT, JobType::Text, json!({ "prompt": prompt }))
+}
+
+pub fn reading_job(prompt: &str) -> NewJob {
+    NewJob::new(
+        TENANT,
+        JobType::Reading,
+        json!({ "prompt": prompt, "title": "A reading" }),
+    )
+}
+
+/// Claim exactly one task of a type, failing the test otherwise.
+pub async fn claim_one(q: &Queue, worker: &str, task_type: TaskType) -> Task {
+    let mut tasks = q.claim(worker, &[task_type], 1).await.expect("claim");
+    assert_eq!(tasks.len(), 1, "expected one {task_type} task to be claimable");
+    tasks.remove(0)
+}
+
+/// Move a claimed task's lease into the past, as if its worker had died.
+pub async fn age_heartbeat(pool: &PgPool, lease: Lease, by: Duration) {
+    sqlx::query("UPDATE job_tasks SET heartbeat_at = heartbeat_at - make_interval(secs => $2) WHERE id = $1")
+        .bind(lease.task_id)
+        .bind(by.as_secs_f64())
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Make every scheduled retry due now, as if its backoff had passed.
+pub async fn make_retries_due(pool: &PgPool) {
+    sqlx::query("UPDATE job_tasks SET run_at = now() WHERE status = 'pending' AND run_at > now()")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+pub async fn count(pool: &PgPool, table: &str) -> i64 {
+    // Table names come from the tests themselves, never from input.
+    let sql = match table {
+        "jobs" => "SELECT count(*) FROM jobs",
+        "job_tasks" => "SELECT count(*) FROM job_tasks",
+        "artifacts" => "SELECT count(*) FROM artifacts",
+        "workers" => "SELECT count(*) FROM workers",
+        other => panic!("unknown table {other}"),
+    };
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}

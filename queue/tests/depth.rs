@@ -1,0 +1,132 @@
+//! Depth stats: the numbers the controller scales on, and their cost.
+
+mod common;
+
+use common::*;
+use queue::{Failure, NewJob, TaskType};
+use serde_json::json;
+use sqlx::PgPool;
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn depth_counts_each_state_per_task_type(pool: PgPool) {
+    let q = queue(pool.clone());
+    // 3 reading jobs: 3 text runnable, 6 pdf/audio blocked.
+    q.enqueue_batch((0..3).map(|i| reading_job(&format!("{i}"))).collect())
+        .await
+        .unwrap();
+    // 2 pdf jobs: runnable.
+    for _ in 0..2 {
+        q.enqueue(NewJob::new(TENANT, queue::JobType::Pdf, json!({"text": "t"})))
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE job_tasks SET run_at = now() - interval '90 seconds' WHERE task_type = 'pdf_generation' AND waiting_on = 0")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // One text task in flight, one retried into the future, one completed.
+    let _in_flight = claim_one(&q, "w", TaskType::TextGeneration).await;
+    let b = claim_one(&q, "w", TaskType::TextGeneration).await;
+    let c = claim_one(&q, "w", TaskType::TextGeneration).await;
+    q.fail("w", b.lease(), &Failure::retryable("later"))
+        .await
+        .unwrap();
+    q.complete("w", c.lease(), json!({})).await.unwrap();
+
+    let depth = q.depth().await.unwrap();
+    let text = depth
+        .iter()
+        .find(|d| d.task_type == TaskType::TextGeneration)
+        .unwrap();
+    assert_eq!(
+        (
+            text.pending,
+            text.scheduled,
+            text.in_flight,
+            text.completed_last_minute
+        ),
+        (0, 1, 1, 1)
+    );
+    let pdf = depth
+        .iter()
+        .find(|d| d.task_type == TaskType::PdfGeneration)
+        .unwrap();
+    // 2 runnable pdf jobs, 1 unblocked by the completed text, 2 still blocked.
+    assert_eq!((pdf.pending, pdf.blocked, pdf.in_flight), (3, 2, 0));
+    assert!(
+        (85.0..120.0).contains(&pdf.oldest_pending_seconds),
+        "oldest {}",
+        pdf.oldest_pending_seconds
+    );
+    let audio = depth
+        .iter()
+        .find(|d| d.task_type == TaskType::AudioGeneration)
+        .unwrap();
+    assert_eq!((audio.pending, audio.blocked), (1, 2));
+    assert!(
+        audio.oldest_pending_seconds < 5.0,
+        "age counts from when it became runnable"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn depth_reads_only_the_active_tasks_through_the_partial_indexes(pool: PgPool) {
+    let q = queue(pool.clone());
+    // History far larger than the active set, as in production.
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant, job_type, status, input, finished_at)
+         SELECT gen_random_uuid(), 'acme', 'text', 'complete', '{}', now() - interval '1 day'
+         FROM generate_series(1, 20000)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO job_tasks (job_id, task_type, status, finished_at)
+         SELECT id, 'text_generation', 'complete', now() - interval '1 day' FROM jobs",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    q.enqueue_batch((0..50).map(|i| text_job(&format!("{i}"))).collect())
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE job_tasks").execute(&pool).await.unwrap();
+
+    let plan = q.explain_depth().await.unwrap();
+    assert!(
+        plan.contains("job_tasks_active"),
+        "active tasks read through the partial index:\n{plan}"
+    );
+    assert!(
+        plan.contains("job_tasks_completed"),
+        "recent completions read through their index:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan on job_tasks"),
+        "no scan of the whole history:\n{plan}"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn claiming_uses_the_runnable_index(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue_batch((0..500).map(|i| text_job(&format!("{i}"))).collect())
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE job_tasks").execute(&pool).await.unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT t.id FROM job_tasks t
+         WHERE t.task_type = 'text_generation' AND t.status = 'pending' AND t.waiting_on = 0 AND t.run_at <= now()
+         ORDER BY t.priority DESC, t.run_at, t.id LIMIT 50 FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("job_tasks_runnable"), "{plan}");
+    assert!(
+        !plan.contains("Sort"),
+        "claim order comes from the index, not a sort:\n{plan}"
+    );
+}

@@ -1,0 +1,226 @@
+//! Enqueueing: batches, idempotency, bad input, and the runnable NOTIFY.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use queue::{JobType, NewJob, QueueError, TaskType};
+use serde_json::json;
+use sqlx::PgPool;
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_same_tenant_and_key_return_the_same_job(pool: PgPool) {
+    let q = queue(pool.clone());
+    let first = q.enqueue(text_job("x").idempotency_key("order-7")).await.unwrap();
+    let again = q.enqueue(text_job("x").idempotency_key("order-7")).await.unwrap();
+    assert!(first.created && !again.created);
+    assert_eq!(first.job.id, again.job.id);
+    assert_eq!(count(&pool, "job_tasks").await, 1);
+
+    // Another tenant's key space is its own.
+    let other = NewJob::new("globex", JobType::Text, json!({"prompt": "x"})).idempotency_key("order-7");
+    assert!(q.enqueue(other).await.unwrap().created);
+
+    // Reusing a key for a different request is a conflict, not a silent replay.
+    let err = q
+        .enqueue(text_job("different").idempotency_key("order-7"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, QueueError::IdempotencyConflict { existing, .. } if existing == first.job.id),
+        "{err}"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn concurrent_requests_with_one_key_create_one_job(pool: PgPool) {
+    let q = queue(pool.clone());
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let q = q.clone();
+            tokio::spawn(async move { q.enqueue(text_job("x").idempotency_key("once")).await.unwrap() })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for c in calls {
+        ids.push(c.await.unwrap().job.id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(count(&pool, "jobs").await, 1);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_batch_is_written_whole_in_order_with_its_tasks(pool: PgPool) {
+    let q = queue(pool.clone());
+    let jobs = vec![
+        reading_job("a"),
+        text_job("b").idempotency_key("k"),
+        NewJob::new(TENANT, JobType::Audiobook, json!({"text": "c"})),
+        text_job("b").idempotency_key("k"),
+    ];
+    let out = q.enqueue_batch(jobs).await.unwrap();
+    assert_eq!(
+        out.iter().map(|e| e.job.job_type).collect::<Vec<_>>(),
+        [JobType::Reading, JobType::Text, JobType::Audiobook, JobType::Text]
+    );
+    assert_eq!(
+        out.iter().map(|e| e.created).collect::<Vec<_>>(),
+        [true, true, true, false]
+    );
+    assert_eq!(
+        out[1].job.id, out[3].job.id,
+        "a key repeated in one batch is one job"
+    );
+    assert_eq!(count(&pool, "jobs").await, 3);
+    assert_eq!(count(&pool, "job_tasks").await, 5);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn bad_input_is_a_typed_error_naming_the_field_and_writes_nothing(pool: PgPool) {
+    let q = queue(pool.clone());
+    let invalid = |r: Result<_, QueueError>| match r {
+        Err(QueueError::InvalidInput { field, message }) => format!("{field}: {message}"),
+        other => panic!("expected InvalidInput, got {other:?}"),
+    };
+
+    assert_eq!(
+        invalid("video".parse::<JobType>().map(|_| ())),
+        "job type: unknown job type \"video\"; expected one of: reading, text, pdf, audiobook"
+    );
+    assert!(
+        invalid("ocr".parse::<TaskType>().map(|_| ())).starts_with("task type: unknown task type \"ocr\"")
+    );
+    assert_eq!(
+        invalid(
+            q.enqueue(NewJob::new(TENANT, JobType::Pdf, json!({"prompt": "x"})))
+                .await
+                .map(|_| ())
+        ),
+        "input.text: is required for pdf jobs"
+    );
+    assert_eq!(
+        invalid(q.enqueue(text_job("   ")).await.map(|_| ())),
+        "input.prompt: must not be empty"
+    );
+    assert_eq!(
+        invalid(
+            q.enqueue(NewJob::new(TENANT, JobType::Text, json!({"prompt": 7})))
+                .await
+                .map(|_| ())
+        ),
+        "input.prompt: must be a string"
+    );
+    assert_eq!(
+        invalid(
+            q.enqueue(NewJob::new(TENANT, JobType::Text, json!("x")))
+                .await
+                .map(|_| ())
+        ),
+        "input: must be a JSON object"
+    );
+    let huge = "x".repeat(q.config().max_input_bytes + 1);
+    assert!(invalid(q.enqueue(text_job(&huge)).await.map(|_| ())).starts_with("input: is 262"));
+    assert_eq!(
+        invalid(q.enqueue(text_job("x").max_attempts(0)).await.map(|_| ())),
+        "max_attempts: must be between 1 and 100, got 0"
+    );
+    assert_eq!(
+        invalid(
+            q.enqueue(NewJob::new("", JobType::Text, json!({"prompt": "x"})))
+                .await
+                .map(|_| ())
+        ),
+        "tenant: must be 1 to 128 characters"
+    );
+    // One bad job in a batch: nothing of the batch is written.
+    let batch = vec![
+        text_job("fine"),
+        text_job("fine too"),
+        NewJob::new(TENANT, JobType::Audiobook, json!({})),
+    ];
+    assert_eq!(
+        invalid(q.enqueue_batch(batch).await.map(|_| ())),
+        "jobs[2].input.text: is required for audiobook jobs"
+    );
+    assert_eq!(
+        invalid(q.enqueue_batch(vec![]).await.map(|_| ())),
+        "jobs: at least one job is required"
+    );
+
+    assert_eq!(
+        invalid(q.claim("w", &[TaskType::TextGeneration], -1).await.map(|_| ())),
+        "limit: must be at least 1, got -1"
+    );
+    assert_eq!(
+        invalid(q.claim("w", &[], 1).await.map(|_| ())),
+        "task_types: at least one task type is required"
+    );
+
+    assert_eq!(
+        (count(&pool, "jobs").await, count(&pool, "job_tasks").await),
+        (0, 0)
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn claim_tasks_is_callable_from_plain_sql_and_rejects_a_bad_limit(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue(text_job("x")).await.unwrap();
+    let err = sqlx::query("SELECT * FROM claim_tasks('psql', ARRAY['text_generation'], -1)")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("p_limit must be at least 1, got -1"),
+        "{err}"
+    );
+    let (id, status, claimed_by): (i64, String, String) =
+        sqlx::query_as("SELECT id, status, claimed_by FROM claim_tasks('psql', ARRAY['text_generation'], 5)")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), claimed_by.as_str()), ("claimed", "psql"));
+    assert!(id > 0);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn listeners_wake_when_tasks_become_runnable(pool: PgPool) {
+    let q = queue(pool.clone());
+    let mut wake = q.listen().await.unwrap();
+    let idle = wake.next(Duration::from_millis(200)).await.unwrap();
+    assert_eq!(idle, None, "nothing runnable yet");
+
+    q.enqueue(reading_job("x")).await.unwrap();
+    assert_eq!(
+        wake.next(Duration::from_secs(5)).await.unwrap(),
+        Some(Some(TaskType::TextGeneration))
+    );
+    assert_eq!(
+        wake.next(Duration::from_millis(200)).await.unwrap(),
+        None,
+        "blocked tasks do not wake anyone"
+    );
+
+    let text = claim_one(&q, "w", TaskType::TextGeneration).await;
+    q.complete("w", text.lease(), json!({})).await.unwrap();
+    let mut woken = vec![
+        wake.next(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .flatten()
+            .unwrap(),
+        wake.next(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .flatten()
+            .unwrap(),
+    ];
+    woken.sort();
+    assert_eq!(
+        woken,
+        vec![TaskType::PdfGeneration, TaskType::AudioGeneration],
+        "a completed dependency wakes its dependents"
+    );
+}

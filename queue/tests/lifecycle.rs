@@ -1,0 +1,278 @@
+//! A job's life: its DAG, claims, completion, failure and retries.
+
+mod common;
+
+use common::*;
+use queue::{Failure, JobStatus, QueueError, RetryOutcome, TaskStatus, TaskType};
+use serde_json::json;
+use sqlx::PgPool;
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_reading_job_runs_text_first_then_pdf_and_audio(pool: PgPool) {
+    let q = queue(pool);
+    let job = q.enqueue(reading_job("tides")).await.unwrap().job;
+    assert_eq!(job.status, JobStatus::Queued);
+
+    // Only the text task is runnable.
+    let none = q
+        .claim("w1", &[TaskType::PdfGeneration, TaskType::AudioGeneration], 10)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "pdf/audio must wait for the text task");
+
+    let text = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Processing);
+    q.complete("w1", text.lease(), json!({"chars": 100}))
+        .await
+        .unwrap();
+    assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Processing);
+
+    let both = q
+        .claim("w2", &[TaskType::PdfGeneration, TaskType::AudioGeneration], 10)
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 2, "text done: pdf and audio are runnable");
+    for t in &both {
+        q.complete("w2", t.lease(), json!({})).await.unwrap();
+    }
+    let job = q.job(TENANT, job.id).await.unwrap();
+    assert_eq!(job.status, JobStatus::Complete);
+    assert!(job.finished_at.is_some() && job.started_at.is_some());
+    assert_eq!(
+        q.task_output(job.id, TaskType::TextGeneration).await.unwrap(),
+        Some(json!({"chars": 100}))
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_failed_text_task_fails_the_job_and_cancels_what_depended_on_it(pool: PgPool) {
+    let q = queue(pool);
+    let job = q.enqueue(reading_job("tides").max_attempts(1)).await.unwrap().job;
+    let text = claim_one(&q, "w1", TaskType::TextGeneration).await;
+
+    let outcome = q
+        .fail("w1", text.lease(), &Failure::retryable("provider down"))
+        .await
+        .unwrap();
+    assert_eq!(outcome, RetryOutcome::Failed, "one attempt allowed, so no retry");
+
+    let job = q.job_with_tasks(TENANT, job.id).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Failed);
+    assert!(job.job.error.as_deref().unwrap().contains("provider down"));
+    let statuses: Vec<_> = job.tasks.iter().map(|t| (t.task_type, t.status)).collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (TaskType::TextGeneration, TaskStatus::Failed),
+            (TaskType::PdfGeneration, TaskStatus::Cancelled),
+            (TaskType::AudioGeneration, TaskStatus::Cancelled),
+        ]
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_retried_task_comes_back_later_each_time_then_fails(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("x").max_attempts(4)).await.unwrap().job;
+    let mut previous_delay = 0.0;
+    for attempt in 1..=4 {
+        let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+        assert_eq!(task.attempts, attempt);
+        let failed_at = chrono::Utc::now();
+        let outcome = q
+            .fail("w1", task.lease(), &Failure::retryable(format!("boom {attempt}")))
+            .await
+            .unwrap();
+        match outcome {
+            RetryOutcome::RetryAt(run_at) => {
+                assert!(attempt < 4);
+                let delay = (run_at - failed_at).num_milliseconds() as f64 / 1000.0;
+                // base 10 s doubling, equal jitter: [5, 10], [10, 20], [20, 40].
+                let full = 10.0 * 2f64.powi(attempt - 1);
+                assert!(
+                    delay >= full / 2.0 - 1.0 && delay <= full + 1.0,
+                    "attempt {attempt}: {delay}s"
+                );
+                assert!(
+                    delay >= previous_delay - 1.0,
+                    "backoff must grow: {previous_delay} then {delay}"
+                );
+                previous_delay = delay;
+                // Not claimable until its run_at.
+                assert!(q
+                    .claim("w1", &[TaskType::TextGeneration], 1)
+                    .await
+                    .unwrap()
+                    .is_empty());
+                make_retries_due(&pool).await;
+            }
+            RetryOutcome::Failed => assert_eq!(attempt, 4, "fails only after max_attempts"),
+        }
+    }
+    let job = q.job_with_tasks(TENANT, job.id).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Failed);
+    assert_eq!(job.tasks[0].last_error.as_deref(), Some("boom 4"));
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_permanent_failure_does_not_burn_the_remaining_attempts(pool: PgPool) {
+    let q = queue(pool);
+    let job = q.enqueue(text_job("x").max_attempts(5)).await.unwrap().job;
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    let outcome = q
+        .fail("w1", task.lease(), &Failure::permanent("400: prompt rejected"))
+        .await
+        .unwrap();
+    assert_eq!(outcome, RetryOutcome::Failed);
+    let tasks = q.tasks_of(job.id).await.unwrap();
+    assert_eq!((tasks[0].status, tasks[0].attempts), (TaskStatus::Failed, 1));
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn completion_is_fenced_to_the_holder_and_attempt(pool: PgPool) {
+    let q = queue(pool);
+    q.enqueue(text_job("x")).await.unwrap();
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+
+    let err = q.complete("w2", task.lease(), json!({})).await.unwrap_err();
+    assert!(
+        matches!(err, QueueError::LeaseLost { .. }),
+        "another worker cannot complete it: {err}"
+    );
+    let mut stale = task.lease();
+    stale.attempt -= 1;
+    assert!(matches!(
+        q.complete("w1", stale, json!({})).await,
+        Err(QueueError::LeaseLost { .. })
+    ));
+
+    q.complete("w1", task.lease(), json!({"n": 1})).await.unwrap();
+    let again = q.complete("w1", task.lease(), json!({"n": 2})).await.unwrap_err();
+    assert!(
+        matches!(again, QueueError::LeaseLost { .. }),
+        "a second completion is refused"
+    );
+    let tasks = q.tasks_of(task.job_id).await.unwrap();
+    assert_eq!(
+        tasks[0].output,
+        Some(json!({"n": 1})),
+        "the first completion stands"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn heartbeats_mark_processing_and_report_lost_leases(pool: PgPool) {
+    let q = queue(pool);
+    let job = q.enqueue(text_job("x")).await.unwrap().job;
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    assert_eq!(task.status, TaskStatus::Claimed);
+
+    assert!(q.heartbeat("w1", &[task.lease()]).await.unwrap().is_empty());
+    assert_eq!(
+        q.tasks_of(job.id).await.unwrap()[0].status,
+        TaskStatus::Processing
+    );
+
+    q.cancel_job(TENANT, job.id).await.unwrap();
+    assert_eq!(
+        q.heartbeat("w1", &[task.lease()]).await.unwrap(),
+        vec![task.lease()]
+    );
+    assert!(matches!(
+        q.complete("w1", task.lease(), json!({})).await,
+        Err(QueueError::LeaseLost { .. })
+    ));
+    assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Cancelled);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn released_tasks_go_back_without_spending_an_attempt(pool: PgPool) {
+    let q = queue(pool);
+    let job = q.enqueue(text_job("x")).await.unwrap().job;
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    assert_eq!(
+        q.release("w1", &[task.lease()]).await.unwrap(),
+        vec![task.lease()]
+    );
+    assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Queued);
+    let again = claim_one(&q, "w2", TaskType::TextGeneration).await;
+    assert_eq!((again.id, again.attempts), (task.id, 1));
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn claims_take_higher_priority_first_then_oldest(pool: PgPool) {
+    let q = queue(pool);
+    let low = q.enqueue(text_job("low")).await.unwrap().job;
+    let high = q.enqueue(text_job("high").priority(10)).await.unwrap().job;
+    let low2 = q.enqueue(text_job("low2")).await.unwrap().job;
+    let order: Vec<_> = q
+        .claim("w", &[TaskType::TextGeneration], 3)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.job_id)
+        .collect();
+    assert_eq!(order, vec![high.id, low.id, low2.id]);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_failed_job_can_be_retried_from_its_failed_task(pool: PgPool) {
+    let q = queue(pool);
+    let job = q.enqueue(reading_job("x").max_attempts(1)).await.unwrap().job;
+    let text = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.fail("w1", text.lease(), &Failure::permanent("bad"))
+        .await
+        .unwrap();
+
+    let retried = q.retry_job(TENANT, job.id).await.unwrap();
+    assert_eq!(retried.status, JobStatus::Queued);
+    assert!(matches!(
+        q.retry_job(TENANT, job.id).await,
+        Err(QueueError::InvalidState { .. })
+    ));
+    // The dependents wait for the text task again instead of running early.
+    assert!(q
+        .claim("w1", &[TaskType::PdfGeneration], 5)
+        .await
+        .unwrap()
+        .is_empty());
+    let text = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.complete("w1", text.lease(), json!({})).await.unwrap();
+    assert_eq!(
+        q.claim("w1", &[TaskType::PdfGeneration, TaskType::AudioGeneration], 5)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_draining_worker_claims_nothing(pool: PgPool) {
+    let q = queue(pool);
+    q.enqueue(text_job("x")).await.unwrap();
+    q.register_worker(&queue::NewWorker {
+        id: "w1".into(),
+        pool: Some("text".into()),
+        task_types: vec![TaskType::TextGeneration],
+        concurrency: 2,
+        hostname: None,
+        pid: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        q.drain_idle(&["w1".to_string()]).await.unwrap(),
+        vec!["w1".to_string()]
+    );
+    assert!(q
+        .claim("w1", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .is_empty());
+    q.undrain(&["w1".to_string()]).await.unwrap();
+    assert_eq!(
+        q.claim("w1", &[TaskType::TextGeneration], 1).await.unwrap().len(),
+        1
+    );
+}

@@ -1,0 +1,213 @@
+//! The sweeper and retention.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use queue::{JobStatus, Retention, RetentionMode, TaskStatus, TaskType};
+use serde_json::json;
+use sqlx::PgPool;
+
+const STALE: Duration = Duration::from_secs(30);
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_task_whose_worker_stopped_heartbeating_returns_to_pending(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("x")).await.unwrap().job;
+    let fresh_job = q.enqueue(text_job("y")).await.unwrap().job;
+    let dead = claim_one(&q, "dead", TaskType::TextGeneration).await;
+    let alive = claim_one(&q, "alive", TaskType::TextGeneration).await;
+    age_heartbeat(&pool, dead.lease(), Duration::from_secs(60)).await;
+
+    let outcome = q.sweep(STALE).await.unwrap();
+    assert_eq!(outcome.tasks.len(), 1);
+    let swept = &outcome.tasks[0];
+    assert_eq!((swept.task_id, swept.status), (dead.id, TaskStatus::Pending));
+    assert!(swept.reason.contains("stopped heartbeating"), "{}", swept.reason);
+
+    let task = &q.tasks_of(job.id).await.unwrap()[0];
+    assert_eq!(task.status, TaskStatus::Pending);
+    assert!(task.run_at > chrono::Utc::now(), "returned with a backoff");
+    assert_eq!(task.claimed_by, None);
+    assert_eq!(
+        q.tasks_of(fresh_job.id).await.unwrap()[0].status,
+        TaskStatus::Claimed,
+        "{alive:?} untouched"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_task_past_its_timeout_returns_to_pending_even_while_heartbeating(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue(text_job("x")).await.unwrap();
+    let task = claim_one(&q, "w", TaskType::TextGeneration).await;
+    sqlx::query("UPDATE job_tasks SET claimed_at = now() - interval '1 hour' WHERE id = $1")
+        .bind(task.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        q.heartbeat("w", &[task.lease()]).await.unwrap().is_empty(),
+        "still heartbeating"
+    );
+
+    let outcome = q.sweep(STALE).await.unwrap();
+    assert_eq!(outcome.retried(), 1);
+    assert!(
+        outcome.tasks[0].reason.contains("timed out after 300 s"),
+        "{}",
+        outcome.tasks[0].reason
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_swept_task_out_of_attempts_fails_its_job(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(reading_job("x").max_attempts(1)).await.unwrap().job;
+    let task = claim_one(&q, "dead", TaskType::TextGeneration).await;
+    age_heartbeat(&pool, task.lease(), Duration::from_secs(60)).await;
+    let outcome = q.sweep(STALE).await.unwrap();
+    assert_eq!((outcome.retried(), outcome.failed()), (0, 1));
+    let job = q.job_with_tasks(TENANT, job.id).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Failed);
+    assert!(job.tasks[1..].iter().all(|t| t.status == TaskStatus::Cancelled));
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn concurrent_sweeps_act_once_and_a_second_sweep_changes_nothing(pool: PgPool) {
+    let q = queue(pool.clone());
+    for i in 0..200 {
+        q.enqueue(text_job(&format!("{i}"))).await.unwrap();
+    }
+    let tasks = q.claim("dead", &[TaskType::TextGeneration], 200).await.unwrap();
+    sqlx::query("UPDATE job_tasks SET heartbeat_at = now() - interval '1 hour'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let sweeps: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn({
+                let q = q.clone();
+                async move { q.sweep(STALE).await.unwrap() }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for s in sweeps {
+        total += s.await.unwrap().tasks.len();
+    }
+    assert_eq!(
+        total,
+        tasks.len(),
+        "each stuck task swept exactly once across concurrent sweepers"
+    );
+
+    let snapshot: Vec<(i64, String, i32, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT id, status, attempts, run_at FROM job_tasks ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(q.sweep(STALE).await.unwrap().tasks.is_empty());
+    let after: Vec<(i64, String, i32, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT id, status, attempts, run_at FROM job_tasks ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(snapshot, after, "sweeping again changes nothing");
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn retention_deletes_or_archives_only_old_finished_jobs(pool: PgPool) {
+    let q = queue(pool.clone());
+    let mut finished = Vec::new();
+    for i in 0..5 {
+        let job = q.enqueue(text_job(&format!("{i}"))).await.unwrap().job;
+        let task = claim_one(&q, "w", TaskType::TextGeneration).await;
+        q.complete("w", task.lease(), json!({})).await.unwrap();
+        finished.push(job.id);
+    }
+    let recent = q.enqueue(text_job("recent")).await.unwrap().job;
+    let running = q.enqueue(text_job("running")).await.unwrap().job;
+    claim_one(&q, "w", TaskType::TextGeneration).await;
+    // Age three finished jobs and the two unfinished ones past retention.
+    sqlx::query("UPDATE jobs SET finished_at = now() - interval '10 days' WHERE id = ANY($1)")
+        .bind(&finished[..3])
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE jobs SET created_at = now() - interval '10 days' WHERE id = ANY($1)")
+        .bind([recent.id, running.id])
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let week = Duration::from_secs(7 * 86400);
+    let archived = q
+        .prune(Retention {
+            older_than: week,
+            mode: RetentionMode::Archive,
+            batch: 2,
+        })
+        .await
+        .unwrap();
+    assert_eq!(archived, 3, "pruned in batches of 2 until done");
+    let archive: (i64, i64) =
+        sqlx::query_as("SELECT count(*), sum(jsonb_array_length(tasks)) FROM jobs_archive")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(archive, (3, 3), "jobs archived with their tasks");
+    assert_eq!(count(&pool, "jobs").await, 4);
+    assert_eq!(count(&pool, "job_tasks").await, 4);
+    assert_eq!(
+        q.prune(Retention {
+            older_than: week,
+            mode: RetentionMode::Delete,
+            batch: 100
+        })
+        .await
+        .unwrap(),
+        0
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn silent_idle_replicas_are_forgotten_busy_ones_kept(pool: PgPool) {
+    let q = queue(pool.clone());
+    for id in ["idle", "busy"] {
+        q.register_worker(&queue::NewWorker {
+            id: id.into(),
+            pool: None,
+            task_types: vec![TaskType::TextGeneration],
+            concurrency: 1,
+            hostname: None,
+            pid: None,
+        })
+        .await
+        .unwrap();
+    }
+    q.enqueue(text_job("x")).await.unwrap();
+    claim_one(&q, "busy", TaskType::TextGeneration).await;
+    sqlx::query("UPDATE workers SET heartbeat_at = now() - interval '200 seconds'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let outcome = q.sweep(Duration::from_secs(600)).await.unwrap();
+    assert_eq!(outcome.workers_removed, 0, "200 s is within 10 × stale-after");
+    let outcome = q.sweep(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(outcome.workers_removed, 1, "200 s is past 10 × 10 s");
+    let left: Vec<_> = q
+        .workers(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.id, w.in_flight))
+        .collect();
+    assert_eq!(
+        left,
+        vec![("busy".to_string(), 1)],
+        "a replica holding a task is kept"
+    );
+}
