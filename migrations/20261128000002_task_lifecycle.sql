@@ -12,13 +12,6 @@ LANGUAGE sql VOLATILE AS $$
     FROM (SELECT least(p_cap_seconds, p_base_seconds * power(2, greatest(p_attempt, 1) - 1)) AS d) s;
 $$;
 
--- Lock jobs in id order before changing them, so concurrent batches that
--- touch the same jobs queue up instead of deadlocking.
-CREATE FUNCTION lock_jobs(p_job_ids uuid[]) RETURNS void
-LANGUAGE sql AS $$
-    SELECT 1 FROM jobs WHERE id = ANY (p_job_ids) ORDER BY id FOR UPDATE;
-$$;
-
 -- Cancel the pending tasks that can no longer run because a task they
 -- depend on (directly or not) failed.
 CREATE FUNCTION cancel_dependents(p_task_ids bigint[]) RETURNS void
@@ -82,7 +75,6 @@ BEGIN
     SELECT array_agg(done.id), array_agg(DISTINCT done.job_id) INTO v_ids, v_jobs FROM done;
 
     IF v_ids IS NOT NULL THEN
-        PERFORM lock_jobs(v_jobs);
         PERFORM refresh_job_status(v_jobs);
     END IF;
     RETURN QUERY SELECT unnest(coalesce(v_ids, '{}'::bigint[]));
@@ -125,7 +117,6 @@ BEGIN
     IF v_status = 'failed' THEN
         PERFORM cancel_dependents(ARRAY[p_task_id]);
     END IF;
-    PERFORM lock_jobs(ARRAY[v_job]);
     PERFORM refresh_job_status(ARRAY[v_job]);
     RETURN QUERY SELECT v_status, v_run_at;
 END
@@ -133,10 +124,12 @@ $$;
 
 -- Renew the leases a worker holds; the first heartbeat also marks a claimed
 -- task as processing. Returns the ids still held; anything missing was
--- cancelled or swept and must be abandoned.
+-- cancelled or swept and must be abandoned. Like claims, heartbeats need not
+-- wait for the WAL flush: losing one in a crash costs at most a re-run.
 CREATE FUNCTION heartbeat_tasks(p_worker_id text, p_task_ids bigint[], p_attempts int[])
 RETURNS TABLE (task_id bigint)
 LANGUAGE sql AS $$
+    SELECT set_config('synchronous_commit', 'off', true);
     UPDATE job_tasks t
     SET heartbeat_at = now(), status = 'processing', updated_at = now()
     FROM unnest(p_task_ids, p_attempts) AS i(id, attempt)
@@ -174,7 +167,6 @@ BEGIN
     )
     SELECT array_agg(id), array_agg(DISTINCT job_id) INTO v_ids, v_jobs FROM released;
     IF v_ids IS NOT NULL THEN
-        PERFORM lock_jobs(v_jobs);
         PERFORM refresh_job_status(v_jobs);
     END IF;
     RETURN QUERY SELECT unnest(coalesce(v_ids, '{}'::bigint[]));
@@ -232,7 +224,6 @@ BEGIN
         PERFORM cancel_dependents(v_failed);
     END IF;
     IF v_jobs IS NOT NULL THEN
-        PERFORM lock_jobs(v_jobs);
         PERFORM refresh_job_status(v_jobs);
     END IF;
     RETURN QUERY SELECT * FROM swept_tasks;

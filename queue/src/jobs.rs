@@ -115,7 +115,7 @@ impl Queue {
             WITH inserted AS (
                 INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key)
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::text[])
-                ON CONFLICT (tenant, idempotency_key) DO NOTHING
+                ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING *
             ), tasks AS (
                 INSERT INTO job_tasks (job_id, task_type, dependencies, waiting_on, priority, max_attempts, timeout_seconds)

@@ -112,20 +112,27 @@ impl Queue {
         if retention.batch < 1 {
             return Err(QueueError::invalid("batch", "must be at least 1"));
         }
+        // Jobs created before the cutoff, found through the primary key
+        // (UUIDv7 ids sort by creation time); a job finished that long ago
+        // was created even earlier.
+        let age = chrono::Duration::from_std(retention.older_than)
+            .map_err(|_| QueueError::invalid("older_than", "is too large"))?;
+        let cutoff_ms = (chrono::Utc::now() - age).timestamp_millis().max(0) as u64;
+        let cutoff = uuid::Builder::from_unix_timestamp_millis(cutoff_ms, &[0; 10]).into_uuid();
         let mut total = 0;
         loop {
             let removed = match retention.mode {
                 RetentionMode::Delete => sqlx::query(
                     "DELETE FROM jobs WHERE id IN (
                          SELECT id FROM jobs
-                         WHERE finished_at < now() - make_interval(secs => $1)
+                         WHERE id < $3 AND finished_at < now() - make_interval(secs => $1)
                            AND status IN ('complete', 'failed', 'cancelled')
                          LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 ),
                 RetentionMode::Archive => sqlx::query(
                     "WITH doomed AS (
                          SELECT id FROM jobs
-                         WHERE finished_at < now() - make_interval(secs => $1)
+                         WHERE id < $3 AND finished_at < now() - make_interval(secs => $1)
                            AND status IN ('complete', 'failed', 'cancelled')
                          LIMIT $2 FOR UPDATE SKIP LOCKED
                      ), archived AS (
@@ -141,6 +148,7 @@ impl Queue {
             }
             .bind(retention.older_than.as_secs_f64())
             .bind(retention.batch)
+            .bind(cutoff)
             .execute(&self.pool)
             .await?
             .rows_affected();

@@ -125,13 +125,15 @@ impl Queue {
         let ids: Vec<i64> = results.iter().map(|(l, _)| l.task_id).collect();
         let attempts: Vec<i32> = results.iter().map(|(l, _)| l.attempt).collect();
         let outputs: Vec<&serde_json::Value> = results.iter().map(|(_, o)| o).collect();
-        let done: Vec<i64> = sqlx::query_scalar("SELECT task_id FROM complete_tasks($1, $2, $3, $4)")
-            .bind(worker_id)
-            .bind(&ids)
-            .bind(&attempts)
-            .bind(&outputs)
-            .fetch_all(&self.pool)
-            .await?;
+        let done: Vec<i64> = retry_deadlock(|| {
+            sqlx::query_scalar("SELECT task_id FROM complete_tasks($1, $2, $3, $4)")
+                .bind(worker_id)
+                .bind(&ids)
+                .bind(&attempts)
+                .bind(&outputs)
+                .fetch_all(&self.pool)
+        })
+        .await?;
         Ok(results
             .iter()
             .map(|(l, _)| *l)
@@ -143,7 +145,7 @@ impl Queue {
     /// with jitter while attempts remain and the failure is retryable,
     /// failed otherwise (and the tasks that depended on it are cancelled).
     pub async fn fail(&self, worker_id: &str, lease: Lease, failure: &Failure) -> Result<RetryOutcome> {
-        let row: Option<(String, DateTime<Utc>)> =
+        let row: Option<(String, DateTime<Utc>)> = retry_deadlock(|| {
             sqlx::query_as("SELECT status, run_at FROM fail_task($1, $2, $3, $4, $5, $6, $7)")
                 .bind(worker_id)
                 .bind(lease.task_id)
@@ -153,7 +155,8 @@ impl Queue {
                 .bind(self.config.retry_base.as_secs_f64())
                 .bind(self.config.retry_cap.as_secs_f64())
                 .fetch_optional(&self.pool)
-                .await?;
+        })
+        .await?;
         match row {
             None => Err(QueueError::LeaseLost {
                 task_id: lease.task_id,
@@ -201,11 +204,29 @@ impl Queue {
     async fn lease_call(&self, sql: &'static str, worker_id: &str, leases: &[Lease]) -> Result<Vec<i64>> {
         let ids: Vec<i64> = leases.iter().map(|l| l.task_id).collect();
         let attempts: Vec<i32> = leases.iter().map(|l| l.attempt).collect();
-        Ok(sqlx::query_scalar(sql)
-            .bind(worker_id)
-            .bind(&ids)
-            .bind(&attempts)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(retry_deadlock(|| {
+            sqlx::query_scalar(sql).bind(worker_id).bind(&ids).bind(&attempts).fetch_all(&self.pool)
+        })
+        .await?)
+    }
+}
+
+/// Run a lifecycle call again when PostgreSQL aborted it as a deadlock
+/// victim: two batches finishing tasks of the same jobs in opposite orders.
+/// The aborted transaction changed nothing, so repeating it is safe.
+async fn retry_deadlock<T, F, Fut>(mut call: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("40P01") && tries < 5 => {
+                tries += 1;
+                tracing::debug!(tries, "deadlock victim; retrying");
+            }
+            result => return result,
+        }
     }
 }

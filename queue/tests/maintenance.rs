@@ -131,18 +131,10 @@ async fn retention_deletes_or_archives_only_old_finished_jobs(pool: PgPool) {
     let recent = q.enqueue(text_job("recent")).await.unwrap().job;
     let running = q.enqueue(text_job("running")).await.unwrap().job;
     claim_one(&q, "w", TaskType::TextGeneration).await;
-    // Age three finished jobs and the two unfinished ones past retention.
-    sqlx::query("UPDATE jobs SET finished_at = now() - interval '10 days' WHERE id = ANY($1)")
-        .bind(&finished[..3])
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE jobs SET created_at = now() - interval '10 days' WHERE id = ANY($1)")
-        .bind([recent.id, running.id])
-        .execute(&pool)
-        .await
-        .unwrap();
-
+    // Three finished jobs and the two unfinished ones are ten days old.
+    for id in finished[..3].iter().chain([&recent.id, &running.id]) {
+        backdate(&pool, *id, 10).await;
+    }
     let week = Duration::from_secs(7 * 86400);
     let archived = q
         .prune(Retention {
@@ -171,6 +163,29 @@ async fn retention_deletes_or_archives_only_old_finished_jobs(pool: PgPool) {
         .unwrap(),
         0
     );
+}
+
+/// Make a job `days` old as if it had been created then: a UUIDv7 id from
+/// that time, and its timestamps moved back.
+async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) {
+    let then = chrono::Utc::now() - chrono::Duration::days(days);
+    let old_id = uuid::Builder::from_unix_timestamp_millis(then.timestamp_millis() as u64, &[7; 10]).into_uuid();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO jobs SELECT $2, tenant, job_type, status, input, priority, idempotency_key, error,
+                created_at - make_interval(days => $3), updated_at, started_at,
+                finished_at - make_interval(days => $3)
+         FROM jobs WHERE id = $1",
+    )
+    .bind(id)
+    .bind(old_id)
+    .bind(days as i32)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE job_tasks SET job_id = $2 WHERE job_id = $1").bind(id).bind(old_id).execute(&mut *tx).await.unwrap();
+    sqlx::query("DELETE FROM jobs WHERE id = $1").bind(id).execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

@@ -1,0 +1,327 @@
+//! `make bench-queue`: throughput and latency of the queue on this machine,
+//! printed beside two references measured in the same run — PostgreSQL's
+//! own ceiling for a batched claim+complete loop (pgbench) and, when the
+//! script ran it, graphile-worker's drain of the same size. The last line
+//! is one JSON object with every figure.
+//!
+//! Reads `DATABASE_URL` (a database it may truncate: the script creates a
+//! fresh one) and `PEER_RESULT` (a file with graphile-worker's JSON line).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use queue::{JobType, NewJob, Queue, TaskType};
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+const ENQUEUE_JOBS: usize = 200_000;
+const ENQUEUE_BATCH: usize = 1_000;
+/// Drains with batch 50 use the full 200k; one-task-per-commit drains are
+/// much slower, so they drain 5,000 (rates are per second either way).
+const DRAIN_TASKS_BATCHED: usize = 200_000;
+const DRAIN_TASKS_SINGLE: usize = 5_000;
+const LATENCY_SAMPLES: usize = 1_000;
+const PGBENCH_BATCH: usize = 50;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let url = std::env::var("DATABASE_URL").context("DATABASE_URL must name the bench database")?;
+    let admin = PgPoolOptions::new().max_connections(2).connect(&url).await?;
+    let q = Queue::new(admin.clone());
+    q.migrate().await?;
+    let mut report = serde_json::Map::new();
+
+    println!("backlog queue benchmark ({} cores)", std::thread::available_parallelism()?.get());
+
+    // Enqueue: batches of 1,000 jobs (one task each), one connection.
+    reset(&admin).await?;
+    let started = Instant::now();
+    for chunk in 0..ENQUEUE_JOBS / ENQUEUE_BATCH {
+        let jobs = (0..ENQUEUE_BATCH).map(|i| noop_job(chunk * ENQUEUE_BATCH + i)).collect();
+        q.enqueue_batch(jobs).await?;
+    }
+    let enqueue_rate = ENQUEUE_JOBS as f64 / started.elapsed().as_secs_f64();
+    println!("enqueue (batch {ENQUEUE_BATCH}): {enqueue_rate:.0} tasks/s");
+    report.insert("enqueue_tasks_per_s".into(), json!(enqueue_rate.round()));
+
+    // Drain: claim + complete no-op tasks.
+    let mut drains = serde_json::Map::new();
+    let mut best_batched: f64 = 0.0;
+    for batch in [1, 50] {
+        for workers in [1, 4, 16] {
+            let tasks = if batch == 1 { DRAIN_TASKS_SINGLE } else { DRAIN_TASKS_BATCHED };
+            let rate = drain(&url, &admin, workers, batch, tasks).await?;
+            println!("claim+complete, {workers:>2} workers, batch {batch:>2}: {rate:>8.0} tasks/s ({tasks} tasks)");
+            drains.insert(format!("w{workers}_b{batch}"), json!(rate.round()));
+            if batch > 1 {
+                best_batched = best_batched.max(rate);
+            }
+        }
+    }
+    report.insert("drain_tasks_per_s".into(), Value::Object(drains));
+    report.insert("drain_best_batched_tasks_per_s".into(), json!(best_batched.round()));
+
+    // Enqueue → claim latency through LISTEN/NOTIFY.
+    reset(&admin).await?;
+    let latency = enqueue_to_claim_latency(&url).await?;
+    println!(
+        "enqueue→claim over {LATENCY_SAMPLES} sequential tasks: avg {:.2} ms, p50 {:.2} ms, p99 {:.2} ms",
+        latency.avg, latency.p50, latency.p99
+    );
+    report.insert("latency_ms".into(), json!({"avg": latency.avg, "p50": latency.p50, "p99": latency.p99}));
+
+    // Depth query with 1M finished and 100k pending tasks.
+    let depth = depth_query_time(&admin, &q).await?;
+    println!("depth query (1,000,000 finished, 100,000 pending): p50 {:.2} ms, max {:.2} ms", depth.p50, depth.max);
+    report.insert("depth_query_ms".into(), json!({"p50": depth.p50, "max": depth.max}));
+
+    // Reference 1: pgbench running the same batched claim+complete in raw SQL.
+    reset(&admin).await?;
+    let ceiling = pgbench_ceiling(&url, &admin).await?;
+    println!("reference: pgbench raw SQL claim+complete, batch {PGBENCH_BATCH}: {ceiling:.0} tasks/s");
+    report.insert("pgbench_ceiling_tasks_per_s".into(), json!(ceiling.round()));
+    report.insert("ratio_drain_to_pgbench".into(), json!(round2(best_batched / ceiling)));
+    println!("  backlog best batched drain / pgbench ceiling = {:.2}", best_batched / ceiling);
+
+    // Reference 2: graphile-worker, measured by the script in this run.
+    if let Some(peer) = peer_result()? {
+        let drain = peer["drain_jobs_per_s"].as_f64().unwrap_or(f64::NAN);
+        let enqueue = peer["enqueue_jobs_per_s"].as_f64().unwrap_or(f64::NAN);
+        let avg = peer["latency_ms"]["avg"].as_f64().unwrap_or(f64::NAN);
+        let p99 = peer["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "reference: graphile-worker {}: drain {drain:.0} jobs/s, enqueue {enqueue:.0} jobs/s, \
+             enqueue→start avg {avg:.2} ms, p99 {p99:.2} ms",
+            peer["version"].as_str().unwrap_or("?")
+        );
+        let ratios = json!({
+            "drain": round2(best_batched / drain),
+            "enqueue": round2(enqueue_rate / enqueue),
+            "latency_avg": round2(latency.avg / avg),
+            "latency_p99": round2(latency.p99 / p99),
+        });
+        println!(
+            "  backlog / graphile-worker: drain ×{} (target ≥ 1.2), enqueue ×{} (target > 1), \
+             latency avg ×{} and p99 ×{} (target < 1)",
+            ratios["drain"], ratios["enqueue"], ratios["latency_avg"], ratios["latency_p99"]
+        );
+        report.insert("graphile_worker".into(), peer);
+        report.insert("ratio_to_graphile_worker".into(), ratios);
+    } else {
+        println!("reference: graphile-worker skipped (PEERS=0)");
+    }
+
+    println!("{}", Value::Object(report));
+    Ok(())
+}
+
+fn noop_job(i: usize) -> NewJob {
+    NewJob::new("bench", JobType::Text, json!({ "prompt": format!("noop {i}") }))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Empty the tables and reclaim space, so each phase starts alike.
+async fn reset(pool: &PgPool) -> Result<()> {
+    sqlx::query("TRUNCATE jobs, job_tasks, artifacts, workers, jobs_archive").execute(pool).await?;
+    sqlx::query("DROP TABLE IF EXISTS bench_raw").execute(pool).await?;
+    sqlx::query("VACUUM ANALYZE jobs, job_tasks").execute(pool).await?;
+    Ok(())
+}
+
+async fn fill(pool: &PgPool, tasks: usize) -> Result<()> {
+    let q = Queue::new(pool.clone());
+    for chunk in 0..tasks.div_ceil(ENQUEUE_BATCH) {
+        let n = ENQUEUE_BATCH.min(tasks - chunk * ENQUEUE_BATCH);
+        q.enqueue_batch((0..n).map(|i| noop_job(chunk * ENQUEUE_BATCH + i)).collect()).await?;
+    }
+    sqlx::query("ANALYZE jobs, job_tasks").execute(pool).await?;
+    Ok(())
+}
+
+/// `workers` loops each claiming `batch` tasks and completing them in one
+/// call, until the queue is empty. Returns tasks per second.
+async fn drain(url: &str, admin: &PgPool, workers: usize, batch: i32, tasks: usize) -> Result<f64> {
+    reset(admin).await?;
+    fill(admin, tasks).await?;
+    let pool = PgPoolOptions::new().max_connections(workers as u32).connect(url).await?;
+    let q = Queue::new(pool);
+    let started = Instant::now();
+    let loops: Vec<_> = (0..workers)
+        .map(|w| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let worker = format!("bench-{w}");
+                let mut done = 0usize;
+                loop {
+                    let claimed = q.claim(&worker, &[TaskType::TextGeneration], batch).await?;
+                    if claimed.is_empty() {
+                        return anyhow::Ok(done);
+                    }
+                    let results: Vec<_> = claimed.iter().map(|t| (t.lease(), Value::Null)).collect();
+                    done += q.complete_batch(&worker, &results).await?.len();
+                }
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for l in loops {
+        done += l.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if done != tasks {
+        bail!("drain completed {done} of {tasks} tasks");
+    }
+    Ok(tasks as f64 / elapsed)
+}
+
+struct Latency {
+    avg: f64,
+    p50: f64,
+    p99: f64,
+}
+
+/// One worker waits on LISTEN; each task is enqueued only after the previous
+/// one was claimed, so every sample is a cold wake-up.
+async fn enqueue_to_claim_latency(url: &str) -> Result<Latency> {
+    let pool = PgPoolOptions::new().max_connections(4).connect(url).await?;
+    let q = Queue::new(pool);
+    let (claimed_tx, mut claimed_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let mut wake = q.listen().await?;
+    let worker = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            let mut done = 0;
+            while done < LATENCY_SAMPLES {
+                if wake.next(Duration::from_secs(1)).await?.is_none() {
+                    continue;
+                }
+                for task in q.claim("latency", &[TaskType::TextGeneration], 1).await? {
+                    let _ = claimed_tx.send(Instant::now());
+                    q.complete("latency", task.lease(), Value::Null).await?;
+                    done += 1;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
+    for i in 0..LATENCY_SAMPLES {
+        let sent = Instant::now();
+        q.enqueue(noop_job(i)).await?;
+        let claimed = claimed_rx.recv().await.context("latency worker stopped")?;
+        samples.push(claimed.duration_since(sent).as_secs_f64() * 1000.0);
+    }
+    worker.await??;
+    samples.sort_by(f64::total_cmp);
+    Ok(Latency {
+        avg: samples.iter().sum::<f64>() / samples.len() as f64,
+        p50: percentile(&samples, 0.50),
+        p99: percentile(&samples, 0.99),
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct DepthTime {
+    p50: f64,
+    max: f64,
+}
+
+async fn depth_query_time(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
+    reset(admin).await?;
+    // History and backlog straight in SQL: a million enqueues through the
+    // API would only measure enqueue again.
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant, job_type, status, input, finished_at)
+         SELECT gen_random_uuid(), 'bench', 'text', CASE WHEN g <= 1000000 THEN 'complete' ELSE 'queued' END,
+                '{}', CASE WHEN g <= 1000000 THEN now() - interval '1 day' END
+         FROM generate_series(1, 1100000) g",
+    )
+    .execute(admin)
+    .await?;
+    sqlx::query(
+        "INSERT INTO job_tasks (job_id, task_type, status, finished_at, run_at)
+         SELECT id, (ARRAY['text_generation','pdf_generation','audio_generation'])[1 + (random() * 2)::int],
+                CASE WHEN status = 'complete' THEN 'complete' ELSE 'pending' END,
+                finished_at, now() - random() * interval '10 minutes'
+         FROM jobs",
+    )
+    .execute(admin)
+    .await?;
+    sqlx::query("VACUUM ANALYZE jobs, job_tasks").execute(admin).await?;
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let started = Instant::now();
+        q.depth().await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(DepthTime { p50: percentile(&times, 0.5), max: *times.last().unwrap() })
+}
+
+/// PostgreSQL's ceiling for the same work in raw SQL: each pgbench
+/// transaction claims 50 rows with SKIP LOCKED (one commit) and completes
+/// them (a second commit), like a worker's claim and complete calls.
+async fn pgbench_ceiling(url: &str, admin: &PgPool) -> Result<f64> {
+    sqlx::query(
+        "CREATE TABLE bench_raw (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                                 status text NOT NULL DEFAULT 'pending', claimed_by text)",
+    )
+    .execute(admin)
+    .await?;
+    sqlx::query("CREATE INDEX bench_raw_pending ON bench_raw (id) WHERE status = 'pending'").execute(admin).await?;
+    let mut best: f64 = 0.0;
+    for clients in [4usize, 16] {
+        sqlx::query("TRUNCATE bench_raw").execute(admin).await?;
+        sqlx::query("INSERT INTO bench_raw (status) SELECT 'pending' FROM generate_series(1, $1)")
+            .bind(DRAIN_TASKS_BATCHED as i64)
+            .execute(admin)
+            .await?;
+        sqlx::query("VACUUM ANALYZE bench_raw").execute(admin).await?;
+        let script = std::env::temp_dir().join(format!("backlog-pgbench-{}.sql", std::process::id()));
+        std::fs::write(
+            &script,
+            format!(
+                "WITH c AS (SELECT id FROM bench_raw WHERE status = 'pending' ORDER BY id LIMIT {PGBENCH_BATCH} FOR UPDATE SKIP LOCKED),\n\
+                 u AS (UPDATE bench_raw b SET status = 'claimed', claimed_by = 'pgbench' FROM c WHERE b.id = c.id RETURNING b.id)\n\
+                 SELECT coalesce(quote_literal(array_agg(id)::text), '''{{}}''') AS ids FROM u \\gset\n\
+                 UPDATE bench_raw SET status = 'complete' WHERE id = ANY (:ids::bigint[]) AND claimed_by = 'pgbench';\n"
+            ),
+        )?;
+        let per_client = DRAIN_TASKS_BATCHED / PGBENCH_BATCH / clients;
+        let out = Command::new("pgbench")
+            .args(["-n", "-c", &clients.to_string(), "-j", "2", "-t", &per_client.to_string(), "-f"])
+            .arg(&script)
+            .arg(url)
+            .output()
+            .context("running pgbench (postgresql-contrib / postgresql client)")?;
+        let _ = std::fs::remove_file(&script);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("pgbench failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+        }
+        let tps = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()))
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("no tps in pgbench output:\n{stdout}"))?;
+        let rate = tps * PGBENCH_BATCH as f64;
+        println!("  pgbench {clients:>2} clients: {rate:.0} tasks/s");
+        best = best.max(rate);
+    }
+    Ok(best)
+}
+
+fn peer_result() -> Result<Option<Value>> {
+    let Ok(path) = std::env::var("PEER_RESULT") else { return Ok(None) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let last = text.lines().rev().find(|l| l.trim_start().starts_with('{')).context("peer printed no JSON")?;
+    Ok(Some(serde_json::from_str(last)?))
+}
