@@ -1,0 +1,212 @@
+//! Command line and environment: every setting is a flag with an
+//! environment variable behind it (`api --help` lists them).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use queue::{QueueConfig, Retention, RetentionMode};
+
+use crate::state::{Settings, SweeperSettings};
+
+#[derive(Debug, Parser)]
+#[command(name = "api", version, about = "backlog's HTTP API (serves by default)")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings for `api` without a subcommand, which serves.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API and run the sweeper (the default).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Create, list and revoke API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it once: it cannot be shown again.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// An admin key (may read operator routes such as /v1/queue).
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Revoke a key by its id or its prefix (`bk_…`, as `keys list` shows).
+    Revoke {
+        key: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List keys (never their secrets).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Connections in the pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: Option<DatabaseArgs>,
+    /// Address to listen on.
+    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0")]
+    pub bind: String,
+    #[arg(long, env = "PORT", default_value_t = 8787)]
+    pub port: u16,
+    /// Where artifact bytes are stored (`file:///path`).
+    #[arg(long, env = "ARTIFACT_STORE", default_value = "file://./artifacts")]
+    pub artifact_store: String,
+    /// Apply pending migrations before serving.
+    #[arg(long, env = "MIGRATE_ON_START")]
+    pub migrate: bool,
+    /// Largest request body, in bytes (413 above).
+    #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 1024 * 1024)]
+    pub body_limit_bytes: usize,
+    /// Largest job input (JSON-encoded), in bytes (422 above).
+    #[arg(long, env = "MAX_INPUT_BYTES", default_value_t = QueueConfig::default().max_input_bytes)]
+    pub max_input_bytes: usize,
+    /// Most jobs in one batch request.
+    #[arg(long, env = "MAX_BATCH_JOBS", default_value_t = QueueConfig::default().max_batch_jobs)]
+    pub max_batch_jobs: usize,
+    /// How long a verified API key is trusted before it is checked again
+    /// (and so how long a revoked key may keep working).
+    #[arg(long, env = "AUTH_CACHE_SECONDS", default_value_t = 5)]
+    pub auth_cache_seconds: u64,
+    /// Seconds between sweeps for stuck tasks; 0 runs no sweeper here.
+    #[arg(long, env = "SWEEPER_INTERVAL_SECONDS", default_value_t = 15)]
+    pub sweeper_interval_seconds: u64,
+    /// A task whose worker has not heartbeated for this long is taken back.
+    #[arg(long, env = "SWEEPER_STALE_AFTER_SECONDS", default_value_t = 60)]
+    pub stale_after_seconds: u64,
+    /// Remove finished jobs older than this many days (unset: keep them).
+    #[arg(long, env = "RETENTION_DAYS")]
+    pub retention_days: Option<u32>,
+    /// Delete old jobs, or move them to jobs_archive first.
+    #[arg(long, env = "RETENTION_MODE", value_enum, default_value_t = RetentionModeArg::Delete)]
+    pub retention_mode: RetentionModeArg,
+    #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 3600)]
+    pub retention_interval_seconds: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RetentionModeArg {
+    Delete,
+    Archive,
+}
+
+/// Jobs removed per retention statement.
+const RETENTION_BATCH: i64 = 500;
+
+impl ServeArgs {
+    pub fn settings(&self) -> Settings {
+        let sweeper = (self.sweeper_interval_seconds > 0).then(|| SweeperSettings {
+            interval: Duration::from_secs(self.sweeper_interval_seconds),
+            stale_after: Duration::from_secs(self.stale_after_seconds),
+            retention: self.retention_days.map(|days| Retention {
+                older_than: Duration::from_secs(u64::from(days) * 86_400),
+                mode: match self.retention_mode {
+                    RetentionModeArg::Delete => RetentionMode::Delete,
+                    RetentionModeArg::Archive => RetentionMode::Archive,
+                },
+                batch: RETENTION_BATCH,
+            }),
+            retention_interval: Duration::from_secs(self.retention_interval_seconds.max(1)),
+        });
+        Settings {
+            body_limit_bytes: self.body_limit_bytes,
+            auth_cache_ttl: Duration::from_secs(self.auth_cache_seconds),
+            sweeper,
+        }
+    }
+
+    pub fn queue_config(&self) -> QueueConfig {
+        QueueConfig {
+            max_input_bytes: self.max_input_bytes,
+            max_batch_jobs: self.max_batch_jobs,
+            ..QueueConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_is_the_default_and_flags_reach_the_settings() {
+        let cli = Cli::try_parse_from([
+            "api",
+            "--database-url",
+            "postgres://x",
+            "--port",
+            "9000",
+            "--sweeper-interval-seconds",
+            "0",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.port, 9000);
+        assert!(cli.serve.settings().sweeper.is_none());
+
+        let cli = Cli::try_parse_from([
+            "api",
+            "serve",
+            "--retention-days",
+            "7",
+            "--retention-mode",
+            "archive",
+        ])
+        .unwrap();
+        let Some(Command::Serve(args)) = cli.command else {
+            panic!("not serve")
+        };
+        let retention = args.settings().sweeper.unwrap().retention.unwrap();
+        assert_eq!(retention.older_than, Duration::from_secs(7 * 86_400));
+        assert_eq!(retention.mode, RetentionMode::Archive);
+    }
+
+    #[test]
+    fn keys_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "api",
+            "keys",
+            "create",
+            "--tenant",
+            "acme",
+            "--admin",
+            "--database-url",
+            "postgres://x",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Keys(KeysCommand::Create { admin: true, ref tenant, .. })) if tenant == "acme"
+        ));
+    }
+}

@@ -1,0 +1,89 @@
+//! `GET /v1/jobs/{id}/artifacts/{artifact_id}`: an artifact's bytes, whole
+//! or by range.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+
+use crate::artifact_store::StoreError;
+use crate::auth::Principal;
+use crate::byte_range::{self, RangeRequest};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::parse_uuid;
+use crate::state::AppState;
+
+/// The artifact's bytes with its content type and length. `Range:
+/// bytes=…` (one range) answers 206 with `Content-Range`; `If-Range` with
+/// the ETag (the SHA-256) is honoured.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/artifacts/{artifact_id}", tag = "jobs",
+    params(
+        ("id" = Uuid, Path, description = "Job id"),
+        ("artifact_id" = Uuid, Path, description = "Artifact id"),
+        ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=0-1023`"),
+    ),
+    responses(
+        (status = 200, description = "The whole artifact", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "No such artifact of this tenant's job", body = ErrorBody),
+        (status = 416, description = "Range outside the artifact", body = ErrorBody),
+    )
+)]
+pub async fn download_artifact(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((job_id, artifact_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let job_id = parse_uuid("id", &job_id)?;
+    let artifact_id = parse_uuid("artifact_id", &artifact_id)?;
+    let artifact = state
+        .queue
+        .artifact(&principal.tenant, job_id, artifact_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("artifact {artifact_id}")))?;
+    let key = &artifact.storage_key;
+    let size = state.artifacts.size(key).await.map_err(store_error)?;
+    let etag = format!("\"{}\"", artifact.sha256);
+
+    let if_range_holds = headers
+        .get(header::IF_RANGE)
+        .is_none_or(|v| v.as_bytes() == etag.as_bytes());
+    let range_header = headers
+        .get(header::RANGE)
+        .filter(|_| if_range_holds)
+        .and_then(|v| v.to_str().ok());
+    let (status, range) = match byte_range::resolve(range_header, size) {
+        RangeRequest::Full => (StatusCode::OK, 0..size),
+        RangeRequest::Partial(range) => (StatusCode::PARTIAL_CONTENT, range),
+        RangeRequest::Unsatisfiable => return Err(ApiError::RangeNotSatisfiable { size }),
+    };
+    let length = range.end - range.start;
+    let content_range = (status == StatusCode::PARTIAL_CONTENT)
+        .then(|| format!("bytes {}-{}/{size}", range.start, range.end - 1));
+    let bytes = state.artifacts.read(key, range).await.map_err(store_error)?;
+
+    let content_type = HeaderValue::from_str(&artifact.content_type)
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    let mut response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, length)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, etag);
+    if let Some(content_range) = content_range {
+        response = response.header(header::CONTENT_RANGE, content_range);
+    }
+    response
+        .body(Body::from_stream(bytes))
+        .map_err(ApiError::internal)
+}
+
+fn store_error(error: StoreError) -> ApiError {
+    match error {
+        StoreError::NotFound(_) => ApiError::NotFound("artifact content".into()),
+        error => ApiError::internal(error),
+    }
+}

@@ -1,0 +1,127 @@
+//! `GET /v1/jobs/{id}/events`: Server-Sent Events of a job's status until
+//! it finishes.
+//!
+//! Driven by the database's job-status notifications (see
+//! [`crate::job_events`]); a notification only says "this job changed", and
+//! the stream then reads the job, so what it reports is always a status the
+//! job really had, in order, and never one older than the last it sent.
+
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use queue::{Job, JobStatus, JobStatusEvent, Queue, QueueError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::error::{ApiResult, ErrorBody};
+use crate::extract::parse_uuid;
+use crate::openapi::job_status_schema;
+use crate::state::AppState;
+
+/// The data of each `status` event.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobStatusUpdate {
+    pub job_id: Uuid,
+    #[schema(schema_with = job_status_schema)]
+    pub status: JobStatus,
+    pub error: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Status changes of a job: one `status` event with the current status,
+/// then one per change; the stream ends after a finished status
+/// (`complete`, `failed`, `cancelled`).
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "`text/event-stream` of `status` events", content_type = "text/event-stream",
+         body = JobStatusUpdate),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "No such job for this tenant", body = ErrorBody),
+    )
+)]
+pub async fn job_events(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, axum::Error>>>> {
+    let id = parse_uuid("id", &id)?;
+    // Subscribe before the first read, so no change can fall between them.
+    let notifications = state.job_events.subscribe();
+    let job = state.queue.job(&principal.tenant, id).await?;
+    let watch = JobWatch {
+        queue: state.queue.clone(),
+        tenant: principal.tenant,
+        job_id: id,
+        last_status: None,
+        finished: false,
+        notifications,
+        shutdown: state.shutdown.clone(),
+    };
+    let stream = futures::stream::unfold((watch, Some(job)), |(mut watch, current)| async move {
+        let event = match current {
+            Some(job) => watch.report(job),
+            None => watch.next_change().await?,
+        };
+        Some((event, (watch, None)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+struct JobWatch {
+    queue: Queue,
+    tenant: String,
+    job_id: Uuid,
+    last_status: Option<JobStatus>,
+    finished: bool,
+    notifications: broadcast::Receiver<JobStatusEvent>,
+    shutdown: CancellationToken,
+}
+
+impl JobWatch {
+    /// The next status event, or `None` when the stream is over.
+    async fn next_change(&mut self) -> Option<Result<Event, axum::Error>> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            let wake = tokio::select! {
+                () = self.shutdown.cancelled() => return None,
+                wake = self.notifications.recv() => wake,
+            };
+            match wake {
+                Ok(JobStatusEvent::Changed(id)) if id != self.job_id => continue,
+                // Ours, or possibly missed (lagging, reconnect): read it.
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return None,
+            }
+            match self.queue.job(&self.tenant, self.job_id).await {
+                Ok(job) if Some(job.status) != self.last_status => return Some(self.report(job)),
+                Ok(_) => {}
+                // Removed by retention while watched: nothing more to say.
+                Err(QueueError::JobNotFound(_)) => return None,
+                Err(error) => {
+                    tracing::warn!(%error, job_id = %self.job_id, "job event stream stopped");
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, job: Job) -> Result<Event, axum::Error> {
+        self.last_status = Some(job.status);
+        self.finished = job.status.is_finished();
+        Event::default().event("status").json_data(JobStatusUpdate {
+            job_id: job.id,
+            status: job.status,
+            error: job.error,
+            updated_at: job.updated_at,
+        })
+    }
+}

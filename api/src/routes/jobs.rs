@@ -1,0 +1,540 @@
+//! `/v1/jobs`: create (one or a batch), read, list, cancel, retry.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use queue::{
+    Artifact, ArtifactKind, Enqueued, Job, JobFilter, JobStatus, JobType, NewJob, Task, TaskStatus, TaskType,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{from_json_value, parse_uuid, JsonBody, QueryParams};
+use crate::openapi::{
+    artifact_kind_schema, job_status_schema, job_type_schema, task_status_schema, task_type_schema,
+};
+use crate::state::AppState;
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Shorter than the queue's 255 so that a batch's per-job keys
+/// (`<key>#<index>`) still fit.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+const CURSOR_VERSION: u8 = 1;
+
+// ---------------------------------------------------------------- requests
+
+/// A job to create.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJobRequest {
+    #[serde(rename = "type")]
+    #[schema(schema_with = job_type_schema)]
+    pub job_type: JobType,
+    /// `reading` and `text` jobs take a [`PromptInput`]; `pdf` and
+    /// `audiobook` jobs a [`TextInput`].
+    #[schema(value_type = JobInput)]
+    pub input: serde_json::Value,
+    /// Higher runs first.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// Many jobs, created in one transaction: all or none.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJobsRequest {
+    pub jobs: Vec<CreateJobRequest>,
+}
+
+/// Input of `reading` and `text` jobs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromptInput {
+    /// What to write about.
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Voice for the audio of a `reading` job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voice: Option<String>,
+}
+
+/// Input of `pdf` and `audiobook` jobs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TextInput {
+    /// The text to typeset or read aloud.
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voice: Option<String>,
+}
+
+/// A job's input; which one depends on the job type.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum JobInput {
+    Prompt(PromptInput),
+    Text(TextInput),
+}
+
+impl CreateJobRequest {
+    /// Check the input against the job type (unknown fields included) and
+    /// build the queue's job. `at` is where this job sits in the request.
+    fn into_new_job(self, tenant: &str, at: &str) -> ApiResult<NewJob> {
+        let input_at = if at.is_empty() {
+            "input".to_string()
+        } else {
+            format!("{at}.input")
+        };
+        let input = match self.job_type {
+            JobType::Reading | JobType::Text => JobInput::Prompt(from_json_value(self.input, &input_at)?),
+            JobType::Pdf | JobType::Audiobook => JobInput::Text(from_json_value(self.input, &input_at)?),
+        };
+        let input = serde_json::to_value(input).map_err(ApiError::internal)?;
+        Ok(NewJob::new(tenant, self.job_type, input).priority(self.priority))
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_LEN)
+        .ok_or_else(|| {
+            ApiError::invalid_request(
+                "Idempotency-Key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+            )
+        })?;
+    Ok(Some(key.to_string()))
+}
+
+// --------------------------------------------------------------- responses
+
+/// A job as clients see it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    #[schema(schema_with = job_type_schema)]
+    pub job_type: JobType,
+    #[schema(schema_with = job_status_schema)]
+    pub status: JobStatus,
+    pub priority: i32,
+    #[schema(value_type = JobInput)]
+    pub input: serde_json::Value,
+    pub idempotency_key: Option<String>,
+    /// Why the job failed, task by task.
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Server-Sent Events of this job's status changes.
+    pub events_path: String,
+}
+
+impl From<Job> for JobView {
+    fn from(job: Job) -> Self {
+        JobView {
+            events_path: format!("/v1/jobs/{}/events", job.id),
+            id: job.id,
+            job_type: job.job_type,
+            status: job.status,
+            priority: job.priority,
+            input: job.input,
+            idempotency_key: job.idempotency_key,
+            error: job.error,
+            created_at: job.created_at,
+            updated_at: job.updated_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+        }
+    }
+}
+
+/// One step of a job.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    pub id: i64,
+    #[serde(rename = "type")]
+    #[schema(schema_with = task_type_schema)]
+    pub task_type: TaskType,
+    #[schema(schema_with = task_status_schema)]
+    pub status: TaskStatus,
+    /// Task types of this job that must complete first.
+    pub depends_on: Vec<String>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub last_error: Option<String>,
+    /// When it is (or was) runnable; later than now while a retry backs off.
+    pub run_at: DateTime<Utc>,
+    pub claimed_at: Option<DateTime<Utc>>,
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<Task> for TaskView {
+    fn from(task: Task) -> Self {
+        TaskView {
+            id: task.id,
+            task_type: task.task_type,
+            status: task.status,
+            depends_on: task.dependencies,
+            attempts: task.attempts,
+            max_attempts: task.max_attempts,
+            last_error: task.last_error,
+            run_at: task.run_at,
+            claimed_at: task.claimed_at,
+            heartbeat_at: task.heartbeat_at,
+            created_at: task.created_at,
+            finished_at: task.finished_at,
+        }
+    }
+}
+
+/// A file a job produced.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ArtifactView {
+    pub id: Uuid,
+    #[schema(schema_with = artifact_kind_schema)]
+    pub kind: ArtifactKind,
+    pub content_type: String,
+    pub bytes: i64,
+    /// Hex SHA-256 of the content; also its ETag.
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+    /// Where to GET the bytes (Range requests supported).
+    pub download_path: String,
+}
+
+impl From<Artifact> for ArtifactView {
+    fn from(a: Artifact) -> Self {
+        ArtifactView {
+            download_path: format!("/v1/jobs/{}/artifacts/{}", a.job_id, a.id),
+            id: a.id,
+            kind: a.kind,
+            content_type: a.content_type,
+            bytes: a.bytes,
+            sha256: a.sha256,
+            created_at: a.created_at,
+        }
+    }
+}
+
+/// A job with its tasks and artifacts.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub job: JobView,
+    pub tasks: Vec<TaskView>,
+    pub artifacts: Vec<ArtifactView>,
+}
+
+/// One job of a batch, and whether this request created it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BatchItem {
+    /// False when an earlier request with the same Idempotency-Key did.
+    pub created: bool,
+    pub job: JobView,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BatchResponse {
+    /// In request order.
+    pub jobs: Vec<BatchItem>,
+}
+
+/// A page of jobs, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListJobsQuery {
+    /// Only jobs in this status.
+    #[param(schema_with = job_status_schema)]
+    pub status: Option<JobStatus>,
+    /// Only jobs of this type.
+    #[serde(rename = "type")]
+    #[param(rename = "type", schema_with = job_type_schema)]
+    pub job_type: Option<JobType>,
+    /// Page size, 1 to 200 (default 50).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+fn encode_cursor(last: Uuid) -> String {
+    let mut bytes = Vec::with_capacity(17);
+    bytes.push(CURSOR_VERSION);
+    bytes.extend_from_slice(last.as_bytes());
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn decode_cursor(cursor: &str) -> ApiResult<Uuid> {
+    let bad = || ApiError::invalid_request("cursor", "not a cursor this API issued");
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    match bytes.split_first() {
+        Some((&CURSOR_VERSION, id)) => Uuid::from_slice(id).map_err(|_| bad()),
+        _ => Err(bad()),
+    }
+}
+
+// ---------------------------------------------------------------- handlers
+
+/// Create a job.
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body = CreateJobRequest,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Retrying with the same key returns the job the first request created (200) \
+                       instead of creating another; reusing it for a different job is a 409.")),
+    responses(
+        (status = 201, description = "Created", body = JobView),
+        (status = 200, description = "Created earlier by a request with this Idempotency-Key", body = JobView),
+        (status = 400, description = "Malformed JSON or Idempotency-Key", body = ErrorBody),
+        (status = 409, description = "Idempotency-Key already used for a different job", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid job: type, input fields, sizes", body = ErrorBody),
+    )
+)]
+pub async fn create_job(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<CreateJobRequest>,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
+    let key = idempotency_key(&headers)?;
+    let mut job = request.into_new_job(&principal.tenant, "")?;
+    job.idempotency_key = key;
+    let Enqueued { job, created } = state.enqueuer.enqueue(job).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(job.into())))
+}
+
+/// Create many jobs in one transaction.
+#[utoipa::path(
+    post, path = "/v1/jobs:batch", tag = "jobs",
+    request_body = CreateJobsRequest,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Makes the whole batch replayable: job `i` is keyed `<key>#<i>`.")),
+    responses(
+        (status = 201, description = "Created (at least one job is new)", body = BatchResponse),
+        (status = 200, description = "Every job was created earlier with this Idempotency-Key", body = BatchResponse),
+        (status = 400, description = "Malformed JSON or Idempotency-Key", body = ErrorBody),
+        (status = 409, description = "Idempotency-Key already used for different jobs", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "An invalid job (`field` says which) or too many", body = ErrorBody),
+    )
+)]
+pub async fn create_jobs_batch(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<CreateJobsRequest>,
+) -> ApiResult<(StatusCode, Json<BatchResponse>)> {
+    let key = idempotency_key(&headers)?;
+    let jobs = request
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, job)| {
+            let mut job = job.into_new_job(&principal.tenant, &format!("jobs[{i}]"))?;
+            job.idempotency_key = key.as_ref().map(|key| format!("{key}#{i}"));
+            Ok(job)
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    let written = state.queue.enqueue_batch(jobs).await?;
+    let status = if written.iter().any(|e| e.created) {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let jobs = written
+        .into_iter()
+        .map(|Enqueued { job, created }| BatchItem {
+            created,
+            job: job.into(),
+        })
+        .collect();
+    Ok((status, Json(BatchResponse { jobs })))
+}
+
+/// A job with its tasks and artifacts.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job", body = JobDetail),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "No such job for this tenant", body = ErrorBody),
+    )
+)]
+pub async fn get_job(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobDetail>> {
+    let id = parse_uuid("id", &id)?;
+    // Both reads at once; the artifacts are only shown once the job is
+    // known to be this tenant's.
+    let (job, artifacts) = tokio::join!(
+        state.queue.job_with_tasks(&principal.tenant, id),
+        state.queue.artifacts_of(id)
+    );
+    let job = job?;
+    Ok(Json(JobDetail {
+        job: job.job.into(),
+        tasks: job.tasks.into_iter().map(Into::into).collect(),
+        artifacts: artifacts?.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// The tenant's jobs, newest first.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    params(ListJobsQuery),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobList),
+        (status = 400, description = "Unknown or invalid parameter, or a bad cursor", body = ErrorBody),
+    )
+)]
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    principal: Principal,
+    QueryParams(query): QueryParams<ListJobsQuery>,
+) -> ApiResult<Json<JobList>> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid_request(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}, got {limit}"),
+        ));
+    }
+    let filter = JobFilter {
+        status: query.status,
+        job_type: query.job_type,
+        before: query.cursor.as_deref().map(decode_cursor).transpose()?,
+        limit,
+    };
+    let page = state.queue.list_jobs(&principal.tenant, &filter).await?;
+    Ok(Json(JobList {
+        jobs: page.jobs.into_iter().map(Into::into).collect(),
+        next_cursor: page.next.map(encode_cursor),
+    }))
+}
+
+/// Cancel a job: its unfinished tasks stop (a worker holding one loses it
+/// at its next heartbeat). Cancelling a cancelled job changes nothing.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The cancelled job", body = JobView),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "No such job for this tenant", body = ErrorBody),
+        (status = 409, description = "The job already finished", body = ErrorBody),
+    )
+)]
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    let id = parse_uuid("id", &id)?;
+    Ok(Json(state.queue.cancel_job(&principal.tenant, id).await?.into()))
+}
+
+/// Retry a failed job: its failed and cancelled tasks go back to pending
+/// with fresh attempts.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job, queued again", body = JobView),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "No such job for this tenant", body = ErrorBody),
+        (status = 409, description = "The job has not failed", body = ErrorBody),
+    )
+)]
+pub async fn retry_job(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    let id = parse_uuid("id", &id)?;
+    Ok(Json(state.queue.retry_job(&principal.tenant, id).await?.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_foreign_ones_are_refused() {
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+        let uuid_text = id.to_string();
+        for bad in [
+            "",
+            "!!",
+            "AQ",
+            uuid_text.as_str(),
+            &URL_SAFE_NO_PAD.encode([2u8; 17]),
+        ] {
+            assert!(decode_cursor(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn input_fields_are_checked_against_the_job_type() {
+        let request = |job_type, input| CreateJobRequest {
+            job_type,
+            input,
+            priority: 0,
+        };
+        let ok = request(JobType::Text, serde_json::json!({"prompt": "p", "title": "t"}));
+        assert_eq!(
+            ok.into_new_job("t", "").unwrap().input,
+            serde_json::json!({"prompt": "p", "title": "t"})
+        );
+        let wrong = request(JobType::Pdf, serde_json::json!({"prompt": "p"}));
+        match wrong.into_new_job("t", "jobs[3]").unwrap_err() {
+            ApiError::InvalidInput { field, .. } => {
+                assert_eq!(field.as_deref(), Some("jobs[3].input.prompt"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = request(JobType::Audiobook, serde_json::json!({}));
+        match missing.into_new_job("t", "").unwrap_err() {
+            ApiError::InvalidInput { field, .. } => assert_eq!(field.as_deref(), Some("input.text")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Operator routes: queue depth, health, readiness, metrics, the OpenAPI
+//! document.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
+use queue::{TaskDepth, TaskType};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::Principal;
+use crate::error::{ApiResult, ErrorBody};
+use crate::openapi::task_type_schema;
+use crate::state::AppState;
+
+/// A scrape should not hang on a slow database; stale gauges are better.
+const DEPTH_READ_TIMEOUT: Duration = Duration::from_secs(2);
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The load on one task type right now.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskDepthView {
+    #[schema(schema_with = task_type_schema)]
+    pub task_type: TaskType,
+    /// Runnable now.
+    pub pending: i64,
+    /// Waiting for a later run time (retries backing off).
+    pub scheduled: i64,
+    /// Waiting for tasks they depend on.
+    pub blocked: i64,
+    /// Claimed or processing.
+    pub in_flight: i64,
+    /// How long the oldest runnable task has waited.
+    pub oldest_pending_seconds: f64,
+    /// Completions in the last minute.
+    pub completed_last_minute: i64,
+}
+
+impl From<TaskDepth> for TaskDepthView {
+    fn from(d: TaskDepth) -> Self {
+        TaskDepthView {
+            task_type: d.task_type,
+            pending: d.pending,
+            scheduled: d.scheduled,
+            blocked: d.blocked,
+            in_flight: d.in_flight,
+            oldest_pending_seconds: d.oldest_pending_seconds,
+            completed_last_minute: d.completed_last_minute,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct QueueDepth {
+    /// Every task type, idle ones with zeros.
+    pub task_types: Vec<TaskDepthView>,
+}
+
+/// Queue depth per task type (admin keys only).
+#[utoipa::path(
+    get, path = "/v1/queue", tag = "operations",
+    responses(
+        (status = 200, description = "Depth per task type", body = QueueDepth),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+    )
+)]
+pub async fn queue_depth(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<QueueDepth>> {
+    principal.require_admin()?;
+    let depth = state.queue.depth().await?;
+    state.metrics.set_depth(&depth);
+    Ok(Json(QueueDepth {
+        task_types: depth.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Up", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok".into() })
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    pub detail: String,
+}
+
+/// The database answers and every migration is applied.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Database unreachable or not migrated", body = Readiness),
+    ))]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let (ready, detail) = match state.queue.is_ready().await {
+        Ok(true) => (true, "database reachable and migrated".to_string()),
+        Ok(false) => (false, "database reachable but not migrated".to_string()),
+        Err(error) => {
+            tracing::warn!(%error, "readiness check failed");
+            (false, "database unreachable".to_string())
+        }
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Readiness { ready, detail }))
+}
+
+/// Prometheus metrics (OpenMetrics text): requests, queue depth, sweeper.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text",
+               body = String)))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    match tokio::time::timeout(DEPTH_READ_TIMEOUT, state.queue.depth()).await {
+        Ok(Ok(depth)) => state.metrics.set_depth(&depth),
+        Ok(Err(error)) => tracing::warn!(%error, "queue depth unavailable for metrics"),
+        Err(_) => tracing::warn!("queue depth read timed out for metrics"),
+    }
+    ([(header::CONTENT_TYPE, OPENMETRICS)], state.metrics.encode())
+}
+
+/// The serialized OpenAPI document, built once at startup.
+#[derive(Clone)]
+pub struct OpenApiJson(pub Arc<str>);
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+pub async fn openapi_json(Extension(OpenApiJson(json)): Extension<OpenApiJson>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], json.to_string())
+}

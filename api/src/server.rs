@@ -1,0 +1,122 @@
+//! The HTTP server: the router with its layers, and the background tasks
+//! that live as long as it does.
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Method, Request, Uri};
+use axum::middleware::from_fn_with_state;
+use axum::response::IntoResponse;
+use axum::{Extension, Router};
+use queue::Queue;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::artifact_store::ArtifactReader;
+use crate::auth::{require_api_key, Authenticator};
+use crate::enqueuer::Enqueuer;
+use crate::error::ApiError;
+use crate::job_events::JobEvents;
+use crate::metrics::{track_requests, Metrics};
+use crate::routes::operations::OpenApiJson;
+use crate::state::{AppState, Settings};
+use crate::{openapi, routes, sweeper};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Serve on `listener` until `shutdown` is cancelled, then finish the
+/// requests in flight and stop the background tasks.
+pub async fn run(
+    listener: TcpListener,
+    queue: Queue,
+    artifacts: Arc<dyn ArtifactReader>,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let job_events = JobEvents::start(queue.clone(), shutdown.clone()).await?;
+    let sweeper = settings.sweeper.clone().map(|sweeper_settings| {
+        tokio::spawn(sweeper::run(
+            queue.clone(),
+            sweeper_settings,
+            metrics.clone(),
+            shutdown.clone(),
+        ))
+    });
+    let state = AppState {
+        auth: Arc::new(Authenticator::new(queue.clone(), settings.auth_cache_ttl)),
+        enqueuer: Enqueuer::start(queue.clone()),
+        queue,
+        settings: Arc::new(settings),
+        job_events,
+        artifacts,
+        metrics,
+        shutdown: shutdown.clone(),
+    };
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    if let Some(sweeper) = sweeper {
+        sweeper.await?;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The whole application: routes, auth on `/v1`, fallbacks, and the
+/// request id, tracing, metrics, body limit and panic layers.
+pub fn app(state: AppState) -> Router {
+    let (authenticated, authenticated_doc) = routes::authenticated().split_for_parts();
+    let (public, public_doc) = routes::public().split_for_parts();
+    let doc = openapi::assemble(authenticated_doc, public_doc);
+    let doc = OpenApiJson(doc.to_json().expect("the OpenAPI document serializes").into());
+
+    let http = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
+        }));
+
+    Router::new()
+        .merge(authenticated.route_layer(from_fn_with_state(state.clone(), require_api_key)))
+        .merge(public)
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(Extension(doc))
+        .layer(DefaultBodyLimit::max(state.settings.body_limit_bytes))
+        .layer(from_fn_with_state(state.metrics.clone(), track_requests))
+        .layer(http)
+        .with_state(state)
+}
+
+/// Method, path and request id; never headers (they carry the API key)
+/// nor the query.
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        request_id,
+    )
+}
+
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("route {method} {}", uri.path()))
+}

@@ -1,0 +1,69 @@
+//! What every handler shares, and the settings that shape it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue::{Queue, Retention};
+use tokio_util::sync::CancellationToken;
+
+use crate::artifact_store::ArtifactReader;
+use crate::auth::Authenticator;
+use crate::enqueuer::Enqueuer;
+use crate::job_events::JobEvents;
+use crate::metrics::Metrics;
+
+/// Tunables of a running API, whatever their source (flags, tests).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest request body accepted (413 above).
+    pub body_limit_bytes: usize,
+    /// How long a verified key is trusted before it is checked again.
+    pub auth_cache_ttl: Duration,
+    /// `None` runs no sweeper in this process.
+    pub sweeper: Option<SweeperSettings>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            body_limit_bytes: 1024 * 1024,
+            auth_cache_ttl: Duration::from_secs(5),
+            sweeper: Some(SweeperSettings::default()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SweeperSettings {
+    pub interval: Duration,
+    /// A claimed task whose heartbeat is older than this is taken back.
+    pub stale_after: Duration,
+    /// `None` keeps finished jobs forever.
+    pub retention: Option<Retention>,
+    pub retention_interval: Duration,
+}
+
+impl Default for SweeperSettings {
+    fn default() -> Self {
+        SweeperSettings {
+            interval: Duration::from_secs(15),
+            stale_after: Duration::from_secs(60),
+            retention: None,
+            retention_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub queue: Queue,
+    pub settings: Arc<Settings>,
+    pub auth: Arc<Authenticator>,
+    pub enqueuer: Enqueuer,
+    pub job_events: JobEvents,
+    pub artifacts: Arc<dyn ArtifactReader>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the server shuts down: long-lived responses (event
+    /// streams) end then, so graceful shutdown does not wait on them.
+    pub shutdown: CancellationToken,
+}

@@ -1,0 +1,137 @@
+//! Artifact downloads: content type, length, ranges.
+
+mod common;
+
+use common::{assert_error, read, TestServer};
+use queue::{ApiKeyRole, Artifact, ArtifactKind, NewArtifact, TaskType};
+use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, RANGE};
+use reqwest::StatusCode;
+use serde_json::json;
+
+const SHA: &str = "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7";
+
+/// An audiobook job whose audio artifact (`bytes`) is in the file store.
+async fn job_with_audio(server: &TestServer, key: &str, bytes: &[u8]) -> (String, Artifact) {
+    let (_, job) = server
+        .post_json(
+            key,
+            "/v1/jobs",
+            &json!({"type": "audiobook", "input": {"text": "t"}}),
+        )
+        .await;
+    let task = server
+        .queue
+        .claim("w", &[TaskType::AudioGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0);
+    let storage_key = format!("jobs/{}/audio.mp3", task.job_id);
+    let path = server.artifacts.path().join(&storage_key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    let artifact = server
+        .queue
+        .record_artifact(
+            "w",
+            task.lease(),
+            &NewArtifact {
+                job_id: task.job_id,
+                kind: ArtifactKind::Audio,
+                content_type: "audio/mpeg".into(),
+                storage_key,
+                bytes: bytes.len() as i64,
+                sha256: SHA.into(),
+                metadata: json!({"duration_seconds": 1.5}),
+            },
+        )
+        .await
+        .unwrap();
+    (job["id"].as_str().unwrap().to_string(), artifact)
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn artifacts_download_whole_or_by_range(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let content: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    let (job_id, artifact) = job_with_audio(&server, &key, &content).await;
+
+    let (_, detail) = server.get_json(&key, &format!("/v1/jobs/{job_id}")).await;
+    let listed = &detail["artifacts"][0];
+    assert_eq!(listed["kind"], "audio");
+    assert_eq!(listed["content_type"], "audio/mpeg");
+    assert_eq!(listed["bytes"], 100_000);
+    assert_eq!(listed["sha256"], SHA);
+    let path = listed["download_path"].as_str().unwrap().to_string();
+    assert_eq!(path, format!("/v1/jobs/{job_id}/artifacts/{}", artifact.id));
+
+    let whole = server.get(&key, &path).send().await.unwrap();
+    assert_eq!(whole.status(), StatusCode::OK);
+    assert_eq!(whole.headers()[CONTENT_TYPE], "audio/mpeg");
+    assert_eq!(whole.headers()[CONTENT_LENGTH], "100000");
+    assert_eq!(whole.headers()[ACCEPT_RANGES], "bytes");
+    assert_eq!(whole.headers()[ETAG], format!("\"{SHA}\""));
+    assert_eq!(whole.bytes().await.unwrap(), content);
+
+    for (range, start, end) in [
+        ("bytes=0-99", 0, 100),
+        ("bytes=99000-", 99_000, 100_000),
+        ("bytes=-10", 99_990, 100_000),
+    ] {
+        let part = server.get(&key, &path).header(RANGE, range).send().await.unwrap();
+        assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            part.headers()[CONTENT_RANGE],
+            format!("bytes {start}-{}/100000", end - 1)
+        );
+        assert_eq!(part.headers()[CONTENT_LENGTH], (end - start).to_string());
+        assert_eq!(part.bytes().await.unwrap(), content[start..end], "{range}");
+    }
+
+    let past_end = server
+        .get(&key, &path)
+        .header(RANGE, "bytes=100000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(past_end.headers()[CONTENT_RANGE], "bytes */100000");
+    assert_error(&read(past_end).await, 416, "range_not_satisfiable", None);
+
+    // If-Range with a stale ETag: the whole (changed) object instead.
+    let stale = server
+        .get(&key, &path)
+        .header(RANGE, "bytes=0-9")
+        .header(IF_RANGE, "\"old\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), StatusCode::OK);
+    let fresh = server
+        .get(&key, &path)
+        .header(RANGE, "bytes=0-9")
+        .header(IF_RANGE, format!("\"{SHA}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.status(), StatusCode::PARTIAL_CONTENT);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn missing_artifacts_and_missing_bytes_are_404(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let (job_id, artifact) = job_with_audio(&server, &key, b"abc").await;
+    let unknown = uuid::Uuid::now_v7();
+    let answer = server
+        .get_json(&key, &format!("/v1/jobs/{job_id}/artifacts/{unknown}"))
+        .await;
+    assert_error(&answer, 404, "not_found", None);
+
+    std::fs::remove_file(server.artifacts.path().join(&artifact.storage_key)).unwrap();
+    let answer = server
+        .get_json(&key, &format!("/v1/jobs/{job_id}/artifacts/{}", artifact.id))
+        .await;
+    assert_error(&answer, 404, "not_found", None);
+    server.stop().await;
+}

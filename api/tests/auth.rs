@@ -1,0 +1,230 @@
+//! Keys, roles and tenant isolation.
+
+mod common;
+
+use std::process::Command;
+
+use common::{assert_error, read, TestServer};
+use queue::{ApiKeyRole, ArtifactKind, NewArtifact, TaskType};
+use reqwest::header::WWW_AUTHENTICATE;
+use serde_json::json;
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn v1_routes_need_a_valid_key(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&key, "p").await;
+    let before = server.row_counts().await;
+
+    let attempts = [
+        None,
+        Some("Bearer".to_string()),
+        Some("Basic dXNlcjpwYXNz".to_string()),
+        Some("Bearer bk_not-a-real-key".to_string()),
+        Some(format!("Bearer {key}x")),
+    ];
+    for authorization in attempts {
+        for (method, path) in [
+            ("GET", "/v1/jobs".to_string()),
+            ("GET", format!("/v1/jobs/{id}")),
+            ("POST", "/v1/jobs".to_string()),
+            ("POST", "/v1/jobs:batch".to_string()),
+            ("POST", format!("/v1/jobs/{id}/cancel")),
+            ("GET", format!("/v1/jobs/{id}/events")),
+            ("GET", "/v1/queue".to_string()),
+        ] {
+            let mut request = server
+                .client
+                .request(method.parse().unwrap(), server.url(&path))
+                .json(&json!({"type": "text", "input": {"prompt": "p"}}));
+            if let Some(value) = &authorization {
+                request = request.header("Authorization", value);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer", "{method} {path}");
+            assert_error(&read(response).await, 401, "unauthorized", None);
+        }
+    }
+    assert_eq!(server.row_counts().await, before);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn queue_depth_is_for_admin_keys_only(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let client = server.key("acme", ApiKeyRole::Client).await;
+    let admin = server.key("ops", ApiKeyRole::Admin).await;
+    server.create_text_job(&client, "p").await;
+
+    assert_error(
+        &server.get_json(&client, "/v1/queue").await,
+        403,
+        "forbidden",
+        None,
+    );
+    let (status, depth) = server.get_json(&admin, "/v1/queue").await;
+    assert_eq!(status, 200, "{depth}");
+    let types = depth["task_types"].as_array().unwrap();
+    assert_eq!(types.len(), TaskType::ALL.len());
+    let text = types
+        .iter()
+        .find(|t| t["task_type"] == "text_generation")
+        .unwrap();
+    assert_eq!(text["pending"], 1);
+    assert_eq!(text["in_flight"], 0);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn tenants_cannot_see_or_touch_each_others_jobs(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let acme = server.key("acme", ApiKeyRole::Client).await;
+    let globex = server.key("globex", ApiKeyRole::Client).await;
+    let acme_job = server.create_text_job(&acme, "acme's").await;
+    let globex_job = server.create_text_job(&globex, "globex's").await;
+
+    // An artifact on acme's job, so its download path exists.
+    let task = server
+        .queue
+        .claim("w", &[TaskType::TextGeneration], 10)
+        .await
+        .unwrap();
+    let task = task.iter().find(|t| t.job_id.to_string() == acme_job).unwrap();
+    std::fs::write(server.artifacts.path().join("a.txt"), "secret").unwrap();
+    let artifact = server
+        .queue
+        .record_artifact(
+            "w",
+            task.lease(),
+            &NewArtifact {
+                job_id: task.job_id,
+                kind: ArtifactKind::Text,
+                content_type: "text/plain".into(),
+                storage_key: "a.txt".into(),
+                bytes: 6,
+                sha256: "0".repeat(64),
+                metadata: json!({}),
+            },
+        )
+        .await
+        .unwrap();
+    let before = server.row_counts().await;
+
+    for (key, own, theirs) in [(&acme, &acme_job, &globex_job), (&globex, &globex_job, &acme_job)] {
+        let missing = uuid::Uuid::now_v7();
+        let (_, page) = server.get_json(key, "/v1/jobs").await;
+        let listed: Vec<_> = page["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].clone())
+            .collect();
+        assert_eq!(listed, [json!(own)], "a tenant lists only its own jobs");
+        assert_eq!(server.get_json(key, &format!("/v1/jobs/{own}")).await.0, 200);
+
+        for job in [theirs.to_string(), missing.to_string()] {
+            let not_found = server.get_json(key, &format!("/v1/jobs/{job}")).await;
+            assert_error(&not_found, 404, "not_found", None);
+            for action in ["cancel", "retry"] {
+                let answer = server
+                    .post_json(key, &format!("/v1/jobs/{job}/{action}"), &json!(null))
+                    .await;
+                assert_error(&answer, 404, "not_found", None);
+            }
+            let events = read(
+                server
+                    .get(key, &format!("/v1/jobs/{job}/events"))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            assert_error(&events, 404, "not_found", None);
+        }
+        // Another tenant's id reads exactly like a missing one.
+        let theirs_body = server.get_json(key, &format!("/v1/jobs/{theirs}")).await.1;
+        let missing_body = server.get_json(key, &format!("/v1/jobs/{missing}")).await.1;
+        assert_eq!(
+            theirs_body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace(theirs.as_str(), "ID"),
+            missing_body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace(&missing.to_string(), "ID"),
+        );
+    }
+    let download = format!("/v1/jobs/{acme_job}/artifacts/{}", artifact.id);
+    assert_eq!(
+        server
+            .get(&acme, &download)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "secret"
+    );
+    assert_error(
+        &read(server.get(&globex, &download).send().await.unwrap()).await,
+        404,
+        "not_found",
+        None,
+    );
+    assert_eq!(
+        server.row_counts().await,
+        before,
+        "nothing was cancelled or retried"
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_cli_creates_keys_that_work_and_revokes_them(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let database_url = test_support::database_url(&pool);
+    let api = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_api"))
+            .args(args)
+            .env("DATABASE_URL", &database_url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "api {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    };
+
+    let created = api(&["keys", "create", "--tenant", "initech"]);
+    let secret = String::from_utf8(created.stdout).unwrap().trim().to_string();
+    assert!(secret.starts_with("bk_"), "{secret}");
+    let note = String::from_utf8(created.stderr).unwrap();
+    assert!(!note.contains(&secret), "the key is printed once, on stdout only");
+    assert_eq!(server.get_json(&secret, "/v1/jobs").await.0, 200);
+    assert_error(
+        &server.get_json(&secret, "/v1/queue").await,
+        403,
+        "forbidden",
+        None,
+    );
+
+    let listed = String::from_utf8(api(&["keys", "list"]).stdout).unwrap();
+    let record: serde_json::Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    assert_eq!(record["tenant"], "initech");
+    assert!(!listed.contains(&secret));
+    let prefix = record["prefix"].as_str().unwrap();
+    assert!(secret.starts_with(prefix));
+
+    api(&["keys", "revoke", prefix]);
+    let revoked = server.get(&secret, "/v1/jobs").send().await.unwrap();
+    assert_eq!(revoked.status(), 401);
+
+    let admin = String::from_utf8(api(&["keys", "create", "--tenant", "ops", "--admin"]).stdout).unwrap();
+    assert_eq!(server.get_json(admin.trim(), "/v1/queue").await.0, 200);
+    server.stop().await;
+}

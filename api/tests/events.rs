@@ -1,0 +1,117 @@
+//! Server-Sent Events follow a job driven through the queue library.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{EventReader, TestServer};
+use queue::{ApiKeyRole, TaskType};
+use reqwest::header::CONTENT_TYPE;
+use serde_json::json;
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_stream_reports_queued_processing_complete_and_ends(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&key, "a story").await;
+    let other = server.create_text_job(&key, "noise").await;
+
+    let response = server
+        .get(&key, &format!("/v1/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()[CONTENT_TYPE], "text/event-stream");
+    let mut events = EventReader::new(response);
+
+    let (name, data) = events.next().await.unwrap();
+    assert_eq!(name, "status");
+    assert_eq!(
+        (data["job_id"].as_str(), data["status"].as_str()),
+        (Some(id.as_str()), Some("queued"))
+    );
+
+    // Claim both jobs' tasks; only this job's change is reported.
+    let claimed = server
+        .queue
+        .claim("w1", &[TaskType::TextGeneration], 2)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let (_, data) = events.next().await.unwrap();
+    assert_eq!(data["status"], "processing");
+
+    let ours = claimed.iter().find(|t| t.job_id.to_string() == id).unwrap();
+    let theirs = claimed.iter().find(|t| t.job_id.to_string() == other).unwrap();
+    server.queue.heartbeat("w1", &[ours.lease()]).await.unwrap();
+    server
+        .queue
+        .complete("w1", theirs.lease(), json!({}))
+        .await
+        .unwrap();
+    server
+        .queue
+        .complete("w1", ours.lease(), json!({"text": "Once"}))
+        .await
+        .unwrap();
+    let (_, data) = events.next().await.unwrap();
+    assert_eq!(data["status"], "complete");
+    assert_eq!(data["error"], serde_json::Value::Null);
+
+    // Finished: the server closes the stream.
+    assert!(events.next().await.is_none());
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_finished_job_reports_once_and_a_cancel_is_reported(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&key, "p").await;
+
+    let response = server
+        .get(&key, &format!("/v1/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    let mut events = EventReader::new(response);
+    assert_eq!(events.next().await.unwrap().1["status"], "queued");
+    server
+        .post(&key, &format!("/v1/jobs/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.next().await.unwrap().1["status"], "cancelled");
+    assert!(events.next().await.is_none());
+
+    let response = server
+        .get(&key, &format!("/v1/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    let mut events = EventReader::new(response);
+    assert_eq!(events.next().await.unwrap().1["status"], "cancelled");
+    assert!(events.next().await.is_none());
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn shutting_down_ends_open_streams(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&key, "p").await;
+    let response = server
+        .get(&key, &format!("/v1/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    let mut events = EventReader::new(response);
+    assert_eq!(events.next().await.unwrap().1["status"], "queued");
+    // `stop` asserts the server finishes within its timeout although this
+    // stream's job never finishes.
+    tokio::time::timeout(Duration::from_secs(5), server.stop())
+        .await
+        .unwrap();
+    assert!(events.next().await.is_none());
+}

@@ -1,0 +1,277 @@
+//! Creating, reading, listing, cancelling and retrying jobs over HTTP.
+
+mod common;
+
+use common::{assert_error, TestServer};
+use queue::{ApiKeyRole, Failure, JobType, TaskType};
+use serde_json::json;
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_created_job_comes_back_with_its_task_plan(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+
+    let (status, job) = server
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &json!({"type": "reading", "input": {"prompt": "tides", "title": "Tides"}, "priority": 3}),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(job["type"], "reading");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["priority"], 3);
+    assert_eq!(job["input"], json!({"prompt": "tides", "title": "Tides"}));
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(job["events_path"], format!("/v1/jobs/{id}/events"));
+
+    let (status, detail) = server.get_json(&key, &format!("/v1/jobs/{id}")).await;
+    assert_eq!(status, 200, "{detail}");
+    assert_eq!(detail["id"], id);
+    let tasks = detail["tasks"].as_array().unwrap();
+    let types: Vec<&str> = tasks.iter().map(|t| t["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["text_generation", "pdf_generation", "audio_generation"]);
+    assert_eq!(tasks[1]["depends_on"], json!(["text_generation"]));
+    assert!(tasks
+        .iter()
+        .all(|t| t["status"] == "pending" && t["attempts"] == 0));
+    assert_eq!(detail["artifacts"], json!([]));
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_idempotency_key_replays_the_same_job_and_refuses_a_different_one(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let body = json!({"type": "pdf", "input": {"text": "Hello"}});
+    let send = |body: serde_json::Value| {
+        let request = server
+            .post(&key, "/v1/jobs")
+            .header("Idempotency-Key", "order-17")
+            .json(&body);
+        async move { common::read(request.send().await.unwrap()).await }
+    };
+
+    let (first_status, first) = send(body.clone()).await;
+    assert_eq!(first_status, 201, "{first}");
+    let (second_status, second) = send(body).await;
+    assert_eq!(second_status, 200, "{second}");
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(second["idempotency_key"], "order-17");
+    let before = server.row_counts().await;
+
+    let conflict = send(json!({"type": "pdf", "input": {"text": "Goodbye"}})).await;
+    assert_error(&conflict, 409, "idempotency_conflict", Some("Idempotency-Key"));
+    assert_eq!(server.row_counts().await, before);
+
+    // The same key from another tenant is a different key.
+    let other = server.key("globex", ApiKeyRole::Client).await;
+    let request = server
+        .post(&other, "/v1/jobs")
+        .header("Idempotency-Key", "order-17")
+        .json(&json!({"type": "pdf", "input": {"text": "Goodbye"}}));
+    let (status, job) = common::read(request.send().await.unwrap()).await;
+    assert_eq!(status, 201, "{job}");
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn concurrent_creations_are_all_written_once(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    // Enough at once that the server groups them into shared transactions,
+    // with duplicates of one idempotency key among them.
+    let requests = (0..40).map(|i| {
+        let mut request = server
+            .post(&key, "/v1/jobs")
+            .json(&json!({"type": "text", "input": {"prompt": "same"}}));
+        if i % 4 == 0 {
+            request = request.header("Idempotency-Key", "shared");
+        }
+        async move { common::read(request.send().await.unwrap()).await }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let created = answers.iter().filter(|(s, _)| *s == 201).count();
+    let replayed: Vec<_> = answers.iter().filter(|(s, _)| *s == 200).collect();
+    assert_eq!(created, 31, "30 unkeyed and the first keyed one");
+    assert_eq!(replayed.len(), 9);
+    let shared_id = &replayed[0].1["id"];
+    assert!(replayed.iter().all(|(_, job)| &job["id"] == shared_id));
+    assert_eq!(server.row_counts().await[..2], [31, 31]);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_batch_is_created_in_one_go_and_replays_with_its_key(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let body = json!({"jobs": [
+        {"type": "text", "input": {"prompt": "one"}},
+        {"type": "audiobook", "input": {"text": "two", "voice": "en"}, "priority": 5},
+    ]});
+    let send = |body: serde_json::Value| {
+        let request = server
+            .post(&key, "/v1/jobs:batch")
+            .header("Idempotency-Key", "nightly")
+            .json(&body);
+        async move { common::read(request.send().await.unwrap()).await }
+    };
+
+    let (status, batch) = send(body.clone()).await;
+    assert_eq!(status, 201, "{batch}");
+    let jobs = batch["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert!(jobs.iter().all(|j| j["created"] == true));
+    assert_eq!(jobs[1]["job"]["type"], "audiobook");
+    assert_eq!(jobs[1]["job"]["priority"], 5);
+    assert_eq!(jobs[1]["job"]["idempotency_key"], "nightly#1");
+    assert_eq!(server.row_counts().await[..2], [2, 2]);
+
+    let (status, replay) = send(body).await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!(replay["jobs"][0]["created"], false);
+    assert_eq!(replay["jobs"][0]["job"]["id"], jobs[0]["job"]["id"]);
+
+    // One invalid job: nothing from the batch is written.
+    let (status, error) = send(json!({"jobs": [
+        {"type": "text", "input": {"prompt": "fine"}},
+        {"type": "text", "input": {"prompt": "   "}},
+    ]}))
+    .await;
+    assert_eq!(status, 422, "{error}");
+    assert_eq!(error["error"]["field"], "jobs[1].input.prompt");
+    assert_eq!(server.row_counts().await[..2], [2, 2]);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn listing_pages_newest_first_with_filters(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(server.create_text_job(&key, &format!("job {i}")).await);
+    }
+    let (_, pdf) = server
+        .post_json(&key, "/v1/jobs", &json!({"type": "pdf", "input": {"text": "x"}}))
+        .await;
+    server
+        .post(&key, &format!("/v1/jobs/{}/cancel", ids[0]))
+        .send()
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let mut path = "/v1/jobs?type=text&limit=2".to_string();
+    loop {
+        let (status, page) = server.get_json(&key, &path).await;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(
+            page["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| j["id"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/jobs?type=text&limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every text job once, newest first");
+
+    let (_, cancelled) = server.get_json(&key, "/v1/jobs?status=cancelled").await;
+    let cancelled: Vec<_> = cancelled["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].clone())
+        .collect();
+    assert_eq!(cancelled, [json!(ids[4])]);
+    let (_, pdfs) = server.get_json(&key, "/v1/jobs?type=pdf").await;
+    assert_eq!(pdfs["jobs"][0]["id"], pdf["id"]);
+    assert_eq!(pdfs["next_cursor"], serde_json::Value::Null);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn cancel_and_retry_follow_the_job_lifecycle(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+
+    let id = server.create_text_job(&key, "cancel me").await;
+    let (status, job) = server
+        .post_json(&key, &format!("/v1/jobs/{id}/cancel"), &json!(null))
+        .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["status"], "cancelled");
+    let (status, job) = server
+        .post_json(&key, &format!("/v1/jobs/{id}/cancel"), &json!(null))
+        .await;
+    assert_eq!(
+        (status, job["status"].as_str()),
+        (200, Some("cancelled")),
+        "idempotent"
+    );
+    let retry = server
+        .post_json(&key, &format!("/v1/jobs/{id}/retry"), &json!(null))
+        .await;
+    assert_error(&retry, 409, "invalid_state", None);
+
+    // A job whose only task failed for good can be retried.
+    let (_, job) = server
+        .post_json(&key, "/v1/jobs", &json!({"type": "pdf", "input": {"text": "t"}}))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    let task = server
+        .queue
+        .claim("w1", &[TaskType::PdfGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0);
+    server
+        .queue
+        .fail("w1", task.lease(), &Failure::permanent("font missing"))
+        .await
+        .unwrap();
+    let (_, failed) = server.get_json(&key, &format!("/v1/jobs/{id}")).await;
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["tasks"][0]["last_error"], "font missing");
+    let cancel = server
+        .post_json(&key, &format!("/v1/jobs/{id}/cancel"), &json!(null))
+        .await;
+    assert_error(&cancel, 409, "invalid_state", None);
+
+    let (status, retried) = server
+        .post_json(&key, &format!("/v1/jobs/{id}/retry"), &json!(null))
+        .await;
+    assert_eq!(status, 200, "{retried}");
+    assert_eq!(retried["status"], "queued");
+    let (_, detail) = server.get_json(&key, &format!("/v1/jobs/{id}")).await;
+    assert_eq!(detail["tasks"][0]["status"], "pending");
+    assert_eq!(detail["tasks"][0]["attempts"], 0);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn every_job_type_accepts_its_documented_input(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    for job_type in JobType::ALL {
+        let input = match job_type {
+            JobType::Reading | JobType::Text => json!({"prompt": "p", "title": "t", "voice": "v"}),
+            JobType::Pdf | JobType::Audiobook => json!({"text": "x", "title": "t", "voice": "v"}),
+        };
+        let (status, job) = server
+            .post_json(
+                &key,
+                "/v1/jobs",
+                &json!({"type": job_type.as_str(), "input": input}),
+            )
+            .await;
+        assert_eq!(status, 201, "{job_type}: {job}");
+    }
+    server.stop().await;
+}

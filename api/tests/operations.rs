@@ -1,0 +1,287 @@
+//! Probes, metrics, the sweeper, and the OpenAPI document against the
+//! routes the server really serves.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use api::state::{Settings, SweeperSettings};
+use common::{read, test_settings, TestServer};
+use queue::{ApiKeyRole, Retention, RetentionMode, TaskType};
+use reqwest::header::CONTENT_TYPE;
+use serde_json::{json, Value};
+
+/// Every route, as `METHOD path`. Adding a route means adding it here too,
+/// and the document must follow (it does, being built from the same table).
+const ROUTES: &[&str] = &[
+    "GET /healthz",
+    "GET /metrics",
+    "GET /openapi.json",
+    "GET /readyz",
+    "GET /v1/jobs",
+    "GET /v1/jobs/{id}",
+    "GET /v1/jobs/{id}/artifacts/{artifact_id}",
+    "GET /v1/jobs/{id}/events",
+    "GET /v1/queue",
+    "POST /v1/jobs",
+    "POST /v1/jobs/{id}/cancel",
+    "POST /v1/jobs/{id}/retry",
+    "POST /v1/jobs:batch",
+];
+
+const METHODS: &[&str] = &["get", "put", "post", "delete", "patch"];
+
+fn documented_operations(doc: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in METHODS {
+            if item.get(*method).is_some() {
+                out.insert(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+    }
+    out
+}
+
+fn refs(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("$ref", Value::String(r)) => out.push(r.clone()),
+                    _ => refs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+        _ => {}
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_openapi_document_lists_exactly_the_served_routes(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let admin = server.key("ops", ApiKeyRole::Admin).await;
+    let (status, doc) = read(
+        server
+            .client
+            .get(server.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    assert_eq!(doc, serde_json::to_value(api::openapi::document()).unwrap());
+
+    let documented = documented_operations(&doc);
+    let expected: BTreeSet<String> = ROUTES.iter().map(|r| r.to_string()).collect();
+    assert_eq!(documented, expected);
+
+    let id = uuid::Uuid::now_v7().to_string();
+    for operation in &documented {
+        let (method, template) = operation.split_once(' ').unwrap();
+        let path = template.replace("{id}", &id).replace("{artifact_id}", &id);
+        // Served: whatever it answers, it is not the router's fallback.
+        let response = server
+            .client
+            .request(method.parse().unwrap(), server.url(&path))
+            .bearer_auth(&admin)
+            .json(&json!({"jobs": [], "type": "text", "input": {}}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap();
+        assert_ne!(status, 405, "{operation}: {body}");
+        assert!(!body.contains("\"route "), "{operation} is not served: {body}");
+
+        // Every other method on a documented path is refused by the router.
+        for other in METHODS.iter().map(|m| m.to_uppercase()) {
+            if documented.contains(&format!("{other} {template}")) {
+                continue;
+            }
+            let response = server
+                .client
+                .request(other.parse().unwrap(), server.url(&path))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                405,
+                "{other} {template} is served but not documented"
+            );
+        }
+
+        // /v1 needs a key, and says so; every operation documents its errors.
+        let spec = &doc["paths"][template][method.to_lowercase()];
+        let responses = spec["responses"].as_object().unwrap();
+        assert!(
+            responses.contains_key("500") && responses.contains_key("503"),
+            "{operation}"
+        );
+        if template.starts_with("/v1/") {
+            assert!(responses.contains_key("401"), "{operation}");
+            assert_eq!(spec["security"], json!([{"bearer": []}]), "{operation}");
+        }
+    }
+
+    let mut references = Vec::new();
+    refs(&doc, &mut references);
+    assert!(!references.is_empty());
+    for reference in references {
+        let name = reference.strip_prefix("#/components/schemas/").unwrap();
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "{reference} is not defined"
+        );
+    }
+    let codes = &doc["components"]["schemas"]["ErrorCode"]["enum"];
+    for code in [
+        "invalid_input",
+        "unauthorized",
+        "payload_too_large",
+        "range_not_satisfiable",
+    ] {
+        assert!(codes.as_array().unwrap().contains(&json!(code)), "{code}");
+    }
+    assert_eq!(
+        doc["components"]["schemas"]["CreateJobRequest"]["properties"]["type"]["enum"],
+        json!(["reading", "text", "pdf", "audiobook"])
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn probes_answer_without_a_key(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let (status, health) = read(server.client.get(server.url("/healthz")).send().await.unwrap()).await;
+    assert_eq!((status, health), (200, json!({"status": "ok"})));
+    let (status, ready) = read(server.client.get(server.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["ready"], true);
+
+    // A migration missing from the database: not ready.
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (status, ready) = read(server.client.get(server.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["ready"], false);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn metrics_count_requests_by_route_and_report_queue_depth(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&key, "p").await;
+    server.create_text_job(&key, "q").await;
+    server.get(&key, &format!("/v1/jobs/{id}")).send().await.unwrap();
+    server.get(&key, "/v1/jobs/nope").send().await.unwrap();
+
+    let response = server.client.get(server.url("/metrics")).send().await.unwrap();
+    assert!(response.headers()[CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let text = response.text().await.unwrap();
+    for line in [
+        r#"backlog_http_requests_total{method="POST",route="/v1/jobs",status="201"} 2"#,
+        r#"backlog_http_requests_total{method="GET",route="/v1/jobs/{id}",status="200"} 1"#,
+        r#"backlog_http_requests_total{method="GET",route="/v1/jobs/{id}",status="400"} 1"#,
+        r#"backlog_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="201"} 2"#,
+        r#"backlog_queue_pending_tasks{task_type="text_generation"} 2"#,
+        r#"backlog_queue_in_flight_tasks{task_type="pdf_generation"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    assert!(text.trim_end().ends_with("# EOF"));
+    server.stop().await;
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_sweeper_rescues_stale_tasks_and_prunes_finished_jobs(pool: sqlx::PgPool) {
+    let settings = Settings {
+        sweeper: Some(SweeperSettings {
+            interval: Duration::from_millis(100),
+            stale_after: Duration::from_millis(300),
+            retention: Some(Retention {
+                older_than: Duration::ZERO,
+                mode: RetentionMode::Delete,
+                batch: 10,
+            }),
+            retention_interval: Duration::from_millis(100),
+        }),
+        ..test_settings()
+    };
+    let server = TestServer::start_with(pool, settings).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let stuck = server.create_text_job(&key, "worker dies").await;
+    let done = server.create_text_job(&key, "cancelled").await;
+    server
+        .post(&key, &format!("/v1/jobs/{done}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    let claimed = server
+        .queue
+        .claim("dead-worker", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].job_id.to_string(), stuck);
+
+    // The claimed task's worker never heartbeats: it goes back to pending.
+    wait_for("the sweeper to take the task back", async || {
+        let (_, job) = server.get_json(&key, &format!("/v1/jobs/{stuck}")).await;
+        job["tasks"][0]["status"] == "pending"
+    })
+    .await;
+    let (_, job) = server.get_json(&key, &format!("/v1/jobs/{stuck}")).await;
+    assert!(job["tasks"][0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("stopped heartbeating"));
+    // The cancelled job is past its (zero) retention.
+    wait_for("retention to remove the cancelled job", async || {
+        server
+            .get(&key, &format!("/v1/jobs/{done}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 404
+    })
+    .await;
+
+    let text = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"backlog_sweeper_actions_total{action="retried"} 1"#,
+        r#"backlog_sweeper_actions_total{action="pruned"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    assert!(text.contains(r#"backlog_maintenance_runs_total{job="sweep",result="ok"}"#));
+    server.stop().await;
+}
