@@ -90,7 +90,8 @@ async fn write_group(queue: &Queue, group: Vec<(NewJob, Reply)>) {
             }
         }
     }
-    for (job, reply) in jobs.into_iter().zip(replies) {
+    let each = jobs.into_iter().zip(replies).map(|(job, reply)| async move {
         let _ = reply.send(queue.enqueue(job).await);
-    }
+    });
+    futures::future::join_all(each).await;
 }

@@ -46,7 +46,15 @@ async fn job_with_audio(server: &TestServer, key: &str, bytes: &[u8]) -> (String
         )
         .await
         .unwrap();
-    (job["id"].as_str().unwrap().to_string(), artifact)
+    let id = job["id"].as_str().unwrap().to_string();
+    let (_, detail) = server.get_json(key, &format!("/v1/jobs/{id}")).await;
+    assert_eq!(
+        detail["artifacts"],
+        json!([]),
+        "not listed before its task completes"
+    );
+    server.queue.complete("w", task.lease(), json!({})).await.unwrap();
+    (id, artifact)
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

@@ -72,7 +72,9 @@ pub async fn download_artifact(
         .header(header::CONTENT_TYPE, content_type)
         .header(header::CONTENT_LENGTH, length)
         .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::ETAG, etag);
+        .header(header::ETAG, etag)
+        // The content type is the worker's word; never let a browser guess.
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     if let Some(content_range) = content_range {
         response = response.header(header::CONTENT_RANGE, content_range);
     }

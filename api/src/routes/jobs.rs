@@ -7,7 +7,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use queue::{
-    Artifact, ArtifactKind, Enqueued, Job, JobFilter, JobStatus, JobType, NewJob, Task, TaskStatus, TaskType,
+    Artifact, ArtifactKind, Enqueued, Job, JobFilter, JobStatus, JobType, JobWithTasks, NewJob, Task,
+    TaskStatus, TaskType,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -242,6 +243,7 @@ pub struct JobDetail {
     #[serde(flatten)]
     pub job: JobView,
     pub tasks: Vec<TaskView>,
+    /// What its completed tasks produced.
     pub artifacts: Vec<ArtifactView>,
 }
 
@@ -402,17 +404,27 @@ pub async fn get_job(
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobDetail>> {
     let id = parse_uuid("id", &id)?;
-    // Both reads at once; the artifacts are only shown once the job is
-    // known to be this tenant's.
-    let (job, artifacts) = tokio::join!(
-        state.queue.job_with_tasks(&principal.tenant, id),
-        state.queue.artifacts_of(id)
-    );
-    let job = job?;
+    let JobWithTasks { job, tasks } = state.queue.job_with_tasks(&principal.tenant, id).await?;
+    // Only a completed task's artifact is final (a task still running, or
+    // retried, may replace it); a job with no completed task needs no read.
+    let complete: Vec<i64> = tasks
+        .iter()
+        .filter(|t| t.status == TaskStatus::Complete)
+        .map(|t| t.id)
+        .collect();
+    let artifacts = if complete.is_empty() {
+        Vec::new()
+    } else {
+        let all = state.queue.artifacts_of(id).await?;
+        all.into_iter()
+            .filter(|a| complete.contains(&a.task_id))
+            .map(Into::into)
+            .collect()
+    };
     Ok(Json(JobDetail {
-        job: job.job.into(),
-        tasks: job.tasks.into_iter().map(Into::into).collect(),
-        artifacts: artifacts?.into_iter().map(Into::into).collect(),
+        job: job.into(),
+        tasks: tasks.into_iter().map(Into::into).collect(),
+        artifacts,
     }))
 }
 
