@@ -86,8 +86,10 @@ fn field_path(path: &serde_path_to_error::Path, error: &impl std::fmt::Display) 
         .iter()
         .find_map(|lead| message.strip_prefix(lead))
         .and_then(|rest| rest.split('`').next());
+    // serde_path_to_error sometimes reports these at the enclosing object
+    // and sometimes at the field itself; always name the field.
     if let Some(name) = named {
-        if !path.ends_with(name) {
+        if path.rsplit('.').next() != Some(name) {
             path = if path.is_empty() {
                 name.to_string()
             } else {
