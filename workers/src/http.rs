@@ -1,0 +1,223 @@
+//! What the provider clients share: one TLS setup, a secret that never prints,
+//! and sending a request with bounded, jittered retries.
+
+use std::fmt;
+use std::sync::Once;
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::{header::RETRY_AFTER, RequestBuilder, Response, StatusCode};
+
+use crate::{Error, Result};
+
+/// Selects rustls' ring backend once per process. reqwest and object_store are
+/// built without a crypto provider of their own so the binary carries one TLS
+/// stack (the one sqlx already uses) instead of also compiling aws-lc.
+pub(crate) fn install_tls_provider() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // Err means another part of the process installed one first: fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// An HTTP client with TLS ready and the given whole-request timeout.
+pub(crate) fn client(timeout: Duration) -> Result<reqwest::Client> {
+    install_tls_provider();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(10).min(timeout))
+        .user_agent(concat!("backlog-workers/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build an HTTP client: {e}")))
+}
+
+/// A credential. Its `Debug` prints a placeholder so a config struct can be
+/// logged without leaking it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// How a client retries a request that failed in a way that may pass: HTTP
+/// 408/429/5xx and connection errors. Waits grow exponentially with full
+/// jitter (so many workers do not retry in step), and a `Retry-After` in
+/// seconds from the server replaces the computed wait.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// A server asking for a longer pause than this is not waited for here:
+    /// the error goes back to the queue, which reschedules the task instead of
+    /// holding a worker slot idle.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(20),
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The pause before attempt `failed_attempts + 1`: uniform in
+    /// `[0, min(max, initial * 2^(failed_attempts - 1))]`.
+    pub(crate) fn backoff(&self, failed_attempts: u32) -> Duration {
+        let exponent = failed_attempts.saturating_sub(1).min(20);
+        let ceiling = self
+            .initial_backoff
+            .saturating_mul(1 << exponent)
+            .min(self.max_backoff);
+        ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+}
+
+/// Why one attempt failed, and whether to try again.
+enum AttemptError {
+    Retryable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    Permanent(String),
+}
+
+/// Sends the request `build` makes until it answers with a success status.
+/// Returns a permanent error at once for other 4xx, and a retryable one once
+/// `policy.max_attempts` are used up.
+pub(crate) async fn send_with_retries(
+    service: &'static str,
+    policy: &RetryPolicy,
+    build: impl Fn() -> RequestBuilder,
+) -> Result<Response> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (message, retry_after) = match classify(build().send().await).await {
+            Ok(response) => return Ok(response),
+            Err(AttemptError::Permanent(message)) => return Err(Error::remote(service, message, false)),
+            Err(AttemptError::Retryable { message, retry_after }) => (message, retry_after),
+        };
+        if attempt >= policy.max_attempts {
+            let message = format!("{message} (gave up after {attempt} attempts)");
+            return Err(Error::remote(service, message, true));
+        }
+        let pause = match retry_after {
+            Some(asked) if asked > policy.max_retry_after => {
+                let message = format!("{message}; server asked to retry after {}s", asked.as_secs());
+                return Err(Error::remote(service, message, true));
+            }
+            Some(asked) => asked,
+            None => policy.backoff(attempt),
+        };
+        tracing::warn!(service, attempt, pause_ms = pause.as_millis() as u64, error = %message, "retrying");
+        tokio::time::sleep(pause).await;
+    }
+}
+
+async fn classify(outcome: reqwest::Result<Response>) -> Result<Response, AttemptError> {
+    let response = match outcome {
+        Ok(response) => response,
+        // A request that could not even be built will not build next time.
+        Err(e) if e.is_builder() => return Err(AttemptError::Permanent(e.to_string())),
+        Err(e) => {
+            return Err(AttemptError::Retryable {
+                message: describe_transport_error(e),
+                retry_after: None,
+            })
+        }
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let message = format!("HTTP {status}: {}", body_excerpt(response).await);
+    if is_retryable_status(status) {
+        Err(AttemptError::Retryable { message, retry_after })
+    } else {
+        Err(AttemptError::Permanent(message))
+    }
+}
+
+fn is_retryable_status(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+}
+
+fn describe_transport_error(e: reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    // The URL is left out: it can carry an endpoint id, and the status says enough.
+    format!("{what}: {}", e.without_url())
+}
+
+/// The start of an error body, enough to say what the server objected to.
+async fn body_excerpt(response: Response) -> String {
+    const LIMIT: usize = 300;
+    let body = response.text().await.unwrap_or_default();
+    let body = body.trim();
+    match body.char_indices().nth(LIMIT) {
+        Some((cut, _)) => format!("{}…", &body[..cut]),
+        None => body.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secret = Secret::new("sk-very-secret");
+        assert!(!format!("{secret:?}").contains("sk-"));
+        assert_eq!(secret.expose(), "sk-very-secret");
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_capped() {
+        let policy = RetryPolicy {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+            ..RetryPolicy::default()
+        };
+        for _ in 0..200 {
+            assert!(policy.backoff(1) <= Duration::from_millis(100));
+            assert!(policy.backoff(3) <= Duration::from_millis(400));
+            assert!(policy.backoff(30) <= Duration::from_millis(1000));
+        }
+        // Full jitter: over many draws the third wait exceeds the first's ceiling.
+        assert!((0..200).any(|_| policy.backoff(3) > Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,332 @@
+//! The audio pipeline: a [`Document`] spoken by a TTS provider, chunk by
+//! chunk, joined with pauses and encoded as MP3.
+//!
+//! Settings (read by [`Narrator::from_env`]):
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `TTS_PROVIDER` | `espeak` (default) or `runpod` |
+//! | `ESPEAK_VOICE` | espeak-ng voice when the job names none, default `en-us` |
+//! | `RUNPOD_API_KEY`, `RUNPOD_ENDPOINT_ID` | required for `runpod` |
+//! | `VOICE_SAMPLE_URL` | optional reference recording passed to the RunPod handler |
+//! | `RUNPOD_BASE_URL` | API root, default `https://api.runpod.ai/v2` |
+//! | `RUNPOD_TIMEOUT_SECONDS` | per RunPod job, queueing included, default 600 |
+//! | `TTS_CONCURRENCY` | chunks synthesised at once; default the CPU count for espeak, 4 for RunPod |
+
+mod chunks;
+mod espeak;
+mod pcm;
+mod runpod;
+
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use mp3lame_encoder::{Bitrate, Builder, FlushNoGap, Mode, MonoPcm, Quality};
+
+pub use self::chunks::{spoken_chunks, SpokenChunk, BLOCK_PAUSE, SENTENCE_PAUSE};
+pub use self::espeak::Espeak;
+pub use self::pcm::Pcm;
+pub use self::runpod::{RunPodClient, RunPodConfig};
+use super::document::Document;
+use crate::http::Secret;
+use crate::{Error, Result};
+
+/// The content type of [`Narration::bytes`].
+pub const MP3_CONTENT_TYPE: &str = "audio/mpeg";
+
+/// Speech as a single MP3.
+#[derive(Clone, PartialEq)]
+pub struct Narration {
+    pub bytes: Vec<u8>,
+    pub content_type: &'static str,
+    pub duration_seconds: f64,
+    pub sample_rate: u32,
+    /// Pieces the text was synthesised in.
+    pub chunks: usize,
+}
+
+// The bytes are summarised: a failing test or a log line should not dump megabytes.
+impl std::fmt::Debug for Narration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Narration")
+            .field("bytes", &format_args!("<{} bytes>", self.bytes.len()))
+            .field("content_type", &self.content_type)
+            .field("duration_seconds", &self.duration_seconds)
+            .field("sample_rate", &self.sample_rate)
+            .field("chunks", &self.chunks)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum TtsProvider {
+    Espeak(Espeak),
+    RunPod(RunPodClient),
+}
+
+impl TtsProvider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TtsProvider::Espeak(_) => "espeak",
+            TtsProvider::RunPod(_) => "runpod",
+        }
+    }
+
+    /// Speaks one chunk.
+    pub async fn synthesize(&self, text: &str, voice: Option<&str>) -> Result<Pcm> {
+        match self {
+            TtsProvider::Espeak(espeak) => espeak.synthesize(text, voice).await,
+            TtsProvider::RunPod(runpod) => runpod.synthesize(text, voice).await,
+        }
+    }
+
+    /// The longest chunk sent at once. espeak-ng takes any length, so its
+    /// chunks are sized for parallelism; neural models behind RunPod tend to
+    /// degrade or refuse past a few hundred characters.
+    fn max_chunk_chars(&self) -> usize {
+        match self {
+            TtsProvider::Espeak(_) => 600,
+            TtsProvider::RunPod(_) => 300,
+        }
+    }
+}
+
+/// Turns documents into speech with one provider.
+#[derive(Debug, Clone)]
+pub struct Narrator {
+    provider: TtsProvider,
+    concurrency: usize,
+}
+
+impl Narrator {
+    /// `concurrency` bounds the chunks being synthesised at once (at least 1).
+    pub fn new(provider: TtsProvider, concurrency: usize) -> Self {
+        Narrator {
+            provider,
+            concurrency: concurrency.max(1),
+        }
+    }
+
+    /// The narrator the `TTS_*`/`RUNPOD_*` variables describe (see the module docs).
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// As [`from_env`](Self::from_env), reading variables through `get`.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |name: &str| get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let require =
+            |name: &str| get(name).ok_or_else(|| Error::Config(format!("TTS_PROVIDER=runpod needs {name}")));
+        let number = |name: &str| -> Result<Option<u64>> {
+            get(name)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| Error::Config(format!("{name}={v:?} is not a whole number")))
+                })
+                .transpose()
+        };
+        let (provider, default_concurrency) = match get("TTS_PROVIDER").as_deref().unwrap_or("espeak") {
+            "espeak" => {
+                let mut espeak = Espeak::default();
+                if let Some(voice) = get("ESPEAK_VOICE") {
+                    espeak.default_voice = voice;
+                }
+                let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+                (TtsProvider::Espeak(espeak), cpus)
+            }
+            "runpod" => {
+                let mut config = RunPodConfig::new(
+                    require("RUNPOD_ENDPOINT_ID")?,
+                    Secret::new(require("RUNPOD_API_KEY")?),
+                );
+                config.voice_sample_url = get("VOICE_SAMPLE_URL");
+                if let Some(base) = get("RUNPOD_BASE_URL") {
+                    config.base_url = base;
+                }
+                if let Some(seconds) = number("RUNPOD_TIMEOUT_SECONDS")? {
+                    config.job_timeout = Duration::from_secs(seconds);
+                }
+                (TtsProvider::RunPod(RunPodClient::new(config)?), 4)
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "TTS_PROVIDER={other:?} is not one of espeak, runpod"
+                )))
+            }
+        };
+        let concurrency = number("TTS_CONCURRENCY")?.map_or(default_concurrency, |n| n as usize);
+        Ok(Narrator::new(provider, concurrency))
+    }
+
+    pub fn provider(&self) -> &TtsProvider {
+        &self.provider
+    }
+
+    /// Speaks `document` (title, headings, paragraphs, list items) in `voice`
+    /// or the provider's default, and encodes the result as MP3.
+    pub async fn narrate(&self, document: &Document, voice: Option<&str>) -> Result<Narration> {
+        let chunks = spoken_chunks(document, self.provider.max_chunk_chars());
+        if chunks.iter().all(|c| c.text.trim().is_empty()) {
+            return Err(Error::InvalidInput("the text has nothing to speak".into()));
+        }
+        // `buffered` keeps the order of the chunks while up to `concurrency`
+        // run; the first failure stops the rest (espeak children are killed on drop).
+        // Owned pieces, not `&chunks`: a stream over borrowed items makes the
+        // future fail the `Send` bound the worker runtime needs.
+        let pieces: Vec<(String, Duration)> =
+            chunks.iter().map(|c| (c.text.clone(), c.pause_after)).collect();
+        let spoken: Vec<(Pcm, Duration)> = futures::stream::iter(pieces)
+            .map(|(text, pause_after)| async move {
+                let pcm = self.provider.synthesize(&text, voice).await?;
+                Ok::<_, Error>((pcm, pause_after))
+            })
+            .buffered(self.concurrency)
+            .try_collect()
+            .await?;
+        let joined = join_with_pauses(spoken)?;
+        let sample_rate = joined.sample_rate;
+        let duration_seconds = joined.duration().as_secs_f64();
+        // Encoding is CPU-bound: off the async threads.
+        let bytes = tokio::task::spawn_blocking(move || encode_mp3(&joined))
+            .await
+            .map_err(|e| Error::Audio(format!("encoding thread failed: {e}")))??;
+        Ok(Narration {
+            bytes,
+            content_type: MP3_CONTENT_TYPE,
+            duration_seconds,
+            sample_rate,
+            chunks: chunks.len(),
+        })
+    }
+}
+
+/// One signal from the pieces in order, each followed by its pause except
+/// the last. All pieces must share a sample rate: they come from one voice.
+fn join_with_pauses(pieces: Vec<(Pcm, Duration)>) -> Result<Pcm> {
+    let sample_rate = pieces.first().map_or(0, |(pcm, _)| pcm.sample_rate);
+    if let Some((odd, _)) = pieces.iter().find(|(pcm, _)| pcm.sample_rate != sample_rate) {
+        return Err(Error::Audio(format!(
+            "the provider returned chunks at {sample_rate} Hz and {} Hz",
+            odd.sample_rate
+        )));
+    }
+    let count = pieces.len();
+    let mut samples = Vec::with_capacity(pieces.iter().map(|(pcm, _)| pcm.samples.len()).sum());
+    for (i, (pcm, pause)) in pieces.into_iter().enumerate() {
+        samples.extend_from_slice(&pcm.samples);
+        if i + 1 < count {
+            let silence = (pause.as_secs_f64() * f64::from(sample_rate)).round() as usize;
+            samples.resize(samples.len() + silence, 0);
+        }
+    }
+    Ok(Pcm { sample_rate, samples })
+}
+
+/// MP3 because every player, browser and phone opens it. LAME is compiled
+/// from the source the `mp3lame-sys` crate vendors (a C compiler and `make`
+/// are all it needs), so the binary carries its encoder and the machines
+/// need no extra package. Constant 64 kbit/s mono is ample for speech, and
+/// the LAME tag at the front lets players show the exact duration.
+fn encode_mp3(pcm: &Pcm) -> Result<Vec<u8>> {
+    let fail = |what: &str, e: &dyn std::fmt::Debug| Error::Audio(format!("MP3 {what}: {e:?}"));
+    let mut builder = Builder::new().ok_or_else(|| Error::Audio("MP3 encoder: out of memory".into()))?;
+    builder.set_num_channels(1).map_err(|e| fail("channels", &e))?;
+    builder
+        .set_sample_rate(pcm.sample_rate)
+        .map_err(|e| fail("sample rate", &e))?;
+    builder.set_mode(Mode::Mono).map_err(|e| fail("mode", &e))?;
+    builder
+        .set_brate(Bitrate::Kbps64)
+        .map_err(|e| fail("bitrate", &e))?;
+    builder
+        .set_quality(Quality::Good)
+        .map_err(|e| fail("quality", &e))?;
+    let mut encoder = builder.build().map_err(|e| fail("setup", &e))?;
+
+    let mut mp3 = Vec::with_capacity(mp3lame_encoder::max_required_buffer_size(pcm.samples.len()));
+    encoder
+        .encode_to_vec(MonoPcm(&pcm.samples), &mut mp3)
+        .map_err(|e| fail("encoding", &e))?;
+    // LAME asks for up to 7200 bytes of room to flush into.
+    mp3.reserve(7200);
+    encoder
+        .flush_to_vec::<FlushNoGap>(&mut mp3)
+        .map_err(|e| fail("flush", &e))?;
+    // LAME reserved the first frame for this tag; fill it in now the length is known.
+    let mut tag = Vec::with_capacity(encoder.lame_tag_size());
+    if encoder.lame_tag_encode_to_vec(&mut tag).is_some() && tag.len() <= mp3.len() {
+        mp3[..tag.len()].copy_from_slice(&tag);
+    }
+    Ok(mp3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tone(sample_rate: u32, samples: usize) -> Pcm {
+        Pcm {
+            sample_rate,
+            samples: (0..samples)
+                .map(|i| ((i as f64 * 0.05).sin() * 8000.0) as i16)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn pauses_go_between_pieces_only() {
+        let joined = join_with_pauses(vec![
+            (tone(1000, 100), Duration::from_millis(500)),
+            (tone(1000, 100), Duration::from_millis(300)),
+        ])
+        .unwrap();
+        assert_eq!(joined.samples.len(), 100 + 500 + 100);
+        assert!(join_with_pauses(vec![
+            (tone(1000, 1), Duration::ZERO),
+            (tone(2000, 1), Duration::ZERO)
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn mp3_output_starts_with_a_frame_and_scales_with_length() {
+        let short = encode_mp3(&tone(22050, 22050)).unwrap();
+        let long = encode_mp3(&tone(22050, 22050 * 4)).unwrap();
+        // An MPEG audio frame sync: eleven set bits.
+        assert_eq!((short[0], short[1] & 0xE0), (0xFF, 0xE0));
+        // 64 kbit/s ≈ 8 kB a second.
+        assert!((6_000..12_000).contains(&short.len()), "{}", short.len());
+        assert!(long.len() > short.len() * 3);
+    }
+
+    #[test]
+    fn providers_from_variables() {
+        let narrator = |vars: &[(&str, &str)]| {
+            let vars: std::collections::HashMap<String, String> =
+                vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            Narrator::from_lookup(|name| vars.get(name).cloned())
+        };
+        let default = narrator(&[]).unwrap();
+        assert_eq!(default.provider().name(), "espeak");
+        assert!(default.concurrency >= 1);
+
+        assert!(matches!(
+            narrator(&[("TTS_PROVIDER", "runpod")]),
+            Err(Error::Config(_))
+        ));
+        let runpod = narrator(&[
+            ("TTS_PROVIDER", "runpod"),
+            ("RUNPOD_API_KEY", "rp-secret"),
+            ("RUNPOD_ENDPOINT_ID", "abc123"),
+            ("TTS_CONCURRENCY", "2"),
+        ])
+        .unwrap();
+        assert_eq!(runpod.provider().name(), "runpod");
+        assert_eq!(runpod.concurrency, 2);
+        assert!(!format!("{runpod:?}").contains("rp-secret"));
+        assert!(matches!(
+            narrator(&[("TTS_PROVIDER", "say")]),
+            Err(Error::Config(_))
+        ));
+    }
+}
