@@ -50,3 +50,23 @@ mod tests {
         );
     }
 }
+
+/// The path of one of the workspace's binaries, built first if needed, so a
+/// test in one crate can run another crate's program as a real process.
+pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
+    // Test executables live in <target>/<profile>/deps.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "--locked", "-p", package, "--bin", name])
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build -p {package} --bin {name} failed");
+    let path = profile_dir.join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}

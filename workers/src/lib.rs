@@ -10,9 +10,12 @@
 //! Every fallible call returns [`Error`], which knows whether retrying can
 //! help and converts into the queue's [`queue::Failure`].
 
+pub mod cli;
 pub mod error;
+pub mod handlers;
 mod http;
 pub mod pipelines;
+pub mod runtime;
 pub mod store;
 
 pub use error::{Error, Result};

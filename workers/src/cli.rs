@@ -1,0 +1,118 @@
+//! The worker binaries' shared command line: `text-worker`, `pdf-worker`,
+//! `audio-worker` and `worker` differ only in their default task types.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use queue::{Queue, TaskType};
+use tokio_util::sync::CancellationToken;
+
+use crate::handlers::Pipelines;
+use crate::runtime::{self, replica_identity, RuntimeConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "A backlog worker: claims tasks from PostgreSQL and runs their pipelines."
+)]
+pub struct WorkerArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Task types to run, comma-separated (text_generation, pdf_generation, audio_generation).
+    #[arg(long, env = "WORKER_TASK_TYPES", value_delimiter = ',')]
+    pub task_types: Vec<TaskType>,
+    /// Tasks run at once.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
+    /// The WorkerPool this replica belongs to.
+    #[arg(long, env = "WORKER_POOL")]
+    pub pool: Option<String>,
+    /// Replica identity; defaults to FLY_MACHINE_ID, POD_NAME or host-pid.
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Seconds between lease heartbeats.
+    #[arg(long, env = "WORKER_HEARTBEAT_SECONDS", default_value_t = 5.0)]
+    pub heartbeat_seconds: f64,
+    /// Seconds between backstop polls when no notification arrives.
+    #[arg(long, env = "WORKER_POLL_SECONDS", default_value_t = 5.0)]
+    pub poll_seconds: f64,
+    /// Seconds running tasks get to finish after SIGTERM before they are released.
+    #[arg(long, env = "WORKER_SHUTDOWN_GRACE_SECONDS", default_value_t = 25.0)]
+    pub shutdown_grace_seconds: f64,
+    /// Log format: json or text.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+}
+
+/// Parse arguments, run the worker until SIGTERM/SIGINT, drain, exit.
+pub fn main(default_types: &[TaskType]) -> anyhow::Result<()> {
+    let mut args = WorkerArgs::parse();
+    if args.task_types.is_empty() {
+        args.task_types = default_types.to_vec();
+    }
+    anyhow::ensure!(
+        !args.task_types.is_empty(),
+        "no task types: pass --task-types or WORKER_TASK_TYPES"
+    );
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    init_tracing(&args.log_format);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let pipelines = Pipelines::from_env().context("configuring the pipelines")?;
+    let queue = Queue::connect(&args.database_url, args.concurrency as u32 + 3)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let config = RuntimeConfig {
+        worker_id: args.worker_id.unwrap_or_else(replica_identity),
+        pool: args.pool,
+        task_types: args.task_types,
+        concurrency: args.concurrency,
+        heartbeat_interval: Duration::from_secs_f64(args.heartbeat_seconds),
+        poll_interval: Duration::from_secs_f64(args.poll_seconds),
+        shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_seconds),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(exit_on_signals(shutdown.clone()));
+    runtime::run(queue, config, pipelines, shutdown).await?;
+    Ok(())
+}
+
+/// The first SIGTERM/SIGINT starts a drain; a second one exits at once
+/// (the sweeper then rescues whatever was held).
+async fn exit_on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    for n in 0.. {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if n == 0 {
+            tracing::info!("signal received: draining (send again to exit now)");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second signal: exiting without draining");
+            std::process::exit(130);
+        }
+    }
+}
+
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "text" {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}

@@ -1,0 +1,333 @@
+//! The worker runtime shared by every pipeline: register the replica, claim
+//! up to its concurrency, heartbeat, run the handler under the task's
+//! timeout, complete or fail (fenced), stop claiming when draining, and on
+//! shutdown finish or release what it holds within a grace period.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue::{Failure, Lease, NewWorker, Queue, QueueError, Task, TaskType, WorkerState};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How long one wait on the notification channel lasts; other branches of
+/// the loop interrupt it (the listener is cancel-safe).
+const NOTIFY_WAIT: Duration = Duration::from_secs(60);
+
+/// What a task produced: the JSON stored as the task's output.
+pub type TaskOutput = serde_json::Value;
+
+/// Everything a handler may use while running one task.
+#[derive(Clone)]
+pub struct TaskContext {
+    pub task: Task,
+    pub queue: Queue,
+    pub worker_id: String,
+    /// Cancelled when the lease is lost (job cancelled, task swept) or the
+    /// worker is shutting down past its grace period.
+    pub cancelled: CancellationToken,
+}
+
+impl TaskContext {
+    pub fn lease(&self) -> Lease {
+        self.task.lease()
+    }
+}
+
+/// A pipeline: turns one claimed task into its output or a classified failure.
+pub trait TaskHandler: Send + Sync + 'static {
+    fn run(&self, ctx: TaskContext) -> impl Future<Output = Result<TaskOutput, Failure>> + Send;
+}
+
+/// How a replica identifies itself: Fly machine id, pod name, or host+pid.
+pub fn replica_identity() -> String {
+    if let Ok(id) = std::env::var("FLY_MACHINE_ID") {
+        if !id.is_empty() {
+            return id;
+        }
+    }
+    if let Ok(pod) = std::env::var("POD_NAME") {
+        if !pod.is_empty() {
+            return pod;
+        }
+    }
+    format!("{}-{}", hostname(), std::process::id())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub worker_id: String,
+    pub pool: Option<String>,
+    pub task_types: Vec<TaskType>,
+    /// Tasks run at once; also the claim batch size.
+    pub concurrency: usize,
+    /// How often leases and the replica are renewed.
+    pub heartbeat_interval: Duration,
+    /// Backstop poll when no notification arrives.
+    pub poll_interval: Duration,
+    /// On shutdown, how long running tasks may take before they are released.
+    pub shutdown_grace: Duration,
+}
+
+/// What a run did, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    pub completed: u64,
+    pub failed: u64,
+    /// Tasks handed back unfinished at shutdown.
+    pub released: u64,
+    /// Tasks abandoned because the lease was lost (cancelled or swept).
+    pub lost: u64,
+}
+
+enum Finished {
+    Done(Lease, Result<TaskOutput, Failure>),
+    Cancelled(Lease),
+}
+
+/// Run until `shutdown` is cancelled, then drain. A replica the controller
+/// marked draining keeps running its tasks but claims nothing more; the
+/// controller stops it once it is idle.
+pub async fn run<H: TaskHandler>(
+    queue: Queue,
+    config: RuntimeConfig,
+    handler: H,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, QueueError> {
+    let handler = Arc::new(handler);
+    let worker_id = config.worker_id.clone();
+    queue
+        .register_worker(&NewWorker {
+            id: worker_id.clone(),
+            pool: config.pool.clone(),
+            task_types: config.task_types.clone(),
+            concurrency: config.concurrency as i32,
+            hostname: Some(hostname()),
+            pid: Some(std::process::id() as i32),
+        })
+        .await?;
+    tracing::info!(
+        worker_id = %worker_id,
+        task_types = ?config.task_types.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+        concurrency = config.concurrency,
+        pool = config.pool.as_deref().unwrap_or("-"),
+        "worker started"
+    );
+
+    let mut wake = queue.listen().await?;
+    let mut running: JoinSet<Finished> = JoinSet::new();
+    let mut held: HashMap<i64, (Lease, CancellationToken)> = HashMap::new();
+    let mut summary = RunSummary::default();
+    let mut draining = false;
+    let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(config.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Claim at once on start: work may be waiting.
+    let (claim_now_tx, mut claim_now) = watch::channel(());
+    claim_now.mark_changed();
+
+    loop {
+        let free = config.concurrency.saturating_sub(held.len());
+        let may_claim = !draining && !shutdown.is_cancelled() && free > 0;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Ok(()) = claim_now.changed(), if may_claim => {
+                let tasks = match queue.claim(&worker_id, &config.task_types, free as i32).await {
+                    Ok(tasks) => tasks,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claim failed; retrying at the next wake-up");
+                        continue;
+                    }
+                };
+                // A full batch means more may be waiting.
+                if tasks.len() == free {
+                    claim_now_tx.send_replace(());
+                }
+                for task in tasks {
+                    let lease = task.lease();
+                    let cancelled = CancellationToken::new();
+                    held.insert(lease.task_id, (lease, cancelled.clone()));
+                    tracing::info!(task_id = lease.task_id, job_id = %task.job_id, task_type = %task.task_type,
+                        attempt = lease.attempt, "task claimed");
+                    let ctx = TaskContext { task, queue: queue.clone(), worker_id: worker_id.clone(), cancelled };
+                    running.spawn(run_one(handler.clone(), ctx));
+                }
+                if !held.is_empty() {
+                    // Mark the new claims processing right away.
+                    renew(&queue, &worker_id, &mut held, &mut summary).await;
+                }
+            }
+            note = wake.next(NOTIFY_WAIT), if may_claim => {
+                match note {
+                    Ok(Some(Some(t))) if !config.task_types.contains(&t) => {}
+                    Ok(Some(_)) => { claim_now_tx.send_replace(()); }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "listener failed; polling until it reconnects");
+                        tokio::time::sleep(config.poll_interval).await;
+                    }
+                }
+            }
+            // The backstop: retries whose backoff ended and notifications
+            // lost in a reconnect are found by polling.
+            _ = poll.tick(), if may_claim => { claim_now_tx.send_replace(()); }
+            Some(finished) = running.join_next(), if !running.is_empty() => {
+                let finished = finished.expect("task handlers do not panic across the join");
+                settle(&queue, &worker_id, finished, &mut held, &mut summary).await;
+                claim_now_tx.send_replace(());
+            }
+            _ = heartbeat.tick() => {
+                renew(&queue, &worker_id, &mut held, &mut summary).await;
+                match queue.worker_heartbeat(&worker_id).await {
+                    Ok(Some(WorkerState::Draining)) if !draining => {
+                        tracing::info!(worker_id = %worker_id, in_flight = held.len(),
+                            "replica marked draining: no more claims");
+                        draining = true;
+                    }
+                    Ok(Some(WorkerState::Running)) if draining => {
+                        tracing::info!(worker_id = %worker_id, "replica back to running");
+                        draining = false;
+                        claim_now_tx.send_replace(());
+                    }
+                    Ok(None) => {
+                        // Swept from the registry after a long stall: announce again.
+                        if let Err(e) = queue.register_worker(&NewWorker {
+                            id: worker_id.clone(), pool: config.pool.clone(), task_types: config.task_types.clone(),
+                            concurrency: config.concurrency as i32, hostname: Some(hostname()),
+                            pid: Some(std::process::id() as i32),
+                        }).await {
+                            tracing::warn!(error = %e, "re-registering failed");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
+                }
+            }
+        }
+    }
+
+    // Shutdown: no more claims; let running tasks finish within the grace.
+    tracing::info!(worker_id = %worker_id, in_flight = held.len(), grace_s = config.shutdown_grace.as_secs_f64(),
+        "shutting down: finishing running tasks");
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+    while !running.is_empty() {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = heartbeat.tick() => renew(&queue, &worker_id, &mut held, &mut summary).await,
+            Some(finished) = running.join_next() => {
+                let finished = finished.expect("task handlers do not panic across the join");
+                settle(&queue, &worker_id, finished, &mut held, &mut summary).await;
+            }
+        }
+    }
+    running.abort_all();
+    let unfinished: Vec<Lease> = held.values().map(|(lease, _)| *lease).collect();
+    if !unfinished.is_empty() {
+        let released = queue.release(&worker_id, &unfinished).await?;
+        summary.released += released.len() as u64;
+        tracing::info!(
+            released = released.len(),
+            "released unfinished tasks back to pending"
+        );
+    }
+    queue.deregister_worker(&worker_id).await?;
+    tracing::info!(worker_id = %worker_id, ?summary, "worker stopped");
+    Ok(summary)
+}
+
+/// Run the handler under the task's timeout; a lost lease cancels it.
+async fn run_one<H: TaskHandler>(handler: Arc<H>, ctx: TaskContext) -> Finished {
+    let lease = ctx.lease();
+    let timeout = Duration::from_secs(ctx.task.timeout_seconds.max(1) as u64);
+    let cancelled = ctx.cancelled.clone();
+    tokio::select! {
+        _ = cancelled.cancelled() => Finished::Cancelled(lease),
+        result = tokio::time::timeout(timeout, handler.run(ctx)) => match result {
+            Ok(result) => Finished::Done(lease, result),
+            Err(_) => Finished::Done(lease, Err(Failure::retryable(format!(
+                "timed out after {} s", timeout.as_secs()
+            )))),
+        },
+    }
+}
+
+async fn settle(
+    queue: &Queue,
+    worker_id: &str,
+    finished: Finished,
+    held: &mut HashMap<i64, (Lease, CancellationToken)>,
+    summary: &mut RunSummary,
+) {
+    let (lease, result) = match finished {
+        Finished::Cancelled(lease) => {
+            held.remove(&lease.task_id);
+            return;
+        }
+        Finished::Done(lease, result) => (lease, result),
+    };
+    held.remove(&lease.task_id);
+    let outcome = match result {
+        Ok(output) => queue.complete(worker_id, lease, output).await.map(|()| {
+            summary.completed += 1;
+            tracing::info!(task_id = lease.task_id, "task complete");
+        }),
+        Err(failure) => queue.fail(worker_id, lease, &failure).await.map(|retry| {
+            summary.failed += 1;
+            tracing::warn!(task_id = lease.task_id, kind = ?failure.kind, error = %failure.message,
+                outcome = ?retry, "task failed");
+        }),
+    };
+    match outcome {
+        Ok(()) => {}
+        Err(QueueError::LeaseLost { .. }) => {
+            summary.lost += 1;
+            tracing::warn!(
+                task_id = lease.task_id,
+                "lease lost before the result was stored; result dropped"
+            );
+        }
+        Err(e) => {
+            // The lease stays with us until it expires; the sweeper then
+            // hands the task to another replica.
+            tracing::error!(task_id = lease.task_id, error = %e, "could not store the task's result");
+        }
+    }
+}
+
+/// Renew every held lease; cancel the handlers of leases that were lost.
+async fn renew(
+    queue: &Queue,
+    worker_id: &str,
+    held: &mut HashMap<i64, (Lease, CancellationToken)>,
+    summary: &mut RunSummary,
+) {
+    let leases: Vec<Lease> = held.values().map(|(lease, _)| *lease).collect();
+    match queue.heartbeat(worker_id, &leases).await {
+        Ok(lost) => {
+            for lease in lost {
+                if let Some((_, token)) = held.remove(&lease.task_id) {
+                    tracing::warn!(
+                        task_id = lease.task_id,
+                        "lease lost (cancelled or swept): abandoning the task"
+                    );
+                    token.cancel();
+                    summary.lost += 1;
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "lease heartbeat failed"),
+    }
+}

@@ -1,0 +1,287 @@
+//! The worker runtime against real PostgreSQL, with handlers whose timing
+//! the tests control.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue::{Failure, JobStatus, JobType, NewJob, Queue, TaskStatus, TaskType};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use workers::runtime::{self, RunSummary, RuntimeConfig, TaskContext, TaskHandler, TaskOutput};
+
+/// Sleeps for a while, counting how many run at once.
+#[derive(Clone, Default)]
+struct SlowHandler {
+    running: Arc<AtomicUsize>,
+    most_at_once: Arc<AtomicUsize>,
+    started: Arc<AtomicUsize>,
+    sleep: Duration,
+}
+
+impl TaskHandler for SlowHandler {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutput, Failure> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        // Counted down even when the runtime drops this future mid-sleep.
+        let _running = Running(self.running.clone());
+        tokio::time::sleep(self.sleep).await;
+        Ok(json!({ "task": ctx.task.id }))
+    }
+}
+
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn config(concurrency: usize, grace: Duration) -> RuntimeConfig {
+    RuntimeConfig {
+        worker_id: "test-worker".into(),
+        pool: Some("text".into()),
+        task_types: vec![TaskType::TextGeneration],
+        concurrency,
+        heartbeat_interval: Duration::from_millis(200),
+        poll_interval: Duration::from_millis(500),
+        shutdown_grace: grace,
+    }
+}
+
+async fn enqueue_text_jobs(q: &Queue, n: usize) {
+    let jobs = (0..n)
+        .map(|i| NewJob::new("acme", JobType::Text, json!({ "prompt": format!("job {i}") })))
+        .collect();
+    q.enqueue_batch(jobs).await.unwrap();
+}
+
+async fn statuses(pool: &PgPool) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT status, count(*) FROM job_tasks GROUP BY status ORDER BY status")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn runs_at_most_its_concurrency_and_completes_everything(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 12).await;
+    let handler = SlowHandler {
+        sleep: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(runtime::run(
+        q.clone(),
+        config(3, Duration::from_secs(5)),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+
+    wait_until("all tasks complete", async || {
+        statuses(&pool).await == [("complete".to_string(), 12)]
+    })
+    .await;
+    shutdown.cancel();
+    let summary = worker.await.unwrap().unwrap();
+    assert_eq!(
+        summary,
+        RunSummary {
+            completed: 12,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        handler.most_at_once.load(Ordering::SeqCst),
+        3,
+        "never more than the concurrency, and it used it"
+    );
+    assert!(q.workers(None).await.unwrap().is_empty(), "deregistered on exit");
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn on_shutdown_running_tasks_finish_and_unstarted_work_stays_pending(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 5).await;
+    let handler = SlowHandler {
+        sleep: Duration::from_millis(800),
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(runtime::run(
+        q.clone(),
+        config(2, Duration::from_secs(10)),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+
+    wait_until("two tasks started", async || {
+        handler.started.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    shutdown.cancel();
+    let summary = worker.await.unwrap().unwrap();
+    assert_eq!(
+        (summary.completed, summary.released),
+        (2, 0),
+        "the running two finished within the grace"
+    );
+    assert_eq!(
+        statuses(&pool).await,
+        [("complete".to_string(), 2), ("pending".to_string(), 3)]
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn tasks_still_running_after_the_grace_are_released_without_spending_an_attempt(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 2).await;
+    let handler = SlowHandler {
+        sleep: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(runtime::run(
+        q.clone(),
+        config(2, Duration::from_millis(300)),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+
+    wait_until("both tasks started", async || {
+        handler.started.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    shutdown.cancel();
+    let summary = worker.await.unwrap().unwrap();
+    assert_eq!(summary.released, 2);
+    let attempts: Vec<(String, i32)> = sqlx::query_as("SELECT status, attempts FROM job_tasks ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        attempts,
+        vec![("pending".to_string(), 0), ("pending".to_string(), 0)]
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_cancelled_job_stops_its_running_task(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let job = q
+        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "x"})))
+        .await
+        .unwrap()
+        .job;
+    let handler = SlowHandler {
+        sleep: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(runtime::run(
+        q.clone(),
+        config(1, Duration::from_secs(5)),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+
+    wait_until("the task started", async || {
+        handler.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    q.cancel_job("acme", job.id).await.unwrap();
+    wait_until("the handler was stopped", async || {
+        handler.running.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    shutdown.cancel();
+    let summary = worker.await.unwrap().unwrap();
+    assert_eq!((summary.lost, summary.completed), (1, 0));
+    assert_eq!(q.job("acme", job.id).await.unwrap().status, JobStatus::Cancelled);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_draining_replica_claims_nothing_more(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let handler = SlowHandler {
+        sleep: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(runtime::run(
+        q.clone(),
+        config(2, Duration::from_secs(5)),
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    wait_until("registered", async || !q.workers(None).await.unwrap().is_empty()).await;
+
+    assert_eq!(
+        q.drain_idle(&["test-worker".to_string()]).await.unwrap(),
+        vec!["test-worker".to_string()]
+    );
+    enqueue_text_jobs(&q, 3).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(handler.started.load(Ordering::SeqCst), 0, "drained: no claims");
+    assert_eq!(statuses(&pool).await, [("pending".to_string(), 3)]);
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+/// Fails the first attempt as retryable, so the runtime's fail path runs.
+struct FailOnce(Arc<AtomicUsize>);
+
+impl TaskHandler for FailOnce {
+    async fn run(&self, _ctx: TaskContext) -> Result<TaskOutput, Failure> {
+        if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+            Err(Failure::retryable("provider answered 503"))
+        } else {
+            Ok(json!({}))
+        }
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_retryable_failure_is_stored_and_the_task_retried(pool: PgPool) {
+    let q = Queue::new(pool.clone()).with_config(queue::QueueConfig {
+        retry_base: Duration::from_millis(100),
+        retry_cap: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let job = q
+        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "x"})))
+        .await
+        .unwrap()
+        .job;
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(runtime::run(
+        q.clone(),
+        config(1, Duration::from_secs(5)),
+        FailOnce(Arc::default()),
+        shutdown.clone(),
+    ));
+    wait_until("the job completed", async || {
+        q.job("acme", job.id).await.unwrap().status == JobStatus::Complete
+    })
+    .await;
+    shutdown.cancel();
+    let summary = worker.await.unwrap().unwrap();
+    assert_eq!((summary.failed, summary.completed), (1, 1));
+    let task = &q.tasks_of(job.id).await.unwrap()[0];
+    assert_eq!((task.status, task.attempts), (TaskStatus::Complete, 2));
+    assert_eq!(task.last_error.as_deref(), Some("provider answered 503"));
+}

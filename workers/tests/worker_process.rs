@@ -1,0 +1,154 @@
+//! The real worker binary as a process: killed with -9 mid-task, its task
+//! is swept and completed exactly once by another replica; SIGTERM exits 0.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::Json;
+use queue::{JobStatus, JobType, NewJob, Queue, TaskStatus};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+
+/// An OpenAI-compatible endpoint that takes a while to answer, so a worker
+/// can be killed while it waits.
+async fn slow_llm(calls: Arc<AtomicUsize>) -> String {
+    let app = axum::Router::new().route(
+        "/chat/completions",
+        post(move || {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Json(json!({
+                    "id": "cmpl-1", "object": "chat.completion", "model": "test-model",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "# Tides\n\nThe sea rises and falls."}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18}
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+fn spawn_worker(id: &str, database_url: &str, llm_url: &str, store: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_text-worker"))
+        .env("DATABASE_URL", database_url)
+        .env("WORKER_ID", id)
+        .env("WORKER_HEARTBEAT_SECONDS", "0.2")
+        .env("WORKER_POLL_SECONDS", "0.5")
+        .env("LLM_PROVIDER", "openai")
+        .env("LLM_BASE_URL", llm_url)
+        .env("LLM_API_KEY", "test-key")
+        .env("LLM_MODEL", "test-model")
+        .env("ARTIFACT_STORE", format!("file://{}", store.display()))
+        .env("LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start text-worker")
+}
+
+async fn task_state(pool: &PgPool) -> (String, Option<String>, i32) {
+    sqlx::query_as("SELECT status, claimed_by, attempts FROM job_tasks")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn eventually<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    expected: T,
+    mut read: impl AsyncFnMut() -> T,
+) {
+    let mut last = None;
+    for _ in 0..300 {
+        let now = read().await;
+        if now == expected {
+            return;
+        }
+        last = Some(now);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}: expected {expected:?}, last saw {last:?}");
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_worker_killed_mid_task_loses_it_to_the_sweeper_and_another_finishes_it_once(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let url = test_support::database_url(&pool);
+    let store = tempfile::tempdir().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let llm = slow_llm(calls.clone()).await;
+    let job = q
+        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "tides"})))
+        .await
+        .unwrap()
+        .job;
+
+    let mut doomed = spawn_worker("doomed", &url, &llm, store.path());
+    eventually(
+        "the task to be processing on `doomed`",
+        ("processing".to_string(), Some("doomed".to_string()), 1),
+        async || task_state(&pool).await,
+    )
+    .await;
+    doomed.start_kill().unwrap(); // SIGKILL: no drain, no release
+    doomed.wait().await.unwrap();
+    assert_eq!(task_state(&pool).await.0, "processing", "nobody released it");
+
+    // Its heartbeats stopped; the sweeper takes the task back.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let swept = q.sweep(Duration::from_millis(500)).await.unwrap();
+    assert_eq!(swept.retried(), 1);
+    sqlx::query("UPDATE job_tasks SET run_at = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let mut rescuer = spawn_worker("rescuer", &url, &llm, store.path());
+    eventually("the job to complete", JobStatus::Complete, async || {
+        q.job("acme", job.id).await.unwrap().status
+    })
+    .await;
+    let task = &q.tasks_of(job.id).await.unwrap()[0];
+    assert_eq!(
+        (task.status, task.attempts, task.claimed_by.as_deref()),
+        (TaskStatus::Complete, 2, Some("rescuer"))
+    );
+    assert_eq!(
+        task.output.as_ref().unwrap()["usage"]["total_tokens"],
+        18,
+        "token usage recorded on the task"
+    );
+    let artifacts = q.artifacts_of(job.id).await.unwrap();
+    assert_eq!(artifacts.len(), 1, "one text artifact, not one per attempt");
+    assert_eq!(
+        std::fs::read_to_string(store.path().join(&artifacts[0].storage_key)).unwrap(),
+        "# Tides\n\nThe sea rises and falls."
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "one provider call per attempt");
+
+    // SIGTERM: drains (nothing running) and exits 0, deregistered.
+    let pid = rescuer.id().unwrap() as libc::pid_t;
+    // SAFETY: kill(2) on our own child with a valid signal.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(10), rescuer.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    let registered: Vec<String> = q.workers(None).await.unwrap().into_iter().map(|w| w.id).collect();
+    assert_eq!(
+        registered,
+        ["doomed"],
+        "the rescuer deregistered; the killed one waits for the sweeper"
+    );
+}
