@@ -1,10 +1,19 @@
 //! `controller`: scales backlog's worker pools from the depth of their queue.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use controller::backend::local::LocalBackend;
+use controller::metrics::Metrics;
+use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
 use controller::{manifest, spec};
+use queue::Queue;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +37,53 @@ enum Command {
         #[arg(short = 'f', long = "filename", value_name = "FILE_OR_DIR")]
         path: PathBuf,
     },
+    /// Reconcile the pools continuously: read the queue, decide, scale.
+    Run(RunArgs),
+    /// Dry run: read the queue once and print what each pool would do and
+    /// why. Changes nothing.
+    Plan {
+        #[arg(short = 'f', long = "filename", value_name = "FILE_OR_DIR")]
+        path: PathBuf,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendKind {
+    /// Worker replicas as child processes of the controller.
+    Local,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// WorkerPool manifests: a YAML file or a folder; edits are picked up live.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE_OR_DIR",
+        env = "WORKER_POOLS"
+    )]
+    path: PathBuf,
+    #[arg(long, value_enum, env = "CONTROLLER_BACKEND", default_value = "local")]
+    backend: BackendKind,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Seconds between passes when no notification wakes the loop.
+    #[arg(long, env = "CONTROLLER_TICK_SECONDS", default_value_t = 2.0)]
+    tick_seconds: f64,
+    /// Seconds a stopped local replica may drain before it is killed.
+    #[arg(long, env = "CONTROLLER_STOP_GRACE_SECONDS", default_value_t = 30.0)]
+    stop_grace_seconds: f64,
+    /// Advisory-lock key shared by the controllers of one deployment.
+    #[arg(long, env = "CONTROLLER_LEADER_KEY", default_value_t = 0x6261_636b_6c6f_67)]
+    leader_key: i64,
+    /// Serve Prometheus metrics here (e.g. 0.0.0.0:9464).
+    #[arg(long, env = "CONTROLLER_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Log format: json or text.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json")]
+    log_format: String,
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -37,6 +93,123 @@ fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { path } => Ok(validate(&path)),
+        Command::Run(args) => {
+            init_tracing(&args.log_format);
+            tokio::runtime::Runtime::new()?.block_on(run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan { path, database_url } => {
+            tokio::runtime::Runtime::new()?.block_on(plan(&path, &database_url))
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let queue = Queue::connect(&args.database_url, 4)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr, metrics.clone()).await?;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            termination_signal().await;
+            tracing::info!("signal received: stopping");
+            shutdown.cancel();
+        }
+    });
+    let settings = LoopSettings {
+        tick: Duration::from_secs_f64(args.tick_seconds),
+        leader_key: args.leader_key,
+    };
+    let source = ManifestSource::new(args.path);
+    match args.backend {
+        BackendKind::Local => {
+            let backend = LocalBackend::new(Duration::from_secs_f64(args.stop_grace_seconds));
+            let reconciler = Reconciler::new(Context {
+                queue,
+                backend,
+                metrics,
+            });
+            reconcile::run(reconciler, source, settings, shutdown).await
+        }
+    }
+}
+
+/// Reads the queue and the registry once and prints each pool's decision
+/// from a fresh history, with replicas counted from the worker registry.
+async fn plan(path: &Path, database_url: &str) -> anyhow::Result<ExitCode> {
+    let manifests = manifest::load(path);
+    for error in &manifests.errors {
+        println!("error: {error}");
+    }
+    let queue = Queue::connect(database_url, 2)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let reports = reconcile::plan(&queue, &manifests.pools, chrono::Utc::now()).await?;
+    for report in reports {
+        println!(
+            "{}: {} → {} replicas ({}): {}",
+            report.pool,
+            report.decision.from,
+            report.decision.replicas,
+            report.decision.phase.as_str(),
+            report.decision.reason
+        );
+    }
+    Ok(if manifests.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "serving /metrics");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(())
+}
+
+async fn termination_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "text" {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
     }
 }
 

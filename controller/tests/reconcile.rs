@@ -1,0 +1,345 @@
+//! The reconcile loop against real PostgreSQL: an in-memory backend for the
+//! decisions, the local backend with real worker processes end to end, and
+//! leader election.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use controller::backend::local::LocalBackend;
+use controller::backend::{Backend, BackendError, PoolRef, Replica};
+use controller::manifest::{self, LoadedPool};
+use controller::metrics::Metrics;
+use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
+use queue::{JobType, NewJob, NewWorker, Queue, TaskType};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Replicas in memory, started and stopped instantly.
+#[derive(Clone, Default)]
+struct MemoryBackend {
+    replicas: Arc<Mutex<BTreeSet<String>>>,
+    next: Arc<Mutex<u32>>,
+}
+
+impl MemoryBackend {
+    fn ids(&self) -> Vec<String> {
+        self.replicas.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    async fn observe(&self, _: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
+        Ok(self
+            .ids()
+            .into_iter()
+            .map(|id| Replica { id, ready: true })
+            .collect())
+    }
+    async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<(), BackendError> {
+        for _ in 0..count {
+            let mut next = self.next.lock().unwrap();
+            *next += 1;
+            self.replicas
+                .lock()
+                .unwrap()
+                .insert(format!("{}-{}", pool.name, *next));
+        }
+        Ok(())
+    }
+    async fn remove(&self, _: PoolRef<'_>, ids: &[String]) -> Result<(), BackendError> {
+        let mut replicas = self.replicas.lock().unwrap();
+        for id in ids {
+            replicas.remove(id);
+        }
+        Ok(())
+    }
+    async fn shutdown(&self) {}
+}
+
+fn pools(yaml: &str) -> Vec<LoadedPool> {
+    let mut m = manifest::Manifests::default();
+    m.add_file(std::path::Path::new("test.yaml"), yaml);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    m.pools
+}
+
+const TEXT_POOL: &str = r#"
+apiVersion: backlog.dev/v1alpha1
+kind: WorkerPool
+metadata: {name: text}
+spec:
+  taskTypes: [text_generation]
+  target: {local: {command: [unused]}}
+  maxReplicas: 5
+  tasksPerReplica: 2
+  cooldownSeconds: 0
+  scaleDown: {stabilizationSeconds: 0}
+"#;
+
+async fn enqueue_text(q: &Queue, n: usize) {
+    let jobs = (0..n)
+        .map(|i| NewJob::new("acme", JobType::Text, json!({"prompt": format!("{i}")})))
+        .collect();
+    q.enqueue_batch(jobs).await.unwrap();
+}
+
+async fn register(q: &Queue, id: &str) {
+    q.register_worker(&NewWorker {
+        id: id.into(),
+        pool: Some("text".into()),
+        task_types: vec![TaskType::TextGeneration],
+        concurrency: 2,
+        hostname: None,
+        pid: None,
+    })
+    .await
+    .unwrap();
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn replicas_follow_the_queue_and_scale_down_spares_the_busy_replica(pool: PgPool) {
+    let q = Queue::new(pool);
+    let backend = MemoryBackend::default();
+    let mut reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: backend.clone(),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let pools = pools(TEXT_POOL);
+    let now = chrono::Utc::now();
+
+    let idle = reconciler.reconcile(&pools, now).await;
+    assert_eq!(
+        idle[0].decision.replicas, 0,
+        "an empty queue runs nothing: {}",
+        idle[0].decision
+    );
+
+    enqueue_text(&q, 7).await;
+    let up = reconciler
+        .reconcile(&pools, now + chrono::Duration::seconds(1))
+        .await;
+    assert_eq!(
+        up[0].decision.replicas, 4,
+        "7 pending at 2 per replica: {}",
+        up[0].decision
+    );
+    assert_eq!(backend.ids().len(), 4);
+
+    // One replica holds the last task; the rest of the work is done.
+    for id in backend.ids() {
+        register(&q, &id).await;
+    }
+    let busy = backend.ids()[2].clone();
+    let held = q.claim(&busy, &[TaskType::TextGeneration], 1).await.unwrap();
+    let others = q
+        .claim("elsewhere", &[TaskType::TextGeneration], 10)
+        .await
+        .unwrap();
+    let results: Vec<_> = others.iter().map(|t| (t.lease(), json!({}))).collect();
+    q.complete_batch("elsewhere", &results).await.unwrap();
+
+    let down = reconciler
+        .reconcile(&pools, now + chrono::Duration::seconds(60))
+        .await;
+    assert_eq!(down[0].decision.replicas, 1, "{}", down[0].decision);
+    assert_eq!(
+        backend.ids(),
+        vec![busy.clone()],
+        "the busy replica is the one kept"
+    );
+    assert_eq!(down[0].removed.len(), 3);
+    assert_eq!(down[0].status.busy_replicas, 1);
+
+    q.complete(&busy, held[0].lease(), json!({})).await.unwrap();
+    let zero = reconciler
+        .reconcile(&pools, now + chrono::Duration::seconds(120))
+        .await;
+    assert_eq!(
+        (zero[0].decision.replicas, backend.ids().len()),
+        (0, 0),
+        "{}",
+        zero[0].decision
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_unreadable_queue_holds_the_replicas(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let backend = MemoryBackend::default();
+    let mut reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: backend.clone(),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let pools = pools(TEXT_POOL);
+    enqueue_text(&q, 4).await;
+    let now = chrono::Utc::now();
+    assert_eq!(reconciler.reconcile(&pools, now).await[0].decision.replicas, 2);
+
+    pool.close().await; // the database is gone for this controller
+    let held = reconciler
+        .reconcile(&pools, now + chrono::Duration::seconds(600))
+        .await;
+    assert_eq!(held[0].decision.replicas, 2, "{}", held[0].decision);
+    assert_eq!(backend.ids().len(), 2, "never scaled to zero blind");
+}
+
+fn write_manifest(
+    dir: &std::path::Path,
+    worker: &std::path::Path,
+    database_url: &str,
+    store: &std::path::Path,
+) -> PathBuf {
+    let path = dir.join("pools.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+apiVersion: backlog.dev/v1alpha1
+kind: WorkerPool
+metadata: {{name: text}}
+spec:
+  taskTypes: [text_generation]
+  target:
+    local:
+      command: ["{worker}"]
+      env:
+        DATABASE_URL: "{database_url}"
+        LLM_PROVIDER: offline
+        ARTIFACT_STORE: "file://{store}"
+        WORKER_HEARTBEAT_SECONDS: "0.5"
+        LOG_FORMAT: text
+        RUST_LOG: warn
+  maxReplicas: 3
+  tasksPerReplica: 2
+  cooldownSeconds: 2
+  scaleDown: {{stabilizationSeconds: 0}}
+"#,
+            worker = worker.display(),
+            store = store.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn local_workers_rise_to_the_max_finish_everything_and_go_back_to_zero(pool: PgPool) {
+    let worker = test_support::workspace_binary("workers", "worker");
+    let q = Queue::new(pool.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &worker,
+        &test_support::database_url(&pool),
+        dir.path(),
+    );
+    enqueue_text(&q, 200).await;
+
+    let reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: LocalBackend::new(Duration::from_secs(10)),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let settings = LoopSettings {
+        tick: Duration::from_millis(300),
+        leader_key: 7,
+    };
+    let shutdown = CancellationToken::new();
+    let controller = tokio::spawn(reconcile::run(
+        reconciler,
+        ManifestSource::new(manifest),
+        settings,
+        shutdown.clone(),
+    ));
+
+    let mut most_replicas = 0;
+    let mut done = false;
+    for _ in 0..600 {
+        most_replicas = most_replicas.max(q.workers(Some("text")).await.unwrap().len());
+        let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status <> 'complete'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if unfinished == 0 && q.workers(Some("text")).await.unwrap().is_empty() {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    controller.await.unwrap().unwrap();
+    assert!(
+        done,
+        "all tasks complete and every replica gone after the cooldown"
+    );
+    assert_eq!(most_replicas, 3, "replicas rose to maxReplicas");
+    let (retried, with_error): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE attempts <> 1), count(*) FILTER (WHERE last_error IS NOT NULL) FROM job_tasks",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (retried, with_error),
+        (0, 0),
+        "no task was interrupted, released or retried by a scale-down"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_standby_controller_takes_over_when_the_leader_exits(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pools.yaml");
+    std::fs::write(&manifest, TEXT_POOL).unwrap();
+    let settings = LoopSettings {
+        tick: Duration::from_millis(200),
+        leader_key: 42,
+    };
+    let start = |backend: MemoryBackend, shutdown: CancellationToken| {
+        let reconciler = Reconciler::new(Context {
+            queue: q.clone(),
+            backend,
+            metrics: Arc::new(Metrics::default()),
+        });
+        tokio::spawn(reconcile::run(
+            reconciler,
+            ManifestSource::new(manifest.clone()),
+            settings.clone(),
+            shutdown,
+        ))
+    };
+    let (leader_backend, standby_backend) = (MemoryBackend::default(), MemoryBackend::default());
+    let (leader_stop, standby_stop) = (CancellationToken::new(), CancellationToken::new());
+    let leader = start(leader_backend.clone(), leader_stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let standby = start(standby_backend.clone(), standby_stop.clone());
+
+    enqueue_text(&q, 2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        (leader_backend.ids().len(), standby_backend.ids().len()),
+        (1, 0),
+        "only the leader acts"
+    );
+
+    leader_stop.cancel();
+    leader.await.unwrap().unwrap();
+    for _ in 0..50 {
+        if !standby_backend.ids().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(standby_backend.ids().len(), 1, "the standby took over");
+    standby_stop.cancel();
+    standby.await.unwrap().unwrap();
+}
