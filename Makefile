@@ -2,11 +2,15 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test run build db tools fmt lint bench-queue
+.PHONY: test run build db tools fmt lint bench-queue bench-api bench-autoscale bench-workers
 
 ## Run every test against a real PostgreSQL (found or started).
 test: tools
 	DATABASE_URL="$$(scripts/ensure-postgres.sh)" $(CARGO) test --workspace --locked
+
+## Start PostgreSQL, the API and the controller with local worker pools.
+run:
+	scripts/run.sh
 
 build:
 	$(CARGO) build --workspace --locked
@@ -28,3 +32,15 @@ lint:
 ## Queue throughput and latency against pgbench and graphile-worker (PEERS=0 skips the peer).
 bench-queue:
 	DATABASE_URL="$$(scripts/ensure-postgres.sh)" PEERS="$(PEERS)" scripts/bench-queue.sh
+
+## API requests/s and p99 at 64 connections against pgbench's simple-update and select-only.
+bench-api:
+	DATABASE_URL="$$(scripts/ensure-postgres.sh)" $(CARGO) bench -p api --bench api --locked
+
+## The scaling policy against an HPA/KEDA-style baseline on a recorded arrival trace.
+bench-autoscale:
+	$(CARGO) bench -p controller --bench autoscale --locked
+
+## Pipeline throughput: PDF pages/s, audio real-time factor.
+bench-workers: tools
+	$(CARGO) bench -p workers --bench pipelines --locked

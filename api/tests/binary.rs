@@ -51,6 +51,8 @@ async fn the_binary_logs_json_with_request_ids_and_stops_on_sigterm(pool: sqlx::
 
     let listening = next_line("listening", &|l| l["fields"]["message"] == "listening");
     let address = listening["fields"]["address"].as_str().unwrap().to_string();
+    // Workspace builds give reqwest rustls without a provider; see common::http_client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let response = reqwest::Client::new()
         .get(format!("http://{address}/healthz"))
         .header("x-request-id", "req-from-test")

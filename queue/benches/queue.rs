@@ -33,13 +33,18 @@ async fn main() -> Result<()> {
     q.migrate().await?;
     let mut report = serde_json::Map::new();
 
-    println!("backlog queue benchmark ({} cores)", std::thread::available_parallelism()?.get());
+    println!(
+        "backlog queue benchmark ({} cores)",
+        std::thread::available_parallelism()?.get()
+    );
 
     // Enqueue: batches of 1,000 jobs (one task each), one connection.
     reset(&admin).await?;
     let started = Instant::now();
     for chunk in 0..ENQUEUE_JOBS / ENQUEUE_BATCH {
-        let jobs = (0..ENQUEUE_BATCH).map(|i| noop_job(chunk * ENQUEUE_BATCH + i)).collect();
+        let jobs = (0..ENQUEUE_BATCH)
+            .map(|i| noop_job(chunk * ENQUEUE_BATCH + i))
+            .collect();
         q.enqueue_batch(jobs).await?;
     }
     let enqueue_rate = ENQUEUE_JOBS as f64 / started.elapsed().as_secs_f64();
@@ -51,9 +56,15 @@ async fn main() -> Result<()> {
     let mut best_batched: f64 = 0.0;
     for batch in [1, 50] {
         for workers in [1, 4, 16] {
-            let tasks = if batch == 1 { DRAIN_TASKS_SINGLE } else { DRAIN_TASKS_BATCHED };
+            let tasks = if batch == 1 {
+                DRAIN_TASKS_SINGLE
+            } else {
+                DRAIN_TASKS_BATCHED
+            };
             let rate = drain(&url, &admin, workers, batch, tasks).await?;
-            println!("claim+complete, {workers:>2} workers, batch {batch:>2}: {rate:>8.0} tasks/s ({tasks} tasks)");
+            println!(
+                "claim+complete, {workers:>2} workers, batch {batch:>2}: {rate:>8.0} tasks/s ({tasks} tasks)"
+            );
             drains.insert(format!("w{workers}_b{batch}"), json!(rate.round()));
             if batch > 1 {
                 best_batched = best_batched.max(rate);
@@ -61,7 +72,10 @@ async fn main() -> Result<()> {
         }
     }
     report.insert("drain_tasks_per_s".into(), Value::Object(drains));
-    report.insert("drain_best_batched_tasks_per_s".into(), json!(best_batched.round()));
+    report.insert(
+        "drain_best_batched_tasks_per_s".into(),
+        json!(best_batched.round()),
+    );
 
     // Enqueue → claim latency through LISTEN/NOTIFY.
     reset(&admin).await?;
@@ -70,20 +84,35 @@ async fn main() -> Result<()> {
         "enqueue→claim over {LATENCY_SAMPLES} sequential tasks: avg {:.2} ms, p50 {:.2} ms, p99 {:.2} ms",
         latency.avg, latency.p50, latency.p99
     );
-    report.insert("latency_ms".into(), json!({"avg": latency.avg, "p50": latency.p50, "p99": latency.p99}));
+    report.insert(
+        "latency_ms".into(),
+        json!({"avg": latency.avg, "p50": latency.p50, "p99": latency.p99}),
+    );
 
     // Depth query with 1M finished and 100k pending tasks.
     let depth = depth_query_time(&admin, &q).await?;
-    println!("depth query (1,000,000 finished, 100,000 pending): p50 {:.2} ms, max {:.2} ms", depth.p50, depth.max);
-    report.insert("depth_query_ms".into(), json!({"p50": depth.p50, "max": depth.max}));
+    println!(
+        "depth query (1,000,000 finished, 100,000 pending): p50 {:.2} ms, max {:.2} ms",
+        depth.p50, depth.max
+    );
+    report.insert(
+        "depth_query_ms".into(),
+        json!({"p50": depth.p50, "max": depth.max}),
+    );
 
     // Reference 1: pgbench running the same batched claim+complete in raw SQL.
     reset(&admin).await?;
     let ceiling = pgbench_ceiling(&url, &admin).await?;
     println!("reference: pgbench raw SQL claim+complete, batch {PGBENCH_BATCH}: {ceiling:.0} tasks/s");
     report.insert("pgbench_ceiling_tasks_per_s".into(), json!(ceiling.round()));
-    report.insert("ratio_drain_to_pgbench".into(), json!(round2(best_batched / ceiling)));
-    println!("  backlog best batched drain / pgbench ceiling = {:.2}", best_batched / ceiling);
+    report.insert(
+        "ratio_drain_to_pgbench".into(),
+        json!(round2(best_batched / ceiling)),
+    );
+    println!(
+        "  backlog best batched drain / pgbench ceiling = {:.2}",
+        best_batched / ceiling
+    );
 
     // Reference 2: graphile-worker, measured by the script in this run.
     if let Some(peer) = peer_result()? {
@@ -127,9 +156,15 @@ fn round2(x: f64) -> f64 {
 
 /// Empty the tables and reclaim space, so each phase starts alike.
 async fn reset(pool: &PgPool) -> Result<()> {
-    sqlx::query("TRUNCATE jobs, job_tasks, artifacts, workers, jobs_archive").execute(pool).await?;
-    sqlx::query("DROP TABLE IF EXISTS bench_raw").execute(pool).await?;
-    sqlx::query("VACUUM ANALYZE jobs, job_tasks").execute(pool).await?;
+    sqlx::query("TRUNCATE jobs, job_tasks, artifacts, workers, jobs_archive")
+        .execute(pool)
+        .await?;
+    sqlx::query("DROP TABLE IF EXISTS bench_raw")
+        .execute(pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE jobs, job_tasks")
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -137,7 +172,8 @@ async fn fill(pool: &PgPool, tasks: usize) -> Result<()> {
     let q = Queue::new(pool.clone());
     for chunk in 0..tasks.div_ceil(ENQUEUE_BATCH) {
         let n = ENQUEUE_BATCH.min(tasks - chunk * ENQUEUE_BATCH);
-        q.enqueue_batch((0..n).map(|i| noop_job(chunk * ENQUEUE_BATCH + i)).collect()).await?;
+        q.enqueue_batch((0..n).map(|i| noop_job(chunk * ENQUEUE_BATCH + i)).collect())
+            .await?;
     }
     sqlx::query("ANALYZE jobs, job_tasks").execute(pool).await?;
     Ok(())
@@ -148,7 +184,10 @@ async fn fill(pool: &PgPool, tasks: usize) -> Result<()> {
 async fn drain(url: &str, admin: &PgPool, workers: usize, batch: i32, tasks: usize) -> Result<f64> {
     reset(admin).await?;
     fill(admin, tasks).await?;
-    let pool = PgPoolOptions::new().max_connections(workers as u32).connect(url).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(workers as u32)
+        .connect(url)
+        .await?;
     let q = Queue::new(pool);
     let started = Instant::now();
     let loops: Vec<_> = (0..workers)
@@ -255,7 +294,9 @@ async fn depth_query_time(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
     )
     .execute(admin)
     .await?;
-    sqlx::query("VACUUM ANALYZE jobs, job_tasks").execute(admin).await?;
+    sqlx::query("VACUUM ANALYZE jobs, job_tasks")
+        .execute(admin)
+        .await?;
     let mut times = Vec::new();
     for _ in 0..50 {
         let started = Instant::now();
@@ -263,7 +304,10 @@ async fn depth_query_time(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
         times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     times.sort_by(f64::total_cmp);
-    Ok(DepthTime { p50: percentile(&times, 0.5), max: *times.last().unwrap() })
+    Ok(DepthTime {
+        p50: percentile(&times, 0.5),
+        max: *times.last().unwrap(),
+    })
 }
 
 /// PostgreSQL's ceiling for the same work in raw SQL: each pgbench
@@ -276,7 +320,9 @@ async fn pgbench_ceiling(url: &str, admin: &PgPool) -> Result<f64> {
     )
     .execute(admin)
     .await?;
-    sqlx::query("CREATE INDEX bench_raw_pending ON bench_raw (id) WHERE status = 'pending'").execute(admin).await?;
+    sqlx::query("CREATE INDEX bench_raw_pending ON bench_raw (id) WHERE status = 'pending'")
+        .execute(admin)
+        .await?;
     let mut best: f64 = 0.0;
     for clients in [4usize, 16] {
         sqlx::query("TRUNCATE bench_raw").execute(admin).await?;
@@ -297,7 +343,16 @@ async fn pgbench_ceiling(url: &str, admin: &PgPool) -> Result<f64> {
         )?;
         let per_client = DRAIN_TASKS_BATCHED / PGBENCH_BATCH / clients;
         let out = Command::new("pgbench")
-            .args(["-n", "-c", &clients.to_string(), "-j", "2", "-t", &per_client.to_string(), "-f"])
+            .args([
+                "-n",
+                "-c",
+                &clients.to_string(),
+                "-j",
+                "2",
+                "-t",
+                &per_client.to_string(),
+                "-f",
+            ])
             .arg(&script)
             .arg(url)
             .output()
@@ -305,7 +360,10 @@ async fn pgbench_ceiling(url: &str, admin: &PgPool) -> Result<f64> {
         let _ = std::fs::remove_file(&script);
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            bail!("pgbench failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pgbench failed: {}\n{stdout}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let tps = stdout
             .lines()
@@ -320,8 +378,14 @@ async fn pgbench_ceiling(url: &str, admin: &PgPool) -> Result<f64> {
 }
 
 fn peer_result() -> Result<Option<Value>> {
-    let Ok(path) = std::env::var("PEER_RESULT") else { return Ok(None) };
+    let Ok(path) = std::env::var("PEER_RESULT") else {
+        return Ok(None);
+    };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let last = text.lines().rev().find(|l| l.trim_start().starts_with('{')).context("peer printed no JSON")?;
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("peer printed no JSON")?;
     Ok(Some(serde_json::from_str(last)?))
 }

@@ -205,7 +205,11 @@ impl Queue {
         let ids: Vec<i64> = leases.iter().map(|l| l.task_id).collect();
         let attempts: Vec<i32> = leases.iter().map(|l| l.attempt).collect();
         Ok(retry_deadlock(|| {
-            sqlx::query_scalar(sql).bind(worker_id).bind(&ids).bind(&attempts).fetch_all(&self.pool)
+            sqlx::query_scalar(sql)
+                .bind(worker_id)
+                .bind(&ids)
+                .bind(&attempts)
+                .fetch_all(&self.pool)
         })
         .await?)
     }

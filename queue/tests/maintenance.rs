@@ -169,7 +169,8 @@ async fn retention_deletes_or_archives_only_old_finished_jobs(pool: PgPool) {
 /// that time, and its timestamps moved back.
 async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) {
     let then = chrono::Utc::now() - chrono::Duration::days(days);
-    let old_id = uuid::Builder::from_unix_timestamp_millis(then.timestamp_millis() as u64, &[7; 10]).into_uuid();
+    let old_id =
+        uuid::Builder::from_unix_timestamp_millis(then.timestamp_millis() as u64, &[7; 10]).into_uuid();
     let mut tx = pool.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO jobs SELECT $2, tenant, job_type, status, input, priority, idempotency_key, error,
@@ -183,8 +184,17 @@ async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) {
     .execute(&mut *tx)
     .await
     .unwrap();
-    sqlx::query("UPDATE job_tasks SET job_id = $2 WHERE job_id = $1").bind(id).bind(old_id).execute(&mut *tx).await.unwrap();
-    sqlx::query("DELETE FROM jobs WHERE id = $1").bind(id).execute(&mut *tx).await.unwrap();
+    sqlx::query("UPDATE job_tasks SET job_id = $2 WHERE job_id = $1")
+        .bind(id)
+        .bind(old_id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM jobs WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 }
 

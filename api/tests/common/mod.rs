@@ -65,7 +65,7 @@ impl TestServer {
         ));
         TestServer {
             base,
-            client: Client::new(),
+            client: http_client(),
             queue,
             pool,
             artifacts,
@@ -212,4 +212,12 @@ impl EventReader {
             self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
         }
     }
+}
+
+/// A plain-HTTP client. In a workspace build reqwest is compiled with rustls
+/// but no crypto provider (the workers choose ring explicitly), and building
+/// any client then needs a provider installed first.
+pub fn http_client() -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::new()
 }
