@@ -43,4 +43,4 @@ bench-autoscale:
 
 ## Pipeline throughput: PDF pages/s, audio real-time factor.
 bench-workers: tools
-	$(CARGO) bench -p workers --bench pipelines --locked
+	$(CARGO) run --release --locked -p workers --bin bench-pipelines
