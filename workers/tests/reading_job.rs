@@ -1,0 +1,107 @@
+//! End to end through the queue: a `reading` job with the offline text
+//! provider and espeak-ng ends with a text, a PDF and an audio artifact, all
+//! readable.
+
+use std::time::Duration;
+
+use queue::{ArtifactKind, JobStatus, JobType, NewJob, Queue, TaskType};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use workers::handlers::Pipelines;
+use workers::pipelines::audio::Narrator;
+use workers::pipelines::text::LlmProvider;
+use workers::runtime::{self, RuntimeConfig};
+use workers::store::ArtifactStore;
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_reading_job_ends_with_text_pdf_and_audio(pool: PgPool) {
+    let q = Queue::new(pool);
+    let dir = tempfile::tempdir().unwrap();
+    let env = |name: &str| match name {
+        "LLM_PROVIDER" => Some("offline".to_string()),
+        "TTS_PROVIDER" => Some("espeak".to_string()),
+        _ => None,
+    };
+    let pipelines = Pipelines {
+        llm: LlmProvider::from_lookup(env).unwrap(),
+        narrator: Narrator::from_lookup(env).unwrap(),
+        store: ArtifactStore::local(dir.path()).unwrap(),
+    };
+    let job = q
+        .enqueue(NewJob::new(
+            "acme",
+            JobType::Reading,
+            json!({"prompt": "the life of tides", "title": "Tides"}),
+        ))
+        .await
+        .unwrap()
+        .job;
+
+    let shutdown = CancellationToken::new();
+    let config = RuntimeConfig {
+        worker_id: "e2e".into(),
+        pool: None,
+        task_types: TaskType::ALL.to_vec(),
+        concurrency: 2,
+        heartbeat_interval: Duration::from_secs(1),
+        poll_interval: Duration::from_millis(500),
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let worker = tokio::spawn(runtime::run(q.clone(), config, pipelines, shutdown.clone()));
+    let mut status = JobStatus::Queued;
+    for _ in 0..600 {
+        status = q.job("acme", job.id).await.unwrap().status;
+        if status.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    assert_eq!(
+        status,
+        JobStatus::Complete,
+        "tasks: {:?}",
+        q.tasks_of(job.id).await.unwrap()
+    );
+
+    let artifacts = q.artifacts_of(job.id).await.unwrap();
+    let kinds: Vec<ArtifactKind> = artifacts.iter().map(|a| a.kind).collect();
+    assert_eq!(
+        kinds,
+        [ArtifactKind::Audio, ArtifactKind::Pdf, ArtifactKind::Text]
+    );
+    for artifact in &artifacts {
+        let bytes = std::fs::read(dir.path().join(&artifact.storage_key)).unwrap();
+        assert_eq!(
+            bytes.len() as i64,
+            artifact.bytes,
+            "{:?} size recorded",
+            artifact.kind
+        );
+        match artifact.kind {
+            ArtifactKind::Text => {
+                let text = String::from_utf8(bytes).unwrap();
+                assert!(
+                    text.contains("Tides") && text.to_lowercase().contains("offline"),
+                    "{text}"
+                );
+            }
+            ArtifactKind::Pdf => {
+                assert!(bytes.starts_with(b"%PDF-"));
+                let out = std::process::Command::new("pdftotext")
+                    .arg(dir.path().join(&artifact.storage_key))
+                    .arg("-")
+                    .output()
+                    .unwrap();
+                assert!(String::from_utf8_lossy(&out.stdout).contains("Tides"));
+            }
+            ArtifactKind::Audio => {
+                assert_eq!(artifact.content_type, "audio/mpeg");
+                let seconds = artifact.metadata["duration_seconds"].as_f64().unwrap();
+                assert!(seconds > 5.0, "spoken text lasts {seconds} s");
+            }
+        }
+    }
+}
