@@ -40,6 +40,26 @@ impl Drop for Running {
     }
 }
 
+/// A runtime running in the background until `stop`.
+struct RunningWorker {
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<RunSummary, queue::QueueError>>,
+}
+
+fn start(q: &Queue, config: RuntimeConfig, handler: impl TaskHandler) -> RunningWorker {
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(runtime::run(q.clone(), config, handler, shutdown.clone()));
+    RunningWorker { shutdown, handle }
+}
+
+impl RunningWorker {
+    /// Shut down as SIGTERM would, and return what the run did.
+    async fn stop(self) -> RunSummary {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().unwrap()
+    }
+}
+
 fn config(concurrency: usize, grace: Duration) -> RuntimeConfig {
     RuntimeConfig {
         worker_id: "test-worker".into(),
@@ -84,20 +104,13 @@ async fn runs_at_most_its_concurrency_and_completes_everything(pool: PgPool) {
         sleep: Duration::from_millis(150),
         ..Default::default()
     };
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(runtime::run(
-        q.clone(),
-        config(3, Duration::from_secs(5)),
-        handler.clone(),
-        shutdown.clone(),
-    ));
+    let worker = start(&q, config(3, Duration::from_secs(5)), handler.clone());
 
     wait_until("all tasks complete", async || {
         statuses(&pool).await == [("complete".to_string(), 12)]
     })
     .await;
-    shutdown.cancel();
-    let summary = worker.await.unwrap().unwrap();
+    let summary = worker.stop().await;
     assert_eq!(
         summary,
         RunSummary {
@@ -121,20 +134,13 @@ async fn on_shutdown_running_tasks_finish_and_unstarted_work_stays_pending(pool:
         sleep: Duration::from_millis(800),
         ..Default::default()
     };
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(runtime::run(
-        q.clone(),
-        config(2, Duration::from_secs(10)),
-        handler.clone(),
-        shutdown.clone(),
-    ));
+    let worker = start(&q, config(2, Duration::from_secs(10)), handler.clone());
 
     wait_until("two tasks started", async || {
         handler.started.load(Ordering::SeqCst) == 2
     })
     .await;
-    shutdown.cancel();
-    let summary = worker.await.unwrap().unwrap();
+    let summary = worker.stop().await;
     assert_eq!(
         (summary.completed, summary.released),
         (2, 0),
@@ -154,20 +160,13 @@ async fn tasks_still_running_after_the_grace_are_released_without_spending_an_at
         sleep: Duration::from_secs(60),
         ..Default::default()
     };
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(runtime::run(
-        q.clone(),
-        config(2, Duration::from_millis(300)),
-        handler.clone(),
-        shutdown.clone(),
-    ));
+    let worker = start(&q, config(2, Duration::from_millis(300)), handler.clone());
 
     wait_until("both tasks started", async || {
         handler.started.load(Ordering::SeqCst) == 2
     })
     .await;
-    shutdown.cancel();
-    let summary = worker.await.unwrap().unwrap();
+    let summary = worker.stop().await;
     assert_eq!(summary.released, 2);
     let attempts: Vec<(String, i32)> = sqlx::query_as("SELECT status, attempts FROM job_tasks ORDER BY id")
         .fetch_all(&pool)
@@ -191,13 +190,7 @@ async fn a_cancelled_job_stops_its_running_task(pool: PgPool) {
         sleep: Duration::from_secs(60),
         ..Default::default()
     };
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(runtime::run(
-        q.clone(),
-        config(1, Duration::from_secs(5)),
-        handler.clone(),
-        shutdown.clone(),
-    ));
+    let worker = start(&q, config(1, Duration::from_secs(5)), handler.clone());
 
     wait_until("the task started", async || {
         handler.started.load(Ordering::SeqCst) == 1
@@ -208,8 +201,7 @@ async fn a_cancelled_job_stops_its_running_task(pool: PgPool) {
         handler.running.load(Ordering::SeqCst) == 0
     })
     .await;
-    shutdown.cancel();
-    let summary = worker.await.unwrap().unwrap();
+    let summary = worker.stop().await;
     assert_eq!((summary.lost, summary.completed), (1, 0));
     assert_eq!(q.job("acme", job.id).await.unwrap().status, JobStatus::Cancelled);
 }
@@ -221,13 +213,7 @@ async fn a_draining_replica_claims_nothing_more(pool: PgPool) {
         sleep: Duration::from_millis(10),
         ..Default::default()
     };
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(runtime::run(
-        q.clone(),
-        config(2, Duration::from_secs(5)),
-        handler.clone(),
-        shutdown.clone(),
-    ));
+    let worker = start(&q, config(2, Duration::from_secs(5)), handler.clone());
     wait_until("registered", async || !q.workers(None).await.unwrap().is_empty()).await;
 
     assert_eq!(
@@ -238,8 +224,7 @@ async fn a_draining_replica_claims_nothing_more(pool: PgPool) {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(handler.started.load(Ordering::SeqCst), 0, "drained: no claims");
     assert_eq!(statuses(&pool).await, [("pending".to_string(), 3)]);
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 /// Fails the first attempt as retryable, so the runtime's fail path runs.
@@ -267,19 +252,12 @@ async fn a_retryable_failure_is_stored_and_the_task_retried(pool: PgPool) {
         .await
         .unwrap()
         .job;
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(runtime::run(
-        q.clone(),
-        config(1, Duration::from_secs(5)),
-        FailOnce(Arc::default()),
-        shutdown.clone(),
-    ));
+    let worker = start(&q, config(1, Duration::from_secs(5)), FailOnce(Arc::default()));
     wait_until("the job completed", async || {
         q.job("acme", job.id).await.unwrap().status == JobStatus::Complete
     })
     .await;
-    shutdown.cancel();
-    let summary = worker.await.unwrap().unwrap();
+    let summary = worker.stop().await;
     assert_eq!((summary.failed, summary.completed), (1, 1));
     let task = &q.tasks_of(job.id).await.unwrap()[0];
     assert_eq!((task.status, task.attempts), (TaskStatus::Complete, 2));
