@@ -50,6 +50,10 @@ pub struct QueueConfig {
     /// First retry delay; each later attempt doubles it, up to `retry_cap`.
     pub retry_base: Duration,
     pub retry_cap: Duration,
+    /// Depth counts stop here (reported with `capped`), so reading the depth
+    /// stays cheap however deep the backlog: no pool needs more than
+    /// `maxReplicas × tasksPerReplica` to decide.
+    pub depth_count_cap: i64,
 }
 
 impl Default for QueueConfig {
@@ -59,6 +63,7 @@ impl Default for QueueConfig {
             max_batch_jobs: 1000,
             retry_base: Duration::from_secs(2),
             retry_cap: Duration::from_secs(600),
+            depth_count_cap: 10_000,
         }
     }
 }

@@ -130,3 +130,30 @@ async fn claiming_uses_the_runnable_index(pool: PgPool) {
         "claim order comes from the index, not a sort:\n{plan}"
     );
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn depth_counts_stop_at_the_cap_and_say_so(pool: PgPool) {
+    let q = queue::Queue::new(pool).with_config(queue::QueueConfig {
+        depth_count_cap: 5,
+        ..queue::QueueConfig::default()
+    });
+    q.enqueue_batch((0..8).map(|i| text_job(&format!("{i}"))).collect())
+        .await
+        .unwrap();
+    let depth = q.depth().await.unwrap();
+    let text = depth
+        .iter()
+        .find(|d| d.task_type == TaskType::TextGeneration)
+        .unwrap();
+    assert_eq!((text.pending, text.capped), (5, true), "{text:?}");
+    let pdf = depth
+        .iter()
+        .find(|d| d.task_type == TaskType::PdfGeneration)
+        .unwrap();
+    assert_eq!((pdf.pending, pdf.capped), (0, false), "{pdf:?}");
+    assert_eq!(
+        depth.iter().map(|d| d.task_type).collect::<Vec<_>>(),
+        TaskType::ALL.to_vec(),
+        "every type, in order"
+    );
+}

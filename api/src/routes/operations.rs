@@ -38,6 +38,9 @@ pub struct TaskDepthView {
     pub oldest_pending_seconds: f64,
     /// Completions in the last minute.
     pub completed_last_minute: i64,
+    /// A count reached the queue's counting cap (10,000 by default) and
+    /// stopped there: the figures are lower bounds.
+    pub capped: bool,
 }
 
 impl From<TaskDepth> for TaskDepthView {
@@ -50,6 +53,7 @@ impl From<TaskDepth> for TaskDepthView {
             in_flight: d.in_flight,
             oldest_pending_seconds: d.oldest_pending_seconds,
             completed_last_minute: d.completed_last_minute,
+            capped: d.capped,
         }
     }
 }
