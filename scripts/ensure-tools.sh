@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the programs the pipelines and their tests call, when missing:
-# espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests).
+# espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests), and moto
+# (an S3 server for the artifact store tests).
 set -euo pipefail
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
@@ -10,4 +11,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2
   apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+# moto's S3 server stands in for S3 in the artifact store's tests: the most
+# complete S3 emulator that runs offline, from PyPI.
+if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
+  echo "ensure-tools: installing moto[server] (S3 emulator for the store tests)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5,<6' >&2
 fi

@@ -1,7 +1,6 @@
 //! What each subcommand does.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,7 +8,6 @@ use queue::{ApiKeyRole, Queue};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::artifact_store;
 use crate::auth::generate_key;
 use crate::config::{Cli, Command, DatabaseArgs, KeysCommand, ServeArgs};
 use crate::server;
@@ -42,7 +40,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.migrate {
         queue.migrate().await.context("applying migrations")?;
     }
-    let artifacts = Arc::new(artifact_store::open(&args.artifact_store)?);
+    let artifacts = store::ArtifactStore::open(args.artifact_store.as_deref())
+        .context("opening the artifact store (ARTIFACT_STORE)")?;
+    tracing::info!(artifacts = artifacts.location(), "artifact store");
     let listener = TcpListener::bind((args.bind.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.bind, args.port))?;

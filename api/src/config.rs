@@ -76,9 +76,10 @@ pub struct ServeArgs {
     pub bind: String,
     #[arg(long, env = "PORT", default_value_t = 8787)]
     pub port: u16,
-    /// Where artifact bytes are stored (`file:///path`).
-    #[arg(long, env = "ARTIFACT_STORE", default_value = "file://./artifacts")]
-    pub artifact_store: String,
+    /// Where artifact bytes are stored: `file:///path` or `s3://bucket/prefix`
+    /// (default: the folder `artifacts` under the working directory).
+    #[arg(long, env = "ARTIFACT_STORE")]
+    pub artifact_store: Option<String>,
     /// Apply pending migrations before serving.
     #[arg(long, env = "MIGRATE_ON_START")]
     pub migrate: bool,

@@ -3,7 +3,6 @@
 //! The binary (`src/main.rs`) only parses the command line; everything else
 //! is here so integration tests can run the real server in-process.
 
-pub mod artifact_store;
 pub mod auth;
 pub mod byte_range;
 pub mod commands;

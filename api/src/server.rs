@@ -17,7 +17,6 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::artifact_store::ArtifactReader;
 use crate::auth::{require_api_key, Authenticator};
 use crate::enqueuer::Enqueuer;
 use crate::error::ApiError;
@@ -34,7 +33,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub async fn run(
     listener: TcpListener,
     queue: Queue,
-    artifacts: Arc<dyn ArtifactReader>,
+    artifacts: store::ArtifactStore,
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -43,6 +42,7 @@ pub async fn run(
     let sweeper = settings.sweeper.clone().map(|sweeper_settings| {
         tokio::spawn(sweeper::run(
             queue.clone(),
+            artifacts.clone(),
             sweeper_settings,
             metrics.clone(),
             shutdown.clone(),

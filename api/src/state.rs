@@ -6,7 +6,6 @@ use std::time::Duration;
 use queue::{Queue, Retention};
 use tokio_util::sync::CancellationToken;
 
-use crate::artifact_store::ArtifactReader;
 use crate::auth::Authenticator;
 use crate::enqueuer::Enqueuer;
 use crate::job_events::JobEvents;
@@ -61,7 +60,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub enqueuer: Enqueuer,
     pub job_events: JobEvents,
-    pub artifacts: Arc<dyn ArtifactReader>,
+    pub artifacts: store::ArtifactStore,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down: long-lived responses (event
     /// streams) end then, so graceful shutdown does not wait on them.

@@ -1,10 +1,14 @@
 //! The periodic sweeper: takes tasks back from dead or overdue workers and,
-//! when retention is set, prunes old finished jobs. Several API replicas
-//! may run it at once; the queue makes concurrent sweeps safe.
+//! when retention is set, prunes old finished jobs and then removes the
+//! bytes of their artifacts from the store. Several API replicas may run it
+//! at once; the queue makes concurrent sweeps safe, and deleting an object
+//! twice is harmless.
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use queue::Queue;
+use store::ArtifactStore;
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -13,6 +17,7 @@ use crate::state::SweeperSettings;
 
 pub async fn run(
     queue: Queue,
+    artifacts: ArtifactStore,
     settings: SweeperSettings,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -28,6 +33,7 @@ pub async fn run(
             _ = sweep_tick.tick() => sweep_once(&queue, &settings, &metrics).await,
             _ = retention_tick.tick(), if settings.retention.is_some() => {
                 prune_once(&queue, &settings, &metrics).await;
+                delete_pruned_artifacts(&queue, &artifacts, &metrics).await;
             }
         }
     }
@@ -76,6 +82,64 @@ async fn prune_once(queue: &Queue, settings: &SweeperSettings, metrics: &Metrics
         Err(error) => {
             metrics.record_run("retention", false);
             tracing::error!(%error, "retention failed");
+        }
+    }
+}
+
+/// Keys taken from the queue per round of the cleaner.
+const DELETION_BATCH: i64 = 500;
+/// Objects deleted at once: S3 deletes are round trips.
+const DELETION_CONCURRENCY: usize = 8;
+
+/// Remove the bytes of artifacts whose records retention deleted. A key is
+/// forgotten only once its object is gone, so a failed delete is retried at
+/// the next round.
+pub async fn delete_pruned_artifacts(queue: &Queue, artifacts: &ArtifactStore, metrics: &Metrics) {
+    loop {
+        let keys = match queue.artifact_deletions(DELETION_BATCH).await {
+            Ok(keys) => keys,
+            Err(error) => {
+                metrics.record_run("artifact_cleanup", false);
+                tracing::error!(%error, "reading the artifacts to delete failed");
+                return;
+            }
+        };
+        if keys.is_empty() {
+            return;
+        }
+        let results: Vec<(String, Result<(), store::StoreError>)> =
+            futures::stream::iter(keys.iter().cloned())
+                .map(|key| async move {
+                    let result = artifacts.delete(&key).await;
+                    (key, result)
+                })
+                .buffer_unordered(DELETION_CONCURRENCY)
+                .collect()
+                .await;
+        let mut deleted = Vec::with_capacity(results.len());
+        let mut failed = 0;
+        for (key, result) in results {
+            match result {
+                Ok(()) => deleted.push(key),
+                Err(error) => {
+                    failed += 1;
+                    tracing::warn!(key = %key, %error, "could not delete an artifact's bytes; retrying later");
+                }
+            }
+        }
+        if let Err(error) = queue.forget_artifact_deletions(&deleted).await {
+            metrics.record_run("artifact_cleanup", false);
+            tracing::error!(%error, "recording deleted artifacts failed");
+            return;
+        }
+        metrics.record_run("artifact_cleanup", failed == 0);
+        tracing::info!(
+            deleted = deleted.len(),
+            failed,
+            "removed pruned artifacts from the store"
+        );
+        if failed > 0 || (keys.len() as i64) < DELETION_BATCH {
+            return;
         }
     }
 }

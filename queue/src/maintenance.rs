@@ -47,8 +47,11 @@ impl SweepOutcome {
 /// What to do with finished jobs past the retention age.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetentionMode {
+    /// Delete the jobs, their tasks and artifact records, and queue the
+    /// artifacts' bytes for deletion from the store.
     Delete,
-    /// Copy job, tasks and artifact records into `jobs_archive`, then delete.
+    /// Copy job, tasks and artifact records into `jobs_archive`, then delete;
+    /// the bytes stay in the store, where the archived records point.
     Archive,
 }
 
@@ -123,11 +126,17 @@ impl Queue {
         loop {
             let removed = match retention.mode {
                 RetentionMode::Delete => sqlx::query(
-                    "DELETE FROM jobs WHERE id IN (
+                    "WITH doomed AS (
                          SELECT id FROM jobs
                          WHERE id < $3 AND finished_at < now() - make_interval(secs => $1)
                            AND status IN ('complete', 'failed', 'cancelled')
-                         LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                         LIMIT $2 FOR UPDATE SKIP LOCKED
+                     ), bytes AS (
+                         INSERT INTO artifact_deletions (storage_key)
+                         SELECT a.storage_key FROM artifacts a JOIN doomed d ON d.id = a.job_id
+                         ON CONFLICT (storage_key) DO NOTHING
+                     )
+                     DELETE FROM jobs WHERE id IN (SELECT id FROM doomed)",
                 ),
                 RetentionMode::Archive => sqlx::query(
                     "WITH doomed AS (
@@ -157,5 +166,28 @@ impl Queue {
                 return Ok(total);
             }
         }
+    }
+
+    /// Storage keys whose artifact records retention deleted, oldest first:
+    /// the bytes still to remove from the store.
+    pub async fn artifact_deletions(&self, limit: i64) -> Result<Vec<String>> {
+        if limit < 1 {
+            return Err(QueueError::invalid("limit", "must be at least 1"));
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT storage_key FROM artifact_deletions ORDER BY queued_at, storage_key LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Forget keys whose bytes are gone from the store.
+    pub async fn forget_artifact_deletions(&self, storage_keys: &[String]) -> Result<()> {
+        sqlx::query("DELETE FROM artifact_deletions WHERE storage_key = ANY($1)")
+            .bind(storage_keys)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }

@@ -165,6 +165,62 @@ async fn retention_deletes_or_archives_only_old_finished_jobs(pool: PgPool) {
     );
 }
 
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn deleting_old_jobs_queues_their_artifact_bytes_for_the_cleaner(pool: PgPool) {
+    let q = queue(pool.clone());
+    let mut keys = Vec::new();
+    for name in ["old", "new"] {
+        let job = q.enqueue(text_job(name)).await.unwrap().job;
+        let task = claim_one(&q, "w", TaskType::TextGeneration).await;
+        let key = format!("jobs/{}/text.md", job.id);
+        q.record_artifact(
+            "w",
+            task.lease(),
+            &queue::NewArtifact {
+                job_id: job.id,
+                kind: queue::ArtifactKind::Text,
+                content_type: "text/markdown".into(),
+                storage_key: key.clone(),
+                bytes: 5,
+                sha256: "0".repeat(64),
+                metadata: json!({}),
+            },
+        )
+        .await
+        .unwrap();
+        q.complete("w", task.lease(), json!({})).await.unwrap();
+        if name == "old" {
+            backdate(&pool, job.id, 10).await;
+        }
+        keys.push(key);
+    }
+    assert!(q.artifact_deletions(10).await.unwrap().is_empty());
+
+    let week = Duration::from_secs(7 * 86400);
+    let retention = Retention {
+        older_than: week,
+        mode: RetentionMode::Delete,
+        batch: 100,
+    };
+    assert_eq!(q.prune(retention).await.unwrap(), 1);
+    assert_eq!(
+        count(&pool, "artifacts").await,
+        1,
+        "the recent job keeps its artifact"
+    );
+    assert_eq!(
+        q.artifact_deletions(10).await.unwrap(),
+        vec![keys[0].clone()],
+        "the old job's bytes wait for the cleaner"
+    );
+    q.forget_artifact_deletions(&keys[..1]).await.unwrap();
+    assert!(q.artifact_deletions(10).await.unwrap().is_empty());
+    assert!(matches!(
+        q.artifact_deletions(0).await,
+        Err(queue::QueueError::InvalidInput { .. })
+    ));
+}
+
 /// Make a job `days` old as if it had been created then: a UUIDv7 id from
 /// that time, and its timestamps moved back.
 async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) {
@@ -184,12 +240,14 @@ async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) {
     .execute(&mut *tx)
     .await
     .unwrap();
-    sqlx::query("UPDATE job_tasks SET job_id = $2 WHERE job_id = $1")
-        .bind(id)
-        .bind(old_id)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    for table in ["job_tasks", "artifacts"] {
+        sqlx::query(&format!("UPDATE {table} SET job_id = $2 WHERE job_id = $1"))
+            .bind(id)
+            .bind(old_id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
     sqlx::query("DELETE FROM jobs WHERE id = $1")
         .bind(id)
         .execute(&mut *tx)

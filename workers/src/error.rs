@@ -35,8 +35,8 @@ pub enum Error {
         retryable: bool,
     },
 
-    #[error("artifact store: {0}")]
-    Store(#[from] object_store::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 
     /// typst rejected the document; deterministic, so never retried.
     #[error("typesetting: {0}")]
@@ -70,18 +70,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Remote { retryable, .. } | Error::Program { retryable, .. } => *retryable,
-            // Missing objects, bad paths and refused credentials stay that way;
-            // everything else (timeouts, 5xx, dropped connections) is a hiccup.
-            Error::Store(e) => !matches!(
-                e,
-                object_store::Error::NotFound { .. }
-                    | object_store::Error::InvalidPath { .. }
-                    | object_store::Error::NotSupported { .. }
-                    | object_store::Error::NotImplemented { .. }
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-                    | object_store::Error::UnknownConfigurationKey { .. }
-            ),
+            Error::Store(e) => e.is_retryable(),
             Error::Io(_) => true,
             Error::Config(_)
             | Error::InvalidInput(_)
@@ -129,15 +118,11 @@ mod tests {
         assert_eq!(failure.kind, FailureKind::Permanent);
         assert_eq!(failure.message, "llm: HTTP 400: bad model");
 
-        let missing = Error::Store(object_store::Error::NotFound {
-            path: "jobs/x/text.md".into(),
-            source: "gone".into(),
+        let missing = Error::Store(store::StoreError::NotFound {
+            key: "jobs/x/text.md".into(),
         });
         assert!(!missing.is_retryable());
-        let hiccup = Error::Store(object_store::Error::Generic {
-            store: "S3",
-            source: "connection reset".into(),
-        });
+        let hiccup = Error::Store(store::StoreError::Io(std::io::ErrorKind::ConnectionReset.into()));
         assert!(hiccup.is_retryable());
     }
 }

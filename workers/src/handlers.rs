@@ -10,7 +10,7 @@ use crate::pipelines::document::Document;
 use crate::pipelines::text::{LlmProvider, PromptKind, TextRequest};
 use crate::pipelines::{pdf, JobInput};
 use crate::runtime::{TaskContext, TaskHandler, TaskOutput};
-use crate::store::{artifact_key, ArtifactStore};
+use store::{artifact_key, ArtifactStore};
 
 pub const MARKDOWN_CONTENT_TYPE: &str = "text/markdown; charset=utf-8";
 pub const PDF_CONTENT_TYPE: &str = "application/pdf";
@@ -126,7 +126,7 @@ impl Pipelines {
         let markdown = match job.job_type {
             JobType::Reading => {
                 let key = artifact_key(job.id, ArtifactKind::Text);
-                let bytes = self.store.get(&key).await?;
+                let bytes = self.store.get(&key).await.map_err(crate::Error::from)?;
                 String::from_utf8(bytes.to_vec())
                     .map_err(|_| Failure::permanent(format!("text artifact {key} is not UTF-8")))?
             }
@@ -152,7 +152,8 @@ impl Pipelines {
         let stored = self
             .store
             .put(&artifact_key(job.id, kind), Bytes::from(content), content_type)
-            .await?;
+            .await
+            .map_err(crate::Error::from)?;
         let artifact = ctx
             .queue
             .record_artifact(

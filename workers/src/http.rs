@@ -2,7 +2,6 @@
 //! and sending a request with bounded, jittered retries.
 
 use std::fmt;
-use std::sync::Once;
 use std::time::Duration;
 
 use rand::Rng;
@@ -10,16 +9,10 @@ use reqwest::{header::RETRY_AFTER, RequestBuilder, Response, StatusCode};
 
 use crate::{Error, Result};
 
-/// Selects rustls' ring backend once per process. reqwest and object_store are
-/// built without a crypto provider of their own so the binary carries one TLS
-/// stack (the one sqlx already uses) instead of also compiling aws-lc.
-pub(crate) fn install_tls_provider() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        // Err means another part of the process installed one first: fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-}
+/// reqwest and object_store are built without a crypto provider of their
+/// own so the binary carries one TLS stack (the one sqlx already uses, ring)
+/// instead of also compiling aws-lc; the store crate selects it.
+pub(crate) use store::install_tls_provider;
 
 /// An HTTP client with TLS ready and the given whole-request timeout.
 pub(crate) fn client(timeout: Duration) -> Result<reqwest::Client> {

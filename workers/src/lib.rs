@@ -5,7 +5,9 @@
 //!   chat completions endpoint or the offline composer.
 //! - [`pipelines::pdf`]: Markdown → a typeset PDF (typst).
 //! - [`pipelines::audio`]: Markdown → speech (espeak-ng or RunPod) → MP3.
-//! - [`store`]: where the outputs go (`ARTIFACT_STORE`: `file://` or `s3://`).
+//!
+//! Outputs go to the `store` crate's artifact store (`ARTIFACT_STORE`:
+//! `file://` or `s3://`).
 //!
 //! Every fallible call returns [`Error`], which knows whether retrying can
 //! help and converts into the queue's [`queue::Failure`].
@@ -14,9 +16,9 @@ pub mod cli;
 pub mod error;
 pub mod handlers;
 mod http;
+pub mod metrics;
 pub mod pipelines;
 pub mod runtime;
-pub mod store;
 
 pub use error::{Error, Result};
 pub use http::{RetryPolicy, Secret};

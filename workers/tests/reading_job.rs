@@ -7,12 +7,12 @@ use std::time::Duration;
 use queue::{ArtifactKind, JobStatus, JobType, NewJob, Queue, TaskType};
 use serde_json::json;
 use sqlx::PgPool;
+use store::ArtifactStore;
 use tokio_util::sync::CancellationToken;
 use workers::handlers::Pipelines;
 use workers::pipelines::audio::Narrator;
 use workers::pipelines::text::LlmProvider;
 use workers::runtime::{self, RuntimeConfig};
-use workers::store::ArtifactStore;
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_reading_job_ends_with_text_pdf_and_audio(pool: PgPool) {
@@ -47,6 +47,7 @@ async fn a_reading_job_ends_with_text_pdf_and_audio(pool: PgPool) {
         heartbeat_interval: Duration::from_secs(1),
         poll_interval: Duration::from_millis(500),
         shutdown_grace: Duration::from_secs(5),
+        metrics: Default::default(),
     };
     let worker = tokio::spawn(runtime::run(q.clone(), config, pipelines, shutdown.clone()));
     let mut status = JobStatus::Queued;

@@ -3,11 +3,11 @@
 //! this file fails to compile if it happens again.
 
 use bytes::Bytes;
+use store::ArtifactStore;
 use workers::pipelines::audio::{Espeak, Narrator, TtsProvider};
 use workers::pipelines::document::Document;
 use workers::pipelines::pdf;
 use workers::pipelines::text::{LlmProvider, PromptKind, TextRequest};
-use workers::store::ArtifactStore;
 
 fn assert_send<T: Send>(_: &T) {}
 

@@ -5,8 +5,8 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use store::StoreError;
 
-use crate::artifact_store::StoreError;
 use crate::auth::Principal;
 use crate::byte_range::{self, RangeRequest};
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -63,7 +63,11 @@ pub async fn download_artifact(
     let length = range.end - range.start;
     let content_range = (status == StatusCode::PARTIAL_CONTENT)
         .then(|| format!("bytes {}-{}/{size}", range.start, range.end - 1));
-    let bytes = state.artifacts.read(key, range).await.map_err(store_error)?;
+    let bytes = state
+        .artifacts
+        .stream_range(key, range)
+        .await
+        .map_err(store_error)?;
 
     let content_type = HeaderValue::from_str(&artifact.content_type)
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
@@ -85,7 +89,7 @@ pub async fn download_artifact(
 
 fn store_error(error: StoreError) -> ApiError {
     match error {
-        StoreError::NotFound(_) => ApiError::NotFound("artifact content".into()),
+        StoreError::NotFound { .. } => ApiError::NotFound("artifact content".into()),
         error => ApiError::internal(error),
     }
 }

@@ -3,10 +3,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of this.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use api::artifact_store::FileStore;
 use api::auth::generate_key;
 use api::state::Settings;
 use futures::StreamExt;
@@ -59,7 +57,7 @@ impl TestServer {
         let handle = tokio::spawn(api::server::run(
             listener,
             queue.clone(),
-            Arc::new(FileStore::new(artifacts.path())),
+            store::ArtifactStore::local(artifacts.path()).unwrap(),
             settings,
             shutdown.clone(),
         ));

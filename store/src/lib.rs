@@ -1,0 +1,361 @@
+//! Where artifacts live: one [`ArtifactStore`] over `object_store`, chosen by
+//! the `ARTIFACT_STORE` URL. Workers write through it, the API reads through
+//! it, and retention deletes through it, so every part agrees on keys.
+//!
+//! - `file:///var/lib/backlog/artifacts`: a folder (created when missing).
+//! - `s3://bucket/optional/prefix`: any S3-compatible service; region,
+//!   endpoint and credentials come from the standard `AWS_*` variables
+//!   (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+//!   `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`, …).
+//!
+//! Unset, it is the folder `artifacts` under the working directory.
+
+use std::ops::Range;
+use std::path::Path as FsPath;
+use std::sync::{Arc, Once};
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{Attribute, Attributes, GetOptions, ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
+use queue::{ArtifactKind, NewArtifact};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// The variable naming the store.
+pub const ARTIFACT_STORE_VAR: &str = "ARTIFACT_STORE";
+/// The folder used when `ARTIFACT_STORE` is unset, relative to the working directory.
+pub const DEFAULT_ARTIFACT_DIR: &str = "artifacts";
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `ARTIFACT_STORE` names no store this build can open.
+    #[error("{ARTIFACT_STORE_VAR}: {0}")]
+    Config(String),
+    /// A key that is not a plain relative path (`..`, empty segments): never used.
+    #[error("invalid artifact key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: String },
+    #[error("no artifact stored under {key:?}")]
+    NotFound { key: String },
+    #[error("artifact store: {0}")]
+    Backend(object_store::Error),
+    #[error("artifact store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<object_store::Error> for StoreError {
+    fn from(e: object_store::Error) -> Self {
+        StoreError::Backend(e)
+    }
+}
+
+/// On a read, a missing object is `NotFound`; on a write the same backend
+/// error means something else (a missing bucket) and keeps its own words.
+fn read_error(key: &str) -> impl FnOnce(object_store::Error) -> StoreError + '_ {
+    move |e| match e {
+        object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.to_owned() },
+        e => StoreError::Backend(e),
+    }
+}
+
+impl StoreError {
+    /// Whether another attempt may succeed. Missing objects, bad keys and
+    /// refused credentials stay that way; timeouts, 5xx and dropped
+    /// connections are hiccups.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Config(_) | StoreError::InvalidKey { .. } | StoreError::NotFound { .. } => false,
+            StoreError::Backend(e) => !matches!(
+                e,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::InvalidPath { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::UnknownConfigurationKey { .. }
+            ),
+            StoreError::Io(_) => true,
+        }
+    }
+}
+
+/// The key a job's artifact of `kind` is stored under. Deterministic, so a
+/// task that is re-run after a crash overwrites its earlier output instead of
+/// leaving a second copy.
+pub fn artifact_key(job_id: Uuid, kind: ArtifactKind) -> String {
+    let extension = match kind {
+        ArtifactKind::Text => "md",
+        ArtifactKind::Pdf => "pdf",
+        ArtifactKind::Audio => "mp3",
+    };
+    format!("jobs/{job_id}/{}.{extension}", kind.as_str())
+}
+
+/// What [`ArtifactStore::put`] wrote: enough to record the artifact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredArtifact {
+    pub key: String,
+    pub content_type: String,
+    pub bytes: u64,
+    /// Lowercase hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+impl StoredArtifact {
+    /// The queue record for this artifact.
+    pub fn to_new_artifact(
+        &self,
+        job_id: Uuid,
+        kind: ArtifactKind,
+        metadata: serde_json::Value,
+    ) -> NewArtifact {
+        NewArtifact {
+            job_id,
+            kind,
+            content_type: self.content_type.clone(),
+            storage_key: self.key.clone(),
+            bytes: i64::try_from(self.bytes).unwrap_or(i64::MAX),
+            sha256: self.sha256.clone(),
+            metadata,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ArtifactStore {
+    inner: Arc<dyn ObjectStore>,
+    /// The local backend refuses object attributes, so the content type is
+    /// only sent where it can be kept (S3). The queue records it either way.
+    keeps_content_type: bool,
+    /// For logs: where the store is, without credentials.
+    location: String,
+}
+
+impl ArtifactStore {
+    /// The store `ARTIFACT_STORE` names, or the default folder.
+    pub fn from_env() -> Result<Self> {
+        Self::open(std::env::var(ARTIFACT_STORE_VAR).ok().as_deref())
+    }
+
+    /// The store a URL names; none (or blank) is the default folder.
+    pub fn open(url: Option<&str>) -> Result<Self> {
+        match url.map(str::trim) {
+            Some(url) if !url.is_empty() => Self::from_url(url),
+            _ => Self::local(&std::env::current_dir()?.join(DEFAULT_ARTIFACT_DIR)),
+        }
+    }
+
+    /// A store from a `file://` or `s3://` URL.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed =
+            url::Url::parse(url).map_err(|e| StoreError::Config(format!("{url:?} is not a URL: {e}")))?;
+        match parsed.scheme() {
+            "file" => {
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|()| StoreError::Config(format!("{url:?} is not an absolute file path")))?;
+                Self::local(&dir)
+            }
+            "s3" => {
+                let bucket = parsed
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| StoreError::Config(format!("{url:?} names no bucket")))?;
+                Self::s3(bucket, parsed.path().trim_matches('/'))
+            }
+            other => Err(StoreError::Config(format!(
+                "scheme {other:?} is not supported (use file:// or s3://)"
+            ))),
+        }
+    }
+
+    /// A store in a local folder, created when missing.
+    pub fn local(dir: &FsPath) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let store = LocalFileSystem::new_with_prefix(dir)?;
+        Ok(ArtifactStore {
+            inner: Arc::new(store),
+            keeps_content_type: false,
+            location: format!("file://{}", dir.display()),
+        })
+    }
+
+    fn s3(bucket: &str, prefix: &str) -> Result<Self> {
+        install_tls_provider();
+        let s3 = AmazonS3Builder::from_env().with_bucket_name(bucket).build()?;
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(PrefixStore::new(s3, prefix))
+        };
+        Ok(ArtifactStore {
+            inner,
+            keeps_content_type: true,
+            location: format!("s3://{bucket}/{prefix}"),
+        })
+    }
+
+    /// Where the store is, for logs (never holds credentials).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Writes `content` under `key`, replacing what was there. Both backends
+    /// replace atomically: a reader sees the old bytes or the new, never a mix.
+    pub async fn put(&self, key: &str, content: Bytes, content_type: &str) -> Result<StoredArtifact> {
+        let path = object_path(key)?;
+        let stored = StoredArtifact {
+            key: key.to_owned(),
+            content_type: content_type.to_owned(),
+            bytes: content.len() as u64,
+            sha256: sha256_hex(&content),
+        };
+        let mut options = PutOptions::default();
+        if self.keeps_content_type {
+            let mut attributes = Attributes::new();
+            attributes.insert(Attribute::ContentType, content_type.to_owned().into());
+            options.attributes = attributes;
+        }
+        self.inner
+            .put_opts(&path, PutPayload::from_bytes(content), options)
+            .await?;
+        Ok(stored)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        let object = self
+            .inner
+            .get(&object_path(key)?)
+            .await
+            .map_err(read_error(key))?;
+        object.bytes().await.map_err(read_error(key))
+    }
+
+    /// The bytes in `range` (end exclusive), for HTTP Range requests.
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        self.inner
+            .get_range(&object_path(key)?, range)
+            .await
+            .map_err(read_error(key))
+    }
+
+    /// The bytes in `range` as a stream, so a large object (audio) can be
+    /// sent over HTTP without holding it in memory.
+    pub async fn stream_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let options = GetOptions::default().with_range(Some(range));
+        let result = self
+            .inner
+            .get_opts(&object_path(key)?, options)
+            .await
+            .map_err(read_error(key))?;
+        Ok(result
+            .into_stream()
+            .map(|chunk| chunk.map_err(StoreError::from))
+            .boxed())
+    }
+
+    /// The object's size in bytes.
+    pub async fn size(&self, key: &str) -> Result<u64> {
+        Ok(self
+            .inner
+            .head(&object_path(key)?)
+            .await
+            .map_err(read_error(key))?
+            .size)
+    }
+
+    /// Remove the object; removing one that is already gone succeeds, so
+    /// retention can be re-run after a crash.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self.inner.delete(&object_path(key)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Keys are relative paths of plain segments; `..`, empty segments and the
+/// like are refused rather than normalised, so a key means one object only.
+fn object_path(key: &str) -> Result<Path> {
+    if key.is_empty() || key.starts_with('/') {
+        return Err(StoreError::InvalidKey {
+            key: key.to_owned(),
+            reason: "must be a non-empty relative path".into(),
+        });
+    }
+    Path::parse(key).map_err(|e| StoreError::InvalidKey {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn sha256_hex(content: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(content))
+}
+
+/// rustls needs one process-wide crypto provider; ring, as everywhere in backlog.
+pub fn install_tls_provider() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // Err means another part of the process installed one first: fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_deterministic_per_job_and_kind() {
+        let job = Uuid::nil();
+        assert_eq!(
+            artifact_key(job, ArtifactKind::Pdf),
+            "jobs/00000000-0000-0000-0000-000000000000/pdf.pdf"
+        );
+        assert_eq!(
+            artifact_key(job, ArtifactKind::Audio),
+            artifact_key(job, ArtifactKind::Audio)
+        );
+        assert!(artifact_key(job, ArtifactKind::Text).ends_with("/text.md"));
+    }
+
+    #[test]
+    fn urls_pick_the_backend() {
+        for bad in ["ftp://x/y", "s3:///prefix", "not a url"] {
+            assert!(
+                matches!(ArtifactStore::from_url(bad), Err(StoreError::Config(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_must_be_plain_relative_paths() {
+        for bad in ["", "../etc/passwd", "a/../../b", "/etc/passwd", "./a", "a//b"] {
+            assert!(
+                matches!(object_path(bad), Err(StoreError::InvalidKey { .. })),
+                "{bad:?} was accepted"
+            );
+        }
+        assert!(object_path("jobs/a/text.md").is_ok());
+    }
+
+    #[test]
+    fn sha256_is_lowercase_hex() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! The artifact store on a real folder, through a `file://` URL.
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use queue::ArtifactKind;
+use store::{artifact_key, ArtifactStore};
+use uuid::Uuid;
+
+#[tokio::test]
+async fn put_get_range_and_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        ArtifactStore::from_url(&format!("file://{}/nested/artifacts", dir.path().display())).unwrap();
+    let key = artifact_key(Uuid::now_v7(), ArtifactKind::Text);
+
+    let stored = store
+        .put(&key, Bytes::from_static(b"hello, world"), "text/markdown")
+        .await
+        .unwrap();
+    assert_eq!(stored.bytes, 12);
+    assert_eq!(
+        stored.sha256,
+        "09ca7e4eaa6e8ae9c7d261167129184883644d07dfba7cbfbc4c8a2e08360d5b"
+    );
+    assert_eq!(stored.content_type, "text/markdown");
+    assert!(
+        dir.path().join("nested/artifacts").join(&key).is_file(),
+        "stored under the folder"
+    );
+
+    assert_eq!(store.get(&key).await.unwrap(), "hello, world");
+    assert_eq!(store.get_range(&key, 7..12).await.unwrap(), "world");
+    assert_eq!(store.size(&key).await.unwrap(), 12);
+    let streamed: Vec<Bytes> = store
+        .stream_range(&key, 0..5)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(streamed.concat(), b"hello");
+
+    // A re-run writes the same key: the object is replaced, not duplicated.
+    let again = store
+        .put(&key, Bytes::from_static(b"second run"), "text/markdown")
+        .await
+        .unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), "second run");
+    assert_ne!(again.sha256, stored.sha256);
+    let job_dir = dir
+        .path()
+        .join("nested/artifacts")
+        .join(key.rsplit_once('/').unwrap().0);
+    assert_eq!(std::fs::read_dir(job_dir).unwrap().count(), 1);
+
+    let record = again.to_new_artifact(Uuid::nil(), ArtifactKind::Text, serde_json::json!({}));
+    assert_eq!((record.bytes, record.storage_key.as_str()), (10, key.as_str()));
+}
+
+#[tokio::test]
+async fn missing_objects_and_bad_keys_are_permanent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ArtifactStore::local(dir.path()).unwrap();
+
+    let missing = store.get("jobs/none/text.md").await.unwrap_err();
+    assert!(!missing.is_retryable(), "{missing}");
+    for bad in ["../escape", "jobs//x", "jobs/./x"] {
+        let error = store.put(bad, Bytes::new(), "text/plain").await.unwrap_err();
+        assert!(!error.is_retryable(), "{bad}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn delete_removes_the_object_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ArtifactStore::local(dir.path()).unwrap();
+    let key = artifact_key(Uuid::now_v7(), ArtifactKind::Audio);
+    store
+        .put(&key, Bytes::from_static(b"mp3"), "audio/mpeg")
+        .await
+        .unwrap();
+    store.delete(&key).await.unwrap();
+    assert!(!dir.path().join(&key).exists(), "the file is gone");
+    store.delete(&key).await.expect("deleting twice succeeds");
+}
