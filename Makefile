@@ -37,10 +37,12 @@ bench-queue:
 bench-api:
 	DATABASE_URL="$$(scripts/ensure-postgres.sh)" $(CARGO) bench -p api --bench api --locked
 
-## The scaling policy against an HPA/KEDA-style baseline on a recorded arrival trace.
+## The scaling policy against an HPA/KEDA-style baseline on a recorded arrival trace, and activation in the real loop.
 bench-autoscale:
-	$(CARGO) bench -p controller --bench autoscale --locked
+	DATABASE_URL="$$(scripts/ensure-postgres.sh)" scripts/with-scratch-db.sh backlog_bench_autoscale \
+		$(CARGO) bench -p controller --bench autoscale --locked
 
-## Pipeline throughput: PDF pages/s, audio real-time factor.
+## Pipeline throughput (PDF pages/s, audio real-time factor) and the runtime's no-op task rate.
 bench-workers: tools
-	$(CARGO) run --release --locked -p workers --bin bench-pipelines
+	DATABASE_URL="$$(scripts/ensure-postgres.sh)" scripts/with-scratch-db.sh backlog_bench_workers \
+		$(CARGO) run --release --locked -p workers --bin bench-pipelines

@@ -4,10 +4,6 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 : "${DATABASE_URL:?DATABASE_URL must name a PostgreSQL server}"
-server=${DATABASE_URL%/*}
-bench_url="$server/backlog_bench"
-psql "$DATABASE_URL" -qc 'DROP DATABASE IF EXISTS backlog_bench' -c 'CREATE DATABASE backlog_bench' >&2
-trap 'psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS backlog_bench" >&2 || true' EXIT
 
 peer_file=""
 if [ "${PEERS:-1}" != 0 ]; then
@@ -17,4 +13,4 @@ if [ "${PEERS:-1}" != 0 ]; then
 fi
 cd "$root"
 if [ -n "$peer_file" ]; then export PEER_RESULT="$peer_file"; fi
-DATABASE_URL="$bench_url" cargo bench -p queue --bench queue --locked
+"$root/scripts/with-scratch-db.sh" backlog_bench cargo bench -p queue --bench queue --locked

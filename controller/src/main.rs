@@ -83,7 +83,7 @@ struct RunArgs {
     metrics_addr: Option<SocketAddr>,
     /// Log format: json or text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
-    log_format: String,
+    log_format: telemetry::LogFormat,
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Validate { path } => Ok(validate(&path)),
         Command::Run(args) => {
-            init_tracing(&args.log_format);
+            telemetry::init_tracing(args.log_format);
             tokio::runtime::Runtime::new()?.block_on(run(args))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -110,7 +110,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("connecting to PostgreSQL")?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr, metrics.clone()).await?;
+        let metrics = metrics.clone();
+        telemetry::serve_metrics(addr, move || metrics.encode()).await?;
     }
     let shutdown = CancellationToken::new();
     tokio::spawn({
@@ -167,49 +168,12 @@ async fn plan(path: &Path, database_url: &str) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.encode(),
-                )
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, "serving /metrics");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(())
-}
-
 async fn termination_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "text" {
-        builder.init();
-    } else {
-        builder.json().flatten_event(true).init();
     }
 }
 

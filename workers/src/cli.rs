@@ -1,6 +1,8 @@
 //! The worker binaries' shared command line: `text-worker`, `pdf-worker`,
 //! `audio-worker` and `worker` differ only in their default task types.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,6 +11,7 @@ use queue::{Queue, TaskType};
 use tokio_util::sync::CancellationToken;
 
 use crate::handlers::Pipelines;
+use crate::metrics::WorkerMetrics;
 use crate::runtime::{self, replica_identity, RuntimeConfig};
 
 #[derive(Debug, Parser)]
@@ -40,9 +43,12 @@ pub struct WorkerArgs {
     /// Seconds running tasks get to finish after SIGTERM before they are released.
     #[arg(long, env = "WORKER_SHUTDOWN_GRACE_SECONDS", default_value_t = 25.0)]
     pub shutdown_grace_seconds: f64,
+    /// Serve Prometheus metrics here (e.g. 0.0.0.0:9465).
+    #[arg(long, env = "WORKER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Log format: json or text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
-    pub log_format: String,
+    pub log_format: telemetry::LogFormat,
 }
 
 /// Parse arguments, run the worker until SIGTERM/SIGINT, drain, exit.
@@ -56,7 +62,7 @@ pub fn main(default_types: &[TaskType]) -> anyhow::Result<()> {
         "no task types: pass --task-types or WORKER_TASK_TYPES"
     );
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
-    init_tracing(&args.log_format);
+    telemetry::init_tracing(args.log_format);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -68,6 +74,11 @@ async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let queue = Queue::connect(&args.database_url, args.concurrency as u32 + 3)
         .await
         .context("connecting to PostgreSQL")?;
+    let metrics = Arc::new(WorkerMetrics::default());
+    if let Some(addr) = args.metrics_addr {
+        let metrics = metrics.clone();
+        telemetry::serve_metrics(addr, move || metrics.encode()).await?;
+    }
     let config = RuntimeConfig {
         worker_id: args.worker_id.unwrap_or_else(replica_identity),
         pool: args.pool,
@@ -76,6 +87,7 @@ async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_secs_f64(args.heartbeat_seconds),
         poll_interval: Duration::from_secs_f64(args.poll_seconds),
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_seconds),
+        metrics,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(exit_on_signals(shutdown.clone()));
@@ -101,18 +113,5 @@ async fn exit_on_signals(shutdown: CancellationToken) {
             tracing::warn!("second signal: exiting without draining");
             std::process::exit(130);
         }
-    }
-}
-
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "text" {
-        builder.init();
-    } else {
-        builder.json().flatten_event(true).init();
     }
 }

@@ -11,7 +11,10 @@ use std::time::Duration;
 use queue::{Failure, Lease, NewWorker, Queue, QueueError, Task, TaskType, WorkerState};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Outcome, WorkerMetrics};
 
 /// How long one wait on the notification channel lasts; other branches of
 /// the loop interrupt it (the listener is cancel-safe).
@@ -78,6 +81,8 @@ pub struct RuntimeConfig {
     pub poll_interval: Duration,
     /// On shutdown, how long running tasks may take before they are released.
     pub shutdown_grace: Duration,
+    /// Where the replica counts its tasks (served on `/metrics` by the binaries).
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 /// What a run did, for logs and tests.
@@ -92,8 +97,28 @@ pub struct RunSummary {
 }
 
 enum Finished {
-    Done(Lease, Result<TaskOutput, Failure>),
+    Done {
+        lease: Lease,
+        result: Result<TaskOutput, Failure>,
+        seconds: f64,
+    },
     Cancelled(Lease),
+}
+
+/// A task this replica holds.
+struct Held {
+    lease: Lease,
+    task_type: TaskType,
+    cancelled: CancellationToken,
+}
+
+/// The runtime's bookkeeping, shared by the claim loop and the drain.
+struct Replica<'a> {
+    queue: &'a Queue,
+    worker_id: &'a str,
+    held: HashMap<i64, Held>,
+    summary: RunSummary,
+    metrics: &'a WorkerMetrics,
 }
 
 /// Run until `shutdown` is cancelled, then drain. A replica the controller
@@ -127,8 +152,13 @@ pub async fn run<H: TaskHandler>(
 
     let mut wake = queue.listen().await?;
     let mut running: JoinSet<Finished> = JoinSet::new();
-    let mut held: HashMap<i64, (Lease, CancellationToken)> = HashMap::new();
-    let mut summary = RunSummary::default();
+    let mut replica = Replica {
+        queue: &queue,
+        worker_id: &worker_id,
+        held: HashMap::new(),
+        summary: RunSummary::default(),
+        metrics: &config.metrics,
+    };
     let mut draining = false;
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -139,7 +169,7 @@ pub async fn run<H: TaskHandler>(
     claim_now.mark_changed();
 
     loop {
-        let free = config.concurrency.saturating_sub(held.len());
+        let free = config.concurrency.saturating_sub(replica.held.len());
         let may_claim = !draining && !shutdown.is_cancelled() && free > 0;
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -155,19 +185,22 @@ pub async fn run<H: TaskHandler>(
                 if tasks.len() == free {
                     claim_now_tx.send_replace(());
                 }
+                if !tasks.is_empty() {
+                    config.metrics.claim_batches.inc();
+                }
                 for task in tasks {
                     let lease = task.lease();
                     let cancelled = CancellationToken::new();
-                    held.insert(lease.task_id, (lease, cancelled.clone()));
-                    tracing::info!(task_id = lease.task_id, job_id = %task.job_id, task_type = %task.task_type,
+                    replica.held.insert(lease.task_id, Held { lease, task_type: task.task_type, cancelled: cancelled.clone() });
+                    tracing::debug!(task_id = lease.task_id, job_id = %task.job_id, task_type = %task.task_type,
                         attempt = lease.attempt, "task claimed");
                     let ctx = TaskContext { task, queue: queue.clone(), worker_id: worker_id.clone(), cancelled };
                     running.spawn(run_one(handler.clone(), ctx));
                 }
-                if !held.is_empty() {
-                    // Mark the new claims processing right away.
-                    renew(&queue, &worker_id, &mut held, &mut summary).await;
-                }
+                config.metrics.in_flight.set(replica.held.len() as i64);
+                // Mark the new claims processing right away (a heartbeat
+                // commit does not wait for the WAL flush, so this is cheap).
+                replica.renew().await;
             }
             note = wake.next(NOTIFY_WAIT), if may_claim => {
                 match note {
@@ -184,15 +217,14 @@ pub async fn run<H: TaskHandler>(
             // lost in a reconnect are found by polling.
             _ = poll.tick(), if may_claim => { claim_now_tx.send_replace(()); }
             Some(finished) = running.join_next(), if !running.is_empty() => {
-                let finished = finished.expect("task handlers do not panic across the join");
-                settle(&queue, &worker_id, finished, &mut held, &mut summary).await;
+                replica.settle(finished_together(finished, &mut running)).await;
                 claim_now_tx.send_replace(());
             }
             _ = heartbeat.tick() => {
-                renew(&queue, &worker_id, &mut held, &mut summary).await;
+                replica.renew().await;
                 match queue.worker_heartbeat(&worker_id).await {
                     Ok(Some(WorkerState::Draining)) if !draining => {
-                        tracing::info!(worker_id = %worker_id, in_flight = held.len(),
+                        tracing::info!(worker_id = %worker_id, in_flight = replica.held.len(),
                             "replica marked draining: no more claims");
                         draining = true;
                     }
@@ -219,33 +251,39 @@ pub async fn run<H: TaskHandler>(
     }
 
     // Shutdown: no more claims; let running tasks finish within the grace.
-    tracing::info!(worker_id = %worker_id, in_flight = held.len(), grace_s = config.shutdown_grace.as_secs_f64(),
+    tracing::info!(worker_id = %worker_id, in_flight = replica.held.len(), grace_s = config.shutdown_grace.as_secs_f64(),
         "shutting down: finishing running tasks");
-    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    let deadline = Instant::now() + config.shutdown_grace;
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     while !running.is_empty() {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
-            _ = heartbeat.tick() => renew(&queue, &worker_id, &mut held, &mut summary).await,
+            _ = heartbeat.tick() => replica.renew().await,
             Some(finished) = running.join_next() => {
-                let finished = finished.expect("task handlers do not panic across the join");
-                settle(&queue, &worker_id, finished, &mut held, &mut summary).await;
+                replica.settle(finished_together(finished, &mut running)).await;
             }
         }
     }
     running.abort_all();
-    let unfinished: Vec<Lease> = held.values().map(|(lease, _)| *lease).collect();
-    if !unfinished.is_empty() {
-        let released = queue.release(&worker_id, &unfinished).await?;
-        summary.released += released.len() as u64;
-        tracing::info!(
-            released = released.len(),
-            "released unfinished tasks back to pending"
-        );
-    }
+    replica.release_all().await?;
     queue.deregister_worker(&worker_id).await?;
+    let summary = replica.summary;
     tracing::info!(worker_id = %worker_id, ?summary, "worker stopped");
     Ok(summary)
+}
+
+/// The first finished task and every other one already finished, so their
+/// results are stored in one round trip: completions are commits, and
+/// commits are the queue's ceiling.
+fn finished_together(
+    first: Result<Finished, tokio::task::JoinError>,
+    running: &mut JoinSet<Finished>,
+) -> Vec<Finished> {
+    let mut batch = vec![first.expect("task handlers do not panic across the join")];
+    while let Some(next) = running.try_join_next() {
+        batch.push(next.expect("task handlers do not panic across the join"));
+    }
+    batch
 }
 
 /// Run the handler under the task's timeout; a lost lease cancels it.
@@ -253,81 +291,140 @@ async fn run_one<H: TaskHandler>(handler: Arc<H>, ctx: TaskContext) -> Finished 
     let lease = ctx.lease();
     let timeout = Duration::from_secs(ctx.task.timeout_seconds.max(1) as u64);
     let cancelled = ctx.cancelled.clone();
+    let started = Instant::now();
     tokio::select! {
         _ = cancelled.cancelled() => Finished::Cancelled(lease),
-        result = tokio::time::timeout(timeout, handler.run(ctx)) => match result {
-            Ok(result) => Finished::Done(lease, result),
-            Err(_) => Finished::Done(lease, Err(Failure::retryable(format!(
+        result = tokio::time::timeout(timeout, handler.run(ctx)) => Finished::Done {
+            lease,
+            result: result.unwrap_or_else(|_| Err(Failure::retryable(format!(
                 "timed out after {} s", timeout.as_secs()
             )))),
+            seconds: started.elapsed().as_secs_f64(),
         },
     }
 }
 
-async fn settle(
-    queue: &Queue,
-    worker_id: &str,
-    finished: Finished,
-    held: &mut HashMap<i64, (Lease, CancellationToken)>,
-    summary: &mut RunSummary,
-) {
-    let (lease, result) = match finished {
-        Finished::Cancelled(lease) => {
-            held.remove(&lease.task_id);
-            return;
-        }
-        Finished::Done(lease, result) => (lease, result),
-    };
-    held.remove(&lease.task_id);
-    let outcome = match result {
-        Ok(output) => queue.complete(worker_id, lease, output).await.map(|()| {
-            summary.completed += 1;
-            tracing::info!(task_id = lease.task_id, "task complete");
-        }),
-        Err(failure) => queue.fail(worker_id, lease, &failure).await.map(|retry| {
-            summary.failed += 1;
-            tracing::warn!(task_id = lease.task_id, kind = ?failure.kind, error = %failure.message,
-                outcome = ?retry, "task failed");
-        }),
-    };
-    match outcome {
-        Ok(()) => {}
-        Err(QueueError::LeaseLost { .. }) => {
-            summary.lost += 1;
-            tracing::warn!(
-                task_id = lease.task_id,
-                "lease lost before the result was stored; result dropped"
-            );
-        }
-        Err(e) => {
-            // The lease stays with us until it expires; the sweeper then
-            // hands the task to another replica.
-            tracing::error!(task_id = lease.task_id, error = %e, "could not store the task's result");
-        }
-    }
-}
-
-/// Renew every held lease; cancel the handlers of leases that were lost.
-async fn renew(
-    queue: &Queue,
-    worker_id: &str,
-    held: &mut HashMap<i64, (Lease, CancellationToken)>,
-    summary: &mut RunSummary,
-) {
-    let leases: Vec<Lease> = held.values().map(|(lease, _)| *lease).collect();
-    match queue.heartbeat(worker_id, &leases).await {
-        Ok(lost) => {
-            for lease in lost {
-                if let Some((_, token)) = held.remove(&lease.task_id) {
-                    tracing::warn!(
-                        task_id = lease.task_id,
-                        "lease lost (cancelled or swept): abandoning the task"
-                    );
-                    token.cancel();
-                    summary.lost += 1;
+impl Replica<'_> {
+    /// Store the results of finished tasks: every completion in one call,
+    /// failures one by one (each has its own error and backoff).
+    async fn settle(&mut self, finished: Vec<Finished>) {
+        let mut completions = Vec::new();
+        for finished in finished {
+            let (lease, result, seconds) = match finished {
+                Finished::Cancelled(lease) => {
+                    self.held.remove(&lease.task_id);
+                    continue;
                 }
+                Finished::Done {
+                    lease,
+                    result,
+                    seconds,
+                } => (lease, result, seconds),
+            };
+            let Some(held) = self.held.remove(&lease.task_id) else {
+                continue;
+            };
+            self.metrics.observe_duration(held.task_type, seconds);
+            match result {
+                Ok(output) => completions.push((lease, output, held.task_type)),
+                Err(failure) => self.fail(lease, held.task_type, &failure).await,
             }
         }
-        Err(e) => tracing::warn!(error = %e, "lease heartbeat failed"),
+        self.metrics.in_flight.set(self.held.len() as i64);
+        if completions.is_empty() {
+            return;
+        }
+        let results: Vec<(Lease, TaskOutput)> = completions.iter().map(|(l, o, _)| (*l, o.clone())).collect();
+        match self.queue.complete_batch(self.worker_id, &results).await {
+            Ok(done) => {
+                for (lease, _, task_type) in &completions {
+                    if done.contains(lease) {
+                        self.summary.completed += 1;
+                        self.metrics.count(*task_type, Outcome::completed, 1);
+                        tracing::info!(task_id = lease.task_id, "task complete");
+                    } else {
+                        self.summary.lost += 1;
+                        self.metrics.count(*task_type, Outcome::lost, 1);
+                        tracing::warn!(
+                            task_id = lease.task_id,
+                            "lease lost before the result was stored; result dropped"
+                        );
+                    }
+                }
+            }
+            // The leases stay with this worker until they expire; the
+            // sweeper then hands the tasks to another replica.
+            Err(e) => {
+                tracing::error!(tasks = completions.len(), error = %e, "could not store the tasks' results")
+            }
+        }
+    }
+
+    async fn fail(&mut self, lease: Lease, task_type: TaskType, failure: &Failure) {
+        match self.queue.fail(self.worker_id, lease, failure).await {
+            Ok(retry) => {
+                self.summary.failed += 1;
+                self.metrics.count(task_type, Outcome::failed, 1);
+                tracing::warn!(task_id = lease.task_id, kind = ?failure.kind, error = %failure.message,
+                    outcome = ?retry, "task failed");
+            }
+            Err(QueueError::LeaseLost { .. }) => {
+                self.summary.lost += 1;
+                self.metrics.count(task_type, Outcome::lost, 1);
+                tracing::warn!(
+                    task_id = lease.task_id,
+                    "lease lost before the failure was stored; result dropped"
+                );
+            }
+            Err(e) => {
+                tracing::error!(task_id = lease.task_id, error = %e, "could not store the task's failure")
+            }
+        }
+    }
+
+    /// Renew every held lease; cancel the handlers of leases that were lost.
+    async fn renew(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let leases: Vec<Lease> = self.held.values().map(|h| h.lease).collect();
+        match self.queue.heartbeat(self.worker_id, &leases).await {
+            Ok(lost) => {
+                for lease in lost {
+                    if let Some(held) = self.held.remove(&lease.task_id) {
+                        tracing::warn!(
+                            task_id = lease.task_id,
+                            "lease lost (cancelled or swept): abandoning the task"
+                        );
+                        held.cancelled.cancel();
+                        self.summary.lost += 1;
+                        self.metrics.count(held.task_type, Outcome::lost, 1);
+                    }
+                }
+                self.metrics.in_flight.set(self.held.len() as i64);
+            }
+            Err(e) => tracing::warn!(error = %e, "lease heartbeat failed"),
+        }
+    }
+
+    /// Hand what is still held back to the queue without spending attempts.
+    async fn release_all(&mut self) -> Result<(), QueueError> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let unfinished: Vec<Lease> = self.held.values().map(|h| h.lease).collect();
+        let released = self.queue.release(self.worker_id, &unfinished).await?;
+        for lease in &released {
+            if let Some(held) = self.held.remove(&lease.task_id) {
+                self.metrics.count(held.task_type, Outcome::released, 1);
+            }
+        }
+        self.summary.released += released.len() as u64;
+        self.metrics.in_flight.set(self.held.len() as i64);
+        tracing::info!(
+            released = released.len(),
+            "released unfinished tasks back to pending"
+        );
+        Ok(())
     }
 }

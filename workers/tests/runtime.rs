@@ -69,6 +69,7 @@ fn config(concurrency: usize, grace: Duration) -> RuntimeConfig {
         heartbeat_interval: Duration::from_millis(200),
         poll_interval: Duration::from_millis(500),
         shutdown_grace: grace,
+        metrics: Default::default(),
     }
 }
 
@@ -104,7 +105,9 @@ async fn runs_at_most_its_concurrency_and_completes_everything(pool: PgPool) {
         sleep: Duration::from_millis(150),
         ..Default::default()
     };
-    let worker = start(&q, config(3, Duration::from_secs(5)), handler.clone());
+    let config = config(3, Duration::from_secs(5));
+    let metrics = config.metrics.clone();
+    let worker = start(&q, config, handler.clone());
 
     wait_until("all tasks complete", async || {
         statuses(&pool).await == [("complete".to_string(), 12)]
@@ -118,6 +121,15 @@ async fn runs_at_most_its_concurrency_and_completes_everything(pool: PgPool) {
             ..Default::default()
         }
     );
+    // What /metrics shows for the same run.
+    let exposition = metrics.encode();
+    for line in [
+        "backlog_worker_tasks_total{task_type=\"text_generation\",outcome=\"completed\"} 12",
+        "backlog_worker_tasks_in_flight 0",
+        "backlog_worker_task_duration_seconds_count{task_type=\"text_generation\"} 12",
+    ] {
+        assert!(exposition.lines().any(|l| l == line), "{line} in\n{exposition}");
+    }
     assert_eq!(
         handler.most_at_once.load(Ordering::SeqCst),
         3,

@@ -3,16 +3,24 @@
 //! - PDF: pages per second typesetting a 50-page document;
 //! - audio: real-time factor of espeak-ng speech + MP3 encoding (seconds of
 //!   audio per second of wall time, and per second of CPU time of this
-//!   process and its espeak-ng children), with one and with all cores.
+//!   process and its espeak-ng children), with one and with all cores;
+//! - runtime: no-op tasks per second through the worker runtime at
+//!   concurrency 1, 8 and 32, beside the queue's own ceiling in the same run
+//!   (one loop claiming that many tasks and completing them in one call,
+//!   with no runtime around it). Needs `DATABASE_URL` (a scratch database:
+//!   `make bench-workers` creates one).
 //!
 //! The last line printed is one JSON object with every figure.
 
 use std::time::{Duration, Instant};
 
+use queue::{Failure, JobType, NewJob, Queue, TaskType};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use workers::pipelines::audio::{Espeak, Narrator, TtsProvider};
 use workers::pipelines::document::Document;
 use workers::pipelines::pdf::typeset_blocking;
+use workers::runtime::{self, RuntimeConfig, TaskContext, TaskHandler, TaskOutput};
 
 const TARGET_PAGES: usize = 50;
 const PDF_RUNS: usize = 3;
@@ -204,6 +212,13 @@ async fn main() {
     let audio_all = bench_audio(cores).await;
     let speedup = audio_all["realtime_factor_wall"].as_f64().unwrap_or(0.0)
         / audio_one["realtime_factor_wall"].as_f64().unwrap_or(f64::NAN);
+    let runtime = match std::env::var("DATABASE_URL") {
+        Ok(url) => bench_runtime(&url).await,
+        Err(_) => {
+            println!("runtime: skipped (DATABASE_URL is not set; make bench-workers sets it)");
+            serde_json::Value::Null
+        }
+    };
     let summary = json!({
         "benchmark": "pipelines",
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
@@ -212,6 +227,118 @@ async fn main() {
         "audio_concurrency_1": audio_one,
         "audio_concurrency_all": audio_all,
         "audio_parallel_speedup": speedup,
+        "runtime_noop": runtime,
     });
     println!("{summary}");
+}
+
+/// Tasks enqueued per concurrency level: a few seconds of work at each.
+const RUNTIME_TASKS: [(usize, usize); 3] = [(1, 2_000), (8, 8_000), (32, 20_000)];
+
+struct NoOp;
+
+impl TaskHandler for NoOp {
+    async fn run(&self, _ctx: TaskContext) -> Result<TaskOutput, Failure> {
+        Ok(serde_json::Value::Null)
+    }
+}
+
+async fn bench_runtime(url: &str) -> serde_json::Value {
+    let queue = Queue::connect(url, 40).await.expect("connecting to DATABASE_URL");
+    queue.migrate().await.expect("migrating the bench database");
+    let mut figures = serde_json::Map::new();
+    for (concurrency, tasks) in RUNTIME_TASKS {
+        // The reference first, then the runtime, on the same table.
+        enqueue_noops(&queue, tasks).await;
+        let ceiling = drain_without_runtime(&queue, concurrency, tasks).await;
+        enqueue_noops(&queue, tasks).await;
+        let through_runtime = drain_through_runtime(&queue, concurrency, tasks).await;
+        let ratio = through_runtime / ceiling;
+        println!(
+            "runtime: concurrency {concurrency:>2}: {through_runtime:>7.0} no-op tasks/s through the runtime, \
+             queue ceiling {ceiling:>7.0}/s (claim {concurrency} + complete in one call) → ratio {ratio:.2}"
+        );
+        figures.insert(
+            format!("concurrency_{concurrency}"),
+            json!({
+                "tasks": tasks,
+                "runtime_tasks_per_second": through_runtime.round(),
+                "queue_ceiling_tasks_per_second": ceiling.round(),
+                "ratio_to_ceiling": (ratio * 100.0).round() / 100.0,
+            }),
+        );
+    }
+    serde_json::Value::Object(figures)
+}
+
+async fn enqueue_noops(queue: &Queue, tasks: usize) {
+    for chunk in (0..tasks).collect::<Vec<_>>().chunks(1_000) {
+        let jobs = chunk
+            .iter()
+            .map(|i| NewJob::new("bench", JobType::Text, json!({ "prompt": format!("noop {i}") })))
+            .collect();
+        queue.enqueue_batch(jobs).await.expect("enqueue");
+    }
+}
+
+/// One loop claiming `batch` tasks and completing them in one call.
+async fn drain_without_runtime(queue: &Queue, batch: usize, tasks: usize) -> f64 {
+    let started = Instant::now();
+    let mut done = 0;
+    while done < tasks {
+        let claimed = queue
+            .claim("bench-ceiling", &[TaskType::TextGeneration], batch as i32)
+            .await
+            .expect("claim");
+        assert!(
+            !claimed.is_empty(),
+            "the queue ran dry after {done} of {tasks} tasks"
+        );
+        let results: Vec<_> = claimed
+            .iter()
+            .map(|t| (t.lease(), serde_json::Value::Null))
+            .collect();
+        done += queue
+            .complete_batch("bench-ceiling", &results)
+            .await
+            .expect("complete")
+            .len();
+    }
+    tasks as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn drain_through_runtime(queue: &Queue, concurrency: usize, tasks: usize) -> f64 {
+    let config = RuntimeConfig {
+        worker_id: format!("bench-runtime-{concurrency}"),
+        pool: None,
+        task_types: vec![TaskType::TextGeneration],
+        concurrency,
+        heartbeat_interval: Duration::from_secs(5),
+        poll_interval: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(5),
+        metrics: Default::default(),
+    };
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let worker = tokio::spawn(runtime::run(queue.clone(), config, NoOp, shutdown.clone()));
+    // Done when nothing of the type is pending or held any more.
+    loop {
+        let depth = queue.depth().await.expect("depth");
+        let text = depth
+            .iter()
+            .find(|d| d.task_type == TaskType::TextGeneration)
+            .expect("every type is reported");
+        if text.pending + text.in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let summary = worker.await.expect("runtime task").expect("runtime");
+    assert_eq!(
+        summary.completed as usize, tasks,
+        "the runtime completed every task once"
+    );
+    tasks as f64 / elapsed
 }
