@@ -164,7 +164,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         BackendKind::Kubernetes => {
             // In-cluster service account, or KUBECONFIG / ~/.kube/config.
-            let config = kube::Config::infer().await.context("finding the Kubernetes API")?;
+            let config = kube::Config::infer()
+                .await
+                .context("finding the Kubernetes API")?;
             let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
             let namespace = args
                 .namespace
@@ -189,8 +191,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             });
             match args.path {
                 Some(path) => {
-                    reconcile::run_elected(reconciler, ManifestSource::new(path), election, settings, shutdown)
-                        .await
+                    reconcile::run_elected(
+                        reconciler,
+                        ManifestSource::new(path),
+                        election,
+                        settings,
+                        shutdown,
+                    )
+                    .await
                 }
                 None => {
                     let watched = (!args.all_namespaces).then_some(namespace.as_str());

@@ -60,7 +60,10 @@ struct PoolFailure {
 
 impl From<BackendError> for PoolFailure {
     fn from(error: BackendError) -> Self {
-        PoolFailure { error, decision: None }
+        PoolFailure {
+            error,
+            decision: None,
+        }
     }
 }
 
@@ -244,7 +247,12 @@ impl<B: Backend> Reconciler<B> {
         let mut removed = Vec::new();
         let mut kept_busy = Vec::new();
         if decision.replicas > decision.from {
-            if let Err(e) = self.ctx.backend.add(pool, decision.replicas - decision.from).await {
+            if let Err(e) = self
+                .ctx
+                .backend
+                .add(pool, decision.replicas - decision.from)
+                .await
+            {
                 return Err(failed(e, &decision));
             }
         } else if decision.replicas < decision.from {
@@ -377,9 +385,7 @@ impl<B: Backend> Reconciler<B> {
     /// The pool's replicas were last seen at zero: a notification for one of
     /// its task types should wake the loop at once.
     pub fn is_at_zero(&self, key: &str) -> bool {
-        self.state
-            .get(key)
-            .is_none_or(|s| s.status.current_replicas == 0)
+        self.state.get(key).is_none_or(|s| s.status.current_replicas == 0)
     }
 }
 

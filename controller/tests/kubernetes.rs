@@ -84,7 +84,13 @@ fn start_controller(api: &KubeApi, q: &Queue, identity: &str) -> Running {
         leader_key: 0,
     };
     let stop = CancellationToken::new();
-    let task = tokio::spawn(reconcile::run_elected(reconciler, source, election, settings, stop.clone()));
+    let task = tokio::spawn(reconcile::run_elected(
+        reconciler,
+        source,
+        election,
+        settings,
+        stop.clone(),
+    ));
     Running { stop, task }
 }
 
@@ -106,7 +112,9 @@ fn replicas(api: &KubeApi, name: &str) -> i64 {
 }
 
 fn pool_status(api: &KubeApi, name: &str) -> Value {
-    api.get("backlog.dev", "workerpools", NS, name).expect("workerpool")["status"].clone()
+    api.get("backlog.dev", "workerpools", NS, name)
+        .expect("workerpool")["status"]
+        .clone()
 }
 
 fn condition(status: &Value, type_: &str) -> Value {
@@ -133,7 +141,13 @@ fn pod_names(api: &KubeApi, app: &str) -> Vec<String> {
 
 async fn enqueue(q: &Queue, job_type: JobType, n: usize) {
     let jobs = (0..n)
-        .map(|i| NewJob::new("acme", job_type, json!({"prompt": format!("{i}"), "text": "hello"})))
+        .map(|i| {
+            NewJob::new(
+                "acme",
+                job_type,
+                json!({"prompt": format!("{i}"), "text": "hello"}),
+            )
+        })
         .collect();
     q.enqueue_batch(jobs).await.unwrap();
 }
@@ -182,17 +196,27 @@ async fn work_for_a_pool_at_zero_scales_its_deployment_and_writes_status_and_eve
     assert_eq!(condition(&status, "Active")["status"], "True", "{status}");
     let scaled_up = events(&api, "text", "ScaledUp");
     assert_eq!(scaled_up.len(), 1, "{scaled_up:?}");
-    assert!(scaled_up[0]["message"].as_str().unwrap().starts_with("scaled from 0 to 3"), "{scaled_up:?}");
+    assert!(
+        scaled_up[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("scaled from 0 to 3"),
+        "{scaled_up:?}"
+    );
     assert_eq!(scaled_up[0]["involvedObject"]["uid"], created["metadata"]["uid"]);
     assert_eq!(scaled_up[0]["type"], "Normal");
 
     // The status is the controller's, by server-side apply.
     let object = api.get("backlog.dev", "workerpools", NS, "text").unwrap();
-    let managers: Vec<&Value> = object["metadata"]["managedFields"].as_array().unwrap().iter().collect();
+    let managers: Vec<&Value> = object["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
     assert!(
-        managers
-            .iter()
-            .any(|m| m["manager"] == "backlog-controller" && m["subresource"] == "status" && m["operation"] == "Apply"),
+        managers.iter().any(|m| m["manager"] == "backlog-controller"
+            && m["subresource"] == "status"
+            && m["operation"] == "Apply"),
         "{managers:?}"
     );
     // A status write is no spec change.
@@ -220,12 +244,18 @@ async fn scale_down_marks_the_idle_pods_cheapest_and_keeps_the_busy_one(pool: Pg
     assert_eq!(held.len(), 1);
 
     let controller = start_controller(&api, &q, "a");
-    eventually("the deployment at 1", || (replicas(&api, "worker") == 1).then_some(())).await;
-    assert_eq!(pod_names(&api, "worker"), vec![busy.clone()], "only the busy pod is left");
+    eventually("the deployment at 1", || {
+        (replicas(&api, "worker") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        pod_names(&api, "worker"),
+        vec![busy.clone()],
+        "only the busy pod is left"
+    );
     let survivor = api.get("", "pods", NS, &busy).unwrap();
     assert_eq!(
-        survivor["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"],
-        "1000",
+        survivor["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"], "1000",
         "the busy pod is expensive"
     );
     let workers: Vec<String> = q.workers(None).await.unwrap().into_iter().map(|w| w.id).collect();
@@ -236,7 +266,11 @@ async fn scale_down_marks_the_idle_pods_cheapest_and_keeps_the_busy_one(pool: Pg
         .into_iter()
         .filter(|w| w.state == queue::WorkerState::Draining)
         .count();
-    assert_eq!((workers.len(), drained), (3, 2), "the removed pods were drained first");
+    assert_eq!(
+        (workers.len(), drained),
+        (3, 2),
+        "the removed pods were drained first"
+    );
     // The cost patches came before the count dropped.
     let requests = api.requests();
     let scale_patch = requests
@@ -263,7 +297,12 @@ async fn watch_disconnects_and_server_errors_are_recovered_without_double_scalin
     let api = emulator().await;
     api.set_bookmark_interval(Duration::from_millis(200));
     api.create(deployment("worker", 0));
-    api.create(worker_pool("text", "text_generation", "worker", json!({"maxReplicas": 2})));
+    api.create(worker_pool(
+        "text",
+        "text_generation",
+        "worker",
+        json!({"maxReplicas": 2}),
+    ));
     let controller = start_controller(&api, &q, "a");
     eventually("the first status", || {
         (condition(&pool_status(&api, "text"), "Ready")["status"] == "True").then_some(())
@@ -304,10 +343,17 @@ async fn watch_disconnects_and_server_errors_are_recovered_without_double_scalin
     let client = client(&api);
     let pools: kube::Api<WorkerPool> = kube::Api::namespaced(client, NS);
     pools
-        .replace("text", &Default::default(), &serde_json::from_value(object).unwrap())
+        .replace(
+            "text",
+            &Default::default(),
+            &serde_json::from_value(object).unwrap(),
+        )
         .await
         .unwrap();
-    eventually("3 replicas after the spec change", || (replicas(&api, "worker") == 3).then_some(())).await;
+    eventually("3 replicas after the spec change", || {
+        (replicas(&api, "worker") == 3).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let scale_writes = api
@@ -335,20 +381,34 @@ async fn a_missing_target_fails_only_its_pool_and_recovers_once_created(pool: Pg
     let api = emulator().await;
     api.create(deployment("audio-worker", 0));
     api.create(worker_pool("text", "text_generation", "nowhere", json!({})));
-    api.create(worker_pool("audio", "audio_generation", "audio-worker", json!({})));
+    api.create(worker_pool(
+        "audio",
+        "audio_generation",
+        "audio-worker",
+        json!({}),
+    ));
     let controller = start_controller(&api, &q, "a");
     enqueue(&q, JobType::Audiobook, 1).await;
     enqueue(&q, JobType::Text, 1).await;
 
-    eventually("the audio pool scaled up", || (replicas(&api, "audio-worker") == 1).then_some(())).await;
+    eventually("the audio pool scaled up", || {
+        (replicas(&api, "audio-worker") == 1).then_some(())
+    })
+    .await;
     let ready = eventually("Ready=False on the text pool", || {
         let ready = condition(&pool_status(&api, "text"), "Ready");
         (ready["status"] == "False").then_some(ready)
     })
     .await;
     assert_eq!(ready["reason"], "TargetNotFound", "{ready}");
-    assert!(ready["message"].as_str().unwrap().contains("default/nowhere"), "{ready}");
-    let warning = eventually("a TargetNotFound event", || events(&api, "text", "TargetNotFound").pop()).await;
+    assert!(
+        ready["message"].as_str().unwrap().contains("default/nowhere"),
+        "{ready}"
+    );
+    let warning = eventually("a TargetNotFound event", || {
+        events(&api, "text", "TargetNotFound").pop()
+    })
+    .await;
     assert_eq!(warning["type"], "Warning");
     assert_eq!(condition(&pool_status(&api, "audio"), "Ready")["status"], "True");
 
@@ -359,7 +419,10 @@ async fn a_missing_target_fails_only_its_pool_and_recovers_once_created(pool: Pg
         .iter()
         .filter(|r| r.uri.contains("/deployments/nowhere/scale"))
         .count();
-    assert!((2..=5).contains(&attempts), "{attempts} attempts in ~3 s at a 300 ms tick");
+    assert!(
+        (2..=5).contains(&attempts),
+        "{attempts} attempts in ~3 s at a 300 ms tick"
+    );
 
     api.create(deployment("nowhere", 0));
     eventually("the text pool recovered", || {
@@ -375,7 +438,12 @@ async fn an_invalid_spec_is_reported_on_the_pool(pool: PgPool) {
     let q = Queue::new(pool);
     let api = emulator().await;
     api.create(deployment("worker", 0));
-    api.create(worker_pool("text", "text_generation", "worker", json!({"minReplicas": 3, "maxReplicas": 2})));
+    api.create(worker_pool(
+        "text",
+        "text_generation",
+        "worker",
+        json!({"minReplicas": 3, "maxReplicas": 2}),
+    ));
     let controller = start_controller(&api, &q, "a");
     let ready = eventually("Ready=False, InvalidSpec", || {
         let ready = condition(&pool_status(&api, "text"), "Ready");
@@ -384,7 +452,10 @@ async fn an_invalid_spec_is_reported_on_the_pool(pool: PgPool) {
     .await;
     assert_eq!(ready["status"], "False");
     assert_eq!(ready["message"], "spec.maxReplicas: must be >= minReplicas (3)");
-    let event = eventually("an InvalidSpec event", || events(&api, "text", "InvalidSpec").pop()).await;
+    let event = eventually("an InvalidSpec event", || {
+        events(&api, "text", "InvalidSpec").pop()
+    })
+    .await;
     assert_eq!(event["message"], ready["message"]);
     assert_eq!(replicas(&api, "worker"), 0, "an invalid pool is not scaled");
     controller.stop().await;
@@ -401,9 +472,15 @@ async fn a_hand_scaled_deployment_is_converged_back_with_an_event(pool: PgPool) 
     eventually("2 replicas", || (replicas(&api, "worker") == 2).then_some(())).await;
 
     api.scale("deployments", NS, "worker", 5);
-    let event = eventually("a ManualScaleReverted event", || events(&api, "text", "ManualScaleReverted").pop()).await;
+    let event = eventually("a ManualScaleReverted event", || {
+        events(&api, "text", "ManualScaleReverted").pop()
+    })
+    .await;
     assert!(
-        event["message"].as_str().unwrap().contains("scaled to 5 outside the controller; set back to 2"),
+        event["message"]
+            .as_str()
+            .unwrap()
+            .contains("scaled to 5 outside the controller; set back to 2"),
         "{event}"
     );
     eventually("back at 2 replicas and 2 pods", || {
@@ -439,25 +516,43 @@ async fn of_two_controllers_one_leads_and_the_other_takes_over_when_it_dies(pool
     api.create(deployment("worker", 0));
     api.create(worker_pool("text", "text_generation", "worker", json!({})));
     let first = start_controller(&api, &q, "first");
-    eventually("the first controller to lead", || (lease_holder(&api).as_deref() == Some("first")).then_some(())).await;
+    eventually("the first controller to lead", || {
+        (lease_holder(&api).as_deref() == Some("first")).then_some(())
+    })
+    .await;
     let second = start_controller(&api, &q, "second");
     enqueue(&q, JobType::Text, 1).await;
     eventually("1 replica", || (replicas(&api, "worker") == 1).then_some(())).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(lease_holder(&api).as_deref(), Some("first"), "the standby waits while the leader renews");
+    assert_eq!(
+        lease_holder(&api).as_deref(),
+        Some("first"),
+        "the standby waits while the leader renews"
+    );
     assert!(!second.task.is_finished());
 
     // The leader dies without releasing the Lease.
     first.task.abort();
     let _ = first.task.await;
     let died = std::time::Instant::now();
-    eventually("the standby to take over", || (lease_holder(&api).as_deref() == Some("second")).then_some(())).await;
+    eventually("the standby to take over", || {
+        (lease_holder(&api).as_deref() == Some("second")).then_some(())
+    })
+    .await;
     let took = died.elapsed();
-    assert!(took < Duration::from_secs(10), "took over after {took:?} with a 3 s lease");
-    let lease = api.get("coordination.k8s.io", "leases", NS, "backlog-controller").unwrap();
+    assert!(
+        took < Duration::from_secs(10),
+        "took over after {took:?} with a 3 s lease"
+    );
+    let lease = api
+        .get("coordination.k8s.io", "leases", NS, "backlog-controller")
+        .unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     enqueue(&q, JobType::Text, 1).await;
-    eventually("the new leader acts", || (replicas(&api, "worker") == 2).then_some(())).await;
+    eventually("the new leader acts", || {
+        (replicas(&api, "worker") == 2).then_some(())
+    })
+    .await;
     second.stop().await;
     assert_eq!(lease_holder(&api), None, "a clean stop releases the Lease");
 }
@@ -483,20 +578,33 @@ async fn racing_standbys_cannot_both_take_a_lease() {
     });
     let won = futures::future::join_all(attempts).await;
     assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
-    let conflicts = api.requests().iter().filter(|r| r.uri.contains("/leases") && r.code == 409).count();
+    let conflicts = api
+        .requests()
+        .iter()
+        .filter(|r| r.uri.contains("/leases") && r.code == 409)
+        .count();
     assert!(conflicts >= 1, "the losers' creates were refused with 409");
 }
 
 /// kubectl against the emulator, with no kubeconfig of the machine's.
 /// `None` (and a note) where kubectl is not installed.
 async fn kubectl(api: &KubeApi, home: &std::path::Path, args: &[&str]) -> Option<String> {
-    let found = tokio::process::Command::new("kubectl").arg("version").arg("--client").output().await;
+    let found = tokio::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .await;
     if found.is_err() {
         eprintln!("SKIPPED: kubectl is not installed; the kubectl checks need it");
         return None;
     }
     let output = tokio::process::Command::new("kubectl")
-        .args(["--server", &api.url(), "--cache-dir", home.join("cache").to_str().unwrap()])
+        .args([
+            "--server",
+            &api.url(),
+            "--cache-dir",
+            home.join("cache").to_str().unwrap(),
+        ])
         .args(args)
         .env("KUBECONFIG", home.join("kubeconfig"))
         .env("HOME", home)
@@ -505,7 +613,10 @@ async fn kubectl(api: &KubeApi, home: &std::path::Path, args: &[&str]) -> Option
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "kubectl {args:?} failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "kubectl {args:?} failed:\n{stdout}\n{stderr}"
+    );
     Some(stdout)
 }
 
@@ -519,31 +630,258 @@ async fn kubectl_shows_the_columns_conditions_and_events(pool: PgPool) {
     let controller = start_controller(&api, &q, "a");
     enqueue(&q, JobType::Text, 2).await;
     eventually("the status at 2 replicas", || {
-        (pool_status(&api, "text")["readyReplicas"] == 2 && !events(&api, "text", "ScaledUp").is_empty()).then_some(())
+        (pool_status(&api, "text")["readyReplicas"] == 2 && !events(&api, "text", "ScaledUp").is_empty())
+            .then_some(())
     })
     .await;
     controller.stop().await;
 
-    let Some(get) = kubectl(&api, home.path(), &["get", "wp"]).await else { return };
+    let Some(get) = kubectl(&api, home.path(), &["get", "wp"]).await else {
+        return;
+    };
     eprintln!("kubectl get wp:\n{get}");
     let lines: Vec<&str> = get.lines().collect();
     assert!(lines[0].starts_with("NAME"), "{get}");
-    for column in ["TASK TYPES", "PENDING", "IN-FLIGHT", "DESIRED", "CURRENT", "READY", "ACTIVE", "AGE"] {
+    for column in [
+        "TASK TYPES",
+        "PENDING",
+        "IN-FLIGHT",
+        "DESIRED",
+        "CURRENT",
+        "READY",
+        "ACTIVE",
+        "AGE",
+    ] {
         assert!(lines[0].contains(column), "no {column} column:\n{get}");
     }
     let row: Vec<&str> = lines[1].split_whitespace().collect();
-    assert_eq!(&row[..8], ["text", "[\"text_generation\"]", "2", "0", "2", "2", "2", "True"], "{get}");
+    assert_eq!(
+        &row[..8],
+        ["text", "[\"text_generation\"]", "2", "0", "2", "2", "2", "True"],
+        "{get}"
+    );
 
-    let describe = kubectl(&api, home.path(), &["describe", "wp", "text"]).await.unwrap();
-    for expected in ["Name:         text", "Kind:         WorkerPool", "Type:", "Ready", "Reconciled", "ScaledUp", "scaled from 0 to 2", "backlog-controller"] {
-        assert!(describe.contains(expected), "describe lacks {expected:?}:\n{describe}");
+    let describe = kubectl(&api, home.path(), &["describe", "wp", "text"])
+        .await
+        .unwrap();
+    for expected in [
+        "Name:         text",
+        "Kind:         WorkerPool",
+        "Type:",
+        "Ready",
+        "Reconciled",
+        "ScaledUp",
+        "scaled from 0 to 2",
+        "backlog-controller",
+    ] {
+        assert!(
+            describe.contains(expected),
+            "describe lacks {expected:?}:\n{describe}"
+        );
     }
     assert!(describe.contains("Events:"), "{describe}");
     eprintln!("kubectl describe wp text:\n{describe}");
 
-    let yaml = kubectl(&api, home.path(), &["get", "wp", "text", "-o", "yaml"]).await.unwrap();
+    let yaml = kubectl(&api, home.path(), &["get", "wp", "text", "-o", "yaml"])
+        .await
+        .unwrap();
     let object: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
     assert_eq!(object["status"]["desiredReplicas"], serde_yaml_ng::Value::from(2));
-    assert_eq!(object["spec"]["taskTypes"][0], serde_yaml_ng::Value::from("text_generation"));
+    assert_eq!(
+        object["spec"]["taskTypes"][0],
+        serde_yaml_ng::Value::from("text_generation")
+    );
     assert!(yaml.contains("type: Ready"), "{yaml}");
+}
+
+fn repo_path(relative: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+/// The YAML documents of a manifest file, as JSON.
+fn documents(relative: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo_path(relative)).unwrap();
+    text.split("\n---")
+        .filter_map(|doc| serde_yaml_ng::from_str::<Option<serde_yaml_ng::Value>>(doc).unwrap())
+        .map(|doc| serde_json::to_value(doc).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_example_workerpools_load_and_scale_the_example_deployments() {
+    let manifests = controller::manifest::load(&repo_path("manifests/workerpools.yaml"));
+    let errors: Vec<String> = manifests.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errors, Vec::<String>::new());
+    let deployments = documents("manifests/workers.yaml");
+    assert_eq!(manifests.pools.len(), 2);
+    for loaded in &manifests.pools {
+        let controller::spec::Target::Kubernetes(target) = &loaded.pool.spec.target else {
+            panic!("{} is not a kubernetes pool", loaded.name());
+        };
+        let deployment = deployments
+            .iter()
+            .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == target.name.as_str())
+            .unwrap_or_else(|| panic!("no Deployment {} in workers.yaml", target.name));
+        let pod = &deployment["spec"]["template"]["spec"];
+        let env = pod["containers"][0]["env"].as_array().unwrap();
+        let var = |name: &str| {
+            env.iter()
+                .find(|e| e["name"] == name)
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        assert_eq!(
+            var("POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.name"
+        );
+        assert_eq!(var("WORKER_POOL")["value"], loaded.name());
+        let grace: f64 = var("WORKER_SHUTDOWN_GRACE_SECONDS")["value"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let termination = pod["terminationGracePeriodSeconds"].as_f64().unwrap();
+        assert!(
+            grace + 10.0 <= termination,
+            "{}: the pod's grace ({termination} s) must cover the worker's drain ({grace} s) and its exit",
+            target.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_manifests_pass_kubectl_client_side_dry_run_and_kustomize() {
+    let api = emulator().await;
+    let home = tempfile::tempdir().unwrap();
+    let Some(kustomized) = kubectl(
+        &api,
+        home.path(),
+        &["kustomize", repo_path("manifests").to_str().unwrap()],
+    )
+    .await
+    else {
+        return;
+    };
+    let kinds: Vec<&str> = kustomized
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .collect();
+    for kind in [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "WorkerPool",
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "kustomize output lacks a {kind}: {kinds:?}"
+        );
+    }
+    for file in [
+        "namespace",
+        "crd",
+        "rbac",
+        "config",
+        "api",
+        "controller",
+        "workers",
+        "workerpools",
+    ] {
+        let path = repo_path(&format!("manifests/{file}.yaml"));
+        let out = kubectl(
+            &api,
+            home.path(),
+            &[
+                "apply",
+                "--dry-run=client",
+                "--validate=false",
+                "-f",
+                path.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(out.contains("(dry run)"), "{file}.yaml: {out}");
+    }
+    let out = kubectl(
+        &api,
+        home.path(),
+        &[
+            "apply",
+            "--dry-run=client",
+            "--validate=false",
+            "-k",
+            repo_path("manifests").to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.contains("workerpool.backlog.dev/text-pdf created (dry run)"),
+        "{out}"
+    );
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.method == "POST" || r.method == "PATCH" || r.method == "PUT"),
+        "a client-side dry run writes nothing"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn kubectl_applies_the_crd_and_a_pool_that_the_controller_then_runs(pool: PgPool) {
+    let q = Queue::new(pool);
+    // A server without the CRD: kubectl installs it, as an operator would
+    // (without schema validation: the emulator serves no OpenAPI documents).
+    let api = KubeApi::start(&[]).await;
+    let home = tempfile::tempdir().unwrap();
+    let crd = repo_path("manifests/crd.yaml");
+    let Some(out) = kubectl(
+        &api,
+        home.path(),
+        &["apply", "--validate=false", "-f", crd.to_str().unwrap()],
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(
+        out.contains("customresourcedefinition.apiextensions.k8s.io/workerpools.backlog.dev created"),
+        "{out}"
+    );
+    api.create(deployment("worker", 0));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pool.yaml");
+    let pool = worker_pool("text", "text_generation", "worker", json!({}));
+    std::fs::write(&file, serde_yaml_ng::to_string(&pool).unwrap()).unwrap();
+    let out = kubectl(
+        &api,
+        home.path(),
+        &["apply", "--validate=false", "-f", file.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    assert!(out.contains("workerpool.backlog.dev/text created"), "{out}");
+
+    let controller = start_controller(&api, &q, "a");
+    enqueue(&q, JobType::Text, 1).await;
+    eventually("1 replica", || (replicas(&api, "worker") == 1).then_some(())).await;
+    let out = kubectl(&api, home.path(), &["delete", "wp", "text"])
+        .await
+        .unwrap();
+    assert!(out.contains("deleted"), "{out}");
+    enqueue(&q, JobType::Text, 3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        replicas(&api, "worker"),
+        1,
+        "a deleted pool leaves its Deployment at its last count"
+    );
+    controller.stop().await;
 }

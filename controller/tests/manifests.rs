@@ -98,7 +98,10 @@ fn every_spec_field_has_a_description_for_kubectl_explain() {
         if let Some(properties) = schema["properties"].as_object() {
             for (name, property) in properties {
                 let path = format!("{path}.{name}");
-                if property["description"].as_str().is_none_or(|d| d.trim().is_empty()) {
+                if property["description"]
+                    .as_str()
+                    .is_none_or(|d| d.trim().is_empty())
+                {
                     missing.push(path.clone());
                 }
                 walk(&path, property, missing);

@@ -61,7 +61,11 @@ impl ApiError {
     fn not_found(rt: &ResourceType, name: &str) -> Self {
         ApiError {
             details: json!({"name": name, "group": rt.group, "kind": rt.plural}),
-            ..ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", rt.qualified()))
+            ..ApiError::new(
+                404,
+                "NotFound",
+                format!("{} \"{name}\" not found", rt.qualified()),
+            )
         }
     }
 
@@ -230,11 +234,11 @@ impl KubeApi {
             bookmark_interval: Mutex::new(Duration::from_secs(1)),
             requests: Mutex::new(Vec::new()),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(shared.clone());
+        let app = axum::Router::new().fallback(handle).with_state(shared.clone());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -300,7 +304,12 @@ impl KubeApi {
     /// Delete an object as an administrator would. Whether it existed.
     pub fn delete(&self, group: &str, plural: &str, namespace: &str, name: &str) -> bool {
         let mut state = self.shared.state.lock().unwrap();
-        let Some(rt) = state.types.iter().find(|t| t.group == group && t.plural == plural).cloned() else {
+        let Some(rt) = state
+            .types
+            .iter()
+            .find(|t| t.group == group && t.plural == plural)
+            .cloned()
+        else {
             return false;
         };
         let deleted = state.delete(&rt, namespace, name).is_ok();
@@ -413,7 +422,11 @@ async fn handle(
     let response = match injected {
         Some(code) => ApiError::new(
             code,
-            if code == 429 { "TooManyRequests" } else { "InternalError" },
+            if code == 429 {
+                "TooManyRequests"
+            } else {
+                "InternalError"
+            },
             format!("injected fault: {code}"),
         )
         .into_response(),
@@ -431,11 +444,7 @@ async fn handle(
 
 fn query_map(uri: &Uri) -> HashMap<String, String> {
     uri.query()
-        .map(|q| {
-            url_pairs(q)
-                .into_iter()
-                .collect::<HashMap<String, String>>()
-        })
+        .map(|q| url_pairs(q).into_iter().collect::<HashMap<String, String>>())
         .unwrap_or_default()
 }
 
@@ -501,7 +510,11 @@ fn respond(
         ["apis", group] => state().group(group).map(|g| json_response(StatusCode::OK, &g)),
         ["api", "v1"] => ok(state().resource_list("", "v1")?),
         ["apis", group, version] => ok(state().resource_list(group, version)?),
-        ["openapi", ..] => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
+        ["openapi", ..] => Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )),
         ["api", "v1", rest @ ..] => {
             let target = state().target("", "v1", rest)?;
             serve(shared, method, target, &query, headers, content_type, body)
@@ -510,7 +523,11 @@ fn respond(
             let target = state().target(group, version, rest)?;
             serve(shared, method, target, &query, headers, content_type, body)
         }
-        _ => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
+        _ => Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )),
     }
 }
 
@@ -518,8 +535,8 @@ fn parse_body(body: &Bytes, content_type: Option<&str>) -> ApiResult<Value> {
     let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
     let is_yaml = content_type.is_some_and(|c| c.contains("yaml"));
     if is_yaml {
-        let yaml: serde_yaml_ng::Value =
-            serde_yaml_ng::from_str(text).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
+        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
         serde_json::to_value(yaml).map_err(|e| ApiError::bad_request(e.to_string()))
     } else {
         serde_json::from_str(text)
@@ -540,7 +557,10 @@ fn serve(
         .get(axum::http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let wants_table = accept.split(',').next().is_some_and(|first| first.contains("as=Table"));
+    let wants_table = accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table"));
     let rt = target.rt.clone();
     let namespace = target.namespace.clone().unwrap_or_default();
     let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
@@ -565,7 +585,12 @@ fn serve(
             if query.get("dryRun").is_some_and(|d| d == "All") {
                 return created(object);
             }
-            let object = state.create(&rt, &namespace, object, query.get("fieldManager").map(String::as_str))?;
+            let object = state.create(
+                &rt,
+                &namespace,
+                object,
+                query.get("fieldManager").map(String::as_str),
+            )?;
             created(object)
         }
         ("GET", Some(name), None) => {
@@ -614,7 +639,11 @@ fn serve(
 /// A watch: changes after `resourceVersion` (or the current objects as
 /// ADDED first, when it is absent or "0"), then changes as they happen,
 /// bookmarks when asked, until `timeoutSeconds` or a disconnect.
-fn watch_response(shared: &Arc<Shared>, target: Target, query: &HashMap<String, String>) -> ApiResult<Response> {
+fn watch_response(
+    shared: &Arc<Shared>,
+    target: Target,
+    query: &HashMap<String, String>,
+) -> ApiResult<Response> {
     let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
         .map_err(ApiError::bad_request)?;
     let fields = select::FieldSelector::parse(
@@ -709,7 +738,12 @@ fn watch_response(shared: &Arc<Shared>, target: Target, query: &HashMap<String, 
             };
             for change in pending {
                 from = change.rv;
-                if matches(&change) && tx.send(json!({"type": change.kind, "object": change.object})).await.is_err() {
+                if matches(&change)
+                    && tx
+                        .send(json!({"type": change.kind, "object": change.object}))
+                        .await
+                        .is_err()
+                {
                     return;
                 }
             }
@@ -743,7 +777,8 @@ where
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(64);
     tokio::spawn(producer(tx));
     futures::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|event| event.map(|e| Ok(Bytes::from(format!("{e}\n")))))
+        rx.poll_recv(cx)
+            .map(|event| event.map(|e| Ok(Bytes::from(format!("{e}\n")))))
     })
 }
 
@@ -762,12 +797,28 @@ impl State {
             .iter()
             .find(|t| t.group == group && t.version == version && t.kind == kind)
             .cloned()
-            .ok_or_else(|| ApiError::new(404, "NotFound", format!("no matches for kind \"{kind}\" in version \"{api_version}\"")))
+            .ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    "NotFound",
+                    format!("no matches for kind \"{kind}\" in version \"{api_version}\""),
+                )
+            })
     }
 
     fn target(&self, group: &str, version: &str, rest: &[&str]) -> ApiResult<Target> {
-        let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
-        let lookup = |plural: &str| self.find_type(group, version, plural).cloned().ok_or_else(not_found);
+        let not_found = || {
+            ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        };
+        let lookup = |plural: &str| {
+            self.find_type(group, version, plural)
+                .cloned()
+                .ok_or_else(not_found)
+        };
         let (namespace, rest) = match rest {
             // `namespaces/NAME[/status]` is the Namespace object itself.
             ["namespaces", _] | ["namespaces", _, "status" | "finalize"] if group.is_empty() => (None, rest),
@@ -811,7 +862,11 @@ impl State {
             .map(|t| t.version.as_str())
             .collect();
         if versions.is_empty() {
-            return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
         }
         let versions: Vec<Value> = versions
             .iter()
@@ -832,10 +887,20 @@ impl State {
             .flat_map(|t| t.discovery())
             .collect();
         if resources.is_empty() {
-            return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
         }
-        let group_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-        Ok(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}))
+        let group_version = if group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{group}/{version}")
+        };
+        Ok(
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}),
+        )
     }
 
     fn bump(&mut self) -> u64 {
@@ -861,7 +926,12 @@ impl State {
             .ok_or_else(|| ApiError::not_found(rt, name))
     }
 
-    fn list(&self, rt: &ResourceType, namespace: Option<&str>, query: &HashMap<String, String>) -> ApiResult<Value> {
+    fn list(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        query: &HashMap<String, String>,
+    ) -> ApiResult<Value> {
         let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
             .map_err(ApiError::bad_request)?;
         let fields = select::FieldSelector::parse(
@@ -869,7 +939,10 @@ impl State {
             &rt.selectable_fields,
         )
         .map_err(ApiError::bad_request)?;
-        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+        let limit = query
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l > 0);
         let after = query.get("continue").filter(|c| !c.is_empty()).cloned();
         let mut items: Vec<(String, Value)> = self
             .objects
@@ -919,20 +992,36 @@ impl State {
                     "the namespace of the provided object does not match the namespace sent on the request",
                 ));
             }
-            if self.get(&self.find_type("", "v1", "namespaces").cloned().expect("builtin"), "", namespace).is_err() {
+            if self
+                .get(
+                    &self.find_type("", "v1", "namespaces").cloned().expect("builtin"),
+                    "",
+                    namespace,
+                )
+                .is_err()
+            {
                 return Err(ApiError {
                     details: json!({"name": namespace, "kind": "namespaces"}),
                     ..ApiError::new(404, "NotFound", format!("namespaces \"{namespace}\" not found"))
                 });
             }
         }
-        let name = match (object["metadata"]["name"].as_str(), object["metadata"]["generateName"].as_str()) {
+        let name = match (
+            object["metadata"]["name"].as_str(),
+            object["metadata"]["generateName"].as_str(),
+        ) {
             (Some(name), _) if !name.is_empty() => name.to_string(),
             (_, Some(prefix)) => {
                 self.generated += 1;
                 format!("{prefix}{}", suffix(self.generated))
             }
-            _ => return Err(ApiError::invalid(rt, "", "metadata.name: Required value: name or generateName is required")),
+            _ => {
+                return Err(ApiError::invalid(
+                    rt,
+                    "",
+                    "metadata.name: Required value: name or generateName is required",
+                ))
+            }
         };
         if !valid_name(&name) {
             return Err(ApiError::invalid(
@@ -941,16 +1030,28 @@ impl State {
                 format!("metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'"),
             ));
         }
-        let key = (if rt.namespaced { namespace.to_string() } else { String::new() }, name.clone());
+        let key = (
+            if rt.namespaced {
+                namespace.to_string()
+            } else {
+                String::new()
+            },
+            name.clone(),
+        );
         if self.objects.get(&rt.key()).is_some_and(|o| o.contains_key(&key)) {
             return Err(ApiError {
                 details: json!({"name": name, "group": rt.group, "kind": rt.plural}),
-                ..ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", rt.qualified()))
+                ..ApiError::new(
+                    409,
+                    "AlreadyExists",
+                    format!("{} \"{name}\" already exists", rt.qualified()),
+                )
             });
         }
         if rt.group == "apiextensions.k8s.io" {
             let served = ResourceType::from_crd(&object).map_err(|m| ApiError::invalid(rt, &name, m))?;
-            self.types.retain(|t| !served.iter().any(|s| s.group == t.group && s.plural == t.plural));
+            self.types
+                .retain(|t| !served.iter().any(|s| s.group == t.group && s.plural == t.plural));
             self.types.extend(served);
             object["status"] = json!({
                 "conditions": [
@@ -964,7 +1065,10 @@ impl State {
         let rv = self.bump();
         object["apiVersion"] = json!(rt.api_version());
         object["kind"] = json!(rt.kind);
-        let metadata = object["metadata"].as_object_mut().map(std::mem::take).unwrap_or_default();
+        let metadata = object["metadata"]
+            .as_object_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
         let mut metadata = Value::Object(metadata);
         metadata["name"] = json!(name);
         if rt.namespaced {
@@ -989,7 +1093,10 @@ impl State {
         if let Some(manager) = manager {
             self.own(rt, &key, "", manager, &object, &["spec", "metadata", "data"]);
         }
-        self.objects.entry(rt.key()).or_default().insert(key.clone(), object.clone());
+        self.objects
+            .entry(rt.key())
+            .or_default()
+            .insert(key.clone(), object.clone());
         self.record(rt, &key.0, "ADDED", &object);
         if rt.scale {
             workloads::sync(self, rt, &key.0, &name);
@@ -1076,7 +1183,9 @@ impl State {
     ) -> ApiResult<Value> {
         let current = self.get(rt, namespace, name)?;
         if object["metadata"]["name"].as_str().is_some_and(|n| n != name) {
-            return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
+            return Err(ApiError::bad_request(
+                "the name of the object does not match the name on the URL",
+            ));
         }
         Self::check_version(rt, name, &current, &object)?;
         let updated = Self::confine(rt, &current, object, subresource);
@@ -1147,7 +1256,11 @@ impl State {
                 return self.create(rt, namespace, object, Some(manager));
             }
         };
-        let section = if subresource == Some("status") { "status" } else { "spec" };
+        let section = if subresource == Some("status") {
+            "status"
+        } else {
+            "spec"
+        };
         let sub = subresource.unwrap_or("").to_string();
         let owner_key = (rt.key(), namespace.to_string(), name.to_string(), sub.clone());
         let owners = self.owners.get(&owner_key).cloned().unwrap_or_default();
@@ -1167,7 +1280,11 @@ impl State {
             return Err(ApiError::new(
                 409,
                 "Conflict",
-                format!("Apply failed with {} conflict(s): {}", conflicts.len(), conflicts.join(", ")),
+                format!(
+                    "Apply failed with {} conflict(s): {}",
+                    conflicts.len(),
+                    conflicts.join(", ")
+                ),
             ));
         }
         let mut updated = current.clone();
@@ -1183,7 +1300,11 @@ impl State {
             }
         }
         for path in &applied_fields {
-            set_field(&mut updated, path, field_value(applied, path).cloned().unwrap_or(Value::Null));
+            set_field(
+                &mut updated,
+                path,
+                field_value(applied, path).cloned().unwrap_or(Value::Null),
+            );
         }
         if subresource.is_none() {
             if let Some(meta) = applied["metadata"].as_object() {
@@ -1215,8 +1336,19 @@ impl State {
         Ok(stored)
     }
 
-    fn own(&mut self, rt: &ResourceType, key: &(String, String), sub: &str, manager: &str, object: &Value, sections: &[&str]) {
-        let fields: BTreeSet<String> = sections.iter().flat_map(|s| field_paths(s, &object[*s])).collect();
+    fn own(
+        &mut self,
+        rt: &ResourceType,
+        key: &(String, String),
+        sub: &str,
+        manager: &str,
+        object: &Value,
+        sections: &[&str],
+    ) {
+        let fields: BTreeSet<String> = sections
+            .iter()
+            .flat_map(|s| field_paths(s, &object[*s]))
+            .collect();
         self.owners
             .entry((rt.key(), key.0.clone(), key.1.clone(), sub.to_string()))
             .or_default()
@@ -1239,7 +1371,11 @@ impl State {
                             Some(t) => format!("k:{{\"type\":\"{}\"}}", t.trim_end_matches(']')),
                             None => format!("f:{segment}"),
                         };
-                        at = at.as_object_mut().expect("objects").entry(segment).or_insert(json!({}));
+                        at = at
+                            .as_object_mut()
+                            .expect("objects")
+                            .entry(segment)
+                            .or_insert(json!({}));
                     }
                 }
                 let mut entry = json!({
@@ -1271,7 +1407,8 @@ impl State {
                 for t in &served {
                     self.objects.remove(&t.key());
                 }
-                self.types.retain(|t| !served.iter().any(|s| s.group == t.group && s.plural == t.plural));
+                self.types
+                    .retain(|t| !served.iter().any(|s| s.group == t.group && s.plural == t.plural));
             }
         }
         if rt.scale {
@@ -1288,9 +1425,19 @@ impl State {
         Ok(workloads::scale(&object))
     }
 
-    fn write_scale(&mut self, rt: &ResourceType, namespace: &str, name: &str, replicas: i64) -> ApiResult<Value> {
+    fn write_scale(
+        &mut self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+        replicas: i64,
+    ) -> ApiResult<Value> {
         if replicas < 0 {
-            return Err(ApiError::invalid(rt, name, format!("spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0")));
+            return Err(ApiError::invalid(
+                rt,
+                name,
+                format!("spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"),
+            ));
         }
         let mut object = self.get(rt, namespace, name)?;
         object["spec"]["replicas"] = json!(replicas);
@@ -1298,14 +1445,27 @@ impl State {
         self.scale_of(rt, namespace, name)
     }
 
-    fn replace_scale(&mut self, rt: &ResourceType, namespace: &str, name: &str, scale: &Value) -> ApiResult<Value> {
+    fn replace_scale(
+        &mut self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+        scale: &Value,
+    ) -> ApiResult<Value> {
         let current = self.get(rt, namespace, name)?;
         Self::check_version(rt, name, &current, scale)?;
         let replicas = scale["spec"]["replicas"].as_i64().unwrap_or(0);
         self.write_scale(rt, namespace, name, replicas)
     }
 
-    fn patch_scale(&mut self, rt: &ResourceType, namespace: &str, name: &str, content_type: &str, patch: &Value) -> ApiResult<Value> {
+    fn patch_scale(
+        &mut self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+        content_type: &str,
+        patch: &Value,
+    ) -> ApiResult<Value> {
         let mut scale = self.scale_of(rt, namespace, name)?;
         if content_type.starts_with("application/json-patch+json") {
             select::json_patch(&mut scale, patch).map_err(|m| ApiError::new(422, "Invalid", m))?;
@@ -1316,7 +1476,11 @@ impl State {
             Self::check_version(rt, name, &current, patch)?;
             select::merge_patch(&mut scale, patch);
         } else {
-            return Err(ApiError::new(415, "UnsupportedMediaType", format!("unsupported patch type {content_type:?} for scale")));
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!("unsupported patch type {content_type:?} for scale"),
+            ));
         }
         let replicas = scale["spec"]["replicas"]
             .as_i64()
@@ -1326,7 +1490,9 @@ impl State {
 
     fn set_pod_ready(&mut self, namespace: &str, name: &str, ready: bool) {
         let rt = self.find_type("", "v1", "pods").cloned().expect("builtin");
-        let Ok(mut pod) = self.get(&rt, namespace, name) else { return };
+        let Ok(mut pod) = self.get(&rt, namespace, name) else {
+            return;
+        };
         workloads::set_ready(&mut pod, ready);
         self.store(&rt, namespace, name, pod.clone());
         workloads::sync_owner_status(self, namespace, &pod);
@@ -1336,7 +1502,9 @@ impl State {
 /// `status.x` paths of the top-level fields under `section`, with one path
 /// per condition type (`status.conditions[type=Ready]`).
 fn field_paths(section: &str, value: &Value) -> BTreeSet<String> {
-    let Some(fields) = value.as_object() else { return BTreeSet::new() };
+    let Some(fields) = value.as_object() else {
+        return BTreeSet::new();
+    };
     let mut paths = BTreeSet::new();
     for (key, v) in fields {
         if key == "conditions" && v.is_array() {
@@ -1391,7 +1559,9 @@ fn set_field(object: &mut Value, path: &str, value: Value) {
 
 fn remove_field(object: &mut Value, path: &str) {
     let (section, field, condition) = split_path(path);
-    let Some(section) = object.get_mut(section).and_then(Value::as_object_mut) else { return };
+    let Some(section) = object.get_mut(section).and_then(Value::as_object_mut) else {
+        return;
+    };
     match condition {
         Some(t) => {
             if let Some(list) = section.get_mut(field).and_then(Value::as_array_mut) {

@@ -34,7 +34,11 @@ fn split_top(text: &str) -> Vec<&str> {
         }
     }
     parts.push(&text[start..]);
-    parts.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect()
+    parts
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 fn valid_key(key: &str) -> bool {
@@ -166,12 +170,17 @@ fn pointer_segments(path: &str) -> Result<Vec<String>, String> {
     let rest = path
         .strip_prefix('/')
         .ok_or_else(|| format!("invalid JSON pointer {path:?}"))?;
-    Ok(rest.split('/').map(|s| s.replace("~1", "/").replace("~0", "~")).collect())
+    Ok(rest
+        .split('/')
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect())
 }
 
 /// RFC 6902 JSON patch: add, remove, replace, test.
 pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
-    let ops = ops.as_array().ok_or("a JSON patch must be an array of operations")?;
+    let ops = ops
+        .as_array()
+        .ok_or("a JSON patch must be an array of operations")?;
     for op in ops {
         let kind = op["op"].as_str().ok_or("an operation needs \"op\"")?;
         let path = op["path"].as_str().ok_or("an operation needs \"path\"")?;
@@ -205,7 +214,8 @@ pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
                 }
             }
             ("remove", Value::Object(m)) => {
-                m.remove(&last).ok_or_else(|| format!("remove: path {path:?} does not exist"))?;
+                m.remove(&last)
+                    .ok_or_else(|| format!("remove: path {path:?} does not exist"))?;
             }
             ("remove", Value::Array(a)) => {
                 let i: usize = last.parse().map_err(|_| format!("bad index in {path:?}"))?;
@@ -322,7 +332,10 @@ mod tests {
     fn field_selectors_reject_unsupported_fields() {
         let event = json!({"involvedObject": {"name": "text", "kind": "WorkerPool"}});
         let supported = ["involvedObject.name", "involvedObject.kind"];
-        let s = FieldSelector::parse("involvedObject.name=text,involvedObject.kind=WorkerPool", &supported);
+        let s = FieldSelector::parse(
+            "involvedObject.name=text,involvedObject.kind=WorkerPool",
+            &supported,
+        );
         assert!(s.unwrap().matches(&event));
         assert!(!FieldSelector::parse("involvedObject.name!=text", &supported)
             .unwrap()
@@ -354,7 +367,10 @@ mod tests {
             json_path(&pool, ".status.conditions[?(@.type==\"Active\")].status"),
             Some(&json!("False"))
         );
-        assert_eq!(json_path(&pool, ".status.conditions[0].type"), Some(&json!("Ready")));
+        assert_eq!(
+            json_path(&pool, ".status.conditions[0].type"),
+            Some(&json!("Ready"))
+        );
         assert_eq!(json_path(&pool, ".status.missing"), None);
     }
 

@@ -27,8 +27,13 @@ fn columns(rt: &ResourceType) -> Vec<Value> {
 }
 
 fn age(timestamp: &Value) -> Value {
-    match timestamp.as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) {
-        Some(t) => json!(human_duration((chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())),
+    match timestamp
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    {
+        Some(t) => json!(human_duration(
+            (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds()
+        )),
         None => json!("<unknown>"),
     }
 }

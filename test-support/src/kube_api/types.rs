@@ -105,7 +105,9 @@ impl ResourceType {
             .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
             .unwrap_or_default();
         let namespaced = spec["scope"].as_str() != Some("Cluster");
-        let versions = spec["versions"].as_array().ok_or("spec.versions: Required value")?;
+        let versions = spec["versions"]
+            .as_array()
+            .ok_or("spec.versions: Required value")?;
         Ok(versions
             .iter()
             .filter(|v| v["served"].as_bool().unwrap_or(true))
@@ -119,7 +121,10 @@ impl ResourceType {
                 short_names: short_names.clone(),
                 status: v["subresources"].get("status").is_some(),
                 scale: v["subresources"].get("scale").is_some(),
-                printer_columns: v["additionalPrinterColumns"].as_array().cloned().unwrap_or_default(),
+                printer_columns: v["additionalPrinterColumns"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
                 selectable_fields: vec!["metadata.name", "metadata.namespace"],
             })
             .collect())
@@ -127,7 +132,16 @@ impl ResourceType {
 
     /// This type's entry (and its subresources') in an APIResourceList.
     pub fn discovery(&self) -> Vec<Value> {
-        let verbs = json!(["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]);
+        let verbs = json!([
+            "create",
+            "delete",
+            "deletecollection",
+            "get",
+            "list",
+            "patch",
+            "update",
+            "watch"
+        ]);
         let mut entries = vec![json!({
             "name": self.plural,
             "singularName": self.singular,
@@ -172,21 +186,25 @@ pub fn builtin_types() -> Vec<ResourceType> {
             .short(&["po"])
             .with_status()
             .fields(&["spec.nodeName", "status.phase"]),
-        R::builtin("", "v1", "events", "Event", true).short(&["ev"]).fields(&[
-            "involvedObject.kind",
-            "involvedObject.namespace",
-            "involvedObject.name",
-            "involvedObject.uid",
-            "involvedObject.apiVersion",
-            "involvedObject.resourceVersion",
-            "involvedObject.fieldPath",
-            "reason",
-            "reportingComponent",
-            "source",
-            "type",
-        ]),
+        R::builtin("", "v1", "events", "Event", true)
+            .short(&["ev"])
+            .fields(&[
+                "involvedObject.kind",
+                "involvedObject.namespace",
+                "involvedObject.name",
+                "involvedObject.uid",
+                "involvedObject.apiVersion",
+                "involvedObject.resourceVersion",
+                "involvedObject.fieldPath",
+                "reason",
+                "reportingComponent",
+                "source",
+                "type",
+            ]),
         R::builtin("", "v1", "serviceaccounts", "ServiceAccount", true).short(&["sa"]),
-        R::builtin("", "v1", "services", "Service", true).short(&["svc"]).with_status(),
+        R::builtin("", "v1", "services", "Service", true)
+            .short(&["svc"])
+            .with_status(),
         R::builtin("", "v1", "configmaps", "ConfigMap", true).short(&["cm"]),
         R::builtin("", "v1", "secrets", "Secret", true),
         R::builtin("apps", "v1", "deployments", "Deployment", true)
@@ -199,9 +217,27 @@ pub fn builtin_types() -> Vec<ResourceType> {
             .with_scale(),
         R::builtin("coordination.k8s.io", "v1", "leases", "Lease", true),
         R::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true),
-        R::builtin("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true),
-        R::builtin("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false),
-        R::builtin("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false),
+        R::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "rolebindings",
+            "RoleBinding",
+            true,
+        ),
+        R::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterroles",
+            "ClusterRole",
+            false,
+        ),
+        R::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+        ),
         R::builtin(
             "apiextensions.k8s.io",
             "v1",

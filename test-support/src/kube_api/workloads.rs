@@ -15,7 +15,9 @@ fn pods_type(state: &State) -> ResourceType {
 /// A stable 10-character stand-in for a ReplicaSet's pod-template-hash.
 fn template_hash(uid: &str) -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut x: u64 = uid.bytes().fold(1469598103934665603, |h, b| (h ^ b as u64).wrapping_mul(1099511628211));
+    let mut x: u64 = uid.bytes().fold(1469598103934665603, |h, b| {
+        (h ^ b as u64).wrapping_mul(1099511628211)
+    });
     (0..10)
         .map(|_| {
             let c = ALPHABET[(x % 27) as usize] as char;
@@ -78,19 +80,29 @@ fn owned_pods(state: &State, workload: &Value) -> Vec<Value> {
 /// Create or delete Pods until the workload's replica count is met, then
 /// write its status.
 pub fn sync(state: &mut State, rt: &ResourceType, namespace: &str, name: &str) {
-    let Ok(workload) = state.get(rt, namespace, name) else { return };
+    let Ok(workload) = state.get(rt, namespace, name) else {
+        return;
+    };
     let desired = workload["spec"]["replicas"].as_i64().unwrap_or(1).max(0) as usize;
     let pods_rt = pods_type(state);
     let mut pods = owned_pods(state, &workload);
-    let uid = workload["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+    let uid = workload["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let hash = template_hash(&uid);
     let deployment = workload["kind"] == "Deployment";
     let template = &workload["spec"]["template"];
     if pods.len() < desired {
         let mut ordinals: Vec<usize> = Vec::new();
         if !deployment {
-            let taken: Vec<String> = pods.iter().map(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string()).collect();
-            ordinals = (0..desired).filter(|i| !taken.contains(&format!("{name}-{i}"))).collect();
+            let taken: Vec<String> = pods
+                .iter()
+                .map(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string())
+                .collect();
+            ordinals = (0..desired)
+                .filter(|i| !taken.contains(&format!("{name}-{i}")))
+                .collect();
         }
         for i in 0..desired - pods.len() {
             let mut labels = template["metadata"]["labels"].clone();
@@ -144,7 +156,11 @@ pub fn sync(state: &mut State, rt: &ResourceType, namespace: &str, name: &str) {
                             .as_str()
                             .cmp(&a["metadata"]["creationTimestamp"].as_str()),
                     )
-                    .then(b["metadata"]["name"].as_str().cmp(&a["metadata"]["name"].as_str()))
+                    .then(
+                        b["metadata"]["name"]
+                            .as_str()
+                            .cmp(&a["metadata"]["name"].as_str()),
+                    )
             });
         } else {
             // A StatefulSet removes its highest ordinals.
@@ -166,7 +182,9 @@ pub fn sync(state: &mut State, rt: &ResourceType, namespace: &str, name: &str) {
 }
 
 fn write_status(state: &mut State, rt: &ResourceType, namespace: &str, name: &str) {
-    let Ok(mut workload) = state.get(rt, namespace, name) else { return };
+    let Ok(mut workload) = state.get(rt, namespace, name) else {
+        return;
+    };
     let pods = owned_pods(state, &workload);
     let ready = pods.iter().filter(|p| is_ready(p)).count();
     let mut status = json!({
@@ -195,11 +213,21 @@ pub fn sync_owner_status(state: &mut State, namespace: &str, pod: &Value) {
         let names: Vec<String> = state
             .objects
             .get(&rt.key())
-            .map(|o| o.keys().filter(|(ns, _)| ns == namespace).map(|(_, n)| n.clone()).collect())
+            .map(|o| {
+                o.keys()
+                    .filter(|(ns, _)| ns == namespace)
+                    .map(|(_, n)| n.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         for name in names {
-            let Ok(workload) = state.get(&rt, namespace, &name) else { continue };
-            if owned_pods(state, &workload).iter().any(|p| p["metadata"]["uid"] == pod["metadata"]["uid"]) {
+            let Ok(workload) = state.get(&rt, namespace, &name) else {
+                continue;
+            };
+            if owned_pods(state, &workload)
+                .iter()
+                .any(|p| p["metadata"]["uid"] == pod["metadata"]["uid"])
+            {
                 write_status(state, &rt, namespace, &name);
             }
         }

@@ -111,7 +111,8 @@ impl LeaseLock {
         }
         let held_by_me = holder.as_deref() == Some(me.as_str());
         let expired = self.observed.as_ref().is_some_and(|o| {
-            let lease_for = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration).max(1) as u64);
+            let lease_for =
+                Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration).max(1) as u64);
             o.at.elapsed() >= lease_for
         });
         if !(held_by_me || holder.is_none() || expired) {
@@ -121,13 +122,21 @@ impl LeaseLock {
         lease.spec = Some(LeaseSpec {
             holder_identity: Some(me),
             lease_duration_seconds: Some(duration),
-            acquire_time: if held_by_me { spec.acquire_time } else { Some(now()) },
+            acquire_time: if held_by_me {
+                spec.acquire_time
+            } else {
+                Some(now())
+            },
             renew_time: Some(now()),
             lease_transitions: Some(transitions),
             ..spec
         });
         // `replace` sends the resourceVersion read above: a stale write is a 409.
-        match self.api.replace(&self.settings.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(written) => {
                 let spec = written.spec.unwrap_or_default();
                 self.observed = Some(Observed {
@@ -144,7 +153,9 @@ impl LeaseLock {
 
     /// Give the Lease up so a standby need not wait for it to expire.
     async fn release(&mut self) -> kube::Result<()> {
-        let Some(mut lease) = self.api.get_opt(&self.settings.name).await? else { return Ok(()) };
+        let Some(mut lease) = self.api.get_opt(&self.settings.name).await? else {
+            return Ok(());
+        };
         let mut spec = lease.spec.clone().unwrap_or_default();
         if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
             return Ok(());
@@ -153,7 +164,9 @@ impl LeaseLock {
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(now());
         lease.spec = Some(spec);
-        self.api.replace(&self.settings.name, &PostParams::default(), &lease).await?;
+        self.api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await?;
         Ok(())
     }
 }

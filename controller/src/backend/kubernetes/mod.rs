@@ -118,10 +118,14 @@ impl KubernetesBackend {
     async fn get_scale(&self, namespace: &str, target: &KubernetesTarget) -> kube::Result<(i32, String)> {
         let scale = match target.kind {
             WorkloadKind::Deployment => {
-                Api::<Deployment>::namespaced(self.client.clone(), namespace).get_scale(&target.name).await?
+                Api::<Deployment>::namespaced(self.client.clone(), namespace)
+                    .get_scale(&target.name)
+                    .await?
             }
             WorkloadKind::StatefulSet => {
-                Api::<StatefulSet>::namespaced(self.client.clone(), namespace).get_scale(&target.name).await?
+                Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
+                    .get_scale(&target.name)
+                    .await?
             }
         };
         let replicas = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
@@ -173,7 +177,11 @@ impl KubernetesBackend {
         let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
         for pod in pods {
             let name = pod.metadata.name.as_deref().unwrap_or_default();
-            let current = pod.metadata.annotations.as_ref().and_then(|a| a.get(POD_DELETION_COST));
+            let current = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(POD_DELETION_COST));
             let wanted = if remove.contains(name) {
                 Some(COST_DRAINED.to_string())
             } else if busy.contains(name) {
@@ -181,21 +189,27 @@ impl KubernetesBackend {
             } else {
                 None
             };
-            let stale_ours = current.is_some_and(|c| *c == COST_DRAINED.to_string() || *c == COST_BUSY.to_string());
+            let stale_ours =
+                current.is_some_and(|c| *c == COST_DRAINED.to_string() || *c == COST_BUSY.to_string());
             if current == wanted.as_ref() || (wanted.is_none() && !stale_ours) {
                 continue;
             }
             let patch = json!({"metadata": {"annotations": {POD_DELETION_COST: wanted}}});
-            api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await?;
         }
         Ok(())
     }
 
     async fn busy_pods(&self, pool: &str) -> Result<HashSet<String>, BackendError> {
-        let busy = self.queue.busy_replicas().await.map_err(|e| BackendError::Failed {
-            pool: pool.to_string(),
-            message: format!("reading the worker registry: {e}"),
-        })?;
+        let busy = self
+            .queue
+            .busy_replicas()
+            .await
+            .map_err(|e| BackendError::Failed {
+                pool: pool.to_string(),
+                message: format!("reading the worker registry: {e}"),
+            })?;
         Ok(busy.into_iter().map(|r| r.worker_id).collect())
     }
 
@@ -228,10 +242,14 @@ impl KubernetesBackend {
                 .filter(|n| !busy.contains(n))
                 .take((found - wanted) as usize)
                 .collect();
-            let mut drained = self.queue.drain_idle(&candidates).await.map_err(|e| BackendError::Failed {
-                pool: pool.name.to_string(),
-                message: format!("drain: {e}"),
-            })?;
+            let mut drained = self
+                .queue
+                .drain_idle(&candidates)
+                .await
+                .map_err(|e| BackendError::Failed {
+                    pool: pool.name.to_string(),
+                    message: format!("drain: {e}"),
+                })?;
             let registered: HashSet<String> = match self.queue.workers(None).await {
                 Ok(workers) => workers.into_iter().map(|w| w.id).collect(),
                 Err(_) => candidates.iter().cloned().collect(),
@@ -252,8 +270,16 @@ impl KubernetesBackend {
             "{:?} {} was scaled to {found} outside the controller; set back to {result} (pause the WorkerPool to scale by hand)",
             target.kind, target.name
         );
-        tracing::warn!(pool = pool.name, found, wanted, set = result, "replica count changed by hand; converged back");
-        self.publisher.event(pool, "Warning", "ManualScaleReverted", &message).await;
+        tracing::warn!(
+            pool = pool.name,
+            found,
+            wanted,
+            set = result,
+            "replica count changed by hand; converged back"
+        );
+        self.publisher
+            .event(pool, "Warning", "ManualScaleReverted", &message)
+            .await;
         Ok(result)
     }
 }
@@ -277,7 +303,8 @@ impl Backend for KubernetesBackend {
         };
         let replicas = match remembered {
             Some(wanted) if wanted != found && !pool.spec.paused => {
-                self.converge(pool, &namespace, target, &selector, found, wanted).await?
+                self.converge(pool, &namespace, target, &selector, found, wanted)
+                    .await?
             }
             _ => found,
         };
@@ -308,7 +335,13 @@ impl Backend for KubernetesBackend {
         let target = Self::target(pool)?;
         let namespace = self.namespace(pool).to_string();
         let key = Self::key(&namespace, target);
-        let current = self.targets.lock().await.get(&key).and_then(|m| m.replicas).unwrap_or(0);
+        let current = self
+            .targets
+            .lock()
+            .await
+            .get(&key)
+            .and_then(|m| m.replicas)
+            .unwrap_or(0);
         let wanted = current + count as i32;
         self.set_scale(&namespace, target, wanted)
             .await
@@ -341,7 +374,9 @@ impl Backend for KubernetesBackend {
                 .filter_map(|n| ordinal(n).map(|o| (o, n)))
                 .collect();
             ordinals.sort_by(|a, b| b.0.cmp(&a.0));
-            let placeholders = ids.iter().filter(|id| !pods.iter().any(|p| p.metadata.name.as_ref() == Some(*id)));
+            let placeholders = ids
+                .iter()
+                .filter(|id| !pods.iter().any(|p| p.metadata.name.as_ref() == Some(*id)));
             let mut top: Vec<&String> = placeholders.collect();
             for (_, name) in &ordinals {
                 match ids.iter().find(|id| id.as_str() == *name) {

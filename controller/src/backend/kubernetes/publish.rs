@@ -37,7 +37,8 @@ fn now() -> String {
 
 impl Publisher {
     pub fn new(client: Client) -> Self {
-        let instance = std::env::var("POD_NAME").unwrap_or_else(|_| format!("controller-{}", std::process::id()));
+        let instance =
+            std::env::var("POD_NAME").unwrap_or_else(|_| format!("controller-{}", std::process::id()));
         Publisher {
             client,
             instance,
@@ -57,7 +58,10 @@ impl Publisher {
         }
         if let Some(decision) = outcome.decision {
             if outcome.error.is_none() && decision.replicas > decision.from {
-                let message = format!("scaled from {} to {}: {}", decision.from, decision.replicas, decision.reason);
+                let message = format!(
+                    "scaled from {} to {}: {}",
+                    decision.from, decision.replicas, decision.reason
+                );
                 self.event(pool, "Normal", "ScaledUp", &message).await;
             } else if outcome.error.is_none() && decision.replicas < decision.from {
                 let message = format!(
@@ -82,7 +86,8 @@ impl Publisher {
     }
 
     async fn error_event(&self, pool: PoolRef<'_>, error: &BackendError) {
-        self.event(pool, "Warning", error.reason(), &error.to_string()).await;
+        self.event(pool, "Warning", error.reason(), &error.to_string())
+            .await;
     }
 
     /// A WorkerPool the controller will not run: `Ready=False, InvalidSpec`
@@ -146,11 +151,20 @@ impl Publisher {
             .to_string();
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
         let key = key(pool);
-        let last = self.published.lock().await.get(&key).and_then(|p| p.event.clone());
+        let last = self
+            .published
+            .lock()
+            .await
+            .get(&key)
+            .and_then(|p| p.event.clone());
         if let Some((last_reason, last_message, name, count)) = last {
             if last_reason == reason && last_message == message {
                 let patch = json!({"count": count + 1, "lastTimestamp": now()});
-                if api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await.is_ok() {
+                if api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .is_ok()
+                {
                     if let Some(p) = self.published.lock().await.get_mut(&key) {
                         p.event = Some((last_reason, last_message, name, count + 1));
                     }

@@ -131,7 +131,10 @@ impl PoolSource for WorkerPoolSource {
         for pool in pools {
             let mut problems: Vec<String> = pool.spec.validate().iter().map(ToString::to_string).collect();
             for task_type in &pool.spec.task_types {
-                if let Some(first) = admitted.iter().find(|p| p.pool.spec.task_types.contains(task_type)) {
+                if let Some(first) = admitted
+                    .iter()
+                    .find(|p| p.pool.spec.task_types.contains(task_type))
+                {
                     problems.push(format!(
                         "spec.taskTypes: {task_type} is already served by WorkerPool {}/{}",
                         first.pool.metadata.namespace.as_deref().unwrap_or_default(),
