@@ -885,3 +885,78 @@ async fn kubectl_applies_the_crd_and_a_pool_that_the_controller_then_runs(pool: 
     );
     controller.stop().await;
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_statefulset_loses_only_idle_top_ordinals(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "sts", "namespace": NS},
+        "spec": {"replicas": 3, "serviceName": "sts", "selector": {"matchLabels": {"app": "sts"}},
+            "template": {"metadata": {"labels": {"app": "sts"}}, "spec": {"containers": [{"name": "w", "image": "x"}]}}},
+    }));
+    let mut pool = worker_pool("text", "text_generation", "sts", json!({}));
+    pool["spec"]["target"] = json!({"kubernetes": {"kind": "StatefulSet", "name": "sts"}});
+    api.create(pool);
+    for pod in ["sts-0", "sts-1", "sts-2"] {
+        register(&q, pod).await;
+    }
+    enqueue(&q, JobType::Text, 1).await;
+    assert_eq!(
+        q.claim("sts-1", &[TaskType::TextGeneration], 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let controller = start_controller(&api, &q, "a");
+    let statefulset = || api.get("apps", "statefulsets", NS, "sts").unwrap();
+    eventually("sts at 2", || {
+        (statefulset()["spec"]["replicas"] == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        statefulset()["spec"]["replicas"],
+        2,
+        "sts-1 is busy: the StatefulSet cannot go lower"
+    );
+    assert_eq!(pod_names(&api, "sts"), ["sts-0", "sts-1"]);
+    let drained: Vec<String> = q
+        .workers(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|w| w.state == queue::WorkerState::Draining)
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(drained, ["sts-2"], "sts-0 was put back to work");
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn two_pools_for_one_task_type_leave_the_newer_one_invalid(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    api.create(worker_pool("first", "text_generation", "worker", json!({})));
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a later creationTimestamp
+    api.create(worker_pool("second", "text_generation", "worker", json!({})));
+    let controller = start_controller(&api, &q, "a");
+    let ready = eventually("the second pool rejected", || {
+        let ready = condition(&pool_status(&api, "second"), "Ready");
+        (ready["reason"] == "InvalidSpec").then_some(ready)
+    })
+    .await;
+    assert_eq!(
+        ready["message"],
+        "spec.taskTypes: text_generation is already served by WorkerPool default/first"
+    );
+    eventually("the first pool runs", || {
+        (condition(&pool_status(&api, "first"), "Ready")["status"] == "True").then_some(())
+    })
+    .await;
+    controller.stop().await;
+}

@@ -39,21 +39,6 @@ pub fn with_database(url: &str, database: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    #[test]
-    fn replaces_the_database_and_keeps_the_query() {
-        assert_eq!(with_database("postgres://u@h:5/a", "b"), "postgres://u@h:5/b");
-        assert_eq!(with_database("postgres://u@h:5", "b"), "postgres://u@h:5/b");
-        assert_eq!(
-            with_database("postgres://u@h/a?host=/tmp&sslmode=disable", "b"),
-            "postgres://u@h/b?host=/tmp&sslmode=disable"
-        );
-    }
-}
-
 /// The path of one of the workspace's binaries, built first if needed, so a
 /// test in one crate can run another crate's program as a real process.
 pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
@@ -72,4 +57,19 @@ pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
     let path = profile_dir.join(name);
     assert!(path.exists(), "{} was not built", path.display());
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn replaces_the_database_and_keeps_the_query() {
+        assert_eq!(with_database("postgres://u@h:5/a", "b"), "postgres://u@h:5/b");
+        assert_eq!(with_database("postgres://u@h:5", "b"), "postgres://u@h:5/b");
+        assert_eq!(
+            with_database("postgres://u@h/a?host=/tmp&sslmode=disable", "b"),
+            "postgres://u@h/b?host=/tmp&sslmode=disable"
+        );
+    }
 }

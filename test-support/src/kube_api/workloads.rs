@@ -104,7 +104,8 @@ pub fn sync(state: &mut State, rt: &ResourceType, namespace: &str, name: &str) {
                 .filter(|i| !taken.contains(&format!("{name}-{i}")))
                 .collect();
         }
-        for i in 0..desired - pods.len() {
+        let mut free_ordinals = ordinals.into_iter();
+        for _ in pods.len()..desired {
             let mut labels = template["metadata"]["labels"].clone();
             if !labels.is_object() {
                 labels = json!({});
@@ -117,7 +118,7 @@ pub fn sync(state: &mut State, rt: &ResourceType, namespace: &str, name: &str) {
                         "uid": format!("{uid}-rs"), "controller": true, "blockOwnerDeletion": true}),
                 )
             } else {
-                let pod_name = format!("{name}-{}", ordinals[i]);
+                let pod_name = format!("{name}-{}", free_ordinals.next().unwrap_or_default());
                 labels["statefulset.kubernetes.io/pod-name"] = json!(pod_name);
                 (
                     json!({"name": pod_name}),

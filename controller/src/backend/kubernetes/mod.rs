@@ -373,7 +373,7 @@ impl Backend for KubernetesBackend {
                 .filter_map(|p| p.metadata.name.as_deref())
                 .filter_map(|n| ordinal(n).map(|o| (o, n)))
                 .collect();
-            ordinals.sort_by(|a, b| b.0.cmp(&a.0));
+            ordinals.sort_by_key(|o| std::cmp::Reverse(o.0));
             let placeholders = ids
                 .iter()
                 .filter(|id| !pods.iter().any(|p| p.metadata.name.as_ref() == Some(*id)));
@@ -398,6 +398,9 @@ impl Backend for KubernetesBackend {
                 .map_err(error)?;
         }
         let wanted = (current - removing.len() as i32).max(0);
+        if wanted == current {
+            return Ok(());
+        }
         self.set_scale(&namespace, target, wanted).await.map_err(error)?;
         self.targets.lock().await.entry(key).or_default().replicas = Some(wanted);
         Ok(())
