@@ -883,6 +883,18 @@ async fn kubectl_applies_the_crd_and_a_pool_that_the_controller_then_runs(pool: 
         1,
         "a deleted pool leaves its Deployment at its last count"
     );
+
+    // Scaled down by hand and the pool created again: a new pool, not a
+    // hand-scaled one to set back.
+    api.scale("deployments", NS, "worker", 0);
+    let args = ["apply", "--validate=false", "-f", file.to_str().unwrap()];
+    let out = kubectl(&api, home.path(), &args).await.unwrap();
+    assert!(out.contains("workerpool.backlog.dev/text created"), "{out}");
+    eventually("4 replicas for the 4 pending tasks", || {
+        (replicas(&api, "worker") == 4).then_some(())
+    })
+    .await;
+    assert_eq!(events(&api, "text", "ManualScaleReverted").len(), 0);
     controller.stop().await;
 }
 

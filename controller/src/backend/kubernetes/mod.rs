@@ -46,6 +46,9 @@ struct TargetMemory {
     replicas: Option<i32>,
     /// The target's pod label selector, from its Scale.
     selector: String,
+    /// The WorkerPool this was learnt for: a pool deleted and created again
+    /// starts from the target's count as it finds it.
+    pool_uid: Option<String>,
 }
 
 pub struct KubernetesBackend {
@@ -299,6 +302,10 @@ impl Backend for KubernetesBackend {
             let mut targets = self.targets.lock().await;
             let memory = targets.entry(key.clone()).or_default();
             memory.selector = selector.clone();
+            if memory.pool_uid != pool.metadata.uid {
+                memory.pool_uid = pool.metadata.uid.clone();
+                memory.replicas = None;
+            }
             memory.replicas
         };
         let replicas = match remembered {
