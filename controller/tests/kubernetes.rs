@@ -972,3 +972,52 @@ async fn two_pools_for_one_task_type_leave_the_newer_one_invalid(pool: PgPool) {
     .await;
     controller.stop().await;
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_unreadable_queue_switches_to_the_fallback_with_an_event(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    let spec = json!({"fallback": {"failureThreshold": 2, "replicas": 2}});
+    api.create(worker_pool("text", "text_generation", "worker", spec));
+    let object = api.get("backlog.dev", "workerpools", NS, "text").unwrap();
+    let loaded = controller::manifest::LoadedPool {
+        location: controller::error::Location {
+            file: "workerpools.backlog.dev/default/text".into(),
+            line: 0,
+            document: 0,
+            name: Some("text".into()),
+        },
+        pool: serde_json::from_value(object).unwrap(),
+    };
+    let mut reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: KubernetesBackend::new(client(&api), q.clone()),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let pools = [loaded];
+    let now = chrono::Utc::now();
+    reconciler.reconcile(&pools, now).await;
+    pool.close().await;
+    for i in 1..=3 {
+        reconciler
+            .reconcile(&pools, now + chrono::Duration::seconds(i))
+            .await;
+    }
+    assert_eq!(replicas(&api, "worker"), 2, "the fallback count");
+    let status = pool_status(&api, "text");
+    assert_eq!(condition(&status, "Fallback")["status"], "True", "{status}");
+    assert_eq!(
+        condition(&status, "Fallback")["reason"],
+        "QueueUnreadable",
+        "{status}"
+    );
+    let fallback = events(&api, "text", "Fallback");
+    assert_eq!(
+        fallback.len(),
+        1,
+        "one Event when the fallback starts: {fallback:?}"
+    );
+    assert_eq!(fallback[0]["type"], "Warning");
+    assert_eq!(events(&api, "text", "ScaledUp").len(), 1);
+}
