@@ -1021,3 +1021,55 @@ async fn an_unreadable_queue_switches_to_the_fallback_with_an_event(pool: PgPool
     assert_eq!(fallback[0]["type"], "Warning");
     assert_eq!(events(&api, "text", "ScaledUp").len(), 1);
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigterm(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster: {{server: \"{}\"}}\n\
+             users:\n- name: nobody\n  user: {{}}\ncontexts:\n- name: emulator\n  context: {{cluster: emulator, user: nobody, namespace: default}}\n\
+             current-context: emulator\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_controller"))
+        .args([
+            "run",
+            "--backend",
+            "kubernetes",
+            "--tick-seconds",
+            "0.3",
+            "--log-format",
+            "text",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("DATABASE_URL", test_support::database_url(&pool))
+        .env("POD_NAME", "controller-0")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    enqueue(&q, JobType::Text, 2).await;
+    eventually("the binary scaled the deployment", || {
+        (replicas(&api, "worker") == 2).then_some(())
+    })
+    .await;
+    assert_eq!(lease_holder(&api).as_deref(), Some("controller-0"));
+
+    // SAFETY: kill(2) on the child we started, with a valid signal.
+    unsafe { libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(lease_holder(&api), None, "the Lease is released on the way out");
+}
