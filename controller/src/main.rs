@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use controller::backend::kubernetes::{KubernetesBackend, LeaseElection, LeaseSettings, WorkerPoolSource};
 use controller::backend::local::LocalBackend;
 use controller::metrics::Metrics;
 use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
@@ -53,18 +54,22 @@ enum Command {
 enum BackendKind {
     /// Worker replicas as child processes of the controller.
     Local,
+    /// Deployments and StatefulSets, scaled from WorkerPool objects.
+    Kubernetes,
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// WorkerPool manifests: a YAML file or a folder; edits are picked up live.
+    /// WorkerPool manifests: a YAML file or a folder; edits are picked up
+    /// live. Required for the local backend; the Kubernetes backend watches
+    /// WorkerPool objects instead unless this is given.
     #[arg(
         short = 'f',
         long = "filename",
         value_name = "FILE_OR_DIR",
         env = "WORKER_POOLS"
     )]
-    path: PathBuf,
+    path: Option<PathBuf>,
     #[arg(long, value_enum, env = "CONTROLLER_BACKEND", default_value = "local")]
     backend: BackendKind,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -78,6 +83,25 @@ struct RunArgs {
     /// Advisory-lock key shared by the controllers of one deployment.
     #[arg(long, env = "CONTROLLER_LEADER_KEY", default_value_t = 0x6261_636b_6c6f_67)]
     leader_key: i64,
+    /// Kubernetes: the namespace whose WorkerPools to run (default: the
+    /// kubeconfig's or the pod's namespace).
+    #[arg(long, env = "CONTROLLER_NAMESPACE", conflicts_with = "all_namespaces")]
+    namespace: Option<String>,
+    /// Kubernetes: run the WorkerPools of every namespace.
+    #[arg(long, env = "CONTROLLER_ALL_NAMESPACES")]
+    all_namespaces: bool,
+    /// Kubernetes: the leader-election Lease (in --lease-namespace).
+    #[arg(long, env = "CONTROLLER_LEASE_NAME", default_value = "backlog-controller")]
+    lease_name: String,
+    /// Kubernetes: the Lease's namespace (default: --namespace, or the client's).
+    #[arg(long, env = "CONTROLLER_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Kubernetes: seconds a leader's Lease lasts without renewal.
+    #[arg(long, env = "CONTROLLER_LEASE_SECONDS", default_value_t = 15.0)]
+    lease_seconds: f64,
+    /// Kubernetes: this replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
     /// Serve Prometheus metrics here (e.g. 0.0.0.0:9464).
     #[arg(long, env = "CONTROLLER_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -126,16 +150,64 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tick: Duration::from_secs_f64(args.tick_seconds),
         leader_key: args.leader_key,
     };
-    let source = ManifestSource::new(args.path);
     match args.backend {
         BackendKind::Local => {
+            let path = args
+                .path
+                .context("the local backend needs WorkerPool manifests: pass -f FILE_OR_DIR")?;
             let backend = LocalBackend::new(Duration::from_secs_f64(args.stop_grace_seconds));
             let reconciler = Reconciler::new(Context {
                 queue,
                 backend,
                 metrics,
             });
-            reconcile::run(reconciler, source, settings, shutdown).await
+            reconcile::run(reconciler, ManifestSource::new(path), settings, shutdown).await
+        }
+        BackendKind::Kubernetes => {
+            // In-cluster service account, or KUBECONFIG / ~/.kube/config.
+            let config = kube::Config::infer()
+                .await
+                .context("finding the Kubernetes API")?;
+            let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+            let namespace = args
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            let identity = args
+                .identity
+                .clone()
+                .unwrap_or_else(|| format!("controller-{}", std::process::id()));
+            let lease = LeaseSettings::new(
+                args.lease_namespace.as_deref().unwrap_or(&namespace),
+                &args.lease_name,
+                &identity,
+                Duration::from_secs_f64(args.lease_seconds),
+            );
+            let election = LeaseElection::new(client.clone(), lease);
+            let backend = KubernetesBackend::new(client.clone(), queue.clone());
+            let reconciler = Reconciler::new(Context {
+                queue,
+                backend,
+                metrics,
+            });
+            match args.path {
+                Some(path) => {
+                    reconcile::run_elected(
+                        reconciler,
+                        ManifestSource::new(path),
+                        election,
+                        settings,
+                        shutdown,
+                    )
+                    .await
+                }
+                None => {
+                    let watched = (!args.all_namespaces).then_some(namespace.as_str());
+                    tracing::info!(namespace = watched.unwrap_or("(all)"), "watching WorkerPools");
+                    let source = WorkerPoolSource::new(client, watched);
+                    reconcile::run_elected(reconciler, source, election, settings, shutdown).await
+                }
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 //! the drain protocol in front of every removal.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -12,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use queue::{Queue, TaskDepth, TaskType};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, PoolRef, Replica};
+use crate::backend::{Backend, BackendError, PassOutcome, PoolRef, Replica};
 use crate::manifest::{self, LoadedPool};
 use crate::metrics::{DecisionLabels, ErrorLabels, Metrics, PoolLabels};
 use crate::policy::{self, Decision, History, Observation, Phase, QueueLoad, QueueReading};
@@ -30,6 +31,49 @@ pub struct Context<B> {
 struct PoolState {
     history: History,
     status: WorkerPoolStatus,
+    /// Set while the pool's backend keeps failing.
+    failing: Option<Failing>,
+}
+
+/// A pool whose last pass failed: it is retried with a growing delay, or
+/// at once when its spec changes (the fix may be in the spec).
+struct Failing {
+    failures: u32,
+    retry_at: DateTime<Utc>,
+    spec: crate::spec::WorkerPoolSpec,
+}
+
+/// First retry delay of a failing pool; doubles per failure up to the cap.
+const RETRY_BASE: chrono::Duration = chrono::Duration::seconds(1);
+const RETRY_CAP: chrono::Duration = chrono::Duration::seconds(60);
+
+fn retry_delay(failures: u32) -> chrono::Duration {
+    let doubled = RETRY_BASE * 2i32.saturating_pow(failures.saturating_sub(1).min(16));
+    doubled.min(RETRY_CAP)
+}
+
+/// A failed pass over one pool: the error, and the decision when the pass got that far.
+struct PoolFailure {
+    error: BackendError,
+    decision: Option<Decision>,
+}
+
+impl From<BackendError> for PoolFailure {
+    fn from(error: BackendError) -> Self {
+        PoolFailure {
+            error,
+            decision: None,
+        }
+    }
+}
+
+/// The key a pool's state is kept under: `namespace/name` for WorkerPool
+/// objects (names repeat across namespaces), the name for pools from files.
+pub fn pool_key(pool: &LoadedPool) -> String {
+    match &pool.pool.metadata.namespace {
+        Some(namespace) => format!("{namespace}/{}", pool.name()),
+        None => pool.name().to_string(),
+    }
 }
 
 /// One pool's outcome of a pass, for logs, `plan` and tests.
@@ -68,28 +112,95 @@ impl<B: Backend> Reconciler<B> {
         &self.ctx
     }
 
-    /// One pass over every pool at time `now`.
+    /// One pass over every pool at time `now`. A pool whose backend fails
+    /// gets `Ready=False` with the error and a backed-off retry; the other
+    /// pools go on. The reports are those of the pools that succeeded.
     pub async fn reconcile(&mut self, pools: &[LoadedPool], now: DateTime<Utc>) -> Vec<PoolReport> {
         let started = std::time::Instant::now();
         let snapshot = self.read_queue().await;
         let mut reports = Vec::with_capacity(pools.len());
         for pool in pools {
-            match self.reconcile_pool(pool, snapshot.as_ref(), now).await {
-                Ok(report) => reports.push(report),
-                Err(e) => {
-                    tracing::warn!(pool = pool.name(), error = %e, "reconcile failed");
-                    self.count_error(pool.name(), "backend");
+            let key = pool_key(pool);
+            if self.waiting_to_retry(&key, pool, now) {
+                continue;
+            }
+            let spec = &pool.pool.spec;
+            let pool_ref = PoolRef {
+                name: pool.name(),
+                metadata: &pool.pool.metadata,
+                spec,
+            };
+            match self.reconcile_pool(pool, &key, snapshot.as_ref(), now).await {
+                Ok(report) => {
+                    let outcome = PassOutcome {
+                        status: &report.status,
+                        decision: Some(&report.decision),
+                        error: None,
+                        removed: &report.removed,
+                    };
+                    self.ctx.backend.pass_finished(pool_ref, outcome).await;
+                    reports.push(report);
+                }
+                Err(failure) => {
+                    let status = self.record_failure(&key, pool, &failure.error, now);
+                    let outcome = PassOutcome {
+                        status: &status,
+                        decision: failure.decision.as_ref(),
+                        error: Some(&failure.error),
+                        removed: &[],
+                    };
+                    self.ctx.backend.pass_finished(pool_ref, outcome).await;
                 }
             }
         }
         // Forget pools whose manifests were removed.
-        let live: HashSet<&str> = pools.iter().map(|p| p.name()).collect();
-        self.state.retain(|name, _| live.contains(name.as_str()));
+        let live: HashSet<String> = pools.iter().map(pool_key).collect();
+        self.state.retain(|key, _| live.contains(key));
         self.ctx
             .metrics
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
         reports
+    }
+
+    /// A failing pool waits for its retry time, unless its spec changed.
+    fn waiting_to_retry(&self, key: &str, pool: &LoadedPool, now: DateTime<Utc>) -> bool {
+        let failing = self.state.get(key).and_then(|s| s.failing.as_ref());
+        failing.is_some_and(|f| now < f.retry_at && f.spec == pool.pool.spec)
+    }
+
+    /// `Ready=False` with the error's reason, and the next retry time.
+    fn record_failure(
+        &mut self,
+        key: &str,
+        pool: &LoadedPool,
+        error: &BackendError,
+        now: DateTime<Utc>,
+    ) -> WorkerPoolStatus {
+        self.count_error(pool.name(), "backend");
+        let state = self.state.entry(key.to_string()).or_default();
+        let failures = state.failing.as_ref().map_or(0, |f| f.failures) + 1;
+        let delay = retry_delay(failures);
+        tracing::warn!(pool = key, error = %error, failures, retry_in_s = delay.num_seconds(), "reconcile failed");
+        state.failing = Some(Failing {
+            failures,
+            retry_at: now + delay,
+            spec: pool.pool.spec.clone(),
+        });
+        state.status.observed_generation = pool.pool.metadata.generation;
+        state.status.set_condition(
+            ConditionType::Ready,
+            false,
+            error.reason(),
+            &error.to_string(),
+            &Time(now_k8s(now)),
+        );
+        state.status.clone()
+    }
+
+    /// The pool's status as of its last pass, if it had one.
+    pub fn status(&self, key: &str) -> Option<&WorkerPoolStatus> {
+        self.state.get(key).map(|s| &s.status)
     }
 
     async fn read_queue(&self) -> Result<QueueSnapshot, String> {
@@ -104,12 +215,17 @@ impl<B: Backend> Reconciler<B> {
     async fn reconcile_pool(
         &mut self,
         loaded: &LoadedPool,
+        key: &str,
         snapshot: Result<&QueueSnapshot, &String>,
         now: DateTime<Utc>,
-    ) -> Result<PoolReport, crate::backend::BackendError> {
+    ) -> Result<PoolReport, PoolFailure> {
         let name = loaded.name().to_string();
         let spec = &loaded.pool.spec;
-        let pool = PoolRef { name: &name, spec };
+        let pool = PoolRef {
+            name: &name,
+            metadata: &loaded.pool.metadata,
+            spec,
+        };
         let replicas = self.ctx.backend.observe(pool).await?;
         let queue = match snapshot {
             Ok(s) => QueueReading::Read(pool_load(&spec.task_types, s, &replicas)),
@@ -120,37 +236,50 @@ impl<B: Backend> Reconciler<B> {
             ready_replicas: replicas.iter().filter(|r| r.ready).count() as u32,
             queue,
         };
-        let state = self.state.entry(name.clone()).or_default();
+        let state = self.state.entry(key.to_string()).or_default();
         let decision = policy::decide(spec, &observation, &state.history, now);
         state.history.record(&decision, now);
+        let failed = |error: BackendError, decision: &Decision| PoolFailure {
+            error,
+            decision: Some(decision.clone()),
+        };
 
         let mut removed = Vec::new();
         let mut kept_busy = Vec::new();
         if decision.replicas > decision.from {
-            self.ctx
+            if let Err(e) = self
+                .ctx
                 .backend
                 .add(pool, decision.replicas - decision.from)
-                .await?;
+                .await
+            {
+                return Err(failed(e, &decision));
+            }
         } else if decision.replicas < decision.from {
             let busy = match snapshot {
                 Ok(s) => &s.busy,
                 // The policy holds on a failed read, so this is unreachable
                 // in practice; never remove blind.
                 Err(_) => {
-                    return Err(crate::backend::BackendError::Failed {
+                    let error = BackendError::Failed {
                         pool: name,
                         message: "queue unreadable: not removing replicas".into(),
-                    })
+                    };
+                    return Err(failed(error, &decision));
                 }
             };
             let candidates =
                 removal_candidates(&replicas, busy, (decision.from - decision.replicas) as usize);
-            let drained = self.ctx.queue.drain_idle(&candidates).await.map_err(|e| {
-                crate::backend::BackendError::Failed {
-                    pool: name.clone(),
-                    message: format!("drain: {e}"),
+            let drained = match self.drain(&candidates).await {
+                Ok(drained) => drained,
+                Err(e) => {
+                    let error = BackendError::Failed {
+                        pool: name.clone(),
+                        message: format!("drain: {e}"),
+                    };
+                    return Err(failed(error, &decision));
                 }
-            })?;
+            };
             kept_busy = candidates
                 .iter()
                 .filter(|c| !drained.contains(c))
@@ -159,12 +288,13 @@ impl<B: Backend> Reconciler<B> {
             if let Err(e) = self.ctx.backend.remove(pool, &drained).await {
                 // Not removed: let them claim again.
                 let _ = self.ctx.queue.undrain(&drained).await;
-                return Err(e);
+                return Err(failed(e, &decision));
             }
             removed = drained;
         }
 
-        let state = self.state.get_mut(&name).expect("inserted above");
+        let state = self.state.get_mut(key).expect("inserted above");
+        state.failing = None;
         update_status(
             &mut state.status,
             loaded,
@@ -188,6 +318,30 @@ impl<B: Backend> Reconciler<B> {
             removed,
             kept_busy,
         })
+    }
+
+    /// Mark idle candidates draining. A candidate the registry has never
+    /// heard of (a pod still starting, a replica the backend has not created
+    /// yet) holds no task and is removable as it is.
+    async fn drain(&self, candidates: &[String]) -> Result<Vec<String>, queue::QueueError> {
+        let mut drained = self.ctx.queue.drain_idle(candidates).await?;
+        if drained.len() < candidates.len() {
+            let registered: HashSet<String> = self
+                .ctx
+                .queue
+                .workers(None)
+                .await?
+                .into_iter()
+                .map(|w| w.id)
+                .collect();
+            let unregistered: Vec<String> = candidates
+                .iter()
+                .filter(|c| !registered.contains(*c) && !drained.contains(c))
+                .cloned()
+                .collect();
+            drained.extend(unregistered);
+        }
+        Ok(drained)
     }
 
     fn record_metrics(&self, pool: &str, status: &WorkerPoolStatus, decision: &Decision) {
@@ -230,10 +384,8 @@ impl<B: Backend> Reconciler<B> {
 
     /// The pool's replicas were last seen at zero: a notification for one of
     /// its task types should wake the loop at once.
-    pub fn is_at_zero(&self, pool: &str) -> bool {
-        self.state
-            .get(pool)
-            .is_none_or(|s| s.status.current_replicas == 0)
+    pub fn is_at_zero(&self, key: &str) -> bool {
+        self.state.get(key).is_none_or(|s| s.status.current_replicas == 0)
     }
 }
 
@@ -433,6 +585,88 @@ fn stamp(path: &std::path::Path) -> Vec<(PathBuf, SystemTime)> {
     out
 }
 
+/// Where the run loop gets its pools: YAML files ([`ManifestSource`]) or
+/// WorkerPool objects on Kubernetes
+/// ([`crate::backend::kubernetes::WorkerPoolSource`]).
+pub trait PoolSource: Send {
+    /// The pools to reconcile now.
+    fn load(&mut self) -> impl Future<Output = Vec<LoadedPool>> + Send;
+
+    /// Resolves when the pools changed, so a pass should run now. Sources
+    /// re-read on every pass never resolve.
+    fn changed(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+}
+
+impl PoolSource for ManifestSource {
+    async fn load(&mut self) -> Vec<LoadedPool> {
+        self.pools().to_vec()
+    }
+}
+
+/// How one controller of several becomes the one that acts.
+pub trait Election: Send {
+    /// Wait until this controller leads. `false`: shut down before that.
+    fn acquire(&mut self, shutdown: &CancellationToken) -> impl Future<Output = anyhow::Result<bool>> + Send;
+
+    /// Whether this controller still leads; asked before every pass.
+    fn still_held(&mut self) -> impl Future<Output = bool> + Send;
+
+    /// Step down so a standby can take over at once.
+    fn release(self) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// Leader election with a PostgreSQL advisory lock, for everywhere but
+/// Kubernetes: the lock lives as long as the leader's database session.
+pub struct AdvisoryLock {
+    queue: Queue,
+    key: i64,
+    retry: Duration,
+    held: Option<queue::Leadership>,
+}
+
+impl AdvisoryLock {
+    pub fn new(queue: Queue, key: i64, retry: Duration) -> Self {
+        AdvisoryLock {
+            queue,
+            key,
+            retry,
+            held: None,
+        }
+    }
+}
+
+impl Election for AdvisoryLock {
+    async fn acquire(&mut self, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+        loop {
+            if let Some(lead) = self.queue.try_lead(self.key).await? {
+                self.held = Some(lead);
+                return Ok(true);
+            }
+            tracing::info!("standby: another controller is the leader; waiting");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(self.retry) => {}
+            }
+        }
+    }
+
+    async fn still_held(&mut self) -> bool {
+        match self.held.as_mut() {
+            Some(lead) => lead.still_held().await,
+            None => false,
+        }
+    }
+
+    async fn release(self) -> anyhow::Result<()> {
+        if let Some(lead) = self.held {
+            lead.release().await?;
+        }
+        Ok(())
+    }
+}
+
 /// How the loop runs.
 #[derive(Debug, Clone)]
 pub struct LoopSettings {
@@ -442,40 +676,47 @@ pub struct LoopSettings {
     pub leader_key: i64,
 }
 
-/// Run as leader (or standby until leadership is won) until `shutdown`.
-pub async fn run<B: Backend>(
-    mut reconciler: Reconciler<B>,
-    mut source: ManifestSource,
+/// Run as leader (or standby until leadership is won) until `shutdown`,
+/// elected with a PostgreSQL advisory lock.
+pub async fn run<B: Backend, S: PoolSource>(
+    reconciler: Reconciler<B>,
+    source: S,
     settings: LoopSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let queue = reconciler.ctx.queue.clone();
-    let mut leadership = loop {
-        if let Some(lead) = queue.try_lead(settings.leader_key).await? {
-            tracing::info!("leader: this controller acts on the pools");
-            break lead;
-        }
-        tracing::info!("standby: another controller is the leader; waiting");
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(settings.tick) => {}
-        }
-    };
+    let election = AdvisoryLock::new(reconciler.ctx.queue.clone(), settings.leader_key, settings.tick);
+    run_elected(reconciler, source, election, settings, shutdown).await
+}
 
+/// The loop: a pass on every tick, on a runnable task for a pool at zero,
+/// and whenever the source's pools change — while this controller leads.
+pub async fn run_elected<B: Backend, S: PoolSource, E: Election>(
+    mut reconciler: Reconciler<B>,
+    mut source: S,
+    mut election: E,
+    settings: LoopSettings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if !election.acquire(&shutdown).await? {
+        return Ok(());
+    }
+    tracing::info!("leader: this controller acts on the pools");
+    let queue = reconciler.ctx.queue.clone();
     let mut wake = queue.listen().await?;
     let mut tick = tokio::time::interval(settings.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pools = source.load().await;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+            _ = source.changed() => tracing::debug!("pools changed"),
             note = wake.next(settings.tick) => match note {
                 // A task became runnable: act now if its pool is at zero
                 // (scale-from-zero must not wait for the tick).
                 Ok(Some(Some(task_type))) => {
-                    let pools = source.pools();
                     let Some(pool) = pools.iter().find(|p| p.pool.spec.task_types.contains(&task_type)) else { continue };
-                    if !reconciler.is_at_zero(pool.name()) { continue; }
+                    if !reconciler.is_at_zero(&pool_key(pool)) { continue; }
                     tracing::debug!(pool = pool.name(), %task_type, "woken by a runnable task");
                 }
                 Ok(Some(None)) => {}
@@ -486,14 +727,14 @@ pub async fn run<B: Backend>(
                 }
             },
         }
-        if !leadership.still_held().await {
-            anyhow::bail!("lost the leader lock's database session; exiting so a standby takes over");
+        if !election.still_held().await {
+            anyhow::bail!("lost leadership; exiting so a standby takes over");
         }
-        let pools = source.pools().to_vec();
+        pools = source.load().await;
         reconciler.reconcile(&pools, Utc::now()).await;
     }
     tracing::info!("controller stopping");
     reconciler.ctx.backend.shutdown().await;
-    leadership.release().await?;
+    election.release().await?;
     Ok(())
 }

@@ -41,11 +41,23 @@ pub const MAX_PERIOD_SECONDS: i32 = 1800;
     status = "WorkerPoolStatus",
     derive = "PartialEq",
     doc = "A pool of workers scaled from the depth of its task queue.",
+    printcolumn(name = "Task Types", type_ = "string", json_path = ".spec.taskTypes"),
+    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending"),
+    printcolumn(name = "In-Flight", type_ = "integer", json_path = ".status.inFlight"),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas"),
     printcolumn(name = "Current", type_ = "integer", json_path = ".status.currentReplicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Busy", type_ = "integer", json_path = ".status.busyReplicas"),
-    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending"),
+    printcolumn(
+        name = "Active",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Active\")].status"
+    ),
+    printcolumn(
+        name = "Busy",
+        type_ = "integer",
+        json_path = ".status.busyReplicas",
+        priority = 1
+    ),
     printcolumn(
         name = "Decision",
         type_ = "string",
@@ -175,6 +187,7 @@ impl Target {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KubernetesTarget {
+    /// `Deployment` or `StatefulSet`: scaled through its `/scale` subresource.
     pub kind: WorkloadKind,
     /// The workload's name, in the WorkerPool's namespace.
     pub name: String,
@@ -214,6 +227,7 @@ pub struct FlyMachineTemplate {
     /// Command, as `config.init.cmd`. Default: the image's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cmd: Vec<String>,
+    /// Environment of the machine, as `config.env`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Machine size. Default: Fly's smallest shared CPU.
@@ -226,8 +240,10 @@ pub struct FlyMachineTemplate {
 pub struct FlyGuest {
     /// `shared` or `performance`.
     pub cpu_kind: String,
+    /// Number of CPUs.
     #[schemars(range(min = 1))]
     pub cpus: i32,
+    /// Memory in MiB (at least 256).
     #[schemars(range(min = 1))]
     pub memory_mb: i32,
 }

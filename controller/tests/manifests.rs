@@ -89,3 +89,31 @@ fn validate_prints_every_problem_and_exits_1() {
         "the valid pool still loads: {stdout}"
     );
 }
+
+/// `kubectl explain workerpool.spec...` prints each field's description:
+/// every property of the spec in the CRD's schema must have one.
+#[test]
+fn every_spec_field_has_a_description_for_kubectl_explain() {
+    fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
+        if let Some(properties) = schema["properties"].as_object() {
+            for (name, property) in properties {
+                let path = format!("{path}.{name}");
+                if property["description"]
+                    .as_str()
+                    .is_none_or(|d| d.trim().is_empty())
+                {
+                    missing.push(path.clone());
+                }
+                walk(&path, property, missing);
+            }
+        }
+        if schema["items"].is_object() {
+            walk(&format!("{path}[]"), &schema["items"], missing);
+        }
+    }
+    let crd = serde_json::to_value(<spec::WorkerPool as kube::CustomResourceExt>::crd()).unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let mut missing = Vec::new();
+    walk("spec", &schema["properties"]["spec"], &mut missing);
+    assert_eq!(missing, Vec::<String>::new(), "fields without a description");
+}

@@ -4,6 +4,9 @@
 //! which gives each test a fresh, migrated database on the server named by
 //! `DATABASE_URL` (`make test` sets it). The helpers here hand that
 //! database to code under test that wants a URL (child processes, servers).
+//! [`kube_api`] is an emulator of the Kubernetes API server.
+
+pub mod kube_api;
 
 use sqlx::PgPool;
 

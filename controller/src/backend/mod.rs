@@ -2,11 +2,15 @@
 //! which replicas exist, start more, stop these — and the reconciler decides
 //! which ones, so the drain protocol is the same everywhere.
 
+pub mod kubernetes;
 pub mod local;
 
 use std::future::Future;
 
-use crate::spec::WorkerPoolSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::policy::Decision;
+use crate::spec::{WorkerPoolSpec, WorkerPoolStatus};
 
 /// One worker replica as its backend sees it. `id` is the identity the
 /// worker registers under (`WORKER_ID`, `POD_NAME` or `FLY_MACHINE_ID`),
@@ -28,13 +32,54 @@ pub enum BackendError {
         target: &'static str,
         backend: &'static str,
     },
+    /// The workload the pool scales does not exist (yet).
+    #[error("pool {pool}: target {target} not found")]
+    TargetNotFound { pool: String, target: String },
+    /// The backend refused the controller's credentials or permissions.
+    #[error("pool {pool}: not allowed: {message}")]
+    Unauthorized { pool: String, message: String },
+}
+
+impl BackendError {
+    /// The CamelCase reason of the pool's `Ready=False` condition and of its Event.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BackendError::Failed { .. } => "BackendError",
+            BackendError::WrongTarget { .. } => "WrongTarget",
+            BackendError::TargetNotFound { .. } => "TargetNotFound",
+            BackendError::Unauthorized { .. } => "Unauthorized",
+        }
+    }
 }
 
 /// A pool, as handed to a backend.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolRef<'a> {
     pub name: &'a str,
+    /// The WorkerPool's metadata: namespace, uid and generation on
+    /// Kubernetes; only the name for pools from files.
+    pub metadata: &'a ObjectMeta,
     pub spec: &'a WorkerPoolSpec,
+}
+
+impl<'a> PoolRef<'a> {
+    pub fn namespace(&self) -> Option<&'a str> {
+        self.metadata.namespace.as_deref()
+    }
+}
+
+/// What one pool's pass did, handed to [`Backend::pass_finished`].
+#[derive(Debug, Clone, Copy)]
+pub struct PassOutcome<'a> {
+    /// The pool's status after the pass (`Ready=False` with the error's
+    /// reason when the pass failed).
+    pub status: &'a WorkerPoolStatus,
+    /// The policy's decision, when the pass got that far.
+    pub decision: Option<&'a Decision>,
+    /// Why the pass failed, if it did.
+    pub error: Option<&'a BackendError>,
+    /// Replicas removed by this pass (drained and idle).
+    pub removed: &'a [String],
 }
 
 pub trait Backend: Send + Sync {
@@ -54,6 +99,18 @@ pub trait Backend: Send + Sync {
         pool: PoolRef<'_>,
         ids: &[String],
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Called after every pass over a pool, whether it succeeded or not, so
+    /// a backend can publish what happened where its operators look (the
+    /// Kubernetes backend writes the WorkerPool's status and Events).
+    /// Failures here are the backend's to log: they never fail the pass.
+    fn pass_finished(
+        &self,
+        _pool: PoolRef<'_>,
+        _outcome: PassOutcome<'_>,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 
     /// The controller is stopping: release what the backend holds (the local
     /// backend stops its child processes; remote backends leave replicas be).

@@ -1,0 +1,421 @@
+//! The Kubernetes backend: a pool's target is a Deployment or StatefulSet,
+//! scaled through its `/scale` subresource. Before the count drops, the
+//! drained idle pods get the lowest `controller.kubernetes.io/pod-deletion-cost`
+//! and busy pods a high one, so the ReplicaSet removes exactly the drained
+//! pods. Pods are matched to the worker registry by name (`POD_NAME`).
+//!
+//! A replica count changed by hand while the pool is not paused is set back,
+//! with an Event saying so. After every pass the WorkerPool's status is
+//! written with server-side apply and Events record what changed.
+
+mod lease;
+mod publish;
+mod source;
+
+use std::collections::{HashMap, HashSet};
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::Client;
+use queue::Queue;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+pub use lease::{LeaseElection, LeaseSettings};
+pub use publish::Publisher;
+pub use source::WorkerPoolSource;
+
+use super::{Backend, BackendError, PassOutcome, PoolRef, Replica};
+use crate::spec::{KubernetesTarget, Target, WorkloadKind};
+
+/// The field manager of the controller's server-side applies.
+pub const FIELD_MANAGER: &str = "backlog-controller";
+/// The annotation the ReplicaSet controller ranks pods by on scale-down.
+pub const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// Drained idle pods: removed first.
+pub const COST_DRAINED: i32 = -1000;
+/// Busy pods: removed last, should the count drop below the idle ones.
+pub const COST_BUSY: i32 = 1000;
+
+/// What the backend remembers of a target between passes.
+#[derive(Default)]
+struct TargetMemory {
+    /// The replica count this controller set or accepted last: a different
+    /// count on the target means someone scaled it by hand.
+    replicas: Option<i32>,
+    /// The target's pod label selector, from its Scale.
+    selector: String,
+    /// The WorkerPool this was learnt for: a pool deleted and created again
+    /// starts from the target's count as it finds it.
+    pool_uid: Option<String>,
+}
+
+pub struct KubernetesBackend {
+    client: Client,
+    queue: Queue,
+    publisher: Publisher,
+    targets: Mutex<HashMap<String, TargetMemory>>,
+}
+
+/// Maps a kube error on a pool's target to the backend's error.
+fn target_error(pool: &str, target: &KubernetesTarget, namespace: &str, error: kube::Error) -> BackendError {
+    let shown = format!("{:?} {namespace}/{}", target.kind, target.name);
+    match &error {
+        kube::Error::Api(status) if status.code == 404 => BackendError::TargetNotFound {
+            pool: pool.to_string(),
+            target: shown,
+        },
+        kube::Error::Api(status) if status.code == 401 || status.code == 403 => BackendError::Unauthorized {
+            pool: pool.to_string(),
+            message: format!("{shown}: {}", status.message),
+        },
+        _ => BackendError::Failed {
+            pool: pool.to_string(),
+            message: format!("{shown}: {error}"),
+        },
+    }
+}
+
+fn pod_is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A StatefulSet pod's ordinal: the number after the last `-`.
+fn ordinal(name: &str) -> Option<u32> {
+    name.rsplit('-').next().and_then(|o| o.parse().ok())
+}
+
+impl KubernetesBackend {
+    pub fn new(client: Client, queue: Queue) -> Self {
+        KubernetesBackend {
+            publisher: Publisher::new(client.clone()),
+            client,
+            queue,
+            targets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn target<'a>(pool: PoolRef<'a>) -> Result<&'a KubernetesTarget, BackendError> {
+        match &pool.spec.target {
+            Target::Kubernetes(target) => Ok(target),
+            other => Err(BackendError::WrongTarget {
+                pool: pool.name.to_string(),
+                target: other.backend(),
+                backend: "kubernetes",
+            }),
+        }
+    }
+
+    fn namespace<'a>(&'a self, pool: PoolRef<'a>) -> &'a str {
+        pool.namespace().unwrap_or(self.client.default_namespace())
+    }
+
+    fn key(namespace: &str, target: &KubernetesTarget) -> String {
+        format!("{namespace}/{:?}/{}", target.kind, target.name)
+    }
+
+    async fn get_scale(&self, namespace: &str, target: &KubernetesTarget) -> kube::Result<(i32, String)> {
+        let scale = match target.kind {
+            WorkloadKind::Deployment => {
+                Api::<Deployment>::namespaced(self.client.clone(), namespace)
+                    .get_scale(&target.name)
+                    .await?
+            }
+            WorkloadKind::StatefulSet => {
+                Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
+                    .get_scale(&target.name)
+                    .await?
+            }
+        };
+        let replicas = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
+        let selector = scale.status.and_then(|s| s.selector).unwrap_or_default();
+        Ok((replicas, selector))
+    }
+
+    async fn set_scale(&self, namespace: &str, target: &KubernetesTarget, replicas: i32) -> kube::Result<()> {
+        let patch = Patch::Merge(json!({"spec": {"replicas": replicas}}));
+        let params = PatchParams::default();
+        match target.kind {
+            WorkloadKind::Deployment => {
+                Api::<Deployment>::namespaced(self.client.clone(), namespace)
+                    .patch_scale(&target.name, &params, &patch)
+                    .await?;
+            }
+            WorkloadKind::StatefulSet => {
+                Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
+                    .patch_scale(&target.name, &params, &patch)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The target's live pods (not terminating), by name.
+    async fn pods(&self, namespace: &str, selector: &str) -> kube::Result<Vec<Pod>> {
+        let params = ListParams::default().labels(selector);
+        let mut pods: Vec<Pod> = Api::<Pod>::namespaced(self.client.clone(), namespace)
+            .list(&params)
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        Ok(pods)
+    }
+
+    /// Rank pods for the coming scale-down: `remove` cheapest, busy pods
+    /// expensive, and a stale cost of ours on any other pod cleared.
+    async fn mark_deletion_costs(
+        &self,
+        namespace: &str,
+        pods: &[Pod],
+        remove: &HashSet<&str>,
+        busy: &HashSet<String>,
+    ) -> kube::Result<()> {
+        let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
+        for pod in pods {
+            let name = pod.metadata.name.as_deref().unwrap_or_default();
+            let current = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(POD_DELETION_COST));
+            let wanted = if remove.contains(name) {
+                Some(COST_DRAINED.to_string())
+            } else if busy.contains(name) {
+                Some(COST_BUSY.to_string())
+            } else {
+                None
+            };
+            let stale_ours =
+                current.is_some_and(|c| *c == COST_DRAINED.to_string() || *c == COST_BUSY.to_string());
+            if current == wanted.as_ref() || (wanted.is_none() && !stale_ours) {
+                continue;
+            }
+            let patch = json!({"metadata": {"annotations": {POD_DELETION_COST: wanted}}});
+            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn busy_pods(&self, pool: &str) -> Result<HashSet<String>, BackendError> {
+        let busy = self
+            .queue
+            .busy_replicas()
+            .await
+            .map_err(|e| BackendError::Failed {
+                pool: pool.to_string(),
+                message: format!("reading the worker registry: {e}"),
+            })?;
+        Ok(busy.into_iter().map(|r| r.worker_id).collect())
+    }
+
+    /// Someone set the target to `found` replicas instead of `wanted`: set
+    /// it back. Going down, only idle pods are removed (drained first, as
+    /// for any scale-down); if too few are idle, the busy ones stay.
+    async fn converge(
+        &self,
+        pool: PoolRef<'_>,
+        namespace: &str,
+        target: &KubernetesTarget,
+        selector: &str,
+        found: i32,
+        wanted: i32,
+    ) -> Result<i32, BackendError> {
+        let error = |e| target_error(pool.name, target, namespace, e);
+        let mut result = wanted;
+        if found > wanted {
+            let busy = self.busy_pods(pool.name).await?;
+            let mut pods = self.pods(namespace, selector).await.map_err(error)?;
+            // Not ready first, then the newest: the ones a person just added.
+            pods.sort_by(|a, b| {
+                pod_is_ready(a)
+                    .cmp(&pod_is_ready(b))
+                    .then(b.metadata.creation_timestamp.cmp(&a.metadata.creation_timestamp))
+            });
+            let candidates: Vec<String> = pods
+                .iter()
+                .filter_map(|p| p.metadata.name.clone())
+                .filter(|n| !busy.contains(n))
+                .take((found - wanted) as usize)
+                .collect();
+            let mut drained = self
+                .queue
+                .drain_idle(&candidates)
+                .await
+                .map_err(|e| BackendError::Failed {
+                    pool: pool.name.to_string(),
+                    message: format!("drain: {e}"),
+                })?;
+            let registered: HashSet<String> = match self.queue.workers(None).await {
+                Ok(workers) => workers.into_iter().map(|w| w.id).collect(),
+                Err(_) => candidates.iter().cloned().collect(),
+            };
+            drained.extend(candidates.iter().filter(|c| !registered.contains(*c)).cloned());
+            drained.sort();
+            drained.dedup();
+            let remove: HashSet<&str> = drained.iter().map(String::as_str).collect();
+            if target.kind == WorkloadKind::Deployment {
+                self.mark_deletion_costs(namespace, &pods, &remove, &busy)
+                    .await
+                    .map_err(error)?;
+            }
+            result = found - drained.len() as i32;
+        }
+        self.set_scale(namespace, target, result).await.map_err(error)?;
+        let message = format!(
+            "{:?} {} was scaled to {found} outside the controller; set back to {result} (pause the WorkerPool to scale by hand)",
+            target.kind, target.name
+        );
+        tracing::warn!(
+            pool = pool.name,
+            found,
+            wanted,
+            set = result,
+            "replica count changed by hand; converged back"
+        );
+        self.publisher
+            .event(pool, "Warning", "ManualScaleReverted", &message)
+            .await;
+        Ok(result)
+    }
+}
+
+impl Backend for KubernetesBackend {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn observe(&self, pool: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
+        let target = Self::target(pool)?;
+        let namespace = self.namespace(pool).to_string();
+        let error = |e| target_error(pool.name, target, &namespace, e);
+        let (found, selector) = self.get_scale(&namespace, target).await.map_err(error)?;
+        let key = Self::key(&namespace, target);
+        let remembered = {
+            let mut targets = self.targets.lock().await;
+            let memory = targets.entry(key.clone()).or_default();
+            memory.selector = selector.clone();
+            if memory.pool_uid != pool.metadata.uid {
+                memory.pool_uid = pool.metadata.uid.clone();
+                memory.replicas = None;
+            }
+            memory.replicas
+        };
+        let replicas = match remembered {
+            Some(wanted) if wanted != found && !pool.spec.paused => {
+                self.converge(pool, &namespace, target, &selector, found, wanted)
+                    .await?
+            }
+            _ => found,
+        };
+        self.targets.lock().await.entry(key).or_default().replicas = Some(replicas);
+
+        let pods = self.pods(&namespace, &selector).await.map_err(error)?;
+        let mut out: Vec<Replica> = pods
+            .iter()
+            .map(|p| Replica {
+                id: p.metadata.name.clone().unwrap_or_default(),
+                ready: pod_is_ready(p),
+            })
+            .collect();
+        // The count is the target's: pods beyond it are on their way out
+        // (keep the ready ones), pods short of it are yet to be created.
+        out.sort_by(|a, b| b.ready.cmp(&a.ready).then(a.id.cmp(&b.id)));
+        out.truncate(replicas.max(0) as usize);
+        for i in out.len()..replicas.max(0) as usize {
+            out.push(Replica {
+                id: format!("{}-not-created-{i}", target.name),
+                ready: false,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<(), BackendError> {
+        let target = Self::target(pool)?;
+        let namespace = self.namespace(pool).to_string();
+        let key = Self::key(&namespace, target);
+        let current = self
+            .targets
+            .lock()
+            .await
+            .get(&key)
+            .and_then(|m| m.replicas)
+            .unwrap_or(0);
+        let wanted = current + count as i32;
+        self.set_scale(&namespace, target, wanted)
+            .await
+            .map_err(|e| target_error(pool.name, target, &namespace, e))?;
+        self.targets.lock().await.entry(key).or_default().replicas = Some(wanted);
+        Ok(())
+    }
+
+    async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<(), BackendError> {
+        let target = Self::target(pool)?;
+        let namespace = self.namespace(pool).to_string();
+        let error = |e| target_error(pool.name, target, &namespace, e);
+        let key = Self::key(&namespace, target);
+        let (current, selector) = {
+            let targets = self.targets.lock().await;
+            let memory = targets.get(&key);
+            (
+                memory.and_then(|m| m.replicas).unwrap_or(0),
+                memory.map(|m| m.selector.clone()).unwrap_or_default(),
+            )
+        };
+        let pods = self.pods(&namespace, &selector).await.map_err(error)?;
+        let mut removing: Vec<&String> = ids.iter().collect();
+        if target.kind == WorkloadKind::StatefulSet {
+            // A StatefulSet always removes its highest ordinals: remove as
+            // many as are drained from the top; the others go back to work.
+            let mut ordinals: Vec<(u32, &str)> = pods
+                .iter()
+                .filter_map(|p| p.metadata.name.as_deref())
+                .filter_map(|n| ordinal(n).map(|o| (o, n)))
+                .collect();
+            ordinals.sort_by_key(|o| std::cmp::Reverse(o.0));
+            let placeholders = ids
+                .iter()
+                .filter(|id| !pods.iter().any(|p| p.metadata.name.as_ref() == Some(*id)));
+            let mut top: Vec<&String> = placeholders.collect();
+            for (_, name) in &ordinals {
+                match ids.iter().find(|id| id.as_str() == *name) {
+                    Some(id) => top.push(id),
+                    None => break,
+                }
+            }
+            let keep: Vec<String> = ids.iter().filter(|id| !top.contains(id)).cloned().collect();
+            if !keep.is_empty() {
+                tracing::info!(pool = pool.name, kept = ?keep, "a StatefulSet removes its highest ordinals only; these stay");
+                let _ = self.queue.undrain(&keep).await;
+            }
+            removing = top;
+        } else {
+            let busy = self.busy_pods(pool.name).await?;
+            let remove: HashSet<&str> = ids.iter().map(String::as_str).collect();
+            self.mark_deletion_costs(&namespace, &pods, &remove, &busy)
+                .await
+                .map_err(error)?;
+        }
+        let wanted = (current - removing.len() as i32).max(0);
+        if wanted == current {
+            return Ok(());
+        }
+        self.set_scale(&namespace, target, wanted).await.map_err(error)?;
+        self.targets.lock().await.entry(key).or_default().replicas = Some(wanted);
+        Ok(())
+    }
+
+    async fn pass_finished(&self, pool: PoolRef<'_>, outcome: PassOutcome<'_>) {
+        self.publisher.publish(pool, outcome).await;
+    }
+
+    async fn shutdown(&self) {}
+}

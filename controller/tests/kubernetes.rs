@@ -1,0 +1,1075 @@
+//! The Kubernetes backend end to end: the controller's run loop against the
+//! API server emulator (test-support's `kube_api`) and real PostgreSQL, and
+//! kubectl against the same emulator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use controller::backend::kubernetes::{KubernetesBackend, LeaseElection, LeaseSettings, WorkerPoolSource};
+use controller::metrics::Metrics;
+use controller::reconcile::{self, Context, Election, LoopSettings, Reconciler};
+use controller::spec::WorkerPool;
+use kube::CustomResourceExt;
+use queue::{JobType, NewJob, NewWorker, Queue, TaskType};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use test_support::kube_api::{Fault, KubeApi};
+use tokio_util::sync::CancellationToken;
+
+const NS: &str = "default";
+
+async fn emulator() -> KubeApi {
+    KubeApi::start(&[serde_json::to_value(WorkerPool::crd()).unwrap()]).await
+}
+
+fn client(api: &KubeApi) -> kube::Client {
+    let mut config = kube::Config::new(api.url().parse().unwrap());
+    config.default_namespace = NS.into();
+    config.read_timeout = Some(Duration::from_secs(60));
+    kube::Client::try_from(config).unwrap()
+}
+
+fn deployment(name: &str, replicas: i64) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "worker", "image": "backlog:dev"}]}},
+        },
+    })
+}
+
+fn worker_pool(name: &str, task_type: &str, deployment: &str, extra: Value) -> Value {
+    let mut spec = json!({
+        "taskTypes": [task_type],
+        "target": {"kubernetes": {"kind": "Deployment", "name": deployment}},
+        "maxReplicas": 5,
+        "cooldownSeconds": 0,
+        "scaleDown": {"stabilizationSeconds": 0},
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    json!({"apiVersion": "backlog.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": name, "namespace": NS}, "spec": spec})
+}
+
+/// A controller running the loop until its token is cancelled or its task aborted.
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn start_controller(api: &KubeApi, q: &Queue, identity: &str) -> Running {
+    let client = client(api);
+    let reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: KubernetesBackend::new(client.clone(), q.clone()),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let lease = LeaseSettings::new(NS, "backlog-controller", identity, Duration::from_secs(3));
+    let election = LeaseElection::new(client.clone(), lease);
+    let source = WorkerPoolSource::new(client, Some(NS));
+    let settings = LoopSettings {
+        tick: Duration::from_millis(300),
+        leader_key: 0,
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(reconcile::run_elected(
+        reconciler,
+        source,
+        election,
+        settings,
+        stop.clone(),
+    ));
+    Running { stop, task }
+}
+
+/// Polls `check` until it returns `Some`, for up to 30 s.
+async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..300 {
+        if let Some(value) = check() {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn replicas(api: &KubeApi, name: &str) -> i64 {
+    api.get("apps", "deployments", NS, name).expect("deployment")["spec"]["replicas"]
+        .as_i64()
+        .unwrap()
+}
+
+fn pool_status(api: &KubeApi, name: &str) -> Value {
+    api.get("backlog.dev", "workerpools", NS, name)
+        .expect("workerpool")["status"]
+        .clone()
+}
+
+fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn events(api: &KubeApi, pool: &str, reason: &str) -> Vec<Value> {
+    api.list("", "events", NS)
+        .into_iter()
+        .filter(|e| e["involvedObject"]["name"] == pool && e["reason"] == reason)
+        .collect()
+}
+
+fn pod_names(api: &KubeApi, app: &str) -> Vec<String> {
+    api.list("", "pods", NS)
+        .into_iter()
+        .filter(|p| p["metadata"]["labels"]["app"] == app)
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn enqueue(q: &Queue, job_type: JobType, n: usize) {
+    let jobs = (0..n)
+        .map(|i| {
+            NewJob::new(
+                "acme",
+                job_type,
+                json!({"prompt": format!("{i}"), "text": "hello"}),
+            )
+        })
+        .collect();
+    q.enqueue_batch(jobs).await.unwrap();
+}
+
+async fn register(q: &Queue, id: &str) {
+    q.register_worker(&NewWorker {
+        id: id.into(),
+        pool: Some("text".into()),
+        task_types: vec![TaskType::TextGeneration],
+        concurrency: 1,
+        hostname: None,
+        pid: None,
+    })
+    .await
+    .unwrap();
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn work_for_a_pool_at_zero_scales_its_deployment_and_writes_status_and_events(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    let created = api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let controller = start_controller(&api, &q, "a");
+
+    let idle = eventually("the idle pool's status", || {
+        let status = pool_status(&api, "text");
+        (condition(&status, "Ready")["status"] == "True").then_some(status)
+    })
+    .await;
+    assert_eq!(condition(&idle, "Active")["status"], "False", "{idle}");
+    assert_eq!(replicas(&api, "worker"), 0);
+
+    enqueue(&q, JobType::Text, 3).await;
+    eventually("3 replicas and 3 pods", || {
+        (replicas(&api, "worker") == 3 && pod_names(&api, "worker").len() == 3).then_some(())
+    })
+    .await;
+    let status = eventually("the status to follow", || {
+        let status = pool_status(&api, "text");
+        (status["desiredReplicas"] == 3 && status["readyReplicas"] == 3).then_some(status)
+    })
+    .await;
+    assert_eq!(status["pending"], 3, "{status}");
+    assert_eq!(status["observedGeneration"], 1, "{status}");
+    assert_eq!(condition(&status, "Active")["status"], "True", "{status}");
+    let scaled_up = events(&api, "text", "ScaledUp");
+    assert_eq!(scaled_up.len(), 1, "{scaled_up:?}");
+    assert!(
+        scaled_up[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("scaled from 0 to 3"),
+        "{scaled_up:?}"
+    );
+    assert_eq!(scaled_up[0]["involvedObject"]["uid"], created["metadata"]["uid"]);
+    assert_eq!(scaled_up[0]["type"], "Normal");
+
+    // The status is the controller's, by server-side apply.
+    let object = api.get("backlog.dev", "workerpools", NS, "text").unwrap();
+    let managers: Vec<&Value> = object["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert!(
+        managers.iter().any(|m| m["manager"] == "backlog-controller"
+            && m["subresource"] == "status"
+            && m["operation"] == "Apply"),
+        "{managers:?}"
+    );
+    // A status write is no spec change.
+    assert_eq!(object["metadata"]["generation"], 1);
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn scale_down_marks_the_idle_pods_cheapest_and_keeps_the_busy_one(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(deployment("worker", 3));
+    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let mut pods = pod_names(&api, "worker");
+    pods.sort();
+    assert_eq!(pods.len(), 3);
+    for pod in &pods {
+        register(&q, pod).await;
+    }
+    // The pod the ReplicaSet would remove first without deletion costs
+    // (same age: the highest name) is the busy one.
+    let busy = pods[2].clone();
+    enqueue(&q, JobType::Text, 1).await;
+    let held = q.claim(&busy, &[TaskType::TextGeneration], 1).await.unwrap();
+    assert_eq!(held.len(), 1);
+
+    let controller = start_controller(&api, &q, "a");
+    eventually("the deployment at 1", || {
+        (replicas(&api, "worker") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        pod_names(&api, "worker"),
+        vec![busy.clone()],
+        "only the busy pod is left"
+    );
+    let survivor = api.get("", "pods", NS, &busy).unwrap();
+    assert_eq!(
+        survivor["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"], "1000",
+        "the busy pod is expensive"
+    );
+    let workers: Vec<String> = q.workers(None).await.unwrap().into_iter().map(|w| w.id).collect();
+    let drained = q
+        .workers(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|w| w.state == queue::WorkerState::Draining)
+        .count();
+    assert_eq!(
+        (workers.len(), drained),
+        (3, 2),
+        "the removed pods were drained first"
+    );
+    // The cost patches came before the count dropped.
+    let requests = api.requests();
+    let scale_patch = requests
+        .iter()
+        .position(|r| r.method == "PATCH" && r.uri.contains("/deployments/worker/scale"))
+        .expect("a scale patch");
+    let cost_patches: Vec<usize> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.method == "PATCH" && r.uri.contains("/pods/"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(cost_patches.len(), 3, "two cheap, one expensive");
+    assert!(cost_patches.iter().all(|i| *i < scale_patch));
+    let scaled_down = events(&api, "text", "ScaledDown");
+    assert_eq!(scaled_down.len(), 1);
+    assert!(!scaled_down[0]["message"].as_str().unwrap().contains(&busy));
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn watch_disconnects_and_server_errors_are_recovered_without_double_scaling(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.set_bookmark_interval(Duration::from_millis(200));
+    api.create(deployment("worker", 0));
+    api.create(worker_pool(
+        "text",
+        "text_generation",
+        "worker",
+        json!({"maxReplicas": 2}),
+    ));
+    let controller = start_controller(&api, &q, "a");
+    eventually("the first status", || {
+        (condition(&pool_status(&api, "text"), "Ready")["status"] == "True").then_some(())
+    })
+    .await;
+
+    // The watch is cut and the re-list fails twice; the scale reads fail 3 times.
+    api.inject(Fault {
+        method: Some(axum::http::Method::GET),
+        path_contains: "/workerpools".into(),
+        code: 500,
+        times: 2,
+    });
+    api.inject(Fault {
+        method: Some(axum::http::Method::GET),
+        path_contains: "/deployments/worker/scale".into(),
+        code: 500,
+        times: 3,
+    });
+    api.disconnect_watches();
+    api.compact();
+    enqueue(&q, JobType::Text, 5).await;
+
+    let failed = eventually("Ready=False from the 500s", || {
+        let ready = condition(&pool_status(&api, "text"), "Ready");
+        (ready["status"] == "False").then_some(ready)
+    })
+    .await;
+    assert_eq!(failed["reason"], "BackendError", "{failed}");
+    eventually("recovery at maxReplicas", || {
+        let ready = condition(&pool_status(&api, "text"), "Ready");
+        (ready["status"] == "True" && replicas(&api, "worker") == 2).then_some(())
+    })
+    .await;
+    // A spec change through the re-established watch still takes effect.
+    let mut object = api.get("backlog.dev", "workerpools", NS, "text").unwrap();
+    object["spec"]["maxReplicas"] = json!(3);
+    let client = client(&api);
+    let pools: kube::Api<WorkerPool> = kube::Api::namespaced(client, NS);
+    pools
+        .replace(
+            "text",
+            &Default::default(),
+            &serde_json::from_value(object).unwrap(),
+        )
+        .await
+        .unwrap();
+    eventually("3 replicas after the spec change", || {
+        (replicas(&api, "worker") == 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let scale_writes = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.uri.contains("/deployments/worker/scale") && r.code == 200)
+        .count();
+    assert_eq!(scale_writes, 2, "0→2 and 2→3, each once");
+    assert_eq!(
+        api.get("apps", "deployments", NS, "worker").unwrap()["metadata"]["generation"],
+        3
+    );
+    let watches = api
+        .requests()
+        .iter()
+        .filter(|r| r.uri.contains("/workerpools?") && r.uri.contains("watch=true"))
+        .count();
+    assert!(watches >= 2, "the watch was re-established ({watches} watches)");
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_missing_target_fails_only_its_pool_and_recovers_once_created(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(deployment("audio-worker", 0));
+    api.create(worker_pool("text", "text_generation", "nowhere", json!({})));
+    api.create(worker_pool(
+        "audio",
+        "audio_generation",
+        "audio-worker",
+        json!({}),
+    ));
+    let controller = start_controller(&api, &q, "a");
+    enqueue(&q, JobType::Audiobook, 1).await;
+    enqueue(&q, JobType::Text, 1).await;
+
+    eventually("the audio pool scaled up", || {
+        (replicas(&api, "audio-worker") == 1).then_some(())
+    })
+    .await;
+    let ready = eventually("Ready=False on the text pool", || {
+        let ready = condition(&pool_status(&api, "text"), "Ready");
+        (ready["status"] == "False").then_some(ready)
+    })
+    .await;
+    assert_eq!(ready["reason"], "TargetNotFound", "{ready}");
+    assert!(
+        ready["message"].as_str().unwrap().contains("default/nowhere"),
+        "{ready}"
+    );
+    let warning = eventually("a TargetNotFound event", || {
+        events(&api, "text", "TargetNotFound").pop()
+    })
+    .await;
+    assert_eq!(warning["type"], "Warning");
+    assert_eq!(condition(&pool_status(&api, "audio"), "Ready")["status"], "True");
+
+    // Retried with backoff: a few attempts in the first seconds, not one a tick.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let attempts = api
+        .requests()
+        .iter()
+        .filter(|r| r.uri.contains("/deployments/nowhere/scale"))
+        .count();
+    assert!(
+        (2..=5).contains(&attempts),
+        "{attempts} attempts in ~3 s at a 300 ms tick"
+    );
+
+    api.create(deployment("nowhere", 0));
+    eventually("the text pool recovered", || {
+        (replicas(&api, "nowhere") == 1 && condition(&pool_status(&api, "text"), "Ready")["status"] == "True")
+            .then_some(())
+    })
+    .await;
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_invalid_spec_is_reported_on_the_pool(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    api.create(worker_pool(
+        "text",
+        "text_generation",
+        "worker",
+        json!({"minReplicas": 3, "maxReplicas": 2}),
+    ));
+    let controller = start_controller(&api, &q, "a");
+    let ready = eventually("Ready=False, InvalidSpec", || {
+        let ready = condition(&pool_status(&api, "text"), "Ready");
+        (ready["reason"] == "InvalidSpec").then_some(ready)
+    })
+    .await;
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["message"], "spec.maxReplicas: must be >= minReplicas (3)");
+    let event = eventually("an InvalidSpec event", || {
+        events(&api, "text", "InvalidSpec").pop()
+    })
+    .await;
+    assert_eq!(event["message"], ready["message"]);
+    assert_eq!(replicas(&api, "worker"), 0, "an invalid pool is not scaled");
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_hand_scaled_deployment_is_converged_back_with_an_event(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let controller = start_controller(&api, &q, "a");
+    enqueue(&q, JobType::Text, 2).await;
+    eventually("2 replicas", || (replicas(&api, "worker") == 2).then_some(())).await;
+
+    api.scale("deployments", NS, "worker", 5);
+    let event = eventually("a ManualScaleReverted event", || {
+        events(&api, "text", "ManualScaleReverted").pop()
+    })
+    .await;
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap()
+            .contains("scaled to 5 outside the controller; set back to 2"),
+        "{event}"
+    );
+    eventually("back at 2 replicas and 2 pods", || {
+        (replicas(&api, "worker") == 2 && pod_names(&api, "worker").len() == 2).then_some(())
+    })
+    .await;
+
+    // Paused, a hand-set count stands.
+    let client = client(&api);
+    let pools: kube::Api<WorkerPool> = kube::Api::namespaced(client, NS);
+    let patch = kube::api::Patch::Merge(json!({"spec": {"paused": true}}));
+    pools.patch("text", &Default::default(), &patch).await.unwrap();
+    eventually("Paused=True", || {
+        (condition(&pool_status(&api, "text"), "Paused")["status"] == "True").then_some(())
+    })
+    .await;
+    api.scale("deployments", NS, "worker", 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(replicas(&api, "worker"), 4);
+    assert_eq!(events(&api, "text", "ManualScaleReverted").len(), 1);
+    controller.stop().await;
+}
+
+fn lease_holder(api: &KubeApi) -> Option<String> {
+    api.get("coordination.k8s.io", "leases", NS, "backlog-controller")
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn of_two_controllers_one_leads_and_the_other_takes_over_when_it_dies(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let first = start_controller(&api, &q, "first");
+    eventually("the first controller to lead", || {
+        (lease_holder(&api).as_deref() == Some("first")).then_some(())
+    })
+    .await;
+    let second = start_controller(&api, &q, "second");
+    enqueue(&q, JobType::Text, 1).await;
+    eventually("1 replica", || (replicas(&api, "worker") == 1).then_some(())).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        lease_holder(&api).as_deref(),
+        Some("first"),
+        "the standby waits while the leader renews"
+    );
+    assert!(!second.task.is_finished());
+
+    // The leader dies without releasing the Lease.
+    first.task.abort();
+    let _ = first.task.await;
+    let died = std::time::Instant::now();
+    eventually("the standby to take over", || {
+        (lease_holder(&api).as_deref() == Some("second")).then_some(())
+    })
+    .await;
+    let took = died.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "took over after {took:?} with a 3 s lease"
+    );
+    let lease = api
+        .get("coordination.k8s.io", "leases", NS, "backlog-controller")
+        .unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    enqueue(&q, JobType::Text, 1).await;
+    eventually("the new leader acts", || {
+        (replicas(&api, "worker") == 2).then_some(())
+    })
+    .await;
+    second.stop().await;
+    assert_eq!(lease_holder(&api), None, "a clean stop releases the Lease");
+}
+
+#[tokio::test]
+async fn racing_standbys_cannot_both_take_a_lease() {
+    let api = emulator().await;
+    let mut elections: Vec<LeaseElection> = (0..4)
+        .map(|i| {
+            let settings = LeaseSettings::new(NS, "race", &format!("c{i}"), Duration::from_secs(30));
+            LeaseElection::new(client(&api), settings)
+        })
+        .collect();
+    let shutdown = CancellationToken::new();
+    let attempts = elections.iter_mut().map(|e| {
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                won = e.acquire(&shutdown) => won.unwrap(),
+                _ = tokio::time::sleep(Duration::from_secs(2)) => false,
+            }
+        }
+    });
+    let won = futures::future::join_all(attempts).await;
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+    let conflicts = api
+        .requests()
+        .iter()
+        .filter(|r| r.uri.contains("/leases") && r.code == 409)
+        .count();
+    assert!(conflicts >= 1, "the losers' creates were refused with 409");
+}
+
+/// kubectl against the emulator, with no kubeconfig of the machine's.
+/// `None` (and a note) where kubectl is not installed.
+async fn kubectl(api: &KubeApi, home: &std::path::Path, args: &[&str]) -> Option<String> {
+    let found = tokio::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .await;
+    if found.is_err() {
+        eprintln!("SKIPPED: kubectl is not installed; the kubectl checks need it");
+        return None;
+    }
+    let output = tokio::process::Command::new("kubectl")
+        .args([
+            "--server",
+            &api.url(),
+            "--cache-dir",
+            home.join("cache").to_str().unwrap(),
+        ])
+        .args(args)
+        .env("KUBECONFIG", home.join("kubeconfig"))
+        .env("HOME", home)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "kubectl {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    Some(stdout)
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn kubectl_shows_the_columns_conditions_and_events(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    let home = tempfile::tempdir().unwrap();
+    api.create(deployment("worker", 0));
+    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let controller = start_controller(&api, &q, "a");
+    enqueue(&q, JobType::Text, 2).await;
+    eventually("the status at 2 replicas", || {
+        (pool_status(&api, "text")["readyReplicas"] == 2 && !events(&api, "text", "ScaledUp").is_empty())
+            .then_some(())
+    })
+    .await;
+    controller.stop().await;
+
+    let Some(get) = kubectl(&api, home.path(), &["get", "wp"]).await else {
+        return;
+    };
+    eprintln!("kubectl get wp:\n{get}");
+    let lines: Vec<&str> = get.lines().collect();
+    assert!(lines[0].starts_with("NAME"), "{get}");
+    for column in [
+        "TASK TYPES",
+        "PENDING",
+        "IN-FLIGHT",
+        "DESIRED",
+        "CURRENT",
+        "READY",
+        "ACTIVE",
+        "AGE",
+    ] {
+        assert!(lines[0].contains(column), "no {column} column:\n{get}");
+    }
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        &row[..8],
+        ["text", "[\"text_generation\"]", "2", "0", "2", "2", "2", "True"],
+        "{get}"
+    );
+
+    let describe = kubectl(&api, home.path(), &["describe", "wp", "text"])
+        .await
+        .unwrap();
+    for expected in [
+        "Name:         text",
+        "Kind:         WorkerPool",
+        "Type:",
+        "Ready",
+        "Reconciled",
+        "ScaledUp",
+        "scaled from 0 to 2",
+        "backlog-controller",
+    ] {
+        assert!(
+            describe.contains(expected),
+            "describe lacks {expected:?}:\n{describe}"
+        );
+    }
+    assert!(describe.contains("Events:"), "{describe}");
+    eprintln!("kubectl describe wp text:\n{describe}");
+
+    let yaml = kubectl(&api, home.path(), &["get", "wp", "text", "-o", "yaml"])
+        .await
+        .unwrap();
+    let object: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    assert_eq!(object["status"]["desiredReplicas"], serde_yaml_ng::Value::from(2));
+    assert_eq!(
+        object["spec"]["taskTypes"][0],
+        serde_yaml_ng::Value::from("text_generation")
+    );
+    assert!(yaml.contains("type: Ready"), "{yaml}");
+}
+
+fn repo_path(relative: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+/// The YAML documents of a manifest file, as JSON.
+fn documents(relative: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo_path(relative)).unwrap();
+    text.split("\n---")
+        .filter_map(|doc| serde_yaml_ng::from_str::<Option<serde_yaml_ng::Value>>(doc).unwrap())
+        .map(|doc| serde_json::to_value(doc).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_example_workerpools_load_and_scale_the_example_deployments() {
+    let manifests = controller::manifest::load(&repo_path("manifests/workerpools.yaml"));
+    let errors: Vec<String> = manifests.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errors, Vec::<String>::new());
+    let deployments = documents("manifests/workers.yaml");
+    assert_eq!(manifests.pools.len(), 2);
+    for loaded in &manifests.pools {
+        let controller::spec::Target::Kubernetes(target) = &loaded.pool.spec.target else {
+            panic!("{} is not a kubernetes pool", loaded.name());
+        };
+        let deployment = deployments
+            .iter()
+            .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == target.name.as_str())
+            .unwrap_or_else(|| panic!("no Deployment {} in workers.yaml", target.name));
+        let pod = &deployment["spec"]["template"]["spec"];
+        let env = pod["containers"][0]["env"].as_array().unwrap();
+        let var = |name: &str| {
+            env.iter()
+                .find(|e| e["name"] == name)
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        assert_eq!(
+            var("POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.name"
+        );
+        assert_eq!(var("WORKER_POOL")["value"], loaded.name());
+        let grace: f64 = var("WORKER_SHUTDOWN_GRACE_SECONDS")["value"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let termination = pod["terminationGracePeriodSeconds"].as_f64().unwrap();
+        assert!(
+            grace + 10.0 <= termination,
+            "{}: the pod's grace ({termination} s) must cover the worker's drain ({grace} s) and its exit",
+            target.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_manifests_pass_kubectl_client_side_dry_run_and_kustomize() {
+    let api = emulator().await;
+    let home = tempfile::tempdir().unwrap();
+    let Some(kustomized) = kubectl(
+        &api,
+        home.path(),
+        &["kustomize", repo_path("manifests").to_str().unwrap()],
+    )
+    .await
+    else {
+        return;
+    };
+    let kinds: Vec<&str> = kustomized
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .collect();
+    for kind in [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "WorkerPool",
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "kustomize output lacks a {kind}: {kinds:?}"
+        );
+    }
+    for file in [
+        "namespace",
+        "crd",
+        "rbac",
+        "config",
+        "api",
+        "controller",
+        "workers",
+        "workerpools",
+    ] {
+        let path = repo_path(&format!("manifests/{file}.yaml"));
+        let out = kubectl(
+            &api,
+            home.path(),
+            &[
+                "apply",
+                "--dry-run=client",
+                "--validate=false",
+                "-f",
+                path.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(out.contains("(dry run)"), "{file}.yaml: {out}");
+    }
+    let out = kubectl(
+        &api,
+        home.path(),
+        &[
+            "apply",
+            "--dry-run=client",
+            "--validate=false",
+            "-k",
+            repo_path("manifests").to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.contains("workerpool.backlog.dev/text-pdf created (dry run)"),
+        "{out}"
+    );
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.method == "POST" || r.method == "PATCH" || r.method == "PUT"),
+        "a client-side dry run writes nothing"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn kubectl_applies_the_crd_and_a_pool_that_the_controller_then_runs(pool: PgPool) {
+    let q = Queue::new(pool);
+    // A server without the CRD: kubectl installs it, as an operator would
+    // (without schema validation: the emulator serves no OpenAPI documents).
+    let api = KubeApi::start(&[]).await;
+    let home = tempfile::tempdir().unwrap();
+    let crd = repo_path("manifests/crd.yaml");
+    let Some(out) = kubectl(
+        &api,
+        home.path(),
+        &["apply", "--validate=false", "-f", crd.to_str().unwrap()],
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(
+        out.contains("customresourcedefinition.apiextensions.k8s.io/workerpools.backlog.dev created"),
+        "{out}"
+    );
+    api.create(deployment("worker", 0));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pool.yaml");
+    let pool = worker_pool("text", "text_generation", "worker", json!({}));
+    std::fs::write(&file, serde_yaml_ng::to_string(&pool).unwrap()).unwrap();
+    let out = kubectl(
+        &api,
+        home.path(),
+        &["apply", "--validate=false", "-f", file.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    assert!(out.contains("workerpool.backlog.dev/text created"), "{out}");
+
+    let controller = start_controller(&api, &q, "a");
+    enqueue(&q, JobType::Text, 1).await;
+    eventually("1 replica", || (replicas(&api, "worker") == 1).then_some(())).await;
+    let out = kubectl(&api, home.path(), &["delete", "wp", "text"])
+        .await
+        .unwrap();
+    assert!(out.contains("deleted"), "{out}");
+    enqueue(&q, JobType::Text, 3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        replicas(&api, "worker"),
+        1,
+        "a deleted pool leaves its Deployment at its last count"
+    );
+
+    // Scaled down by hand and the pool created again: a new pool, not a
+    // hand-scaled one to set back.
+    api.scale("deployments", NS, "worker", 0);
+    let args = ["apply", "--validate=false", "-f", file.to_str().unwrap()];
+    let out = kubectl(&api, home.path(), &args).await.unwrap();
+    assert!(out.contains("workerpool.backlog.dev/text created"), "{out}");
+    eventually("4 replicas for the 4 pending tasks", || {
+        (replicas(&api, "worker") == 4).then_some(())
+    })
+    .await;
+    assert_eq!(events(&api, "text", "ManualScaleReverted").len(), 0);
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_statefulset_loses_only_idle_top_ordinals(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "sts", "namespace": NS},
+        "spec": {"replicas": 3, "serviceName": "sts", "selector": {"matchLabels": {"app": "sts"}},
+            "template": {"metadata": {"labels": {"app": "sts"}}, "spec": {"containers": [{"name": "w", "image": "x"}]}}},
+    }));
+    let mut pool = worker_pool("text", "text_generation", "sts", json!({}));
+    pool["spec"]["target"] = json!({"kubernetes": {"kind": "StatefulSet", "name": "sts"}});
+    api.create(pool);
+    for pod in ["sts-0", "sts-1", "sts-2"] {
+        register(&q, pod).await;
+    }
+    enqueue(&q, JobType::Text, 1).await;
+    assert_eq!(
+        q.claim("sts-1", &[TaskType::TextGeneration], 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let controller = start_controller(&api, &q, "a");
+    let statefulset = || api.get("apps", "statefulsets", NS, "sts").unwrap();
+    eventually("sts at 2", || {
+        (statefulset()["spec"]["replicas"] == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        statefulset()["spec"]["replicas"],
+        2,
+        "sts-1 is busy: the StatefulSet cannot go lower"
+    );
+    assert_eq!(pod_names(&api, "sts"), ["sts-0", "sts-1"]);
+    let drained: Vec<String> = q
+        .workers(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|w| w.state == queue::WorkerState::Draining)
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(drained, ["sts-2"], "sts-0 was put back to work");
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn two_pools_for_one_task_type_leave_the_newer_one_invalid(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    api.create(worker_pool("first", "text_generation", "worker", json!({})));
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a later creationTimestamp
+    api.create(worker_pool("second", "text_generation", "worker", json!({})));
+    let controller = start_controller(&api, &q, "a");
+    let ready = eventually("the second pool rejected", || {
+        let ready = condition(&pool_status(&api, "second"), "Ready");
+        (ready["reason"] == "InvalidSpec").then_some(ready)
+    })
+    .await;
+    assert_eq!(
+        ready["message"],
+        "spec.taskTypes: text_generation is already served by WorkerPool default/first"
+    );
+    eventually("the first pool runs", || {
+        (condition(&pool_status(&api, "first"), "Ready")["status"] == "True").then_some(())
+    })
+    .await;
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_unreadable_queue_switches_to_the_fallback_with_an_event(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    let spec = json!({"fallback": {"failureThreshold": 2, "replicas": 2}});
+    api.create(worker_pool("text", "text_generation", "worker", spec));
+    let object = api.get("backlog.dev", "workerpools", NS, "text").unwrap();
+    let loaded = controller::manifest::LoadedPool {
+        location: controller::error::Location {
+            file: "workerpools.backlog.dev/default/text".into(),
+            line: 0,
+            document: 0,
+            name: Some("text".into()),
+        },
+        pool: serde_json::from_value(object).unwrap(),
+    };
+    let mut reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: KubernetesBackend::new(client(&api), q.clone()),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let pools = [loaded];
+    let now = chrono::Utc::now();
+    reconciler.reconcile(&pools, now).await;
+    pool.close().await;
+    for i in 1..=3 {
+        reconciler
+            .reconcile(&pools, now + chrono::Duration::seconds(i))
+            .await;
+    }
+    assert_eq!(replicas(&api, "worker"), 2, "the fallback count");
+    let status = pool_status(&api, "text");
+    assert_eq!(condition(&status, "Fallback")["status"], "True", "{status}");
+    assert_eq!(
+        condition(&status, "Fallback")["reason"],
+        "QueueUnreadable",
+        "{status}"
+    );
+    let fallback = events(&api, "text", "Fallback");
+    assert_eq!(
+        fallback.len(),
+        1,
+        "one Event when the fallback starts: {fallback:?}"
+    );
+    assert_eq!(fallback[0]["type"], "Warning");
+    assert_eq!(events(&api, "text", "ScaledUp").len(), 1);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigterm(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let api = emulator().await;
+    api.create(deployment("worker", 0));
+    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster: {{server: \"{}\"}}\n\
+             users:\n- name: nobody\n  user: {{}}\ncontexts:\n- name: emulator\n  context: {{cluster: emulator, user: nobody, namespace: default}}\n\
+             current-context: emulator\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_controller"))
+        .args([
+            "run",
+            "--backend",
+            "kubernetes",
+            "--tick-seconds",
+            "0.3",
+            "--log-format",
+            "text",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("DATABASE_URL", test_support::database_url(&pool))
+        .env("POD_NAME", "controller-0")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    enqueue(&q, JobType::Text, 2).await;
+    eventually("the binary scaled the deployment", || {
+        (replicas(&api, "worker") == 2).then_some(())
+    })
+    .await;
+    assert_eq!(lease_holder(&api).as_deref(), Some("controller-0"));
+
+    // SAFETY: kill(2) on the child we started, with a valid signal.
+    unsafe { libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(lease_holder(&api), None, "the Lease is released on the way out");
+}
