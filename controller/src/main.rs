@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use controller::backend::fly::{FlyBackend, FlyClient, FlySettings, RetryPolicy, Token};
 use controller::backend::local::LocalBackend;
 use controller::metrics::Metrics;
 use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
@@ -53,6 +54,8 @@ enum Command {
 enum BackendKind {
     /// Worker replicas as child processes of the controller.
     Local,
+    /// Worker replicas as the machines of a Fly app's process group.
+    Fly,
 }
 
 #[derive(clap::Args)]
@@ -72,12 +75,25 @@ struct RunArgs {
     /// Seconds between passes when no notification wakes the loop.
     #[arg(long, env = "CONTROLLER_TICK_SECONDS", default_value_t = 2.0)]
     tick_seconds: f64,
-    /// Seconds a stopped local replica may drain before it is killed.
+    /// Seconds a stopped replica may drain before it is killed (local: then SIGKILL;
+    /// fly: the stop request's timeout). Must cover the workers' drain grace.
     #[arg(long, env = "CONTROLLER_STOP_GRACE_SECONDS", default_value_t = 30.0)]
     stop_grace_seconds: f64,
     /// Advisory-lock key shared by the controllers of one deployment.
     #[arg(long, env = "CONTROLLER_LEADER_KEY", default_value_t = 0x6261_636b_6c6f_67)]
     leader_key: i64,
+    /// Fly Machines API token (`fly tokens create deploy`); Bearer, or FlyV1 for macaroons.
+    #[arg(long, env = "FLY_API_TOKEN", hide_env_values = true, hide = true)]
+    fly_api_token: Option<String>,
+    /// The Fly app this controller runs in; pools that name another app are warned about.
+    #[arg(long, env = "FLY_APP_NAME")]
+    fly_app_name: Option<String>,
+    /// The Machines API; inside Fly, `http://_api.internal:4280`.
+    #[arg(long, env = "FLY_API_BASE_URL", default_value = "https://api.machines.dev")]
+    fly_api_base_url: String,
+    /// Requests in flight per Fly app.
+    #[arg(long, env = "FLY_API_CONCURRENCY", default_value_t = 4)]
+    fly_api_concurrency: usize,
     /// Serve Prometheus metrics here (e.g. 0.0.0.0:9464).
     #[arg(long, env = "CONTROLLER_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -125,6 +141,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tick: Duration::from_secs_f64(args.tick_seconds),
         leader_key: args.leader_key,
     };
+    let source_path = args.path.clone();
     let source = ManifestSource::new(args.path);
     match args.backend {
         BackendKind::Local => {
@@ -135,6 +152,47 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 metrics,
             });
             reconcile::run(reconciler, source, settings, shutdown).await
+        }
+        BackendKind::Fly => {
+            let token = args.fly_api_token.filter(|t| !t.trim().is_empty()).context(
+                "--backend fly needs FLY_API_TOKEN (a deploy token for the app: `fly tokens create deploy`)",
+            )?;
+            let client = FlyClient::new(
+                &args.fly_api_base_url,
+                Token::new(token),
+                RetryPolicy::default(),
+                args.fly_api_concurrency,
+            )?;
+            if let Some(app) = &args.fly_app_name {
+                warn_about_other_apps(&source_path, app);
+            }
+            let stop_grace = Duration::from_secs_f64(args.stop_grace_seconds);
+            let backend = FlyBackend::new(
+                client,
+                FlySettings {
+                    stop_timeout: stop_grace,
+                    ..FlySettings::default()
+                },
+            );
+            tracing::info!(base_url = %args.fly_api_base_url, "Fly backend");
+            let reconciler = Reconciler::new(Context {
+                queue,
+                backend,
+                metrics,
+            });
+            reconcile::run(reconciler, source, settings, shutdown).await
+        }
+    }
+}
+
+/// A deploy token is scoped to one app: a pool aimed elsewhere will get 403s.
+fn warn_about_other_apps(path: &Path, app: &str) {
+    for pool in manifest::load(path).pools {
+        if let spec::Target::Fly(fly) = &pool.pool.spec.target {
+            if fly.app != app {
+                tracing::warn!(pool = pool.name(), target_app = %fly.app, this_app = %app,
+                    "pool scales another Fly app than the one this controller runs in; its token needs access to it");
+            }
         }
     }
 }

@@ -70,3 +70,5 @@ pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
+
+pub mod fly;

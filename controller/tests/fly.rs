@@ -1,0 +1,597 @@
+//! The Fly backend against the Machines API emulator and real PostgreSQL:
+//! scale-up order, cloning, the drain protocol, leases, faults, maxStopped,
+//! auth and capacity — and the client's and emulator's JSON against Fly's
+//! published OpenAPI schemas.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use controller::backend::fly::{FlyBackend, FlyClient, FlySettings, RetryPolicy, Token};
+use controller::backend::{Backend, BackendError, PoolRef};
+use controller::manifest::{self, LoadedPool};
+use controller::metrics::Metrics;
+use controller::reconcile::{Context, PoolReport, Reconciler};
+use queue::{JobType, NewJob, NewWorker, Queue, TaskType};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use test_support::fly::{Faults, FlyEmulator, LoggedRequest, MachineSeed, Timings};
+
+const APP: &str = "backlog";
+const TOKEN: &str = "fm2_controller-token";
+
+fn timings() -> Timings {
+    Timings {
+        create: Duration::from_millis(150),
+        start: Duration::from_millis(30),
+        stop: Duration::from_millis(50),
+        suspend: Duration::from_millis(50),
+        destroy: Duration::from_millis(20),
+    }
+}
+
+async fn emulator() -> FlyEmulator {
+    let emu = FlyEmulator::start(timings()).await;
+    emu.add_app(APP);
+    emu.add_token(TOKEN, Some(&[APP]));
+    emu
+}
+
+fn backend_with_token(emu: &FlyEmulator, token: &str) -> FlyBackend {
+    let retry = RetryPolicy {
+        attempts: 10,
+        base: Duration::from_millis(20),
+        cap: Duration::from_millis(400),
+    };
+    let client = FlyClient::new(&emu.base_url(), Token::new(token), retry, 4).unwrap();
+    FlyBackend::new(
+        client,
+        FlySettings {
+            stop_timeout: Duration::from_secs(5),
+            wait_timeout: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(30),
+        },
+    )
+}
+
+fn backend(emu: &FlyEmulator) -> FlyBackend {
+    backend_with_token(emu, TOKEN)
+}
+
+/// A machine of the `worker` group as `fly deploy` leaves it.
+fn worker_config() -> Value {
+    json!({
+        "image": "registry.fly.io/backlog:deployment-01HQ",
+        "metadata": {
+            "fly_platform_version": "v2",
+            "fly_process_group": "worker",
+            "fly_release_id": "Rel_abc",
+            "fly_release_version": "7",
+        },
+        "env": {"FLY_PROCESS_GROUP": "worker", "PRIMARY_REGION": "ord"},
+        "init": {"cmd": ["worker", "--task-types", "text_generation,pdf_generation"]},
+        "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 512},
+        "restart": {"policy": "on-failure", "max_retries": 10},
+        "standbys": ["0e286039f42e86"],
+    })
+}
+
+fn seed(emu: &FlyEmulator, state: &str, region: &str) -> String {
+    emu.seed_machine(
+        APP,
+        MachineSeed {
+            region: region.into(),
+            state: state.into(),
+            config: worker_config(),
+            image_ref: Some(json!({"registry": "registry.fly.io", "repository": "backlog",
+                "tag": "deployment-01HQ", "digest": "sha256:feed"})),
+        },
+    )
+}
+
+fn pool_yaml(target: &str) -> String {
+    format!(
+        r#"
+apiVersion: backlog.dev/v1alpha1
+kind: WorkerPool
+metadata: {{name: text}}
+spec:
+  taskTypes: [text_generation]
+  target: {{fly: {target}}}
+  maxReplicas: 4
+  tasksPerReplica: 2
+  cooldownSeconds: 0
+  scaleDown: {{stabilizationSeconds: 0}}
+"#
+    )
+}
+
+fn pools(yaml: &str) -> Vec<LoadedPool> {
+    let mut m = manifest::Manifests::default();
+    m.add_file(std::path::Path::new("fly.yaml"), yaml);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    m.pools
+}
+
+fn reconciler(q: &Queue, backend: FlyBackend) -> Reconciler<FlyBackend> {
+    Reconciler::new(Context {
+        queue: q.clone(),
+        backend,
+        metrics: Arc::new(Metrics::default()),
+    })
+}
+
+async fn enqueue_text(q: &Queue, n: usize) {
+    let jobs = (0..n)
+        .map(|i| NewJob::new("acme", JobType::Text, json!({"prompt": format!("{i}")})))
+        .collect();
+    q.enqueue_batch(jobs).await.unwrap();
+}
+
+/// A worker registers under its machine id, as `FLY_MACHINE_ID` makes it.
+async fn register(q: &Queue, machine: &str) {
+    q.register_worker(&NewWorker {
+        id: machine.into(),
+        pool: Some("text".into()),
+        task_types: vec![TaskType::TextGeneration],
+        concurrency: 2,
+        hostname: None,
+        pid: None,
+    })
+    .await
+    .unwrap();
+}
+
+fn state_of(emu: &FlyEmulator, id: &str) -> String {
+    emu.machine(APP, id).unwrap()["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Machine ids of the app in a state, sorted.
+fn in_state(emu: &FlyEmulator, state: &str) -> Vec<String> {
+    let mut ids: Vec<String> = emu
+        .machines(APP)
+        .iter()
+        .filter(|m| m["state"] == state)
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn of<'a>(log: &'a [LoggedRequest], action: &str) -> Vec<&'a LoggedRequest> {
+    log.iter()
+        .filter(|r| r.action == action && r.status < 300)
+        .collect()
+}
+
+async fn pass(r: &mut Reconciler<FlyBackend>, pools: &[LoadedPool], at_s: i64) -> Vec<PoolReport> {
+    let base = chrono::DateTime::parse_from_rfc3339("2026-12-01T12:00:00Z")
+        .unwrap()
+        .to_utc();
+    r.reconcile(pools, base + chrono::Duration::seconds(at_s)).await
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_group_at_zero_starts_its_stopped_machines_before_creating_any(pool: PgPool) {
+    let emu = emulator().await;
+    let stopped = [seed(&emu, "stopped", "ord"), seed(&emu, "suspended", "ams")];
+    let q = Queue::new(pool);
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 2}"));
+    let mut r = reconciler(&q, backend(&emu));
+    enqueue_text(&q, 7).await;
+
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!(reports.len(), 1, "the pass succeeded");
+    assert_eq!(reports[0].decision.replicas, 4, "{}", reports[0].decision);
+
+    let log = emu.requests();
+    let starts = of(&log, "start");
+    let creates = of(&log, "create");
+    let started: HashSet<_> = starts.iter().filter_map(|s| s.machine.clone()).collect();
+    assert_eq!(
+        started,
+        stopped.iter().cloned().collect(),
+        "both stopped machines started"
+    );
+    assert_eq!(creates.len(), 2, "only the shortfall is created");
+    let last_start = starts.iter().map(|s| s.at).max().unwrap();
+    assert!(
+        creates.iter().all(|c| c.at > last_start),
+        "every start precedes every create"
+    );
+    for start in &starts {
+        assert!(start.nonce.is_some(), "start carries the lease nonce");
+    }
+    let regions: HashSet<&str> = creates
+        .iter()
+        .map(|c| c.request_body.as_ref().unwrap()["region"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        regions,
+        HashSet::from(["ams", "ord"]),
+        "new machines go round-robin over the group's regions"
+    );
+
+    let b = backend(&emu);
+    let spec = &pools[0].pool.spec;
+    wait_until("four ready machines", || in_state(&emu, "started").len() == 4).await;
+    let replicas = b.observe(PoolRef { name: "text", spec }).await.unwrap();
+    assert_eq!(
+        (replicas.len(), replicas.iter().filter(|r| r.ready).count()),
+        (4, 4)
+    );
+}
+
+#[tokio::test]
+async fn created_machines_clone_the_group_config_with_the_metadata_flyctl_needs() {
+    let emu = emulator().await;
+    let source = seed(&emu, "started", "ord");
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    let spec = &pools[0].pool.spec;
+    backend(&emu)
+        .add(PoolRef { name: "text", spec }, 2)
+        .await
+        .unwrap();
+
+    let created: Vec<Value> = emu
+        .machines(APP)
+        .into_iter()
+        .filter(|m| m["id"] != source.as_str())
+        .collect();
+    assert_eq!(created.len(), 2);
+    for machine in &created {
+        let config = &machine["config"];
+        assert_eq!(config["metadata"]["fly_platform_version"], "v2");
+        assert_eq!(config["metadata"]["fly_process_group"], "worker");
+        assert_eq!(
+            config["metadata"]["fly_release_id"], "Rel_abc",
+            "release metadata kept"
+        );
+        assert_eq!(config["metadata"]["fly_release_version"], "7");
+        assert_eq!(
+            config["image"], "registry.fly.io/backlog:deployment-01HQ@sha256:feed",
+            "the full image reference, pinned by digest"
+        );
+        assert!(
+            config.get("standbys").is_none(),
+            "standby settings dropped: {config}"
+        );
+        assert_eq!(config["init"]["cmd"][0], "worker");
+        assert_eq!(config["env"]["FLY_PROCESS_GROUP"], "worker");
+        assert_eq!(config["guest"]["memory_mb"], 512);
+        assert_eq!(machine["region"], "ord");
+    }
+}
+
+#[tokio::test]
+async fn an_empty_group_needs_a_template_and_is_created_from_it() {
+    let emu = emulator().await;
+    let bare = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    let err = backend(&emu)
+        .add(
+            PoolRef {
+                name: "text",
+                spec: &bare[0].pool.spec,
+            },
+            1,
+        )
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("pool text")
+            && message.contains("no machine to clone")
+            && message.contains("template"),
+        "{message}"
+    );
+    assert!(of(&emu.requests(), "create").is_empty(), "nothing created");
+
+    let templated = pools(&pool_yaml(
+        "{app: backlog, processGroup: worker, region: fra, template: {image: \"registry.fly.io/backlog:v1\", cmd: [worker, --task-types, text_generation], env: {LOG_FORMAT: json}}}",
+    ));
+    backend(&emu)
+        .add(
+            PoolRef {
+                name: "text",
+                spec: &templated[0].pool.spec,
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    let machines = emu.machines(APP);
+    assert_eq!(machines.len(), 1);
+    let m = &machines[0];
+    assert_eq!(
+        (m["region"].as_str(), m["config"]["image"].as_str()),
+        (Some("fra"), Some("registry.fly.io/backlog:v1"))
+    );
+    assert_eq!(m["config"]["metadata"]["fly_process_group"], "worker");
+    assert_eq!(m["config"]["metadata"]["fly_platform_version"], "v2");
+    assert_eq!(m["config"]["env"]["FLY_PROCESS_GROUP"], "worker");
+    assert_eq!(
+        m["config"]["init"]["cmd"],
+        json!(["worker", "--task-types", "text_generation"])
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn scale_down_never_stops_a_machine_that_holds_a_task(pool: PgPool) {
+    let emu = emulator().await;
+    let machines: Vec<String> = (0..3).map(|_| seed(&emu, "started", "ord")).collect();
+    let q = Queue::new(pool);
+    for m in &machines {
+        register(&q, m).await;
+    }
+    enqueue_text(&q, 1).await;
+    let busy = machines[1].clone();
+    let held = q.claim(&busy, &[TaskType::TextGeneration], 1).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 5}"));
+    let mut r = reconciler(&q, backend(&emu));
+
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!(reports.len(), 1, "the pass succeeded");
+    let report = &reports[0];
+    assert_eq!(report.decision.replicas, 1, "{}", report.decision);
+    let mut removed = report.removed.clone();
+    removed.sort();
+    let mut idle: Vec<String> = machines.iter().filter(|m| **m != busy).cloned().collect();
+    idle.sort();
+    assert_eq!(removed, idle, "only the idle machines are removed");
+    assert_eq!(state_of(&emu, &busy), "started", "the busy machine runs on");
+    assert_eq!(in_state(&emu, "stopped"), idle);
+
+    let log = emu.requests();
+    let stops = of(&log, "stop");
+    assert_eq!(stops.len(), 2);
+    for stop in stops {
+        assert_eq!(
+            stop.request_body,
+            Some(json!({"signal": "SIGTERM", "timeout": "5s"}))
+        );
+        assert!(stop.nonce.is_some(), "stop carries the lease nonce");
+    }
+    assert!(log
+        .iter()
+        .all(|l| l.machine.as_deref() != Some(busy.as_str()) || l.action == "get"));
+    assert_eq!(
+        of(&log, "release_lease").len(),
+        2,
+        "every lease taken is released"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_lease_held_elsewhere_skips_that_machine_without_an_error_storm(pool: PgPool) {
+    let emu = emulator().await;
+    let deploying = seed(&emu, "started", "ord");
+    let free = seed(&emu, "started", "ord");
+    let q = Queue::new(pool);
+    register(&q, &deploying).await;
+    register(&q, &free).await;
+    emu.hold_lease(APP, &deploying, "deployer@example.com", Duration::from_secs(300));
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 5}"));
+    let mut r = reconciler(&q, backend(&emu));
+
+    for i in 0..3 {
+        let reports = pass(&mut r, &pools, i * 10).await;
+        assert_eq!(reports.len(), 1, "pass {i} reported no error");
+    }
+    assert_eq!(state_of(&emu, &free), "stopped");
+    assert_eq!(
+        state_of(&emu, &deploying),
+        "started",
+        "the leased machine is left alone"
+    );
+    let log = emu.requests();
+    let on_leased: Vec<&LoggedRequest> = log
+        .iter()
+        .filter(|l| l.machine.as_deref() == Some(deploying.as_str()))
+        .collect();
+    assert_eq!(
+        on_leased.iter().map(|l| (l.action, l.status)).collect::<Vec<_>>(),
+        vec![("lease", 409); 3],
+        "one lease attempt per pass, never retried, never broken"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_group_converges_through_injected_faults_within_the_rate_limits(pool: PgPool) {
+    let emu = emulator().await;
+    seed(&emu, "stopped", "ord");
+    seed(&emu, "started", "ams");
+    emu.set_faults(Faults {
+        error_fraction: 0.3,
+        ..Faults::default()
+    });
+    let q = Queue::new(pool);
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 1}"));
+    let mut r = reconciler(&q, backend(&emu));
+    enqueue_text(&q, 8).await;
+
+    let mut converged = false;
+    for i in 0..40 {
+        pass(&mut r, &pools, i * 5).await;
+        if in_state(&emu, "started").len() == 4 {
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        converged,
+        "4 machines started: {:?}",
+        emu.machines(APP).iter().map(|m| &m["state"]).collect::<Vec<_>>()
+    );
+    assert_eq!(emu.machines(APP).len(), 4, "no machine created twice");
+
+    // Work done: every machine registered and idle, so the group drains to zero.
+    for id in in_state(&emu, "started") {
+        register(&q, &id).await;
+    }
+    let tasks = q
+        .claim("elsewhere", &[TaskType::TextGeneration], 100)
+        .await
+        .unwrap();
+    let results: Vec<_> = tasks.iter().map(|t| (t.lease(), json!({}))).collect();
+    q.complete_batch("elsewhere", &results).await.unwrap();
+    let mut drained = false;
+    for i in 0..40 {
+        pass(&mut r, &pools, 1000 + i * 5).await;
+        if in_state(&emu, "started").is_empty() && in_state(&emu, "stopped").len() <= 1 {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        drained,
+        "{:?}",
+        emu.machines(APP).iter().map(|m| &m["state"]).collect::<Vec<_>>()
+    );
+
+    let log = emu.requests();
+    let injected = log.iter().filter(|l| l.injected).count();
+    assert!(
+        injected >= 5,
+        "faults were injected ({injected} of {})",
+        log.len()
+    );
+    let limited: Vec<_> = log
+        .iter()
+        .filter(|l| l.rate_limited)
+        .map(|l| (l.action, &l.machine))
+        .collect();
+    assert!(
+        limited.is_empty(),
+        "the client stayed within Fly's rate limits: {limited:?}"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn max_stopped_is_kept_and_the_oldest_stopped_machines_are_destroyed(pool: PgPool) {
+    let emu = emulator().await;
+    // Seeded in order: each one stopped a second after the one before.
+    let old: Vec<String> = (0..4).map(|_| seed(&emu, "stopped", "ord")).collect();
+    let running = [seed(&emu, "started", "ord"), seed(&emu, "started", "ord")];
+    let q = Queue::new(pool);
+    for m in &running {
+        register(&q, m).await;
+    }
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 3}"));
+    let mut r = reconciler(&q, backend(&emu));
+
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!(reports[0].removed.len(), 2, "{}", reports[0].decision);
+    wait_until("destroys to finish", || in_state(&emu, "destroying").is_empty()).await;
+    let mut expected_destroyed = old[..3].to_vec();
+    expected_destroyed.sort();
+    assert_eq!(
+        in_state(&emu, "destroyed"),
+        expected_destroyed,
+        "the three oldest stopped are destroyed"
+    );
+    let mut kept = vec![old[3].clone(), running[0].clone(), running[1].clone()];
+    kept.sort();
+    assert_eq!(
+        in_state(&emu, "stopped"),
+        kept,
+        "maxStopped=3 newest stopped kept"
+    );
+    for destroy in of(&emu.requests(), "destroy") {
+        assert!(destroy.nonce.is_some(), "destroy carries the lease nonce");
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_rejected_token_is_reported_and_nothing_else_is_attempted(pool: PgPool) {
+    let emu = emulator().await;
+    seed(&emu, "stopped", "ord");
+    emu.add_token("other-app-token", Some(&["someone-else"]));
+    let q = Queue::new(pool);
+    enqueue_text(&q, 4).await;
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    let spec = &pools[0].pool.spec;
+
+    for (token, status) in [("fm2_revoked", 401), ("other-app-token", 403)] {
+        emu.clear_requests();
+        let b = backend_with_token(&emu, token);
+        let err = b.observe(PoolRef { name: "text", spec }).await.unwrap_err();
+        assert!(matches!(err, BackendError::Unauthorized { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("pool text") && message.contains("FLY_API_TOKEN"),
+            "{message}"
+        );
+        let mut r = reconciler(&q, b);
+        assert!(
+            pass(&mut r, &pools, 0).await.is_empty(),
+            "the pass failed for the pool"
+        );
+        let log = emu.requests();
+        assert_eq!(
+            log.iter().map(|l| (l.action, l.status)).collect::<Vec<_>>(),
+            vec![("list", status); 2],
+            "one list per attempt, no retries, no start or create"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_capacity_in_one_region_moves_creation_to_the_next() {
+    let emu = emulator().await;
+    seed(&emu, "started", "ams");
+    seed(&emu, "started", "ord");
+    emu.set_faults(Faults {
+        no_capacity_regions: HashSet::from(["ams".to_string()]),
+        ..Faults::default()
+    });
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    backend(&emu)
+        .add(
+            PoolRef {
+                name: "text",
+                spec: &pools[0].pool.spec,
+            },
+            2,
+        )
+        .await
+        .unwrap();
+    let log = emu.requests();
+    let creates: Vec<(String, u16)> = log
+        .iter()
+        .filter(|l| l.action == "create")
+        .map(|l| {
+            (
+                l.request_body.as_ref().unwrap()["region"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                l.status,
+            )
+        })
+        .collect();
+    assert!(creates.contains(&("ams".into(), 422)), "{creates:?}");
+    let created: Vec<&(String, u16)> = creates.iter().filter(|c| c.1 == 200).collect();
+    assert_eq!(created.len(), 2);
+    assert!(created.iter().all(|c| c.0 == "ord"), "{creates:?}");
+    let capacity_error = log.iter().find(|l| l.status == 422).unwrap();
+    assert_eq!(
+        capacity_error.response_body.as_ref().unwrap()["status"],
+        "insufficient_capacity"
+    );
+}
