@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use controller::backend::fly::{FlyBackend, FlyClient, FlySettings, RetryPolicy, Token};
+use controller::backend::fly::client::{ListFilter, StopMachine};
+use controller::backend::fly::{FlyBackend, FlyClient, FlyError, FlySettings, RetryPolicy, Token};
 use controller::backend::{Backend, BackendError, PoolRef};
 use controller::manifest::{self, LoadedPool};
 use controller::metrics::Metrics;
@@ -15,6 +16,7 @@ use controller::reconcile::{Context, PoolReport, Reconciler};
 use queue::{JobType, NewJob, NewWorker, Queue, TaskType};
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use test_support::fly::openapi::Spec;
 use test_support::fly::{Faults, FlyEmulator, LoggedRequest, MachineSeed, Timings};
 
 const APP: &str = "backlog";
@@ -594,4 +596,358 @@ async fn no_capacity_in_one_region_moves_creation_to_the_next() {
         capacity_error.response_body.as_ref().unwrap()["status"],
         "insufficient_capacity"
     );
+}
+
+/// The spec's path template for a logged request (`/v1` dropped, names replaced).
+fn spec_path(log: &LoggedRequest) -> String {
+    let rest = log.path.trim_start_matches("/v1");
+    let rest = rest.replacen(&format!("/apps/{}", log.app), "/apps/{app_name}", 1);
+    match &log.machine {
+        Some(id) => rest.replacen(&format!("/machines/{id}"), "/machines/{machine_id}", 1),
+        None => rest,
+    }
+}
+
+/// Every request body the client sent and every answer the emulator gave,
+/// checked against Fly's published schemas.
+fn check_against_the_spec(log: &[LoggedRequest]) -> usize {
+    let spec = Spec::load();
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for entry in log {
+        let path = spec_path(entry);
+        let method = entry.method.to_lowercase();
+        let what = format!("{} {} → {}", entry.method, entry.path, entry.status);
+        if let Some(body) = &entry.request_body {
+            let schema = spec
+                .request_schema(&path, &method)
+                .unwrap_or_else(|| panic!("{what}: the spec has no request body for {method} {path}"));
+            problems.extend(
+                spec.validate(&schema, body)
+                    .into_iter()
+                    .map(|p| format!("{what} request: {p}")),
+            );
+            checked += 1;
+        }
+        let Some(body) = &entry.response_body else {
+            continue;
+        };
+        let schema = if entry.status >= 400 {
+            Some(Spec::component("ErrorResponse"))
+        } else if entry.action == "lease" {
+            // Today's API wraps the spec's Lease in {status, data}.
+            assert_eq!(body["status"], "success", "{what}");
+            problems.extend(
+                spec.validate(&Spec::component("Lease"), &body["data"])
+                    .into_iter()
+                    .map(|p| format!("{what} lease: {p}")),
+            );
+            checked += 1;
+            None
+        } else {
+            spec.response_schema(&path, &method, entry.status)
+        };
+        if let Some(schema) = schema {
+            problems.extend(
+                spec.validate(&schema, body)
+                    .into_iter()
+                    .map(|p| format!("{what} response: {p}")),
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "not as Fly's spec says:\n{}",
+        problems.join("\n")
+    );
+    checked
+}
+
+#[tokio::test]
+async fn client_and_emulator_speak_the_published_schemas_and_the_emulator_keeps_the_contract() {
+    let emu = emulator().await;
+    for _ in 0..450 {
+        seed(&emu, "stopped", "ord");
+    }
+    let other = emu.seed_machine(
+        APP,
+        MachineSeed {
+            region: "ams".into(),
+            state: "started".into(),
+            config: json!({"image": "x/app:1", "metadata": {"fly_process_group": "app"}}),
+            image_ref: None,
+        },
+    );
+    let client = FlyClient::new(&emu.base_url(), Token::new(TOKEN), RetryPolicy::default(), 4).unwrap();
+    let filter = ListFilter {
+        metadata: vec![("fly_process_group".into(), "worker".into())],
+        ..ListFilter::default()
+    };
+    let listed = client.list(APP, &filter).await.unwrap();
+    assert_eq!(
+        listed.len(),
+        450,
+        "every page followed, the other group filtered out"
+    );
+    let log = emu.requests();
+    assert_eq!(of(&log, "list").len(), 3, "200 + 200 + 50 via fly-next-cursor");
+    assert_eq!(
+        client
+            .list(
+                APP,
+                &ListFilter {
+                    region: Some("ams".into()),
+                    ..ListFilter::default()
+                }
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.id.clone())
+            .collect::<Vec<_>>(),
+        vec![other.clone()]
+    );
+    assert_eq!(
+        client
+            .list(
+                APP,
+                &ListFilter {
+                    states: vec!["started".into()],
+                    ..ListFilter::default()
+                }
+            )
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A machine's life: create, lease, wait, stop, update, destroy.
+    // (The `app` group has no stopped machine, so this is a create.)
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: app}"));
+    backend(&emu)
+        .add(
+            PoolRef {
+                name: "text",
+                spec: &pools[0].pool.spec,
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    let created = of(&emu.requests(), "create")[0].response_body.clone().unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(state_of(&emu, &id), "started");
+    let lease = client
+        .acquire_lease(APP, &id, Duration::from_secs(30), "test")
+        .await
+        .unwrap();
+    let held = client
+        .acquire_lease(APP, &id, Duration::from_secs(30), "second")
+        .await
+        .unwrap_err();
+    assert!(matches!(held, FlyError::LeaseHeld { .. }), "{held}");
+    let stop = StopMachine {
+        signal: "SIGTERM".into(),
+        timeout: "10s".into(),
+    };
+    let no_nonce = client.stop(APP, &id, &stop, None).await.unwrap_err();
+    assert!(
+        matches!(no_nonce, FlyError::Api { status: 409, .. }),
+        "a leased machine needs the nonce: {no_nonce}"
+    );
+    let timed_out = client
+        .wait(APP, &id, "stopped", None, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(timed_out, FlyError::WaitTimedOut { .. }),
+        "408 from /wait: {timed_out}"
+    );
+    client.stop(APP, &id, &stop, Some(&lease.nonce)).await.unwrap();
+    client
+        .wait(APP, &id, "stopped", None, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let machine = client.get(APP, &id).await.unwrap();
+    let mut config = machine.config.clone().unwrap();
+    config.env.insert("EXTRA".into(), "1".into());
+    let stale = client
+        .update(
+            APP,
+            &id,
+            &config,
+            Some("01STALEVERSION0000000000000"),
+            Some(&lease.nonce),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, FlyError::Api { status: 409, .. }), "{stale}");
+    let updated = client
+        .update(APP, &id, &config, Some(&machine.instance_id), Some(&lease.nonce))
+        .await
+        .unwrap();
+    assert_ne!(
+        updated.instance_id, machine.instance_id,
+        "an update is a new version"
+    );
+    client.release_lease(APP, &id, &lease.nonce).await.unwrap();
+    let running = client.destroy(APP, &other, false, None).await.unwrap_err();
+    assert!(matches!(running, FlyError::Api { status: 412, .. }), "{running}");
+    client.destroy(APP, &other, true, None).await.unwrap();
+    client
+        .wait(APP, &other, "destroyed", None, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let deleted = ListFilter {
+        include_deleted: true,
+        ..ListFilter::default()
+    };
+    assert_eq!(client.list(APP, &deleted).await.unwrap().len(), 452);
+    assert_eq!(client.list(APP, &ListFilter::default()).await.unwrap().len(), 451);
+
+    // A lease expires with its TTL, and then anyone may take it.
+    let short = emu.hold_lease(APP, &id, "deployer@example.com", Duration::from_millis(300));
+    assert!(!short.is_empty());
+    let early = client
+        .acquire_lease(APP, &id, Duration::from_secs(5), "too early")
+        .await
+        .unwrap_err();
+    assert!(matches!(early, FlyError::LeaseHeld { .. }), "{early}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    client
+        .acquire_lease(APP, &id, Duration::from_secs(5), "after expiry")
+        .await
+        .unwrap();
+
+    // Fly's limits, server side: 1/s with bursts of 3 per action and machine.
+    let raw = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let response = raw
+            .post(format!("{}/v1/apps/{APP}/machines/{id}/suspend", emu.base_url()))
+            .header("authorization", format!("FlyV1 {TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push((
+            response.status().as_u16(),
+            response.headers().contains_key("retry-after"),
+        ));
+    }
+    assert_eq!(statuses[3..], [(429, true), (429, true)], "{statuses:?}");
+    let unauthorized = raw
+        .get(format!("{}/v1/apps/{APP}/machines", emu.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+
+    let checked = check_against_the_spec(&emu.requests());
+    assert!(checked > 20, "{checked} bodies checked");
+}
+
+/// `fly.toml` as Fly reads it: the four process groups run binaries this
+/// workspace builds, the HTTP service and its checks are the API's only.
+#[test]
+fn fly_toml_runs_every_group_with_a_real_binary() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("fly.toml")).expect("fly.toml at the repository root");
+    let doc: toml::Table = toml::from_str(&text).expect("fly.toml is TOML");
+    let processes = doc["processes"].as_table().expect("[processes]");
+    let names: Vec<&str> = processes.keys().map(String::as_str).collect();
+    assert_eq!(names, ["app", "audiobook-worker", "controller", "worker"]);
+    // Binaries the workspace declares: src/main.rs of a package, or src/bin/*.rs.
+    let binaries: HashSet<String> = ["api", "workers", "controller"]
+        .iter()
+        .flat_map(|package| {
+            let dir = root.join(package).join("src/bin");
+            let mut bins: Vec<String> = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(|e| e.ok()?.path().file_stem()?.to_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if root.join(package).join("src/main.rs").exists() {
+                bins.push(package.to_string());
+            }
+            bins
+        })
+        .collect();
+    let command = |group: &str| -> Vec<String> {
+        let line = processes[group]
+            .as_str()
+            .unwrap_or_else(|| panic!("{group}: a command string"));
+        assert!(
+            !line.trim().is_empty(),
+            "process group {group} has an empty command"
+        );
+        assert!(
+            !line.contains('&') && !line.contains(';'),
+            "{group}: one supervised program, not a shell list"
+        );
+        line.split_whitespace().map(str::to_string).collect()
+    };
+    for group in &names {
+        let argv = command(group);
+        assert!(
+            binaries.contains(&argv[0]),
+            "{group} runs {:?}, which the workspace does not build",
+            argv[0]
+        );
+    }
+    assert_eq!(command("app")[0], "api");
+    assert_eq!(
+        command("worker")[..3],
+        ["worker", "--task-types", "text_generation,pdf_generation"]
+    );
+    assert_eq!(command("audiobook-worker")[0], "audio-worker");
+    let controller = command("controller");
+    assert_eq!(controller[..4], ["controller", "run", "--backend", "fly"]);
+    let pools_file = controller
+        .iter()
+        .skip_while(|a| *a != "-f")
+        .nth(1)
+        .expect("controller -f <pools>");
+    let in_repo = root.join(pools_file.trim_start_matches("/app/"));
+    let loaded = manifest::load(&in_repo);
+    assert!(
+        loaded.errors.is_empty(),
+        "{}: {:?}",
+        in_repo.display(),
+        loaded.errors
+    );
+    let groups: HashSet<String> = loaded
+        .pools
+        .iter()
+        .map(|p| match &p.pool.spec.target {
+            controller::spec::Target::Fly(fly) => fly.process_group.clone(),
+            other => panic!("{} targets {}", p.name(), other.backend()),
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        HashSet::from(["worker".to_string(), "audiobook-worker".to_string()])
+    );
+
+    let service = doc["http_service"].as_table().expect("[http_service]");
+    assert_eq!(service["internal_port"].as_integer(), Some(8787));
+    assert_eq!(
+        service["processes"].as_array().unwrap(),
+        &vec![toml::Value::from("app")]
+    );
+    let checks: Vec<&str> = service["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(checks, ["/healthz", "/readyz"]);
+    assert_eq!(doc["deploy"]["release_command"].as_str(), Some("api migrate"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    for program in ["api", "worker", "audio-worker", "controller", "espeak-ng"] {
+        assert!(dockerfile.contains(program), "the image carries {program}");
+    }
 }

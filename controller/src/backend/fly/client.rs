@@ -467,6 +467,26 @@ impl FlyClient {
         decode("create", body)
     }
 
+    /// Replace a machine's config. `current_version` makes it conditional:
+    /// a stale version is a 409.
+    pub async fn update(
+        &self,
+        app: &str,
+        machine: &str,
+        config: &MachineConfig,
+        current_version: Option<&str>,
+        nonce: Option<&str>,
+    ) -> Result<Machine, FlyError> {
+        let mut call = self.simple("update", Method::POST, app, machine, "", nonce, MUTATION_RATE);
+        let mut body = serde_json::json!({ "config": config });
+        if let Some(version) = current_version {
+            body["current_version"] = Value::String(version.into());
+        }
+        call.body = Some(body);
+        let (_, body) = self.send(call).await?;
+        decode("update", body)
+    }
+
     pub async fn start(&self, app: &str, machine: &str, nonce: Option<&str>) -> Result<(), FlyError> {
         self.send(self.simple(
             "start",
