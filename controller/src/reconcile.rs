@@ -85,6 +85,9 @@ impl<B: Backend> Reconciler<B> {
         // Forget pools whose manifests were removed.
         let live: HashSet<&str> = pools.iter().map(|p| p.name()).collect();
         self.state.retain(|name, _| live.contains(name.as_str()));
+        if snapshot.is_ok() {
+            self.publish_status(pools, &reports).await;
+        }
         self.ctx
             .metrics
             .reconcile_seconds
@@ -215,6 +218,39 @@ impl<B: Backend> Reconciler<B> {
                 phase: decision.phase.as_str().to_string(),
             })
             .inc();
+    }
+
+    /// Write each pool's status for `GET /v1/pools` and drop the rows of
+    /// pools this backend no longer runs. A failed write is logged, never fatal.
+    async fn publish_status(&self, pools: &[LoadedPool], reports: &[PoolReport]) {
+        let backend = self.ctx.backend.name();
+        for report in reports {
+            let s = &report.status;
+            let row = queue::PoolStatus {
+                pool: report.pool.clone(),
+                backend: backend.to_string(),
+                desired_replicas: s.desired_replicas,
+                current_replicas: s.current_replicas,
+                ready_replicas: s.ready_replicas,
+                busy_replicas: s.busy_replicas,
+                pending: s.pending,
+                in_flight: s.in_flight,
+                conditions: serde_json::to_value(&s.conditions).unwrap_or_else(|_| serde_json::json!([])),
+                last_decision: s.last_decision.clone(),
+                last_scale_at: s
+                    .last_scale_time
+                    .as_ref()
+                    .and_then(|t| DateTime::from_timestamp_millis(t.0.as_millisecond())),
+            };
+            if let Err(e) = self.ctx.queue.put_pool_status(&row).await {
+                tracing::warn!(pool = %report.pool, error = %e, "could not write the pool's status");
+                self.count_error(&report.pool, "status");
+            }
+        }
+        let live: Vec<String> = pools.iter().map(|p| p.name().to_string()).collect();
+        if let Err(e) = self.ctx.queue.forget_pool_statuses(backend, &live).await {
+            tracing::warn!(error = %e, "could not prune the status of removed pools");
+        }
     }
 
     fn count_error(&self, pool: &str, stage: &str) {

@@ -199,6 +199,29 @@ async fn a_group_at_zero_starts_its_stopped_machines_before_creating_any(pool: P
     assert_eq!(reports.len(), 1, "the pass succeeded");
     assert_eq!(reports[0].decision.replicas, 4, "{}", reports[0].decision);
 
+    let statuses = q.pool_statuses().await.unwrap();
+    assert_eq!(statuses.len(), 1);
+    let status = &statuses[0].status;
+    assert_eq!(
+        (
+            status.pool.as_str(),
+            status.backend.as_str(),
+            status.desired_replicas,
+            status.pending
+        ),
+        ("text", "fly", 4, 7),
+        "the pass's status is published for GET /v1/pools"
+    );
+    assert!(
+        status
+            .conditions
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready"),
+        "{status:?}"
+    );
+
     let log = emu.requests();
     let starts = of(&log, "start");
     let creates = of(&log, "create");
