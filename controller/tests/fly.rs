@@ -974,3 +974,154 @@ fn fly_toml_runs_every_group_with_a_real_binary() {
         assert!(dockerfile.contains(program), "the image carries {program}");
     }
 }
+
+/// Real worker processes, one per started machine (`FLY_MACHINE_ID` = the
+/// machine id), given SIGTERM when their machine stops.
+#[derive(Default)]
+struct MachineProcesses {
+    running: std::sync::Mutex<std::collections::HashMap<String, std::process::Child>>,
+    stopped: std::sync::Mutex<Vec<std::process::Child>>,
+    most_running: std::sync::atomic::AtomicUsize,
+}
+
+impl MachineProcesses {
+    fn on_event(
+        &self,
+        event: &test_support::fly::MachineEvent,
+        worker: &std::path::Path,
+        env: &[(&str, String)],
+    ) {
+        match event.state.as_str() {
+            "started" => {
+                let child = std::process::Command::new(worker)
+                    .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                    .env("FLY_MACHINE_ID", &event.machine)
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .expect("start a worker for the machine");
+                let mut running = self.running.lock().unwrap();
+                running.insert(event.machine.clone(), child);
+                self.most_running
+                    .fetch_max(running.len(), std::sync::atomic::Ordering::SeqCst);
+            }
+            "stopping" | "destroying" => {
+                if let Some(child) = self.running.lock().unwrap().remove(&event.machine) {
+                    // SAFETY: kill(2) on a child this test started.
+                    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                    self.stopped.lock().unwrap().push(child);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn stop_all(&self) {
+        let running: Vec<_> = self.running.lock().unwrap().drain().map(|(_, c)| c).collect();
+        for child in &running {
+            // SAFETY: as above.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for mut child in running.into_iter().chain(self.stopped.lock().unwrap().drain(..)) {
+            let _ = child.wait();
+        }
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn fly_machines_running_real_workers_rise_finish_the_queue_and_stop(pool: PgPool) {
+    let worker = test_support::workspace_binary("workers", "worker");
+    let dir = tempfile::tempdir().unwrap();
+    let env = vec![
+        ("DATABASE_URL", test_support::database_url(&pool)),
+        ("LLM_PROVIDER", "offline".to_string()),
+        ("ARTIFACT_STORE", format!("file://{}", dir.path().display())),
+        ("WORKER_TASK_TYPES", "text_generation".to_string()),
+        ("WORKER_POOL", "text".to_string()),
+        ("WORKER_CONCURRENCY", "2".to_string()),
+        ("WORKER_HEARTBEAT_SECONDS", "0.5".to_string()),
+        ("LOG_FORMAT", "text".to_string()),
+        ("RUST_LOG", "warn".to_string()),
+    ];
+    let emu = emulator().await;
+    let processes = Arc::new(MachineProcesses::default());
+    emu.on_machine_event(Arc::new({
+        let processes = processes.clone();
+        move |event| processes.on_event(event, &worker, &env)
+    }));
+    seed(&emu, "stopped", "ord");
+    let q = Queue::new(pool.clone());
+    enqueue_text(&q, 120).await;
+
+    let manifest = dir.path().join("pools.yaml");
+    std::fs::write(
+        &manifest,
+        pool_yaml("{app: backlog, processGroup: worker, maxStopped: 1}")
+            .replace("maxReplicas: 4", "maxReplicas: 3")
+            .replace("cooldownSeconds: 0", "cooldownSeconds: 2"),
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let controller = tokio::spawn(controller::reconcile::run(
+        reconciler(&q, backend(&emu)),
+        controller::reconcile::ManifestSource::new(manifest),
+        controller::reconcile::LoopSettings {
+            tick: Duration::from_millis(300),
+            leader_key: 11,
+        },
+        shutdown.clone(),
+    ));
+
+    let mut done = false;
+    for _ in 0..600 {
+        let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status <> 'complete'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if unfinished == 0 && in_state(&emu, "started").is_empty() && in_state(&emu, "stopping").is_empty() {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    controller.await.unwrap().unwrap();
+    processes.stop_all();
+    assert!(
+        done,
+        "every task complete and every machine stopped: {:?}",
+        emu.machines(APP)
+            .iter()
+            .map(|m| (&m["id"], &m["state"]))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        processes.most_running.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "machines rose to maxReplicas"
+    );
+    let (retried, with_error): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE attempts <> 1), count(*) FILTER (WHERE last_error IS NOT NULL) FROM job_tasks",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (retried, with_error),
+        (0, 0),
+        "no task was interrupted by a scale-down"
+    );
+    assert!(in_state(&emu, "stopped").len() <= 1, "maxStopped=1");
+    let claimed_by: Vec<String> = sqlx::query_scalar("SELECT DISTINCT claimed_by FROM job_tasks")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let machine_ids: HashSet<String> = emu
+        .machines(APP)
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        claimed_by.iter().all(|w| machine_ids.contains(w)),
+        "workers ran under their machine ids: {claimed_by:?}"
+    );
+}

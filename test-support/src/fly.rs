@@ -87,10 +87,12 @@ pub struct LoggedRequest {
 pub struct MachineEvent {
     pub app: String,
     pub machine: String,
-    /// The state reached: `started`, `stopped`, `suspended`, `destroyed`.
+    /// The state entered: a transition's transient state when it begins
+    /// (`starting`, `stopping`, `destroying`, ...) and its final one when it
+    /// completes (`started`, `stopped`, `suspended`, `destroyed`).
     pub state: String,
     pub config: Value,
-    /// The signal a stop asked for.
+    /// The signal a stop asked for (`SIGKILL` for a destroy).
     pub signal: Option<String>,
 }
 
@@ -814,16 +816,28 @@ impl Shared {
         delay: Duration,
         signal: Option<String>,
     ) {
-        let generation = {
+        let (generation, begun, hooks) = {
             let mut state = self.state.lock().expect("state");
+            let hooks = state.hooks.clone();
             let Some(m) = state.machines.get_mut(key) else {
                 return;
             };
             m.state = transient.to_string();
             m.updated_at = Utc::now();
             m.generation += 1;
-            m.generation
+            let begun = MachineEvent {
+                app: key.0.clone(),
+                machine: key.1.clone(),
+                state: transient.to_string(),
+                config: m.config.clone(),
+                signal: signal.clone(),
+            };
+            (m.generation, begun, hooks)
         };
+        // A stop's signal reaches the machine's process when the stop begins.
+        for hook in &hooks {
+            hook(&begun);
+        }
         let key = key.clone();
         let target = target.to_string();
         let shared = Arc::clone(self);
