@@ -60,6 +60,12 @@ fn backend(emu: &FlyEmulator) -> FlyBackend {
     backend_with_token(emu, TOKEN)
 }
 
+/// `count` more replicas for the first pool, straight through the backend.
+async fn add(emu: &FlyEmulator, pools: &[LoadedPool], count: u32) -> Result<(), BackendError> {
+    let spec = &pools[0].pool.spec;
+    backend(emu).add(PoolRef { name: "text", spec }, count).await
+}
+
 /// A machine of the `worker` group as `fly deploy` leaves it.
 fn worker_config() -> Value {
     json!({
@@ -265,11 +271,7 @@ async fn created_machines_clone_the_group_config_with_the_metadata_flyctl_needs(
     let emu = emulator().await;
     let source = seed(&emu, "started", "ord");
     let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
-    let spec = &pools[0].pool.spec;
-    backend(&emu)
-        .add(PoolRef { name: "text", spec }, 2)
-        .await
-        .unwrap();
+    add(&emu, &pools, 2).await.unwrap();
 
     let created: Vec<Value> = emu
         .machines(APP)
@@ -305,16 +307,7 @@ async fn created_machines_clone_the_group_config_with_the_metadata_flyctl_needs(
 async fn an_empty_group_needs_a_template_and_is_created_from_it() {
     let emu = emulator().await;
     let bare = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
-    let err = backend(&emu)
-        .add(
-            PoolRef {
-                name: "text",
-                spec: &bare[0].pool.spec,
-            },
-            1,
-        )
-        .await
-        .unwrap_err();
+    let err = add(&emu, &bare, 1).await.unwrap_err();
     let message = err.to_string();
     assert!(
         message.contains("pool text")
@@ -327,16 +320,7 @@ async fn an_empty_group_needs_a_template_and_is_created_from_it() {
     let templated = pools(&pool_yaml(
         "{app: backlog, processGroup: worker, region: fra, template: {image: \"registry.fly.io/backlog:v1\", cmd: [worker, --task-types, text_generation], env: {LOG_FORMAT: json}}}",
     ));
-    backend(&emu)
-        .add(
-            PoolRef {
-                name: "text",
-                spec: &templated[0].pool.spec,
-            },
-            1,
-        )
-        .await
-        .unwrap();
+    add(&emu, &templated, 1).await.unwrap();
     let machines = emu.machines(APP);
     assert_eq!(machines.len(), 1);
     let m = &machines[0];
@@ -586,16 +570,7 @@ async fn no_capacity_in_one_region_moves_creation_to_the_next() {
         ..Faults::default()
     });
     let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
-    backend(&emu)
-        .add(
-            PoolRef {
-                name: "text",
-                spec: &pools[0].pool.spec,
-            },
-            2,
-        )
-        .await
-        .unwrap();
+    add(&emu, &pools, 2).await.unwrap();
     let log = emu.requests();
     let creates: Vec<(String, u16)> = log
         .iter()
@@ -749,16 +724,7 @@ async fn client_and_emulator_speak_the_published_schemas_and_the_emulator_keeps_
     // A machine's life: create, lease, wait, stop, update, destroy.
     // (The `app` group has no stopped machine, so this is a create.)
     let pools = pools(&pool_yaml("{app: backlog, processGroup: app}"));
-    backend(&emu)
-        .add(
-            PoolRef {
-                name: "text",
-                spec: &pools[0].pool.spec,
-            },
-            1,
-        )
-        .await
-        .unwrap();
+    add(&emu, &pools, 1).await.unwrap();
     let created = of(&emu.requests(), "create")[0].response_body.clone().unwrap();
     let id = created["id"].as_str().unwrap().to_string();
     assert_eq!(state_of(&emu, &id), "started");
