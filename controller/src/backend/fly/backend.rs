@@ -127,8 +127,8 @@ impl FlyBackend {
         }
     }
 
-    /// Start one stopped machine under its lease and wait for it. Ok(false):
-    /// skipped because someone else holds the lease.
+    /// Start one stopped machine under its lease. Ok(false): skipped because
+    /// someone else holds the lease.
     async fn start_one(&self, pool: PoolRef<'_>, app: &str, machine: &Machine) -> Result<bool, BackendError> {
         let Leased::Held(nonce) = self.lease(pool, app, &machine.id, "start").await? else {
             return Ok(false);
@@ -137,8 +137,32 @@ impl FlyBackend {
         self.release(pool, app, &machine.id, &nonce).await;
         started.map_err(|e| to_backend(pool, e))?;
         tracing::info!(pool = pool.name, machine = %machine.id, region = %machine.region, "started stopped machine");
-        self.wait_for(pool, app, &machine.id, "started").await?;
         Ok(true)
+    }
+
+    /// Stop one drained machine with SIGTERM under its lease, and wait (still
+    /// holding the lease) until it is stopped.
+    async fn stop_one(
+        &self,
+        pool: PoolRef<'_>,
+        app: &str,
+        id: &str,
+        stop: &StopMachine,
+    ) -> Result<(), BackendError> {
+        let Leased::Held(nonce) = self.lease(pool, app, id, "stop").await? else {
+            return Ok(());
+        };
+        let stopped = self.client.stop(app, id, stop, Some(&nonce)).await;
+        if stopped.is_ok() {
+            // The stop is under way whatever the wait says: not an error of the pass.
+            if let Err(e) = self.wait_for(pool, app, id, "stopped").await {
+                tracing::warn!(pool = pool.name, machine = %id, error = %e, "could not watch the machine stop");
+            }
+        }
+        self.release(pool, app, id, &nonce).await;
+        stopped.map_err(|e| to_backend(pool, e))?;
+        tracing::info!(pool = pool.name, machine = %id, "stopped drained machine");
+        Ok(())
     }
 
     /// Waits for a state; a machine that does not get there is left to count
@@ -318,6 +342,35 @@ impl FlyBackend {
         }
         Ok(())
     }
+
+    /// Create `count` machines of the group, round-robin over its regions.
+    async fn create(
+        &self,
+        pool: PoolRef<'_>,
+        target: &FlyTarget,
+        group: &[Machine],
+        count: usize,
+        booting: &mut Vec<String>,
+    ) -> Result<(), BackendError> {
+        let config = Self::new_config(pool, target, group)?;
+        let regions = Self::regions(target, group);
+        for _ in 0..count {
+            let start = *self
+                .next_region
+                .lock()
+                .await
+                .entry(pool.name.to_string())
+                .or_default();
+            let (machine, used) = self.create_one(pool, target, &config, &regions, start).await?;
+            self.next_region
+                .lock()
+                .await
+                .insert(pool.name.to_string(), (used + 1) % regions.len());
+            tracing::info!(pool = pool.name, machine = %machine.id, region = %machine.region, image = %config.image, "created machine");
+            booting.push(machine.id);
+        }
+        Ok(())
+    }
 }
 
 fn to_backend(pool: PoolRef<'_>, error: FlyError) -> BackendError {
@@ -364,36 +417,24 @@ impl Backend for FlyBackend {
             .filter(|m| STARTABLE_STATES.contains(&m.state.as_str()))
             .collect();
         stopped.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then_with(|| a.id.cmp(&b.id)));
+        let mut booting = Vec::new();
         for machine in stopped {
             if needed == 0 {
                 break;
             }
             if self.start_one(pool, &target.app, machine).await? {
+                booting.push(machine.id.clone());
                 needed -= 1;
             }
         }
-        if needed == 0 {
-            return Ok(());
+        if needed > 0 {
+            self.create(pool, target, &group, needed, &mut booting).await?;
         }
-
-        let config = Self::new_config(pool, target, &group)?;
-        let regions = Self::regions(target, &group);
-        for _ in 0..needed {
-            let start = *self
-                .next_region
-                .lock()
-                .await
-                .entry(pool.name.to_string())
-                .or_default();
-            let (machine, used) = self.create_one(pool, target, &config, &regions, start).await?;
-            self.next_region
-                .lock()
-                .await
-                .insert(pool.name.to_string(), (used + 1) % regions.len());
-            tracing::info!(pool = pool.name, machine = %machine.id, region = %machine.region, image = %config.image, "created machine");
-            self.wait_for(pool, &target.app, &machine.id, "started").await?;
-        }
-        Ok(())
+        // All boot at once; the waits only bound how long this pass watches.
+        let waits = booting
+            .iter()
+            .map(|id| self.wait_for(pool, &target.app, id, "started"));
+        futures::future::join_all(waits).await.into_iter().collect()
     }
 
     async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<(), BackendError> {
@@ -402,19 +443,9 @@ impl Backend for FlyBackend {
             signal: "SIGTERM".into(),
             timeout: format!("{}s", self.settings.stop_timeout.as_secs().max(1)),
         };
-        for id in ids {
-            let Leased::Held(nonce) = self.lease(pool, &target.app, id, "stop").await? else {
-                continue;
-            };
-            let stopped = self.client.stop(&target.app, id, &stop, Some(&nonce)).await;
-            if stopped.is_ok() {
-                // The wait bound covers the drain the stop allows.
-                let _ = self.wait_for(pool, &target.app, id, "stopped").await;
-            }
-            self.release(pool, &target.app, id, &nonce).await;
-            stopped.map_err(|e| to_backend(pool, e))?;
-            tracing::info!(pool = pool.name, machine = %id, "stopped drained machine");
-        }
+        let stops = ids.iter().map(|id| self.stop_one(pool, &target.app, id, &stop));
+        let stopped: Result<(), BackendError> = futures::future::join_all(stops).await.into_iter().collect();
+        stopped?;
         self.prune_stopped(pool, target).await
     }
 
