@@ -23,6 +23,7 @@ const ROUTES: &[&str] = &[
     "GET /v1/jobs/{id}",
     "GET /v1/jobs/{id}/artifacts/{artifact_id}",
     "GET /v1/jobs/{id}/events",
+    "GET /v1/pools",
     "GET /v1/queue",
     "POST /v1/jobs",
     "POST /v1/jobs/{id}/cancel",
@@ -284,4 +285,65 @@ async fn the_sweeper_rescues_stale_tasks_and_prunes_finished_jobs(pool: sqlx::Pg
     }
     assert!(text.contains(r#"backlog_maintenance_runs_total{job="sweep",result="ok"}"#));
     server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn pools_show_the_status_the_controller_wrote_to_admin_keys_only(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let admin = server.key("ops", ApiKeyRole::Admin).await;
+    let client_key = server.key("acme", ApiKeyRole::Client).await;
+    let get = |key: String| {
+        let request = server.client.get(server.url("/v1/pools")).bearer_auth(key);
+        async move { read(request.send().await.unwrap()).await }
+    };
+    assert_eq!(get(admin.clone()).await, (200, json!({"pools": []})));
+
+    let mut status = queue::PoolStatus {
+        pool: "worker".into(),
+        backend: "fly".into(),
+        desired_replicas: 3,
+        current_replicas: 2,
+        ready_replicas: 1,
+        busy_replicas: 1,
+        pending: 9,
+        in_flight: 4,
+        conditions: json!([{"type": "Ready", "status": "False", "reason": "Unauthorized", "message": "token"}]),
+        last_decision: Some("9 pending at 4 per replica".into()),
+        last_scale_at: None,
+    };
+    server.queue.put_pool_status(&status).await.unwrap();
+    status.desired_replicas = 4; // a later pass replaces the row
+    server.queue.put_pool_status(&status).await.unwrap();
+    let (code, body) = get(admin.clone()).await;
+    assert_eq!(code, 200, "{body}");
+    let pools = body["pools"].as_array().unwrap();
+    assert_eq!(pools.len(), 1, "{body}");
+    let p = &pools[0];
+    assert_eq!(
+        (
+            &p["pool"],
+            &p["backend"],
+            &p["desired_replicas"],
+            &p["ready_replicas"],
+            &p["busy_replicas"],
+            &p["pending"]
+        ),
+        (
+            &json!("worker"),
+            &json!("fly"),
+            &json!(4),
+            &json!(1),
+            &json!(1),
+            &json!(9)
+        )
+    );
+    assert_eq!(p["conditions"][0]["reason"], "Unauthorized");
+    assert!(p["updated_at"].is_string());
+
+    let (code, body) = get(client_key).await;
+    assert_eq!(code, 403, "a client key may not read pools: {body}");
+
+    // A pool whose manifest is gone is forgotten by its own backend only.
+    assert_eq!(server.queue.forget_pool_statuses("local", &[]).await.unwrap(), 0);
+    assert_eq!(server.queue.forget_pool_statuses("fly", &[]).await.unwrap(), 1);
 }

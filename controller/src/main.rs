@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use controller::backend::kubernetes::{KubernetesBackend, LeaseElection, LeaseSettings, WorkerPoolSource};
+use controller::backend::fly::{FlyBackend, FlyClient, FlySettings, RetryPolicy, Token};
 use controller::backend::local::LocalBackend;
 use controller::metrics::Metrics;
 use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
@@ -56,6 +57,8 @@ enum BackendKind {
     Local,
     /// Deployments and StatefulSets, scaled from WorkerPool objects.
     Kubernetes,
+    /// Worker replicas as the machines of a Fly app's process group.
+    Fly,
 }
 
 #[derive(clap::Args)]
@@ -77,7 +80,8 @@ struct RunArgs {
     /// Seconds between passes when no notification wakes the loop.
     #[arg(long, env = "CONTROLLER_TICK_SECONDS", default_value_t = 2.0)]
     tick_seconds: f64,
-    /// Seconds a stopped local replica may drain before it is killed.
+    /// Seconds a stopped replica may drain before it is killed (local: then SIGKILL;
+    /// fly: the stop request's timeout). Must cover the workers' drain grace.
     #[arg(long, env = "CONTROLLER_STOP_GRACE_SECONDS", default_value_t = 30.0)]
     stop_grace_seconds: f64,
     /// Advisory-lock key shared by the controllers of one deployment.
@@ -102,6 +106,18 @@ struct RunArgs {
     /// Kubernetes: this replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Fly Machines API token (`fly tokens create deploy`); Bearer, or FlyV1 for macaroons.
+    #[arg(long, env = "FLY_API_TOKEN", hide_env_values = true, hide = true)]
+    fly_api_token: Option<String>,
+    /// The Fly app this controller runs in; pools that name another app are warned about.
+    #[arg(long, env = "FLY_APP_NAME")]
+    fly_app_name: Option<String>,
+    /// The Machines API; inside Fly, `http://_api.internal:4280`.
+    #[arg(long, env = "FLY_API_BASE_URL", default_value = "https://api.machines.dev")]
+    fly_api_base_url: String,
+    /// Requests in flight per Fly app.
+    #[arg(long, env = "FLY_API_CONCURRENCY", default_value_t = 4)]
+    fly_api_concurrency: usize,
     /// Serve Prometheus metrics here (e.g. 0.0.0.0:9464).
     #[arg(long, env = "CONTROLLER_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -207,6 +223,50 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let source = WorkerPoolSource::new(client, watched);
                     reconcile::run_elected(reconciler, source, election, settings, shutdown).await
                 }
+            }
+        }
+        BackendKind::Fly => {
+            let token = args.fly_api_token.filter(|t| !t.trim().is_empty()).context(
+                "--backend fly needs FLY_API_TOKEN (a deploy token for the app: `fly tokens create deploy`)",
+            )?;
+            let client = FlyClient::new(
+                &args.fly_api_base_url,
+                Token::new(token),
+                RetryPolicy::default(),
+                args.fly_api_concurrency,
+            )?;
+            let path = args
+                .path
+                .context("the fly backend needs WorkerPool manifests: pass -f FILE_OR_DIR")?;
+            if let Some(app) = &args.fly_app_name {
+                warn_about_other_apps(&path, app);
+            }
+            let stop_grace = Duration::from_secs_f64(args.stop_grace_seconds);
+            let backend = FlyBackend::new(
+                client,
+                FlySettings {
+                    stop_timeout: stop_grace,
+                    ..FlySettings::default()
+                },
+            );
+            tracing::info!(base_url = %args.fly_api_base_url, "Fly backend");
+            let reconciler = Reconciler::new(Context {
+                queue,
+                backend,
+                metrics,
+            });
+            reconcile::run(reconciler, ManifestSource::new(path), settings, shutdown).await
+        }
+    }
+}
+
+/// A deploy token is scoped to one app: a pool aimed elsewhere will get 403s.
+fn warn_about_other_apps(path: &Path, app: &str) {
+    for pool in manifest::load(path).pools {
+        if let spec::Target::Fly(fly) = &pool.pool.spec.target {
+            if fly.app != app {
+                tracing::warn!(pool = pool.name(), target_app = %fly.app, this_app = %app,
+                    "pool scales another Fly app than the one this controller runs in; its token needs access to it");
             }
         }
     }

@@ -139,6 +139,7 @@ impl<B: Backend> Reconciler<B> {
                         removed: &report.removed,
                     };
                     self.ctx.backend.pass_finished(pool_ref, outcome).await;
+                    self.publish_status(&key, &report.status).await;
                     reports.push(report);
                 }
                 Err(failure) => {
@@ -150,12 +151,18 @@ impl<B: Backend> Reconciler<B> {
                         removed: &[],
                     };
                     self.ctx.backend.pass_finished(pool_ref, outcome).await;
+                    self.publish_status(&key, &status).await;
                 }
             }
         }
         // Forget pools whose manifests were removed.
         let live: HashSet<String> = pools.iter().map(pool_key).collect();
         self.state.retain(|key, _| live.contains(key));
+        let backend = self.ctx.backend.name();
+        let live: Vec<String> = live.into_iter().collect();
+        if let Err(e) = self.ctx.queue.forget_pool_statuses(backend, &live).await {
+            tracing::warn!(error = %e, "could not prune the status of removed pools");
+        }
         self.ctx
             .metrics
             .reconcile_seconds
@@ -369,6 +376,33 @@ impl<B: Backend> Reconciler<B> {
                 phase: decision.phase.as_str().to_string(),
             })
             .inc();
+    }
+
+    /// Write each pool's status for `GET /v1/pools` and drop the rows of
+    /// pools this backend no longer runs. A failed write is logged, never fatal.
+    /// Write the pool's status where `GET /v1/pools` reads it, for every
+    /// backend (on Kubernetes the WorkerPool's status subresource has it too).
+    async fn publish_status(&self, key: &str, s: &WorkerPoolStatus) {
+        let row = queue::PoolStatus {
+            pool: key.to_string(),
+            backend: self.ctx.backend.name().to_string(),
+            desired_replicas: s.desired_replicas,
+            current_replicas: s.current_replicas,
+            ready_replicas: s.ready_replicas,
+            busy_replicas: s.busy_replicas,
+            pending: s.pending,
+            in_flight: s.in_flight,
+            conditions: serde_json::to_value(&s.conditions).unwrap_or_else(|_| serde_json::json!([])),
+            last_decision: s.last_decision.clone(),
+            last_scale_at: s
+                .last_scale_time
+                .as_ref()
+                .and_then(|t| DateTime::from_timestamp_millis(t.0.as_millisecond())),
+        };
+        if let Err(e) = self.ctx.queue.put_pool_status(&row).await {
+            tracing::warn!(pool = %key, error = %e, "could not write the pool's status");
+            self.count_error(key, "status");
+        }
     }
 
     fn count_error(&self, pool: &str, stage: &str) {

@@ -16,6 +16,7 @@ mod leader;
 mod maintenance;
 mod model;
 mod notify;
+mod pools;
 mod registry;
 mod tasks;
 
@@ -34,6 +35,7 @@ pub use leader::Leadership;
 pub use maintenance::{Retention, RetentionMode, SweepOutcome, SweptTask};
 pub use model::{Job, JobStatus, JobType, Lease, NewJob, Task, TaskPlan, TaskStatus, TaskType};
 pub use notify::{TaskNotifications, RUNNABLE_CHANNEL};
+pub use pools::{PoolStatus, PoolStatusRecord};
 pub use registry::{NewWorker, ReplicaLoad, WorkerRecord, WorkerState};
 pub use tasks::{Failure, FailureKind, RetryOutcome};
 

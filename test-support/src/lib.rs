@@ -6,6 +6,7 @@
 //! database to code under test that wants a URL (child processes, servers).
 //! [`kube_api`] is an emulator of the Kubernetes API server.
 
+pub mod fly;
 pub mod kube_api;
 
 use sqlx::PgPool;

@@ -23,6 +23,7 @@ pub fn authenticated() -> OpenApiRouter<AppState> {
         .routes(routes!(events::job_events))
         .routes(routes!(artifacts::download_artifact))
         .routes(routes!(operations::queue_depth))
+        .routes(routes!(operations::pools))
 }
 
 /// Routes open to anyone: probes, metrics, the API description.

@@ -81,6 +81,72 @@ pub async fn queue_depth(State(state): State<AppState>, principal: Principal) ->
     }))
 }
 
+/// One WorkerPool as its controller last reported it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PoolStatusView {
+    pub pool: String,
+    /// Where the replicas run: `fly`, `kubernetes` or `local`.
+    pub backend: String,
+    /// What the last decision asked for.
+    pub desired_replicas: i32,
+    /// Replicas running or starting.
+    pub current_replicas: i32,
+    /// Replicas up and taking work.
+    pub ready_replicas: i32,
+    /// Replicas holding a task (never removed by a scale-down).
+    pub busy_replicas: i32,
+    /// Runnable tasks of the pool's task types.
+    pub pending: i64,
+    /// Tasks claimed or running.
+    pub in_flight: i64,
+    /// Kubernetes-style conditions (`Ready`, `Active`, `Fallback`, `Paused`).
+    #[schema(value_type = Vec<Object>)]
+    pub conditions: serde_json::Value,
+    /// The last decision's reason, in words.
+    pub last_decision: Option<String>,
+    pub last_scale_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the controller wrote this status; an old one means no controller runs.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Pools {
+    pub pools: Vec<PoolStatusView>,
+}
+
+/// Every WorkerPool's status as the controller last wrote it (admin keys only).
+#[utoipa::path(
+    get, path = "/v1/pools", tag = "operations",
+    responses(
+        (status = 200, description = "Status per pool, by name", body = Pools),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+    )
+)]
+pub async fn pools(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Pools>> {
+    principal.require_admin()?;
+    let pools = state
+        .queue
+        .pool_statuses()
+        .await?
+        .into_iter()
+        .map(|r| PoolStatusView {
+            pool: r.status.pool,
+            backend: r.status.backend,
+            desired_replicas: r.status.desired_replicas,
+            current_replicas: r.status.current_replicas,
+            ready_replicas: r.status.ready_replicas,
+            busy_replicas: r.status.busy_replicas,
+            pending: r.status.pending,
+            in_flight: r.status.in_flight,
+            conditions: r.status.conditions,
+            last_decision: r.status.last_decision,
+            last_scale_at: r.status.last_scale_at,
+            updated_at: r.updated_at,
+        })
+        .collect();
+    Ok(Json(Pools { pools }))
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,

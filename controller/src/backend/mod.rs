@@ -2,6 +2,7 @@
 //! which replicas exist, start more, stop these — and the reconciler decides
 //! which ones, so the drain protocol is the same everywhere.
 
+pub mod fly;
 pub mod kubernetes;
 pub mod local;
 
@@ -26,6 +27,10 @@ pub struct Replica {
 pub enum BackendError {
     #[error("pool {pool}: {message}")]
     Failed { pool: String, message: String },
+    /// The platform rejected the controller's credentials (401/403): nothing
+    /// else is attempted for the pool until they change.
+    #[error("pool {pool}: credentials rejected: {message}")]
+    Unauthorized { pool: String, message: String },
     #[error("pool {pool}: target is {target}, but this controller runs the {backend} backend")]
     WrongTarget {
         pool: String,

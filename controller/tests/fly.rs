@@ -1,0 +1,1093 @@
+//! The Fly backend against the Machines API emulator and real PostgreSQL:
+//! scale-up order, cloning, the drain protocol, leases, faults, maxStopped,
+//! auth and capacity — and the client's and emulator's JSON against Fly's
+//! published OpenAPI schemas.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use controller::backend::fly::client::{ListFilter, StopMachine};
+use controller::backend::fly::{FlyBackend, FlyClient, FlyError, FlySettings, RetryPolicy, Token};
+use controller::backend::{Backend, BackendError, PoolRef};
+use controller::manifest::{self, LoadedPool};
+use controller::metrics::Metrics;
+use controller::reconcile::{Context, PoolReport, Reconciler};
+use queue::{JobType, NewJob, NewWorker, Queue, TaskType};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use test_support::fly::openapi::Spec;
+use test_support::fly::{Faults, FlyEmulator, LoggedRequest, MachineSeed, Timings};
+
+const APP: &str = "backlog";
+const TOKEN: &str = "fm2_controller-token";
+
+fn timings() -> Timings {
+    Timings {
+        create: Duration::from_millis(150),
+        start: Duration::from_millis(30),
+        stop: Duration::from_millis(50),
+        suspend: Duration::from_millis(50),
+        destroy: Duration::from_millis(20),
+    }
+}
+
+async fn emulator() -> FlyEmulator {
+    let emu = FlyEmulator::start(timings()).await;
+    emu.add_app(APP);
+    emu.add_token(TOKEN, Some(&[APP]));
+    emu
+}
+
+fn backend_with_token(emu: &FlyEmulator, token: &str) -> FlyBackend {
+    let retry = RetryPolicy {
+        attempts: 10,
+        base: Duration::from_millis(20),
+        cap: Duration::from_millis(400),
+    };
+    let client = FlyClient::new(&emu.base_url(), Token::new(token), retry, 4).unwrap();
+    FlyBackend::new(
+        client,
+        FlySettings {
+            stop_timeout: Duration::from_secs(5),
+            wait_timeout: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(30),
+        },
+    )
+}
+
+fn backend(emu: &FlyEmulator) -> FlyBackend {
+    backend_with_token(emu, TOKEN)
+}
+
+/// `count` more replicas for the first pool, straight through the backend.
+async fn add(emu: &FlyEmulator, pools: &[LoadedPool], count: u32) -> Result<(), BackendError> {
+    let spec = &pools[0].pool.spec;
+    backend(emu).add(PoolRef { name: "text", spec }, count).await
+}
+
+/// A machine of the `worker` group as `fly deploy` leaves it.
+fn worker_config() -> Value {
+    json!({
+        "image": "registry.fly.io/backlog:deployment-01HQ",
+        "metadata": {
+            "fly_platform_version": "v2",
+            "fly_process_group": "worker",
+            "fly_release_id": "Rel_abc",
+            "fly_release_version": "7",
+        },
+        "env": {"FLY_PROCESS_GROUP": "worker", "PRIMARY_REGION": "ord"},
+        "init": {"cmd": ["worker", "--task-types", "text_generation,pdf_generation"]},
+        "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 512},
+        "restart": {"policy": "on-failure", "max_retries": 10},
+        "standbys": ["0e286039f42e86"],
+    })
+}
+
+fn seed(emu: &FlyEmulator, state: &str, region: &str) -> String {
+    emu.seed_machine(
+        APP,
+        MachineSeed {
+            region: region.into(),
+            state: state.into(),
+            config: worker_config(),
+            image_ref: Some(json!({"registry": "registry.fly.io", "repository": "backlog",
+                "tag": "deployment-01HQ", "digest": "sha256:feed"})),
+        },
+    )
+}
+
+fn pool_yaml(target: &str) -> String {
+    format!(
+        r#"
+apiVersion: backlog.dev/v1alpha1
+kind: WorkerPool
+metadata: {{name: text}}
+spec:
+  taskTypes: [text_generation]
+  target: {{fly: {target}}}
+  maxReplicas: 4
+  tasksPerReplica: 2
+  cooldownSeconds: 0
+  scaleDown: {{stabilizationSeconds: 0}}
+"#
+    )
+}
+
+fn pools(yaml: &str) -> Vec<LoadedPool> {
+    let mut m = manifest::Manifests::default();
+    m.add_file(std::path::Path::new("fly.yaml"), yaml);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    m.pools
+}
+
+fn reconciler(q: &Queue, backend: FlyBackend) -> Reconciler<FlyBackend> {
+    Reconciler::new(Context {
+        queue: q.clone(),
+        backend,
+        metrics: Arc::new(Metrics::default()),
+    })
+}
+
+async fn enqueue_text(q: &Queue, n: usize) {
+    let jobs = (0..n)
+        .map(|i| NewJob::new("acme", JobType::Text, json!({"prompt": format!("{i}")})))
+        .collect();
+    q.enqueue_batch(jobs).await.unwrap();
+}
+
+/// A worker registers under its machine id, as `FLY_MACHINE_ID` makes it.
+async fn register(q: &Queue, machine: &str) {
+    q.register_worker(&NewWorker {
+        id: machine.into(),
+        pool: Some("text".into()),
+        task_types: vec![TaskType::TextGeneration],
+        concurrency: 2,
+        hostname: None,
+        pid: None,
+    })
+    .await
+    .unwrap();
+}
+
+fn state_of(emu: &FlyEmulator, id: &str) -> String {
+    emu.machine(APP, id).unwrap()["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Machine ids of the app in a state, sorted.
+fn in_state(emu: &FlyEmulator, state: &str) -> Vec<String> {
+    let mut ids: Vec<String> = emu
+        .machines(APP)
+        .iter()
+        .filter(|m| m["state"] == state)
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn of<'a>(log: &'a [LoggedRequest], action: &str) -> Vec<&'a LoggedRequest> {
+    log.iter()
+        .filter(|r| r.action == action && r.status < 300)
+        .collect()
+}
+
+async fn pass(r: &mut Reconciler<FlyBackend>, pools: &[LoadedPool], at_s: i64) -> Vec<PoolReport> {
+    let base = chrono::DateTime::parse_from_rfc3339("2026-12-01T12:00:00Z")
+        .unwrap()
+        .to_utc();
+    r.reconcile(pools, base + chrono::Duration::seconds(at_s)).await
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_group_at_zero_starts_its_stopped_machines_before_creating_any(pool: PgPool) {
+    let emu = emulator().await;
+    let stopped = [seed(&emu, "stopped", "ord"), seed(&emu, "suspended", "ams")];
+    let q = Queue::new(pool);
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 2}"));
+    let mut r = reconciler(&q, backend(&emu));
+    enqueue_text(&q, 7).await;
+
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!(reports.len(), 1, "the pass succeeded");
+    assert_eq!(reports[0].decision.replicas, 4, "{}", reports[0].decision);
+
+    let statuses = q.pool_statuses().await.unwrap();
+    assert_eq!(statuses.len(), 1);
+    let status = &statuses[0].status;
+    assert_eq!(
+        (
+            status.pool.as_str(),
+            status.backend.as_str(),
+            status.desired_replicas,
+            status.pending
+        ),
+        ("text", "fly", 4, 7),
+        "the pass's status is published for GET /v1/pools"
+    );
+    assert!(
+        status
+            .conditions
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready"),
+        "{status:?}"
+    );
+
+    let log = emu.requests();
+    let starts = of(&log, "start");
+    let creates = of(&log, "create");
+    let started: HashSet<_> = starts.iter().filter_map(|s| s.machine.clone()).collect();
+    assert_eq!(
+        started,
+        stopped.iter().cloned().collect(),
+        "both stopped machines started"
+    );
+    assert_eq!(creates.len(), 2, "only the shortfall is created");
+    let last_start = starts.iter().map(|s| s.at).max().unwrap();
+    assert!(
+        creates.iter().all(|c| c.at > last_start),
+        "every start precedes every create"
+    );
+    for start in &starts {
+        assert!(start.nonce.is_some(), "start carries the lease nonce");
+    }
+    let regions: HashSet<&str> = creates
+        .iter()
+        .map(|c| c.request_body.as_ref().unwrap()["region"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        regions,
+        HashSet::from(["ams", "ord"]),
+        "new machines go round-robin over the group's regions"
+    );
+
+    let b = backend(&emu);
+    let spec = &pools[0].pool.spec;
+    wait_until("four ready machines", || in_state(&emu, "started").len() == 4).await;
+    let replicas = b.observe(PoolRef { name: "text", spec }).await.unwrap();
+    assert_eq!(
+        (replicas.len(), replicas.iter().filter(|r| r.ready).count()),
+        (4, 4)
+    );
+}
+
+#[tokio::test]
+async fn created_machines_clone_the_group_config_with_the_metadata_flyctl_needs() {
+    let emu = emulator().await;
+    let source = seed(&emu, "started", "ord");
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    add(&emu, &pools, 2).await.unwrap();
+
+    let created: Vec<Value> = emu
+        .machines(APP)
+        .into_iter()
+        .filter(|m| m["id"] != source.as_str())
+        .collect();
+    assert_eq!(created.len(), 2);
+    for machine in &created {
+        let config = &machine["config"];
+        assert_eq!(config["metadata"]["fly_platform_version"], "v2");
+        assert_eq!(config["metadata"]["fly_process_group"], "worker");
+        assert_eq!(
+            config["metadata"]["fly_release_id"], "Rel_abc",
+            "release metadata kept"
+        );
+        assert_eq!(config["metadata"]["fly_release_version"], "7");
+        assert_eq!(
+            config["image"], "registry.fly.io/backlog:deployment-01HQ@sha256:feed",
+            "the full image reference, pinned by digest"
+        );
+        assert!(
+            config.get("standbys").is_none(),
+            "standby settings dropped: {config}"
+        );
+        assert_eq!(config["init"]["cmd"][0], "worker");
+        assert_eq!(config["env"]["FLY_PROCESS_GROUP"], "worker");
+        assert_eq!(config["guest"]["memory_mb"], 512);
+        assert_eq!(machine["region"], "ord");
+    }
+}
+
+#[tokio::test]
+async fn an_empty_group_needs_a_template_and_is_created_from_it() {
+    let emu = emulator().await;
+    let bare = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    let err = add(&emu, &bare, 1).await.unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("pool text")
+            && message.contains("no machine to clone")
+            && message.contains("template"),
+        "{message}"
+    );
+    assert!(of(&emu.requests(), "create").is_empty(), "nothing created");
+
+    let templated = pools(&pool_yaml(
+        "{app: backlog, processGroup: worker, region: fra, template: {image: \"registry.fly.io/backlog:v1\", cmd: [worker, --task-types, text_generation], env: {LOG_FORMAT: json}}}",
+    ));
+    add(&emu, &templated, 1).await.unwrap();
+    let machines = emu.machines(APP);
+    assert_eq!(machines.len(), 1);
+    let m = &machines[0];
+    assert_eq!(
+        (m["region"].as_str(), m["config"]["image"].as_str()),
+        (Some("fra"), Some("registry.fly.io/backlog:v1"))
+    );
+    assert_eq!(m["config"]["metadata"]["fly_process_group"], "worker");
+    assert_eq!(m["config"]["metadata"]["fly_platform_version"], "v2");
+    assert_eq!(m["config"]["env"]["FLY_PROCESS_GROUP"], "worker");
+    assert_eq!(
+        m["config"]["init"]["cmd"],
+        json!(["worker", "--task-types", "text_generation"])
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn scale_down_never_stops_a_machine_that_holds_a_task(pool: PgPool) {
+    let emu = emulator().await;
+    let machines: Vec<String> = (0..3).map(|_| seed(&emu, "started", "ord")).collect();
+    let q = Queue::new(pool);
+    for m in &machines {
+        register(&q, m).await;
+    }
+    enqueue_text(&q, 1).await;
+    let busy = machines[1].clone();
+    let held = q.claim(&busy, &[TaskType::TextGeneration], 1).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 5}"));
+    let mut r = reconciler(&q, backend(&emu));
+
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!(reports.len(), 1, "the pass succeeded");
+    let report = &reports[0];
+    assert_eq!(report.decision.replicas, 1, "{}", report.decision);
+    let mut removed = report.removed.clone();
+    removed.sort();
+    let mut idle: Vec<String> = machines.iter().filter(|m| **m != busy).cloned().collect();
+    idle.sort();
+    assert_eq!(removed, idle, "only the idle machines are removed");
+    assert_eq!(state_of(&emu, &busy), "started", "the busy machine runs on");
+    assert_eq!(in_state(&emu, "stopped"), idle);
+
+    let log = emu.requests();
+    let stops = of(&log, "stop");
+    assert_eq!(stops.len(), 2);
+    for stop in stops {
+        assert_eq!(
+            stop.request_body,
+            Some(json!({"signal": "SIGTERM", "timeout": "5s"}))
+        );
+        assert!(stop.nonce.is_some(), "stop carries the lease nonce");
+    }
+    assert!(log
+        .iter()
+        .all(|l| l.machine.as_deref() != Some(busy.as_str()) || l.action == "get"));
+    assert_eq!(
+        of(&log, "release_lease").len(),
+        2,
+        "every lease taken is released"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_lease_held_elsewhere_skips_that_machine_without_an_error_storm(pool: PgPool) {
+    let emu = emulator().await;
+    let deploying = seed(&emu, "started", "ord");
+    let free = seed(&emu, "started", "ord");
+    let q = Queue::new(pool);
+    register(&q, &deploying).await;
+    register(&q, &free).await;
+    emu.hold_lease(APP, &deploying, "deployer@example.com", Duration::from_secs(300));
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 5}"));
+    let mut r = reconciler(&q, backend(&emu));
+
+    for i in 0..3 {
+        let reports = pass(&mut r, &pools, i * 10).await;
+        assert_eq!(reports.len(), 1, "pass {i} reported no error");
+    }
+    assert_eq!(state_of(&emu, &free), "stopped");
+    assert_eq!(
+        state_of(&emu, &deploying),
+        "started",
+        "the leased machine is left alone"
+    );
+    let log = emu.requests();
+    let on_leased: Vec<&LoggedRequest> = log
+        .iter()
+        .filter(|l| l.machine.as_deref() == Some(deploying.as_str()))
+        .collect();
+    assert_eq!(
+        on_leased.iter().map(|l| (l.action, l.status)).collect::<Vec<_>>(),
+        vec![("lease", 409); 3],
+        "one lease attempt per pass, never retried, never broken"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_group_converges_through_injected_faults_within_the_rate_limits(pool: PgPool) {
+    let emu = emulator().await;
+    seed(&emu, "stopped", "ord");
+    seed(&emu, "started", "ams");
+    emu.set_faults(Faults {
+        error_fraction: 0.3,
+        ..Faults::default()
+    });
+    let q = Queue::new(pool);
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 1}"));
+    let mut r = reconciler(&q, backend(&emu));
+    enqueue_text(&q, 8).await;
+
+    let mut converged = false;
+    for i in 0..40 {
+        pass(&mut r, &pools, i * 5).await;
+        if in_state(&emu, "started").len() == 4 {
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        converged,
+        "4 machines started: {:?}",
+        emu.machines(APP).iter().map(|m| &m["state"]).collect::<Vec<_>>()
+    );
+    assert_eq!(emu.machines(APP).len(), 4, "no machine created twice");
+
+    // Work done: every machine registered and idle, so the group drains to zero.
+    for id in in_state(&emu, "started") {
+        register(&q, &id).await;
+    }
+    let tasks = q
+        .claim("elsewhere", &[TaskType::TextGeneration], 100)
+        .await
+        .unwrap();
+    let results: Vec<_> = tasks.iter().map(|t| (t.lease(), json!({}))).collect();
+    q.complete_batch("elsewhere", &results).await.unwrap();
+    let mut drained = false;
+    for i in 0..40 {
+        pass(&mut r, &pools, 1000 + i * 5).await;
+        if in_state(&emu, "started").is_empty() && in_state(&emu, "stopped").len() <= 1 {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        drained,
+        "{:?}",
+        emu.machines(APP).iter().map(|m| &m["state"]).collect::<Vec<_>>()
+    );
+
+    let log = emu.requests();
+    let injected = log.iter().filter(|l| l.injected).count();
+    assert!(
+        injected >= 5,
+        "faults were injected ({injected} of {})",
+        log.len()
+    );
+    let limited: Vec<_> = log
+        .iter()
+        .filter(|l| l.rate_limited)
+        .map(|l| (l.action, &l.machine))
+        .collect();
+    assert!(
+        limited.is_empty(),
+        "the client stayed within Fly's rate limits: {limited:?}"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn max_stopped_is_kept_and_the_oldest_stopped_machines_are_destroyed(pool: PgPool) {
+    let emu = emulator().await;
+    // Seeded in order: each one stopped a second after the one before.
+    let old: Vec<String> = (0..4).map(|_| seed(&emu, "stopped", "ord")).collect();
+    let running = [seed(&emu, "started", "ord"), seed(&emu, "started", "ord")];
+    let q = Queue::new(pool);
+    for m in &running {
+        register(&q, m).await;
+    }
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 3}"));
+    let mut r = reconciler(&q, backend(&emu));
+
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!(reports[0].removed.len(), 2, "{}", reports[0].decision);
+    wait_until("destroys to finish", || in_state(&emu, "destroying").is_empty()).await;
+    let mut expected_destroyed = old[..3].to_vec();
+    expected_destroyed.sort();
+    assert_eq!(
+        in_state(&emu, "destroyed"),
+        expected_destroyed,
+        "the three oldest stopped are destroyed"
+    );
+    let mut kept = vec![old[3].clone(), running[0].clone(), running[1].clone()];
+    kept.sort();
+    assert_eq!(
+        in_state(&emu, "stopped"),
+        kept,
+        "maxStopped=3 newest stopped kept"
+    );
+    for destroy in of(&emu.requests(), "destroy") {
+        assert!(destroy.nonce.is_some(), "destroy carries the lease nonce");
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_rejected_token_is_reported_and_nothing_else_is_attempted(pool: PgPool) {
+    let emu = emulator().await;
+    seed(&emu, "stopped", "ord");
+    emu.add_token("other-app-token", Some(&["someone-else"]));
+    let q = Queue::new(pool);
+    enqueue_text(&q, 4).await;
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    let spec = &pools[0].pool.spec;
+
+    for (token, status) in [("fm2_revoked", 401), ("other-app-token", 403)] {
+        emu.clear_requests();
+        let b = backend_with_token(&emu, token);
+        let err = b.observe(PoolRef { name: "text", spec }).await.unwrap_err();
+        assert!(matches!(err, BackendError::Unauthorized { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("pool text") && message.contains("FLY_API_TOKEN"),
+            "{message}"
+        );
+        let mut r = reconciler(&q, b);
+        assert!(
+            pass(&mut r, &pools, 0).await.is_empty(),
+            "the pass failed for the pool"
+        );
+        let log = emu.requests();
+        assert_eq!(
+            log.iter().map(|l| (l.action, l.status)).collect::<Vec<_>>(),
+            vec![("list", status); 2],
+            "one list per attempt, no retries, no start or create"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_capacity_in_one_region_moves_creation_to_the_next() {
+    let emu = emulator().await;
+    seed(&emu, "started", "ams");
+    seed(&emu, "started", "ord");
+    emu.set_faults(Faults {
+        no_capacity_regions: HashSet::from(["ams".to_string()]),
+        ..Faults::default()
+    });
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    add(&emu, &pools, 2).await.unwrap();
+    let log = emu.requests();
+    let creates: Vec<(String, u16)> = log
+        .iter()
+        .filter(|l| l.action == "create")
+        .map(|l| {
+            (
+                l.request_body.as_ref().unwrap()["region"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                l.status,
+            )
+        })
+        .collect();
+    assert!(creates.contains(&("ams".into(), 422)), "{creates:?}");
+    let created: Vec<&(String, u16)> = creates.iter().filter(|c| c.1 == 200).collect();
+    assert_eq!(created.len(), 2);
+    assert!(created.iter().all(|c| c.0 == "ord"), "{creates:?}");
+    let capacity_error = log.iter().find(|l| l.status == 422).unwrap();
+    assert_eq!(
+        capacity_error.response_body.as_ref().unwrap()["status"],
+        "insufficient_capacity"
+    );
+}
+
+/// The spec's path template for a logged request (`/v1` dropped, names replaced).
+fn spec_path(log: &LoggedRequest) -> String {
+    let rest = log.path.trim_start_matches("/v1");
+    let rest = rest.replacen(&format!("/apps/{}", log.app), "/apps/{app_name}", 1);
+    match &log.machine {
+        Some(id) => rest.replacen(&format!("/machines/{id}"), "/machines/{machine_id}", 1),
+        None => rest,
+    }
+}
+
+/// Every request body the client sent and every answer the emulator gave,
+/// checked against Fly's published schemas.
+fn check_against_the_spec(log: &[LoggedRequest]) -> usize {
+    let spec = Spec::load();
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for entry in log {
+        let path = spec_path(entry);
+        let method = entry.method.to_lowercase();
+        let what = format!("{} {} → {}", entry.method, entry.path, entry.status);
+        if let Some(body) = &entry.request_body {
+            let schema = spec
+                .request_schema(&path, &method)
+                .unwrap_or_else(|| panic!("{what}: the spec has no request body for {method} {path}"));
+            problems.extend(
+                spec.validate(&schema, body)
+                    .into_iter()
+                    .map(|p| format!("{what} request: {p}")),
+            );
+            checked += 1;
+        }
+        let Some(body) = &entry.response_body else {
+            continue;
+        };
+        let schema = if entry.status >= 400 {
+            Some(Spec::component("ErrorResponse"))
+        } else if entry.action == "lease" {
+            // Today's API wraps the spec's Lease in {status, data}.
+            assert_eq!(body["status"], "success", "{what}");
+            problems.extend(
+                spec.validate(&Spec::component("Lease"), &body["data"])
+                    .into_iter()
+                    .map(|p| format!("{what} lease: {p}")),
+            );
+            checked += 1;
+            None
+        } else {
+            spec.response_schema(&path, &method, entry.status)
+        };
+        if let Some(schema) = schema {
+            problems.extend(
+                spec.validate(&schema, body)
+                    .into_iter()
+                    .map(|p| format!("{what} response: {p}")),
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "not as Fly's spec says:\n{}",
+        problems.join("\n")
+    );
+    checked
+}
+
+#[tokio::test]
+async fn client_and_emulator_speak_the_published_schemas_and_the_emulator_keeps_the_contract() {
+    let emu = emulator().await;
+    for _ in 0..450 {
+        seed(&emu, "stopped", "ord");
+    }
+    let other = emu.seed_machine(
+        APP,
+        MachineSeed {
+            region: "ams".into(),
+            state: "started".into(),
+            config: json!({"image": "x/app:1", "metadata": {"fly_process_group": "app"}}),
+            image_ref: None,
+        },
+    );
+    let client = FlyClient::new(&emu.base_url(), Token::new(TOKEN), RetryPolicy::default(), 4).unwrap();
+    let filter = ListFilter {
+        metadata: vec![("fly_process_group".into(), "worker".into())],
+        ..ListFilter::default()
+    };
+    let listed = client.list(APP, &filter).await.unwrap();
+    assert_eq!(
+        listed.len(),
+        450,
+        "every page followed, the other group filtered out"
+    );
+    let log = emu.requests();
+    assert_eq!(of(&log, "list").len(), 3, "200 + 200 + 50 via fly-next-cursor");
+    assert_eq!(
+        client
+            .list(
+                APP,
+                &ListFilter {
+                    region: Some("ams".into()),
+                    ..ListFilter::default()
+                }
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.id.clone())
+            .collect::<Vec<_>>(),
+        vec![other.clone()]
+    );
+    assert_eq!(
+        client
+            .list(
+                APP,
+                &ListFilter {
+                    states: vec!["started".into()],
+                    ..ListFilter::default()
+                }
+            )
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A machine's life: create, lease, wait, stop, update, destroy.
+    // (The `app` group has no stopped machine, so this is a create.)
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: app}"));
+    add(&emu, &pools, 1).await.unwrap();
+    let created = of(&emu.requests(), "create")[0].response_body.clone().unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(state_of(&emu, &id), "started");
+    let lease = client
+        .acquire_lease(APP, &id, Duration::from_secs(30), "test")
+        .await
+        .unwrap();
+    let held = client
+        .acquire_lease(APP, &id, Duration::from_secs(30), "second")
+        .await
+        .unwrap_err();
+    assert!(matches!(held, FlyError::LeaseHeld { .. }), "{held}");
+    let stop = StopMachine {
+        signal: "SIGTERM".into(),
+        timeout: "10s".into(),
+    };
+    let no_nonce = client.stop(APP, &id, &stop, None).await.unwrap_err();
+    assert!(
+        matches!(no_nonce, FlyError::Api { status: 409, .. }),
+        "a leased machine needs the nonce: {no_nonce}"
+    );
+    let timed_out = client
+        .wait(APP, &id, "stopped", None, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(timed_out, FlyError::WaitTimedOut { .. }),
+        "408 from /wait: {timed_out}"
+    );
+    client.stop(APP, &id, &stop, Some(&lease.nonce)).await.unwrap();
+    client
+        .wait(APP, &id, "stopped", None, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let machine = client.get(APP, &id).await.unwrap();
+    let mut config = machine.config.clone().unwrap();
+    config.env.insert("EXTRA".into(), "1".into());
+    let stale = client
+        .update(
+            APP,
+            &id,
+            &config,
+            Some("01STALEVERSION0000000000000"),
+            Some(&lease.nonce),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, FlyError::Api { status: 409, .. }), "{stale}");
+    let updated = client
+        .update(APP, &id, &config, Some(&machine.instance_id), Some(&lease.nonce))
+        .await
+        .unwrap();
+    assert_ne!(
+        updated.instance_id, machine.instance_id,
+        "an update is a new version"
+    );
+    client.release_lease(APP, &id, &lease.nonce).await.unwrap();
+    let running = client.destroy(APP, &other, false, None).await.unwrap_err();
+    assert!(matches!(running, FlyError::Api { status: 412, .. }), "{running}");
+    client.destroy(APP, &other, true, None).await.unwrap();
+    client
+        .wait(APP, &other, "destroyed", None, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let deleted = ListFilter {
+        include_deleted: true,
+        ..ListFilter::default()
+    };
+    assert_eq!(client.list(APP, &deleted).await.unwrap().len(), 452);
+    assert_eq!(client.list(APP, &ListFilter::default()).await.unwrap().len(), 451);
+
+    // A lease expires with its TTL, and then anyone may take it.
+    let short = emu.hold_lease(APP, &id, "deployer@example.com", Duration::from_millis(300));
+    assert!(!short.is_empty());
+    let early = client
+        .acquire_lease(APP, &id, Duration::from_secs(5), "too early")
+        .await
+        .unwrap_err();
+    assert!(matches!(early, FlyError::LeaseHeld { .. }), "{early}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    client
+        .acquire_lease(APP, &id, Duration::from_secs(5), "after expiry")
+        .await
+        .unwrap();
+
+    // Fly's limits, server side: 1/s with bursts of 3 per action and machine.
+    let raw = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let response = raw
+            .post(format!("{}/v1/apps/{APP}/machines/{id}/suspend", emu.base_url()))
+            .header("authorization", format!("FlyV1 {TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push((
+            response.status().as_u16(),
+            response.headers().contains_key("retry-after"),
+        ));
+    }
+    assert_eq!(statuses[3..], [(429, true), (429, true)], "{statuses:?}");
+    let unauthorized = raw
+        .get(format!("{}/v1/apps/{APP}/machines", emu.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+
+    let checked = check_against_the_spec(&emu.requests());
+    assert!(checked > 20, "{checked} bodies checked");
+}
+
+/// `fly.toml` as Fly reads it: the four process groups run binaries this
+/// workspace builds, the HTTP service and its checks are the API's only.
+#[test]
+fn fly_toml_runs_every_group_with_a_real_binary() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("fly.toml")).expect("fly.toml at the repository root");
+    let doc: toml::Table = toml::from_str(&text).expect("fly.toml is TOML");
+    let processes = doc["processes"].as_table().expect("[processes]");
+    let names: Vec<&str> = processes.keys().map(String::as_str).collect();
+    assert_eq!(names, ["app", "audiobook-worker", "controller", "worker"]);
+    // Binaries the workspace declares: src/main.rs of a package, or src/bin/*.rs.
+    let binaries: HashSet<String> = ["api", "workers", "controller"]
+        .iter()
+        .flat_map(|package| {
+            let dir = root.join(package).join("src/bin");
+            let mut bins: Vec<String> = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(|e| e.ok()?.path().file_stem()?.to_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if root.join(package).join("src/main.rs").exists() {
+                bins.push(package.to_string());
+            }
+            bins
+        })
+        .collect();
+    let command = |group: &str| -> Vec<String> {
+        let line = processes[group]
+            .as_str()
+            .unwrap_or_else(|| panic!("{group}: a command string"));
+        assert!(
+            !line.trim().is_empty(),
+            "process group {group} has an empty command"
+        );
+        assert!(
+            !line.contains('&') && !line.contains(';'),
+            "{group}: one supervised program, not a shell list"
+        );
+        line.split_whitespace().map(str::to_string).collect()
+    };
+    for group in &names {
+        let argv = command(group);
+        assert!(
+            binaries.contains(&argv[0]),
+            "{group} runs {:?}, which the workspace does not build",
+            argv[0]
+        );
+    }
+    assert_eq!(command("app")[0], "api");
+    assert_eq!(
+        command("worker")[..3],
+        ["worker", "--task-types", "text_generation,pdf_generation"]
+    );
+    assert_eq!(command("audiobook-worker")[0], "audio-worker");
+    let controller = command("controller");
+    assert_eq!(controller[..4], ["controller", "run", "--backend", "fly"]);
+    let pools_file = controller
+        .iter()
+        .skip_while(|a| *a != "-f")
+        .nth(1)
+        .expect("controller -f <pools>");
+    let in_repo = root.join(pools_file.trim_start_matches("/app/"));
+    let loaded = manifest::load(&in_repo);
+    assert!(
+        loaded.errors.is_empty(),
+        "{}: {:?}",
+        in_repo.display(),
+        loaded.errors
+    );
+    let groups: HashSet<String> = loaded
+        .pools
+        .iter()
+        .map(|p| match &p.pool.spec.target {
+            controller::spec::Target::Fly(fly) => fly.process_group.clone(),
+            other => panic!("{} targets {}", p.name(), other.backend()),
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        HashSet::from(["worker".to_string(), "audiobook-worker".to_string()])
+    );
+
+    let service = doc["http_service"].as_table().expect("[http_service]");
+    assert_eq!(service["internal_port"].as_integer(), Some(8787));
+    assert_eq!(
+        service["processes"].as_array().unwrap(),
+        &vec![toml::Value::from("app")]
+    );
+    let checks: Vec<&str> = service["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(checks, ["/healthz", "/readyz"]);
+    assert_eq!(doc["deploy"]["release_command"].as_str(), Some("api migrate"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    for program in ["api", "worker", "audio-worker", "controller", "espeak-ng"] {
+        assert!(dockerfile.contains(program), "the image carries {program}");
+    }
+}
+
+/// Real worker processes, one per started machine (`FLY_MACHINE_ID` = the
+/// machine id), given SIGTERM when their machine stops.
+#[derive(Default)]
+struct MachineProcesses {
+    running: std::sync::Mutex<std::collections::HashMap<String, std::process::Child>>,
+    stopped: std::sync::Mutex<Vec<std::process::Child>>,
+    most_running: std::sync::atomic::AtomicUsize,
+}
+
+impl MachineProcesses {
+    fn on_event(
+        &self,
+        event: &test_support::fly::MachineEvent,
+        worker: &std::path::Path,
+        env: &[(&str, String)],
+    ) {
+        match event.state.as_str() {
+            "started" => {
+                let child = std::process::Command::new(worker)
+                    .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                    .env("FLY_MACHINE_ID", &event.machine)
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .expect("start a worker for the machine");
+                let mut running = self.running.lock().unwrap();
+                running.insert(event.machine.clone(), child);
+                self.most_running
+                    .fetch_max(running.len(), std::sync::atomic::Ordering::SeqCst);
+            }
+            "stopping" | "destroying" => {
+                if let Some(child) = self.running.lock().unwrap().remove(&event.machine) {
+                    // SAFETY: kill(2) on a child this test started.
+                    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                    self.stopped.lock().unwrap().push(child);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn stop_all(&self) {
+        let running: Vec<_> = self.running.lock().unwrap().drain().map(|(_, c)| c).collect();
+        for child in &running {
+            // SAFETY: as above.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for mut child in running.into_iter().chain(self.stopped.lock().unwrap().drain(..)) {
+            let _ = child.wait();
+        }
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn fly_machines_running_real_workers_rise_finish_the_queue_and_stop(pool: PgPool) {
+    let worker = test_support::workspace_binary("workers", "worker");
+    let dir = tempfile::tempdir().unwrap();
+    let env = vec![
+        ("DATABASE_URL", test_support::database_url(&pool)),
+        ("LLM_PROVIDER", "offline".to_string()),
+        ("ARTIFACT_STORE", format!("file://{}", dir.path().display())),
+        ("WORKER_TASK_TYPES", "text_generation".to_string()),
+        ("WORKER_POOL", "text".to_string()),
+        ("WORKER_CONCURRENCY", "2".to_string()),
+        ("WORKER_HEARTBEAT_SECONDS", "0.5".to_string()),
+        ("LOG_FORMAT", "text".to_string()),
+        ("RUST_LOG", "warn".to_string()),
+    ];
+    let emu = emulator().await;
+    let processes = Arc::new(MachineProcesses::default());
+    emu.on_machine_event(Arc::new({
+        let processes = processes.clone();
+        move |event| processes.on_event(event, &worker, &env)
+    }));
+    seed(&emu, "stopped", "ord");
+    let q = Queue::new(pool.clone());
+    enqueue_text(&q, 120).await;
+
+    let manifest = dir.path().join("pools.yaml");
+    std::fs::write(
+        &manifest,
+        pool_yaml("{app: backlog, processGroup: worker, maxStopped: 1}")
+            .replace("maxReplicas: 4", "maxReplicas: 3")
+            .replace("cooldownSeconds: 0", "cooldownSeconds: 2"),
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let controller = tokio::spawn(controller::reconcile::run(
+        reconciler(&q, backend(&emu)),
+        controller::reconcile::ManifestSource::new(manifest),
+        controller::reconcile::LoopSettings {
+            tick: Duration::from_millis(300),
+            leader_key: 11,
+        },
+        shutdown.clone(),
+    ));
+
+    let mut done = false;
+    for _ in 0..600 {
+        let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status <> 'complete'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if unfinished == 0 && in_state(&emu, "started").is_empty() && in_state(&emu, "stopping").is_empty() {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    controller.await.unwrap().unwrap();
+    processes.stop_all();
+    assert!(
+        done,
+        "every task complete and every machine stopped: {:?}",
+        emu.machines(APP)
+            .iter()
+            .map(|m| (&m["id"], &m["state"]))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        processes.most_running.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "machines rose to maxReplicas"
+    );
+    let (retried, with_error): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE attempts <> 1), count(*) FILTER (WHERE last_error IS NOT NULL) FROM job_tasks",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (retried, with_error),
+        (0, 0),
+        "no task was interrupted by a scale-down"
+    );
+    assert!(in_state(&emu, "stopped").len() <= 1, "maxStopped=1");
+    let claimed_by: Vec<String> = sqlx::query_scalar("SELECT DISTINCT claimed_by FROM job_tasks")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let machine_ids: HashSet<String> = emu
+        .machines(APP)
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        claimed_by.iter().all(|w| machine_ids.contains(w)),
+        "workers ran under their machine ids: {claimed_by:?}"
+    );
+}
