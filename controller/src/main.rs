@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use controller::backend::kubernetes::{KubernetesBackend, LeaseElection, LeaseSettings, WorkerPoolSource};
 use controller::backend::fly::{FlyBackend, FlyClient, FlySettings, RetryPolicy, Token};
+use controller::backend::kubernetes::{KubernetesBackend, LeaseElection, LeaseSettings, WorkerPoolSource};
 use controller::backend::local::LocalBackend;
 use controller::metrics::Metrics;
 use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
@@ -40,7 +40,7 @@ enum Command {
         path: PathBuf,
     },
     /// Reconcile the pools continuously: read the queue, decide, scale.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Dry run: read the queue once and print what each pool would do and
     /// why. Changes nothing.
     Plan {
@@ -135,7 +135,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Validate { path } => Ok(validate(&path)),
         Command::Run(args) => {
             telemetry::init_tracing(args.log_format);
-            tokio::runtime::Runtime::new()?.block_on(run(args))?;
+            tokio::runtime::Runtime::new()?.block_on(run(*args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan { path, database_url } => {

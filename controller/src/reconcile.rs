@@ -124,12 +124,7 @@ impl<B: Backend> Reconciler<B> {
             if self.waiting_to_retry(&key, pool, now) {
                 continue;
             }
-            let spec = &pool.pool.spec;
-            let pool_ref = PoolRef {
-                name: pool.name(),
-                metadata: &pool.pool.metadata,
-                spec,
-            };
+            let pool_ref = PoolRef::from(pool);
             match self.reconcile_pool(pool, &key, snapshot.as_ref(), now).await {
                 Ok(report) => {
                     let outcome = PassOutcome {

@@ -62,8 +62,7 @@ fn backend(emu: &FlyEmulator) -> FlyBackend {
 
 /// `count` more replicas for the first pool, straight through the backend.
 async fn add(emu: &FlyEmulator, pools: &[LoadedPool], count: u32) -> Result<(), BackendError> {
-    let spec = &pools[0].pool.spec;
-    backend(emu).add(PoolRef { name: "text", spec }, count).await
+    backend(emu).add(PoolRef::from(&pools[0]), count).await
 }
 
 /// A machine of the `worker` group as `fly deploy` leaves it.
@@ -257,9 +256,8 @@ async fn a_group_at_zero_starts_its_stopped_machines_before_creating_any(pool: P
     );
 
     let b = backend(&emu);
-    let spec = &pools[0].pool.spec;
     wait_until("four ready machines", || in_state(&emu, "started").len() == 4).await;
-    let replicas = b.observe(PoolRef { name: "text", spec }).await.unwrap();
+    let replicas = b.observe(PoolRef::from(&pools[0])).await.unwrap();
     assert_eq!(
         (replicas.len(), replicas.iter().filter(|r| r.ready).count()),
         (4, 4)
@@ -534,12 +532,11 @@ async fn a_rejected_token_is_reported_and_nothing_else_is_attempted(pool: PgPool
     let q = Queue::new(pool);
     enqueue_text(&q, 4).await;
     let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
-    let spec = &pools[0].pool.spec;
 
     for (token, status) in [("fm2_revoked", 401), ("other-app-token", 403)] {
         emu.clear_requests();
         let b = backend_with_token(&emu, token);
-        let err = b.observe(PoolRef { name: "text", spec }).await.unwrap_err();
+        let err = b.observe(PoolRef::from(&pools[0])).await.unwrap_err();
         assert!(matches!(err, BackendError::Unauthorized { .. }), "{err}");
         let message = err.to_string();
         assert!(

@@ -13,7 +13,7 @@ use kube::CustomResourceExt;
 use queue::{JobType, NewJob, NewWorker, Queue, TaskType};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use test_support::kube_api::{Fault, KubeApi};
+use test_support::kube_api::{Fault, KubeApi, Method};
 use tokio_util::sync::CancellationToken;
 
 const NS: &str = "default";
@@ -311,13 +311,13 @@ async fn watch_disconnects_and_server_errors_are_recovered_without_double_scalin
 
     // The watch is cut and the re-list fails twice; the scale reads fail 3 times.
     api.inject(Fault {
-        method: Some(axum::http::Method::GET),
+        method: Some(Method::GET),
         path_contains: "/workerpools".into(),
         code: 500,
         times: 2,
     });
     api.inject(Fault {
-        method: Some(axum::http::Method::GET),
+        method: Some(Method::GET),
         path_contains: "/deployments/worker/scale".into(),
         code: 500,
         times: 3,

@@ -40,9 +40,6 @@ pub enum BackendError {
     /// The workload the pool scales does not exist (yet).
     #[error("pool {pool}: target {target} not found")]
     TargetNotFound { pool: String, target: String },
-    /// The backend refused the controller's credentials or permissions.
-    #[error("pool {pool}: not allowed: {message}")]
-    Unauthorized { pool: String, message: String },
 }
 
 impl BackendError {
@@ -70,6 +67,16 @@ pub struct PoolRef<'a> {
 impl<'a> PoolRef<'a> {
     pub fn namespace(&self) -> Option<&'a str> {
         self.metadata.namespace.as_deref()
+    }
+}
+
+impl<'a> From<&'a crate::manifest::LoadedPool> for PoolRef<'a> {
+    fn from(loaded: &'a crate::manifest::LoadedPool) -> Self {
+        PoolRef {
+            name: loaded.name(),
+            metadata: &loaded.pool.metadata,
+            spec: &loaded.pool.spec,
+        }
     }
 }
 

@@ -31,11 +31,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+/// The HTTP method a [`Fault`] matches, so tests need no HTTP crate of their own.
+pub use axum::http::Method;
 pub use select::{human_duration, json_path, LabelSelector};
 pub use types::ResourceType;
 
