@@ -225,8 +225,10 @@ async fn deleting_old_jobs_queues_their_artifact_bytes_for_the_cleaner(pool: PgP
 /// that time, and its timestamps moved back.
 async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) {
     let then = chrono::Utc::now() - chrono::Duration::days(days);
+    // The job's own random bits keep two jobs backdated in one millisecond apart.
+    let random: [u8; 10] = id.as_bytes()[6..].try_into().expect("16 - 6 bytes");
     let old_id =
-        uuid::Builder::from_unix_timestamp_millis(then.timestamp_millis() as u64, &[7; 10]).into_uuid();
+        uuid::Builder::from_unix_timestamp_millis(then.timestamp_millis() as u64, &random).into_uuid();
     let mut tx = pool.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO jobs SELECT $2, tenant, job_type, status, input, priority, idempotency_key, error,
