@@ -25,7 +25,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates espeak-ng fonts-dejavu-core fonts-noto-core tini \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --home /app backlog
+ && useradd --system --uid 10001 --home /app backlog \
+ && mkdir -p /app/artifacts && chown backlog /app /app/artifacts
 WORKDIR /app
 COPY --from=build /out/ /usr/local/bin/
 COPY manifests/fly/pools.yaml /app/manifests/fly/pools.yaml

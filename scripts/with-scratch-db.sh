@@ -6,7 +6,11 @@ set -euo pipefail
 : "${DATABASE_URL:?DATABASE_URL must name a PostgreSQL server}"
 name=$1
 shift
-server=${DATABASE_URL%/*}
+# Keep the query (sslmode=require and the like) when swapping the database.
+base=${DATABASE_URL%%\?*}
+query=""
+[ "$base" != "$DATABASE_URL" ] && query="?${DATABASE_URL#*\?}"
+server=${base%/*}
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $name" -c "CREATE DATABASE $name" >&2
 trap 'psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $name" >&2 || true' EXIT
-DATABASE_URL="$server/$name" "$@"
+DATABASE_URL="$server/$name$query" "$@"

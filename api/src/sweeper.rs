@@ -121,6 +121,12 @@ pub async fn delete_pruned_artifacts(queue: &Queue, artifacts: &ArtifactStore, m
         for (key, result) in results {
             match result {
                 Ok(()) => deleted.push(key),
+                // A bad key or a refused permission will not get better:
+                // say so once and forget it, or it would block the queue.
+                Err(error) if !error.is_retryable() => {
+                    tracing::error!(key = %key, %error, "cannot delete an artifact's bytes; giving up on it");
+                    deleted.push(key);
+                }
                 Err(error) => {
                     failed += 1;
                     tracing::warn!(key = %key, %error, "could not delete an artifact's bytes; retrying later");

@@ -164,8 +164,8 @@ impl Backend for RecordingBackend {
         let _ = self.added.send(Instant::now());
         Ok(())
     }
-    async fn remove(&self, _pool: PoolRef<'_>, _ids: &[String]) -> Result<(), BackendError> {
-        Ok(())
+    async fn remove(&self, _pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
+        Ok(ids.to_vec())
     }
     async fn shutdown(&self) {}
 }

@@ -84,7 +84,9 @@ pub struct PoolReport {
     pub status: WorkerPoolStatus,
     /// Replicas actually removed (drained and idle).
     pub removed: Vec<String>,
-    /// Replicas chosen for removal that picked up work first and were kept.
+    /// Replicas chosen for removal and kept: they picked up work first, or
+    /// the backend could not remove them this pass (and they were put back
+    /// to work).
     pub kept_busy: Vec<String>,
 }
 
@@ -272,7 +274,7 @@ impl<B: Backend> Reconciler<B> {
             };
             let candidates =
                 removal_candidates(&replicas, busy, (decision.from - decision.replicas) as usize);
-            let drained = match self.drain(&candidates).await {
+            let drained = match self.ctx.queue.drain_idle(&candidates).await {
                 Ok(drained) => drained,
                 Err(e) => {
                     let error = BackendError::Failed {
@@ -287,12 +289,24 @@ impl<B: Backend> Reconciler<B> {
                 .filter(|c| !drained.contains(c))
                 .cloned()
                 .collect();
-            if let Err(e) = self.ctx.backend.remove(pool, &drained).await {
-                // Not removed: let them claim again.
-                let _ = self.ctx.queue.undrain(&drained).await;
-                return Err(failed(e, &decision));
+            match self.ctx.backend.remove(pool, &drained).await {
+                Ok(gone) => {
+                    // Drained but not removed: let them claim again.
+                    let kept: Vec<String> = drained.iter().filter(|d| !gone.contains(d)).cloned().collect();
+                    if !kept.is_empty() {
+                        if let Err(e) = self.ctx.queue.undrain(&kept).await {
+                            tracing::warn!(pool = %name, error = %e, "could not put kept replicas back to work");
+                        }
+                        kept_busy.extend(kept);
+                    }
+                    removed = gone;
+                }
+                Err(e) => {
+                    // Not removed: let them claim again.
+                    let _ = self.ctx.queue.undrain(&drained).await;
+                    return Err(failed(e, &decision));
+                }
             }
-            removed = drained;
         }
 
         let state = self.state.get_mut(key).expect("inserted above");
@@ -320,30 +334,6 @@ impl<B: Backend> Reconciler<B> {
             removed,
             kept_busy,
         })
-    }
-
-    /// Mark idle candidates draining. A candidate the registry has never
-    /// heard of (a pod still starting, a replica the backend has not created
-    /// yet) holds no task and is removable as it is.
-    async fn drain(&self, candidates: &[String]) -> Result<Vec<String>, queue::QueueError> {
-        let mut drained = self.ctx.queue.drain_idle(candidates).await?;
-        if drained.len() < candidates.len() {
-            let registered: HashSet<String> = self
-                .ctx
-                .queue
-                .workers(None)
-                .await?
-                .into_iter()
-                .map(|w| w.id)
-                .collect();
-            let unregistered: Vec<String> = candidates
-                .iter()
-                .filter(|c| !registered.contains(*c) && !drained.contains(c))
-                .cloned()
-                .collect();
-            drained.extend(unregistered);
-        }
-        Ok(drained)
     }
 
     fn record_metrics(&self, pool: &str, status: &WorkerPoolStatus, decision: &Decision) {

@@ -52,12 +52,9 @@ impl Backend for MemoryBackend {
         }
         Ok(())
     }
-    async fn remove(&self, _: PoolRef<'_>, ids: &[String]) -> Result<(), BackendError> {
+    async fn remove(&self, _: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
         let mut replicas = self.replicas.lock().unwrap();
-        for id in ids {
-            replicas.remove(id);
-        }
-        Ok(())
+        Ok(ids.iter().filter(|id| replicas.remove(*id)).cloned().collect())
     }
     async fn shutdown(&self) {}
 }

@@ -76,7 +76,8 @@ type WorkerRow = (
 );
 
 impl Queue {
-    /// Register (or re-register after a restart) a replica as running.
+    /// Register (or re-register after a restart) a replica as running, or as
+    /// draining when the controller already chose it for removal.
     pub async fn register_worker(&self, worker: &NewWorker) -> Result<()> {
         if worker.id.is_empty() {
             return Err(QueueError::invalid("id", "worker identity must not be empty"));
@@ -99,7 +100,10 @@ impl Queue {
              ON CONFLICT (id) DO UPDATE
              SET pool = EXCLUDED.pool, task_types = EXCLUDED.task_types,
                  concurrency = EXCLUDED.concurrency, hostname = EXCLUDED.hostname,
-                 pid = EXCLUDED.pid, state = 'running', started_at = now(), heartbeat_at = now()",
+                 pid = EXCLUDED.pid, started_at = now(), heartbeat_at = now(),
+                 -- A replica drained before it registered stays draining.
+                 state = CASE WHEN workers.state = 'draining' AND cardinality(workers.task_types) = 0
+                              THEN 'draining' ELSE 'running' END",
         )
         .bind(&worker.id)
         .bind(&worker.pool)
@@ -183,25 +187,44 @@ impl Queue {
     /// others picked up work and must be kept. Taking the registry rows
     /// FOR UPDATE first waits out any claim in progress (claims hold them
     /// FOR SHARE), and the idle check then sees every committed claim.
+    ///
+    /// A replica not registered yet (a pod still starting) gets a draining
+    /// placeholder row, so when it registers it claims nothing; one that
+    /// registers while this runs keeps its own row and is not drained.
     pub async fn drain_idle(&self, worker_ids: &[String]) -> Result<Vec<String>> {
         if worker_ids.is_empty() {
             return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT 1 FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(worker_ids)
-            .execute(&mut *tx)
-            .await?;
-        let drained: Vec<String> = sqlx::query_scalar(
+        let locked: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(worker_ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        let mut drained: Vec<String> = sqlx::query_scalar(
             "UPDATE workers w SET state = 'draining'
              WHERE w.id = ANY($1)
                AND NOT EXISTS (SELECT 1 FROM job_tasks t
                                WHERE t.claimed_by = w.id AND t.status IN ('claimed', 'processing'))
              RETURNING w.id",
         )
-        .bind(worker_ids)
+        .bind(&locked)
         .fetch_all(&mut *tx)
         .await?;
+        let unregistered: Vec<&String> = worker_ids.iter().filter(|id| !locked.contains(id)).collect();
+        if !unregistered.is_empty() {
+            // No task types: the mark of a placeholder, never of a registration.
+            let placeholders: Vec<String> = sqlx::query_scalar(
+                "INSERT INTO workers (id, task_types, concurrency, state)
+                 SELECT id, '{}', 1, 'draining' FROM unnest($1::text[]) AS u(id)
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id",
+            )
+            .bind(&unregistered)
+            .fetch_all(&mut *tx)
+            .await?;
+            drained.extend(placeholders);
+        }
         tx.commit().await?;
         Ok(drained)
     }

@@ -276,3 +276,56 @@ async fn a_draining_worker_claims_nothing(pool: PgPool) {
         1
     );
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_replica_drained_before_it_registers_claims_nothing_once_it_does(pool: PgPool) {
+    let q = queue(pool);
+    q.enqueue(text_job("x")).await.unwrap();
+    let starting = "pod-still-starting".to_string();
+    assert_eq!(
+        q.drain_idle(std::slice::from_ref(&starting)).await.unwrap(),
+        vec![starting.clone()],
+        "an unregistered replica holds nothing: drained at once"
+    );
+    let worker = queue::NewWorker {
+        id: starting.clone(),
+        pool: Some("text".into()),
+        task_types: vec![TaskType::TextGeneration],
+        concurrency: 1,
+        hostname: None,
+        pid: None,
+    };
+    q.register_worker(&worker).await.unwrap();
+    assert_eq!(
+        q.worker_heartbeat(&starting).await.unwrap(),
+        Some(queue::WorkerState::Draining),
+        "registering does not undo the drain"
+    );
+    assert!(q
+        .claim(&starting, &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Kept after all: back to work. A later restart registers as running.
+    q.undrain(std::slice::from_ref(&starting)).await.unwrap();
+    assert_eq!(
+        q.claim(&starting, &[TaskType::TextGeneration], 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    q.register_worker(&worker).await.unwrap();
+    assert_eq!(
+        q.worker_heartbeat(&starting).await.unwrap(),
+        Some(queue::WorkerState::Running)
+    );
+    // A registered replica drained, then restarted, registers as running.
+    q.drain_idle(std::slice::from_ref(&worker.id)).await.unwrap();
+    q.register_worker(&worker).await.unwrap();
+    assert_eq!(
+        q.worker_heartbeat(&starting).await.unwrap(),
+        Some(queue::WorkerState::Running)
+    );
+}

@@ -100,6 +100,11 @@ async fn a_worker_killed_mid_task_loses_it_to_the_sweeper_and_another_finishes_i
         async || task_state(&pool).await,
     )
     .await;
+    // Killed while it waits on the provider, not before it asked.
+    eventually("the provider call of `doomed`", 1, async || {
+        calls.load(Ordering::SeqCst)
+    })
+    .await;
     doomed.start_kill().unwrap(); // SIGKILL: no drain, no release
     doomed.wait().await.unwrap();
     assert_eq!(task_state(&pool).await.0, "processing", "nobody released it");

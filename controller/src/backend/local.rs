@@ -163,19 +163,21 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<(), BackendError> {
+    async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
         let mut pools = self.pools.lock().await;
         let Some(state) = pools.get_mut(pool.name) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
+        let mut removed = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(replica) = state.replicas.remove(id) {
                 if let Some(child) = replica.child {
                     tokio::spawn(stop(child, id.clone(), self.stop_grace));
                 }
+                removed.push(id.clone());
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     async fn shutdown(&self) {

@@ -104,13 +104,16 @@ pub trait Backend: Send + Sync {
     /// Start `count` more replicas.
     fn add(&self, pool: PoolRef<'_>, count: u32) -> impl Future<Output = Result<(), BackendError>> + Send;
 
-    /// Stop exactly these replicas. The reconciler only passes replicas it
-    /// has drained: marked draining in the registry while holding no task.
+    /// Stop these replicas, or fewer, and return the ones stopped. The
+    /// reconciler only passes replicas it has drained (marked draining in
+    /// the registry while holding no task) and puts back to work any it
+    /// gets not back (a Fly machine leased by someone else, a StatefulSet
+    /// pod that is not its highest ordinal).
     fn remove(
         &self,
         pool: PoolRef<'_>,
         ids: &[String],
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    ) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
 
     /// Called after every pass over a pool, whether it succeeded or not, so
     /// a backend can publish what happened where its operators look (the

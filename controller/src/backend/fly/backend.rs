@@ -141,16 +141,17 @@ impl FlyBackend {
     }
 
     /// Stop one drained machine with SIGTERM under its lease, and wait (still
-    /// holding the lease) until it is stopped.
+    /// holding the lease) until it is stopped. Ok(false): skipped because
+    /// someone else holds the lease.
     async fn stop_one(
         &self,
         pool: PoolRef<'_>,
         app: &str,
         id: &str,
         stop: &StopMachine,
-    ) -> Result<(), BackendError> {
+    ) -> Result<bool, BackendError> {
         let Leased::Held(nonce) = self.lease(pool, app, id, "stop").await? else {
-            return Ok(());
+            return Ok(false);
         };
         let stopped = self.client.stop(app, id, stop, Some(&nonce)).await;
         if stopped.is_ok() {
@@ -162,7 +163,7 @@ impl FlyBackend {
         self.release(pool, app, id, &nonce).await;
         stopped.map_err(|e| to_backend(pool, e))?;
         tracing::info!(pool = pool.name, machine = %id, "stopped drained machine");
-        Ok(())
+        Ok(true)
     }
 
     /// Waits for a state; a machine that does not get there is left to count
@@ -437,16 +438,24 @@ impl Backend for FlyBackend {
         futures::future::join_all(waits).await.into_iter().collect()
     }
 
-    async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<(), BackendError> {
+    async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
         let target = Self::target(pool)?;
         let stop = StopMachine {
             signal: "SIGTERM".into(),
             timeout: format!("{}s", self.settings.stop_timeout.as_secs().max(1)),
         };
         let stops = ids.iter().map(|id| self.stop_one(pool, &target.app, id, &stop));
-        let stopped: Result<(), BackendError> = futures::future::join_all(stops).await.into_iter().collect();
-        stopped?;
-        self.prune_stopped(pool, target).await
+        let stopped: Vec<bool> = futures::future::join_all(stops)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        self.prune_stopped(pool, target).await?;
+        Ok(ids
+            .iter()
+            .zip(stopped)
+            .filter(|(_, stopped)| *stopped)
+            .map(|(id, _)| id.clone())
+            .collect())
     }
 
     async fn shutdown(&self) {}

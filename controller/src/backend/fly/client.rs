@@ -339,6 +339,11 @@ struct Call<'a> {
     body: Option<Value>,
     nonce: Option<&'a str>,
     rate: Rate,
+    /// Safe to send twice. A create or a lease acquire is not: after a
+    /// timeout or a 5xx it may have happened, and a retry would make a
+    /// second machine or collide with our own lease. Those are retried only
+    /// when Fly cannot have acted (429, no connection).
+    idempotent: bool,
 }
 
 static TLS: Once = Once::new();
@@ -426,6 +431,7 @@ impl FlyClient {
                     body: None,
                     nonce: None,
                     rate: READ_RATE,
+                    idempotent: true,
                 })
                 .await?;
             let page: Vec<Machine> = decode("list", body)?;
@@ -462,6 +468,7 @@ impl FlyClient {
                 body: Some(body),
                 nonce: None,
                 rate: MUTATION_RATE,
+                idempotent: false,
             })
             .await?;
         decode("create", body)
@@ -579,6 +586,7 @@ impl FlyClient {
     ) -> Result<Lease, FlyError> {
         let mut call = self.simple("lease", Method::POST, app, machine, "/lease", None, MUTATION_RATE);
         call.body = Some(serde_json::json!({"ttl": ttl.as_secs().max(1), "description": description}));
+        call.idempotent = false;
         match self.send(call).await {
             Ok((_, body)) => Ok(decode::<LeaseAnswer>("lease", body)?.data),
             Err(FlyError::Api {
@@ -626,6 +634,7 @@ impl FlyClient {
             body: None,
             nonce,
             rate,
+            idempotent: true,
         }
     }
 
@@ -670,9 +679,9 @@ impl FlyClient {
             let retry_in = match result {
                 Err(source) => {
                     drop(permit);
-                    if attempt >= inner.retry.attempts
-                        || !(source.is_connect() || source.is_timeout() || source.is_request())
-                    {
+                    let unsent = source.is_connect();
+                    let maybe_applied = source.is_timeout() || source.is_request();
+                    if attempt >= inner.retry.attempts || !(unsent || (call.idempotent && maybe_applied)) {
                         return Err(FlyError::Transport {
                             action: call.action,
                             source,
@@ -691,7 +700,7 @@ impl FlyClient {
                     drop(permit);
                     let bytes = match bytes {
                         Ok(b) => b,
-                        Err(e) if attempt >= inner.retry.attempts => return Err(e),
+                        Err(e) if attempt >= inner.retry.attempts || !call.idempotent => return Err(e),
                         Err(_) => {
                             tokio::time::sleep(backoff(inner.retry, attempt)).await;
                             continue;
@@ -713,7 +722,8 @@ impl FlyClient {
                         .error
                         .or(error.message)
                         .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(200).collect());
-                    let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                    let retryable = status == StatusCode::TOO_MANY_REQUESTS
+                        || (call.idempotent && status.is_server_error());
                     if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
                         return Err(FlyError::Unauthorized {
                             status: status.as_u16(),

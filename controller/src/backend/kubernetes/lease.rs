@@ -227,17 +227,30 @@ impl Election for LeaseElection {
             let mut renewed = Instant::now();
             loop {
                 tokio::time::sleep(period).await;
-                match lock.lock().await.try_acquire_or_renew().await {
-                    Ok(true) => renewed = Instant::now(),
-                    Ok(false) => {
+                // Each renewal is bounded by what is left of the deadline, as
+                // client-go does: a hung request must not keep us leader
+                // after the Lease expired for the standby.
+                let left = deadline.saturating_sub(renewed.elapsed());
+                let attempt =
+                    tokio::time::timeout(left, async { lock.lock().await.try_acquire_or_renew().await });
+                match attempt.await {
+                    Ok(Ok(true)) => renewed = Instant::now(),
+                    Ok(Ok(false)) if renewed.elapsed() < deadline => {
+                        tracing::warn!("the leader Lease changed under us (a conflict?); retrying");
+                    }
+                    Ok(Ok(false)) => {
                         tracing::error!("the leader Lease was taken over");
                         break;
                     }
-                    Err(e) if renewed.elapsed() < deadline => {
+                    Ok(Err(e)) if renewed.elapsed() < deadline => {
                         tracing::warn!(error = %e, "cannot renew the leader Lease; retrying");
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::error!(error = %e, "could not renew the leader Lease within the renew deadline");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::error!("renewing the leader Lease hung past the renew deadline");
                         break;
                     }
                 }

@@ -89,6 +89,29 @@ fn ordinal(name: &str) -> Option<u32> {
     name.rsplit('-').next().and_then(|o| o.parse().ok())
 }
 
+/// Of `ids`, the ones a StatefulSet removes when its count drops by their
+/// number: ids with no pod yet, then pods from the highest ordinal down,
+/// stopping at the first pod that is not in `ids`.
+fn highest_ordinals<'a>(pods: &[Pod], ids: &'a [String]) -> Vec<&'a String> {
+    let mut ordinals: Vec<(u32, &str)> = pods
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .filter_map(|n| ordinal(n).map(|o| (o, n)))
+        .collect();
+    ordinals.sort_by_key(|o| std::cmp::Reverse(o.0));
+    let mut top: Vec<&String> = ids
+        .iter()
+        .filter(|id| !pods.iter().any(|p| p.metadata.name.as_ref() == Some(*id)))
+        .collect();
+    for (_, name) in &ordinals {
+        match ids.iter().find(|id| id.as_str() == *name) {
+            Some(id) => top.push(id),
+            None => break,
+        }
+    }
+    top
+}
+
 impl KubernetesBackend {
     pub fn new(client: Client, queue: Queue) -> Self {
         KubernetesBackend {
@@ -245,7 +268,7 @@ impl KubernetesBackend {
                 .filter(|n| !busy.contains(n))
                 .take((found - wanted) as usize)
                 .collect();
-            let mut drained = self
+            let drained = self
                 .queue
                 .drain_idle(&candidates)
                 .await
@@ -253,22 +276,34 @@ impl KubernetesBackend {
                     pool: pool.name.to_string(),
                     message: format!("drain: {e}"),
                 })?;
-            let registered: HashSet<String> = match self.queue.workers(None).await {
-                Ok(workers) => workers.into_iter().map(|w| w.id).collect(),
-                Err(_) => candidates.iter().cloned().collect(),
+            let removing: Vec<String> = match target.kind {
+                WorkloadKind::Deployment => {
+                    let remove: HashSet<&str> = drained.iter().map(String::as_str).collect();
+                    if let Err(e) = self.mark_deletion_costs(namespace, &pods, &remove, &busy).await {
+                        let _ = self.queue.undrain(&drained).await;
+                        return Err(error(e));
+                    }
+                    drained.clone()
+                }
+                WorkloadKind::StatefulSet => highest_ordinals(&pods, &drained).into_iter().cloned().collect(),
             };
-            drained.extend(candidates.iter().filter(|c| !registered.contains(*c)).cloned());
-            drained.sort();
-            drained.dedup();
-            let remove: HashSet<&str> = drained.iter().map(String::as_str).collect();
-            if target.kind == WorkloadKind::Deployment {
-                self.mark_deletion_costs(namespace, &pods, &remove, &busy)
-                    .await
-                    .map_err(error)?;
+            // Drained pods the new count does not reach go back to work.
+            let kept: Vec<String> = drained
+                .iter()
+                .filter(|d| !removing.contains(d))
+                .cloned()
+                .collect();
+            if !kept.is_empty() {
+                let _ = self.queue.undrain(&kept).await;
             }
-            result = found - drained.len() as i32;
+            result = found - removing.len() as i32;
+            if let Err(e) = self.set_scale(namespace, target, result).await {
+                let _ = self.queue.undrain(&removing).await;
+                return Err(error(e));
+            }
+        } else {
+            self.set_scale(namespace, target, result).await.map_err(error)?;
         }
-        self.set_scale(namespace, target, result).await.map_err(error)?;
         let message = format!(
             "{:?} {} was scaled to {found} outside the controller; set back to {result} (pause the WorkerPool to scale by hand)",
             target.kind, target.name
@@ -357,7 +392,7 @@ impl Backend for KubernetesBackend {
         Ok(())
     }
 
-    async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<(), BackendError> {
+    async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
         let target = Self::target(pool)?;
         let namespace = self.namespace(pool).to_string();
         let error = |e| target_error(pool.name, target, &namespace, e);
@@ -373,28 +408,10 @@ impl Backend for KubernetesBackend {
         let pods = self.pods(&namespace, &selector).await.map_err(error)?;
         let mut removing: Vec<&String> = ids.iter().collect();
         if target.kind == WorkloadKind::StatefulSet {
-            // A StatefulSet always removes its highest ordinals: remove as
-            // many as are drained from the top; the others go back to work.
-            let mut ordinals: Vec<(u32, &str)> = pods
-                .iter()
-                .filter_map(|p| p.metadata.name.as_deref())
-                .filter_map(|n| ordinal(n).map(|o| (o, n)))
-                .collect();
-            ordinals.sort_by_key(|o| std::cmp::Reverse(o.0));
-            let placeholders = ids
-                .iter()
-                .filter(|id| !pods.iter().any(|p| p.metadata.name.as_ref() == Some(*id)));
-            let mut top: Vec<&String> = placeholders.collect();
-            for (_, name) in &ordinals {
-                match ids.iter().find(|id| id.as_str() == *name) {
-                    Some(id) => top.push(id),
-                    None => break,
-                }
-            }
-            let keep: Vec<String> = ids.iter().filter(|id| !top.contains(id)).cloned().collect();
+            let top = highest_ordinals(&pods, ids);
+            let keep: Vec<&String> = ids.iter().filter(|id| !top.contains(id)).collect();
             if !keep.is_empty() {
                 tracing::info!(pool = pool.name, kept = ?keep, "a StatefulSet removes its highest ordinals only; these stay");
-                let _ = self.queue.undrain(&keep).await;
             }
             removing = top;
         } else {
@@ -404,13 +421,14 @@ impl Backend for KubernetesBackend {
                 .await
                 .map_err(error)?;
         }
-        let wanted = (current - removing.len() as i32).max(0);
+        let removed: Vec<String> = removing.into_iter().cloned().collect();
+        let wanted = (current - removed.len() as i32).max(0);
         if wanted == current {
-            return Ok(());
+            return Ok(removed);
         }
         self.set_scale(&namespace, target, wanted).await.map_err(error)?;
         self.targets.lock().await.entry(key).or_default().replicas = Some(wanted);
-        Ok(())
+        Ok(removed)
     }
 
     async fn pass_finished(&self, pool: PoolRef<'_>, outcome: PassOutcome<'_>) {
