@@ -292,6 +292,45 @@ async fn scale_down_marks_the_idle_pods_cheapest_and_keeps_the_busy_one(pool: Pg
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_busy_pod_that_is_not_ready_is_never_traded_for_ready_idle_ones(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(deployment("worker", 3));
+    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let pods = pod_names(&api, "worker");
+    for pod in &pods {
+        register(&q, pod).await;
+    }
+    let busy = pods[0].clone();
+    enqueue(&q, JobType::Text, 1).await;
+    assert_eq!(
+        q.claim(&busy, &[TaskType::TextGeneration], 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // A ReplicaSet deletes pods that are not ready first, whatever their cost.
+    api.set_pod_ready(NS, &busy, false);
+
+    let controller = start_controller(&api, &q, "a");
+    eventually("the pool deciding on 1 replica", || {
+        (pool_status(&api, "text")["desiredReplicas"] == 1).then_some(())
+    })
+    .await;
+    assert!(pod_names(&api, "worker").contains(&busy), "the busy pod survives");
+    assert_eq!(replicas(&api, "worker"), 3, "no ready idle pod was traded for it");
+
+    api.set_pod_ready(NS, &busy, true);
+    eventually("the deployment at 1", || {
+        (replicas(&api, "worker") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(pod_names(&api, "worker"), vec![busy], "only the busy pod is left");
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn watch_disconnects_and_server_errors_are_recovered_without_double_scaling(pool: PgPool) {
     let q = Queue::new(pool);
     let api = emulator().await;

@@ -479,10 +479,17 @@ impl Shared {
     /// front end applies them. `Some` is the answer that stops the request.
     fn gate(&self, r: &Route, headers: &HeaderMap, injected: &mut bool, limited: &mut bool) -> Option<Reply> {
         let mut state = self.state.lock().expect("state");
+        // Macaroons (fm1r_, fm1a_, fm2_) go with the FlyV1 scheme, other
+        // tokens with Bearer, as Fly's front end expects; the wrong scheme is a 401.
+        let is_macaroon = |t: &str| ["fm1r_", "fm1a_", "fm2_"].iter().any(|p| t.starts_with(p));
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("FlyV1 ")));
+            .and_then(|v| match (v.strip_prefix("Bearer "), v.strip_prefix("FlyV1 ")) {
+                (Some(t), _) if !is_macaroon(t) => Some(t),
+                (_, Some(t)) if is_macaroon(t) => Some(t),
+                _ => None,
+            });
         let Some(scope) = token.and_then(|t| state.tokens.get(t)) else {
             return Some(error(StatusCode::UNAUTHORIZED, "unauthorized"));
         };

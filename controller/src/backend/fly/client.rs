@@ -339,10 +339,9 @@ struct Call<'a> {
     body: Option<Value>,
     nonce: Option<&'a str>,
     rate: Rate,
-    /// Safe to send twice. A create or a lease acquire is not: after a
-    /// timeout or a 5xx it may have happened, and a retry would make a
-    /// second machine or collide with our own lease. Those are retried only
-    /// when Fly cannot have acted (429, no connection).
+    /// Safe to send twice. A create is not: after a timeout or a 5xx the
+    /// machine may exist, and a retry would make a second one. It is
+    /// retried only when Fly cannot have acted (429, no connection).
     idempotent: bool,
 }
 
@@ -586,7 +585,9 @@ impl FlyClient {
     ) -> Result<Lease, FlyError> {
         let mut call = self.simple("lease", Method::POST, app, machine, "/lease", None, MUTATION_RATE);
         call.body = Some(serde_json::json!({"ttl": ttl.as_secs().max(1), "description": description}));
-        call.idempotent = false;
+        // Retried like a read: if a lost answer had granted it, the retry
+        // sees a 409 and the machine is skipped until the TTL ends, which
+        // is cheaper than failing the pass on every 5xx.
         match self.send(call).await {
             Ok((_, body)) => Ok(decode::<LeaseAnswer>("lease", body)?.data),
             Err(FlyError::Api {

@@ -416,7 +416,23 @@ impl Backend for KubernetesBackend {
             removing = top;
         } else {
             let busy = self.busy_pods(pool.name).await?;
-            let remove: HashSet<&str> = ids.iter().map(String::as_str).collect();
+            // The ReplicaSet deletes pods that are not ready before ready
+            // ones, whatever their deletion cost: while a busy pod is not
+            // ready, only drained pods that are not ready either are safe.
+            let pod = |id: &str| pods.iter().find(|p| p.metadata.name.as_deref() == Some(id));
+            let busy_not_ready = pods
+                .iter()
+                .any(|p| p.metadata.name.as_ref().is_some_and(|n| busy.contains(n)) && !pod_is_ready(p));
+            if busy_not_ready {
+                removing.retain(|id| pod(id).is_none_or(|p| !pod_is_ready(p)));
+                if removing.len() < ids.len() {
+                    tracing::info!(
+                        pool = pool.name,
+                        "a busy pod is not ready: keeping the ready drained pods this pass"
+                    );
+                }
+            }
+            let remove: HashSet<&str> = removing.iter().map(|id| id.as_str()).collect();
             self.mark_deletion_costs(&namespace, &pods, &remove, &busy)
                 .await
                 .map_err(error)?;

@@ -63,11 +63,15 @@ impl Publisher {
                     decision.from, decision.replicas, decision.reason
                 );
                 self.event(pool, "Normal", "ScaledUp", &message).await;
-            } else if outcome.error.is_none() && decision.replicas < decision.from {
+            } else if outcome.error.is_none()
+                && decision.replicas < decision.from
+                && !outcome.removed.is_empty()
+            {
+                // What happened, not what was asked: busy pods are kept.
+                let to = decision.from as usize - outcome.removed.len();
                 let message = format!(
-                    "scaled from {} to {}, removing idle {}: {}",
+                    "scaled from {} to {to}, removing idle {}: {}",
                     decision.from,
-                    decision.replicas,
                     outcome.removed.join(", "),
                     decision.reason
                 );
