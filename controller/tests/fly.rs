@@ -13,11 +13,12 @@ use controller::backend::{Backend, BackendError, PoolRef};
 use controller::manifest::{self, LoadedPool};
 use controller::metrics::Metrics;
 use controller::reconcile::{Context, PoolReport, Reconciler};
-use queue::{JobType, NewJob, NewWorker, Queue, TaskType};
+use queue::{JobType, Queue, TaskType};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use test_support::fly::openapi::Spec;
 use test_support::fly::{Faults, FlyEmulator, LoggedRequest, MachineSeed, Timings};
+use test_support::{enqueue_jobs, register_text_worker};
 
 const APP: &str = "backlog";
 const TOKEN: &str = "fm2_controller-token";
@@ -128,27 +129,6 @@ fn reconciler(q: &Queue, backend: FlyBackend) -> Reconciler<FlyBackend> {
     })
 }
 
-async fn enqueue_text(q: &Queue, n: usize) {
-    let jobs = (0..n)
-        .map(|i| NewJob::new("acme", JobType::Text, json!({"prompt": format!("{i}")})))
-        .collect();
-    q.enqueue_batch(jobs).await.unwrap();
-}
-
-/// A worker registers under its machine id, as `FLY_MACHINE_ID` makes it.
-async fn register(q: &Queue, machine: &str) {
-    q.register_worker(&NewWorker {
-        id: machine.into(),
-        pool: Some("text".into()),
-        task_types: vec![TaskType::TextGeneration],
-        concurrency: 2,
-        hostname: None,
-        pid: None,
-    })
-    .await
-    .unwrap();
-}
-
 fn state_of(emu: &FlyEmulator, id: &str) -> String {
     emu.machine(APP, id).unwrap()["state"]
         .as_str()
@@ -198,7 +178,7 @@ async fn a_group_at_zero_starts_its_stopped_machines_before_creating_any(pool: P
     let q = Queue::new(pool);
     let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 2}"));
     let mut r = reconciler(&q, backend(&emu));
-    enqueue_text(&q, 7).await;
+    enqueue_jobs(&q, JobType::Text, 7).await;
 
     let reports = pass(&mut r, &pools, 0).await;
     assert_eq!(reports.len(), 1, "the pass succeeded");
@@ -341,9 +321,9 @@ async fn scale_down_never_stops_a_machine_that_holds_a_task(pool: PgPool) {
     let machines: Vec<String> = (0..3).map(|_| seed(&emu, "started", "ord")).collect();
     let q = Queue::new(pool);
     for m in &machines {
-        register(&q, m).await;
+        register_text_worker(&q, m).await;
     }
-    enqueue_text(&q, 1).await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
     let busy = machines[1].clone();
     let held = q.claim(&busy, &[TaskType::TextGeneration], 1).await.unwrap();
     assert_eq!(held.len(), 1);
@@ -388,8 +368,8 @@ async fn a_lease_held_elsewhere_skips_that_machine_without_an_error_storm(pool: 
     let deploying = seed(&emu, "started", "ord");
     let free = seed(&emu, "started", "ord");
     let q = Queue::new(pool);
-    register(&q, &deploying).await;
-    register(&q, &free).await;
+    register_text_worker(&q, &deploying).await;
+    register_text_worker(&q, &free).await;
     emu.hold_lease(APP, &deploying, "deployer@example.com", Duration::from_secs(300));
     let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 5}"));
     let mut r = reconciler(&q, backend(&emu));
@@ -428,7 +408,7 @@ async fn the_group_converges_through_injected_faults_within_the_rate_limits(pool
     let q = Queue::new(pool);
     let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 1}"));
     let mut r = reconciler(&q, backend(&emu));
-    enqueue_text(&q, 8).await;
+    enqueue_jobs(&q, JobType::Text, 8).await;
 
     let mut converged = false;
     for i in 0..40 {
@@ -448,7 +428,7 @@ async fn the_group_converges_through_injected_faults_within_the_rate_limits(pool
 
     // Work done: every machine registered and idle, so the group drains to zero.
     for id in in_state(&emu, "started") {
-        register(&q, &id).await;
+        register_text_worker(&q, &id).await;
     }
     let tasks = q
         .claim("elsewhere", &[TaskType::TextGeneration], 100)
@@ -497,7 +477,7 @@ async fn max_stopped_is_kept_and_the_oldest_stopped_machines_are_destroyed(pool:
     let running = [seed(&emu, "started", "ord"), seed(&emu, "started", "ord")];
     let q = Queue::new(pool);
     for m in &running {
-        register(&q, m).await;
+        register_text_worker(&q, m).await;
     }
     let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 3}"));
     let mut r = reconciler(&q, backend(&emu));
@@ -530,7 +510,7 @@ async fn a_rejected_token_is_reported_and_nothing_else_is_attempted(pool: PgPool
     seed(&emu, "stopped", "ord");
     emu.add_token("other-app-token", Some(&["someone-else"]));
     let q = Queue::new(pool);
-    enqueue_text(&q, 4).await;
+    enqueue_jobs(&q, JobType::Text, 4).await;
     let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
 
     for (token, status) in [("fm2_revoked", 401), ("other-app-token", 403)] {
@@ -1013,7 +993,7 @@ async fn fly_machines_running_real_workers_rise_finish_the_queue_and_stop(pool: 
     }));
     seed(&emu, "stopped", "ord");
     let q = Queue::new(pool.clone());
-    enqueue_text(&q, 120).await;
+    enqueue_jobs(&q, JobType::Text, 120).await;
 
     let manifest = dir.path().join("pools.yaml");
     std::fs::write(

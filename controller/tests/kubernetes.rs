@@ -10,10 +10,11 @@ use controller::metrics::Metrics;
 use controller::reconcile::{self, Context, Election, LoopSettings, Reconciler};
 use controller::spec::WorkerPool;
 use kube::CustomResourceExt;
-use queue::{JobType, NewJob, NewWorker, Queue, TaskType};
+use queue::{JobType, Queue, TaskType};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use test_support::kube_api::{Fault, KubeApi, Method};
+use test_support::{enqueue_jobs, register_text_worker};
 use tokio_util::sync::CancellationToken;
 
 const NS: &str = "default";
@@ -139,32 +140,6 @@ fn pod_names(api: &KubeApi, app: &str) -> Vec<String> {
         .collect()
 }
 
-async fn enqueue(q: &Queue, job_type: JobType, n: usize) {
-    let jobs = (0..n)
-        .map(|i| {
-            NewJob::new(
-                "acme",
-                job_type,
-                json!({"prompt": format!("{i}"), "text": "hello"}),
-            )
-        })
-        .collect();
-    q.enqueue_batch(jobs).await.unwrap();
-}
-
-async fn register(q: &Queue, id: &str) {
-    q.register_worker(&NewWorker {
-        id: id.into(),
-        pool: Some("text".into()),
-        task_types: vec![TaskType::TextGeneration],
-        concurrency: 1,
-        hostname: None,
-        pid: None,
-    })
-    .await
-    .unwrap();
-}
-
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn work_for_a_pool_at_zero_scales_its_deployment_and_writes_status_and_events(pool: PgPool) {
     let q = Queue::new(pool);
@@ -181,7 +156,7 @@ async fn work_for_a_pool_at_zero_scales_its_deployment_and_writes_status_and_eve
     assert_eq!(condition(&idle, "Active")["status"], "False", "{idle}");
     assert_eq!(replicas(&api, "worker"), 0);
 
-    enqueue(&q, JobType::Text, 3).await;
+    enqueue_jobs(&q, JobType::Text, 3).await;
     eventually("3 replicas and 3 pods", || {
         (replicas(&api, "worker") == 3 && pod_names(&api, "worker").len() == 3).then_some(())
     })
@@ -234,12 +209,12 @@ async fn scale_down_marks_the_idle_pods_cheapest_and_keeps_the_busy_one(pool: Pg
     pods.sort();
     assert_eq!(pods.len(), 3);
     for pod in &pods {
-        register(&q, pod).await;
+        register_text_worker(&q, pod).await;
     }
     // The pod the ReplicaSet would remove first without deletion costs
     // (same age: the highest name) is the busy one.
     let busy = pods[2].clone();
-    enqueue(&q, JobType::Text, 1).await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
     let held = q.claim(&busy, &[TaskType::TextGeneration], 1).await.unwrap();
     assert_eq!(held.len(), 1);
 
@@ -299,10 +274,10 @@ async fn a_busy_pod_that_is_not_ready_is_never_traded_for_ready_idle_ones(pool: 
     api.create(worker_pool("text", "text_generation", "worker", json!({})));
     let pods = pod_names(&api, "worker");
     for pod in &pods {
-        register(&q, pod).await;
+        register_text_worker(&q, pod).await;
     }
     let busy = pods[0].clone();
-    enqueue(&q, JobType::Text, 1).await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
     assert_eq!(
         q.claim(&busy, &[TaskType::TextGeneration], 1)
             .await
@@ -363,7 +338,7 @@ async fn watch_disconnects_and_server_errors_are_recovered_without_double_scalin
     });
     api.disconnect_watches();
     api.compact();
-    enqueue(&q, JobType::Text, 5).await;
+    enqueue_jobs(&q, JobType::Text, 5).await;
 
     let failed = eventually("Ready=False from the 500s", || {
         let ready = condition(&pool_status(&api, "text"), "Ready");
@@ -427,8 +402,8 @@ async fn a_missing_target_fails_only_its_pool_and_recovers_once_created(pool: Pg
         json!({}),
     ));
     let controller = start_controller(&api, &q, "a");
-    enqueue(&q, JobType::Audiobook, 1).await;
-    enqueue(&q, JobType::Text, 1).await;
+    enqueue_jobs(&q, JobType::Audiobook, 1).await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
 
     eventually("the audio pool scaled up", || {
         (replicas(&api, "audio-worker") == 1).then_some(())
@@ -507,7 +482,7 @@ async fn a_hand_scaled_deployment_is_converged_back_with_an_event(pool: PgPool) 
     api.create(deployment("worker", 0));
     api.create(worker_pool("text", "text_generation", "worker", json!({})));
     let controller = start_controller(&api, &q, "a");
-    enqueue(&q, JobType::Text, 2).await;
+    enqueue_jobs(&q, JobType::Text, 2).await;
     eventually("2 replicas", || (replicas(&api, "worker") == 2).then_some(())).await;
 
     api.scale("deployments", NS, "worker", 5);
@@ -560,7 +535,7 @@ async fn of_two_controllers_one_leads_and_the_other_takes_over_when_it_dies(pool
     })
     .await;
     let second = start_controller(&api, &q, "second");
-    enqueue(&q, JobType::Text, 1).await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
     eventually("1 replica", || (replicas(&api, "worker") == 1).then_some(())).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
@@ -587,7 +562,7 @@ async fn of_two_controllers_one_leads_and_the_other_takes_over_when_it_dies(pool
         .get("coordination.k8s.io", "leases", NS, "backlog-controller")
         .unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
-    enqueue(&q, JobType::Text, 1).await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
     eventually("the new leader acts", || {
         (replicas(&api, "worker") == 2).then_some(())
     })
@@ -667,7 +642,7 @@ async fn kubectl_shows_the_columns_conditions_and_events(pool: PgPool) {
     api.create(deployment("worker", 0));
     api.create(worker_pool("text", "text_generation", "worker", json!({})));
     let controller = start_controller(&api, &q, "a");
-    enqueue(&q, JobType::Text, 2).await;
+    enqueue_jobs(&q, JobType::Text, 2).await;
     eventually("the status at 2 replicas", || {
         (pool_status(&api, "text")["readyReplicas"] == 2 && !events(&api, "text", "ScaledUp").is_empty())
             .then_some(())
@@ -909,13 +884,13 @@ async fn kubectl_applies_the_crd_and_a_pool_that_the_controller_then_runs(pool: 
     assert!(out.contains("workerpool.backlog.dev/text created"), "{out}");
 
     let controller = start_controller(&api, &q, "a");
-    enqueue(&q, JobType::Text, 1).await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
     eventually("1 replica", || (replicas(&api, "worker") == 1).then_some(())).await;
     let out = kubectl(&api, home.path(), &["delete", "wp", "text"])
         .await
         .unwrap();
     assert!(out.contains("deleted"), "{out}");
-    enqueue(&q, JobType::Text, 3).await;
+    enqueue_jobs(&q, JobType::Text, 3).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         replicas(&api, "worker"),
@@ -951,9 +926,9 @@ async fn a_statefulset_loses_only_idle_top_ordinals(pool: PgPool) {
     pool["spec"]["target"] = json!({"kubernetes": {"kind": "StatefulSet", "name": "sts"}});
     api.create(pool);
     for pod in ["sts-0", "sts-1", "sts-2"] {
-        register(&q, pod).await;
+        register_text_worker(&q, pod).await;
     }
-    enqueue(&q, JobType::Text, 1).await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
     assert_eq!(
         q.claim("sts-1", &[TaskType::TextGeneration], 1)
             .await
@@ -1096,7 +1071,7 @@ async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigt
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    enqueue(&q, JobType::Text, 2).await;
+    enqueue_jobs(&q, JobType::Text, 2).await;
     eventually("the binary scaled the deployment", || {
         (replicas(&api, "worker") == 2).then_some(())
     })

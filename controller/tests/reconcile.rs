@@ -12,9 +12,10 @@ use controller::backend::{Backend, BackendError, PoolRef, Replica};
 use controller::manifest::{self, LoadedPool};
 use controller::metrics::Metrics;
 use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
-use queue::{JobType, NewJob, NewWorker, Queue, TaskType};
+use queue::{JobType, Queue, TaskType};
 use serde_json::json;
 use sqlx::PgPool;
+use test_support::{enqueue_jobs, register_text_worker};
 use tokio_util::sync::CancellationToken;
 
 /// Replicas in memory, started and stopped instantly.
@@ -79,26 +80,6 @@ spec:
   scaleDown: {stabilizationSeconds: 0}
 "#;
 
-async fn enqueue_text(q: &Queue, n: usize) {
-    let jobs = (0..n)
-        .map(|i| NewJob::new("acme", JobType::Text, json!({"prompt": format!("{i}")})))
-        .collect();
-    q.enqueue_batch(jobs).await.unwrap();
-}
-
-async fn register(q: &Queue, id: &str) {
-    q.register_worker(&NewWorker {
-        id: id.into(),
-        pool: Some("text".into()),
-        task_types: vec![TaskType::TextGeneration],
-        concurrency: 2,
-        hostname: None,
-        pid: None,
-    })
-    .await
-    .unwrap();
-}
-
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn replicas_follow_the_queue_and_scale_down_spares_the_busy_replica(pool: PgPool) {
     let q = Queue::new(pool);
@@ -118,7 +99,7 @@ async fn replicas_follow_the_queue_and_scale_down_spares_the_busy_replica(pool: 
         idle[0].decision
     );
 
-    enqueue_text(&q, 7).await;
+    enqueue_jobs(&q, JobType::Text, 7).await;
     let up = reconciler
         .reconcile(&pools, now + chrono::Duration::seconds(1))
         .await;
@@ -131,7 +112,7 @@ async fn replicas_follow_the_queue_and_scale_down_spares_the_busy_replica(pool: 
 
     // One replica holds the last task; the rest of the work is done.
     for id in backend.ids() {
-        register(&q, &id).await;
+        register_text_worker(&q, &id).await;
     }
     let busy = backend.ids()[2].clone();
     let held = q.claim(&busy, &[TaskType::TextGeneration], 1).await.unwrap();
@@ -176,7 +157,7 @@ async fn an_unreadable_queue_holds_the_replicas(pool: PgPool) {
         metrics: Arc::new(Metrics::default()),
     });
     let pools = pools(TEXT_POOL);
-    enqueue_text(&q, 4).await;
+    enqueue_jobs(&q, JobType::Text, 4).await;
     let now = chrono::Utc::now();
     assert_eq!(reconciler.reconcile(&pools, now).await[0].decision.replicas, 2);
 
@@ -238,7 +219,7 @@ async fn local_workers_rise_to_the_max_finish_everything_and_go_back_to_zero(poo
         &test_support::database_url(&pool),
         dir.path(),
     );
-    enqueue_text(&q, 200).await;
+    enqueue_jobs(&q, JobType::Text, 200).await;
 
     let reconciler = Reconciler::new(Context {
         queue: q.clone(),
@@ -320,7 +301,7 @@ async fn a_standby_controller_takes_over_when_the_leader_exits(pool: PgPool) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let standby = start(standby_backend.clone(), standby_stop.clone());
 
-    enqueue_text(&q, 2).await;
+    enqueue_jobs(&q, JobType::Text, 2).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         (leader_backend.ids().len(), standby_backend.ids().len()),

@@ -40,6 +40,36 @@ pub fn with_database(url: &str, database: &str) -> String {
     }
 }
 
+/// `n` jobs of `job_type` for the tenant `acme`, enqueued in one batch. The
+/// input carries both a prompt and a text, so any job type accepts it.
+pub async fn enqueue_jobs(q: &queue::Queue, job_type: queue::JobType, n: usize) {
+    let jobs = (0..n)
+        .map(|i| {
+            queue::NewJob::new(
+                "acme",
+                job_type,
+                serde_json::json!({"prompt": format!("{i}"), "text": "hello"}),
+            )
+        })
+        .collect();
+    q.enqueue_batch(jobs).await.expect("enqueue");
+}
+
+/// Register a replica of the `text` pool (text_generation) as a worker does
+/// at start: under its pod name, machine id or `WORKER_ID`.
+pub async fn register_text_worker(q: &queue::Queue, id: &str) {
+    q.register_worker(&queue::NewWorker {
+        id: id.into(),
+        pool: Some("text".into()),
+        task_types: vec![queue::TaskType::TextGeneration],
+        concurrency: 2,
+        hostname: None,
+        pid: None,
+    })
+    .await
+    .expect("register");
+}
+
 /// The path of one of the workspace's binaries, built first if needed, so a
 /// test in one crate can run another crate's program as a real process.
 pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
