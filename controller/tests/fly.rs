@@ -1042,12 +1042,7 @@ async fn fly_machines_running_real_workers_rise_finish_the_queue_and_stop(pool: 
         3,
         "machines rose to maxReplicas"
     );
-    let (retried, with_error): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE attempts <> 1), count(*) FILTER (WHERE last_error IS NOT NULL) FROM job_tasks",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (retried, with_error) = test_support::retried_and_errored_tasks(&pool).await;
     assert_eq!(
         (retried, with_error),
         (0, 0),

@@ -23,6 +23,15 @@ async fn emulator() -> KubeApi {
     KubeApi::start(&[serde_json::to_value(WorkerPool::crd()).unwrap()]).await
 }
 
+/// The emulator with a `worker` Deployment at `replicas` and the `text`
+/// WorkerPool (text_generation) that scales it.
+async fn text_pool_on_a_deployment(replicas: i64) -> KubeApi {
+    let api = emulator().await;
+    api.create(deployment("worker", replicas));
+    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    api
+}
+
 fn client(api: &KubeApi) -> kube::Client {
     let mut config = kube::Config::new(api.url().parse().unwrap());
     config.default_namespace = NS.into();
@@ -202,9 +211,7 @@ async fn work_for_a_pool_at_zero_scales_its_deployment_and_writes_status_and_eve
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn scale_down_marks_the_idle_pods_cheapest_and_keeps_the_busy_one(pool: PgPool) {
     let q = Queue::new(pool);
-    let api = emulator().await;
-    api.create(deployment("worker", 3));
-    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let api = text_pool_on_a_deployment(3).await;
     let mut pods = pod_names(&api, "worker");
     pods.sort();
     assert_eq!(pods.len(), 3);
@@ -269,9 +276,7 @@ async fn scale_down_marks_the_idle_pods_cheapest_and_keeps_the_busy_one(pool: Pg
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_busy_pod_that_is_not_ready_is_never_traded_for_ready_idle_ones(pool: PgPool) {
     let q = Queue::new(pool);
-    let api = emulator().await;
-    api.create(deployment("worker", 3));
-    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let api = text_pool_on_a_deployment(3).await;
     let pods = pod_names(&api, "worker");
     for pod in &pods {
         register_text_worker(&q, pod).await;
@@ -478,9 +483,7 @@ async fn an_invalid_spec_is_reported_on_the_pool(pool: PgPool) {
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_hand_scaled_deployment_is_converged_back_with_an_event(pool: PgPool) {
     let q = Queue::new(pool);
-    let api = emulator().await;
-    api.create(deployment("worker", 0));
-    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let api = text_pool_on_a_deployment(0).await;
     let controller = start_controller(&api, &q, "a");
     enqueue_jobs(&q, JobType::Text, 2).await;
     eventually("2 replicas", || (replicas(&api, "worker") == 2).then_some(())).await;
@@ -526,9 +529,7 @@ fn lease_holder(api: &KubeApi) -> Option<String> {
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn of_two_controllers_one_leads_and_the_other_takes_over_when_it_dies(pool: PgPool) {
     let q = Queue::new(pool);
-    let api = emulator().await;
-    api.create(deployment("worker", 0));
-    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let api = text_pool_on_a_deployment(0).await;
     let first = start_controller(&api, &q, "first");
     eventually("the first controller to lead", || {
         (lease_holder(&api).as_deref() == Some("first")).then_some(())
@@ -1039,9 +1040,7 @@ async fn an_unreadable_queue_switches_to_the_fallback_with_an_event(pool: PgPool
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigterm(pool: PgPool) {
     let q = Queue::new(pool.clone());
-    let api = emulator().await;
-    api.create(deployment("worker", 0));
-    api.create(worker_pool("text", "text_generation", "worker", json!({})));
+    let api = text_pool_on_a_deployment(0).await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(

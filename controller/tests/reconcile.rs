@@ -259,12 +259,7 @@ async fn local_workers_rise_to_the_max_finish_everything_and_go_back_to_zero(poo
         "all tasks complete and every replica gone after the cooldown"
     );
     assert_eq!(most_replicas, 3, "replicas rose to maxReplicas");
-    let (retried, with_error): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE attempts <> 1), count(*) FILTER (WHERE last_error IS NOT NULL) FROM job_tasks",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (retried, with_error) = test_support::retried_and_errored_tasks(&pool).await;
     assert_eq!(
         (retried, with_error),
         (0, 0),

@@ -70,6 +70,17 @@ pub async fn register_text_worker(q: &queue::Queue, id: &str) {
     .expect("register");
 }
 
+/// Tasks that took more than one attempt, and tasks with an error: both
+/// (0, 0) when no scale-down interrupted, released or retried anything.
+pub async fn retried_and_errored_tasks(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE attempts <> 1), count(*) FILTER (WHERE last_error IS NOT NULL) FROM job_tasks",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("counting retried tasks")
+}
+
 /// The path of one of the workspace's binaries, built first if needed, so a
 /// test in one crate can run another crate's program as a real process.
 pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
