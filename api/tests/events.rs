@@ -31,6 +31,15 @@ async fn the_stream_reports_queued_processing_complete_and_ends(pool: sqlx::PgPo
         (data["job_id"].as_str(), data["status"].as_str()),
         (Some(id.as_str()), Some("queued"))
     );
+    let watched: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT job_id FROM job_watches")
+        .fetch_all(&server.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        watched,
+        vec![id.parse::<uuid::Uuid>().unwrap()],
+        "only this job is watched"
+    );
 
     // Claim both jobs' tasks; only this job's change is reported.
     let claimed = server
@@ -59,8 +68,21 @@ async fn the_stream_reports_queued_processing_complete_and_ends(pool: sqlx::PgPo
     assert_eq!(data["status"], "complete");
     assert_eq!(data["error"], serde_json::Value::Null);
 
-    // Finished: the server closes the stream.
+    // Finished: the server closes the stream, and its watch goes with it,
+    // so the job's later changes cost no notification.
     assert!(events.next().await.is_none());
+    let mut watches = i64::MAX;
+    for _ in 0..100 {
+        watches = sqlx::query_scalar("SELECT count(*) FROM job_watches")
+            .fetch_one(&server.pool)
+            .await
+            .unwrap();
+        if watches == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(watches, 0, "the ended stream's watch was removed");
     server.stop().await;
 }
 

@@ -92,8 +92,10 @@ impl Queue {
         let mut task_priority = Vec::new();
         let mut task_attempts = Vec::new();
         let mut task_timeout = Vec::new();
+        let mut task_has_dependents = Vec::new();
         for (id, job) in ids.iter().zip(&jobs) {
-            for plan in job.job_type.plan() {
+            let steps = job.job_type.plan();
+            for plan in steps {
                 task_job.push(*id);
                 task_type.push(plan.task_type.as_str());
                 task_deps.push(
@@ -106,22 +108,30 @@ impl Queue {
                 task_priority.push(job.priority);
                 task_attempts.push(job.max_attempts);
                 task_timeout.push(plan.task_type.default_timeout_seconds());
+                task_has_dependents.push(
+                    steps
+                        .iter()
+                        .any(|other| other.depends_on.contains(&plan.task_type)),
+                );
             }
         }
+        let tasks_total: Vec<i32> = jobs.iter().map(|j| j.job_type.plan().len() as i32).collect();
 
         let mut tx = self.pool.begin().await?;
         let inserted: Vec<Job> = sqlx::query_as(
             r#"
             WITH inserted AS (
-                INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key)
-                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::text[])
+                INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key, tasks_total)
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::text[], $13::int[])
                 ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING *
             ), tasks AS (
-                INSERT INTO job_tasks (job_id, task_type, dependencies, waiting_on, priority, max_attempts, timeout_seconds)
-                SELECT p.job_id, p.task_type, d.deps, cardinality(d.deps), p.priority, p.max_attempts, p.timeout_seconds
-                FROM unnest($7::uuid[], $8::text[], $9::text[], $10::int[], $11::int[], $12::int[])
-                     AS p(job_id, task_type, deps, priority, max_attempts, timeout_seconds)
+                INSERT INTO job_tasks (job_id, task_type, dependencies, waiting_on, priority, max_attempts,
+                                       timeout_seconds, has_dependents)
+                SELECT p.job_id, p.task_type, d.deps, cardinality(d.deps), p.priority, p.max_attempts,
+                       p.timeout_seconds, p.has_dependents
+                FROM unnest($7::uuid[], $8::text[], $9::text[], $10::int[], $11::int[], $12::int[], $14::bool[])
+                     AS p(job_id, task_type, deps, priority, max_attempts, timeout_seconds, has_dependents)
                 CROSS JOIN LATERAL (SELECT string_to_array(nullif(p.deps, ''), ',') AS deps_or_null) a
                 CROSS JOIN LATERAL (SELECT coalesce(a.deps_or_null, '{}'::text[]) AS deps) d
                 WHERE p.job_id IN (SELECT id FROM inserted)
@@ -141,6 +151,8 @@ impl Queue {
         .bind(&task_priority)
         .bind(&task_attempts)
         .bind(&task_timeout)
+        .bind(&tasks_total)
+        .bind(&task_has_dependents)
         .fetch_all(&mut *tx)
         .await?;
 

@@ -26,6 +26,8 @@ pub struct SweepOutcome {
     pub tasks: Vec<SweptTask>,
     /// Registry rows removed because their replica stopped heartbeating.
     pub workers_removed: u64,
+    /// Job watches removed because their stream stopped renewing them.
+    pub watches_removed: u64,
 }
 
 impl SweepOutcome {
@@ -67,7 +69,8 @@ pub struct Retention {
 impl Queue {
     /// Return tasks whose heartbeat is older than `stale_after` or whose
     /// timeout passed to pending (with backoff), or to failed once attempts
-    /// are spent; forget replicas silent for ten times `stale_after`.
+    /// are spent; forget replicas silent for ten times `stale_after`, and
+    /// job watches their stream stopped renewing.
     pub async fn sweep(&self, stale_after: Duration) -> Result<SweepOutcome> {
         let rows: Vec<(i64, Uuid, String, String)> =
             sqlx::query_as("SELECT task_id, job_id, status, reason FROM sweep_tasks($1, $2, $3)")
@@ -97,6 +100,10 @@ impl Queue {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        let watches_removed = sqlx::query("DELETE FROM job_watches WHERE expires_at < now()")
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         if !tasks.is_empty() {
             tracing::warn!(
                 retried = tasks.len(),
@@ -106,6 +113,7 @@ impl Queue {
         Ok(SweepOutcome {
             tasks,
             workers_removed,
+            watches_removed,
         })
     }
 

@@ -329,3 +329,51 @@ async fn a_replica_drained_before_it_registers_claims_nothing_once_it_does(pool:
         Some(queue::WorkerState::Running)
     );
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_job_with_a_failed_task_fails_when_the_last_open_one_completes_and_completes_once_retried(
+    pool: PgPool,
+) {
+    let q = queue(pool);
+    let job = q.enqueue(reading_job("x").max_attempts(1)).await.unwrap().job;
+    let text = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.complete("w1", text.lease(), json!({})).await.unwrap();
+    let pdf = claim_one(&q, "w1", TaskType::PdfGeneration).await;
+    let audio = claim_one(&q, "w2", TaskType::AudioGeneration).await;
+
+    q.fail("w1", pdf.lease(), &Failure::permanent("typesetting broke"))
+        .await
+        .unwrap();
+    assert_eq!(
+        q.job(TENANT, job.id).await.unwrap().status,
+        JobStatus::Processing,
+        "audio is still running"
+    );
+    q.complete("w2", audio.lease(), json!({})).await.unwrap();
+    let failed = q.job(TENANT, job.id).await.unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert!(failed.error.unwrap().contains("typesetting broke"));
+
+    // Only the pdf task runs again; its completion is the job's last.
+    q.retry_job(TENANT, job.id).await.unwrap();
+    let pdf = claim_one(&q, "w1", TaskType::PdfGeneration).await;
+    assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Processing);
+    q.complete("w1", pdf.lease(), json!({})).await.unwrap();
+    let done = q.job(TENANT, job.id).await.unwrap();
+    assert_eq!(done.status, JobStatus::Complete);
+    assert_eq!(done.error, None);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn completing_a_cancelled_jobs_task_is_refused_and_the_job_stays_cancelled(pool: PgPool) {
+    let q = queue(pool);
+    let job = q.enqueue(text_job("x")).await.unwrap().job;
+    let text = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.cancel_job(TENANT, job.id).await.unwrap();
+
+    assert!(matches!(
+        q.complete("w1", text.lease(), json!({})).await,
+        Err(QueueError::LeaseLost { .. })
+    ));
+    assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Cancelled);
+}

@@ -233,7 +233,7 @@ async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) {
     sqlx::query(
         "INSERT INTO jobs SELECT $2, tenant, job_type, status, input, priority, idempotency_key, error,
                 created_at - make_interval(days => $3), updated_at, started_at,
-                finished_at - make_interval(days => $3)
+                finished_at - make_interval(days => $3), tasks_total, tasks_complete
          FROM jobs WHERE id = $1",
     )
     .bind(id)

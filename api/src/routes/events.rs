@@ -5,6 +5,10 @@
 //! [`crate::job_events`]); a notification only says "this job changed", and
 //! the stream then reads the job, so what it reports is always a status the
 //! job really had, in order, and never one older than the last it sent.
+//! The database notifies only watched jobs, so each stream registers a watch
+//! for its job, renews it while open and removes it when it ends.
+
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -13,6 +17,7 @@ use futures::Stream;
 use queue::{Job, JobStatus, JobStatusEvent, Queue, QueueError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -52,13 +57,21 @@ pub async fn job_events(
     Path(id): Path<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, axum::Error>>>> {
     let id = parse_uuid("id", &id)?;
-    // Subscribe before the first read, so no change can fall between them.
+    // Subscribe before the watch, so no notification can fall between them.
     let notifications = state.job_events.subscribe();
-    let job = state.queue.job(&principal.tenant, id).await?;
+    let stream_id = Uuid::now_v7();
+    let job = state
+        .queue
+        .watch_job(&principal.tenant, id, stream_id, WATCH_TTL)
+        .await?;
+    let mut renew = interval_at(Instant::now() + WATCH_RENEW_EVERY, WATCH_RENEW_EVERY);
+    renew.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let watch = JobWatch {
         queue: state.queue.clone(),
         tenant: principal.tenant,
         job_id: id,
+        stream_id,
+        renew,
         last_status: None,
         finished: false,
         notifications,
@@ -74,10 +87,18 @@ pub async fn job_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
+/// How long a watch lives without renewal: a stream whose API process died
+/// stops costing notifications after this, and the sweeper removes it.
+const WATCH_TTL: Duration = Duration::from_secs(90);
+const WATCH_RENEW_EVERY: Duration = Duration::from_secs(30);
+
 struct JobWatch {
     queue: Queue,
     tenant: String,
     job_id: Uuid,
+    /// This stream's watch in `job_watches`.
+    stream_id: Uuid,
+    renew: Interval,
     last_status: Option<JobStatus>,
     finished: bool,
     notifications: broadcast::Receiver<JobStatusEvent>,
@@ -93,15 +114,27 @@ impl JobWatch {
         loop {
             let wake = tokio::select! {
                 () = self.shutdown.cancelled() => return None,
-                wake = self.notifications.recv() => wake,
+                wake = self.notifications.recv() => Some(wake),
+                _ = self.renew.tick() => None,
             };
-            match wake {
-                Ok(JobStatusEvent::Changed(id)) if id != self.job_id => continue,
-                // Ours, or possibly missed (lagging, reconnect): read it.
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return None,
-            }
-            match self.queue.job(&self.tenant, self.job_id).await {
+            let read = match wake {
+                Some(Ok(JobStatusEvent::Changed(id))) if id != self.job_id => continue,
+                Some(Ok(JobStatusEvent::Changed(_))) => self.queue.job(&self.tenant, self.job_id).await,
+                // Notifications may have been missed, and after a database
+                // crash the (unlogged) watch itself: register it again,
+                // which also reads the job.
+                Some(Ok(JobStatusEvent::Resync) | Err(RecvError::Lagged(_))) => self.rewatch().await,
+                Some(Err(RecvError::Closed)) => return None,
+                None => match self.queue.renew_job_watch(self.stream_id, WATCH_TTL).await {
+                    Ok(true) => continue,
+                    Ok(false) => self.rewatch().await,
+                    Err(error) => {
+                        tracing::warn!(%error, job_id = %self.job_id, "could not renew a job watch");
+                        continue;
+                    }
+                },
+            };
+            match read {
                 Ok(job) if Some(job.status) != self.last_status => return Some(self.report(job)),
                 Ok(_) => {}
                 // Removed by retention while watched: nothing more to say.
@@ -114,6 +147,12 @@ impl JobWatch {
         }
     }
 
+    async fn rewatch(&self) -> queue::Result<Job> {
+        self.queue
+            .watch_job(&self.tenant, self.job_id, self.stream_id, WATCH_TTL)
+            .await
+    }
+
     fn report(&mut self, job: Job) -> Result<Event, axum::Error> {
         self.last_status = Some(job.status);
         self.finished = job.status.is_finished();
@@ -123,5 +162,21 @@ impl JobWatch {
             error: job.error,
             updated_at: job.updated_at,
         })
+    }
+}
+
+impl Drop for JobWatch {
+    /// The stream ended (finished job, client gone, shutdown): stop the
+    /// job's notifications for it. Should this fail, the watch expires.
+    fn drop(&mut self) {
+        let queue = self.queue.clone();
+        let stream = self.stream_id;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = queue.unwatch_job(stream).await {
+                    tracing::debug!(%error, "could not remove a job watch; it will expire");
+                }
+            });
+        }
     }
 }

@@ -63,6 +63,7 @@ pub async fn count(pool: &PgPool, table: &str) -> i64 {
         "job_tasks" => "SELECT count(*) FROM job_tasks",
         "artifacts" => "SELECT count(*) FROM artifacts",
         "workers" => "SELECT count(*) FROM workers",
+        "job_watches" => "SELECT count(*) FROM job_watches",
         other => panic!("unknown table {other}"),
     };
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
