@@ -46,7 +46,7 @@ impl TaskDepth {
 /// partial indexes over active tasks (and recent completions), read up to
 /// `$2` rows. Its cost follows the active set, never the history, and is
 /// bounded even when the backlog is huge: counting 100,000 pending rows
-/// exactly costs ~10 ms here, counting to the cap well under 2 ms.
+/// exactly cost ~17 ms here, counting to the cap a few ms.
 pub(crate) const DEPTH_SQL: &str = r#"
 SELECT tt.task_type,
     (SELECT count(*) FROM (SELECT FROM job_tasks t
