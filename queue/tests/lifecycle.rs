@@ -377,3 +377,29 @@ async fn completing_a_cancelled_jobs_task_is_refused_and_the_job_stays_cancelled
     ));
     assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Cancelled);
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_jobs_last_two_tasks_completing_at_once_complete_it(pool: PgPool) {
+    let q = queue(pool);
+    for round in 0..10 {
+        let job = q
+            .enqueue(reading_job(&format!("race {round}")))
+            .await
+            .unwrap()
+            .job;
+        let text = claim_one(&q, "w1", TaskType::TextGeneration).await;
+        q.complete("w1", text.lease(), json!({})).await.unwrap();
+        let pdf = claim_one(&q, "w1", TaskType::PdfGeneration).await;
+        let audio = claim_one(&q, "w2", TaskType::AudioGeneration).await;
+
+        let (a, b) = tokio::join!(
+            q.complete("w1", pdf.lease(), json!({})),
+            q.complete("w2", audio.lease(), json!({}))
+        );
+        a.unwrap();
+        b.unwrap();
+        let job = q.job(TENANT, job.id).await.unwrap();
+        assert_eq!(job.status, JobStatus::Complete, "round {round}");
+        assert!(job.finished_at.is_some());
+    }
+}
