@@ -64,13 +64,15 @@ impl Queue {
         Ok(job)
     }
 
-    /// Keep a stream's watches for another `ttl`. Returns whether the
-    /// stream still had one (it may have expired, or been lost in a crash:
-    /// then register it again with [`Queue::watch_job`]).
-    pub async fn renew_job_watch(&self, stream: Uuid, ttl: Duration) -> Result<bool> {
+    /// Keep a stream's watch of a job for another `ttl`. Returns whether
+    /// the watch was still there (it may have expired, or been lost in a
+    /// crash: then register it again with [`Queue::watch_job`]).
+    pub async fn renew_job_watch(&self, job_id: Uuid, stream: Uuid, ttl: Duration) -> Result<bool> {
         let renewed = sqlx::query(
-            "UPDATE job_watches SET expires_at = now() + make_interval(secs => $2) WHERE stream = $1",
+            "UPDATE job_watches SET expires_at = now() + make_interval(secs => $3)
+             WHERE job_id = $1 AND stream = $2",
         )
+        .bind(job_id)
         .bind(stream)
         .bind(ttl.as_secs_f64())
         .execute(&self.pool)
@@ -79,9 +81,10 @@ impl Queue {
         Ok(renewed > 0)
     }
 
-    /// Stop a stream's watches.
-    pub async fn unwatch_job(&self, stream: Uuid) -> Result<()> {
-        sqlx::query("DELETE FROM job_watches WHERE stream = $1")
+    /// Stop a stream's watch of a job.
+    pub async fn unwatch_job(&self, job_id: Uuid, stream: Uuid) -> Result<()> {
+        sqlx::query("DELETE FROM job_watches WHERE job_id = $1 AND stream = $2")
+            .bind(job_id)
             .bind(stream)
             .execute(&self.pool)
             .await?;

@@ -93,8 +93,10 @@ impl Queue {
         let mut task_attempts = Vec::new();
         let mut task_timeout = Vec::new();
         let mut task_has_dependents = Vec::new();
+        let mut tasks_total = Vec::with_capacity(jobs.len());
         for (id, job) in ids.iter().zip(&jobs) {
             let steps = job.job_type.plan();
+            tasks_total.push(steps.len() as i32);
             for plan in steps {
                 task_job.push(*id);
                 task_type.push(plan.task_type.as_str());
@@ -115,7 +117,6 @@ impl Queue {
                 );
             }
         }
-        let tasks_total: Vec<i32> = jobs.iter().map(|j| j.job_type.plan().len() as i32).collect();
 
         let mut tx = self.pool.begin().await?;
         let inserted: Vec<Job> = sqlx::query_as(

@@ -57,11 +57,18 @@ async fn an_unwatched_job_is_not_notified_again(pool: PgPool) {
     let mut notifications = q.listen_job_status().await.unwrap();
     let stream = Uuid::now_v7();
     q.watch_job(TENANT, first.id, stream, TTL).await.unwrap();
-    q.unwatch_job(stream).await.unwrap();
+    q.unwatch_job(first.id, stream).await.unwrap();
     q.watch_job(TENANT, second.id, Uuid::now_v7(), TTL).await.unwrap();
 
-    q.claim("w1", &[TaskType::TextGeneration], 2).await.unwrap();
-    assert_eq!(next_change(&mut notifications).await, second.id);
+    // As above, commit order makes a notification of `first` show up
+    // before the second one of `second`.
+    let claimed = q.claim("w1", &[TaskType::TextGeneration], 2).await.unwrap();
+    for id in [first.id, second.id] {
+        let task = claimed.iter().find(|t| t.job_id == id).unwrap();
+        q.complete("w1", task.lease(), json!({})).await.unwrap();
+    }
+    assert_eq!(next_change(&mut notifications).await, second.id, "processing");
+    assert_eq!(next_change(&mut notifications).await, second.id, "complete");
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -86,9 +93,9 @@ async fn the_sweeper_removes_watches_their_stream_stopped_renewing(pool: PgPool)
     let outcome = q.sweep(Duration::from_secs(30)).await.unwrap();
     assert_eq!(outcome.watches_removed, 1);
     assert!(
-        !q.renew_job_watch(lapsed, TTL).await.unwrap(),
+        !q.renew_job_watch(job.id, lapsed, TTL).await.unwrap(),
         "gone: register again"
     );
-    assert!(q.renew_job_watch(live, TTL).await.unwrap());
+    assert!(q.renew_job_watch(job.id, live, TTL).await.unwrap());
     assert_eq!(count(&pool, "job_watches").await, 1);
 }

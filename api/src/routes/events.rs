@@ -125,7 +125,11 @@ impl JobWatch {
                 // which also reads the job.
                 Some(Ok(JobStatusEvent::Resync) | Err(RecvError::Lagged(_))) => self.rewatch().await,
                 Some(Err(RecvError::Closed)) => return None,
-                None => match self.queue.renew_job_watch(self.stream_id, WATCH_TTL).await {
+                None => match self
+                    .queue
+                    .renew_job_watch(self.job_id, self.stream_id, WATCH_TTL)
+                    .await
+                {
                     Ok(true) => continue,
                     Ok(false) => self.rewatch().await,
                     Err(error) => {
@@ -170,10 +174,10 @@ impl Drop for JobWatch {
     /// job's notifications for it. Should this fail, the watch expires.
     fn drop(&mut self) {
         let queue = self.queue.clone();
-        let stream = self.stream_id;
+        let (job_id, stream) = (self.job_id, self.stream_id);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(error) = queue.unwatch_job(stream).await {
+                if let Err(error) = queue.unwatch_job(job_id, stream).await {
                     tracing::debug!(%error, "could not remove a job watch; it will expire");
                 }
             });
