@@ -110,6 +110,10 @@ pub struct ServeArgs {
     pub retention_mode: RetentionModeArg,
     #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 3600)]
     pub retention_interval_seconds: u64,
+    /// How often to look for jobs left unfinished after their tasks (it
+    /// reads every unfinished job) and remove replaced artifacts' bytes.
+    #[arg(long, env = "REPAIR_INTERVAL_SECONDS", default_value_t = 60)]
+    pub repair_interval_seconds: u64,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -138,6 +142,7 @@ impl ServeArgs {
                 batch: RETENTION_BATCH,
             }),
             retention_interval: Duration::from_secs(self.retention_interval_seconds.max(1)),
+            repair_interval: Duration::from_secs(self.repair_interval_seconds.max(1)),
         });
         Settings {
             body_limit_bytes: self.body_limit_bytes,

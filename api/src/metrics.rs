@@ -172,6 +172,10 @@ impl Metrics {
         self.count_action("workers_removed", outcome.workers_removed);
     }
 
+    pub fn record_repaired(&self, jobs: u64) {
+        self.count_action("jobs_repaired", jobs);
+    }
+
     pub fn record_pruned(&self, jobs: u64) {
         self.count_action("pruned", jobs);
     }
@@ -182,7 +186,7 @@ impl Metrics {
             .inc_by(n);
     }
 
-    /// `job` is `sweep` or `retention`.
+    /// `job` is `sweep`, `repair`, `retention` or `artifact_cleanup`.
     pub fn record_run(&self, job: &'static str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.maintenance_runs

@@ -40,6 +40,9 @@ pub struct SweeperSettings {
     /// `None` keeps finished jobs forever.
     pub retention: Option<Retention>,
     pub retention_interval: Duration,
+    /// How often jobs left unfinished after their tasks are looked for (a
+    /// read of every unfinished job) and replaced artifacts' bytes removed.
+    pub repair_interval: Duration,
 }
 
 impl Default for SweeperSettings {
@@ -49,6 +52,7 @@ impl Default for SweeperSettings {
             stale_after: Duration::from_secs(60),
             retention: None,
             retention_interval: Duration::from_secs(3600),
+            repair_interval: Duration::from_secs(60),
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The periodic sweeper: takes tasks back from dead or overdue workers and,
-//! when retention is set, prunes old finished jobs and then removes the
-//! bytes of their artifacts from the store. Several API replicas may run it
+//! The periodic sweeper: takes tasks back from dead or overdue workers;
+//! repairs any job left unfinished after its tasks (it should find none);
+//! when retention is set, prunes old finished jobs; and removes the bytes of
+//! artifacts nobody records any more (pruned, or replaced by a re-run). Several API replicas may run it
 //! at once; the queue makes concurrent sweeps safe, and deleting an object
 //! twice is harmless.
 
@@ -24,13 +25,18 @@ pub async fn run(
 ) {
     let mut sweep_tick = interval(settings.interval);
     let mut retention_tick = interval(settings.retention_interval);
-    for tick in [&mut sweep_tick, &mut retention_tick] {
+    let mut repair_tick = interval(settings.repair_interval);
+    for tick in [&mut sweep_tick, &mut retention_tick, &mut repair_tick] {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     }
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = sweep_tick.tick() => sweep_once(&queue, &settings, &metrics).await,
+            _ = repair_tick.tick() => {
+                repair_once(&queue, &metrics).await;
+                delete_pruned_artifacts(&queue, &artifacts, &metrics).await;
+            }
             _ = retention_tick.tick(), if settings.retention.is_some() => {
                 prune_once(&queue, &settings, &metrics).await;
                 delete_pruned_artifacts(&queue, &artifacts, &metrics).await;
@@ -43,16 +49,8 @@ pub async fn sweep_once(queue: &Queue, settings: &SweeperSettings, metrics: &Met
     match queue.sweep(settings.stale_after).await {
         Ok(outcome) => {
             metrics.record_run("sweep", true);
+            // The queue logs each task taken back, with its worker.
             metrics.record_sweep(&outcome);
-            for task in &outcome.tasks {
-                tracing::warn!(
-                    task_id = task.task_id,
-                    job_id = %task.job_id,
-                    status = %task.status,
-                    reason = task.reason,
-                    "sweeper took a task back"
-                );
-            }
             if outcome.workers_removed > 0 {
                 tracing::info!(
                     workers = outcome.workers_removed,
@@ -63,6 +61,21 @@ pub async fn sweep_once(queue: &Queue, settings: &SweeperSettings, metrics: &Met
         Err(error) => {
             metrics.record_run("sweep", false);
             tracing::error!(%error, "sweep failed");
+        }
+    }
+}
+
+/// Put right jobs whose tasks all finished while they did not. Counted in
+/// `/metrics` (`action="jobs_repaired"`): anything but zero is a bug.
+pub async fn repair_once(queue: &Queue, metrics: &Metrics) {
+    match queue.repair_stuck_jobs().await {
+        Ok(repaired) => {
+            metrics.record_run("repair", true);
+            metrics.record_repaired(repaired.len() as u64);
+        }
+        Err(error) => {
+            metrics.record_run("repair", false);
+            tracing::error!(%error, "repairing stuck jobs failed");
         }
     }
 }

@@ -226,6 +226,7 @@ async fn the_sweeper_rescues_stale_tasks_and_prunes_finished_jobs(pool: sqlx::Pg
                 batch: 10,
             }),
             retention_interval: Duration::from_millis(100),
+            repair_interval: Duration::from_millis(100),
         }),
         ..test_settings()
     };

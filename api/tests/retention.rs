@@ -27,7 +27,7 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
             .await
             .unwrap()
             .remove(0);
-        let key = artifact_key(job.id, ArtifactKind::Text);
+        let key = artifact_key(job.id, ArtifactKind::Text, task.lease());
         let stored = artifacts
             .put(&key, Bytes::from_static(b"# text"), "text/markdown")
             .await
@@ -80,4 +80,111 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
             && l.ends_with(" 1")),
         "{exposition}"
     );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_job_left_unfinished_after_its_tasks_is_repaired_and_counted(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let job = q
+        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "p"})))
+        .await
+        .unwrap()
+        .job;
+    let task = q
+        .claim("w", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0);
+    q.complete("w", task.lease(), json!({})).await.unwrap();
+    // The state a status race used to leave: every task final, the job not.
+    sqlx::query("UPDATE jobs SET status = 'processing', finished_at = NULL WHERE id = $1")
+        .bind(job.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let metrics = Metrics::new();
+    api::sweeper::repair_once(&q, &metrics).await;
+    api::sweeper::repair_once(&q, &metrics).await;
+    assert_eq!(
+        q.job_by_id(job.id).await.unwrap().status,
+        queue::JobStatus::Complete
+    );
+    let exposition = metrics.encode();
+    assert!(
+        exposition
+            .lines()
+            .any(|l| l.starts_with("backlog_sweeper_actions_total{action=\"jobs_repaired\"} 1")),
+        "one repair counted once: {exposition}"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_rerun_records_its_own_bytes_and_the_replaced_ones_are_removed(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let artifacts = ArtifactStore::local(dir.path()).unwrap();
+    let job = q
+        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "p"})))
+        .await
+        .unwrap()
+        .job;
+    let mut keys = Vec::new();
+    let mut leases = Vec::new();
+    for round in ["first", "second"] {
+        let task = q
+            .claim("w", &[TaskType::TextGeneration], 1)
+            .await
+            .unwrap()
+            .remove(0);
+        let key = artifact_key(job.id, ArtifactKind::Text, task.lease());
+        let stored = artifacts
+            .put(&key, Bytes::from(round.as_bytes().to_vec()), "text/markdown")
+            .await
+            .unwrap();
+        q.record_artifact(
+            "w",
+            task.lease(),
+            &stored.to_new_artifact(job.id, ArtifactKind::Text, json!({})),
+        )
+        .await
+        .unwrap();
+        if round == "first" {
+            // The worker dies after recording; its lease is released.
+            q.release("w", &[task.lease()]).await.unwrap();
+        }
+        keys.push(key);
+        leases.push(task.lease());
+    }
+    assert_ne!(keys[0], keys[1], "each claim writes its own key");
+
+    // The first claim, late, can neither record nor overwrite the second's.
+    let late = artifacts
+        .put(&keys[0], Bytes::from_static(b"late"), "text/markdown")
+        .await
+        .unwrap();
+    assert!(q
+        .record_artifact(
+            "w",
+            leases[0],
+            &late.to_new_artifact(job.id, ArtifactKind::Text, json!({}))
+        )
+        .await
+        .is_err());
+    q.complete("w", leases[1], json!({})).await.unwrap();
+    let recorded = q
+        .completed_artifact(job.id, ArtifactKind::Text)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(recorded.storage_key, keys[1]);
+    assert_eq!(recorded.sha256, store::sha256_hex(b"second"));
+    assert_eq!(artifacts.get(&keys[1]).await.unwrap().as_ref(), b"second");
+
+    api::sweeper::delete_pruned_artifacts(&q, &artifacts, &Metrics::new()).await;
+    assert!(
+        !dir.path().join(&keys[0]).exists(),
+        "the replaced bytes are removed"
+    );
+    assert!(dir.path().join(&keys[1]).exists(), "the recorded bytes stay");
 }

@@ -68,21 +68,58 @@ pub struct Artifact {
 }
 
 impl Queue {
-    /// Record the artifact a held task produced. A re-run replaces the
-    /// record of the same kind, so a job never has two. Refused when the
-    /// lease is no longer held.
+    /// Record the artifact a held task produced, under its lease. A re-run
+    /// replaces the record of the same kind, so a job never has two; the
+    /// bytes of the replaced record are queued for deletion when they lie
+    /// under another key. Refused when the lease is no longer held.
+    ///
+    /// The job is locked first, like every change to its tasks, so the
+    /// lease cannot be swept or the task finished between the fence check
+    /// and the commit.
     pub async fn record_artifact(
         &self,
         worker_id: &str,
         lease: Lease,
         artifact: &NewArtifact,
     ) -> Result<Artifact> {
-        sqlx::query_as(
+        let lost = || QueueError::LeaseLost {
+            task_id: lease.task_id,
+            worker_id: worker_id.into(),
+            claim: lease.claim,
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT lock_jobs_of_tasks(ARRAY[$1::bigint])")
+            .bind(lease.task_id)
+            .execute(&mut *tx)
+            .await?;
+        let held: Option<Uuid> = sqlx::query_scalar(
+            "SELECT job_id FROM job_tasks
+             WHERE id = $1 AND job_id = $2 AND claimed_by = $3 AND claims = $4
+               AND status IN ('claimed', 'processing')",
+        )
+        .bind(lease.task_id)
+        .bind(artifact.job_id)
+        .bind(worker_id)
+        .bind(lease.claim)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if held.is_none() {
+            return Err(lost());
+        }
+        sqlx::query(
+            "INSERT INTO artifact_deletions (storage_key)
+             SELECT storage_key FROM artifacts
+             WHERE job_id = $1 AND kind = $2 AND storage_key <> $3
+             ON CONFLICT (storage_key) DO NOTHING",
+        )
+        .bind(artifact.job_id)
+        .bind(artifact.kind.as_str())
+        .bind(&artifact.storage_key)
+        .execute(&mut *tx)
+        .await?;
+        let recorded: Artifact = sqlx::query_as(
             "INSERT INTO artifacts (id, job_id, task_id, kind, content_type, storage_key, bytes, sha256, metadata)
-             SELECT $1, t.job_id, t.id, $4, $5, $6, $7, $8, $9
-             FROM job_tasks t
-             WHERE t.id = $2 AND t.job_id = $10 AND t.claimed_by = $3 AND t.attempts = $11
-               AND t.status IN ('claimed', 'processing')
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (job_id, kind) DO UPDATE
              SET task_id = EXCLUDED.task_id, content_type = EXCLUDED.content_type,
                  storage_key = EXCLUDED.storage_key, bytes = EXCLUDED.bytes, sha256 = EXCLUDED.sha256,
@@ -90,19 +127,32 @@ impl Queue {
              RETURNING *",
         )
         .bind(Uuid::now_v7())
+        .bind(artifact.job_id)
         .bind(lease.task_id)
-        .bind(worker_id)
         .bind(artifact.kind.as_str())
         .bind(&artifact.content_type)
         .bind(&artifact.storage_key)
         .bind(artifact.bytes)
         .bind(&artifact.sha256)
         .bind(&artifact.metadata)
-        .bind(artifact.job_id)
-        .bind(lease.attempt)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    /// The artifact of this kind that a job's completed task recorded: what
+    /// a later task reads as its input (a reading job's pdf and audio read
+    /// the text task's). `None` until that task completed.
+    pub async fn completed_artifact(&self, job_id: Uuid, kind: ArtifactKind) -> Result<Option<Artifact>> {
+        Ok(sqlx::query_as(
+            "SELECT a.* FROM artifacts a JOIN job_tasks t ON t.id = a.task_id
+             WHERE a.job_id = $1 AND a.kind = $2 AND t.status = 'complete'",
+        )
+        .bind(job_id)
+        .bind(kind.as_str())
         .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| QueueError::LeaseLost { task_id: lease.task_id, worker_id: worker_id.into(), attempt: lease.attempt })
+        .await?)
     }
 
     /// A job's artifacts.

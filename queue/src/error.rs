@@ -9,13 +9,13 @@ pub enum QueueError {
     /// No such job for this tenant (another tenant's job is "not found" too).
     #[error("job {0} not found")]
     JobNotFound(uuid::Uuid),
-    /// The task is no longer held by this worker at this attempt: it was
-    /// swept, re-claimed or cancelled. The result must be dropped.
-    #[error("task {task_id} is no longer held by {worker_id} at attempt {attempt}")]
+    /// The task is no longer held by this worker under this claim: it was
+    /// swept, released, re-claimed or cancelled. The result must be dropped.
+    #[error("task {task_id} is no longer held by {worker_id} under claim {claim}")]
     LeaseLost {
         task_id: i64,
         worker_id: String,
-        attempt: i32,
+        claim: i32,
     },
     /// The same idempotency key was used before with a different request.
     #[error("idempotency key {key:?} was already used for a different job ({existing})")]

@@ -32,15 +32,18 @@ pub use events::{JobStatusEvent, JobStatusNotifications, JOB_STATUS_CHANNEL};
 pub use jobs::{Enqueued, JobFilter, JobPage, JobWithTasks};
 pub use keys::{ApiKey, ApiKeyRole, NewApiKey};
 pub use leader::Leadership;
-pub use maintenance::{Retention, RetentionMode, SweepOutcome, SweptTask};
+pub use maintenance::{RepairedJob, Retention, RetentionMode, SweepOutcome, SweptTask};
 pub use model::{Job, JobStatus, JobType, Lease, NewJob, Task, TaskPlan, TaskStatus, TaskType};
 pub use notify::{TaskNotifications, RUNNABLE_CHANNEL};
 pub use pools::{PoolStatus, PoolStatusRecord};
 pub use registry::{NewWorker, ReplicaLoad, WorkerRecord, WorkerState};
-pub use tasks::{Failure, FailureKind, RetryOutcome};
+pub use tasks::{is_transient, Failure, FailureKind, RetryOutcome};
 
 /// The schema, applied with `queue.migrate()` or `api migrate`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// How long [`Queue::connect`] waits for a database that cannot be reached.
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Limits and retry settings. The defaults work without tuning.
 #[derive(Debug, Clone)]
@@ -56,6 +59,11 @@ pub struct QueueConfig {
     /// stays cheap however deep the backlog: no pool needs more than
     /// `maxReplicas × tasksPerReplica` to decide.
     pub depth_count_cap: i64,
+    /// How far one job moves its tenant's place in line: the spacing of a
+    /// tenant's jobs in the fair order across tenants. Any positive value
+    /// interleaves backlogged tenants one for one; it also sets how far
+    /// ahead of a retry's run_at the retry may be placed.
+    pub fair_share_interval: Duration,
 }
 
 impl Default for QueueConfig {
@@ -66,6 +74,7 @@ impl Default for QueueConfig {
             retry_base: Duration::from_secs(2),
             retry_cap: Duration::from_secs(600),
             depth_count_cap: 10_000,
+            fair_share_interval: Duration::from_millis(10),
         }
     }
 }
@@ -78,15 +87,32 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Connect with a pool sized for `max_connections`.
+    /// Connect with a pool sized for `max_connections`. A database that
+    /// cannot be reached yet (restarting, still starting) is waited for, up
+    /// to [`CONNECT_PATIENCE`], so a process started at that moment does
+    /// not exit for it; a wrong URL or password fails at once.
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<Self> {
         let options: PgConnectOptions = database_url.parse()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.application_name("backlog"))
-            .await?;
-        Ok(Queue::new(pool))
+        let options = options.application_name("backlog");
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let attempt = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone())
+                .await;
+            match attempt {
+                Ok(pool) => return Ok(Queue::new(pool)),
+                Err(e) if is_transient(&e) && started.elapsed() + delay < CONNECT_PATIENCE => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "PostgreSQL cannot be reached yet; waiting for it");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub fn new(pool: PgPool) -> Self {

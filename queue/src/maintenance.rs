@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::error::{QueueError, Result};
 use crate::model::TaskStatus;
+use crate::tasks::retry_transient;
 use crate::Queue;
 
 /// A task the sweeper took back from a dead or overdue worker.
@@ -18,7 +19,18 @@ pub struct SweptTask {
     pub job_id: Uuid,
     /// `pending` (will be retried) or `failed` (attempts spent).
     pub status: TaskStatus,
+    /// Why, as the task's client-visible `last_error` says it.
     pub reason: String,
+    /// The replica that held it: for the operator's log, not for clients.
+    pub worker_id: Option<String>,
+}
+
+/// A job whose tasks had all finished while the job had not, put right by
+/// [`Queue::repair_stuck_jobs`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RepairedJob {
+    pub job_id: Uuid,
+    pub status: crate::model::JobStatus,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -72,21 +84,23 @@ impl Queue {
     /// are spent; forget replicas silent for ten times `stale_after`, and
     /// job watches their stream stopped renewing.
     pub async fn sweep(&self, stale_after: Duration) -> Result<SweepOutcome> {
-        let rows: Vec<(i64, Uuid, String, String)> =
-            sqlx::query_as("SELECT task_id, job_id, status, reason FROM sweep_tasks($1, $2, $3)")
+        let rows: Vec<(i64, Uuid, String, String, Option<String>)> = retry_transient(|| {
+            sqlx::query_as("SELECT task_id, job_id, status, reason, worker_id FROM sweep_tasks($1, $2, $3)")
                 .bind(stale_after.as_secs_f64())
                 .bind(self.config.retry_base.as_secs_f64())
                 .bind(self.config.retry_cap.as_secs_f64())
                 .fetch_all(&self.pool)
-                .await?;
+        })
+        .await?;
         let tasks = rows
             .into_iter()
-            .map(|(task_id, job_id, status, reason)| {
+            .map(|(task_id, job_id, status, reason, worker_id)| {
                 Ok(SweptTask {
                     task_id,
                     job_id,
                     status: status.parse()?,
                     reason,
+                    worker_id,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -104,10 +118,14 @@ impl Queue {
             .execute(&self.pool)
             .await?
             .rows_affected();
-        if !tasks.is_empty() {
+        for task in &tasks {
             tracing::warn!(
-                retried = tasks.len(),
-                "sweeper took back tasks from stale or overdue workers"
+                task_id = task.task_id,
+                job_id = %task.job_id,
+                worker_id = task.worker_id.as_deref().unwrap_or(""),
+                status = %task.status,
+                reason = %task.reason,
+                "sweeper took a task back from a stale or overdue worker"
             );
         }
         Ok(SweepOutcome {
@@ -117,26 +135,48 @@ impl Queue {
         })
     }
 
+    /// Put right jobs that are not final though all their tasks are: the
+    /// state the queue's lock order prevents, so this should find nothing.
+    /// Each one found is logged as an error. It reads every unfinished job,
+    /// so run it every minute or so, not on every sweep.
+    pub async fn repair_stuck_jobs(&self) -> Result<Vec<RepairedJob>> {
+        let rows: Vec<(Uuid, String)> = retry_transient(|| {
+            sqlx::query_as("SELECT job_id, status FROM repair_stuck_jobs()").fetch_all(&self.pool)
+        })
+        .await?;
+        let repaired = rows
+            .into_iter()
+            .map(|(job_id, status)| {
+                Ok(RepairedJob {
+                    job_id,
+                    status: status.parse()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for job in &repaired {
+            tracing::error!(job_id = %job.job_id, status = %job.status,
+                "repaired a job whose tasks had all finished while it had not");
+        }
+        Ok(repaired)
+    }
+
     /// Remove (or archive) finished jobs older than the retention age.
     /// Returns how many jobs were removed.
     pub async fn prune(&self, retention: Retention) -> Result<u64> {
         if retention.batch < 1 {
             return Err(QueueError::invalid("batch", "must be at least 1"));
         }
-        // Jobs created before the cutoff, found through the primary key
-        // (UUIDv7 ids sort by creation time); a job finished that long ago
-        // was created even earlier.
-        let age = chrono::Duration::from_std(retention.older_than)
-            .map_err(|_| QueueError::invalid("older_than", "is too large"))?;
-        let cutoff_ms = (chrono::Utc::now() - age).timestamp_millis().max(0) as u64;
-        let cutoff = uuid::Builder::from_unix_timestamp_millis(cutoff_ms, &[0; 10]).into_uuid();
+        if chrono::Duration::from_std(retention.older_than).is_err() {
+            return Err(QueueError::invalid("older_than", "is too large"));
+        }
         let mut total = 0;
         loop {
             let removed = match retention.mode {
                 RetentionMode::Delete => sqlx::query(
                     "WITH doomed AS (
                          SELECT id FROM jobs
-                         WHERE id < $3 AND finished_at < now() - make_interval(secs => $1)
+                         WHERE id < uuid_v7_floor(now() - make_interval(secs => $1))
+                           AND finished_at < now() - make_interval(secs => $1)
                            AND status IN ('complete', 'failed', 'cancelled')
                          LIMIT $2 FOR UPDATE SKIP LOCKED
                      ), bytes AS (
@@ -149,7 +189,8 @@ impl Queue {
                 RetentionMode::Archive => sqlx::query(
                     "WITH doomed AS (
                          SELECT id FROM jobs
-                         WHERE id < $3 AND finished_at < now() - make_interval(secs => $1)
+                         WHERE id < uuid_v7_floor(now() - make_interval(secs => $1))
+                           AND finished_at < now() - make_interval(secs => $1)
                            AND status IN ('complete', 'failed', 'cancelled')
                          LIMIT $2 FOR UPDATE SKIP LOCKED
                      ), archived AS (
@@ -165,7 +206,6 @@ impl Queue {
             }
             .bind(retention.older_than.as_secs_f64())
             .bind(retention.batch)
-            .bind(cutoff)
             .execute(&self.pool)
             .await?
             .rows_affected();

@@ -222,6 +222,8 @@ pub struct Task {
     pub priority: i32,
     pub attempts: i32,
     pub max_attempts: i32,
+    /// How many times the task was claimed: the current claim's lease token.
+    pub claims: i32,
     pub run_at: DateTime<Utc>,
     pub timeout_seconds: i32,
     pub claimed_by: Option<String>,
@@ -239,16 +241,21 @@ impl Task {
     pub fn lease(&self) -> Lease {
         Lease {
             task_id: self.id,
-            attempt: self.attempts,
+            claim: self.claims,
         }
     }
 }
 
-/// A claim on one task: only the holder at this attempt may finish it.
+/// A claim on one task: only the holder of this claim may finish it.
+///
+/// `claim` counts every claim of the task and never goes back (a release
+/// returns the attempt, not the claim; a retried job keeps it), so a lease
+/// names one claim forever: a late call of an earlier holder is refused even
+/// when the task was claimed again by a worker with the same id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Lease {
     pub task_id: i64,
-    pub attempt: i32,
+    pub claim: i32,
 }
 
 macro_rules! try_from_string {

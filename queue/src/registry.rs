@@ -190,7 +190,9 @@ impl Queue {
     ///
     /// A replica not registered yet (a pod still starting) gets a draining
     /// placeholder row, so when it registers it claims nothing; one that
-    /// registers while this runs keeps its own row and is not drained.
+    /// registers (or claims: `claim_tasks` registers unknown claimers) while
+    /// this runs keeps its own row and is not drained, and one that holds a
+    /// task without a row is never drained.
     pub async fn drain_idle(&self, worker_ids: &[String]) -> Result<Vec<String>> {
         if worker_ids.is_empty() {
             return Ok(Vec::new());
@@ -216,7 +218,9 @@ impl Queue {
             // No task types: the mark of a placeholder, never of a registration.
             let placeholders: Vec<String> = sqlx::query_scalar(
                 "INSERT INTO workers (id, task_types, concurrency, state)
-                 SELECT id, '{}', 1, 'draining' FROM unnest($1::text[]) AS u(id)
+                 SELECT u.id, '{}', 1, 'draining' FROM unnest($1::text[]) AS u(id)
+                 WHERE NOT EXISTS (SELECT 1 FROM job_tasks t
+                                   WHERE t.claimed_by = u.id AND t.status IN ('claimed', 'processing'))
                  ON CONFLICT (id) DO NOTHING
                  RETURNING id",
             )

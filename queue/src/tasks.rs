@@ -71,12 +71,16 @@ impl Queue {
             ));
         }
         let types: Vec<&str> = task_types.iter().map(|t| t.as_str()).collect();
-        Ok(sqlx::query_as("SELECT * FROM claim_tasks($1, $2, $3)")
-            .bind(worker_id)
-            .bind(&types)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+        // Safe to repeat: a claim whose answer was lost holds its tasks
+        // until the sweeper returns them.
+        Ok(retry_transient(|| {
+            sqlx::query_as("SELECT * FROM claim_tasks($1, $2, $3)")
+                .bind(worker_id)
+                .bind(&types)
+                .bind(limit)
+                .fetch_all(&self.pool)
+        })
+        .await?)
     }
 
     /// Renew leases; marks claimed tasks as processing. Returns the leases
@@ -106,7 +110,7 @@ impl Queue {
             return Err(QueueError::LeaseLost {
                 task_id: lease.task_id,
                 worker_id: worker_id.into(),
-                attempt: lease.attempt,
+                claim: lease.claim,
             });
         }
         Ok(())
@@ -123,13 +127,13 @@ impl Queue {
             return Ok(Vec::new());
         }
         let ids: Vec<i64> = results.iter().map(|(l, _)| l.task_id).collect();
-        let attempts: Vec<i32> = results.iter().map(|(l, _)| l.attempt).collect();
+        let claims: Vec<i32> = results.iter().map(|(l, _)| l.claim).collect();
         let outputs: Vec<&serde_json::Value> = results.iter().map(|(_, o)| o).collect();
-        let done: Vec<i64> = retry_deadlock(|| {
+        let done: Vec<i64> = retry_transient(|| {
             sqlx::query_scalar("SELECT task_id FROM complete_tasks($1, $2, $3, $4)")
                 .bind(worker_id)
                 .bind(&ids)
-                .bind(&attempts)
+                .bind(&claims)
                 .bind(&outputs)
                 .fetch_all(&self.pool)
         })
@@ -145,11 +149,11 @@ impl Queue {
     /// with jitter while attempts remain and the failure is retryable,
     /// failed otherwise (and the tasks that depended on it are cancelled).
     pub async fn fail(&self, worker_id: &str, lease: Lease, failure: &Failure) -> Result<RetryOutcome> {
-        let row: Option<(String, DateTime<Utc>)> = retry_deadlock(|| {
+        let row: Option<(String, DateTime<Utc>)> = retry_transient(|| {
             sqlx::query_as("SELECT status, run_at FROM fail_task($1, $2, $3, $4, $5, $6, $7)")
                 .bind(worker_id)
                 .bind(lease.task_id)
-                .bind(lease.attempt)
+                .bind(lease.claim)
                 .bind(&failure.message)
                 .bind(failure.kind == FailureKind::Retryable)
                 .bind(self.config.retry_base.as_secs_f64())
@@ -161,7 +165,7 @@ impl Queue {
             None => Err(QueueError::LeaseLost {
                 task_id: lease.task_id,
                 worker_id: worker_id.into(),
-                attempt: lease.attempt,
+                claim: lease.claim,
             }),
             Some((status, run_at)) if status == "pending" => Ok(RetryOutcome::RetryAt(run_at)),
             Some(_) => Ok(RetryOutcome::Failed),
@@ -203,34 +207,56 @@ impl Queue {
 
     async fn lease_call(&self, sql: &'static str, worker_id: &str, leases: &[Lease]) -> Result<Vec<i64>> {
         let ids: Vec<i64> = leases.iter().map(|l| l.task_id).collect();
-        let attempts: Vec<i32> = leases.iter().map(|l| l.attempt).collect();
-        Ok(retry_deadlock(|| {
+        let claims: Vec<i32> = leases.iter().map(|l| l.claim).collect();
+        Ok(retry_transient(|| {
             sqlx::query_scalar(sql)
                 .bind(worker_id)
                 .bind(&ids)
-                .bind(&attempts)
+                .bind(&claims)
                 .fetch_all(&self.pool)
         })
         .await?)
     }
 }
 
-/// Run a lifecycle call again when PostgreSQL aborted it as a deadlock
-/// victim: two batches finishing tasks of the same jobs in opposite orders.
-/// The aborted transaction changed nothing, so repeating it is safe.
-async fn retry_deadlock<T, F, Fut>(mut call: F) -> Result<T, sqlx::Error>
+/// Run a lifecycle call again when it failed for a reason that a repeat
+/// can cure: PostgreSQL aborted it (deadlock victim, serialization failure,
+/// a server shutting down) or the connection broke. Every call passed here
+/// is safe to repeat: an aborted transaction changed nothing, and one that
+/// committed before the connection broke is answered the same again (a
+/// completion reports what its lease completed) or refused by the fence.
+pub(crate) async fn retry_transient<T, F, Fut>(mut call: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
 {
+    // 25 ms doubling to 1 s, about 5 s in all: a deadlock is cured by the
+    // first repeat, a server's fast restart within the window.
+    const TRIES: u32 = 10;
     let mut tries = 0;
     loop {
         match call().await {
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("40P01") && tries < 5 => {
+            Err(e) if tries + 1 < TRIES && is_transient(&e) => {
                 tries += 1;
-                tracing::debug!(tries, "deadlock victim; retrying");
+                let delay = std::time::Duration::from_millis((25u64 << (tries - 1)).min(1000));
+                tracing::debug!(tries, error = %e, "transient database error; retrying");
+                tokio::time::sleep(delay).await;
             }
             result => return result,
         }
+    }
+}
+
+/// Errors after which the same call may succeed.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // deadlock, serialization failure, admin/crash shutdown, cannot
+            // connect now, and the connection-exception class.
+            Some("40P01" | "40001" | "57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006")
+        ),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
+        _ => false,
     }
 }

@@ -118,7 +118,7 @@ async fn claiming_uses_the_runnable_index(pool: PgPool) {
     let plan: Vec<String> = sqlx::query_scalar(
         "EXPLAIN SELECT t.id FROM job_tasks t
          WHERE t.task_type = 'text_generation' AND t.status = 'pending' AND t.waiting_on = 0 AND t.run_at <= now()
-         ORDER BY t.priority DESC, t.run_at, t.id LIMIT 50 FOR UPDATE SKIP LOCKED",
+         ORDER BY t.priority DESC, t.fair_at, t.id LIMIT 50 FOR UPDATE SKIP LOCKED",
     )
     .fetch_all(&pool)
     .await

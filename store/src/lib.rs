@@ -21,7 +21,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{Attribute, Attributes, GetOptions, ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
-use queue::{ArtifactKind, NewArtifact};
+use queue::{ArtifactKind, Lease, NewArtifact};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -85,16 +85,22 @@ impl StoreError {
     }
 }
 
-/// The key a job's artifact of `kind` is stored under. Deterministic, so a
-/// task that is re-run after a crash overwrites its earlier output instead of
-/// leaving a second copy.
-pub fn artifact_key(job_id: Uuid, kind: ArtifactKind) -> String {
+/// The key the artifact of `kind` written under one claim of a job's task is
+/// stored under. Unique to the claim, so a worker that lost its lease and
+/// writes late can never overwrite the bytes another attempt recorded; the
+/// queue records which key is the job's artifact.
+pub fn artifact_key(job_id: Uuid, kind: ArtifactKind, lease: Lease) -> String {
     let extension = match kind {
         ArtifactKind::Text => "md",
         ArtifactKind::Pdf => "pdf",
         ArtifactKind::Audio => "mp3",
     };
-    format!("jobs/{job_id}/{}.{extension}", kind.as_str())
+    format!(
+        "jobs/{job_id}/{}-{}.{}.{extension}",
+        kind.as_str(),
+        lease.task_id,
+        lease.claim
+    )
 }
 
 /// What [`ArtifactStore::put`] wrote: enough to record the artifact.
@@ -299,7 +305,8 @@ fn object_path(key: &str) -> Result<Path> {
     })
 }
 
-fn sha256_hex(content: &[u8]) -> String {
+/// Lowercase hex SHA-256, as artifacts are recorded.
+pub fn sha256_hex(content: &[u8]) -> String {
     format!("{:x}", Sha256::digest(content))
 }
 
@@ -317,17 +324,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_deterministic_per_job_and_kind() {
+    fn keys_are_unique_per_claim() {
         let job = Uuid::nil();
+        let first = Lease { task_id: 7, claim: 1 };
+        let second = Lease { task_id: 7, claim: 2 };
         assert_eq!(
-            artifact_key(job, ArtifactKind::Pdf),
-            "jobs/00000000-0000-0000-0000-000000000000/pdf.pdf"
+            artifact_key(job, ArtifactKind::Pdf, first),
+            "jobs/00000000-0000-0000-0000-000000000000/pdf-7.1.pdf"
         );
-        assert_eq!(
-            artifact_key(job, ArtifactKind::Audio),
-            artifact_key(job, ArtifactKind::Audio)
+        assert_ne!(
+            artifact_key(job, ArtifactKind::Audio, first),
+            artifact_key(job, ArtifactKind::Audio, second)
         );
-        assert!(artifact_key(job, ArtifactKind::Text).ends_with("/text.md"));
+        assert!(artifact_key(job, ArtifactKind::Text, first).ends_with(".md"));
     }
 
     #[test]

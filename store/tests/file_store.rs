@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use queue::ArtifactKind;
+use queue::{ArtifactKind, Lease};
 use store::{artifact_key, ArtifactStore};
 use uuid::Uuid;
 
@@ -11,7 +11,7 @@ async fn put_get_range_and_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let store =
         ArtifactStore::from_url(&format!("file://{}/nested/artifacts", dir.path().display())).unwrap();
-    let key = artifact_key(Uuid::now_v7(), ArtifactKind::Text);
+    let key = artifact_key(Uuid::now_v7(), ArtifactKind::Text, Lease { task_id: 1, claim: 1 });
 
     let stored = store
         .put(&key, Bytes::from_static(b"hello, world"), "text/markdown")
@@ -74,7 +74,11 @@ async fn missing_objects_and_bad_keys_are_permanent() {
 async fn delete_removes_the_object_and_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let store = ArtifactStore::local(dir.path()).unwrap();
-    let key = artifact_key(Uuid::now_v7(), ArtifactKind::Audio);
+    let key = artifact_key(
+        Uuid::now_v7(),
+        ArtifactKind::Audio,
+        Lease { task_id: 1, claim: 1 },
+    );
     store
         .put(&key, Bytes::from_static(b"mp3"), "audio/mpeg")
         .await

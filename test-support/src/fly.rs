@@ -1,7 +1,7 @@
 //! A stateful emulator of the Fly Machines API (`/v1/apps/{app}/machines/...`),
 //! served on 127.0.0.1 for tests that cannot reach Fly.
 //!
-//! It follows the public contract in `../shared/reference/`: machines with
+//! It follows the public contract in `contracts/`: machines with
 //! config, metadata and states that change after a (configurable) delay;
 //! list filters and `fly-next-cursor` pagination; create, start, stop,
 //! suspend, destroy, update with `current_version`; `/wait` with 408;

@@ -83,7 +83,7 @@ impl Pipelines {
     }
 
     async fn typeset(&self, ctx: &TaskContext, job: &Job, input: &JobInput) -> Result<TaskOutput, Failure> {
-        let document = self.source_document(job, input).await?;
+        let document = self.source_document(ctx, job, input).await?;
         let pdf = pdf::typeset(document, input.lang.clone()).await?;
         let stored = self
             .save(
@@ -99,7 +99,7 @@ impl Pipelines {
     }
 
     async fn narrate(&self, ctx: &TaskContext, job: &Job, input: &JobInput) -> Result<TaskOutput, Failure> {
-        let document = self.source_document(job, input).await?;
+        let document = self.source_document(ctx, job, input).await?;
         let narration = self.narrator.narrate(&document, input.voice.as_deref()).await?;
         let metadata = json!({
             "duration_seconds": narration.duration_seconds,
@@ -121,14 +121,37 @@ impl Pipelines {
     }
 
     /// The text a pdf or audio task works from: the job's own `text`, or
-    /// the Markdown its text task stored (a `reading` job).
-    async fn source_document(&self, job: &Job, input: &JobInput) -> Result<Document, Failure> {
+    /// the Markdown its completed text task recorded (a `reading` job),
+    /// checked against the recorded digest.
+    async fn source_document(
+        &self,
+        ctx: &TaskContext,
+        job: &Job,
+        input: &JobInput,
+    ) -> Result<Document, Failure> {
         let markdown = match job.job_type {
             JobType::Reading => {
-                let key = artifact_key(job.id, ArtifactKind::Text);
-                let bytes = self.store.get(&key).await.map_err(crate::Error::from)?;
-                String::from_utf8(bytes.to_vec())
-                    .map_err(|_| Failure::permanent(format!("text artifact {key} is not UTF-8")))?
+                let text = ctx
+                    .queue
+                    .completed_artifact(job.id, ArtifactKind::Text)
+                    .await
+                    .map_err(storage_failure)?
+                    .ok_or_else(|| Failure::retryable("the job's text task has recorded no text yet"))?;
+                let bytes = self
+                    .store
+                    .get(&text.storage_key)
+                    .await
+                    .map_err(crate::Error::from)?;
+                let digest = store::sha256_hex(&bytes);
+                if digest != text.sha256 {
+                    return Err(Failure::retryable(format!(
+                        "text artifact {} does not match its recorded sha256",
+                        text.storage_key
+                    )));
+                }
+                String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    Failure::permanent(format!("text artifact {} is not UTF-8", text.storage_key))
+                })?
             }
             _ => input
                 .text
@@ -138,8 +161,9 @@ impl Pipelines {
         Ok(Document::parse(&markdown, input.title.as_deref()))
     }
 
-    /// Store the bytes under the job's deterministic key (a re-run
-    /// overwrites) and record the artifact under the task's lease.
+    /// Store the bytes under a key unique to this claim, then record the
+    /// artifact under the task's lease. Bytes whose record was refused (the
+    /// lease was lost meanwhile) are removed again.
     async fn save(
         &self,
         ctx: &TaskContext,
@@ -149,20 +173,31 @@ impl Pipelines {
         content_type: &str,
         metadata: serde_json::Value,
     ) -> Result<serde_json::Value, Failure> {
+        let key = artifact_key(job.id, kind, ctx.lease());
         let stored = self
             .store
-            .put(&artifact_key(job.id, kind), Bytes::from(content), content_type)
+            .put(&key, Bytes::from(content), content_type)
             .await
             .map_err(crate::Error::from)?;
-        let artifact = ctx
+        let recorded = ctx
             .queue
             .record_artifact(
                 &ctx.worker_id,
                 ctx.lease(),
                 &stored.to_new_artifact(job.id, kind, metadata),
             )
-            .await
-            .map_err(storage_failure)?;
+            .await;
+        let artifact = match recorded {
+            Ok(artifact) => artifact,
+            Err(e) => {
+                if matches!(e, QueueError::LeaseLost { .. }) {
+                    if let Err(delete) = self.store.delete(&key).await {
+                        tracing::warn!(key, error = %delete, "could not remove the bytes of a lost lease");
+                    }
+                }
+                return Err(storage_failure(e));
+            }
+        };
         Ok(
             json!({ "id": artifact.id, "key": artifact.storage_key, "bytes": artifact.bytes, "sha256": artifact.sha256 }),
         )

@@ -132,16 +132,20 @@ pub async fn run<H: TaskHandler>(
 ) -> Result<RunSummary, QueueError> {
     let handler = Arc::new(handler);
     let worker_id = config.worker_id.clone();
-    queue
-        .register_worker(&NewWorker {
-            id: worker_id.clone(),
-            pool: config.pool.clone(),
-            task_types: config.task_types.clone(),
-            concurrency: config.concurrency as i32,
-            hostname: Some(hostname()),
-            pid: Some(std::process::id() as i32),
-        })
-        .await?;
+    let announcement = NewWorker {
+        id: worker_id.clone(),
+        pool: config.pool.clone(),
+        task_types: config.task_types.clone(),
+        concurrency: config.concurrency as i32,
+        hostname: Some(hostname()),
+        pid: Some(std::process::id() as i32),
+    };
+    // A replica started while the database restarts waits for it rather
+    // than exiting: the controller would only start it again.
+    let Some(()) = until_reachable("registering", &shutdown, || queue.register_worker(&announcement)).await?
+    else {
+        return Ok(RunSummary::default());
+    };
     tracing::info!(
         worker_id = %worker_id,
         task_types = ?config.task_types.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
@@ -150,7 +154,10 @@ pub async fn run<H: TaskHandler>(
         "worker started"
     );
 
-    let mut wake = queue.listen().await?;
+    let Some(mut wake) = until_reachable("listening", &shutdown, || queue.listen()).await? else {
+        queue.deregister_worker(&worker_id).await?;
+        return Ok(RunSummary::default());
+    };
     let mut running: JoinSet<Finished> = JoinSet::new();
     let mut replica = Replica {
         queue: &queue,
@@ -193,7 +200,7 @@ pub async fn run<H: TaskHandler>(
                     let cancelled = CancellationToken::new();
                     replica.held.insert(lease.task_id, Held { lease, task_type: task.task_type, cancelled: cancelled.clone() });
                     tracing::debug!(task_id = lease.task_id, job_id = %task.job_id, task_type = %task.task_type,
-                        attempt = lease.attempt, "task claimed");
+                        attempt = task.attempts, claim = lease.claim, "task claimed");
                     let ctx = TaskContext { task, queue: queue.clone(), worker_id: worker_id.clone(), cancelled };
                     running.spawn(run_one(handler.clone(), ctx));
                 }
@@ -270,6 +277,35 @@ pub async fn run<H: TaskHandler>(
     let summary = replica.summary;
     tracing::info!(worker_id = %worker_id, ?summary, "worker stopped");
     Ok(summary)
+}
+
+/// Call `f` until it succeeds, waiting out a database that cannot be
+/// reached (1 s, doubling to 30 s). Other errors are returned; `None` when
+/// shutdown came first.
+async fn until_reachable<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut f: F,
+) -> Result<Option<T>, QueueError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, QueueError>>,
+{
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match f().await {
+            Ok(value) => return Ok(Some(value)),
+            Err(QueueError::Database(e)) if queue::is_transient(&e) => {
+                tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "{what} failed: database unreachable");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// The first finished task and every other one already finished, so their

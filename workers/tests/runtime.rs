@@ -275,3 +275,66 @@ async fn a_retryable_failure_is_stored_and_the_task_retried(pool: PgPool) {
     assert_eq!((task.status, task.attempts), (TaskStatus::Complete, 2));
     assert_eq!(task.last_error.as_deref(), Some("provider answered 503"));
 }
+
+/// Forward connections from `listener` to the database the pool uses:
+/// the database "coming back" on the address a worker was given.
+async fn forward_to_database(listener: tokio::net::TcpListener, pool: &PgPool) {
+    let options = pool.connect_options();
+    let target = format!("{}:{}", options.get_host(), options.get_port());
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_replica_started_while_the_database_is_down_waits_for_it_then_works(pool: PgPool) {
+    // An address where no database answers yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let options = (*pool.connect_options()).clone().host("127.0.0.1").port(port);
+    let unreachable = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy_with(options);
+    let worker = start(
+        &Queue::new(unreachable),
+        config(1, Duration::from_secs(5)),
+        SlowHandler::default(),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !worker.handle.is_finished(),
+        "the replica gave up while the database was down"
+    );
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    forward_to_database(listener, &pool).await;
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status = 'complete'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if done == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replica never worked after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(worker.stop().await.completed, 1);
+}

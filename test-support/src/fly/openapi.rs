@@ -10,9 +10,9 @@ pub struct Spec {
     doc: Value,
 }
 
-/// Where the official spec lives: `shared/reference/` beside the repository.
+/// Where the official spec lives: a copy in `test-support/contracts/`.
 pub fn spec_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/fly-machines-openapi-2024-02.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("contracts/fly-machines-openapi-2024-02.json")
 }
 
 impl Spec {
@@ -21,8 +21,7 @@ impl Spec {
         let path = spec_path();
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
-                "the Fly Machines OpenAPI spec is missing at {} ({e}); \
-                 the schema check needs shared/reference/ beside the repository",
+                "the Fly Machines OpenAPI spec is missing at {} ({e})",
                 path.display()
             )
         });

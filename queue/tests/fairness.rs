@@ -1,0 +1,75 @@
+//! Fair order across tenants within a priority: one tenant's burst does not
+//! hold a task type's workers while another tenant's jobs wait.
+
+mod common;
+
+use common::*;
+use queue::{JobType, NewJob, Queue, TaskType};
+use serde_json::json;
+use sqlx::PgPool;
+
+fn jobs_of(tenant: &str, n: usize) -> Vec<NewJob> {
+    (0..n)
+        .map(|i| {
+            NewJob::new(
+                tenant,
+                JobType::Text,
+                json!({ "prompt": format!("{tenant} {i}") }),
+            )
+        })
+        .collect()
+}
+
+/// The tenants of the next `n` claims, in claim order.
+async fn next_claims(q: &Queue, pool: &PgPool, n: i32) -> Vec<String> {
+    let mut tenants = Vec::new();
+    for _ in 0..n {
+        let task = claim_one(q, "w", TaskType::TextGeneration).await;
+        let tenant: String = sqlx::query_scalar("SELECT tenant FROM jobs WHERE id = $1")
+            .bind(task.job_id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        q.complete("w", task.lease(), json!({})).await.unwrap();
+        tenants.push(tenant);
+    }
+    tenants
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_burst_from_one_tenant_is_interleaved_with_another_tenants_jobs(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue_batch(jobs_of("big", 200)).await.unwrap();
+    q.enqueue_batch(jobs_of("small", 5)).await.unwrap();
+
+    let order = next_claims(&q, &pool, 10).await;
+    assert_eq!(
+        order.iter().filter(|t| *t == "small").count(),
+        5,
+        "the small tenant's five jobs are among the first ten claims, not after 200: {order:?}"
+    );
+    assert_eq!(order[0], "big", "the burst that came first still starts first");
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_tenant_whose_burst_was_served_is_not_held_back_afterwards(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue_batch(jobs_of("big", 100)).await.unwrap();
+    next_claims(&q, &pool, 100).await;
+
+    // The queue is empty again: both start level.
+    q.enqueue_batch(jobs_of("big", 3)).await.unwrap();
+    q.enqueue_batch(jobs_of("small", 3)).await.unwrap();
+    let order = next_claims(&q, &pool, 6).await;
+    assert_eq!(order, ["big", "small", "big", "small", "big", "small"]);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn priority_still_comes_before_fairness(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue_batch(jobs_of("big", 20)).await.unwrap();
+    let mut urgent = jobs_of("small", 1);
+    urgent[0].priority = 10;
+    q.enqueue_batch(urgent).await.unwrap();
+    assert_eq!(next_claims(&q, &pool, 1).await, ["small"]);
+}

@@ -1,0 +1,369 @@
+//! Races reproduced with two (or three) connections: one transaction is held
+//! open at the worst moment while another runs, and the test waits until the
+//! second has either finished or is blocked on a lock before letting the
+//! first commit. Each of these left a job unfinished, applied a dead lease or
+//! deadlocked before the queue took one lock order and unique leases.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use queue::{Failure, JobStatus, Lease, Queue, QueueError, TaskStatus, TaskType};
+use serde_json::json;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::task::JoinHandle;
+
+/// Backends of this test's database waiting for a lock right now.
+async fn lock_waiters(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Wait until `other` has finished or `waiters` backends are blocked on a
+/// lock: the moment the held transaction may commit.
+async fn until_done_or_blocked<T>(pool: &PgPool, other: &JoinHandle<T>, waiters: i64) {
+    for _ in 0..500 {
+        if other.is_finished() || lock_waiters(pool).await >= waiters {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the concurrent call neither finished nor blocked within 5 s");
+}
+
+/// A reading job whose text is complete, with pdf and audio claimed by w1
+/// and w2: the moment two of its tasks can finish together.
+async fn reading_job_at_its_last_two_tasks(q: &Queue) -> (uuid::Uuid, Lease, Lease) {
+    let job = q.enqueue(reading_job("tides")).await.unwrap().job;
+    let text = claim_one(q, "w0", TaskType::TextGeneration).await;
+    q.complete("w0", text.lease(), json!({})).await.unwrap();
+    let pdf = claim_one(q, "w1", TaskType::PdfGeneration).await;
+    let audio = claim_one(q, "w2", TaskType::AudioGeneration).await;
+    (job.id, pdf.lease(), audio.lease())
+}
+
+/// Begin a transaction that fails `lease` for good (as `Queue::fail` does)
+/// and keep it open.
+async fn fail_and_hold(pool: &PgPool, worker: &str, lease: Lease) -> Transaction<'static, Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT status FROM fail_task($1, $2, $3, 'boom', false, 1, 10)")
+            .bind(worker)
+            .bind(lease.task_id)
+            .bind(lease.claim)
+            .fetch_optional(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(row, Some(("failed".to_string(),)));
+    tx
+}
+
+/// Begin a transaction that completes `lease` (as `Queue::complete` does)
+/// and keep it open.
+async fn complete_and_hold(pool: &PgPool, worker: &str, lease: Lease) -> Transaction<'static, Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    let done: Vec<i64> =
+        sqlx::query_scalar("SELECT task_id FROM complete_tasks($1, $2, $3, ARRAY['{}'::jsonb])")
+            .bind(worker)
+            .bind(vec![lease.task_id])
+            .bind(vec![lease.claim])
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(done, vec![lease.task_id]);
+    tx
+}
+
+async fn job_status(q: &Queue, job: uuid::Uuid) -> JobStatus {
+    q.job_by_id(job).await.unwrap().status
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn two_tasks_failing_at_once_fail_their_job(pool: PgPool) {
+    let q = queue(pool.clone());
+    let (job, pdf, audio) = reading_job_at_its_last_two_tasks(&q).await;
+
+    let held = fail_and_hold(&pool, "w1", pdf).await;
+    let other = {
+        let q = q.clone();
+        tokio::spawn(async move { q.fail("w2", audio, &Failure::permanent("boom too")).await })
+    };
+    until_done_or_blocked(&pool, &other, 1).await;
+    held.commit().await.unwrap();
+    other.await.unwrap().unwrap();
+
+    assert_eq!(
+        job_status(&q, job).await,
+        JobStatus::Failed,
+        "every task is final, so the job is"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_completion_and_a_failure_at_once_fail_their_job(pool: PgPool) {
+    let q = queue(pool.clone());
+    let (job, pdf, audio) = reading_job_at_its_last_two_tasks(&q).await;
+
+    let held = complete_and_hold(&pool, "w1", pdf).await;
+    let other = {
+        let q = q.clone();
+        tokio::spawn(async move { q.fail("w2", audio, &Failure::permanent("no voice")).await })
+    };
+    until_done_or_blocked(&pool, &other, 1).await;
+    held.commit().await.unwrap();
+    other.await.unwrap().unwrap();
+
+    assert_eq!(job_status(&q, job).await, JobStatus::Failed);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_completion_and_a_sweep_at_once_finish_their_job(pool: PgPool) {
+    let q = queue(pool.clone());
+    let mut new = reading_job("tides");
+    new.max_attempts = 1;
+    let job = q.enqueue(new).await.unwrap().job.id;
+    let text = claim_one(&q, "w0", TaskType::TextGeneration).await;
+    q.complete("w0", text.lease(), json!({})).await.unwrap();
+    let pdf = claim_one(&q, "w1", TaskType::PdfGeneration).await;
+    let audio = claim_one(&q, "w2", TaskType::AudioGeneration).await;
+    age_heartbeat(&pool, audio.lease(), Duration::from_secs(600)).await;
+
+    // pdf completes while the sweeper (as in another API process) fails
+    // the stale audio task.
+    let held = complete_and_hold(&pool, "w1", pdf.lease()).await;
+    let sweep = {
+        let q = q.clone();
+        tokio::spawn(async move { q.sweep(Duration::from_secs(60)).await })
+    };
+    until_done_or_blocked(&pool, &sweep, 1).await;
+    held.commit().await.unwrap();
+    let swept = sweep.await.unwrap().unwrap();
+    // A sweep that found the job held skips it until its next run.
+    if swept.tasks.is_empty() {
+        let again = q.sweep(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(again.failed(), 1);
+    } else {
+        assert_eq!(swept.failed(), 1);
+    }
+
+    assert_eq!(job_status(&q, job).await, JobStatus::Failed);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_released_lease_stays_dead_when_the_same_worker_claims_again(pool: PgPool) {
+    let q = queue(pool);
+    q.enqueue(text_job("x")).await.unwrap();
+    let first = claim_one(&q, "pod-a", TaskType::TextGeneration).await;
+    assert_eq!(q.release("pod-a", &[first.lease()]).await.unwrap().len(), 1);
+    // The replica restarts under the same name and claims the task again.
+    let second = claim_one(&q, "pod-a", TaskType::TextGeneration).await;
+    assert_eq!(second.id, first.id);
+    assert_eq!(
+        second.attempts, first.attempts,
+        "a release gives the attempt back"
+    );
+
+    let late = q.complete("pod-a", first.lease(), json!({"from": "old"})).await;
+    assert!(
+        matches!(late, Err(QueueError::LeaseLost { .. })),
+        "the released claim completed the task: {late:?}"
+    );
+    assert!(q.heartbeat("pod-a", &[first.lease()]).await.unwrap() == vec![first.lease()]);
+    q.complete("pod-a", second.lease(), json!({"from": "new"}))
+        .await
+        .unwrap();
+    let task = &q.tasks_of(first.job_id).await.unwrap()[0];
+    assert_eq!(task.output, Some(json!({"from": "new"})));
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_lease_of_a_failed_round_stays_dead_after_the_job_is_retried(pool: PgPool) {
+    let q = queue(pool.clone());
+    let mut new = text_job("x");
+    new.max_attempts = 1;
+    let job = q.enqueue(new).await.unwrap().job.id;
+    let first = claim_one(&q, "pod-a", TaskType::TextGeneration).await;
+    age_heartbeat(&pool, first.lease(), Duration::from_secs(600)).await;
+    q.sweep(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(job_status(&q, job).await, JobStatus::Failed);
+
+    q.retry_job(TENANT, job).await.unwrap();
+    let second = claim_one(&q, "pod-a", TaskType::TextGeneration).await;
+    assert_eq!(second.attempts, 1, "a retried job starts its attempts again");
+
+    let late = q.complete("pod-a", first.lease(), json!({})).await;
+    assert!(
+        matches!(late, Err(QueueError::LeaseLost { .. })),
+        "the swept claim completed the retried task: {late:?}"
+    );
+    let task = &q.tasks_of(job).await.unwrap()[0];
+    assert_eq!(task.status, TaskStatus::Claimed);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_claimer_without_a_registry_row_is_never_drained(pool: PgPool) {
+    let q = queue(pool);
+    q.enqueue(text_job("x")).await.unwrap();
+    claim_one(&q, "ghost", TaskType::TextGeneration).await;
+
+    let drained = q.drain_idle(&["ghost".to_string()]).await.unwrap();
+    assert!(
+        drained.is_empty(),
+        "a replica holding a task was drained: {drained:?}"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_drain_racing_an_unregistered_claim_waits_for_it_and_keeps_the_claimer(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue(text_job("x")).await.unwrap();
+
+    let mut claim = pool.begin().await.unwrap();
+    let claimed: Vec<(i64,)> =
+        sqlx::query_as("SELECT id FROM claim_tasks('ghost', ARRAY['text_generation'], 1)")
+            .fetch_all(&mut *claim)
+            .await
+            .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let drain = {
+        let q = q.clone();
+        tokio::spawn(async move { q.drain_idle(&["ghost".to_string()]).await })
+    };
+    until_done_or_blocked(&pool, &drain, 1).await;
+    claim.commit().await.unwrap();
+
+    let drained = drain.await.unwrap().unwrap();
+    assert!(
+        drained.is_empty(),
+        "the claimer was drained while its claim committed: {drained:?}"
+    );
+    let state: String = sqlx::query_scalar("SELECT state FROM workers WHERE id = 'ghost'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "running");
+}
+
+/// A third connection holds the job, so both racers queue up behind it in a
+/// known order: the cancel first, then the other call.
+async fn hold_job(pool: &PgPool, job: uuid::Uuid) -> Transaction<'static, Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(job)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+fn cancel(q: &Queue, job: uuid::Uuid) -> JoinHandle<Result<queue::Job, QueueError>> {
+    let q = q.clone();
+    tokio::spawn(async move { q.cancel_job(TENANT, job).await })
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_cancel_and_a_completion_of_one_job_do_not_deadlock(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("x")).await.unwrap().job.id;
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+
+    let holder = hold_job(&pool, job).await;
+    let cancelling = cancel(&q, job);
+    until_done_or_blocked(&pool, &cancelling, 1).await;
+    // The completion as a worker sends it, without the library's retry, so
+    // a deadlock shows as an error.
+    let completing = {
+        let pool = pool.clone();
+        let lease = task.lease();
+        tokio::spawn(async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT task_id FROM complete_tasks('w1', $1, $2, ARRAY['{}'::jsonb])",
+            )
+            .bind(vec![lease.task_id])
+            .bind(vec![lease.claim])
+            .fetch_all(&pool)
+            .await
+        })
+    };
+    until_done_or_blocked(&pool, &completing, 2).await;
+    holder.commit().await.unwrap();
+
+    let completed = completing
+        .await
+        .unwrap()
+        .expect("the completion must not deadlock");
+    match cancelling.await.unwrap() {
+        Ok(job) => {
+            assert_eq!(job.status, JobStatus::Cancelled);
+            assert!(completed.is_empty(), "a cancelled task was completed");
+        }
+        Err(QueueError::InvalidState { .. }) => assert_eq!(completed, vec![task.id]),
+        Err(e) => panic!("the cancel failed: {e}"),
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_cancel_and_a_claim_of_one_job_do_not_deadlock(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("x")).await.unwrap().job.id;
+
+    let holder = hold_job(&pool, job).await;
+    let cancelling = cancel(&q, job);
+    until_done_or_blocked(&pool, &cancelling, 1).await;
+    let claiming = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query_scalar::<_, i64>("SELECT id FROM claim_tasks('w1', ARRAY['text_generation'], 1)")
+                .fetch_all(&pool)
+                .await
+        })
+    };
+    until_done_or_blocked(&pool, &claiming, 2).await;
+    holder.commit().await.unwrap();
+
+    let claimed = claiming.await.unwrap().expect("the claim must not deadlock");
+    assert_eq!(claimed.len(), 1, "the task was runnable and unlocked");
+    let job = cancelling.await.unwrap().expect("the cancel must not deadlock");
+    assert_eq!(job.status, JobStatus::Cancelled);
+    let task = &q.tasks_of(job.id).await.unwrap()[0];
+    assert_eq!(
+        task.status,
+        TaskStatus::Cancelled,
+        "the claimed task was cancelled with its job"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_job_left_unfinished_after_its_tasks_is_repaired_once(pool: PgPool) {
+    let q = queue(pool.clone());
+    let (job, pdf, audio) = reading_job_at_its_last_two_tasks(&q).await;
+    q.complete("w1", pdf, json!({})).await.unwrap();
+    q.fail("w2", audio, &Failure::permanent("no voice"))
+        .await
+        .unwrap();
+    assert_eq!(job_status(&q, job).await, JobStatus::Failed);
+    assert!(
+        q.repair_stuck_jobs().await.unwrap().is_empty(),
+        "nothing to repair"
+    );
+
+    // The state the old race left behind.
+    sqlx::query("UPDATE jobs SET status = 'processing', finished_at = NULL, error = NULL WHERE id = $1")
+        .bind(job)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let repaired = q.repair_stuck_jobs().await.unwrap();
+    assert_eq!(repaired.len(), 1);
+    assert_eq!(repaired[0].job_id, job);
+    assert_eq!(repaired[0].status, JobStatus::Failed);
+    let after = q.job_by_id(job).await.unwrap();
+    assert!(after.finished_at.is_some() && after.error.as_deref().unwrap_or("").contains("no voice"));
+    assert!(q.repair_stuck_jobs().await.unwrap().is_empty(), "repaired once");
+}
