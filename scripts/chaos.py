@@ -122,10 +122,15 @@ def read_json_lines(path):
                     continue
                 if line.startswith("{"):
                     try:
-                        events.append(json.loads(line))
-                        continue
+                        event = json.loads(line)
                     except ValueError:
                         pass
+                    else:
+                        # The api nests its fields; the other binaries flatten them.
+                        if isinstance(event.get("fields"), dict):
+                            event = {**event, **event.pop("fields")}
+                        events.append(event)
+                        continue
                 other.append(line)
     except FileNotFoundError:
         pass
@@ -675,12 +680,14 @@ class Harness:
         waves = 5
         wave_at = [start + window * 0.8 * w / waves for w in range(waves)]
         submit_deadline = start + window + a.settle
-        # One-off faults at fixed fractions of the window; worker kills all along.
+        # One-off faults; worker kills all along. The API is killed, and
+        # PostgreSQL restarted once, 0.3 s into a wave, with requests in
+        # flight (their retries must find the job the first attempt wrote).
         events = sorted(
-            [(0.15, "api"), (0.45, "api"), (0.75, "api"),
-             (0.30, "postgres"), (0.62, "postgres"),
-             (0.22, "controller"), (0.52, "controller"), (0.85, "controller")])
-        events = [(start + window * f, what) for f, what in events]
+            [(wave_at[1] + 0.3, "api"), (wave_at[3] + 0.3, "api"), (wave_at[4] + 0.3, "api"),
+             (wave_at[2] + 0.3, "postgres"), (start + window * 0.56, "postgres"),
+             (start + window * 0.22, "controller"), (start + window * 0.5, "controller"),
+             (start + window * 0.85, "controller")])
         next_worker_kill = start + 5
         controller_due_since = None
         log(f"chaos: {a.jobs} jobs in {waves} waves, {window} s window, seed {self.seed}")
@@ -776,6 +783,7 @@ class Harness:
                 break
             time.sleep(0.5)
         self.figures["pools_at_zero"] = not children
+        self.live_at_settle = self.watch.snapshot()
         self.draining_rows = self.cluster.query(
             "SELECT id, coalesce(pool, ''), cardinality(task_types), "
             "round(extract(epoch FROM now() - heartbeat_at))::int FROM workers WHERE state = 'draining'")
@@ -830,6 +838,10 @@ class Harness:
             if status != "complete":
                 bad("job_not_complete", f"{job_id} ({job_type}) {status}")
         self.figures["job_status"] = status_counts
+        span = self.cluster.query(
+            f"SELECT coalesce(round(extract(epoch FROM max(finished_at) - min(created_at)))::int, 0) "
+            f"FROM jobs WHERE tenant = '{TENANT}'")
+        self.figures["work_seconds"] = int(span[0][0])
         job_type = {row[0]: row[2] for row in jobs}
 
         # Tasks: the expected ones, complete.
@@ -943,7 +955,10 @@ class Harness:
 
         for worker_id, pool, types, age in self.draining_rows:
             placeholder = " (placeholder: never registered)" if types == "0" else ""
-            bad("draining_left", f"{worker_id} pool {pool or '-'}{placeholder}, heartbeat {age} s ago")
+            holders = [f"pid {pid} parent {i['ppid']}" for pid, i in self.live_at_settle.items()
+                       if i["id"] == worker_id]
+            alive = f"alive: {', '.join(holders)}" if holders else "no live process"
+            bad("draining_left", f"{worker_id} pool {pool or '-'}{placeholder}, heartbeat {age} s ago, {alive}")
 
         for t, pool, counted, pids in self.watch.episodes:
             bad("max_replicas_exceeded",
@@ -1058,6 +1073,8 @@ def main():
     print(f"  controller      stops {f['controller_stops']}, replica exits it saw "
           f"{f['replica_exits_seen_by_controller']}, killed after the stop grace "
           f"{f['replicas_killed_after_stop_grace']}")
+    print(f"  work            first job created to last job finished: {f['work_seconds']} s "
+          f"(chaos window {args.seconds:.0f} s)")
     print(f"  settle          {f['settle_seconds']} s (settled: {f['settled']}, pools at zero: {f['pools_at_zero']})")
     clean = [k for k in VIOLATION_KINDS if not violations[k]]
     print(f"  checked, clean  {', '.join(clean) or '-'}")
