@@ -11,6 +11,7 @@ Then it lets the system settle (bounded) and checks, from the database, the
 store, the process table and the processes' logs:
 
   jobs        every submitted key has exactly one job, and it is complete
+              (a doomed one, failed: no job stays open)
   tasks       every task complete; none completed twice (worker logs)
   artifacts   one row per (job, kind) the job type produces; recorded
               sha256 and byte count equal the bytes in the store
@@ -27,6 +28,9 @@ violation was found. Python's standard library only; psql for the checks.
 Settings (environment, or the flags of --help):
   CHAOS_JOBS (2000)          jobs to submit, `text` and `reading` mixed
   CHAOS_READING_SHARE (0.1)  share of `reading` jobs (text -> pdf + audio)
+  CHAOS_DOOMED_SHARE (0.02)  share of `reading` jobs with a voice espeak-ng
+                             lacks: audio fails for good, pdf completes, and
+                             the job must end `failed`
   CHAOS_SECONDS (150)        length of the chaos window
   CHAOS_SETTLE_SECONDS (150) longest wait for every job to finish after it
   CHAOS_SEED                 random seed (default: time-based, printed)
@@ -74,6 +78,7 @@ VIOLATION_KINDS = [
     "submit_failed",  # a job could not be submitted within the bound
     "job_duplicated",  # more than one job for one idempotency key
     "job_not_complete",  # queued/processing after the settle bound, or failed/cancelled
+    "doomed_job_not_failed",  # a job whose audio failed for good is not `failed` (still open)
     "task_not_complete",
     "task_completed_twice",  # two "task complete" log lines for one task id
     "artifact_missing",  # an expected (job, kind) has no row
@@ -468,15 +473,27 @@ class Submitter:
                 delay = min(delay * 2, 2.0)
 
 
-def build_jobs(count, reading_share, run_id, rng):
+# A voice name espeak-ng accepts but does not have: the audio task of a
+# doomed job fails for good (not retried) while its pdf task completes.
+DOOMED_VOICE = "zz-chaos"
+
+
+def build_jobs(count, reading_share, doomed_share, run_id, rng):
+    """(idempotency key, body) per job. Doomed jobs are `reading` jobs whose
+    audio cannot succeed: they must end `failed`, never stay open."""
     jobs = []
     for i in range(count):
-        kind = "reading" if rng.random() < reading_share else "text"
-        body = json.dumps({"type": kind, "input": {
+        draw = rng.random()
+        doomed = draw < doomed_share
+        kind = "reading" if doomed or draw < doomed_share + reading_share else "text"
+        data = {
             "prompt": f"chaos {run_id} job {i}: the tides of a {rng.choice(['cold', 'warm', 'grey'])} sea",
             "title": f"Chaos {i}",
-        }})
-        jobs.append((f"chaos-{run_id}-{i}", body))
+        }
+        if doomed:
+            data["voice"] = DOOMED_VOICE
+        body = json.dumps({"type": kind, "input": data})
+        jobs.append((f"chaos-{run_id}-{'doomed-' if doomed else ''}{i}", body))
     return jobs
 
 
@@ -671,7 +688,7 @@ class Harness:
 
     def chaos(self):
         a = self.args
-        jobs = build_jobs(a.jobs, a.reading_share, self.run_id, self.rng)
+        jobs = build_jobs(a.jobs, a.reading_share, a.doomed_share, self.run_id, self.rng)
         self.submitter = Submitter(jobs, self.api_port, self.key, self.run_id)
         window = a.seconds
         start = time.monotonic()
@@ -746,26 +763,39 @@ class Harness:
     # ------------------------------------------------------------ settle
 
     def unfinished(self):
+        """Open jobs, all jobs, and tasks that can still move."""
         rows = self.cluster.query(
-            f"SELECT count(*) FILTER (WHERE status IN ('queued', 'processing')), count(*) "
-            f"FROM jobs WHERE tenant = '{TENANT}'")
-        return int(rows[0][0]), int(rows[0][1])
+            f"SELECT (SELECT count(*) FILTER (WHERE status IN ('queued', 'processing')) FROM jobs "
+            f"        WHERE tenant = '{TENANT}'), "
+            f"       (SELECT count(*) FROM jobs WHERE tenant = '{TENANT}'), "
+            f"       (SELECT count(*) FROM job_tasks WHERE status IN ('pending', 'claimed', 'processing'))")
+        return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
 
     def settle(self):
         start = time.monotonic()
         deadline = start + self.args.settle
         settled = False
         last_note = 0
+        still_since = None
         while time.monotonic() < deadline:
             self.supervise()
             try:
-                open_jobs, total = self.unfinished()
+                open_jobs, total, active_tasks = self.unfinished()
             except subprocess.CalledProcessError:
                 time.sleep(1)
                 continue
             if self.submitter.done() and open_jobs == 0:
                 settled = True
                 break
+            # Open jobs with no task left that could move them will never
+            # finish: stop waiting 15 s after the last task went still.
+            if self.submitter.done() and active_tasks == 0:
+                still_since = still_since or time.monotonic()
+                if time.monotonic() - still_since > 15:
+                    log(f"{open_jobs} jobs open with every task final: stuck")
+                    break
+            else:
+                still_since = None
             if time.monotonic() - last_note > 15:
                 log(f"settling: {open_jobs} of {total} jobs unfinished")
                 last_note = time.monotonic()
@@ -833,9 +863,14 @@ class Harness:
             if job_id not in ids:
                 bad("job_lost", f"{idem}: {job_id}")
         status_counts = {}
-        for job_id, _, job_type, status in jobs:
+        doomed = set()
+        for job_id, idem, job_type, status in jobs:
             status_counts[status] = status_counts.get(status, 0) + 1
-            if status != "complete":
+            if "-doomed-" in idem:
+                doomed.add(job_id)
+                if status != "failed":
+                    bad("doomed_job_not_failed", f"{job_id} ({job_type}, audio doomed) {status}")
+            elif status != "complete":
                 bad("job_not_complete", f"{job_id} ({job_type}) {status}")
         self.figures["job_status"] = status_counts
         span = self.cluster.query(
@@ -843,6 +878,10 @@ class Harness:
             f"FROM jobs WHERE tenant = '{TENANT}'")
         self.figures["work_seconds"] = int(span[0][0])
         job_type = {row[0]: row[2] for row in jobs}
+
+        def expected_kinds(job_id):
+            kinds = EXPECTED_KINDS.get(job_type.get(job_id), set())
+            return kinds - {"audio"} if job_id in doomed else kinds
 
         # Tasks: the expected ones, complete.
         tasks = self.cluster.query(
@@ -854,7 +893,8 @@ class Harness:
         for task_id, job_id, task_type, status, tries, claimed_by, last_error in tasks:
             per_job.setdefault(job_id, set()).add(task_type)
             attempts.append(int(tries))
-            if status != "complete":
+            expected = "failed" if job_id in doomed and task_type == "audio_generation" else "complete"
+            if status != expected:
                 bad("task_not_complete",
                     f"task {task_id} {task_type} of {job_id}: {status}, attempts {tries}, "
                     f"claimed_by {claimed_by or '-'}, last_error {last_error[:80] or '-'}")
@@ -872,7 +912,7 @@ class Harness:
         have = {}
         for job_id, kind, key, size, sha in arts:
             have.setdefault(job_id, []).append(kind)
-            if kind not in EXPECTED_KINDS.get(job_type.get(job_id), set()):
+            if kind not in expected_kinds(job_id):
                 bad("artifact_unexpected", f"{job_id} {kind}")
             path = os.path.join(self.store, key)
             try:
@@ -887,7 +927,7 @@ class Harness:
                     f"{key}: recorded {size} B {sha[:12]}, stored {len(content)} B {actual[:12]}")
         for job_id, kind in job_type.items():
             kinds = have.get(job_id, [])
-            for expected in EXPECTED_KINDS[kind]:
+            for expected in expected_kinds(job_id):
                 if kinds.count(expected) == 0:
                     bad("artifact_missing", f"{job_id} ({kind}) has no {expected}")
                 elif kinds.count(expected) > 1:
@@ -1036,6 +1076,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=env_or("CHAOS_JOBS", 2000, int))
     p.add_argument("--reading-share", type=float, default=env_or("CHAOS_READING_SHARE", 0.1, float))
+    p.add_argument("--doomed-share", type=float, default=env_or("CHAOS_DOOMED_SHARE", 0.02, float))
     p.add_argument("--seconds", type=float, default=env_or("CHAOS_SECONDS", 150.0, float))
     p.add_argument("--settle", type=float, default=env_or("CHAOS_SETTLE_SECONDS", 150.0, float))
     p.add_argument("--seed", type=int, default=env_or("CHAOS_SEED", None, int))
