@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test run build db tools fmt lint bench-queue bench-api bench-autoscale bench-workers
+.PHONY: test run build db tools fmt lint bench-queue bench-api bench-autoscale bench-workers chaos
 
 ## Run every test against a real PostgreSQL (found or started).
 test: tools
@@ -46,3 +46,8 @@ bench-autoscale:
 bench-workers: tools
 	DATABASE_URL="$$(scripts/ensure-postgres.sh)" scripts/with-scratch-db.sh backlog_bench_workers \
 		$(CARGO) run --release --locked -p workers --bin bench-pipelines
+
+## The real binaries under SIGKILLs and PostgreSQL restarts (a throwaway cluster of its own), then
+## a check of every guarantee; CHAOS_JOBS=N resizes it. Ends with one JSON line, exits 1 on a violation.
+chaos: tools
+	CARGO="$(CARGO)" scripts/chaos.py
