@@ -659,11 +659,18 @@ impl AdvisoryLock {
 impl Election for AdvisoryLock {
     async fn acquire(&mut self, shutdown: &CancellationToken) -> anyhow::Result<bool> {
         loop {
-            if let Some(lead) = self.queue.try_lead(self.key).await? {
-                self.held = Some(lead);
-                return Ok(true);
+            match self.queue.try_lead(self.key).await {
+                Ok(Some(lead)) => {
+                    self.held = Some(lead);
+                    return Ok(true);
+                }
+                Ok(None) => tracing::info!("standby: another controller is the leader; waiting"),
+                // A database restarting: try again rather than exit.
+                Err(queue::QueueError::Database(e)) if queue::is_transient(&e) => {
+                    tracing::warn!(error = %e, "standby: the database cannot be reached; waiting")
+                }
+                Err(e) => return Err(e.into()),
             }
-            tracing::info!("standby: another controller is the leader; waiting");
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(false),
                 _ = tokio::time::sleep(self.retry) => {}
@@ -747,7 +754,14 @@ pub async fn run_elected<B: Backend, S: PoolSource, E: Election>(
             },
         }
         if !election.still_held().await {
-            anyhow::bail!("lost leadership; exiting so a standby takes over");
+            // The lock's session died (a database restart, a network cut) or
+            // a standby took over: act on nothing until leading again. The
+            // replicas keep running; exiting would stop the local ones.
+            tracing::warn!("lost leadership; standing by until it is won again");
+            if !election.acquire(&shutdown).await? {
+                break;
+            }
+            tracing::info!("leader again: this controller acts on the pools");
         }
         pools = source.load().await;
         reconciler.reconcile(&pools, Utc::now()).await;

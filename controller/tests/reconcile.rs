@@ -316,3 +316,56 @@ async fn a_standby_controller_takes_over_when_the_leader_exits(pool: PgPool) {
     standby_stop.cancel();
     standby.await.unwrap().unwrap();
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_leader_whose_lock_session_dies_wins_again_instead_of_exiting(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pools.yaml");
+    std::fs::write(&manifest, TEXT_POOL).unwrap();
+    let backend = MemoryBackend::default();
+    let reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: backend.clone(),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let stop = CancellationToken::new();
+    let leader = tokio::spawn(reconcile::run(
+        reconciler,
+        ManifestSource::new(manifest.clone()),
+        LoopSettings {
+            tick: Duration::from_millis(200),
+            leader_key: 43,
+        },
+        stop.clone(),
+    ));
+    enqueue_jobs(&q, JobType::Text, 2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(backend.ids().len(), 1);
+
+    // What a database restart does to the lock's session.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks
+         WHERE locktype = 'advisory' AND objid = 43 AND granted",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !leader.is_finished(),
+        "the controller exited when its lock session died"
+    );
+
+    enqueue_jobs(&q, JobType::Text, 4).await;
+    for _ in 0..50 {
+        if backend.ids().len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(backend.ids().len(), 3, "it leads again and acts on the pools");
+    stop.cancel();
+    leader.await.unwrap().unwrap();
+}
