@@ -23,8 +23,11 @@ use crate::openapi::{
 use crate::state::AppState;
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
-/// Shorter than the queue's 255 so that a batch's per-job keys
-/// (`<key>#<index>`) still fit.
+/// Separates a batch's key from the job's index in the batch: not ASCII,
+/// so it never occurs in a key read from a header.
+const BATCH_KEY_SEPARATOR: char = '№';
+/// Shorter than the queue's 255 bytes so that a batch's per-job keys
+/// (`<key>№<index>`) still fit.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
@@ -43,8 +46,9 @@ pub struct CreateJobRequest {
     /// `audiobook` jobs a [`TextInput`].
     #[schema(value_type = JobInput)]
     pub input: serde_json::Value,
-    /// Higher runs first.
+    /// Higher runs first, across all tenants; -100 to 100 (default 0).
     #[serde(default)]
+    #[schema(minimum = -100, maximum = 100)]
     pub priority: i32,
 }
 
@@ -104,6 +108,14 @@ impl CreateJobRequest {
         let input = serde_json::to_value(input).map_err(ApiError::internal)?;
         Ok(NewJob::new(tenant, self.job_type, input).priority(self.priority))
     }
+}
+
+/// The key of job `i` of a batch sent with Idempotency-Key `key`. The
+/// separator is `№` (U+2116), which an HTTP header cannot carry (its value
+/// must be visible ASCII to be read as a key), so no single job's key can
+/// ever equal a batch job's.
+fn batch_item_key(key: &str, i: usize) -> String {
+    format!("{key}{BATCH_KEY_SEPARATOR}{i}")
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
@@ -281,6 +293,7 @@ pub struct ListJobsQuery {
     #[param(rename = "type", schema_with = job_type_schema)]
     pub job_type: Option<JobType>,
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -344,7 +357,8 @@ pub async fn create_job(
     post, path = "/v1/jobs:batch", tag = "jobs",
     request_body = CreateJobsRequest,
     params(("Idempotency-Key" = Option<String>, Header,
-        description = "Makes the whole batch replayable: job `i` is keyed `<key>#<i>`.")),
+        description = "Makes the whole batch replayable: job `i` is keyed `<key>№<i>` (`№` is U+2116, \
+                       which no Idempotency-Key header can contain, so batch and single-job keys never collide).")),
     responses(
         (status = 201, description = "Created (at least one job is new)", body = BatchResponse),
         (status = 200, description = "Every job was created earlier with this Idempotency-Key", body = BatchResponse),
@@ -368,7 +382,7 @@ pub async fn create_jobs_batch(
         .enumerate()
         .map(|(i, job)| {
             let mut job = job.into_new_job(&principal.tenant, &format!("jobs[{i}]"))?;
-            job.idempotency_key = key.as_ref().map(|key| format!("{key}#{i}"));
+            job.idempotency_key = key.as_ref().map(|key| batch_item_key(key, i));
             Ok(job)
         })
         .collect::<ApiResult<Vec<_>>>()?;
@@ -405,21 +419,13 @@ pub async fn get_job(
 ) -> ApiResult<Json<JobDetail>> {
     let id = parse_uuid("id", &id)?;
     let JobWithTasks { job, tasks } = state.queue.job_with_tasks(&principal.tenant, id).await?;
-    // Only a completed task's artifact is final (a task still running, or
-    // retried, may replace it); a job with no completed task needs no read.
-    let complete: Vec<i64> = tasks
-        .iter()
-        .filter(|t| t.status == TaskStatus::Complete)
-        .map(|t| t.id)
-        .collect();
-    let artifacts = if complete.is_empty() {
-        Vec::new()
+    // Only a completed task's artifact is final (the queue lists no other);
+    // a job with no completed task needs no read.
+    let artifacts = if tasks.iter().any(|t| t.status == TaskStatus::Complete) {
+        let listed = state.queue.artifacts_of(id).await?;
+        listed.into_iter().map(Into::into).collect()
     } else {
-        let all = state.queue.artifacts_of(id).await?;
-        all.into_iter()
-            .filter(|a| complete.contains(&a.task_id))
-            .map(Into::into)
-            .collect()
+        Vec::new()
     };
     Ok(Json(JobDetail {
         job: job.into(),
