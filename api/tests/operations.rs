@@ -149,9 +149,31 @@ async fn the_openapi_document_lists_exactly_the_served_routes(pool: sqlx::PgPool
     ] {
         assert!(codes.as_array().unwrap().contains(&json!(code)), "{code}");
     }
+    // Each job type appears with the one input it takes.
+    let alternatives = doc["components"]["schemas"]["CreateJobRequest"]["oneOf"]
+        .as_array()
+        .unwrap();
+    let by_input: Vec<(Value, Value)> = alternatives
+        .iter()
+        .map(|a| {
+            (
+                a["properties"]["input"]["$ref"].clone(),
+                a["properties"]["type"]["enum"].clone(),
+            )
+        })
+        .collect();
     assert_eq!(
-        doc["components"]["schemas"]["CreateJobRequest"]["properties"]["type"]["enum"],
-        json!(["reading", "text", "pdf", "audiobook"])
+        by_input,
+        [
+            (
+                json!("#/components/schemas/PromptInput"),
+                json!(["reading", "text"])
+            ),
+            (
+                json!("#/components/schemas/TextInput"),
+                json!(["pdf", "audiobook"])
+            ),
+        ]
     );
     server.stop().await;
 }

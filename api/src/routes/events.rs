@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use utoipa::ToSchema;
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
@@ -39,6 +42,46 @@ pub struct JobStatusUpdate {
     pub updated_at: DateTime<Utc>,
 }
 
+/// One event of the stream as the OpenAPI document describes it (for
+/// OpenAPI 3.1, an event stream's schema is that of each event): `event:
+/// status` with a [`JobStatusUpdate`] as JSON in `data`.
+pub struct StatusEvent;
+
+impl PartialSchema for StatusEvent {
+    fn schema() -> RefOr<Schema> {
+        // utoipa has no `contentSchema`; an extension entry (not prefixed
+        // `x-`, so validators read it) carries it.
+        let content_schema: Extensions = [(
+            "contentSchema",
+            serde_json::json!({"$ref": format!("#/components/schemas/{}", JobStatusUpdate::name())}),
+        )]
+        .into_iter()
+        .collect();
+        let data = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/json")
+            .extensions(Some(content_schema))
+            .description(Some("A `JobStatusUpdate`, as JSON"));
+        let event = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(["status"]));
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some("One server-sent event"))
+            .property("event", event)
+            .required("event")
+            .property("data", data)
+            .required("data")
+            .into()
+    }
+}
+
+impl ToSchema for StatusEvent {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((JobStatusUpdate::name().into(), JobStatusUpdate::schema()));
+    }
+}
+
 /// Status changes of a job: one `status` event with the current status,
 /// then one per change; the stream ends after a finished status
 /// (`complete`, `failed`, `cancelled`), or once it has been open for
@@ -50,7 +93,7 @@ pub struct JobStatusUpdate {
     params(("id" = Uuid, Path, description = "Job id")),
     responses(
         (status = 200, description = "`text/event-stream` of `status` events", content_type = "text/event-stream",
-         body = JobStatusUpdate),
+         body = StatusEvent),
         (status = 400, description = "Not a UUID", body = ErrorBody),
         (status = 404, description = "No such job for this tenant", body = ErrorBody),
         (status = 429, description = "Too many open event streams (`field` names the limit); retry after \

@@ -11,7 +11,11 @@ use queue::{
     TaskStatus, TaskType,
 };
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::openapi::schema::{
+    AdditionalProperties, KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
+};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
@@ -35,21 +39,77 @@ const CURSOR_VERSION: u8 = 1;
 
 // ---------------------------------------------------------------- requests
 
-/// A job to create.
-#[derive(Debug, Deserialize, ToSchema)]
+/// A job to create. Its schema (see the `PartialSchema` impl below) ties
+/// the input to the type, as [`CreateJobRequest::into_new_job`] checks it.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJobRequest {
     #[serde(rename = "type")]
-    #[schema(schema_with = job_type_schema)]
     pub job_type: JobType,
     /// `reading` and `text` jobs take a [`PromptInput`]; `pdf` and
     /// `audiobook` jobs a [`TextInput`].
-    #[schema(value_type = JobInput)]
     pub input: serde_json::Value,
     /// Higher runs first, across all tenants; -100 to 100 (default 0).
     #[serde(default)]
-    #[schema(minimum = -100, maximum = 100)]
     pub priority: i32,
+}
+
+/// Which input a job type takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputKind {
+    Prompt,
+    Text,
+}
+
+fn input_kind(job_type: JobType) -> InputKind {
+    match job_type {
+        JobType::Reading | JobType::Text => InputKind::Prompt,
+        JobType::Pdf | JobType::Audiobook => InputKind::Text,
+    }
+}
+
+impl utoipa::PartialSchema for CreateJobRequest {
+    /// One alternative per input kind: the job types that take it, with it.
+    fn schema() -> RefOr<Schema> {
+        let alternative = |kind: InputKind, input: &str| {
+            let types = JobType::ALL
+                .iter()
+                .filter(|t| input_kind(**t) == kind)
+                .map(|t| t.as_str());
+            let priority = ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+                .minimum(Some(*queue::PRIORITY_RANGE.start()))
+                .maximum(Some(*queue::PRIORITY_RANGE.end()))
+                .default(Some(0.into()))
+                .description(Some("Higher runs first, across all tenants"));
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property(
+                    "type",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some(types)),
+                )
+                .required("type")
+                .property("input", Ref::from_schema_name(input))
+                .required("input")
+                .property("priority", priority)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        };
+        OneOfBuilder::new()
+            .description(Some("A job to create: its type and the input that type takes"))
+            .item(alternative(InputKind::Prompt, "PromptInput"))
+            .item(alternative(InputKind::Text, "TextInput"))
+            .into()
+    }
+}
+
+impl ToSchema for CreateJobRequest {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((PromptInput::name().into(), PromptInput::schema()));
+        schemas.push((TextInput::name().into(), TextInput::schema()));
+    }
 }
 
 /// Many jobs, created in one transaction: all or none.
@@ -63,7 +123,8 @@ pub struct CreateJobsRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromptInput {
-    /// What to write about.
+    /// What to write about: not blank, no NUL characters.
+    #[schema(min_length = 1)]
     pub prompt: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
@@ -76,7 +137,8 @@ pub struct PromptInput {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TextInput {
-    /// The text to typeset or read aloud.
+    /// The text to typeset or read aloud: not blank, no NUL characters.
+    #[schema(min_length = 1)]
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
@@ -101,9 +163,9 @@ impl CreateJobRequest {
         } else {
             format!("{at}.input")
         };
-        let input = match self.job_type {
-            JobType::Reading | JobType::Text => JobInput::Prompt(from_json_value(self.input, &input_at)?),
-            JobType::Pdf | JobType::Audiobook => JobInput::Text(from_json_value(self.input, &input_at)?),
+        let input = match input_kind(self.job_type) {
+            InputKind::Prompt => JobInput::Prompt(from_json_value(self.input, &input_at)?),
+            InputKind::Text => JobInput::Text(from_json_value(self.input, &input_at)?),
         };
         let input = serde_json::to_value(input).map_err(ApiError::internal)?;
         Ok(NewJob::new(tenant, self.job_type, input).priority(self.priority))
