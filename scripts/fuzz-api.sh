@@ -84,13 +84,14 @@ checks=not_a_server_error,status_code_conformance,content_type_conformance,respo
 fuzz() {
   local run=$1
   shift
-  schemathesis ${FUZZ_CONFIG:+--config-file "$FUZZ_CONFIG"} run "$url/openapi.json" \
+  # From the scratch folder: schemathesis keeps state in ./.schemathesis.
+  (cd "$work" && schemathesis ${FUZZ_CONFIG:+--config-file "$FUZZ_CONFIG"} run "$url/openapi.json" \
     --checks "$checks" \
     --max-examples "$examples" --max-time "$seconds" \
-    --generation-allow-x00 true --request-timeout 10 \
+    --generation-allow-x00 true --generation-database none --request-timeout 10 \
     --workers 1 --no-color --suppress-health-check all \
     --report junit --report-junit-path "$reports/$run.xml" \
-    "$@"
+    "$@")
 }
 
 counts() {
