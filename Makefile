@@ -2,11 +2,16 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test run build db tools fmt lint bench-queue bench-api bench-autoscale bench-workers chaos
+.PHONY: test run build db tools fmt lint fuzz-api chaos bench-queue bench-api bench-autoscale bench-workers
 
-## Run every test against a real PostgreSQL (found or started).
+## Run every test against a real PostgreSQL (found or started), then a short API fuzz.
 test: tools
 	DATABASE_URL="$$(scripts/ensure-postgres.sh)" $(CARGO) test --workspace --locked
+	scripts/fuzz-api.sh --quick
+
+## Fuzz the API from its OpenAPI document (schemathesis) on a scratch database.
+fuzz-api: tools
+	scripts/fuzz-api.sh
 
 ## Start PostgreSQL, the API and the controller with local worker pools.
 run:

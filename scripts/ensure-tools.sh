@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the programs the pipelines and their tests call, when missing:
-# espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests), and moto
-# (an S3 server for the artifact store tests).
+# espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests), moto
+# (an S3 server for the artifact store tests) and schemathesis (the API
+# fuzzer of scripts/fuzz-api.sh).
 set -euo pipefail
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
@@ -18,4 +19,11 @@ fi
 if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
   echo "ensure-tools: installing moto[server] (S3 emulator for the store tests)" >&2
   python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5,<6' >&2
+fi
+
+# schemathesis generates requests from the API's OpenAPI document and checks
+# the answers against it (scripts/fuzz-api.sh, `make fuzz-api`).
+if ! command -v schemathesis >/dev/null 2>&1; then
+  echo "ensure-tools: installing schemathesis (API fuzzer)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check 'schemathesis>=4,<5' >&2
 fi

@@ -31,7 +31,7 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-api serve &
+api serve --metrics-addr 127.0.0.1:9465 &
 pids+=($!)
 controller run --backend local -f "$root/manifests/local" --metrics-addr 127.0.0.1:9464 &
 pids+=($!)
@@ -40,6 +40,7 @@ cat <<MSG
 
 backlog is running.
   API           http://127.0.0.1:$PORT   (OpenAPI: /openapi.json)
+  API metrics   http://127.0.0.1:9465/metrics
   controller    metrics on http://127.0.0.1:9464/metrics
   database      $DATABASE_URL
   artifacts     $ARTIFACT_STORE

@@ -6,6 +6,7 @@
 //! once, when it is created, and never logged.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,8 @@ const KEY_SCHEME: &str = "bk_";
 /// How much of a key is kept in clear to tell keys apart: the scheme and
 /// 8 characters (48 of its 256 random bits).
 const PREFIX_LEN: usize = KEY_SCHEME.len() + 8;
+/// A whole key: the scheme and 32 bytes in unpadded base64.
+const KEY_LEN: usize = KEY_SCHEME.len() + 43;
 /// Past this many cached keys the cache starts over rather than grow.
 const MAX_CACHED_KEYS: usize = 10_000;
 
@@ -75,39 +78,86 @@ impl Principal {
 /// Checks keys against the database, remembering valid ones for a short
 /// while so that a busy client costs one lookup per `ttl`, not one per
 /// request. A revoked key therefore stops working within `ttl`.
+///
+/// Failures are cheap too, so that a flood of bad tokens does not become a
+/// flood of queries: a token that is not shaped like a key is refused
+/// without a lookup; one the database did not know is remembered for
+/// `failure_ttl`; and lookups that find nothing have a per-process budget,
+/// past which unknown tokens get a 429 without a lookup.
 pub struct Authenticator {
     queue: Queue,
     ttl: Duration,
+    failure_ttl: Duration,
     cache: Mutex<HashMap<[u8; 32], (Instant, Principal)>>,
+    failures: Mutex<HashMap<[u8; 32], Instant>>,
+    failure_budget: Mutex<TokenBucket>,
+    failures_per_second: u32,
+    lookups: AtomicU64,
+}
+
+/// Settings of an [`Authenticator`].
+#[derive(Debug, Clone, Copy)]
+pub struct AuthSettings {
+    /// How long a verified key is trusted.
+    pub ttl: Duration,
+    /// How long an unknown token is refused without a lookup.
+    pub failure_ttl: Duration,
+    /// Lookups that may find no key, per second and in a burst.
+    pub failed_lookups_per_second: u32,
 }
 
 impl Authenticator {
-    pub fn new(queue: Queue, ttl: Duration) -> Self {
+    pub fn new(queue: Queue, settings: AuthSettings) -> Self {
+        let rate = settings.failed_lookups_per_second.max(1);
         Authenticator {
             queue,
-            ttl,
+            ttl: settings.ttl,
+            failure_ttl: settings.failure_ttl,
             cache: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            failure_budget: Mutex::new(TokenBucket::full(f64::from(rate))),
+            failures_per_second: rate,
+            lookups: AtomicU64::new(0),
         }
     }
 
+    /// Database lookups made so far (for tests and the curious).
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
+    }
+
     pub async fn authenticate(&self, headers: &HeaderMap) -> ApiResult<Principal> {
-        let secret = bearer_token(headers).ok_or(ApiError::Unauthorized)?;
+        let secret = bearer_token(headers)
+            .filter(|token| is_key_shaped(token))
+            .ok_or(ApiError::Unauthorized)?;
         let hash = hash_key(secret);
         if let Some(principal) = self.cached(&hash) {
             return Ok(principal);
         }
-        let key = self
-            .queue
-            .verify_api_key(&hash)
-            .await?
-            .ok_or(ApiError::Unauthorized)?;
+        if self.failed_recently(&hash) {
+            return Err(ApiError::Unauthorized);
+        }
+        if !lock(&self.failure_budget).has_one(Instant::now()) {
+            return Err(ApiError::TooManyRequests {
+                what: "authentication attempts with unknown keys",
+                limit: "AUTH_FAILED_LOOKUPS_PER_SECOND",
+                max: self.failures_per_second as usize,
+                retry_after: 1,
+            });
+        }
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let Some(key) = self.queue.verify_api_key(&hash).await? else {
+            lock(&self.failure_budget).take_one(Instant::now());
+            self.remember_failure(hash);
+            return Err(ApiError::Unauthorized);
+        };
         let principal = Principal {
             key_id: key.id,
             tenant: key.tenant,
             role: key.role,
         };
         if !self.ttl.is_zero() {
-            let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut cache = lock(&self.cache);
             if cache.len() >= MAX_CACHED_KEYS {
                 cache.clear();
             }
@@ -117,11 +167,74 @@ impl Authenticator {
     }
 
     fn cached(&self, hash: &[u8; 32]) -> Option<Principal> {
-        let cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache
+        lock(&self.cache)
             .get(hash)
             .filter(|(expires, _)| *expires > Instant::now())
             .map(|(_, principal)| principal.clone())
+    }
+
+    fn failed_recently(&self, hash: &[u8; 32]) -> bool {
+        lock(&self.failures)
+            .get(hash)
+            .is_some_and(|expires| *expires > Instant::now())
+    }
+
+    fn remember_failure(&self, hash: [u8; 32]) {
+        if self.failure_ttl.is_zero() {
+            return;
+        }
+        let mut failures = lock(&self.failures);
+        if failures.len() >= MAX_CACHED_KEYS {
+            failures.clear();
+        }
+        failures.insert(hash, Instant::now() + self.failure_ttl);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether a token can be a key at all: the scheme and 43 URL-safe base64
+/// characters, as [`generate_key`] makes them.
+fn is_key_shaped(token: &str) -> bool {
+    token.len() == KEY_LEN
+        && token.starts_with(KEY_SCHEME)
+        && token[KEY_SCHEME.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `rate` tokens a second, holding at most `rate`.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl TokenBucket {
+    fn full(rate: f64) -> Self {
+        TokenBucket {
+            rate,
+            tokens: rate,
+            updated: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.updated = now;
+    }
+
+    fn has_one(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= 1.0
+    }
+
+    fn take_one(&mut self, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens - 1.0).max(0.0);
     }
 }
 
@@ -170,7 +283,31 @@ mod tests {
         assert_ne!(a.secret, b.secret);
         assert_eq!(a.record.key_hash, hash_key(&a.secret));
         assert!(a.secret.starts_with(&a.record.prefix) && a.record.prefix.len() == PREFIX_LEN);
-        assert_eq!(a.secret.len(), KEY_SCHEME.len() + 43);
+        assert_eq!(a.secret.len(), KEY_LEN);
+        assert!(is_key_shaped(&a.secret));
+        for not_a_key in [
+            "bk_",
+            "nope",
+            &a.secret[1..],
+            &format!("{}=", &a.secret[..KEY_LEN - 1]),
+        ] {
+            assert!(!is_key_shaped(not_a_key), "{not_a_key}");
+        }
+    }
+
+    #[test]
+    fn the_failure_budget_refills_at_its_rate_up_to_its_size() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::full(2.0);
+        bucket.updated = start;
+        bucket.take_one(start);
+        bucket.take_one(start);
+        assert!(!bucket.has_one(start));
+        assert!(bucket.has_one(start + Duration::from_millis(500)));
+        assert!(bucket.has_one(start + Duration::from_secs(60)));
+        bucket.take_one(start + Duration::from_secs(60));
+        bucket.take_one(start + Duration::from_secs(60));
+        assert!(!bucket.has_one(start + Duration::from_secs(60)));
     }
 
     #[test]

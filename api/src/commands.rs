@@ -46,10 +46,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind((args.bind.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.bind, args.port))?;
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?,
+        ),
+        None => None,
+    };
 
     let shutdown = CancellationToken::new();
-    let mut server = tokio::spawn(server::run(
+    let mut server = tokio::spawn(server::run_with_metrics(
         listener,
+        metrics_listener,
         queue,
         artifacts,
         args.settings(),

@@ -1,12 +1,14 @@
 //! Command line and environment: every setting is a flag with an
 //! environment variable behind it (`api --help` lists them).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use queue::{QueueConfig, Retention, RetentionMode};
 
 use crate::state::{Settings, SweeperSettings};
+use crate::streams::StreamLimits;
 
 #[derive(Debug, Parser)]
 #[command(name = "api", version, about = "backlog's HTTP API (serves by default)")]
@@ -76,6 +78,10 @@ pub struct ServeArgs {
     pub bind: String,
     #[arg(long, env = "PORT", default_value_t = 8787)]
     pub port: u16,
+    /// Serve Prometheus `/metrics` here (e.g. 0.0.0.0:9465); unset, no
+    /// metrics are served. The API's own port never serves them.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Where artifact bytes are stored: `file:///path` or `s3://bucket/prefix`
     /// (default: the folder `artifacts` under the working directory).
     #[arg(long, env = "ARTIFACT_STORE")]
@@ -96,6 +102,25 @@ pub struct ServeArgs {
     /// (and so how long a revoked key may keep working).
     #[arg(long, env = "AUTH_CACHE_SECONDS", default_value_t = 5)]
     pub auth_cache_seconds: u64,
+    /// How long a token the database did not know is refused (401) without
+    /// asking the database again.
+    #[arg(long, env = "AUTH_FAILURE_CACHE_SECONDS", default_value_t = 10)]
+    pub auth_failure_cache_seconds: u64,
+    /// Database lookups that may find no key, per second and per process;
+    /// past it, unknown tokens answer 429 without a lookup.
+    #[arg(long, env = "AUTH_FAILED_LOOKUPS_PER_SECOND", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub auth_failed_lookups_per_second: u32,
+    /// Most event streams open at once in this process (429 beyond).
+    #[arg(long, env = "SSE_MAX_STREAMS", default_value_t = StreamLimits::default().per_process)]
+    pub sse_max_streams: usize,
+    /// Most event streams one tenant may have open at once in this process.
+    #[arg(long, env = "SSE_MAX_STREAMS_PER_TENANT", default_value_t = StreamLimits::default().per_tenant)]
+    pub sse_max_streams_per_tenant: usize,
+    /// An event stream ends after this many seconds; the client reconnects.
+    #[arg(long, env = "SSE_MAX_STREAM_SECONDS", default_value_t = StreamLimits::default().max_duration.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub sse_max_stream_seconds: u64,
     /// Seconds between sweeps for stuck tasks; 0 runs no sweeper here.
     #[arg(long, env = "SWEEPER_INTERVAL_SECONDS", default_value_t = 15)]
     pub sweeper_interval_seconds: u64,
@@ -147,6 +172,13 @@ impl ServeArgs {
         Settings {
             body_limit_bytes: self.body_limit_bytes,
             auth_cache_ttl: Duration::from_secs(self.auth_cache_seconds),
+            auth_failure_ttl: Duration::from_secs(self.auth_failure_cache_seconds),
+            auth_failed_lookups_per_second: self.auth_failed_lookups_per_second,
+            streams: StreamLimits {
+                per_process: self.sse_max_streams,
+                per_tenant: self.sse_max_streams_per_tenant,
+                max_duration: Duration::from_secs(self.sse_max_stream_seconds),
+            },
             sweeper,
         }
     }
@@ -174,11 +206,25 @@ mod tests {
             "9000",
             "--sweeper-interval-seconds",
             "0",
+            "--metrics-addr",
+            "127.0.0.1:9465",
+            "--sse-max-streams-per-tenant",
+            "3",
         ])
         .unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.serve.port, 9000);
-        assert!(cli.serve.settings().sweeper.is_none());
+        assert_eq!(cli.serve.metrics_addr, Some("127.0.0.1:9465".parse().unwrap()));
+        let settings = cli.serve.settings();
+        assert!(settings.sweeper.is_none());
+        assert_eq!(settings.streams.per_tenant, 3);
+        assert_eq!(
+            settings.streams,
+            StreamLimits {
+                per_tenant: 3,
+                ..StreamLimits::default()
+            }
+        );
 
         let cli = Cli::try_parse_from([
             "api",

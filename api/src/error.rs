@@ -42,6 +42,15 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("range not satisfiable: the artifact is {size} bytes")]
     RangeNotSatisfiable { size: u64 },
+    /// A bounded resource is used up; `limit` names the setting that bounds
+    /// it, `retry_after` is in seconds.
+    #[error("{what}: the limit is {max} ({limit}); retry later")]
+    TooManyRequests {
+        what: &'static str,
+        limit: &'static str,
+        max: usize,
+        retry_after: u64,
+    },
     #[error("the database is unavailable; try again")]
     Unavailable(#[source] QueueError),
     #[error("internal error")]
@@ -64,6 +73,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     UnsupportedMediaType,
     RangeNotSatisfiable,
+    TooManyRequests,
     Unavailable,
     Internal,
 }
@@ -79,7 +89,8 @@ pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,
     /// The offending field, as a path into the request (`input.prompt`,
-    /// `jobs[2].type`, `cursor`), when one field is to blame.
+    /// `jobs[2].type`, `cursor`), when one field is to blame; for a 429, the
+    /// setting whose limit was reached (`SSE_MAX_STREAMS_PER_TENANT`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
 }
@@ -117,6 +128,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             ApiError::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
             ApiError::RangeNotSatisfiable { .. } => ErrorCode::RangeNotSatisfiable,
+            ApiError::TooManyRequests { .. } => ErrorCode::TooManyRequests,
             ApiError::Unavailable(_) => ErrorCode::Unavailable,
             ApiError::Internal(_) => ErrorCode::Internal,
         }
@@ -134,6 +146,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -143,6 +156,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { field, .. } | ApiError::InvalidInput { field, .. } => field.clone(),
             ApiError::IdempotencyConflict { .. } => Some("Idempotency-Key".into()),
+            ApiError::TooManyRequests { limit, .. } => Some((*limit).into()),
             _ => None,
         }
     }
@@ -197,6 +211,9 @@ impl IntoResponse for ApiError {
                 if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
                     headers.insert(header::CONTENT_RANGE, value);
                 }
+            }
+            ApiError::TooManyRequests { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
             _ => {}
         }

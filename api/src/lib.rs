@@ -16,4 +16,5 @@ pub mod openapi;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod streams;
 pub mod sweeper;

@@ -1,11 +1,14 @@
 //! Prometheus metrics: HTTP requests by route and status, queue depth per
-//! task type (read from the queue at scrape time), and sweeper actions.
+//! task type (read from the queue at scrape time, at most once per
+//! [`DEPTH_REFRESH`]), and sweeper actions. Served on their own address
+//! (`METRICS_ADDR`), never on the API's port.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,11 +17,20 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use queue::{SweepOutcome, TaskDepth};
+use queue::{Queue, SweepOutcome, TaskDepth};
+
+/// Scrapes within this long of a depth read reuse its figures: however
+/// often (or by however many scrapers) `/metrics` is read, the queue is
+/// asked at most this often.
+pub const DEPTH_REFRESH: Duration = Duration::from_secs(5);
+/// A scrape should not hang on a slow database; stale gauges are better.
+const DEPTH_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
+    /// A standard method, or `other`: a client's custom method must not
+    /// mint a series.
+    method: &'static str,
     /// The route template (`/v1/jobs/{id}`), never the raw path, so the
     /// label set stays bounded.
     route: String,
@@ -54,6 +66,10 @@ pub struct Metrics {
     completed_last_minute: Family<TaskTypeLabels, Gauge>,
     sweeper_actions: Family<SweepLabels, Counter>,
     maintenance_runs: Family<RunLabels, Counter>,
+    depth_reads: Counter,
+    /// When the depth gauges were last read; held across the read so
+    /// concurrent scrapes wait for one read instead of making their own.
+    depth_read_at: tokio::sync::Mutex<Option<Instant>>,
 }
 
 fn request_histogram() -> Histogram {
@@ -90,6 +106,8 @@ impl Metrics {
             completed_last_minute: Family::default(),
             sweeper_actions: Family::default(),
             maintenance_runs: Family::default(),
+            depth_reads: Counter::default(),
+            depth_read_at: tokio::sync::Mutex::new(None),
             registry,
         };
         metrics.register_queue_and_sweeper()
@@ -133,12 +151,17 @@ impl Metrics {
             "Sweeper and retention runs by result",
             self.maintenance_runs.clone(),
         );
+        r.register(
+            "queue_depth_reads",
+            "Queue depth reads made for scrapes (at most one per refresh interval)",
+            self.depth_reads.clone(),
+        );
         self
     }
 
-    pub fn observe_request(&self, method: &str, route: &str, status: u16, started: Instant) {
+    pub fn observe_request(&self, method: &Method, route: &str, status: u16, started: Instant) {
         let labels = RequestLabels {
-            method: method.to_string(),
+            method: method_label(method),
             route: route.to_string(),
             status,
         };
@@ -194,6 +217,24 @@ impl Metrics {
             .inc();
     }
 
+    /// Read the queue depth into the gauges, unless it was read less than
+    /// `DEPTH_REFRESH` ago. A failed read keeps the old figures and is not
+    /// retried before the interval either: a struggling database is not
+    /// asked more often because it struggles.
+    pub async fn refresh_depth(&self, queue: &Queue) {
+        let mut read_at = self.depth_read_at.lock().await;
+        if read_at.is_some_and(|at| at.elapsed() < DEPTH_REFRESH) {
+            return;
+        }
+        self.depth_reads.inc();
+        match tokio::time::timeout(DEPTH_READ_TIMEOUT, queue.depth()).await {
+            Ok(Ok(depth)) => self.set_depth(&depth),
+            Ok(Err(error)) => tracing::warn!(%error, "queue depth unavailable for metrics"),
+            Err(_) => tracing::warn!("queue depth read timed out for metrics"),
+        }
+        *read_at = Some(Instant::now());
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -207,12 +248,70 @@ impl Metrics {
 pub async fn track_requests(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
+    // The template of the route that matched; requests no route matched
+    // share one label, so raw paths never become series.
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_string();
     let response = next.run(request).await;
-    metrics.observe_request(method.as_str(), &route, response.status().as_u16(), started);
+    metrics.observe_request(&method, &route, response.status().as_u16(), started);
     response
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// The metrics listener's one route.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    queue: Queue,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (metrics, queue) = (metrics.clone(), queue.clone());
+            async move {
+                metrics.refresh_depth(&queue).await;
+                (
+                    [(axum::http::header::CONTENT_TYPE, OPENMETRICS)],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_methods_share_one_label() {
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        for custom in ["BREW", "PROPFIND", "get"] {
+            let method = Method::from_bytes(custom.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), "other", "{custom}");
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! The OpenAPI document. Paths come from the route table
 //! ([`crate::routes`]); this module adds what applies to whole groups of
-//! routes (bearer auth and its 401 on `/v1`, the 500/503 any route can
+//! routes (bearer auth and its 401 and 429 on `/v1`, the 500/503 any route can
 //! answer) and the schemas of the queue's enums, listed from the queue's
 //! own variant lists.
 
@@ -53,6 +53,12 @@ pub fn assemble(authenticated: OpenApi, public: OpenApi) -> OpenApi {
     for operation in operations(&mut authenticated) {
         operation.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
         add_error(operation, 401, "Missing, unknown or revoked API key");
+        add_error(
+            operation,
+            429,
+            "Too many failed authentications on this server (`field`: AUTH_FAILED_LOOKUPS_PER_SECOND); \
+             retry after `Retry-After` seconds",
+        );
     }
     doc.merge(authenticated);
     doc.merge(public);

@@ -17,19 +17,20 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::auth::{require_api_key, Authenticator};
+use crate::auth::{require_api_key, AuthSettings, Authenticator};
 use crate::enqueuer::Enqueuer;
 use crate::error::ApiError;
 use crate::job_events::JobEvents;
-use crate::metrics::{track_requests, Metrics};
+use crate::metrics::{serve_metrics, track_requests, Metrics};
 use crate::routes::operations::OpenApiJson;
 use crate::state::{AppState, Settings};
+use crate::streams::OpenStreams;
 use crate::{openapi, routes, sweeper};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Serve on `listener` until `shutdown` is cancelled, then finish the
-/// requests in flight and stop the background tasks.
+/// requests in flight and stop the background tasks. No metrics are served.
 pub async fn run(
     listener: TcpListener,
     queue: Queue,
@@ -37,7 +38,32 @@ pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with_metrics(listener, None, queue, artifacts, settings, shutdown).await
+}
+
+/// [`run`], with `/metrics` served on `metrics_listener` when given (and
+/// only there: the API's port has none).
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    queue: Queue,
+    artifacts: store::ArtifactStore,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
+            tracing::info!(address = %listener.local_addr()?, "serving /metrics");
+            Some(tokio::spawn(serve_metrics(
+                listener,
+                metrics.clone(),
+                queue.clone(),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let job_events = JobEvents::start(queue.clone(), shutdown.clone()).await?;
     let sweeper = settings.sweeper.clone().map(|sweeper_settings| {
         tokio::spawn(sweeper::run(
@@ -49,7 +75,15 @@ pub async fn run(
         ))
     });
     let state = AppState {
-        auth: Arc::new(Authenticator::new(queue.clone(), settings.auth_cache_ttl)),
+        auth: Arc::new(Authenticator::new(
+            queue.clone(),
+            AuthSettings {
+                ttl: settings.auth_cache_ttl,
+                failure_ttl: settings.auth_failure_ttl,
+                failed_lookups_per_second: settings.auth_failed_lookups_per_second,
+            },
+        )),
+        open_streams: OpenStreams::new(settings.streams),
         enqueuer: Enqueuer::start(queue.clone()),
         queue,
         settings: Arc::new(settings),
@@ -64,6 +98,9 @@ pub async fn run(
         .await?;
     if let Some(sweeper) = sweeper {
         sweeper.await?;
+    }
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.await??;
     }
     tracing::info!("stopped");
     Ok(())

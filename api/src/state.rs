@@ -10,6 +10,7 @@ use crate::auth::Authenticator;
 use crate::enqueuer::Enqueuer;
 use crate::job_events::JobEvents;
 use crate::metrics::Metrics;
+use crate::streams::{OpenStreams, StreamLimits};
 
 /// Tunables of a running API, whatever their source (flags, tests).
 #[derive(Debug, Clone)]
@@ -18,6 +19,14 @@ pub struct Settings {
     pub body_limit_bytes: usize,
     /// How long a verified key is trusted before it is checked again.
     pub auth_cache_ttl: Duration,
+    /// How long a token the database did not know is refused without
+    /// asking again.
+    pub auth_failure_ttl: Duration,
+    /// Database lookups that may find no key, per second (and in a burst):
+    /// past it, unknown tokens are refused with 429 without a lookup.
+    pub auth_failed_lookups_per_second: u32,
+    /// Caps on event streams.
+    pub streams: StreamLimits,
     /// `None` runs no sweeper in this process.
     pub sweeper: Option<SweeperSettings>,
 }
@@ -27,6 +36,9 @@ impl Default for Settings {
         Settings {
             body_limit_bytes: 1024 * 1024,
             auth_cache_ttl: Duration::from_secs(5),
+            auth_failure_ttl: Duration::from_secs(10),
+            auth_failed_lookups_per_second: 20,
+            streams: StreamLimits::default(),
             sweeper: Some(SweeperSettings::default()),
         }
     }
@@ -66,6 +78,7 @@ pub struct AppState {
     pub job_events: JobEvents,
     pub artifacts: store::ArtifactStore,
     pub metrics: Arc<Metrics>,
+    pub open_streams: Arc<OpenStreams>,
     /// Cancelled when the server shuts down: long-lived responses (event
     /// streams) end then, so graceful shutdown does not wait on them.
     pub shutdown: CancellationToken,

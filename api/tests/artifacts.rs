@@ -143,3 +143,74 @@ async fn missing_artifacts_and_missing_bytes_are_404(pool: sqlx::PgPool) {
     assert_error(&answer, 404, "not_found", None);
     server.stop().await;
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_empty_artifact_downloads_as_an_empty_body(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let (job_id, artifact) = job_with_audio(&server, &key, b"").await;
+    let path = format!("/v1/jobs/{job_id}/artifacts/{}", artifact.id);
+
+    let whole = server.get(&key, &path).send().await.unwrap();
+    assert_eq!(whole.status(), StatusCode::OK);
+    assert_eq!(whole.headers()[CONTENT_LENGTH], "0");
+    assert!(whole.bytes().await.unwrap().is_empty());
+    for range in ["bytes=0-", "bytes=0-0", "bytes=-1"] {
+        let part = server.get(&key, &path).header(RANGE, range).send().await.unwrap();
+        assert_eq!(part.headers()[CONTENT_RANGE], "bytes */0", "{range}");
+        assert_error(&read(part).await, 416, "range_not_satisfiable", None);
+    }
+    server.stop().await;
+}
+
+/// An artifact recorded by a task that has not completed (still running,
+/// or failed and retried) may be replaced: it is neither listed nor served.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn artifacts_of_unfinished_tasks_are_not_served(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let (_, job) = server
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &json!({"type": "audiobook", "input": {"text": "t"}}),
+        )
+        .await;
+    let task = server
+        .queue
+        .claim("w", &[TaskType::AudioGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0);
+    let storage_key = format!("jobs/{}/audio.mp3", task.job_id);
+    let file = server.artifacts.path().join(&storage_key);
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, b"partial").unwrap();
+    let artifact = server
+        .queue
+        .record_artifact(
+            "w",
+            task.lease(),
+            &NewArtifact {
+                job_id: task.job_id,
+                kind: ArtifactKind::Audio,
+                content_type: "audio/mpeg".into(),
+                storage_key,
+                bytes: 7,
+                sha256: SHA.into(),
+                metadata: json!({}),
+            },
+        )
+        .await
+        .unwrap();
+    let job_id = job["id"].as_str().unwrap();
+    let path = format!("/v1/jobs/{job_id}/artifacts/{}", artifact.id);
+    assert_error(&server.get_json(&key, &path).await, 404, "not_found", None);
+    assert!(server.queue.artifacts_of(task.job_id).await.unwrap().is_empty());
+
+    server.queue.complete("w", task.lease(), json!({})).await.unwrap();
+    let done = server.get(&key, &path).send().await.unwrap();
+    assert_eq!(done.status(), StatusCode::OK);
+    assert_eq!(server.queue.artifacts_of(task.job_id).await.unwrap().len(), 1);
+    server.stop().await;
+}

@@ -108,6 +108,8 @@ async fn tenants_cannot_see_or_touch_each_others_jobs(pool: sqlx::PgPool) {
         )
         .await
         .unwrap();
+    // Only a completed task's artifact is served.
+    server.queue.complete("w", task.lease(), json!({})).await.unwrap();
     let before = server.row_counts().await;
 
     for (key, own, theirs) in [(&acme, &acme_job, &globex_job), (&globex, &globex_job, &acme_job)] {
@@ -227,4 +229,85 @@ async fn the_cli_creates_keys_that_work_and_revokes_them(pool: sqlx::PgPool) {
     let admin = String::from_utf8(api(&["keys", "create", "--tenant", "ops", "--admin"]).stdout).unwrap();
     assert_eq!(server.get_json(admin.trim(), "/v1/queue").await.0, 200);
     server.stop().await;
+}
+
+fn bearer(token: &str) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    headers
+}
+
+/// A flood of bad tokens does not become a flood of queries: tokens not
+/// shaped like keys are never looked up, an unknown key is looked up once,
+/// and past the per-second budget of failed lookups unknown keys answer 429
+/// without a lookup.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn bad_tokens_cost_few_database_lookups(pool: sqlx::PgPool) {
+    use api::auth::{AuthSettings, Authenticator};
+    use api::error::ApiError;
+    let queue = queue::Queue::new(pool);
+    let auth = Authenticator::new(
+        queue.clone(),
+        AuthSettings {
+            ttl: std::time::Duration::ZERO,
+            failure_ttl: std::time::Duration::from_secs(60),
+            failed_lookups_per_second: 3,
+        },
+    );
+    let unknown = || api::auth::generate_key("nobody", ApiKeyRole::Client).secret;
+
+    for token in ["nope", "bk_short", &"x".repeat(46)] {
+        for _ in 0..50 {
+            assert!(matches!(
+                auth.authenticate(&bearer(token)).await,
+                Err(ApiError::Unauthorized)
+            ));
+        }
+    }
+    assert_eq!(auth.lookups(), 0, "malformed tokens were looked up");
+
+    let same = unknown();
+    for _ in 0..50 {
+        assert!(matches!(
+            auth.authenticate(&bearer(&same)).await,
+            Err(ApiError::Unauthorized)
+        ));
+    }
+    assert_eq!(auth.lookups(), 1, "a known-bad token was looked up again");
+
+    // Two more failures use up the budget of 3; the next unknown key is
+    // refused without a lookup.
+    for _ in 0..2 {
+        assert!(matches!(
+            auth.authenticate(&bearer(&unknown())).await,
+            Err(ApiError::Unauthorized)
+        ));
+    }
+    for _ in 0..20 {
+        assert!(matches!(
+            auth.authenticate(&bearer(&unknown())).await,
+            Err(ApiError::TooManyRequests {
+                limit: "AUTH_FAILED_LOOKUPS_PER_SECOND",
+                ..
+            })
+        ));
+    }
+    assert_eq!(auth.lookups(), 3);
+
+    // A real key still works once the budget refills.
+    let real = api::auth::generate_key("acme", ApiKeyRole::Client);
+    queue.create_api_key(&real.record).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match auth.authenticate(&bearer(&real.secret)).await {
+            Ok(principal) => {
+                assert_eq!(principal.tenant, "acme");
+                break;
+            }
+            Err(ApiError::TooManyRequests { .. }) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "the budget never refilled");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -305,3 +305,137 @@ async fn unknown_routes_and_methods_answer_json_errors(pool: sqlx::PgPool) {
     assert_error(&answer, 405, "method_not_allowed", None);
     server.stop().await;
 }
+
+/// A `\u0000` is valid JSON but PostgreSQL stores it in neither `text` nor
+/// `jsonb`: every place a client can put one is refused naming the field,
+/// before anything reaches the database.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn nul_characters_are_refused_naming_the_field_and_write_nothing(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    server.create_text_job(&key, "already here").await;
+    let before = server.row_counts().await;
+
+    let cases = [
+        (
+            "/v1/jobs",
+            json!({"type": "text", "input": {"prompt": "a\u{0}b"}}),
+            "input.prompt",
+        ),
+        (
+            "/v1/jobs",
+            json!({"type": "reading", "input": {"prompt": "p", "title": "\u{0}"}}),
+            "input.title",
+        ),
+        (
+            "/v1/jobs",
+            json!({"type": "audiobook", "input": {"text": "t", "voice": "en\u{0}"}}),
+            "input.voice",
+        ),
+        (
+            "/v1/jobs",
+            json!({"type": "pdf", "input": {"text": "\u{0}"}}),
+            "input.text",
+        ),
+        (
+            "/v1/jobs:batch",
+            json!({"jobs": [
+                {"type": "text", "input": {"prompt": "fine"}},
+                {"type": "pdf", "input": {"text": "x\u{0}"}},
+            ]}),
+            "jobs[1].input.text",
+        ),
+    ];
+    for (path, body, field) in &cases {
+        let answer = server.post_json(&key, path, body).await;
+        assert_error(&answer, 422, "invalid_input", Some(field));
+        assert_eq!(server.row_counts().await, before, "{body} wrote something");
+    }
+    // Query parameters and path ids with a NUL are unreadable, not 500s.
+    for (path, field) in [
+        ("/v1/jobs?status=%00", "status"),
+        ("/v1/jobs?type=queued%00", "type"),
+        ("/v1/jobs?cursor=%00", "cursor"),
+        ("/v1/jobs/%00", "id"),
+    ] {
+        assert_error(
+            &server.get_json(&key, path).await,
+            400,
+            "invalid_request",
+            Some(field),
+        );
+    }
+    assert_eq!(server.row_counts().await, before);
+    server.stop().await;
+}
+
+/// The queue's own validation catches NULs from any caller, nested values
+/// and object keys included, and in the tenant and idempotency key.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_queue_refuses_nul_characters_from_any_caller(pool: sqlx::PgPool) {
+    let queue = queue::Queue::new(pool);
+    let job = |input: serde_json::Value| queue::NewJob::new("acme", queue::JobType::Text, input);
+    let cases = [
+        (
+            job(json!({"prompt": "p", "extra": {"list": ["ok", "no\u{0}"]}})),
+            "input.extra.list[1]",
+        ),
+        (job(json!({"prompt": "p", "extra": {"k\u{0}": 1}})), "input.extra"),
+        (
+            queue::NewJob::new("ac\u{0}me", queue::JobType::Text, json!({"prompt": "p"})),
+            "tenant",
+        ),
+        (
+            job(json!({"prompt": "p"})).idempotency_key("k\u{0}"),
+            "idempotency_key",
+        ),
+    ];
+    for (new, field) in cases {
+        match queue.enqueue(new.clone()).await {
+            Err(queue::QueueError::InvalidInput { field: got, .. }) => assert_eq!(got, field, "{new:?}"),
+            other => panic!("{new:?}: {other:?}"),
+        }
+    }
+    let key = api::auth::generate_key("ac\u{0}me", ApiKeyRole::Client);
+    assert!(matches!(
+        queue.create_api_key(&key.record).await,
+        Err(queue::QueueError::InvalidInput { ref field, .. }) if field == "tenant"
+    ));
+    assert!(matches!(
+        queue.revoke_api_key("bk_\u{0}").await,
+        Err(queue::QueueError::InvalidInput { ref field, .. }) if field == "key"
+    ));
+    assert!(matches!(
+        queue.api_keys(Some("\u{0}")).await,
+        Err(queue::QueueError::InvalidInput { ref field, .. }) if field == "tenant"
+    ));
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(queue.pool())
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0);
+}
+
+/// Priority orders all tenants' work, so it is bounded to -100..=100.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn priorities_outside_the_documented_range_are_refused(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let before = server.row_counts().await;
+    for priority in [101, -101, i32::MAX, i32::MIN] {
+        let body = json!({"type": "text", "input": {"prompt": "p"}, "priority": priority});
+        let answer = server.post_json(&key, "/v1/jobs", &body).await;
+        assert_error(&answer, 422, "invalid_input", Some("priority"));
+        let batch = json!({"jobs": [body]});
+        let answer = server.post_json(&key, "/v1/jobs:batch", &batch).await;
+        assert_error(&answer, 422, "invalid_input", Some("jobs[0].priority"));
+    }
+    assert_eq!(server.row_counts().await, before);
+    for priority in [100, -100] {
+        let body = json!({"type": "text", "input": {"prompt": "p"}, "priority": priority});
+        let (status, job) = server.post_json(&key, "/v1/jobs", &body).await;
+        assert_eq!(status, 201, "{job}");
+        assert_eq!(job["priority"], priority);
+    }
+    server.stop().await;
+}

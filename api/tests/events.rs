@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{EventReader, TestServer};
 use queue::{ApiKeyRole, TaskType};
-use reqwest::header::CONTENT_TYPE;
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use serde_json::json;
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -136,4 +136,97 @@ async fn shutting_down_ends_open_streams(pool: sqlx::PgPool) {
         .await
         .unwrap();
     assert!(events.next().await.is_none());
+}
+
+async fn open_stream(server: &TestServer, key: &str, job: &str) -> reqwest::Response {
+    server
+        .get(key, &format!("/v1/jobs/{job}/events"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Over a cap, a stream is refused with 429, the limit's name and
+/// Retry-After; a stream that ends gives its place back.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn open_streams_are_capped_per_tenant_and_per_server(pool: sqlx::PgPool) {
+    let settings = api::state::Settings {
+        streams: api::streams::StreamLimits {
+            per_process: 2,
+            per_tenant: 1,
+            ..Default::default()
+        },
+        ..common::test_settings()
+    };
+    let server = TestServer::start_with(pool, settings).await;
+    let acme = server.key("acme", ApiKeyRole::Client).await;
+    let beta = server.key("beta", ApiKeyRole::Client).await;
+    let gamma = server.key("gamma", ApiKeyRole::Client).await;
+    let acme_job = server.create_text_job(&acme, "a").await;
+    let beta_job = server.create_text_job(&beta, "b").await;
+    let gamma_job = server.create_text_job(&gamma, "c").await;
+
+    let mut first = EventReader::new(open_stream(&server, &acme, &acme_job).await);
+    assert_eq!(first.next().await.unwrap().1["status"], "queued");
+    let refused = open_stream(&server, &acme, &acme_job).await;
+    assert_eq!(refused.headers()[RETRY_AFTER], "10");
+    let refused = common::read(refused).await;
+    common::assert_error(
+        &refused,
+        429,
+        "too_many_requests",
+        Some("SSE_MAX_STREAMS_PER_TENANT"),
+    );
+
+    let mut second = EventReader::new(open_stream(&server, &beta, &beta_job).await);
+    assert_eq!(second.next().await.unwrap().1["status"], "queued");
+    let refused = common::read(open_stream(&server, &gamma, &gamma_job).await).await;
+    common::assert_error(&refused, 429, "too_many_requests", Some("SSE_MAX_STREAMS"));
+
+    // acme's stream ends with its job, and acme may open one again.
+    server
+        .post(&acme, &format!("/v1/jobs/{acme_job}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.next().await.unwrap().1["status"], "cancelled");
+    assert!(first.next().await.is_none());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = open_stream(&server, &acme, &acme_job).await;
+        if response.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ended stream's slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+/// A stream ends cleanly after its maximum duration, even though its job
+/// is still queued; reconnecting reports the status again.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_stream_ends_after_its_maximum_duration(pool: sqlx::PgPool) {
+    let settings = api::state::Settings {
+        streams: api::streams::StreamLimits {
+            max_duration: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..common::test_settings()
+    };
+    let server = TestServer::start_with(pool, settings).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&key, "never runs").await;
+    for _ in 0..2 {
+        let mut events = EventReader::new(open_stream(&server, &key, &id).await);
+        assert_eq!(events.next().await.unwrap().1["status"], "queued");
+        assert!(
+            events.next().await.is_none(),
+            "the stream outlived its maximum duration"
+        );
+    }
+    server.stop().await;
 }

@@ -125,7 +125,7 @@ async fn a_batch_is_created_in_one_go_and_replays_with_its_key(pool: sqlx::PgPoo
     assert!(jobs.iter().all(|j| j["created"] == true));
     assert_eq!(jobs[1]["job"]["type"], "audiobook");
     assert_eq!(jobs[1]["job"]["priority"], 5);
-    assert_eq!(jobs[1]["job"]["idempotency_key"], "nightly#1");
+    assert_eq!(jobs[1]["job"]["idempotency_key"], "nightly№1");
     assert_eq!(server.row_counts().await[..2], [2, 2]);
 
     let (status, replay) = send(body).await;
@@ -273,5 +273,81 @@ async fn every_job_type_accepts_its_documented_input(pool: sqlx::PgPool) {
             .await;
         assert_eq!(status, 201, "{job_type}: {job}");
     }
+    server.stop().await;
+}
+
+/// A batch's per-job keys live apart from single-job keys: no key a client
+/// can send for one job names a job of a batch.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn batch_keys_never_collide_with_single_job_keys(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let batch = server
+        .post(&key, "/v1/jobs:batch")
+        .header("Idempotency-Key", "k")
+        .json(&json!({"jobs": [{"type": "text", "input": {"prompt": "from the batch"}}]}));
+    let (status, batch) = common::read(batch.send().await.unwrap()).await;
+    assert_eq!(status, 201, "{batch}");
+    let batch_job = batch["jobs"][0]["job"]["id"].clone();
+
+    for single_key in ["k#0", "k", "k 0", "k-0"] {
+        let single = server
+            .post(&key, "/v1/jobs")
+            .header("Idempotency-Key", single_key)
+            .json(&json!({"type": "pdf", "input": {"text": "a single job"}}));
+        let (status, job) = common::read(single.send().await.unwrap()).await;
+        assert_eq!(status, 201, "{single_key}: {job}");
+        assert_ne!(job["id"], batch_job, "{single_key}");
+    }
+    server.stop().await;
+}
+
+/// A replay must ask for the same job: a different priority (or, from the
+/// queue, a different max_attempts) is a conflict like a different input.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_replay_with_another_priority_or_max_attempts_is_a_conflict(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let send = |path: &str, body: serde_json::Value| {
+        let request = server
+            .post(&key, path)
+            .header("Idempotency-Key", "same")
+            .json(&body);
+        async move { common::read(request.send().await.unwrap()).await }
+    };
+    let job = json!({"type": "text", "input": {"prompt": "p"}, "priority": 1});
+    assert_eq!(send("/v1/jobs", job.clone()).await.0, 201);
+    assert_eq!(send("/v1/jobs", job).await.0, 200);
+    let other = json!({"type": "text", "input": {"prompt": "p"}, "priority": 2});
+    assert_error(
+        &send("/v1/jobs", other.clone()).await,
+        409,
+        "idempotency_conflict",
+        None,
+    );
+    assert_eq!(
+        send(
+            "/v1/jobs:batch",
+            json!({"jobs": [{"type": "text", "input": {"prompt": "p"}}]})
+        )
+        .await
+        .0,
+        201
+    );
+    let batch = json!({"jobs": [{"type": "text", "input": {"prompt": "p"}, "priority": 9}]});
+    assert_error(
+        &send("/v1/jobs:batch", batch).await,
+        409,
+        "idempotency_conflict",
+        None,
+    );
+
+    let new = || queue::NewJob::new("acme", JobType::Pdf, json!({"text": "t"})).idempotency_key("attempts");
+    assert!(server.queue.enqueue(new().max_attempts(3)).await.unwrap().created);
+    assert!(!server.queue.enqueue(new().max_attempts(3)).await.unwrap().created);
+    assert!(matches!(
+        server.queue.enqueue(new().max_attempts(7)).await,
+        Err(queue::QueueError::IdempotencyConflict { .. })
+    ));
     server.stop().await;
 }

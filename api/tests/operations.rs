@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 /// and the document must follow (it does, being built from the same table).
 const ROUTES: &[&str] = &[
     "GET /healthz",
-    "GET /metrics",
     "GET /openapi.json",
     "GET /readyz",
     "GET /v1/jobs",
@@ -150,9 +149,31 @@ async fn the_openapi_document_lists_exactly_the_served_routes(pool: sqlx::PgPool
     ] {
         assert!(codes.as_array().unwrap().contains(&json!(code)), "{code}");
     }
+    // Each job type appears with the one input it takes.
+    let alternatives = doc["components"]["schemas"]["CreateJobRequest"]["oneOf"]
+        .as_array()
+        .unwrap();
+    let by_input: Vec<(Value, Value)> = alternatives
+        .iter()
+        .map(|a| {
+            (
+                a["properties"]["input"]["$ref"].clone(),
+                a["properties"]["type"]["enum"].clone(),
+            )
+        })
+        .collect();
     assert_eq!(
-        doc["components"]["schemas"]["CreateJobRequest"]["properties"]["type"]["enum"],
-        json!(["reading", "text", "pdf", "audiobook"])
+        by_input,
+        [
+            (
+                json!("#/components/schemas/PromptInput"),
+                json!(["reading", "text"])
+            ),
+            (
+                json!("#/components/schemas/TextInput"),
+                json!(["pdf", "audiobook"])
+            ),
+        ]
     );
     server.stop().await;
 }
@@ -186,7 +207,12 @@ async fn metrics_count_requests_by_route_and_report_queue_depth(pool: sqlx::PgPo
     server.get(&key, &format!("/v1/jobs/{id}")).send().await.unwrap();
     server.get(&key, "/v1/jobs/nope").send().await.unwrap();
 
-    let response = server.client.get(server.url("/metrics")).send().await.unwrap();
+    let response = server
+        .client
+        .get(format!("{}/metrics", server.metrics_base))
+        .send()
+        .await
+        .unwrap();
     assert!(response.headers()[CONTENT_TYPE]
         .to_str()
         .unwrap()
@@ -203,6 +229,80 @@ async fn metrics_count_requests_by_route_and_report_queue_depth(pool: sqlx::PgPo
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
     }
     assert!(text.trim_end().ends_with("# EOF"));
+    server.stop().await;
+}
+
+/// The API's port serves no metrics: they are on their own address only.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_api_port_serves_no_metrics(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let (status, body) = read(server.client.get(server.url("/metrics")).send().await.unwrap()).await;
+    assert_eq!(status, 404, "{body}");
+    server.stop().await;
+}
+
+/// Scrapes in quick succession share one depth read.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn scrapes_reuse_a_recent_depth_read(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    server.create_text_job(&key, "p").await;
+    let scrapes = futures::future::join_all((0..5).map(|_| server.scrape())).await;
+    for text in scrapes.iter().chain([&server.scrape().await]) {
+        assert!(
+            text.lines().any(|l| l == "backlog_queue_depth_reads_total 1"),
+            "{text}"
+        );
+        assert!(text
+            .lines()
+            .any(|l| l == r#"backlog_queue_pending_tasks{task_type="text_generation"} 1"#));
+    }
+    server.stop().await;
+}
+
+/// Labels stay bounded whatever clients send: custom methods are `other`,
+/// and unmatched paths share `unmatched` (never the raw path).
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn request_labels_are_bounded_whatever_the_client_sends(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = uuid::Uuid::now_v7();
+    for (method, path) in [
+        ("BREW", format!("/v1/jobs/{id}")),
+        ("FROBNICATE", "/v1/jobs".to_string()),
+        ("GET", "/no/such/path/12345".to_string()),
+        ("GET", format!("/v1/jobs/{id}")),
+    ] {
+        server
+            .client
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                server.url(&path),
+            )
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+    }
+    let text = server.scrape().await;
+    let requests: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("backlog_http_requests_total{"))
+        .collect();
+    for forbidden in ["BREW", "FROBNICATE", "/no/such", &id.to_string()] {
+        assert!(
+            requests.iter().all(|l| !l.contains(forbidden)),
+            "{forbidden} in {requests:#?}"
+        );
+    }
+    for line in [
+        r#"backlog_http_requests_total{method="other",route="/v1/jobs/{id}",status="405"} 1"#,
+        r#"backlog_http_requests_total{method="other",route="/v1/jobs",status="405"} 1"#,
+        r#"backlog_http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+        r#"backlog_http_requests_total{method="GET",route="/v1/jobs/{id}",status="404"} 1"#,
+    ] {
+        assert!(requests.contains(&line), "missing {line:?} in {requests:#?}");
+    }
     server.stop().await;
 }
 
@@ -269,15 +369,7 @@ async fn the_sweeper_rescues_stale_tasks_and_prunes_finished_jobs(pool: sqlx::Pg
     })
     .await;
 
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.scrape().await;
     for line in [
         r#"backlog_sweeper_actions_total{action="retried"} 1"#,
         r#"backlog_sweeper_actions_total{action="pruned"} 1"#,

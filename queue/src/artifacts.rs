@@ -155,21 +155,25 @@ impl Queue {
         .await?)
     }
 
-    /// A job's artifacts.
+    /// A job's final artifacts: those whose task completed (a running or
+    /// retried task's artifact may still be replaced).
     pub async fn artifacts_of(&self, job_id: Uuid) -> Result<Vec<Artifact>> {
-        Ok(
-            sqlx::query_as("SELECT * FROM artifacts WHERE job_id = $1 ORDER BY kind")
-                .bind(job_id)
-                .fetch_all(&self.pool)
-                .await?,
+        Ok(sqlx::query_as(
+            "SELECT a.* FROM artifacts a JOIN job_tasks t ON t.id = a.task_id
+             WHERE a.job_id = $1 AND t.status = 'complete' ORDER BY a.kind",
         )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
-    /// One artifact of a tenant's job; anything else is not found.
+    /// One final artifact of a tenant's job; anything else (another
+    /// tenant's, or one whose task has not completed) is not found.
     pub async fn artifact(&self, tenant: &str, job_id: Uuid, artifact_id: Uuid) -> Result<Option<Artifact>> {
         Ok(sqlx::query_as(
             "SELECT a.* FROM artifacts a JOIN jobs j ON j.id = a.job_id
-             WHERE a.id = $1 AND a.job_id = $2 AND j.tenant = $3",
+             JOIN job_tasks t ON t.id = a.task_id
+             WHERE a.id = $1 AND a.job_id = $2 AND j.tenant = $3 AND t.status = 'complete'",
         )
         .bind(artifact_id)
         .bind(job_id)

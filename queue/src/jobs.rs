@@ -19,6 +19,15 @@ pub struct Enqueued {
     pub created: bool,
 }
 
+/// A job found under an idempotency key, with what a replay must match
+/// beyond the job row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Existing {
+    #[sqlx(flatten)]
+    job: Job,
+    task_max_attempts: Option<i32>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobWithTasks {
     pub job: Job,
@@ -45,6 +54,9 @@ pub struct JobPage {
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 const MAX_TENANT_LEN: usize = 128;
 const MAX_ATTEMPTS_LIMIT: i32 = 100;
+/// Priority orders every tenant's work in one queue, so it is bounded: a
+/// client can go first among its peers, not ahead of the whole system.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -100..=100;
 
 impl Queue {
     /// Enqueue one job and its task DAG in one transaction.
@@ -170,10 +182,15 @@ impl Queue {
         let missing: Vec<usize> = (0..jobs.len())
             .filter(|i| !created.contains_key(&ids[*i]))
             .collect();
-        let mut existing: HashMap<(String, String), Job> = HashMap::new();
+        let mut existing: HashMap<(String, String), Existing> = HashMap::new();
         if !missing.is_empty() {
-            let rows: Vec<Job> = sqlx::query_as(
-                "SELECT j.* FROM jobs j JOIN unnest($1::text[], $2::text[]) AS k(tenant, key)
+            // The job's max_attempts is its tasks' (all alike): a replay
+            // asking for other attempts is a different job.
+            let rows: Vec<Existing> = sqlx::query_as(
+                "SELECT j.*,
+                        (SELECT t.max_attempts FROM job_tasks t WHERE t.job_id = j.id
+                         ORDER BY t.id LIMIT 1) AS task_max_attempts
+                 FROM jobs j JOIN unnest($1::text[], $2::text[]) AS k(tenant, key)
                  ON j.tenant = k.tenant AND j.idempotency_key = k.key",
             )
             .bind(
@@ -190,12 +207,12 @@ impl Queue {
             )
             .fetch_all(&mut *tx)
             .await?;
-            for job in rows {
+            for row in rows {
                 let key = (
-                    job.tenant.clone(),
-                    job.idempotency_key.clone().unwrap_or_default(),
+                    row.job.tenant.clone(),
+                    row.job.idempotency_key.clone().unwrap_or_default(),
                 );
-                existing.insert(key, job);
+                existing.insert(key, row);
             }
         }
 
@@ -206,11 +223,18 @@ impl Queue {
                 continue;
             }
             let key = new.idempotency_key.clone().unwrap_or_default();
-            let job = existing
+            let Existing {
+                job,
+                task_max_attempts,
+            } = existing
                 .get(&(new.tenant.clone(), key.clone()))
                 .cloned()
                 .ok_or_else(|| QueueError::invalid("idempotency_key", "conflicting job vanished; retry"))?;
-            if job.job_type != new.job_type || job.input != new.input {
+            let same_job = job.job_type == new.job_type
+                && job.input == new.input
+                && job.priority == new.priority
+                && task_max_attempts.is_none_or(|attempts| attempts == new.max_attempts);
+            if !same_job {
                 return Err(QueueError::IdempotencyConflict {
                     key,
                     existing: job.id,
@@ -249,6 +273,7 @@ impl Queue {
                 format!("must be 1 to {MAX_TENANT_LEN} characters"),
             ));
         }
+        refuse_nul("tenant", &job.tenant)?;
         if let Some(key) = &job.idempotency_key {
             if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
                 return Err(QueueError::invalid(
@@ -256,6 +281,18 @@ impl Queue {
                     format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
                 ));
             }
+            refuse_nul("idempotency_key", key)?;
+        }
+        if !PRIORITY_RANGE.contains(&job.priority) {
+            return Err(QueueError::invalid(
+                "priority",
+                format!(
+                    "must be between {} and {}, got {}",
+                    PRIORITY_RANGE.start(),
+                    PRIORITY_RANGE.end(),
+                    job.priority
+                ),
+            ));
         }
         if !(1..=MAX_ATTEMPTS_LIMIT).contains(&job.max_attempts) {
             return Err(QueueError::invalid(
@@ -269,6 +306,7 @@ impl Queue {
         let Some(input) = job.input.as_object() else {
             return Err(QueueError::invalid("input", "must be a JSON object"));
         };
+        refuse_nul_in_json("input", &job.input)?;
         let size = job.input.to_string().len();
         if size > self.config.max_input_bytes {
             return Err(QueueError::invalid(
@@ -471,5 +509,39 @@ impl Queue {
             .await?;
         tx.commit().await?;
         Ok(job)
+    }
+}
+
+/// PostgreSQL stores no NUL character in `text` (nor `\u0000` in `jsonb`):
+/// refuse it here, naming the field, rather than fail in the database.
+pub(crate) fn refuse_nul(field: &str, value: &str) -> Result<()> {
+    if value.contains('\0') {
+        return Err(QueueError::invalid(
+            field,
+            "must not contain a NUL character (\\u0000)",
+        ));
+    }
+    Ok(())
+}
+
+/// [`refuse_nul`] for every string and object key of a JSON value; `at` is
+/// the value's path (`input.extra.list[1]`). A bad key names its object.
+fn refuse_nul_in_json(at: &str, value: &serde_json::Value) -> Result<()> {
+    match value {
+        serde_json::Value::String(s) => refuse_nul(at, s),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| refuse_nul_in_json(&format!("{at}[{i}]"), item)),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(key, item)| {
+            if key.contains('\0') {
+                return Err(QueueError::invalid(
+                    at,
+                    "a key must not contain a NUL character (\\u0000)",
+                ));
+            }
+            refuse_nul_in_json(&format!("{at}.{key}"), item)
+        }),
+        _ => Ok(()),
     }
 }

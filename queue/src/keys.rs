@@ -11,6 +11,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::{QueueError, Result};
+use crate::jobs::refuse_nul;
 use crate::Queue;
 
 const MAX_TENANT_LEN: usize = 128;
@@ -98,12 +99,14 @@ impl Queue {
                 format!("must be 1 to {MAX_TENANT_LEN} characters"),
             ));
         }
+        refuse_nul("tenant", &key.tenant)?;
         if key.prefix.is_empty() || key.prefix.len() > MAX_PREFIX_LEN {
             return Err(QueueError::invalid(
                 "prefix",
                 format!("must be 1 to {MAX_PREFIX_LEN} characters"),
             ));
         }
+        refuse_nul("prefix", &key.prefix)?;
         Ok(sqlx::query_as(concat!(
             "INSERT INTO api_keys (id, tenant, role, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)
              RETURNING ",
@@ -137,6 +140,7 @@ impl Queue {
     /// Revoke one key, named by its id or its prefix. A prefix that names
     /// several keys is refused rather than revoking them all.
     pub async fn revoke_api_key(&self, id_or_prefix: &str) -> Result<ApiKey> {
+        refuse_nul("key", id_or_prefix)?;
         let id = Uuid::parse_str(id_or_prefix).ok();
         let mut tx = self.pool.begin().await?;
         let matches: Vec<ApiKey> = sqlx::query_as(concat!(
@@ -171,6 +175,9 @@ impl Queue {
 
     /// Every key (of one tenant, or all), newest first.
     pub async fn api_keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKey>> {
+        if let Some(tenant) = tenant {
+            refuse_nul("tenant", tenant)?;
+        }
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),

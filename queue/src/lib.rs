@@ -29,7 +29,7 @@ pub use artifacts::{Artifact, ArtifactKind, NewArtifact};
 pub use depth::TaskDepth;
 pub use error::{QueueError, Result};
 pub use events::{JobStatusEvent, JobStatusNotifications, JOB_STATUS_CHANNEL};
-pub use jobs::{Enqueued, JobFilter, JobPage, JobWithTasks};
+pub use jobs::{Enqueued, JobFilter, JobPage, JobWithTasks, PRIORITY_RANGE};
 pub use keys::{ApiKey, ApiKeyRole, NewApiKey};
 pub use leader::Leadership;
 pub use maintenance::{RepairedJob, Retention, RetentionMode, SweepOutcome, SweptTask};

@@ -63,11 +63,19 @@ pub async fn download_artifact(
     let length = range.end - range.start;
     let content_range = (status == StatusCode::PARTIAL_CONTENT)
         .then(|| format!("bytes {}-{}/{size}", range.start, range.end - 1));
-    let bytes = state
-        .artifacts
-        .stream_range(key, range)
-        .await
-        .map_err(store_error)?;
+    // An empty range is no request the store accepts (and an empty
+    // artifact has only that one): there is nothing to read.
+    let body = if length == 0 {
+        Body::empty()
+    } else {
+        Body::from_stream(
+            state
+                .artifacts
+                .stream_range(key, range)
+                .await
+                .map_err(store_error)?,
+        )
+    };
 
     let content_type = HeaderValue::from_str(&artifact.content_type)
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
@@ -82,9 +90,7 @@ pub async fn download_artifact(
     if let Some(content_range) = content_range {
         response = response.header(header::CONTENT_RANGE, content_range);
     }
-    response
-        .body(Body::from_stream(bytes))
-        .map_err(ApiError::internal)
+    response.body(body).map_err(ApiError::internal)
 }
 
 fn store_error(error: StoreError) -> ApiError {

@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use utoipa::ToSchema;
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
@@ -27,6 +30,7 @@ use crate::error::{ApiResult, ErrorBody};
 use crate::extract::parse_uuid;
 use crate::openapi::job_status_schema;
 use crate::state::AppState;
+use crate::streams::StreamSlot;
 
 /// The data of each `status` event.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -38,17 +42,63 @@ pub struct JobStatusUpdate {
     pub updated_at: DateTime<Utc>,
 }
 
+/// One event of the stream as the OpenAPI document describes it (for
+/// OpenAPI 3.1, an event stream's schema is that of each event): `event:
+/// status` with a [`JobStatusUpdate`] as JSON in `data`.
+pub struct StatusEvent;
+
+impl PartialSchema for StatusEvent {
+    fn schema() -> RefOr<Schema> {
+        // utoipa has no `contentSchema`; an extension entry (not prefixed
+        // `x-`, so validators read it) carries it.
+        let content_schema: Extensions = [(
+            "contentSchema",
+            serde_json::json!({"$ref": format!("#/components/schemas/{}", JobStatusUpdate::name())}),
+        )]
+        .into_iter()
+        .collect();
+        let data = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/json")
+            .extensions(Some(content_schema))
+            .description(Some("A `JobStatusUpdate`, as JSON"));
+        let event = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(["status"]));
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some("One server-sent event"))
+            .property("event", event)
+            .required("event")
+            .property("data", data)
+            .required("data")
+            .into()
+    }
+}
+
+impl ToSchema for StatusEvent {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((JobStatusUpdate::name().into(), JobStatusUpdate::schema()));
+    }
+}
+
 /// Status changes of a job: one `status` event with the current status,
 /// then one per change; the stream ends after a finished status
-/// (`complete`, `failed`, `cancelled`).
+/// (`complete`, `failed`, `cancelled`), or once it has been open for
+/// `SSE_MAX_STREAM_SECONDS` (reconnect to go on: the first event is the
+/// status then). Open streams are capped per tenant and per server (429
+/// with `Retry-After` beyond).
 #[utoipa::path(
     get, path = "/v1/jobs/{id}/events", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id")),
     responses(
         (status = 200, description = "`text/event-stream` of `status` events", content_type = "text/event-stream",
-         body = JobStatusUpdate),
+         body = StatusEvent),
         (status = 400, description = "Not a UUID", body = ErrorBody),
         (status = 404, description = "No such job for this tenant", body = ErrorBody),
+        (status = 429, description = "Too many open event streams (`field` names the limit); retry after \
+         `Retry-After` seconds", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )
 )]
 pub async fn job_events(
@@ -57,6 +107,13 @@ pub async fn job_events(
     Path(id): Path<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, axum::Error>>>> {
     let id = parse_uuid("id", &id)?;
+    // Counted from here until the stream is dropped, whatever ends it.
+    let slot = state.open_streams.open(&principal.tenant)?;
+    let now = Instant::now();
+    // A limit too large to add up means none: a year is as good.
+    let deadline = now
+        .checked_add(state.open_streams.limits().max_duration)
+        .unwrap_or(now + Duration::from_secs(365 * 86_400));
     // Subscribe before the watch, so no notification can fall between them.
     let notifications = state.job_events.subscribe();
     let stream_id = Uuid::now_v7();
@@ -76,6 +133,8 @@ pub async fn job_events(
         finished: false,
         notifications,
         shutdown: state.shutdown.clone(),
+        deadline,
+        _slot: slot,
     };
     let stream = futures::stream::unfold((watch, Some(job)), |(mut watch, current)| async move {
         let event = match current {
@@ -103,6 +162,9 @@ struct JobWatch {
     finished: bool,
     notifications: broadcast::Receiver<JobStatusEvent>,
     shutdown: CancellationToken,
+    /// The stream ends here however long the job takes.
+    deadline: Instant,
+    _slot: StreamSlot,
 }
 
 impl JobWatch {
@@ -114,6 +176,7 @@ impl JobWatch {
         loop {
             let wake = tokio::select! {
                 () = self.shutdown.cancelled() => return None,
+                () = tokio::time::sleep_until(self.deadline) => return None,
                 wake = self.notifications.recv() => Some(wake),
                 _ = self.renew.tick() => None,
             };

@@ -11,7 +11,11 @@ use queue::{
     TaskStatus, TaskType,
 };
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::openapi::schema::{
+    AdditionalProperties, KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
+};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
@@ -23,8 +27,11 @@ use crate::openapi::{
 use crate::state::AppState;
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
-/// Shorter than the queue's 255 so that a batch's per-job keys
-/// (`<key>#<index>`) still fit.
+/// Separates a batch's key from the job's index in the batch: not ASCII,
+/// so it never occurs in a key read from a header.
+const BATCH_KEY_SEPARATOR: char = '№';
+/// Shorter than the queue's 255 bytes so that a batch's per-job keys
+/// (`<key>№<index>`) still fit.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
@@ -32,20 +39,77 @@ const CURSOR_VERSION: u8 = 1;
 
 // ---------------------------------------------------------------- requests
 
-/// A job to create.
-#[derive(Debug, Deserialize, ToSchema)]
+/// A job to create. Its schema (see the `PartialSchema` impl below) ties
+/// the input to the type, as [`CreateJobRequest::into_new_job`] checks it.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJobRequest {
     #[serde(rename = "type")]
-    #[schema(schema_with = job_type_schema)]
     pub job_type: JobType,
     /// `reading` and `text` jobs take a [`PromptInput`]; `pdf` and
     /// `audiobook` jobs a [`TextInput`].
-    #[schema(value_type = JobInput)]
     pub input: serde_json::Value,
-    /// Higher runs first.
+    /// Higher runs first, across all tenants; -100 to 100 (default 0).
     #[serde(default)]
     pub priority: i32,
+}
+
+/// Which input a job type takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputKind {
+    Prompt,
+    Text,
+}
+
+fn input_kind(job_type: JobType) -> InputKind {
+    match job_type {
+        JobType::Reading | JobType::Text => InputKind::Prompt,
+        JobType::Pdf | JobType::Audiobook => InputKind::Text,
+    }
+}
+
+impl utoipa::PartialSchema for CreateJobRequest {
+    /// One alternative per input kind: the job types that take it, with it.
+    fn schema() -> RefOr<Schema> {
+        let alternative = |kind: InputKind, input: &str| {
+            let types = JobType::ALL
+                .iter()
+                .filter(|t| input_kind(**t) == kind)
+                .map(|t| t.as_str());
+            let priority = ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+                .minimum(Some(*queue::PRIORITY_RANGE.start()))
+                .maximum(Some(*queue::PRIORITY_RANGE.end()))
+                .default(Some(0.into()))
+                .description(Some("Higher runs first, across all tenants"));
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property(
+                    "type",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some(types)),
+                )
+                .required("type")
+                .property("input", Ref::from_schema_name(input))
+                .required("input")
+                .property("priority", priority)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        };
+        OneOfBuilder::new()
+            .description(Some("A job to create: its type and the input that type takes"))
+            .item(alternative(InputKind::Prompt, "PromptInput"))
+            .item(alternative(InputKind::Text, "TextInput"))
+            .into()
+    }
+}
+
+impl ToSchema for CreateJobRequest {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((PromptInput::name().into(), PromptInput::schema()));
+        schemas.push((TextInput::name().into(), TextInput::schema()));
+    }
 }
 
 /// Many jobs, created in one transaction: all or none.
@@ -59,7 +123,8 @@ pub struct CreateJobsRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromptInput {
-    /// What to write about.
+    /// What to write about: not blank, no NUL characters.
+    #[schema(min_length = 1)]
     pub prompt: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
@@ -72,7 +137,8 @@ pub struct PromptInput {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TextInput {
-    /// The text to typeset or read aloud.
+    /// The text to typeset or read aloud: not blank, no NUL characters.
+    #[schema(min_length = 1)]
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
@@ -97,13 +163,21 @@ impl CreateJobRequest {
         } else {
             format!("{at}.input")
         };
-        let input = match self.job_type {
-            JobType::Reading | JobType::Text => JobInput::Prompt(from_json_value(self.input, &input_at)?),
-            JobType::Pdf | JobType::Audiobook => JobInput::Text(from_json_value(self.input, &input_at)?),
+        let input = match input_kind(self.job_type) {
+            InputKind::Prompt => JobInput::Prompt(from_json_value(self.input, &input_at)?),
+            InputKind::Text => JobInput::Text(from_json_value(self.input, &input_at)?),
         };
         let input = serde_json::to_value(input).map_err(ApiError::internal)?;
         Ok(NewJob::new(tenant, self.job_type, input).priority(self.priority))
     }
+}
+
+/// The key of job `i` of a batch sent with Idempotency-Key `key`. The
+/// separator is `№` (U+2116), which an HTTP header cannot carry (its value
+/// must be visible ASCII to be read as a key), so no single job's key can
+/// ever equal a batch job's.
+fn batch_item_key(key: &str, i: usize) -> String {
+    format!("{key}{BATCH_KEY_SEPARATOR}{i}")
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
@@ -281,6 +355,7 @@ pub struct ListJobsQuery {
     #[param(rename = "type", schema_with = job_type_schema)]
     pub job_type: Option<JobType>,
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -344,7 +419,8 @@ pub async fn create_job(
     post, path = "/v1/jobs:batch", tag = "jobs",
     request_body = CreateJobsRequest,
     params(("Idempotency-Key" = Option<String>, Header,
-        description = "Makes the whole batch replayable: job `i` is keyed `<key>#<i>`.")),
+        description = "Makes the whole batch replayable: job `i` is keyed `<key>№<i>` (`№` is U+2116, \
+                       which no Idempotency-Key header can contain, so batch and single-job keys never collide).")),
     responses(
         (status = 201, description = "Created (at least one job is new)", body = BatchResponse),
         (status = 200, description = "Every job was created earlier with this Idempotency-Key", body = BatchResponse),
@@ -368,7 +444,7 @@ pub async fn create_jobs_batch(
         .enumerate()
         .map(|(i, job)| {
             let mut job = job.into_new_job(&principal.tenant, &format!("jobs[{i}]"))?;
-            job.idempotency_key = key.as_ref().map(|key| format!("{key}#{i}"));
+            job.idempotency_key = key.as_ref().map(|key| batch_item_key(key, i));
             Ok(job)
         })
         .collect::<ApiResult<Vec<_>>>()?;
@@ -405,21 +481,13 @@ pub async fn get_job(
 ) -> ApiResult<Json<JobDetail>> {
     let id = parse_uuid("id", &id)?;
     let JobWithTasks { job, tasks } = state.queue.job_with_tasks(&principal.tenant, id).await?;
-    // Only a completed task's artifact is final (a task still running, or
-    // retried, may replace it); a job with no completed task needs no read.
-    let complete: Vec<i64> = tasks
-        .iter()
-        .filter(|t| t.status == TaskStatus::Complete)
-        .map(|t| t.id)
-        .collect();
-    let artifacts = if complete.is_empty() {
-        Vec::new()
+    // Only a completed task's artifact is final (the queue lists no other);
+    // a job with no completed task needs no read.
+    let artifacts = if tasks.iter().any(|t| t.status == TaskStatus::Complete) {
+        let listed = state.queue.artifacts_of(id).await?;
+        listed.into_iter().map(Into::into).collect()
     } else {
-        let all = state.queue.artifacts_of(id).await?;
-        all.into_iter()
-            .filter(|a| complete.contains(&a.task_id))
-            .map(Into::into)
-            .collect()
+        Vec::new()
     };
     Ok(Json(JobDetail {
         job: job.into(),

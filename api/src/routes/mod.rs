@@ -26,11 +26,11 @@ pub fn authenticated() -> OpenApiRouter<AppState> {
         .routes(routes!(operations::pools))
 }
 
-/// Routes open to anyone: probes, metrics, the API description.
+/// Routes open to anyone: probes and the API description. Metrics are not
+/// here: they are served on `METRICS_ADDR` only.
 pub fn public() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(operations::healthz))
         .routes(routes!(operations::readyz))
-        .routes(routes!(operations::metrics))
         .routes(routes!(operations::openapi_json))
 }

@@ -1,8 +1,7 @@
-//! Operator routes: queue depth, health, readiness, metrics, the OpenAPI
-//! document.
+//! Operator routes: queue depth, health, readiness, the OpenAPI document.
+//! (Metrics are served on their own address: see [`crate::metrics`].)
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -16,10 +15,6 @@ use crate::auth::Principal;
 use crate::error::{ApiResult, ErrorBody};
 use crate::openapi::task_type_schema;
 use crate::state::AppState;
-
-/// A scrape should not hang on a slow database; stale gauges are better.
-const DEPTH_READ_TIMEOUT: Duration = Duration::from_secs(2);
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The load on one task type right now.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -186,19 +181,6 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(Readiness { ready, detail }))
-}
-
-/// Prometheus metrics (OpenMetrics text): requests, queue depth, sweeper.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text",
-               body = String)))]
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    match tokio::time::timeout(DEPTH_READ_TIMEOUT, state.queue.depth()).await {
-        Ok(Ok(depth)) => state.metrics.set_depth(&depth),
-        Ok(Err(error)) => tracing::warn!(%error, "queue depth unavailable for metrics"),
-        Err(_) => tracing::warn!("queue depth read timed out for metrics"),
-    }
-    ([(header::CONTENT_TYPE, OPENMETRICS)], state.metrics.encode())
 }
 
 /// The serialized OpenAPI document, built once at startup.

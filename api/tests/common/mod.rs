@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 pub struct TestServer {
     pub base: String,
+    /// Where `/metrics` is served (its own listener, as `METRICS_ADDR`).
+    pub metrics_base: String,
     pub client: Client,
     pub queue: Queue,
     pub pool: PgPool,
@@ -34,6 +36,7 @@ pub fn test_settings() -> Settings {
         body_limit_bytes: 16 * 1024,
         auth_cache_ttl: Duration::ZERO,
         sweeper: None,
+        ..Settings::default()
     }
 }
 
@@ -53,9 +56,12 @@ impl TestServer {
         let artifacts = tempfile::tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_base = format!("http://{}", metrics_listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(api::server::run(
+        let handle = tokio::spawn(api::server::run_with_metrics(
             listener,
+            Some(metrics_listener),
             queue.clone(),
             store::ArtifactStore::local(artifacts.path()).unwrap(),
             settings,
@@ -63,6 +69,7 @@ impl TestServer {
         ));
         TestServer {
             base,
+            metrics_base,
             client: http_client(),
             queue,
             pool,
@@ -86,6 +93,18 @@ impl TestServer {
         let key = generate_key(tenant, role);
         self.queue.create_api_key(&key.record).await.unwrap();
         key.secret
+    }
+
+    /// The metrics exposition, as text.
+    pub async fn scrape(&self) -> String {
+        let response = self
+            .client
+            .get(format!("{}/metrics", self.metrics_base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {
