@@ -333,8 +333,7 @@ impl<B: Backend> Reconciler<B> {
                     })
                 }
             };
-            let candidates =
-                removal_candidates(replicas, busy, (decision.from - decision.replicas) as usize);
+            let candidates = removal_candidates(replicas, busy, (decision.from - decision.replicas) as usize);
             let drained = self
                 .ctx
                 .queue

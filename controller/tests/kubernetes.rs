@@ -983,7 +983,10 @@ async fn a_statefulset_ordinal_that_comes_back_is_not_left_draining(pool: PgPool
     let held = q.claim("sts-0", &[TaskType::TextGeneration], 1).await.unwrap();
     let controller = start_controller(&api, &q, "a");
     let statefulset = || api.get("apps", "statefulsets", NS, "sts").unwrap();
-    eventually("sts at 1", || (statefulset()["spec"]["replicas"] == 1).then_some(())).await;
+    eventually("sts at 1", || {
+        (statefulset()["spec"]["replicas"] == 1).then_some(())
+    })
+    .await;
     assert_eq!(pod_names(&api, "sts"), ["sts-0"]);
 
     // Work for two replicas: sts-1 comes back under its old name and registers.

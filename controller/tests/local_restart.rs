@@ -101,10 +101,24 @@ spec:
     path
 }
 
-fn start_controller(binary: &Path, manifest: &Path, state_dir: &Path, database_url: &str, log: &Path) -> Child {
+fn start_controller(
+    binary: &Path,
+    manifest: &Path,
+    state_dir: &Path,
+    database_url: &str,
+    log: &Path,
+) -> Child {
     let log = std::fs::File::create(log).unwrap();
     Command::new(binary)
-        .args(["run", "--backend", "local", "--tick-seconds", "0.3", "--stop-grace-seconds", "10"])
+        .args([
+            "run",
+            "--backend",
+            "local",
+            "--tick-seconds",
+            "0.3",
+            "--stop-grace-seconds",
+            "10",
+        ])
         .arg("--filename")
         .arg(manifest)
         .arg("--state-dir")
@@ -161,7 +175,10 @@ async fn a_controller_killed_with_sigkill_leaves_its_workers_to_the_next_one(poo
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(registered, MAX_REPLICAS, "the first controller's workers registered");
+    assert_eq!(
+        registered, MAX_REPLICAS,
+        "the first controller's workers registered"
+    );
     let first_workers = live_workers(&database_url);
     assert_eq!(first_workers.len(), MAX_REPLICAS, "{first_workers:?}");
 
@@ -201,19 +218,32 @@ async fn a_controller_killed_with_sigkill_leaves_its_workers_to_the_next_one(poo
         "at most {MAX_REPLICAS} live workers, saw {most}: {seen:?}"
     );
     let now = live_workers(&database_url);
-    assert_eq!(now, first_workers, "the earlier workers were adopted, none started beside them");
+    assert_eq!(
+        now, first_workers,
+        "the earlier workers were adopted, none started beside them"
+    );
     let ids: BTreeSet<&str> = seen.iter().map(|w| w.worker_id.as_str()).collect();
     let pids: BTreeSet<u32> = seen.iter().map(|w| w.pid).collect();
-    assert_eq!(ids.len(), pids.len(), "no two processes shared a worker id: {seen:?}");
+    assert_eq!(
+        ids.len(),
+        pids.len(),
+        "no two processes shared a worker id: {seen:?}"
+    );
 
     // A graceful stop of the second controller stops the adopted workers.
     let mut second = cleanup.controllers.pop().unwrap();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(second.id() as libc::pid_t, libc::SIGTERM) };
-    let exited = eventually(Duration::from_secs(60), || matches!(second.try_wait(), Ok(Some(_)))).await;
+    let exited = eventually(Duration::from_secs(60), || {
+        matches!(second.try_wait(), Ok(Some(_)))
+    })
+    .await;
     assert!(exited, "the second controller stopped on SIGTERM");
     let left = live_workers(&database_url);
-    assert!(left.is_empty(), "no worker of the pool outlives the controller's shutdown: {left:?}");
+    assert!(
+        left.is_empty(),
+        "no worker of the pool outlives the controller's shutdown: {left:?}"
+    );
     assert!(
         q.workers(Some("text")).await.unwrap().is_empty(),
         "the stopped workers deregistered"

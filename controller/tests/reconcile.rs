@@ -3,8 +3,8 @@
 //! leader election.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -401,7 +401,10 @@ async fn a_failed_undrain_is_retried_by_the_next_pass(pool: PgPool) {
     for id in &ids {
         register_text_worker(&q, id).await;
     }
-    let tasks = q.claim("elsewhere", &[TaskType::TextGeneration], 10).await.unwrap();
+    let tasks = q
+        .claim("elsewhere", &[TaskType::TextGeneration], 10)
+        .await
+        .unwrap();
     let results: Vec<_> = tasks.iter().map(|t| (t.lease(), json!({}))).collect();
     q.complete_batch("elsewhere", &results).await.unwrap();
 
@@ -538,11 +541,11 @@ async fn a_pool_of_one_whose_only_worker_was_left_draining_works_again(pool: PgP
     }
     assert_eq!(registered.len(), 1, "the pool's one worker registered");
     // A mark left by an earlier controller that died between drain and stop.
-    let id = registered[0].id.clone();
-    assert_eq!(q.drain_idle(std::slice::from_ref(&id)).await.unwrap(), [id.clone()]);
+    let ids = vec![registered[0].id.clone()];
+    assert_eq!(q.drain_idle(&ids).await.unwrap(), ids);
 
     enqueue_jobs(&q, JobType::Text, 5).await;
-    let mut unfinished = -1;
+    let mut unfinished: i64 = -1;
     for _ in 0..600 {
         unfinished = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status <> 'complete'")
             .fetch_one(&pool)
@@ -555,5 +558,8 @@ async fn a_pool_of_one_whose_only_worker_was_left_draining_works_again(pool: PgP
     }
     shutdown.cancel();
     controller.await.unwrap().unwrap();
-    assert_eq!(unfinished, 0, "the only worker went back to work and finished the jobs");
+    assert_eq!(
+        unfinished, 0,
+        "the only worker went back to work and finished the jobs"
+    );
 }

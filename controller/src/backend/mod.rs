@@ -105,7 +105,11 @@ pub trait Backend: Send + Sync {
     /// where the backend knows them before they run (a restarted Fly
     /// machine, a StatefulSet ordinal): a name that comes back may still
     /// carry a draining mark, which the reconciler clears.
-    fn add(&self, pool: PoolRef<'_>, count: u32) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
+    fn add(
+        &self,
+        pool: PoolRef<'_>,
+        count: u32,
+    ) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
 
     /// Stop these replicas, or fewer, and return the ones stopped. The
     /// reconciler only passes replicas it has drained (marked draining in

@@ -435,7 +435,9 @@ impl Backend for KubernetesBackend {
         // the draining mark they were removed under; Deployment pods get
         // new names.
         Ok(match target.kind {
-            WorkloadKind::StatefulSet => (current..wanted).map(|i| format!("{}-{i}", target.name)).collect(),
+            WorkloadKind::StatefulSet => (current..wanted)
+                .map(|i| format!("{}-{i}", target.name))
+                .collect(),
             WorkloadKind::Deployment => Vec::new(),
         })
     }

@@ -284,13 +284,7 @@ impl LocalBackend {
 
     /// Wait for a stopped process to exit (killing it after the grace), then
     /// drop it from the pool's stopping list and state file.
-    fn forget_when_stopped(
-        &self,
-        pool: &str,
-        id: &str,
-        child: Option<Child>,
-        record: ProcessRecord,
-    ) {
+    fn forget_when_stopped(&self, pool: &str, id: &str, child: Option<Child>, record: ProcessRecord) {
         let (pools, grace) = (self.pools.clone(), self.stop_grace);
         let (pool, id) = (pool.to_string(), id.to_string());
         tokio::spawn(async move {
@@ -324,7 +318,13 @@ impl LocalBackend {
 /// A name safe as a file name: letters, digits, `.`, `-`; anything else `_`.
 fn file_name(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -484,7 +484,8 @@ mod tests {
 
     #[test]
     fn the_default_state_dir_names_the_database_without_its_credentials() {
-        let dir = LocalBackend::default_state_dir("postgres://user:secret@db.example:5432/backlog?sslmode=require");
+        let dir =
+            LocalBackend::default_state_dir("postgres://user:secret@db.example:5432/backlog?sslmode=require");
         let name = dir.file_name().unwrap().to_str().unwrap();
         assert_eq!(name, "db.example_5432_backlog");
         assert!(!dir.to_string_lossy().contains("secret"));

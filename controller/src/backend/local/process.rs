@@ -93,7 +93,10 @@ mod tests {
             start_ticks: me.start_ticks + 1,
             ..me.clone()
         };
-        assert!(!reused.is_alive(), "same pid, started at another time: another process");
+        assert!(
+            !reused.is_alive(),
+            "same pid, started at another time: another process"
+        );
         let other_boot = ProcessRecord {
             boot_id: "another boot".into(),
             ..me
