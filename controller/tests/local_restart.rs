@@ -50,14 +50,22 @@ fn live_workers(database_url: &str) -> Vec<WorkerProcess> {
     found
 }
 
-/// Kills whatever the test leaves running, pass or fail.
+/// Kills whatever the test leaves running, pass or fail, and shows the
+/// controllers' logs on failure.
 struct Cleanup {
     database_url: String,
     controllers: Vec<Child>,
+    logs: Vec<PathBuf>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for log in &self.logs {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                eprintln!("--- {} ---\n{text}", log.display());
+            }
+        }
         for controller in &mut self.controllers {
             let _ = controller.kill();
             let _ = controller.wait();
@@ -157,6 +165,7 @@ async fn a_controller_killed_with_sigkill_leaves_its_workers_to_the_next_one(poo
     let mut cleanup = Cleanup {
         database_url: database_url.clone(),
         controllers: Vec::new(),
+        logs: vec![first_log.clone(), second_log.clone()],
     };
     let q = queue::Queue::new(pool);
 

@@ -237,9 +237,8 @@ impl LocalBackend {
                 message: format!("cannot start {program:?}: {e}"),
             })?;
         let pid = child.id().unwrap_or_default();
-        // spawn returns once the program is exec'd, so /proc shows it. A
-        // process already gone gets a record that matches nothing.
-        let record = ProcessRecord::of(pid).unwrap_or(ProcessRecord {
+        // A process already gone gets a record that matches nothing.
+        let record = ProcessRecord::started(pid, target.command.clone()).unwrap_or(ProcessRecord {
             pid,
             start_ticks: 0,
             boot_id: String::new(),

@@ -2,7 +2,6 @@
 //! local backend records what it started so a restarted controller can
 //! adopt those processes, and never signals a stranger.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -24,11 +23,24 @@ pub struct ProcessRecord {
 impl ProcessRecord {
     /// The running (not zombie) process `pid`, if there is one.
     pub fn of(pid: u32) -> Option<ProcessRecord> {
-        Self::read(Path::new("/proc"), pid)
+        let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        // Each argument ends with a NUL; empty arguments are arguments too.
+        let argv = bytes
+            .strip_suffix(&[0])
+            .map(|args| {
+                args.split(|b| *b == 0)
+                    .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self::started(pid, argv)
     }
 
-    fn read(proc: &Path, pid: u32) -> Option<ProcessRecord> {
-        let stat = std::fs::read_to_string(proc.join(pid.to_string()).join("stat")).ok()?;
+    /// The process `pid` just started with `argv`. Right after a spawn
+    /// returns, the kernel may still be setting up the new program and show
+    /// an empty command line, so the one asked for is recorded.
+    pub fn started(pid: u32, argv: Vec<String>) -> Option<ProcessRecord> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // `pid (comm) state ppid …`: comm may hold spaces and parentheses,
         // so the fields are counted from the last `)`.
         let fields: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
@@ -37,17 +49,12 @@ impl ProcessRecord {
             return None; // exited, not yet reaped
         }
         let start_ticks = fields.get(19)?.parse().ok()?; // field 22 of stat(5)
-        let cmdline = std::fs::read(proc.join(pid.to_string()).join("cmdline")).ok()?;
-        let boot_id = std::fs::read_to_string(proc.join("sys/kernel/random/boot_id")).ok()?;
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
         Some(ProcessRecord {
             pid,
             start_ticks,
             boot_id: boot_id.trim().to_string(),
-            cmdline: cmdline
-                .split(|b| *b == 0)
-                .filter(|arg| !arg.is_empty())
-                .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect(),
+            cmdline: argv,
         })
     }
 
@@ -102,6 +109,25 @@ mod tests {
             ..me
         };
         assert!(!other_boot.is_alive());
+    }
+
+    #[test]
+    fn a_process_recorded_as_it_is_spawned_is_recognised_later() {
+        let argv = ["sh", "-c", "sleep 5", ""].map(String::from).to_vec();
+        let mut child = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .spawn()
+            .unwrap();
+        let record = ProcessRecord::started(child.id(), argv).expect("just started");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            record.is_alive(),
+            "{record:?} vs {:?}",
+            ProcessRecord::of(child.id())
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!record.is_alive());
     }
 
     #[test]
