@@ -160,9 +160,9 @@ impl Backend for RecordingBackend {
         self.observed.notify_one();
         Ok(Vec::new())
     }
-    async fn add(&self, _pool: PoolRef<'_>, _count: u32) -> Result<(), BackendError> {
+    async fn add(&self, _pool: PoolRef<'_>, _count: u32) -> Result<Vec<String>, BackendError> {
         let _ = self.added.send(Instant::now());
-        Ok(())
+        Ok(Vec::new())
     }
     async fn remove(&self, _pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
         Ok(ids.to_vec())

@@ -84,6 +84,12 @@ struct RunArgs {
     /// fly: the stop request's timeout). Must cover the workers' drain grace.
     #[arg(long, env = "CONTROLLER_STOP_GRACE_SECONDS", default_value_t = 30.0)]
     stop_grace_seconds: f64,
+    /// Local backend: where the state file of each pool's replicas is kept,
+    /// so a controller restarted after a crash adopts the replicas still
+    /// running. Default: `backlog-controller/<database host, port and name>`
+    /// under the system's temporary directory.
+    #[arg(long, env = "CONTROLLER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Advisory-lock key shared by the controllers of one deployment.
     #[arg(long, env = "CONTROLLER_LEADER_KEY", default_value_t = 0x6261_636b_6c6f_67)]
     leader_key: i64,
@@ -171,7 +177,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let path = args
                 .path
                 .context("the local backend needs WorkerPool manifests: pass -f FILE_OR_DIR")?;
-            let backend = LocalBackend::new(Duration::from_secs_f64(args.stop_grace_seconds));
+            let state_dir = args
+                .state_dir
+                .unwrap_or_else(|| LocalBackend::default_state_dir(&args.database_url));
+            tracing::info!(state_dir = %state_dir.display(), "local backend");
+            let backend = LocalBackend::new(Duration::from_secs_f64(args.stop_grace_seconds), state_dir);
             let reconciler = Reconciler::new(Context {
                 queue,
                 backend,

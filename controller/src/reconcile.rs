@@ -102,6 +102,17 @@ struct QueueSnapshot {
     busy: HashMap<String, i64>,
 }
 
+/// What a pass's scaling did.
+#[derive(Default)]
+struct Scaled {
+    /// Replicas stopped (drained and idle).
+    removed: Vec<String>,
+    /// Chosen for removal and kept (busy, or not stopped by the backend).
+    kept_busy: Vec<String>,
+    /// Replica ids the backend (re)started, where it knows them.
+    started: Vec<String>,
+}
+
 impl<B: Backend> Reconciler<B> {
     pub fn new(ctx: Context<B>) -> Self {
         Reconciler {
@@ -248,66 +259,24 @@ impl<B: Backend> Reconciler<B> {
             decision: Some(decision.clone()),
         };
 
-        let mut removed = Vec::new();
-        let mut kept_busy = Vec::new();
-        if decision.replicas > decision.from {
-            if let Err(e) = self
-                .ctx
-                .backend
-                .add(pool, decision.replicas - decision.from)
-                .await
-            {
-                return Err(failed(e, &decision));
-            }
-        } else if decision.replicas < decision.from {
-            let busy = match snapshot {
-                Ok(s) => &s.busy,
-                // The policy holds on a failed read, so this is unreachable
-                // in practice; never remove blind.
-                Err(_) => {
-                    let error = BackendError::Failed {
-                        pool: name,
-                        message: "queue unreadable: not removing replicas".into(),
-                    };
-                    return Err(failed(error, &decision));
-                }
-            };
-            let candidates =
-                removal_candidates(&replicas, busy, (decision.from - decision.replicas) as usize);
-            let drained = match self.ctx.queue.drain_idle(&candidates).await {
-                Ok(drained) => drained,
-                Err(e) => {
-                    let error = BackendError::Failed {
-                        pool: name.clone(),
-                        message: format!("drain: {e}"),
-                    };
-                    return Err(failed(error, &decision));
-                }
-            };
-            kept_busy = candidates
-                .iter()
-                .filter(|c| !drained.contains(c))
-                .cloned()
-                .collect();
-            match self.ctx.backend.remove(pool, &drained).await {
-                Ok(gone) => {
-                    // Drained but not removed: let them claim again.
-                    let kept: Vec<String> = drained.iter().filter(|d| !gone.contains(d)).cloned().collect();
-                    if !kept.is_empty() {
-                        if let Err(e) = self.ctx.queue.undrain(&kept).await {
-                            tracing::warn!(pool = %name, error = %e, "could not put kept replicas back to work");
-                        }
-                        kept_busy.extend(kept);
-                    }
-                    removed = gone;
-                }
-                Err(e) => {
-                    // Not removed: let them claim again.
-                    let _ = self.ctx.queue.undrain(&drained).await;
-                    return Err(failed(e, &decision));
-                }
-            }
-        }
+        let scaled = self.scale(pool, &decision, &replicas, snapshot).await;
+        // Whatever the scaling did or failed to do, no mark outlives the
+        // pass: every replica the backend runs (or just started) that is
+        // marked draining and was not removed goes back to work.
+        let (removed, started) = match &scaled {
+            Ok(s) => (s.removed.as_slice(), s.started.as_slice()),
+            Err(_) => (&[][..], &[][..]),
+        };
+        let running: Vec<String> = replicas
+            .iter()
+            .map(|r| r.id.clone())
+            .chain(started.iter().cloned())
+            .filter(|id| !removed.contains(id))
+            .collect();
+        self.release_marks(&name, &running).await;
+        let Scaled {
+            removed, kept_busy, ..
+        } = scaled.map_err(|error| failed(error, &decision))?;
 
         let state = self.state.get_mut(key).expect("inserted above");
         state.failing = None;
@@ -334,6 +303,93 @@ impl<B: Backend> Reconciler<B> {
             removed,
             kept_busy,
         })
+    }
+
+    /// Carry out the decision: start replicas, or drain idle ones and
+    /// stop those drained. A failure leaves its marks to the caller's sweep.
+    async fn scale(
+        &self,
+        pool: PoolRef<'_>,
+        decision: &Decision,
+        replicas: &[Replica],
+        snapshot: Result<&QueueSnapshot, &String>,
+    ) -> Result<Scaled, BackendError> {
+        let mut scaled = Scaled::default();
+        if decision.replicas > decision.from {
+            scaled.started = self
+                .ctx
+                .backend
+                .add(pool, decision.replicas - decision.from)
+                .await?;
+        } else if decision.replicas < decision.from {
+            let busy = match snapshot {
+                Ok(s) => &s.busy,
+                // The policy holds on a failed read, so this is unreachable
+                // in practice; never remove blind.
+                Err(_) => {
+                    return Err(BackendError::Failed {
+                        pool: pool.name.to_string(),
+                        message: "queue unreadable: not removing replicas".into(),
+                    })
+                }
+            };
+            let candidates = removal_candidates(replicas, busy, (decision.from - decision.replicas) as usize);
+            let drained = self
+                .ctx
+                .queue
+                .drain_idle(&candidates)
+                .await
+                .map_err(|e| BackendError::Failed {
+                    pool: pool.name.to_string(),
+                    message: format!("drain: {e}"),
+                })?;
+            scaled.kept_busy = candidates
+                .iter()
+                .filter(|c| !drained.contains(c))
+                .cloned()
+                .collect();
+            // Drained but not removed (or not removed at all): the sweep
+            // after this puts them back to work.
+            let gone = self.ctx.backend.remove(pool, &drained).await?;
+            scaled
+                .kept_busy
+                .extend(drained.iter().filter(|d| !gone.contains(d)).cloned());
+            scaled.removed = gone;
+        }
+        Ok(scaled)
+    }
+
+    /// Put back to work those of `running` (replicas that keep running
+    /// after this pass) that are marked draining. A failure is logged and
+    /// counted; the next pass tries again, as it sweeps the same replicas.
+    async fn release_marks(&self, pool: &str, running: &[String]) {
+        match self.ctx.queue.undrain_marked(running).await {
+            Ok(undrained) if !undrained.is_empty() => {
+                tracing::info!(pool, replicas = ?undrained, "replicas marked draining and not stopped are back to work");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(pool, error = %e, "could not put draining replicas back to work; retrying next pass");
+                self.count_error(pool, "undrain");
+            }
+        }
+    }
+
+    /// Start-up, once leading: clear the draining marks an earlier
+    /// controller left on the replicas it did not stop (it crashed or lost
+    /// leadership between drain and stop), before any decision.
+    pub async fn release_stale_marks(&self, pools: &[LoadedPool]) {
+        for loaded in pools {
+            let pool = PoolRef::from(loaded);
+            match self.ctx.backend.observe(pool).await {
+                Ok(replicas) => {
+                    let ids: Vec<String> = replicas.into_iter().map(|r| r.id).collect();
+                    self.release_marks(pool.name, &ids).await;
+                }
+                // The pool's first pass observes again and sweeps then.
+                Err(e) => tracing::warn!(pool = pool.name, error = %e, "could not list replicas at start-up"),
+            }
+        }
     }
 
     fn record_metrics(&self, pool: &str, status: &WorkerPoolStatus, decision: &Decision) {
@@ -728,10 +784,23 @@ pub async fn run_elected<B: Backend, S: PoolSource, E: Election>(
     }
     tracing::info!("leader: this controller acts on the pools");
     let queue = reconciler.ctx.queue.clone();
-    let mut wake = queue.listen().await?;
+    let mut wake = loop {
+        match queue.listen().await {
+            Ok(wake) => break wake,
+            Err(queue::QueueError::Database(e)) if queue::is_transient(&e) => {
+                tracing::warn!(error = %e, "listening failed: the database cannot be reached; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(settings.tick.min(Duration::from_secs(2))) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let mut tick = tokio::time::interval(settings.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pools = source.load().await;
+    reconciler.release_stale_marks(&pools).await;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -762,6 +831,9 @@ pub async fn run_elected<B: Backend, S: PoolSource, E: Election>(
                 break;
             }
             tracing::info!("leader again: this controller acts on the pools");
+            // Marks set by whoever led meanwhile are this leader's to settle.
+            pools = source.load().await;
+            reconciler.release_stale_marks(&pools).await;
         }
         pools = source.load().await;
         reconciler.reconcile(&pools, Utc::now()).await;

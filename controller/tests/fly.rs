@@ -62,7 +62,7 @@ fn backend(emu: &FlyEmulator) -> FlyBackend {
 }
 
 /// `count` more replicas for the first pool, straight through the backend.
-async fn add(emu: &FlyEmulator, pools: &[LoadedPool], count: u32) -> Result<(), BackendError> {
+async fn add(emu: &FlyEmulator, pools: &[LoadedPool], count: u32) -> Result<Vec<String>, BackendError> {
     backend(emu).add(PoolRef::from(&pools[0]), count).await
 }
 

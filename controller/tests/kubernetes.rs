@@ -964,6 +964,60 @@ async fn a_statefulset_loses_only_idle_top_ordinals(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_statefulset_ordinal_that_comes_back_is_not_left_draining(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    api.create(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "sts", "namespace": NS},
+        "spec": {"replicas": 2, "serviceName": "sts", "selector": {"matchLabels": {"app": "sts"}},
+            "template": {"metadata": {"labels": {"app": "sts"}}, "spec": {"containers": [{"name": "w", "image": "x"}]}}},
+    }));
+    let mut pool = worker_pool("text", "text_generation", "sts", json!({}));
+    pool["spec"]["target"] = json!({"kubernetes": {"kind": "StatefulSet", "name": "sts"}});
+    api.create(pool);
+    // sts-0 works; sts-1 has not registered yet when the pool scales down,
+    // so it is drained under a placeholder row and removed.
+    register_text_worker(&q, "sts-0").await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
+    let held = q.claim("sts-0", &[TaskType::TextGeneration], 1).await.unwrap();
+    let controller = start_controller(&api, &q, "a");
+    let statefulset = || api.get("apps", "statefulsets", NS, "sts").unwrap();
+    eventually("sts at 1", || {
+        (statefulset()["spec"]["replicas"] == 1).then_some(())
+    })
+    .await;
+    assert_eq!(pod_names(&api, "sts"), ["sts-0"]);
+
+    // Work for two replicas: sts-1 comes back under its old name and registers.
+    enqueue_jobs(&q, JobType::Text, 4).await;
+    eventually("sts back at 2 or more", || {
+        (statefulset()["spec"]["replicas"].as_i64() >= Some(2)).then_some(())
+    })
+    .await;
+    register_text_worker(&q, "sts-1").await;
+    let state = |q: Queue| async move {
+        let workers = q.workers(None).await.unwrap();
+        workers.into_iter().find(|w| w.id == "sts-1").map(|w| w.state)
+    };
+    let mut last = None;
+    for _ in 0..50 {
+        last = state(q.clone()).await;
+        if last == Some(queue::WorkerState::Running) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        last,
+        Some(queue::WorkerState::Running),
+        "sts-1 is back: it takes work"
+    );
+    q.complete("sts-0", held[0].lease(), json!({})).await.unwrap();
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn two_pools_for_one_task_type_leave_the_newer_one_invalid(pool: PgPool) {
     let q = Queue::new(pool);
     let api = emulator().await;

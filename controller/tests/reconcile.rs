@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use controller::backend::{Backend, BackendError, PoolRef, Replica};
 use controller::manifest::{self, LoadedPool};
 use controller::metrics::Metrics;
 use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
-use queue::{JobType, Queue, TaskType};
+use queue::{JobType, Queue, TaskType, WorkerState};
 use serde_json::json;
 use sqlx::PgPool;
 use test_support::{enqueue_jobs, register_text_worker};
@@ -23,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 struct MemoryBackend {
     replicas: Arc<Mutex<BTreeSet<String>>>,
     next: Arc<Mutex<u32>>,
+    /// `remove` fails, as a platform that does not answer.
+    fail_remove: Arc<AtomicBool>,
 }
 
 impl MemoryBackend {
@@ -42,18 +45,24 @@ impl Backend for MemoryBackend {
             .map(|id| Replica { id, ready: true })
             .collect())
     }
-    async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<(), BackendError> {
+    async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<Vec<String>, BackendError> {
+        let mut started = Vec::new();
         for _ in 0..count {
             let mut next = self.next.lock().unwrap();
             *next += 1;
-            self.replicas
-                .lock()
-                .unwrap()
-                .insert(format!("{}-{}", pool.name, *next));
+            let id = format!("{}-{}", pool.name, *next);
+            self.replicas.lock().unwrap().insert(id.clone());
+            started.push(id);
         }
-        Ok(())
+        Ok(started)
     }
-    async fn remove(&self, _: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
+    async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
+        if self.fail_remove.load(Ordering::SeqCst) {
+            return Err(BackendError::Failed {
+                pool: pool.name.to_string(),
+                message: "the platform did not answer".into(),
+            });
+        }
         let mut replicas = self.replicas.lock().unwrap();
         Ok(ids.iter().filter(|id| replicas.remove(*id)).cloned().collect())
     }
@@ -223,7 +232,7 @@ async fn local_workers_rise_to_the_max_finish_everything_and_go_back_to_zero(poo
 
     let reconciler = Reconciler::new(Context {
         queue: q.clone(),
-        backend: LocalBackend::new(Duration::from_secs(10)),
+        backend: LocalBackend::new(Duration::from_secs(10), dir.path().join("state")),
         metrics: Arc::new(Metrics::default()),
     });
     let settings = LoopSettings {
@@ -315,6 +324,244 @@ async fn a_standby_controller_takes_over_when_the_leader_exits(pool: PgPool) {
     assert_eq!(standby_backend.ids().len(), 1, "the standby took over");
     standby_stop.cancel();
     standby.await.unwrap().unwrap();
+}
+
+/// A pool that keeps `min..=max` replicas of text workers and scales at once.
+fn text_pool(min: u32, max: u32, command: &str) -> Vec<LoadedPool> {
+    pools(&format!(
+        r#"
+apiVersion: backlog.dev/v1alpha1
+kind: WorkerPool
+metadata: {{name: text}}
+spec:
+  taskTypes: [text_generation]
+  target: {{local: {{command: [{command}]}}}}
+  minReplicas: {min}
+  maxReplicas: {max}
+  tasksPerReplica: 2
+  cooldownSeconds: 0
+  scaleDown: {{stabilizationSeconds: 0}}
+"#
+    ))
+}
+
+async fn worker_state(q: &Queue, id: &str) -> Option<WorkerState> {
+    let workers = q.workers(None).await.unwrap();
+    workers.into_iter().find(|w| w.id == id).map(|w| w.state)
+}
+
+fn memory_reconciler(q: &Queue, backend: &MemoryBackend) -> Reconciler<MemoryBackend> {
+    Reconciler::new(Context {
+        queue: q.clone(),
+        backend: backend.clone(),
+        metrics: Arc::new(Metrics::default()),
+    })
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_draining_mark_left_by_a_crashed_pass_is_cleared_by_the_next_pass(pool: PgPool) {
+    let q = Queue::new(pool);
+    let backend = MemoryBackend::default();
+    let pools = text_pool(2, 2, "unused");
+    let now = chrono::Utc::now();
+    memory_reconciler(&q, &backend).reconcile(&pools, now).await;
+    let ids = backend.ids();
+    assert_eq!(ids.len(), 2);
+    for id in &ids {
+        register_text_worker(&q, id).await;
+    }
+    // An earlier controller drained a replica, then died before stopping it.
+    assert_eq!(q.drain_idle(&ids[1..]).await.unwrap(), ids[1..]);
+
+    let mut restarted = memory_reconciler(&q, &backend);
+    let report = restarted
+        .reconcile(&pools, now + chrono::Duration::seconds(1))
+        .await;
+    assert_eq!(report[0].decision.replicas, 2, "{}", report[0].decision);
+    for id in &ids {
+        assert_eq!(
+            worker_state(&q, id).await,
+            Some(WorkerState::Running),
+            "{id} is a replica the backend runs and no pass stopped"
+        );
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_failed_undrain_is_retried_by_the_next_pass(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let backend = MemoryBackend::default();
+    let mut reconciler = memory_reconciler(&q, &backend);
+    let pools = text_pool(0, 5, "unused");
+    let now = chrono::Utc::now();
+    enqueue_jobs(&q, JobType::Text, 4).await;
+    reconciler.reconcile(&pools, now).await;
+    let ids = backend.ids();
+    assert_eq!(ids.len(), 2);
+    for id in &ids {
+        register_text_worker(&q, id).await;
+    }
+    let tasks = q
+        .claim("elsewhere", &[TaskType::TextGeneration], 10)
+        .await
+        .unwrap();
+    let results: Vec<_> = tasks.iter().map(|t| (t.lease(), json!({}))).collect();
+    q.complete_batch("elsewhere", &results).await.unwrap();
+
+    // The scale-down drains both, the platform fails the stop, and putting
+    // them back to work fails too.
+    backend.fail_remove.store(true, Ordering::SeqCst);
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_undrain() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'undrain refused by the test'; END $$;
+         CREATE TRIGGER refuse_undrain BEFORE UPDATE ON workers FOR EACH ROW
+           WHEN (OLD.state = 'draining' AND NEW.state = 'running') EXECUTE FUNCTION refuse_undrain();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let failed = reconciler
+        .reconcile(&pools, now + chrono::Duration::seconds(60))
+        .await;
+    assert!(failed.is_empty(), "the pass failed: {failed:?}");
+    for id in &ids {
+        assert_eq!(worker_state(&q, id).await, Some(WorkerState::Draining));
+    }
+
+    // The database takes writes again; work arrives, so nothing is removed.
+    sqlx::raw_sql("DROP TRIGGER refuse_undrain ON workers")
+        .execute(&pool)
+        .await
+        .unwrap();
+    enqueue_jobs(&q, JobType::Text, 4).await;
+    reconciler
+        .reconcile(&pools, now + chrono::Duration::seconds(120))
+        .await;
+    assert_eq!(backend.ids(), ids, "no replica was stopped");
+    for id in &ids {
+        assert_eq!(
+            worker_state(&q, id).await,
+            Some(WorkerState::Running),
+            "{id}: the failed undrain was retried"
+        );
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_local_replica_started_under_a_name_that_carries_a_mark_is_not_left_draining(pool: PgPool) {
+    let q = Queue::new(pool);
+    let dir = tempfile::tempdir().unwrap();
+    let pools = text_pool(1, 1, "sleep, '600'");
+    let now = chrono::Utc::now();
+    let local = |state: &str| {
+        Reconciler::new(Context {
+            queue: q.clone(),
+            backend: LocalBackend::new(Duration::from_secs(5), dir.path().join(state)),
+            metrics: Arc::new(Metrics::default()),
+        })
+    };
+    let running = |reports: &[reconcile::PoolReport]| reports[0].status.current_replicas;
+
+    // A controller starts a replica, drains it before it registered (a
+    // placeholder row), and dies without stopping it; its state is lost.
+    let mut first = local("first");
+    assert_eq!(running(&first.reconcile(&pools, now).await), 1);
+    let first_ids: Vec<String> = {
+        let replicas = first
+            .context()
+            .backend
+            .observe(PoolRef::from(&pools[0]))
+            .await
+            .unwrap();
+        replicas.into_iter().map(|r| r.id).collect()
+    };
+    assert_eq!(q.drain_idle(&first_ids).await.unwrap(), first_ids);
+    drop(first);
+
+    // The next controller starts a replica, which registers.
+    let mut second = local("second");
+    second.reconcile(&pools, now + chrono::Duration::seconds(1)).await;
+    let replicas = second
+        .context()
+        .backend
+        .observe(PoolRef::from(&pools[0]))
+        .await
+        .unwrap();
+    assert_eq!(replicas.len(), 1);
+    let id = &replicas[0].id;
+    register_text_worker(&q, id).await;
+    second.reconcile(&pools, now + chrono::Duration::seconds(2)).await;
+    assert_eq!(
+        worker_state(&q, id).await,
+        Some(WorkerState::Running),
+        "{id} runs and takes work, whatever an earlier controller marked"
+    );
+    second.context().backend.shutdown().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_pool_of_one_whose_only_worker_was_left_draining_works_again(pool: PgPool) {
+    let worker = test_support::workspace_binary("workers", "worker");
+    let q = Queue::new(pool.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        &worker,
+        &test_support::database_url(&pool),
+        dir.path(),
+    );
+    // One replica, always.
+    let yaml = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("maxReplicas: 3", "minReplicas: 1\n  maxReplicas: 1");
+    std::fs::write(&manifest, yaml).unwrap();
+    let reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: LocalBackend::new(Duration::from_secs(10), dir.path().join("state")),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let settings = LoopSettings {
+        tick: Duration::from_millis(300),
+        leader_key: 11,
+    };
+    let shutdown = CancellationToken::new();
+    let controller = tokio::spawn(reconcile::run(
+        reconciler,
+        ManifestSource::new(manifest),
+        settings,
+        shutdown.clone(),
+    ));
+    let mut registered = Vec::new();
+    for _ in 0..300 {
+        registered = q.workers(Some("text")).await.unwrap();
+        if !registered.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(registered.len(), 1, "the pool's one worker registered");
+    // A mark left by an earlier controller that died between drain and stop.
+    let ids = vec![registered[0].id.clone()];
+    assert_eq!(q.drain_idle(&ids).await.unwrap(), ids);
+
+    enqueue_jobs(&q, JobType::Text, 5).await;
+    let mut unfinished: i64 = -1;
+    for _ in 0..600 {
+        unfinished = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status <> 'complete'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if unfinished == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    controller.await.unwrap().unwrap();
+    assert_eq!(
+        unfinished, 0,
+        "the only worker went back to work and finished the jobs"
+    );
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

@@ -242,3 +242,28 @@ impl Queue {
         Ok(())
     }
 }
+
+impl Queue {
+    /// Of these replicas, put the ones marked draining back to running and
+    /// return them: the controller's sweep of marks no removal followed (a
+    /// crash between drain and stop, a failed undrain, a name that came
+    /// back). Rows are locked in id order, as `drain_idle` locks them.
+    pub async fn undrain_marked(&self, worker_ids: &[String]) -> Result<Vec<String>> {
+        if worker_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let undrained = sqlx::query_scalar(
+            "WITH marked AS (
+                 SELECT id FROM workers WHERE id = ANY($1) AND state = 'draining'
+                 ORDER BY id FOR UPDATE
+             )
+             UPDATE workers w SET state = 'running' FROM marked
+             WHERE w.id = marked.id
+             RETURNING w.id",
+        )
+        .bind(worker_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(undrained)
+    }
+}

@@ -101,8 +101,15 @@ pub trait Backend: Send + Sync {
     /// The pool's replicas, including ones still starting.
     fn observe(&self, pool: PoolRef<'_>) -> impl Future<Output = Result<Vec<Replica>, BackendError>> + Send;
 
-    /// Start `count` more replicas.
-    fn add(&self, pool: PoolRef<'_>, count: u32) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Start `count` more replicas. Returns the ids of the replicas started,
+    /// where the backend knows them before they run (a restarted Fly
+    /// machine, a StatefulSet ordinal): a name that comes back may still
+    /// carry a draining mark, which the reconciler clears.
+    fn add(
+        &self,
+        pool: PoolRef<'_>,
+        count: u32,
+    ) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
 
     /// Stop these replicas, or fewer, and return the ones stopped. The
     /// reconciler only passes replicas it has drained (marked draining in

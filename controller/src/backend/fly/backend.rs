@@ -406,7 +406,7 @@ impl Backend for FlyBackend {
             .collect())
     }
 
-    async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<(), BackendError> {
+    async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<Vec<String>, BackendError> {
         let target = Self::target(pool)?;
         let group = self.group(pool, target).await?;
         let mut needed = count as usize;
@@ -435,7 +435,13 @@ impl Backend for FlyBackend {
         let waits = booting
             .iter()
             .map(|id| self.wait_for(pool, &target.app, id, "started"));
-        futures::future::join_all(waits).await.into_iter().collect()
+        futures::future::join_all(waits)
+            .await
+            .into_iter()
+            .collect::<Result<(), _>>()?;
+        // A machine id survives stop and start: a restarted machine may come
+        // back with the draining mark it was stopped under.
+        Ok(booting)
     }
 
     async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {

@@ -49,6 +49,11 @@ struct TargetMemory {
     /// The WorkerPool this was learnt for: a pool deleted and created again
     /// starts from the target's count as it finds it.
     pool_uid: Option<String>,
+    /// Uids of drained pods the count was lowered for, while the ReplicaSet
+    /// or StatefulSet has not deleted them yet: they are on their way out,
+    /// so not replicas (and their draining mark must stay). A pod created
+    /// again under the same name has a new uid.
+    leaving: HashSet<String>,
 }
 
 pub struct KubernetesBackend {
@@ -82,6 +87,18 @@ fn pod_is_ready(pod: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_uid(pod: &Pod) -> Option<&str> {
+    pod.metadata.uid.as_deref()
+}
+
+/// The uids of the pods named in `ids`.
+fn uids_of(pods: &[Pod], ids: &[String]) -> Vec<String> {
+    pods.iter()
+        .filter(|p| p.metadata.name.as_ref().is_some_and(|n| ids.contains(n)))
+        .filter_map(|p| pod_uid(p).map(str::to_string))
+        .collect()
 }
 
 /// A StatefulSet pod's ordinal: the number after the last `-`.
@@ -239,6 +256,20 @@ impl KubernetesBackend {
         Ok(busy.into_iter().map(|r| r.worker_id).collect())
     }
 
+    /// Put drained pods that stay back to work. A failure is logged: the
+    /// reconciler's sweep after the pass puts every listed pod back.
+    async fn undrain(&self, pool: &str, ids: &[String]) {
+        if let Err(e) = self.queue.undrain(ids).await {
+            tracing::warn!(pool, pods = ?ids, error = %e, "could not put drained pods back to work; retrying after the pass");
+        }
+    }
+
+    /// Remember drained pods the count was lowered for, until they are gone.
+    async fn mark_leaving(&self, key: &str, uids: Vec<String>) {
+        let mut targets = self.targets.lock().await;
+        targets.entry(key.to_string()).or_default().leaving.extend(uids);
+    }
+
     /// Someone set the target to `found` replicas instead of `wanted`: set
     /// it back. Going down, only idle pods are removed (drained first, as
     /// for any scale-down); if too few are idle, the busy ones stay.
@@ -280,7 +311,7 @@ impl KubernetesBackend {
                 WorkloadKind::Deployment => {
                     let remove: HashSet<&str> = drained.iter().map(String::as_str).collect();
                     if let Err(e) = self.mark_deletion_costs(namespace, &pods, &remove, &busy).await {
-                        let _ = self.queue.undrain(&drained).await;
+                        self.undrain(pool.name, &drained).await;
                         return Err(error(e));
                     }
                     drained.clone()
@@ -294,13 +325,15 @@ impl KubernetesBackend {
                 .cloned()
                 .collect();
             if !kept.is_empty() {
-                let _ = self.queue.undrain(&kept).await;
+                self.undrain(pool.name, &kept).await;
             }
             result = found - removing.len() as i32;
             if let Err(e) = self.set_scale(namespace, target, result).await {
-                let _ = self.queue.undrain(&removing).await;
+                self.undrain(pool.name, &removing).await;
                 return Err(error(e));
             }
+            self.mark_leaving(&Self::key(namespace, target), uids_of(&pods, &removing))
+                .await;
         } else {
             self.set_scale(namespace, target, result).await.map_err(error)?;
         }
@@ -350,11 +383,20 @@ impl Backend for KubernetesBackend {
             }
             _ => found,
         };
-        self.targets.lock().await.entry(key).or_default().replicas = Some(replicas);
-
         let pods = self.pods(&namespace, &selector).await.map_err(error)?;
+        let leaving = {
+            let mut targets = self.targets.lock().await;
+            let memory = targets.entry(key).or_default();
+            memory.replicas = Some(replicas);
+            // Forget pods that are gone (or terminating: no longer listed).
+            memory
+                .leaving
+                .retain(|uid| pods.iter().any(|p| pod_uid(p) == Some(uid.as_str())));
+            memory.leaving.clone()
+        };
         let mut out: Vec<Replica> = pods
             .iter()
+            .filter(|p| pod_uid(p).is_none_or(|uid| !leaving.contains(uid)))
             .map(|p| Replica {
                 id: p.metadata.name.clone().unwrap_or_default(),
                 ready: pod_is_ready(p),
@@ -373,7 +415,7 @@ impl Backend for KubernetesBackend {
         Ok(out)
     }
 
-    async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<(), BackendError> {
+    async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<Vec<String>, BackendError> {
         let target = Self::target(pool)?;
         let namespace = self.namespace(pool).to_string();
         let key = Self::key(&namespace, target);
@@ -389,7 +431,15 @@ impl Backend for KubernetesBackend {
             .await
             .map_err(|e| target_error(pool.name, target, &namespace, e))?;
         self.targets.lock().await.entry(key).or_default().replicas = Some(wanted);
-        Ok(())
+        // StatefulSet pods come back under their ordinal's name, maybe with
+        // the draining mark they were removed under; Deployment pods get
+        // new names.
+        Ok(match target.kind {
+            WorkloadKind::StatefulSet => (current..wanted)
+                .map(|i| format!("{}-{i}", target.name))
+                .collect(),
+            WorkloadKind::Deployment => Vec::new(),
+        })
     }
 
     async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
@@ -443,7 +493,8 @@ impl Backend for KubernetesBackend {
             return Ok(removed);
         }
         self.set_scale(&namespace, target, wanted).await.map_err(error)?;
-        self.targets.lock().await.entry(key).or_default().replicas = Some(wanted);
+        self.targets.lock().await.entry(key.clone()).or_default().replicas = Some(wanted);
+        self.mark_leaving(&key, uids_of(&pods, &removed)).await;
         Ok(removed)
     }
 

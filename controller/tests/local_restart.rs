@@ -1,0 +1,260 @@
+//! The controller binary with the local backend and real `text-worker`
+//! processes, killed with SIGKILL and started again: its workers are adopted,
+//! never doubled, and stopped with the controller that adopted them.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use controller::backend::local::ProcessRecord;
+use sqlx::PgPool;
+
+const MAX_REPLICAS: usize = 3;
+
+/// A live worker process of the test's pool, found in `/proc`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct WorkerProcess {
+    pid: u32,
+    worker_id: String,
+}
+
+/// The live processes whose environment says they are workers of pool
+/// `text` on this test's database (other tests run in other databases).
+fn live_workers(database_url: &str) -> Vec<WorkerProcess> {
+    let wanted_db = format!("DATABASE_URL={database_url}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<String> = environ
+            .split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        let in_pool = vars.iter().any(|v| v == "WORKER_POOL=text") && vars.contains(&wanted_db);
+        let worker_id = vars.iter().find_map(|v| v.strip_prefix("WORKER_ID="));
+        if let (true, Some(worker_id)) = (in_pool, worker_id) {
+            if ProcessRecord::of(pid).is_some() {
+                found.push(WorkerProcess {
+                    pid,
+                    worker_id: worker_id.to_string(),
+                });
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Kills whatever the test leaves running, pass or fail, and shows the
+/// controllers' logs on failure.
+struct Cleanup {
+    database_url: String,
+    controllers: Vec<Child>,
+    logs: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for log in &self.logs {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                eprintln!("--- {} ---\n{text}", log.display());
+            }
+        }
+        for controller in &mut self.controllers {
+            let _ = controller.kill();
+            let _ = controller.wait();
+        }
+        for worker in live_workers(&self.database_url) {
+            // SAFETY: kill(2) on a pid just found in /proc.
+            unsafe { libc::kill(worker.pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+fn write_manifest(dir: &Path, worker: &Path, database_url: &str) -> PathBuf {
+    let path = dir.join("pools.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+apiVersion: backlog.dev/v1alpha1
+kind: WorkerPool
+metadata: {{name: text}}
+spec:
+  taskTypes: [text_generation]
+  target:
+    local:
+      command: ["{worker}"]
+      env:
+        DATABASE_URL: "{database_url}"
+        LLM_PROVIDER: offline
+        ARTIFACT_STORE: "file://{store}"
+        WORKER_HEARTBEAT_SECONDS: "0.5"
+        LOG_FORMAT: text
+        RUST_LOG: warn
+  minReplicas: {MAX_REPLICAS}
+  maxReplicas: {MAX_REPLICAS}
+"#,
+            worker = worker.display(),
+            store = dir.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn start_controller(
+    binary: &Path,
+    manifest: &Path,
+    state_dir: &Path,
+    database_url: &str,
+    log: &Path,
+) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(binary)
+        .args([
+            "run",
+            "--backend",
+            "local",
+            "--tick-seconds",
+            "0.3",
+            "--stop-grace-seconds",
+            "10",
+        ])
+        .arg("--filename")
+        .arg(manifest)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--leader-key", "4242", "--log-format", "text"])
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting the controller")
+}
+
+/// Poll `check` every 100 ms, up to `limit`; true once it holds.
+async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check()
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_controller_killed_with_sigkill_leaves_its_workers_to_the_next_one(pool: PgPool) {
+    let controller = test_support::workspace_binary("controller", "controller");
+    let worker = test_support::workspace_binary("workers", "text-worker");
+    let database_url = test_support::database_url(&pool);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(dir.path(), &worker, &database_url);
+    let state_dir = dir.path().join("state");
+    let (first_log, second_log) = (dir.path().join("first.log"), dir.path().join("second.log"));
+    let mut cleanup = Cleanup {
+        database_url: database_url.clone(),
+        controllers: Vec::new(),
+        logs: vec![first_log.clone(), second_log.clone()],
+    };
+    let q = queue::Queue::new(pool);
+
+    cleanup.controllers.push(start_controller(
+        &controller,
+        &manifest,
+        &state_dir,
+        &database_url,
+        &first_log,
+    ));
+    let mut registered = 0;
+    for _ in 0..600 {
+        registered = q.workers(Some("text")).await.unwrap().len();
+        if registered == MAX_REPLICAS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        registered, MAX_REPLICAS,
+        "the first controller's workers registered"
+    );
+    let first_workers = live_workers(&database_url);
+    assert_eq!(first_workers.len(), MAX_REPLICAS, "{first_workers:?}");
+
+    // kill -9: nothing of the controller runs after this.
+    let mut first = cleanup.controllers.pop().unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(
+        live_workers(&database_url),
+        first_workers,
+        "the workers outlive a controller killed with SIGKILL"
+    );
+
+    cleanup.controllers.push(start_controller(
+        &controller,
+        &manifest,
+        &state_dir,
+        &database_url,
+        &second_log,
+    ));
+    let leads = eventually(Duration::from_secs(60), || {
+        std::fs::read_to_string(&second_log).is_ok_and(|log| log.contains("leader: this controller acts"))
+    })
+    .await;
+    assert!(leads, "the second controller became the leader");
+    // Many passes (0.3 s apart): the count never goes over maxReplicas.
+    let mut most = 0;
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let live = live_workers(&database_url);
+        most = most.max(live.len());
+        seen.extend(live);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        most <= MAX_REPLICAS,
+        "at most {MAX_REPLICAS} live workers, saw {most}: {seen:?}"
+    );
+    let now = live_workers(&database_url);
+    assert_eq!(
+        now, first_workers,
+        "the earlier workers were adopted, none started beside them"
+    );
+    let ids: BTreeSet<&str> = seen.iter().map(|w| w.worker_id.as_str()).collect();
+    let pids: BTreeSet<u32> = seen.iter().map(|w| w.pid).collect();
+    assert_eq!(
+        ids.len(),
+        pids.len(),
+        "no two processes shared a worker id: {seen:?}"
+    );
+
+    // A graceful stop of the second controller stops the adopted workers.
+    let mut second = cleanup.controllers.pop().unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(second.id() as libc::pid_t, libc::SIGTERM) };
+    let exited = eventually(Duration::from_secs(60), || {
+        matches!(second.try_wait(), Ok(Some(_)))
+    })
+    .await;
+    assert!(exited, "the second controller stopped on SIGTERM");
+    let left = live_workers(&database_url);
+    assert!(
+        left.is_empty(),
+        "no worker of the pool outlives the controller's shutdown: {left:?}"
+    );
+    assert!(
+        q.workers(Some("text")).await.unwrap().is_empty(),
+        "the stopped workers deregistered"
+    );
+}
