@@ -204,11 +204,17 @@ BEGIN
         PERFORM refresh_job_status(v_partial);
     END IF;
     -- A fresh statement sees this call's completions and any earlier one's.
+    -- Materialized, so the tasks are read by primary key: the partial index
+    -- of completed tasks matches `status = 'complete'` too, and scanning it
+    -- costs the whole history.
     RETURN QUERY
-        SELECT t.id
-        FROM job_tasks t
-        JOIN unnest(p_task_ids, p_claims) AS i(id, claim) ON t.id = i.id
-        WHERE t.status = 'complete' AND t.claimed_by = p_worker_id AND t.claims = i.claim;
+        WITH held AS MATERIALIZED (
+            SELECT t.id, t.status, t.claimed_by, t.claims FROM job_tasks t WHERE t.id = ANY (p_task_ids)
+        )
+        SELECT h.id
+        FROM held h
+        JOIN unnest(p_task_ids, p_claims) AS i(id, claim) ON h.id = i.id
+        WHERE h.status = 'complete' AND h.claimed_by = p_worker_id AND h.claims = i.claim;
 END
 $$;
 
