@@ -9,9 +9,12 @@ use serde::{Deserialize, Serialize};
 /// How often a process that is not our child is checked while it stops.
 const POLL: Duration = Duration::from_millis(100);
 
-/// A process as `/proc` shows it: its pid, when it started (clock ticks
-/// since boot) in which boot, and its command line. A pid reused by another
-/// process, or the same pid after a reboot, does not match.
+/// A process as `/proc` shows it: its pid and when it started (clock ticks
+/// since boot) in which boot, which tell it from any later process with the
+/// same pid; and, for the operator, the command line it was started with.
+/// The command line is not part of its identity: a wrapper that `exec`s the
+/// worker (`sh -c`, `env`, a supervisor script) changes it but is the same
+/// process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessRecord {
     pub pid: u32,
@@ -60,7 +63,8 @@ impl ProcessRecord {
 
     /// Whether this very process still runs.
     pub fn is_alive(&self) -> bool {
-        Self::of(self.pid).as_ref() == Some(self)
+        Self::of(self.pid)
+            .is_some_and(|now| now.start_ticks == self.start_ticks && now.boot_id == self.boot_id)
     }
 
     /// Send `signal` if this very process still runs.
@@ -92,7 +96,7 @@ mod tests {
     use super::ProcessRecord;
 
     #[test]
-    fn a_process_is_its_pid_start_time_and_command_line() {
+    fn a_process_is_its_pid_and_start_time() {
         let me = ProcessRecord::of(std::process::id()).expect("this process is in /proc");
         assert!(me.is_alive());
         assert!(!me.cmdline.is_empty());
@@ -128,6 +132,27 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!record.is_alive());
+    }
+
+    #[test]
+    fn a_process_that_execs_another_program_is_still_itself() {
+        // The wrapper replaces itself with `sleep`: same pid, same start.
+        let argv = ["sh", "-c", "exec sleep 5"].map(String::from).to_vec();
+        let mut child = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .spawn()
+            .unwrap();
+        let record = ProcessRecord::started(child.id(), argv).expect("just started");
+        for _ in 0..100 {
+            if ProcessRecord::of(child.id()).is_some_and(|p| p.cmdline.first().is_some_and(|a| a == "sleep"))
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(record.is_alive(), "the exec'd worker was taken for a stranger");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]
