@@ -351,6 +351,15 @@ impl<B: Backend> Reconciler<B> {
             // Drained but not removed (or not removed at all): the sweep
             // after this puts them back to work.
             let gone = self.ctx.backend.remove(pool, &drained).await?;
+            // A replica stopped by the backend deregisters itself as it
+            // exits, but one that had died already never will: record it
+            // stopped, so no draining mark outlives the pass. A stopped
+            // replica claims nothing; one started again under its name
+            // registers as running.
+            if let Err(e) = self.ctx.queue.mark_stopped(&gone).await {
+                tracing::warn!(pool = pool.name, error = %e, "could not record removed replicas as stopped");
+                self.count_error(pool.name, "mark_stopped");
+            }
             scaled
                 .kept_busy
                 .extend(drained.iter().filter(|d| !gone.contains(d)).cloned());

@@ -154,6 +154,17 @@ async fn replicas_follow_the_queue_and_scale_down_spares_the_busy_replica(pool: 
         "{}",
         zero[0].decision
     );
+    // These replicas had no process to stop their own registration: the
+    // removal records them stopped, and no draining mark outlives the pass.
+    let states: Vec<String> = q
+        .workers(None)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|w| w.id != "elsewhere")
+        .map(|w| format!("{:?}", w.state))
+        .collect();
+    assert_eq!(states, vec!["Stopped"; 4], "{states:?}");
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

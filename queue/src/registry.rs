@@ -266,4 +266,21 @@ impl Queue {
         .await?;
         Ok(undrained)
     }
+
+    /// Record replicas the controller removed as stopped, where they are
+    /// still marked draining (a replica that died before its removal never
+    /// deregisters itself). Returns the ids recorded.
+    pub async fn mark_stopped(&self, worker_ids: &[String]) -> Result<Vec<String>> {
+        if worker_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "UPDATE workers SET state = 'stopped'
+             WHERE id = ANY($1) AND state = 'draining'
+             RETURNING id",
+        )
+        .bind(worker_ids)
+        .fetch_all(&self.pool)
+        .await?)
+    }
 }
