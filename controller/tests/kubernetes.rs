@@ -246,7 +246,7 @@ async fn scale_down_marks_the_idle_pods_cheapest_and_keeps_the_busy_one(pool: Pg
         .await
         .unwrap()
         .into_iter()
-        .filter(|w| w.state == queue::WorkerState::Draining)
+        .filter(|w| w.state != queue::WorkerState::Running)
         .count();
     assert_eq!(
         (workers.len(), drained),
@@ -956,7 +956,7 @@ async fn a_statefulset_loses_only_idle_top_ordinals(pool: PgPool) {
         .await
         .unwrap()
         .into_iter()
-        .filter(|w| w.state == queue::WorkerState::Draining)
+        .filter(|w| w.state != queue::WorkerState::Running)
         .map(|w| w.id)
         .collect();
     assert_eq!(drained, ["sts-2"], "sts-0 was put back to work");

@@ -244,17 +244,19 @@ impl Queue {
 }
 
 impl Queue {
-    /// Of these replicas, put the ones marked draining back to running and
-    /// return them: the controller's sweep of marks no removal followed (a
-    /// crash between drain and stop, a failed undrain, a name that came
-    /// back). Rows are locked in id order, as `drain_idle` locks them.
+    /// Of these replicas, put the ones marked draining (or recorded stopped:
+    /// the backend lists them as running, so their removal did not happen)
+    /// back to running and return them: the controller's sweep of marks no
+    /// removal followed (a crash between drain and stop, a failed undrain, a
+    /// name that came back). Rows are locked in id order, as `drain_idle`
+    /// locks them.
     pub async fn undrain_marked(&self, worker_ids: &[String]) -> Result<Vec<String>> {
         if worker_ids.is_empty() {
             return Ok(Vec::new());
         }
         let undrained = sqlx::query_scalar(
             "WITH marked AS (
-                 SELECT id FROM workers WHERE id = ANY($1) AND state = 'draining'
+                 SELECT id FROM workers WHERE id = ANY($1) AND state IN ('draining', 'stopped')
                  ORDER BY id FOR UPDATE
              )
              UPDATE workers w SET state = 'running' FROM marked
