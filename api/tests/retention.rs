@@ -10,6 +10,22 @@ use serde_json::json;
 use sqlx::PgPool;
 use store::{artifact_key, ArtifactStore};
 
+/// A `text` job of the tenant `acme`.
+async fn enqueue_text_job(q: &Queue) -> queue::Job {
+    q.enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "p"})))
+        .await
+        .unwrap()
+        .job
+}
+
+/// The next text task, claimed by the worker `w`.
+async fn claim_text_task(q: &Queue) -> queue::Task {
+    q.claim("w", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0)
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
     let q = Queue::new(pool.clone());
@@ -17,16 +33,8 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
     let artifacts = ArtifactStore::local(dir.path()).unwrap();
     let mut keys = Vec::new();
     for finish in [true, false] {
-        let job = q
-            .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "p"})))
-            .await
-            .unwrap()
-            .job;
-        let task = q
-            .claim("w", &[TaskType::TextGeneration], 1)
-            .await
-            .unwrap()
-            .remove(0);
+        let job = enqueue_text_job(&q).await;
+        let task = claim_text_task(&q).await;
         let key = artifact_key(job.id, ArtifactKind::Text, task.lease());
         let stored = artifacts
             .put(&key, Bytes::from_static(b"# text"), "text/markdown")
@@ -85,16 +93,8 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_job_left_unfinished_after_its_tasks_is_repaired_and_counted(pool: PgPool) {
     let q = Queue::new(pool.clone());
-    let job = q
-        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "p"})))
-        .await
-        .unwrap()
-        .job;
-    let task = q
-        .claim("w", &[TaskType::TextGeneration], 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let job = enqueue_text_job(&q).await;
+    let task = claim_text_task(&q).await;
     q.complete("w", task.lease(), json!({})).await.unwrap();
     // The state a status race used to leave: every task final, the job not.
     sqlx::query("UPDATE jobs SET status = 'processing', finished_at = NULL WHERE id = $1")
@@ -124,19 +124,11 @@ async fn a_rerun_records_its_own_bytes_and_the_replaced_ones_are_removed(pool: P
     let q = Queue::new(pool.clone());
     let dir = tempfile::tempdir().unwrap();
     let artifacts = ArtifactStore::local(dir.path()).unwrap();
-    let job = q
-        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "p"})))
-        .await
-        .unwrap()
-        .job;
+    let job = enqueue_text_job(&q).await;
     let mut keys = Vec::new();
     let mut leases = Vec::new();
     for round in ["first", "second"] {
-        let task = q
-            .claim("w", &[TaskType::TextGeneration], 1)
-            .await
-            .unwrap()
-            .remove(0);
+        let task = claim_text_task(&q).await;
         let key = artifact_key(job.id, ArtifactKind::Text, task.lease());
         let stored = artifacts
             .put(&key, Bytes::from(round.as_bytes().to_vec()), "text/markdown")
