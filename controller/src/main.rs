@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use controller::backend::fly::{FlyBackend, FlyClient, FlySettings, RetryPolicy, Token};
-use controller::backend::kubernetes::{KubernetesBackend, LeaseElection, LeaseSettings, WorkerPoolSource};
+use controller::backend::kubernetes::{
+    list_worker_pools, KubernetesBackend, LeaseElection, LeaseSettings, WorkerPoolSource,
+};
 use controller::backend::local::LocalBackend;
 use controller::metrics::Metrics;
 use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
@@ -41,14 +43,11 @@ enum Command {
     },
     /// Reconcile the pools continuously: read the queue, decide, scale.
     Run(Box<RunArgs>),
-    /// Dry run: read the queue once and print what each pool would do and
-    /// why. Changes nothing.
-    Plan {
-        #[arg(short = 'f', long = "filename", value_name = "FILE_OR_DIR")]
-        path: PathBuf,
-        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        database_url: String,
-    },
+    /// Dry run: print what the next pass of `run` would do for each pool,
+    /// and why, from the same state: the backend's replicas, the queue and
+    /// the leader's stored policy memory. Changes nothing. Takes `run`'s
+    /// flags and environment.
+    Plan(Box<RunArgs>),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -144,9 +143,7 @@ fn main() -> anyhow::Result<ExitCode> {
             tokio::runtime::Runtime::new()?.block_on(run(*args))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan { path, database_url } => {
-            tokio::runtime::Runtime::new()?.block_on(plan(&path, &database_url))
-        }
+        Command::Plan(args) => tokio::runtime::Runtime::new()?.block_on(plan(*args)),
     }
 }
 
@@ -176,12 +173,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         BackendKind::Local => {
             let path = args
                 .path
+                .clone()
                 .context("the local backend needs WorkerPool manifests: pass -f FILE_OR_DIR")?;
-            let state_dir = args
-                .state_dir
-                .unwrap_or_else(|| LocalBackend::default_state_dir(&args.database_url));
-            tracing::info!(state_dir = %state_dir.display(), "local backend");
-            let backend = LocalBackend::new(Duration::from_secs_f64(args.stop_grace_seconds), state_dir);
+            let backend = local_backend(&args);
             let reconciler = Reconciler::new(Context {
                 queue,
                 backend,
@@ -190,15 +184,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             reconcile::run(reconciler, ManifestSource::new(path), settings, shutdown).await
         }
         BackendKind::Kubernetes => {
-            // In-cluster service account, or KUBECONFIG / ~/.kube/config.
-            let config = kube::Config::infer()
-                .await
-                .context("finding the Kubernetes API")?;
-            let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
-            let namespace = args
-                .namespace
-                .clone()
-                .unwrap_or_else(|| client.default_namespace().to_string());
+            let (client, namespace) = kubernetes_client(&args).await?;
             let identity = args
                 .identity
                 .clone()
@@ -236,30 +222,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         BackendKind::Fly => {
-            let token = args.fly_api_token.filter(|t| !t.trim().is_empty()).context(
-                "--backend fly needs FLY_API_TOKEN (a deploy token for the app: `fly tokens create deploy`)",
-            )?;
-            let client = FlyClient::new(
-                &args.fly_api_base_url,
-                Token::new(token),
-                RetryPolicy::default(),
-                args.fly_api_concurrency,
-            )?;
             let path = args
                 .path
+                .clone()
                 .context("the fly backend needs WorkerPool manifests: pass -f FILE_OR_DIR")?;
             if let Some(app) = &args.fly_app_name {
                 warn_about_other_apps(&path, app);
             }
-            let stop_grace = Duration::from_secs_f64(args.stop_grace_seconds);
-            let backend = FlyBackend::new(
-                client,
-                FlySettings {
-                    stop_timeout: stop_grace,
-                    ..FlySettings::default()
-                },
-            );
-            tracing::info!(base_url = %args.fly_api_base_url, "Fly backend");
+            let backend = fly_backend(&args)?;
             let reconciler = Reconciler::new(Context {
                 queue,
                 backend,
@@ -268,6 +238,53 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             reconcile::run(reconciler, ManifestSource::new(path), settings, shutdown).await
         }
     }
+}
+
+fn local_backend(args: &RunArgs) -> LocalBackend {
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| LocalBackend::default_state_dir(&args.database_url));
+    tracing::info!(state_dir = %state_dir.display(), "local backend");
+    LocalBackend::new(Duration::from_secs_f64(args.stop_grace_seconds), state_dir)
+}
+
+/// The client (in-cluster service account, or KUBECONFIG / ~/.kube/config)
+/// and the namespace whose WorkerPools to run.
+async fn kubernetes_client(args: &RunArgs) -> anyhow::Result<(kube::Client, String)> {
+    let config = kube::Config::infer()
+        .await
+        .context("finding the Kubernetes API")?;
+    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    Ok((client, namespace))
+}
+
+fn fly_backend(args: &RunArgs) -> anyhow::Result<FlyBackend> {
+    let token = args
+        .fly_api_token
+        .clone()
+        .filter(|t| !t.trim().is_empty())
+        .context(
+            "--backend fly needs FLY_API_TOKEN (a deploy token for the app: `fly tokens create deploy`)",
+        )?;
+    let client = FlyClient::new(
+        &args.fly_api_base_url,
+        Token::new(token),
+        RetryPolicy::default(),
+        args.fly_api_concurrency,
+    )?;
+    tracing::info!(base_url = %args.fly_api_base_url, "Fly backend");
+    Ok(FlyBackend::new(
+        client,
+        FlySettings {
+            stop_timeout: Duration::from_secs_f64(args.stop_grace_seconds),
+            ..FlySettings::default()
+        },
+    ))
 }
 
 /// A deploy token is scoped to one app: a pool aimed elsewhere will get 403s.
@@ -282,32 +299,109 @@ fn warn_about_other_apps(path: &Path, app: &str) {
     }
 }
 
-/// Reads the queue and the registry once and prints each pool's decision
-/// from a fresh history, with replicas counted from the worker registry.
-async fn plan(path: &Path, database_url: &str) -> anyhow::Result<ExitCode> {
-    let manifests = manifest::load(path);
-    for error in &manifests.errors {
-        println!("error: {error}");
-    }
-    let queue = Queue::connect(database_url, 2)
+/// Prints what the next pass of `run` would do for each pool. Exit 1 when
+/// a manifest or a pool's backend has a problem.
+async fn plan(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let queue = Queue::connect(&args.database_url, 2)
         .await
         .context("connecting to PostgreSQL")?;
-    let reports = reconcile::plan(&queue, &manifests.pools, chrono::Utc::now()).await?;
+    let metrics = Arc::new(Metrics::default());
+    let from_files = |path: Option<&PathBuf>| -> anyhow::Result<(Vec<manifest::LoadedPool>, Vec<String>)> {
+        let path = path.context("pass the WorkerPool manifests: -f FILE_OR_DIR")?;
+        let loaded = manifest::load(path);
+        Ok((
+            loaded.pools,
+            loaded.errors.iter().map(ToString::to_string).collect(),
+        ))
+    };
+    let now = chrono::Utc::now();
+    let (reports, problems) = match args.backend {
+        BackendKind::Local => {
+            let (pools, problems) = from_files(args.path.as_ref())?;
+            let ctx = Context {
+                queue,
+                backend: local_backend(&args),
+                metrics,
+            };
+            (reconcile::plan(&ctx, &pools, now).await?, problems)
+        }
+        BackendKind::Kubernetes => {
+            let (client, namespace) = kubernetes_client(&args).await?;
+            let (pools, problems) = match &args.path {
+                Some(path) => from_files(Some(path))?,
+                None => {
+                    let watched = (!args.all_namespaces).then_some(namespace.as_str());
+                    list_worker_pools(client.clone(), watched)
+                        .await
+                        .context("listing WorkerPools")?
+                }
+            };
+            let ctx = Context {
+                queue: queue.clone(),
+                backend: KubernetesBackend::new(client, queue),
+                metrics,
+            };
+            (reconcile::plan(&ctx, &pools, now).await?, problems)
+        }
+        BackendKind::Fly => {
+            let (pools, problems) = from_files(args.path.as_ref())?;
+            let ctx = Context {
+                queue,
+                backend: fly_backend(&args)?,
+                metrics,
+            };
+            (reconcile::plan(&ctx, &pools, now).await?, problems)
+        }
+    };
+    for problem in &problems {
+        println!("error: {problem}");
+    }
+    let mut failed = !problems.is_empty();
     for report in reports {
-        println!(
-            "{}: {} → {} replicas ({}): {}",
+        print!("{}", describe_plan(&report));
+        failed |= report.error.is_some();
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// A planned pass as `plan` prints it: the decision, then what it rests on.
+fn describe_plan(report: &reconcile::PlanReport) -> String {
+    let Some(decision) = &report.decision else {
+        return format!(
+            "{}: cannot plan: {}\n",
             report.pool,
-            report.decision.from,
-            report.decision.replicas,
-            report.decision.phase.as_str(),
-            report.decision.reason
+            report.error.as_deref().unwrap_or("unknown")
+        );
+    };
+    let mut out = format!(
+        "{}: {} → {} replicas ({}): {}\n",
+        report.pool,
+        decision.from,
+        decision.replicas,
+        decision.phase.as_str(),
+        decision.reason
+    );
+    let s = &report.status;
+    out += &format!(
+        "  queue: {} pending, {} in flight, oldest {}s; replicas: {} ready, {} busy\n",
+        s.pending, s.in_flight, s.oldest_pending_seconds, s.ready_replicas, s.busy_replicas
+    );
+    if !report.would_remove.is_empty() {
+        out += &format!(
+            "  would drain and stop (idle): {}\n",
+            report.would_remove.join(", ")
         );
     }
-    Ok(if manifests.errors.is_empty() {
-        ExitCode::SUCCESS
+    out += if report.from_stored_memory {
+        "  history: the leader's stored policy memory\n"
     } else {
-        ExitCode::FAILURE
-    })
+        "  history: none stored (no controller has run this pool yet)\n"
+    };
+    out
 }
 
 async fn termination_signal() {

@@ -160,7 +160,9 @@ enum Reading {
 /// (stabilisation windows), replica changes (rate limits), consecutive
 /// failed reads (fallback) and the start of the current idle spell
 /// (cooldown). Bounded by age and by [`MAX_HISTORY_ENTRIES`].
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Plain data, so the leader can store it beside the pool's status and a
+/// successor or `controller plan` can decide from the same past.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct History {
     /// Oldest first. A run of equal recommendations keeps only its latest
     /// time, which answers "was this value recommended within the window"

@@ -12,7 +12,8 @@ use controller::backend::local::LocalBackend;
 use controller::backend::{Backend, BackendError, PoolRef, Replica};
 use controller::manifest::{self, LoadedPool};
 use controller::metrics::Metrics;
-use controller::reconcile::{self, Context, LoopSettings, ManifestSource, Reconciler};
+use controller::reconcile::{self, Context, LoopSettings, ManifestSource, PassSettings, Reconciler};
+use controller::spec::ConditionType;
 use queue::{JobType, Queue, TaskType, WorkerState};
 use serde_json::json;
 use sqlx::PgPool;
@@ -26,11 +27,44 @@ struct MemoryBackend {
     next: Arc<Mutex<u32>>,
     /// `remove` fails, as a platform that does not answer.
     fail_remove: Arc<AtomicBool>,
+    /// Pools whose `observe` hangs until [`MemoryBackend::unstall`].
+    stalled: Arc<Mutex<BTreeSet<String>>>,
+    /// Told each time a stalled `observe` starts waiting.
+    stall_entered: Arc<tokio::sync::Notify>,
+    unstalled: Arc<tokio::sync::Notify>,
 }
 
 impl MemoryBackend {
     fn ids(&self) -> Vec<String> {
         self.replicas.lock().unwrap().iter().cloned().collect()
+    }
+
+    fn pool_ids(&self, pool: &str) -> Vec<String> {
+        let prefix = format!("{pool}-");
+        self.ids()
+            .into_iter()
+            .filter(|id| id.starts_with(&prefix))
+            .collect()
+    }
+
+    fn stall(&self, pool: &str) {
+        self.stalled.lock().unwrap().insert(pool.to_string());
+    }
+
+    fn unstall(&self, pool: &str) {
+        self.stalled.lock().unwrap().remove(pool);
+        self.unstalled.notify_waiters();
+    }
+
+    async fn hang_while_stalled(&self, pool: &str) {
+        loop {
+            let unstalled = self.unstalled.notified();
+            if !self.stalled.lock().unwrap().contains(pool) {
+                return;
+            }
+            self.stall_entered.notify_one();
+            unstalled.await;
+        }
     }
 }
 
@@ -38,9 +72,10 @@ impl Backend for MemoryBackend {
     fn name(&self) -> &'static str {
         "memory"
     }
-    async fn observe(&self, _: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
+    async fn observe(&self, pool: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
+        self.hang_while_stalled(pool.name).await;
         Ok(self
-            .ids()
+            .pool_ids(pool.name)
             .into_iter()
             .map(|id| Replica { id, ready: true })
             .collect())
@@ -626,4 +661,196 @@ async fn a_leader_whose_lock_session_dies_wins_again_instead_of_exiting(pool: Pg
     assert_eq!(backend.ids().len(), 3, "it leads again and acts on the pools");
     stop.cancel();
     leader.await.unwrap().unwrap();
+}
+
+/// A pdf pool beside the text pool: the one whose backend hangs below.
+const PDF_POOL: &str = r#"
+apiVersion: backlog.dev/v1alpha1
+kind: WorkerPool
+metadata: {name: pdf}
+spec:
+  taskTypes: [pdf_generation]
+  target: {local: {command: [unused]}}
+  maxReplicas: 5
+  tasksPerReplica: 2
+  cooldownSeconds: 0
+  scaleDown: {stabilizationSeconds: 0}
+"#;
+
+fn text_and_pdf_pools() -> Vec<LoadedPool> {
+    pools(&format!("{TEXT_POOL}---{PDF_POOL}"))
+}
+
+/// Wait (bounded) until a stalled `observe` has started.
+async fn until_stalled(backend: &MemoryBackend) {
+    tokio::time::timeout(Duration::from_secs(30), backend.stall_entered.notified())
+        .await
+        .expect("the stalled pool's pass never reached its backend");
+}
+
+fn ready_reason(reconciler: &Reconciler<MemoryBackend>, pool: &str) -> Option<(String, String)> {
+    let condition = reconciler.status(pool)?.condition(ConditionType::Ready)?;
+    Some((condition.status.clone(), condition.reason.clone()))
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_pool_at_zero_is_woken_while_another_pools_backend_hangs(pool: PgPool) {
+    let q = Queue::new(pool);
+    let backend = MemoryBackend::default();
+    backend.stall("pdf");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pools.yaml");
+    std::fs::write(&manifest, format!("{TEXT_POOL}---{PDF_POOL}")).unwrap();
+    let stop = CancellationToken::new();
+    let controller = tokio::spawn(reconcile::run(
+        memory_reconciler(&q, &backend),
+        ManifestSource::new(manifest),
+        LoopSettings {
+            tick: Duration::from_millis(200),
+            leader_key: 44,
+        },
+        stop.clone(),
+    ));
+    until_stalled(&backend).await;
+
+    enqueue_jobs(&q, JobType::Text, 2).await;
+    for _ in 0..100 {
+        if !backend.pool_ids("text").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        backend.pool_ids("text").len(),
+        1,
+        "the text pool waited on the pdf pool's hung backend"
+    );
+    backend.unstall("pdf");
+    stop.cancel();
+    controller.await.unwrap().unwrap();
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_pass_past_its_deadline_fails_its_pool_and_the_others_go_on(pool: PgPool) {
+    let q = Queue::new(pool);
+    let backend = MemoryBackend::default();
+    backend.stall("pdf");
+    let mut reconciler = Reconciler::with_settings(
+        Context {
+            queue: q.clone(),
+            backend: backend.clone(),
+            metrics: Arc::new(Metrics::default()),
+        },
+        PassSettings {
+            deadline: Duration::from_millis(300),
+            ..PassSettings::default()
+        },
+    );
+    enqueue_jobs(&q, JobType::Text, 2).await;
+    let reports = reconciler
+        .reconcile(&text_and_pdf_pools(), chrono::Utc::now())
+        .await;
+    let done: Vec<(&str, u32)> = reports
+        .iter()
+        .map(|r| (r.pool.as_str(), r.decision.replicas))
+        .collect();
+    assert_eq!(done, [("text", 1)]);
+    assert_eq!(
+        ready_reason(&reconciler, "pdf"),
+        Some(("False".into(), "DeadlineExceeded".into()))
+    );
+    backend.unstall("pdf");
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_pass_that_outlives_its_leadership_starts_nothing(pool: PgPool) {
+    let q = Queue::new(pool);
+    let backend = MemoryBackend::default();
+    let reconciler = memory_reconciler(&q, &backend);
+    let leadership = reconciler.leadership().clone();
+    backend.stall("text");
+    enqueue_jobs(&q, JobType::Text, 4).await;
+    let pass = tokio::spawn(async move {
+        let mut reconciler = reconciler;
+        let reports = reconciler.reconcile(&pools(TEXT_POOL), chrono::Utc::now()).await;
+        (reconciler, reports)
+    });
+    until_stalled(&backend).await;
+
+    // Another controller wins while this pass waits on the platform.
+    leadership.set(false);
+    backend.unstall("text");
+    let (reconciler, reports) = pass.await.unwrap();
+    assert!(reports.is_empty(), "{reports:?}");
+    assert!(backend.ids().is_empty(), "started {:?}", backend.ids());
+    assert_eq!(
+        ready_reason(&reconciler, "text"),
+        Some(("False".into(), "LostLeadership".into()))
+    );
+}
+
+/// Scale-down held by a five-minute window and a five-minute cooldown:
+/// deciding from an empty history (a restarted leader, or `plan` as it
+/// was) goes 3 → 1 at once.
+const WINDOWED_POOL: &str = r#"
+apiVersion: backlog.dev/v1alpha1
+kind: WorkerPool
+metadata: {name: text}
+spec:
+  taskTypes: [text_generation]
+  target: {local: {command: [unused]}}
+  maxReplicas: 5
+  tasksPerReplica: 2
+  cooldownSeconds: 300
+  scaleDown: {stabilizationSeconds: 300}
+"#;
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn plan_and_a_new_leader_decide_from_the_stored_policy_memory(pool: PgPool) {
+    let q = Queue::new(pool);
+    let backend = MemoryBackend::default();
+    let pools = pools(WINDOWED_POOL);
+    let now = chrono::Utc::now();
+    let mut leader = memory_reconciler(&q, &backend);
+    enqueue_jobs(&q, JobType::Text, 6).await;
+    assert_eq!(leader.reconcile(&pools, now).await[0].decision.replicas, 3);
+    let tasks = q
+        .claim("elsewhere", &[TaskType::TextGeneration], 10)
+        .await
+        .unwrap();
+    let results: Vec<_> = tasks.iter().map(|t| (t.lease(), json!({}))).collect();
+    q.complete_batch("elsewhere", &results).await.unwrap();
+
+    let later = now + chrono::Duration::seconds(60);
+    let held = leader.reconcile(&pools, later).await;
+    assert_eq!(held[0].decision.replicas, 3, "{}", held[0].decision);
+
+    let ctx = Context {
+        queue: q.clone(),
+        backend: backend.clone(),
+        metrics: Arc::new(Metrics::default()),
+    };
+    let planned = reconcile::plan(&ctx, &pools, later).await.unwrap();
+    let decision = planned[0].decision.as_ref().expect("the backend answered");
+    assert!(planned[0].from_stored_memory);
+    assert_eq!(
+        (decision.from, decision.replicas),
+        (3, 3),
+        "plan holds as run does: {decision}"
+    );
+
+    // The leader is gone; its successor keeps the window.
+    drop(leader);
+    let mut successor = memory_reconciler(&q, &backend);
+    successor.take_office().await;
+    let kept = successor
+        .reconcile(&pools, later + chrono::Duration::seconds(10))
+        .await;
+    assert_eq!(kept[0].decision.replicas, 3, "{}", kept[0].decision);
+    assert_eq!(backend.ids().len(), 3);
+    // And once the window has passed, it scales down.
+    let down = successor
+        .reconcile(&pools, now + chrono::Duration::seconds(400))
+        .await;
+    assert_eq!(down[0].decision.replicas, 0, "{}", down[0].decision);
 }

@@ -118,4 +118,26 @@ impl Queue {
             })
             .collect())
     }
+
+    /// Store the scaling policy's memory of a pool beside its status (the
+    /// row [`Queue::put_pool_status`] wrote), so whoever leads next, and
+    /// `controller plan`, decide from the same past.
+    pub async fn put_policy_memory(&self, pool: &str, memory: &serde_json::Value) -> Result<bool> {
+        let done = sqlx::query("UPDATE pool_status SET policy_memory = $2 WHERE pool = $1")
+            .bind(pool)
+            .bind(memory)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The stored policy memory of every pool that has one, by pool.
+    pub async fn policy_memories(&self) -> Result<Vec<(String, serde_json::Value)>> {
+        let rows = sqlx::query_as(
+            "SELECT pool, policy_memory FROM pool_status WHERE policy_memory IS NOT NULL ORDER BY pool",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
 }

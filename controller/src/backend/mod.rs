@@ -11,6 +11,7 @@ use std::future::Future;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::policy::Decision;
+use crate::reconcile::PassError;
 use crate::spec::{WorkerPoolSpec, WorkerPoolStatus};
 
 /// One worker replica as its backend sees it. `id` is the identity the
@@ -89,7 +90,7 @@ pub struct PassOutcome<'a> {
     /// The policy's decision, when the pass got that far.
     pub decision: Option<&'a Decision>,
     /// Why the pass failed, if it did.
-    pub error: Option<&'a BackendError>,
+    pub error: Option<&'a PassError>,
     /// Replicas removed by this pass (drained and idle).
     pub removed: &'a [String],
 }
@@ -100,6 +101,14 @@ pub trait Backend: Send + Sync {
 
     /// The pool's replicas, including ones still starting.
     fn observe(&self, pool: PoolRef<'_>) -> impl Future<Output = Result<Vec<Replica>, BackendError>> + Send;
+
+    /// The pool's replicas as [`Backend::observe`] would find them, changing
+    /// nothing: no restarts, no writes, nothing remembered. `controller
+    /// plan` uses it. The default is `observe`, for backends whose
+    /// observation only reads.
+    fn inspect(&self, pool: PoolRef<'_>) -> impl Future<Output = Result<Vec<Replica>, BackendError>> + Send {
+        self.observe(pool)
+    }
 
     /// Start `count` more replicas. Returns the ids of the replicas started,
     /// where the backend knows them before they run (a restarted Fly

@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 
 pub use lease::{LeaseElection, LeaseSettings};
 pub use publish::Publisher;
-pub use source::WorkerPoolSource;
+pub use source::{list_worker_pools, WorkerPoolSource};
 
 use super::{Backend, BackendError, PassOutcome, PoolRef, Replica};
 use crate::spec::{KubernetesTarget, Target, WorkloadKind};

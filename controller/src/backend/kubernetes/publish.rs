@@ -12,8 +12,9 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 use super::FIELD_MANAGER;
-use crate::backend::{BackendError, PassOutcome, PoolRef};
+use crate::backend::{PassOutcome, PoolRef};
 use crate::policy::Phase;
+use crate::reconcile::PassError;
 use crate::spec::{ConditionType, WorkerPool, WorkerPoolStatus};
 
 #[derive(Default)]
@@ -89,7 +90,7 @@ impl Publisher {
         }
     }
 
-    async fn error_event(&self, pool: PoolRef<'_>, error: &BackendError) {
+    async fn error_event(&self, pool: PoolRef<'_>, error: &PassError) {
         self.event(pool, "Warning", error.reason(), &error.to_string())
             .await;
     }

@@ -89,6 +89,71 @@ impl WorkerPoolSource {
     }
 }
 
+/// The pools to run: valid specs, the first (oldest) pool to claim a task
+/// type keeps it; the others with why they are rejected.
+fn admit(pools: Vec<Arc<WorkerPool>>) -> (Vec<LoadedPool>, Vec<(Arc<WorkerPool>, String)>) {
+    let mut pools: Vec<Arc<WorkerPool>> = pools
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    pools.sort_by(|a, b| {
+        a.metadata
+            .creation_timestamp
+            .cmp(&b.metadata.creation_timestamp)
+            .then(a.metadata.name.cmp(&b.metadata.name))
+    });
+    let mut admitted: Vec<LoadedPool> = Vec::new();
+    let mut rejections = Vec::new();
+    for pool in pools {
+        let mut problems: Vec<String> = pool.spec.validate().iter().map(ToString::to_string).collect();
+        for task_type in &pool.spec.task_types {
+            if let Some(first) = admitted
+                .iter()
+                .find(|p| p.pool.spec.task_types.contains(task_type))
+            {
+                problems.push(format!(
+                    "spec.taskTypes: {task_type} is already served by WorkerPool {}/{}",
+                    first.pool.metadata.namespace.as_deref().unwrap_or_default(),
+                    first.name()
+                ));
+            }
+        }
+        if problems.is_empty() {
+            admitted.push(LoadedPool {
+                location: location(&pool),
+                pool: (*pool).clone(),
+            });
+        } else {
+            rejections.push((pool, problems.join("; ")));
+        }
+    }
+    (admitted, rejections)
+}
+
+/// The WorkerPools the controller would run, listed once (for `controller
+/// plan`): the admitted pools, and a line for each rejected one. Writes nothing.
+pub async fn list_worker_pools(
+    client: Client,
+    namespace: Option<&str>,
+) -> Result<(Vec<LoadedPool>, Vec<String>), kube::Error> {
+    let api: Api<WorkerPool> = match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let listed = api.list(&Default::default()).await?;
+    let (admitted, rejections) = admit(listed.items.into_iter().map(Arc::new).collect());
+    let rejected = rejections
+        .into_iter()
+        .map(|(pool, message)| {
+            format!(
+                "WorkerPool {}: {message}",
+                pool.metadata.name.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    Ok((admitted, rejected))
+}
+
 fn uid(pool: &WorkerPool) -> String {
     pool.metadata.uid.clone().unwrap_or_default()
 }
@@ -114,43 +179,7 @@ impl PoolSource for WorkerPoolSource {
     /// The pools to run: valid specs, the first (oldest) pool to claim a
     /// task type keeps it. The others get `Ready=False, InvalidSpec`.
     async fn load(&mut self) -> Vec<LoadedPool> {
-        let mut pools: Vec<Arc<WorkerPool>> = self
-            .store
-            .state()
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .collect();
-        pools.sort_by(|a, b| {
-            a.metadata
-                .creation_timestamp
-                .cmp(&b.metadata.creation_timestamp)
-                .then(a.metadata.name.cmp(&b.metadata.name))
-        });
-        let mut admitted: Vec<LoadedPool> = Vec::new();
-        let mut rejections = Vec::new();
-        for pool in pools {
-            let mut problems: Vec<String> = pool.spec.validate().iter().map(ToString::to_string).collect();
-            for task_type in &pool.spec.task_types {
-                if let Some(first) = admitted
-                    .iter()
-                    .find(|p| p.pool.spec.task_types.contains(task_type))
-                {
-                    problems.push(format!(
-                        "spec.taskTypes: {task_type} is already served by WorkerPool {}/{}",
-                        first.pool.metadata.namespace.as_deref().unwrap_or_default(),
-                        first.name()
-                    ));
-                }
-            }
-            if problems.is_empty() {
-                admitted.push(LoadedPool {
-                    location: location(&pool),
-                    pool: (*pool).clone(),
-                });
-            } else {
-                rejections.push((pool, problems.join("; ")));
-            }
-        }
+        let (admitted, rejections) = admit(self.store.state());
         for (pool, message) in rejections {
             let key = (uid(&pool), pool.metadata.generation.unwrap_or_default());
             if self.rejected.get(&key) != Some(&message) {

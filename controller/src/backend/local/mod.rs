@@ -89,15 +89,22 @@ struct StateFile {
     stopping: BTreeMap<String, ProcessRecord>,
 }
 
+impl StateFile {
+    /// The file as written, or an empty state when there is none yet.
+    fn read(file: &Path) -> Result<StateFile, String> {
+        match std::fs::read(file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", file.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
+            Err(e) => Err(format!("{}: {e}", file.display())),
+        }
+    }
+}
+
 impl LocalPool {
     /// The pool's state as the file left it: processes still running are
     /// adopted, the others forgotten.
     fn load(file: PathBuf) -> Result<LocalPool, String> {
-        let saved: StateFile = match std::fs::read(&file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", file.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
-            Err(e) => return Err(format!("{}: {e}", file.display())),
-        };
+        let saved = StateFile::read(&file)?;
         let live = |records: BTreeMap<String, ProcessRecord>| -> BTreeMap<String, ProcessRecord> {
             records.into_iter().filter(|(_, r)| r.is_alive()).collect()
         };
@@ -386,6 +393,24 @@ impl Backend for LocalBackend {
             state.save_or_warn();
         }
         Ok(replicas)
+    }
+
+    /// The replicas the pool's state file records that still run, read
+    /// without adopting, restarting or writing anything. (A replica that
+    /// crashed and awaits its restart is not in the file: `observe` counts
+    /// it as current and not ready.)
+    async fn inspect(&self, pool: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
+        Self::target(pool)?;
+        let saved = StateFile::read(&self.state_file(pool.name)).map_err(|message| BackendError::Failed {
+            pool: pool.name.to_string(),
+            message: format!("local state file: {message}"),
+        })?;
+        Ok(saved
+            .replicas
+            .into_iter()
+            .filter(|(_, record)| record.is_alive())
+            .map(|(id, _)| Replica { id, ready: true })
+            .collect())
     }
 
     async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<Vec<String>, BackendError> {

@@ -1,0 +1,78 @@
+//! Which of several controllers acts: the election trait, and the
+//! PostgreSQL advisory lock that elects everywhere but Kubernetes (where
+//! [`crate::backend::kubernetes::LeaseElection`] holds a Lease).
+
+use std::future::Future;
+use std::time::Duration;
+
+use queue::Queue;
+use tokio_util::sync::CancellationToken;
+
+/// How one controller of several becomes the one that acts.
+pub trait Election: Send {
+    /// Wait until this controller leads. `false`: shut down before that.
+    fn acquire(&mut self, shutdown: &CancellationToken) -> impl Future<Output = anyhow::Result<bool>> + Send;
+
+    /// Whether this controller still leads; asked before every pass.
+    fn still_held(&mut self) -> impl Future<Output = bool> + Send;
+
+    /// Step down so a standby can take over at once.
+    fn release(self) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// Leader election with a PostgreSQL advisory lock, for everywhere but
+/// Kubernetes: the lock lives as long as the leader's database session.
+pub struct AdvisoryLock {
+    queue: Queue,
+    key: i64,
+    retry: Duration,
+    held: Option<queue::Leadership>,
+}
+
+impl AdvisoryLock {
+    pub fn new(queue: Queue, key: i64, retry: Duration) -> Self {
+        AdvisoryLock {
+            queue,
+            key,
+            retry,
+            held: None,
+        }
+    }
+}
+
+impl Election for AdvisoryLock {
+    async fn acquire(&mut self, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+        loop {
+            match self.queue.try_lead(self.key).await {
+                Ok(Some(lead)) => {
+                    self.held = Some(lead);
+                    return Ok(true);
+                }
+                Ok(None) => tracing::info!("standby: another controller is the leader; waiting"),
+                // A database restarting: try again rather than exit.
+                Err(queue::QueueError::Database(e)) if queue::is_transient(&e) => {
+                    tracing::warn!(error = %e, "standby: the database cannot be reached; waiting")
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(self.retry) => {}
+            }
+        }
+    }
+
+    async fn still_held(&mut self) -> bool {
+        match self.held.as_mut() {
+            Some(lead) => lead.still_held().await,
+            None => false,
+        }
+    }
+
+    async fn release(self) -> anyhow::Result<()> {
+        if let Some(lead) = self.held {
+            lead.release().await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,279 @@
+//! The reconcile loop: one grouped depth query and one registry read per
+//! round for all pools, then each pool's pass — the pure policy, the
+//! backend, the drain protocol in front of every removal — side by side,
+//! each with its own deadline, so no pool waits on another.
+//!
+//! - [`pass`]: one pool's pass;
+//! - [`plan`]: what the next pass would do, for `controller plan`;
+//! - [`source`]: where pools come from (files; Kubernetes has its own);
+//! - [`election`]: which controller acts;
+//! - [`run`]: the loop that ties them together.
+
+mod election;
+mod error;
+mod pass;
+mod plan;
+mod run;
+mod source;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use queue::Queue;
+use tokio::sync::Semaphore;
+
+pub use election::{AdvisoryLock, Election};
+pub use error::PassError;
+pub use plan::{plan, PlanReport};
+pub use run::{run, run_elected, LoopSettings};
+pub use source::{ManifestSource, PoolSource};
+
+use crate::backend::Backend;
+use crate::manifest::LoadedPool;
+use crate::metrics::Metrics;
+use crate::policy::{Decision, History};
+use crate::spec::WorkerPoolStatus;
+use pass::{Pass, PassDone, PoolState, QueueSnapshot, SharedSnapshot};
+
+/// What `reconcile` needs, handed in once.
+pub struct Context<B> {
+    pub queue: Queue,
+    pub backend: B,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The key a pool's state is kept under: `namespace/name` for WorkerPool
+/// objects (names repeat across namespaces), the name for pools from files.
+pub fn pool_key(pool: &LoadedPool) -> String {
+    match &pool.pool.metadata.namespace {
+        Some(namespace) => format!("{namespace}/{}", pool.name()),
+        None => pool.name().to_string(),
+    }
+}
+
+/// One pool's outcome of a pass, for logs and tests.
+#[derive(Debug, Clone)]
+pub struct PoolReport {
+    pub pool: String,
+    pub decision: Decision,
+    pub status: WorkerPoolStatus,
+    /// Replicas actually removed (drained and idle).
+    pub removed: Vec<String>,
+    /// Replicas chosen for removal and kept: they picked up work first, or
+    /// the backend could not remove them this pass (and they were put back
+    /// to work).
+    pub kept_busy: Vec<String>,
+}
+
+/// Whether this controller leads, as the run loop last learned it. Passes
+/// check it before every action (start, drain, stop), so a pass that
+/// outlives its controller's leadership acts on nothing more.
+#[derive(Clone, Debug)]
+pub struct Leadership(Arc<AtomicBool>);
+
+impl Leadership {
+    fn held() -> Self {
+        Leadership(Arc::new(AtomicBool::new(true)))
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    pub fn set(&self, held: bool) {
+        self.0.store(held, Ordering::SeqCst);
+    }
+
+    fn check(&self, pool: &str, action: &'static str) -> Result<(), PassError> {
+        if self.is_held() {
+            Ok(())
+        } else {
+            Err(PassError::LostLeadership {
+                pool: pool.to_string(),
+                action,
+            })
+        }
+    }
+}
+
+/// How passes run.
+#[derive(Debug, Clone)]
+pub struct PassSettings {
+    /// A pass (observe, decide, scale) abandoned after this long: the pool
+    /// gets `Ready=False` (`DeadlineExceeded`) and is retried with backoff.
+    /// Longer than a backend's own waits (a Fly machine's stop: 60 s).
+    pub deadline: Duration,
+    /// Passes running at once. A task type is served by one pool per
+    /// database, so pools per controller are few.
+    pub max_concurrent: usize,
+}
+
+impl Default for PassSettings {
+    fn default() -> Self {
+        PassSettings {
+            deadline: Duration::from_secs(120),
+            max_concurrent: 16,
+        }
+    }
+}
+
+pub struct Reconciler<B> {
+    ctx: Arc<Context<B>>,
+    state: HashMap<String, PoolState>,
+    /// Pools whose pass is running; a new round skips them.
+    in_flight: HashSet<String>,
+    leadership: Leadership,
+    settings: PassSettings,
+    permits: Arc<Semaphore>,
+}
+
+impl<B: Backend + 'static> Reconciler<B> {
+    pub fn new(ctx: Context<B>) -> Self {
+        Self::with_settings(ctx, PassSettings::default())
+    }
+
+    pub fn with_settings(ctx: Context<B>, settings: PassSettings) -> Self {
+        Reconciler {
+            ctx: Arc::new(ctx),
+            state: HashMap::new(),
+            in_flight: HashSet::new(),
+            leadership: Leadership::held(),
+            permits: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
+            settings,
+        }
+    }
+
+    pub fn context(&self) -> &Context<B> {
+        &self.ctx
+    }
+
+    pub fn leadership(&self) -> &Leadership {
+        &self.leadership
+    }
+
+    /// One round over every pool at time `now`, all passes side by side,
+    /// returning when all are done. A pool whose pass fails gets
+    /// `Ready=False` with the error and a backed-off retry; the other pools
+    /// go on. The reports are those of the pools that succeeded, in order.
+    pub async fn reconcile(&mut self, pools: &[LoadedPool], now: DateTime<Utc>) -> Vec<PoolReport> {
+        let snapshot = self.read_queue().await;
+        let passes = self.begin(pools, snapshot, now);
+        let done = futures::future::join_all(passes.into_iter().map(Pass::run)).await;
+        let reports = done.into_iter().filter_map(|d| self.finish(d)).collect();
+        self.forget_removed(pools).await;
+        reports
+    }
+
+    /// Read the queue once for a round.
+    async fn read_queue(&self) -> SharedSnapshot {
+        let read = async {
+            let depth = self.ctx.queue.depth().await?;
+            let busy = self.ctx.queue.busy_replicas().await?;
+            Ok::<_, queue::QueueError>(QueueSnapshot {
+                depth,
+                busy: busy.into_iter().map(|r| (r.worker_id, r.in_flight)).collect(),
+            })
+        };
+        Arc::new(read.await.map_err(|e| e.to_string()))
+    }
+
+    /// The passes of a round: every pool not already in a pass and not
+    /// waiting out a failure's backoff.
+    fn begin(&mut self, pools: &[LoadedPool], snapshot: SharedSnapshot, now: DateTime<Utc>) -> Vec<Pass<B>> {
+        let mut passes = Vec::with_capacity(pools.len());
+        for loaded in pools {
+            let key = pool_key(loaded);
+            if self.in_flight.contains(&key) || self.waiting_to_retry(&key, loaded, now) {
+                continue;
+            }
+            self.in_flight.insert(key.clone());
+            passes.push(Pass {
+                ctx: self.ctx.clone(),
+                leadership: self.leadership.clone(),
+                deadline: self.settings.deadline,
+                permits: self.permits.clone(),
+                loaded: loaded.clone(),
+                state: self.state.get(&key).cloned().unwrap_or_default(),
+                key,
+                snapshot: snapshot.clone(),
+                now,
+            });
+        }
+        passes
+    }
+
+    /// Keep what a pass learned.
+    fn finish(&mut self, done: PassDone) -> Option<PoolReport> {
+        self.in_flight.remove(&done.key);
+        self.state.insert(done.key, done.state);
+        done.report
+    }
+
+    /// Forget pools whose manifests were removed, here and in the database.
+    async fn forget_removed(&mut self, pools: &[LoadedPool]) {
+        let live: HashSet<String> = pools.iter().map(pool_key).collect();
+        self.state
+            .retain(|key, _| live.contains(key) || self.in_flight.contains(key));
+        let backend = self.ctx.backend.name();
+        let live: Vec<String> = live.into_iter().collect();
+        if let Err(e) = self.ctx.queue.forget_pool_statuses(backend, &live).await {
+            tracing::warn!(error = %e, "could not prune the status of removed pools");
+        }
+    }
+
+    /// A failing pool waits for its retry time, unless its spec changed.
+    fn waiting_to_retry(&self, key: &str, pool: &LoadedPool, now: DateTime<Utc>) -> bool {
+        let failing = self.state.get(key).and_then(|s| s.failing.as_ref());
+        failing.is_some_and(|f| now < f.retry_at && f.spec == pool.pool.spec)
+    }
+
+    /// The pool's status as of its last pass, if it had one.
+    pub fn status(&self, key: &str) -> Option<&WorkerPoolStatus> {
+        self.state.get(key).map(|s| &s.status)
+    }
+
+    /// The policy's memory of the pool, as of its last pass.
+    pub fn history(&self, key: &str) -> Option<&History> {
+        self.state.get(key).map(|s| &s.history)
+    }
+
+    /// On winning leadership: take up the policy memory the last leader
+    /// stored (its windows and rate limits hold across the hand-over), and
+    /// have each pool's next pass clear, before its decision, the draining
+    /// marks an earlier leader left on replicas it did not stop (it crashed
+    /// or lost leadership between drain and stop). In the passes, not here:
+    /// a hung backend must not keep the other pools from their first pass.
+    pub async fn take_office(&mut self) {
+        self.restore_memory().await;
+        for state in self.state.values_mut() {
+            state.marks_settled = false;
+        }
+    }
+
+    async fn restore_memory(&mut self) {
+        let stored = match self.ctx.queue.policy_memories().await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the stored policy memory; starting from this controller's own");
+                return;
+            }
+        };
+        for (key, document) in stored {
+            match pass::history_from_document(&document) {
+                Some(history) => self.state.entry(key).or_default().history = history,
+                None => {
+                    tracing::warn!(pool = %key, "stored policy memory of another version; starting afresh")
+                }
+            }
+        }
+    }
+
+    /// The pool's replicas were last seen at zero: a notification for one of
+    /// its task types should wake the loop at once.
+    pub fn is_at_zero(&self, key: &str) -> bool {
+        self.state.get(key).is_none_or(|s| s.status.current_replicas == 0)
+    }
+}

@@ -1,0 +1,79 @@
+//! Where the run loop gets its pools: YAML files or folders
+//! ([`ManifestSource`]) or WorkerPool objects on Kubernetes
+//! ([`crate::backend::kubernetes::WorkerPoolSource`]).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::manifest::{self, LoadedPool};
+
+/// Where pools come from outside Kubernetes: a YAML file or folder,
+/// re-read when anything in it changes.
+pub struct ManifestSource {
+    path: PathBuf,
+    stamp: Option<Vec<(PathBuf, SystemTime)>>,
+    pools: Vec<LoadedPool>,
+}
+
+impl ManifestSource {
+    pub fn new(path: PathBuf) -> Self {
+        ManifestSource {
+            path,
+            stamp: None,
+            pools: Vec::new(),
+        }
+    }
+
+    /// The current pools, reloading when a file changed. A manifest with
+    /// errors is reported and skipped; the other pools keep running.
+    pub fn pools(&mut self) -> &[LoadedPool] {
+        let stamp = stamp(&self.path);
+        if self.stamp.as_ref() != Some(&stamp) {
+            let loaded = manifest::load(&self.path);
+            for error in &loaded.errors {
+                tracing::error!(error = %error, "manifest rejected");
+            }
+            let names: Vec<&str> = loaded.pools.iter().map(|p| p.name()).collect();
+            tracing::info!(path = %self.path.display(), pools = ?names, "loaded WorkerPools");
+            self.pools = loaded.pools;
+            self.stamp = Some(stamp);
+        }
+        &self.pools
+    }
+}
+
+fn stamp(path: &Path) -> Vec<(PathBuf, SystemTime)> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut out = Vec::new();
+    if let Some(t) = modified(path) {
+        out.push((path.to_path_buf(), t));
+    }
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if let Some(t) = modified(&entry.path()) {
+                out.push((entry.path(), t));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A source of pools for the run loop.
+pub trait PoolSource: Send {
+    /// The pools to reconcile now.
+    fn load(&mut self) -> impl Future<Output = Vec<LoadedPool>> + Send;
+
+    /// Resolves when the pools changed, so a pass should run now. Sources
+    /// re-read on every pass never resolve.
+    fn changed(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+}
+
+impl PoolSource for ManifestSource {
+    async fn load(&mut self) -> Vec<LoadedPool> {
+        self.pools().to_vec()
+    }
+}
