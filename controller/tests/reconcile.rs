@@ -854,3 +854,40 @@ async fn plan_and_a_new_leader_decide_from_the_stored_policy_memory(pool: PgPool
         .await;
     assert_eq!(down[0].decision.replicas, 0, "{}", down[0].decision);
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_plan_command_reads_the_local_backend_and_changes_nothing(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pools.yaml");
+    std::fs::write(&manifest, WINDOWED_POOL).unwrap();
+    let state_dir = dir.path().join("state");
+    enqueue_jobs(&q, JobType::Text, 3).await;
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
+        .args(["plan", "--backend", "local", "-f"])
+        .arg(&manifest)
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .env("DATABASE_URL", test_support::database_url(&pool))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("text: 0 → 2 replicas (activating)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("3 pending"), "{stdout}");
+    assert!(stdout.contains("history: none stored"), "{stdout}");
+    assert!(!state_dir.exists(), "plan wrote the local backend's state");
+    let unchanged: i64 = sqlx::query_scalar("SELECT count(*) FROM pool_status")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(unchanged, 0, "plan wrote a pool status");
+}
