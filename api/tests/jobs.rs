@@ -261,8 +261,12 @@ async fn every_job_type_accepts_its_documented_input(pool: sqlx::PgPool) {
     let key = server.key("acme", ApiKeyRole::Client).await;
     for job_type in JobType::ALL {
         let input = match job_type {
-            JobType::Reading | JobType::Text => json!({"prompt": "p", "title": "t", "voice": "v"}),
-            JobType::Pdf | JobType::Audiobook => json!({"text": "x", "title": "t", "voice": "v"}),
+            JobType::Reading | JobType::Text => {
+                json!({"prompt": "p", "title": "t", "voice": "v", "lang": "el"})
+            }
+            JobType::Pdf | JobType::Audiobook => {
+                json!({"text": "x", "title": "t", "voice": "v", "lang": "en-GB"})
+            }
         };
         let (status, job) = server
             .post_json(
@@ -273,6 +277,29 @@ async fn every_job_type_accepts_its_documented_input(pool: sqlx::PgPool) {
             .await;
         assert_eq!(status, 201, "{job_type}: {job}");
     }
+    server.stop().await;
+}
+
+/// `lang` is part of the one input contract the workers read: a tag is
+/// taken, a word is refused naming the field, nothing is written.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_jobs_language_is_checked_where_it_is_sent(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let refused = server
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &json!({"type": "reading", "input": {"prompt": "p", "lang": "greek"}}),
+        )
+        .await;
+    assert_error(&refused, 422, "invalid_input", Some("input.lang"));
+    let (status, page) = server.get_json(&key, "/v1/jobs").await;
+    assert_eq!(
+        (status, page["jobs"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{page}"
+    );
     server.stop().await;
 }
 

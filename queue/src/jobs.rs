@@ -342,7 +342,7 @@ impl Queue {
                 ))
             }
         }
-        for optional in ["title", "voice"] {
+        for optional in ["title", "voice", "lang"] {
             if let Some(v) = input.get(optional) {
                 if !v.is_string() {
                     return Err(QueueError::invalid(
@@ -351,6 +351,10 @@ impl Queue {
                     ));
                 }
             }
+        }
+        if let Some(serde_json::Value::String(tag)) = input.get("lang") {
+            crate::input::primary_language(tag)
+                .map_err(|message| QueueError::invalid("input.lang", message))?;
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ mod artifacts;
 mod depth;
 mod error;
 mod events;
+pub mod input;
 mod jobs;
 mod keys;
 mod leader;

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::pipelines::audio::Narrator;
 use crate::pipelines::document::Document;
 use crate::pipelines::text::{LlmProvider, PromptKind, TextRequest};
-use crate::pipelines::{pdf, JobInput};
+use crate::pipelines::{self, pdf, JobInput};
 use crate::runtime::{TaskContext, TaskHandler, TaskOutput};
 use store::{artifact_key, ArtifactStore};
 
@@ -42,7 +42,7 @@ impl TaskHandler for Pipelines {
             .job_by_id(ctx.task.job_id)
             .await
             .map_err(storage_failure)?;
-        let input = JobInput::from_json(&job.input)?;
+        let input = pipelines::job_input(&job)?;
         match ctx.task.task_type {
             TaskType::TextGeneration => self.write_text(&ctx, &job, &input).await,
             TaskType::PdfGeneration => self.typeset(&ctx, &job, &input).await,
@@ -84,7 +84,7 @@ impl Pipelines {
 
     async fn typeset(&self, ctx: &TaskContext, job: &Job, input: &JobInput) -> Result<TaskOutput, Failure> {
         let document = self.source_document(ctx, job, input).await?;
-        let pdf = pdf::typeset(document, input.lang.clone()).await?;
+        let pdf = pdf::typeset(document, input.lang().map(str::to_owned)).await?;
         let stored = self
             .save(
                 ctx,
@@ -100,7 +100,7 @@ impl Pipelines {
 
     async fn narrate(&self, ctx: &TaskContext, job: &Job, input: &JobInput) -> Result<TaskOutput, Failure> {
         let document = self.source_document(ctx, job, input).await?;
-        let narration = self.narrator.narrate(&document, input.voice.as_deref()).await?;
+        let narration = self.narrator.narrate(&document, input.voice()).await?;
         let metadata = json!({
             "duration_seconds": narration.duration_seconds,
             "sample_rate": narration.sample_rate,
@@ -154,11 +154,11 @@ impl Pipelines {
                 })?
             }
             _ => input
-                .text
-                .clone()
+                .text()
+                .map(str::to_owned)
                 .ok_or_else(|| Failure::permanent("job input has no `text`"))?,
         };
-        Ok(Document::parse(&markdown, input.title.as_deref()))
+        Ok(Document::parse(&markdown, input.title()))
     }
 
     /// Store the bytes under a key unique to this claim, then record the

@@ -6,6 +6,7 @@ use axum::Json;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
+use queue::input::{InputKind, JobInput, PromptInput, TextInput};
 use queue::{
     Artifact, ArtifactKind, Enqueued, Job, JobFilter, JobStatus, JobType, JobWithTasks, NewJob, Task,
     TaskStatus, TaskType,
@@ -54,27 +55,13 @@ pub struct CreateJobRequest {
     pub priority: i32,
 }
 
-/// Which input a job type takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum InputKind {
-    Prompt,
-    Text,
-}
-
-fn input_kind(job_type: JobType) -> InputKind {
-    match job_type {
-        JobType::Reading | JobType::Text => InputKind::Prompt,
-        JobType::Pdf | JobType::Audiobook => InputKind::Text,
-    }
-}
-
 impl utoipa::PartialSchema for CreateJobRequest {
     /// One alternative per input kind: the job types that take it, with it.
     fn schema() -> RefOr<Schema> {
         let alternative = |kind: InputKind, input: &str| {
             let types = JobType::ALL
                 .iter()
-                .filter(|t| input_kind(**t) == kind)
+                .filter(|t| t.input_kind() == kind)
                 .map(|t| t.as_str());
             let priority = ObjectBuilder::new()
                 .schema_type(Type::Integer)
@@ -119,41 +106,6 @@ pub struct CreateJobsRequest {
     pub jobs: Vec<CreateJobRequest>,
 }
 
-/// Input of `reading` and `text` jobs.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PromptInput {
-    /// What to write about: not blank, no NUL characters.
-    #[schema(min_length = 1)]
-    pub prompt: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub title: Option<String>,
-    /// Voice for the audio of a `reading` job.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub voice: Option<String>,
-}
-
-/// Input of `pdf` and `audiobook` jobs.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TextInput {
-    /// The text to typeset or read aloud: not blank, no NUL characters.
-    #[schema(min_length = 1)]
-    pub text: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub title: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub voice: Option<String>,
-}
-
-/// A job's input; which one depends on the job type.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(untagged)]
-pub enum JobInput {
-    Prompt(PromptInput),
-    Text(TextInput),
-}
-
 impl CreateJobRequest {
     /// Check the input against the job type (unknown fields included) and
     /// build the queue's job. `at` is where this job sits in the request.
@@ -163,7 +115,7 @@ impl CreateJobRequest {
         } else {
             format!("{at}.input")
         };
-        let input = match input_kind(self.job_type) {
+        let input = match self.job_type.input_kind() {
             InputKind::Prompt => JobInput::Prompt(from_json_value(self.input, &input_at)?),
             InputKind::Text => JobInput::Text(from_json_value(self.input, &input_at)?),
         };

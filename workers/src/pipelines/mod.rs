@@ -13,25 +13,12 @@ pub mod document;
 pub mod pdf;
 pub mod text;
 
-use serde::Deserialize;
+/// A job's input, as the API accepted it: the contract lives in
+/// [`queue::input`], shared with the API.
+pub use queue::input::JobInput;
 
-/// The fields of a job's `input` the pipelines read. The API validates input
-/// before a job exists; this is lenient and ignores fields it does not know.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct JobInput {
-    /// What to write about (`reading` and `text` jobs).
-    pub prompt: Option<String>,
-    pub title: Option<String>,
-    /// The text to typeset or speak (`pdf` and `audiobook` jobs).
-    pub text: Option<String>,
-    /// A TTS voice name (espeak-ng voice, or passed on to RunPod).
-    pub voice: Option<String>,
-    /// An ISO 639 language code for hyphenation; English when absent.
-    pub lang: Option<String>,
-}
-
-impl JobInput {
-    pub fn from_json(input: &serde_json::Value) -> crate::Result<Self> {
-        JobInput::deserialize(input).map_err(|e| crate::Error::InvalidInput(format!("job input: {e}")))
-    }
+/// The input of `job`, checked against its type's contract.
+pub fn job_input(job: &queue::Job) -> crate::Result<JobInput> {
+    JobInput::parse(job.job_type, &job.input)
+        .map_err(|e| crate::Error::InvalidInput(format!("job input: {e}")))
 }

@@ -77,23 +77,13 @@ pub fn typeset_blocking(document: &Document, lang: Option<&str>) -> Result<Types
     })
 }
 
-/// The primary subtag of `lang`, checked: typst accepts two or three letters.
+/// The primary subtag of `lang`, checked (the job's input contract already
+/// refuses malformed tags): typst takes two or three letters.
 fn language_code(lang: Option<&str>) -> Result<String> {
     let Some(lang) = lang.map(str::trim).filter(|l| !l.is_empty()) else {
         return Ok(DEFAULT_LANG.to_owned());
     };
-    let primary = lang
-        .split(['-', '_'])
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if (2..=3).contains(&primary.len()) && primary.bytes().all(|b| b.is_ascii_lowercase()) {
-        Ok(primary)
-    } else {
-        Err(Error::InvalidInput(format!(
-            "`lang` {lang:?} is not an ISO 639 language code"
-        )))
-    }
+    queue::input::primary_language(lang).map_err(|message| Error::InvalidInput(format!("`lang` {message}")))
 }
 
 fn describe(errors: &[SourceDiagnostic]) -> String {

@@ -73,7 +73,7 @@ pub struct TextRequest {
 impl TextRequest {
     /// The request a `reading` or `text` job's input describes.
     pub fn from_input(kind: PromptKind, input: &JobInput) -> Result<Self> {
-        let prompt = input.prompt.as_deref().map(str::trim).unwrap_or_default();
+        let prompt = input.prompt().map(str::trim).unwrap_or_default();
         if prompt.is_empty() {
             return Err(Error::InvalidInput("`prompt` is missing or empty".into()));
         }
@@ -81,8 +81,7 @@ impl TextRequest {
             kind,
             prompt: prompt.to_owned(),
             title: input
-                .title
-                .as_deref()
+                .title()
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned),
@@ -450,7 +449,8 @@ mod tests {
 
     #[test]
     fn missing_prompt_is_permanent() {
-        let error = TextRequest::from_input(PromptKind::Text, &JobInput::default()).unwrap_err();
+        let pdf_input = JobInput::parse(queue::JobType::Pdf, &serde_json::json!({"text": "x"})).unwrap();
+        let error = TextRequest::from_input(PromptKind::Text, &pdf_input).unwrap_err();
         assert!(!error.is_retryable());
     }
 
