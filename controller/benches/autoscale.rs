@@ -319,7 +319,7 @@ fn frontier_svg(cases: &[Case]) -> String {
     );
     let _ = write!(svg, r#"<rect width="{width}" height="{height}" fill="white"/>"#);
     let series = [
-        ("backlog (targetQueueSeconds sweep)", "#1f5fbf"),
+        ("backlog (targetQueueSeconds × tasksPerReplica)", "#1f5fbf"),
         ("KEDA+HPA defaults (target sweep)", "#c0392b"),
         ("KEDA+HPA, backlog's windows (target sweep)", "#e69d00"),
     ];
@@ -347,12 +347,9 @@ fn frontier_svg(cases: &[Case]) -> String {
             .max()
             .unwrap_or(1)
             .max(1) as f64;
-        let max_y = all
-            .iter()
-            .flat_map(|s| s.iter().map(|p| p.replica_seconds))
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64;
+        // Up to 1.5 × the default baseline's cost: the 1-2 per replica
+        // targets cost several times more and would flatten the rest.
+        let max_y = (case.keda_defaults.replica_seconds as f64 * 1.5).max(1.0);
         let (left, top, w, h) = (ox + 55.0, oy + 20.0, panel_w - 75.0, panel_h - 60.0);
         let px = |p95: u64| left + p95 as f64 / max_x * w;
         let py = |cost: u64| top + h - cost as f64 / max_y * h;
@@ -375,12 +372,15 @@ fn frontier_svg(cases: &[Case]) -> String {
             top + 20.0
         );
         for (points, (_, colour)) in all.iter().zip(series) {
-            let mut sorted: Vec<&Point> = points.iter().collect();
-            sorted.sort_by_key(|p| (p.p95, p.replica_seconds));
-            let path: Vec<String> = sorted
+            let shown = |p: &&Point| p.replica_seconds as f64 <= max_y;
+            // The line is the frontier; the dots are every configuration.
+            let front = pareto(points);
+            let path: Vec<String> = front
                 .iter()
+                .filter(shown)
                 .map(|p| format!("{:.1},{:.1}", px(p.p95), py(p.replica_seconds)))
                 .collect();
+            let sorted: Vec<&Point> = points.iter().filter(shown).collect();
             let _ = write!(
                 svg,
                 r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="1.5"/>"#,
