@@ -13,15 +13,34 @@
 //!        running, idle, minReplicas 0 ──▶ CoolingDown (≥ 1) ──cooldownSeconds──▶ Deactivating (→ 0)
 //! ```
 //!
-//! Serving and cooling down follow HPA: the recommendation from load is
-//! stabilised over the scale-up window (lowest recommendation wins) and the
-//! scale-down window (highest wins), limited by the rate policies (the most
-//! permissive policy of a direction applies, as HPA's `selectPolicy: Max`),
-//! then bounded by `max(minReplicas, busy replicas)` and `maxReplicas`.
-//! Activation skips the scale-up window: a pool at zero with work starts at
-//! once. Deactivation skips the scale-down window and rate limits: after
-//! `cooldownSeconds` with nothing pending or in flight there is nothing
-//! left to protect.
+//! The recommendation comes from load. Without `targetQueueSeconds` it is
+//! HPA's queue-length rule, `ceil((pending + inFlight) / tasksPerReplica)`.
+//! With it, the pool is sized by Little's law from measured signals: the
+//! arrival rate (completions plus the change in queue length over the last
+//! minute), the mean task duration (average in flight over completions per
+//! second, remembered across idle spells), both averaged over a couple of
+//! minutes, and the age of the oldest pending task. Busy slots are
+//! `arrivals/s × duration` (the mean, so the windows need not hold the
+//! swings of a Poisson load; in flight before a minute is measured), and
+//! pending tasks get the slots that start them all within the target:
+//! `pending × min(1, duration / targetQueueSeconds)`, or one each once the
+//! oldest has waited the target. Either way no move is made while the load
+//! is within the direction's `tolerance` of the current capacity (HPA's
+//! 10 % band).
+//!
+//! Serving and cooling down follow HPA: the recommendation is stabilised
+//! over the scale-up window (lowest recommendation wins) and the scale-down
+//! window (highest wins), limited by the rate policies (the most permissive
+//! policy of a direction applies, as HPA's `selectPolicy: Max`; at most
+//! one removal step per scale-down period, as HPA acts once per sync), then
+//! bounded by `max(minReplicas, busy replicas)` and `maxReplicas`. Removal
+//! only ever takes idle replicas (the reconcile loop drains them), which
+//! is what makes a short scale-down window safe. Activation skips the
+//! scale-up window: a pool at zero with work starts at once. Deactivation
+//! skips the scale-down window (after `cooldownSeconds` with nothing pending
+//! or in flight there is nothing left to protect) but not the rate limits,
+//! and waits while a retry falls due within the cooldown. A reading whose
+//! counts hit the depth cap is a lower bound: the pool never shrinks on it.
 //!
 //! The caller keeps a [`History`] per pool and folds each decision into it
 //! with [`History::record`], itself pure.
@@ -30,12 +49,21 @@ use std::collections::VecDeque;
 use std::fmt;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::spec::{Direction, RateLimits, WorkerPoolSpec};
 
 /// Recommendations and scale events kept per pool, at most. The age bound
 /// (the longest window or period of the spec) normally keeps far fewer.
 const MAX_HISTORY_ENTRIES: usize = 4096;
+
+/// The span the arrival rate and the task duration are measured over: the
+/// queue's completion count covers the last minute.
+const SIGNAL_WINDOW: TimeDelta = TimeDelta::seconds(60);
+
+/// Time constant of the averages of those measurements: a minute's
+/// estimate of a Poisson rate is off by ±13 %, more than the tolerance.
+const SMOOTHING: TimeDelta = TimeDelta::seconds(120);
 
 /// What the controller saw this tick.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,9 +87,11 @@ pub enum QueueReading {
 
 /// Load on the pool's task types, summed.
 ///
-/// Retries waiting for a later `run_at` are left out: they become pending
-/// at their time and a later tick sees them, whereas counting them would
-/// keep replicas idling through whole backoffs.
+/// Retries waiting for a later `run_at` (`scheduled`) do not add replicas:
+/// counting them would keep replicas idling through whole backoffs. They
+/// keep one replica while one falls due within the cooldown, and a pool at
+/// zero is told when the next falls due ([`Decision::wake_at`]). Blocked
+/// tasks need nothing: the queue notifies when they become runnable.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct QueueLoad {
     /// Runnable now.
@@ -74,6 +104,14 @@ pub struct QueueLoad {
     pub completions_per_minute: u64,
     /// Replicas holding at least one task (from the worker registry).
     pub busy_replicas: u32,
+    /// Waiting for a later `run_at` (retries in backoff).
+    pub scheduled: u64,
+    /// Seconds until the earliest of those falls due.
+    pub next_scheduled_seconds: Option<f64>,
+    /// Waiting for tasks they depend on.
+    pub blocked: u64,
+    /// A count reached the depth query's cap: the figures are lower bounds.
+    pub capped: bool,
 }
 
 /// Where the pool stands this tick; see the module documentation.
@@ -120,6 +158,9 @@ pub struct Decision {
     pub phase: Phase,
     /// E.g. "scale up 1→4: 37 pending + 3 in flight at 10 per replica".
     pub reason: String,
+    /// The pool is left at zero with a retry falling due then: decide again
+    /// at that time, since no notification announces it.
+    pub wake_at: Option<DateTime<Utc>>,
     memo: Memo,
 }
 
@@ -153,16 +194,30 @@ enum Reading {
         recommendation: u32,
         /// Nothing pending and nothing in flight.
         idle: bool,
+        sample: LoadSample,
+        signals: Smoothed,
     },
+}
+
+/// The queue's length at one read, for the arrival rate and the average
+/// work in flight over the last minute.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadSample {
+    pub at: DateTime<Utc>,
+    pub pending: u64,
+    pub in_flight: u64,
 }
 
 /// What a pool's past decisions leave for the next ones: recommendations
 /// (stabilisation windows), replica changes (rate limits), consecutive
-/// failed reads (fallback) and the start of the current idle spell
-/// (cooldown). Bounded by age and by [`MAX_HISTORY_ENTRIES`].
-/// Plain data, so the leader can store it beside the pool's status and a
-/// successor or `controller plan` can decide from the same past.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+/// failed reads (fallback), the start of the current idle spell
+/// (cooldown), the last minute of queue lengths (arrival rate) and the
+/// measured task duration. Bounded by age and by [`MAX_HISTORY_ENTRIES`].
+///
+/// Plain data: it serialises, so a restarted or standby controller can
+/// carry on with the same windows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
 pub struct History {
     /// Oldest first. A run of equal recommendations keeps only its latest
     /// time, which answers "was this value recommended within the window"
@@ -172,6 +227,21 @@ pub struct History {
     scale_events: VecDeque<(DateTime<Utc>, i64)>,
     consecutive_failures: u32,
     idle_since: Option<DateTime<Utc>>,
+    /// Reads of the last minute, and the newest one before it. Oldest first.
+    load_samples: VecDeque<LoadSample>,
+    /// Arrival rate and task duration, smoothed.
+    signals: Smoothed,
+}
+
+/// The arrival rate and the mean task duration, each an exponentially
+/// weighted average of the last minutes' measurements.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Smoothed {
+    pub at: Option<DateTime<Utc>>,
+    pub arrivals_per_second: Option<f64>,
+    /// A property of the tasks: it outlives idle spells and sizes the next burst.
+    pub service_seconds: Option<f64>,
 }
 
 impl History {
@@ -181,13 +251,34 @@ impl History {
     pub fn record(&mut self, decision: &Decision, now: DateTime<Utc>) {
         match decision.memo.reading {
             Reading::Skipped => {}
-            Reading::Failed => self.consecutive_failures = self.consecutive_failures.saturating_add(1),
-            Reading::Read { recommendation, idle } => {
+            Reading::Failed => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                // Nobody knows what the queue did meanwhile: idle time
+                // counts again from the next idle read.
+                self.idle_since = None;
+            }
+            Reading::Read {
+                recommendation,
+                idle,
+                sample,
+                signals,
+            } => {
                 self.consecutive_failures = 0;
                 self.idle_since = idle.then(|| self.idle_since.unwrap_or(now));
                 match self.recommendations.back_mut() {
                     Some((at, last)) if *last == recommendation => *at = now,
                     _ => self.recommendations.push_back((now, recommendation)),
+                }
+                self.signals = signals;
+                self.load_samples.push_back(sample);
+                // Keep the newest sample at least a window old, and those after it.
+                while self.load_samples.len() > MAX_HISTORY_ENTRIES
+                    || self
+                        .load_samples
+                        .get(1)
+                        .is_some_and(|s| s.at <= now - SIGNAL_WINDOW)
+                {
+                    self.load_samples.pop_front();
                 }
             }
         }
@@ -209,9 +300,14 @@ impl History {
         self.idle_since
     }
 
+    /// The mean task duration last measured, in seconds.
+    pub fn service_seconds(&self) -> Option<f64> {
+        self.signals.service_seconds
+    }
+
     /// Entries held, for tests and metrics.
     pub fn len(&self) -> usize {
-        self.recommendations.len() + self.scale_events.len()
+        self.recommendations.len() + self.scale_events.len() + self.load_samples.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -225,6 +321,24 @@ impl History {
             .filter(|(at, _)| *at > cutoff)
             .map(|(_, change)| change)
             .sum()
+    }
+
+    /// The reads of the last minute, `now`'s included, once the history
+    /// reaches a full minute back: (the newest read at least a minute old,
+    /// the reads after it).
+    fn last_minute<'a>(&'a self, now: &'a LoadSample) -> Option<(&'a LoadSample, Vec<&'a LoadSample>)> {
+        let start = self
+            .load_samples
+            .iter()
+            .rev()
+            .find(|s| s.at <= now.at - SIGNAL_WINDOW)?;
+        let after = self
+            .load_samples
+            .iter()
+            .filter(|s| s.at > start.at && s.at < now.at)
+            .chain(std::iter::once(now))
+            .collect();
+        Some((start, after))
     }
 }
 
@@ -257,7 +371,7 @@ pub fn decide(
     }
     match &observation.queue {
         QueueReading::Failed { error } => policy.unreadable(error),
-        QueueReading::Read(load) => policy.read(observation.ready_replicas, load),
+        QueueReading::Read(load) => policy.read(load),
     }
 }
 
@@ -274,6 +388,8 @@ struct Settings {
     down_window: TimeDelta,
     up: RateLimits,
     down: RateLimits,
+    up_tolerance: f64,
+    down_tolerance: f64,
     fallback: Option<(u32, u32)>,
     retention: TimeDelta,
 }
@@ -282,6 +398,13 @@ impl Settings {
     fn of(spec: &WorkerPoolSpec) -> Settings {
         let count = |value: i32| u32::try_from(value).unwrap_or(0);
         let seconds = |value: u32| TimeDelta::seconds(i64::from(value));
+        let fraction = |value: f64| {
+            if value.is_finite() {
+                value.clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        };
         let max = count(spec.max_replicas).max(1);
         let (up, down) = (spec.rate_limits(Direction::Up), spec.rate_limits(Direction::Down));
         let up_window = spec.stabilization_seconds(Direction::Up);
@@ -298,6 +421,8 @@ impl Settings {
             down_window: seconds(down_window),
             up,
             down,
+            up_tolerance: fraction(spec.tolerance(Direction::Up)),
+            down_tolerance: fraction(spec.tolerance(Direction::Down)),
             fallback: spec
                 .fallback
                 .as_ref()
@@ -319,12 +444,23 @@ struct Recommendation {
     replicas: u32,
     /// What it is based on, e.g. "37 pending + 3 in flight at 10 per replica".
     basis: String,
+    /// The signals after this read.
+    signals: Smoothed,
 }
 
 /// The fewest replicas this tick allows, and why.
 struct Floor {
     replicas: u32,
     note: String,
+}
+
+/// What the last minute of reads says about the pool's work.
+struct Signals {
+    /// Tasks arriving per second (completions plus growth of the queue).
+    arrivals_per_second: Option<f64>,
+    /// Mean task duration measured now (Little's law: average in flight
+    /// over completions per second), if the last minute allows it.
+    measured_service_seconds: Option<f64>,
 }
 
 impl Policy<'_> {
@@ -340,6 +476,7 @@ impl Policy<'_> {
             from,
             phase,
             reason: format!("{verb}: {why}"),
+            wake_at: None,
             memo: Memo {
                 reading,
                 retention: self.settings.retention,
@@ -347,18 +484,28 @@ impl Policy<'_> {
         }
     }
 
-    /// Holds, then falls back; never goes to zero for want of a reading.
+    /// Holds, then falls back; never goes to zero for want of a reading,
+    /// and never below the current count: removing replicas safely needs
+    /// the registry's busy list, which is as unreadable as the queue.
     fn unreadable(&self, error: &str) -> Decision {
         let failures = self.history.consecutive_failures.saturating_add(1);
         match self.settings.fallback {
-            Some((threshold, replicas)) if failures >= threshold => self.decision(
-                replicas,
-                Phase::Fallback { failures },
-                format!(
+            Some((threshold, replicas)) if failures >= threshold => {
+                let mut why = format!(
                     "fallback after {failures} failed queue reads (failureThreshold {threshold}): {error}"
-                ),
-                Reading::Failed,
-            ),
+                );
+                if replicas < self.current {
+                    why = format!(
+                        "{why}; fallback is {replicas}, but replicas are only removed once the queue and the registry can be read"
+                    );
+                }
+                self.decision(
+                    replicas.max(self.current),
+                    Phase::Fallback { failures },
+                    why,
+                    Reading::Failed,
+                )
+            }
             Some((threshold, _)) => self.decision(
                 self.current,
                 Phase::Unobserved { failures },
@@ -374,15 +521,22 @@ impl Policy<'_> {
         }
     }
 
-    fn read(&self, ready: u32, load: &QueueLoad) -> Decision {
+    fn read(&self, load: &QueueLoad) -> Decision {
         let settings = &self.settings;
-        let recommendation = self.recommend(ready, load);
+        let sample = LoadSample {
+            at: self.now,
+            pending: load.pending,
+            in_flight: load.in_flight,
+        };
+        let recommendation = self.recommend(load, &sample);
         let idle = load.pending == 0 && load.in_flight == 0;
         let reading = Reading::Read {
             recommendation: recommendation.replicas,
             idle,
+            sample,
+            signals: recommendation.signals,
         };
-        let floor = if load.busy_replicas > settings.min {
+        let mut floor = if load.busy_replicas > settings.min {
             Floor {
                 replicas: load.busy_replicas,
                 note: format!(
@@ -396,10 +550,21 @@ impl Policy<'_> {
                 note: format!("raised to minReplicas {}", settings.min),
             }
         };
+        if load.capped && self.current > floor.replicas {
+            floor = Floor {
+                replicas: self.current,
+                note: format!(
+                    "held at {}: the depth counts reached their cap, so the load is at least this and no reason to shrink",
+                    self.current
+                ),
+            };
+        }
+        let due = load.next_scheduled_seconds.map(|s| s.max(0.0));
+        let wake_at = due.map(|s| self.now + TimeDelta::milliseconds((s * 1000.0).ceil() as i64));
 
         if self.current == 0 {
             if load.pending < settings.activation_tasks && floor.replicas == 0 {
-                let why = if load.pending == 0 {
+                let mut why = if load.pending == 0 {
                     "nothing pending".to_string()
                 } else {
                     format!(
@@ -407,7 +572,10 @@ impl Policy<'_> {
                         load.pending, settings.activation_tasks
                     )
                 };
-                return self.decision(0, Phase::Dormant, why, reading);
+                why.push_str(&waiting_note(load));
+                let mut decision = self.decision(0, Phase::Dormant, why, reading);
+                decision.wake_at = wake_at;
+                return decision;
             }
             let (replicas, why) = self.serve(&recommendation, &floor);
             return self.decision(replicas, Phase::Activating, why, reading);
@@ -416,14 +584,35 @@ impl Policy<'_> {
         if idle && floor.replicas == 0 {
             let idle_for = self.now - self.history.idle_since.unwrap_or(self.now);
             let (idle_s, cooldown_s) = (idle_for.num_seconds(), settings.cooldown.num_seconds());
-            if idle_for >= settings.cooldown {
-                let why = format!("idle for {idle_s} s (cooldownSeconds {cooldown_s})");
-                return self.decision(0, Phase::Deactivating, why, reading);
+            let retry_soon = due.filter(|s| *s <= cooldown_s as f64);
+            if idle_for >= settings.cooldown && retry_soon.is_none() {
+                let mut why = format!("idle for {idle_s} s (cooldownSeconds {cooldown_s})");
+                let replicas = self.rate_limit(0);
+                if let (Some(ago), true) = (self.removed_within_period(), replicas > 0) {
+                    why.push_str(&format!(
+                        "; held at {replicas}: replicas were removed {} s ago, one scale-down step per {} s period",
+                        ago.num_seconds(),
+                        settings.down.period_seconds
+                    ));
+                } else if replicas > 0 {
+                    why.push_str(&format!(
+                        "; limited to {replicas} by scaleDown ({}per {} s)",
+                        describe_limits(&settings.down),
+                        settings.down.period_seconds
+                    ));
+                }
+                why.push_str(&waiting_note(load));
+                let mut decision = self.decision(replicas, Phase::Deactivating, why, reading);
+                decision.wake_at = wake_at.filter(|_| replicas == 0);
+                return decision;
             }
-            let cooling = Floor {
-                replicas: 1,
-                note: format!("kept at 1: idle for {idle_s} s, zero after cooldownSeconds {cooldown_s}"),
+            let note = match retry_soon {
+                Some(seconds) => format!(
+                    "kept at 1: a retry falls due in {seconds:.0} s, within cooldownSeconds {cooldown_s}"
+                ),
+                None => format!("kept at 1: idle for {idle_s} s, zero after cooldownSeconds {cooldown_s}"),
             };
+            let cooling = Floor { replicas: 1, note };
             let (replicas, why) = self.serve(&recommendation, &cooling);
             return self.decision(replicas, Phase::CoolingDown, why, reading);
         }
@@ -432,39 +621,134 @@ impl Policy<'_> {
         self.decision(replicas, Phase::Serving, why, reading)
     }
 
-    /// `ceil((pending + inFlight) / tasksPerReplica)`, raised to drain the
-    /// pending tasks within `targetQueueSeconds` at the measured throughput
-    /// per replica when one is set and known.
-    fn recommend(&self, ready: u32, load: &QueueLoad) -> Recommendation {
-        let per_replica = u64::from(self.settings.tasks_per_replica);
-        let by_load = (load.pending + load.in_flight).div_ceil(per_replica);
-        let load_basis = format!(
-            "{} pending + {} in flight at {per_replica} per replica",
-            load.pending, load.in_flight
-        );
-        let by_load = Recommendation {
-            replicas: saturate(by_load),
-            basis: load_basis,
+    /// Arrival rate and task duration over the last minute of reads.
+    fn signals(&self, load: &QueueLoad, now: &LoadSample) -> Signals {
+        let Some((start, reads)) = self.history.last_minute(now) else {
+            return Signals {
+                arrivals_per_second: None,
+                measured_service_seconds: None,
+            };
         };
-        let Some(target) = self.settings.target_queue_seconds else {
-            return by_load;
-        };
-        // Replicas that produced the completions: busy ones, or all ready ones.
-        let serving = ready.max(load.busy_replicas);
-        if load.completions_per_minute == 0 || serving == 0 || load.pending == 0 {
-            return by_load;
+        let span = (now.at - start.at).as_seconds_f64().max(1.0);
+        let minute = SIGNAL_WINDOW.as_seconds_f64();
+        // Completions are counted over exactly a minute; scale them to the span.
+        let completed = load.completions_per_minute as f64 * span / minute;
+        let length = |s: &LoadSample| (s.pending + s.in_flight) as f64;
+        let arrived = (completed + length(now) - length(start)).max(0.0);
+        // Time-weighted average in flight over the span, each read
+        // standing for the time since the previous one.
+        let mut previous = start.at;
+        let mut weighted = 0.0;
+        for read in &reads {
+            weighted += read.in_flight as f64 * (read.at - previous).as_seconds_f64();
+            previous = read.at;
         }
-        let per_replica_per_second = load.completions_per_minute as f64 / 60.0 / f64::from(serving);
-        let by_latency = (load.pending as f64 / (per_replica_per_second * f64::from(target))).ceil();
-        if by_latency <= f64::from(by_load.replicas) {
-            return by_load;
+        let average_in_flight = weighted / span;
+        let throughput = load.completions_per_minute as f64 / minute;
+        Signals {
+            arrivals_per_second: Some(arrived / span),
+            measured_service_seconds: (throughput > 0.0 && average_in_flight > 0.0)
+                .then(|| average_in_flight / throughput),
+        }
+    }
+
+    /// HPA's queue-length rule, or Little's law with `targetQueueSeconds`;
+    /// then HPA's tolerance around the current capacity.
+    fn recommend(&self, load: &QueueLoad, now: &LoadSample) -> Recommendation {
+        let per_replica = u64::from(self.settings.tasks_per_replica);
+        let signals = self.smoothed(self.signals(load, now));
+        let service_seconds = signals.service_seconds;
+        let (slots, basis) = match (self.settings.target_queue_seconds, service_seconds) {
+            (Some(target), Some(duration)) => {
+                let target = f64::from(target);
+                // The mean, not this instant's count: the queue absorbs
+                // the swings, and the windows need not hold their peaks.
+                let busy = signals
+                    .arrivals_per_second
+                    .map_or(load.in_flight as f64, |rate| rate * duration);
+                let late = load.oldest_pending_seconds >= target;
+                let share = if late { 1.0 } else { (duration / target).min(1.0) };
+                let waiting = load.pending as f64 * share;
+                let arrivals = signals
+                    .arrivals_per_second
+                    .map_or("unmeasured".to_string(), |rate| format!("{rate:.2}/s"));
+                let pending_basis = if late {
+                    format!(
+                        "{} pending, the oldest {:.0} s old (targetQueueSeconds {target:.0}): a slot each",
+                        load.pending, load.oldest_pending_seconds
+                    )
+                } else {
+                    format!(
+                        "{} pending to start within targetQueueSeconds {target:.0}",
+                        load.pending
+                    )
+                };
+                let basis = format!(
+                    "{} in flight, arrivals {arrivals}, tasks take {duration:.1} s: {busy:.1} busy slots; {pending_basis}: {waiting:.1} slots; at {per_replica} per replica",
+                    load.in_flight
+                );
+                (busy + waiting, basis)
+            }
+            (target, _) => {
+                let mut basis = format!(
+                    "{} pending + {} in flight at {per_replica} per replica",
+                    load.pending, load.in_flight
+                );
+                if target.is_some() {
+                    basis.push_str(" (task duration not measured yet)");
+                }
+                ((load.pending + load.in_flight) as f64, basis)
+            }
+        };
+        let wanted = slots / per_replica as f64;
+        let mut replicas = saturate((wanted - 1e-9).max(0.0).ceil() as u64);
+        let mut basis = basis;
+        if load.capped {
+            basis.push_str(" (counts capped: at least this)");
+        }
+        // HPA's tolerance: no move while the load is within the band
+        // around what the current replicas absorb.
+        if self.current > 0 {
+            let ratio = wanted / f64::from(self.current);
+            let (tolerance, moving) = if ratio > 1.0 {
+                (self.settings.up_tolerance, replicas > self.current)
+            } else {
+                (self.settings.down_tolerance, replicas < self.current)
+            };
+            if moving && (ratio - 1.0).abs() <= tolerance {
+                basis = format!(
+                    "{basis}: within tolerance {tolerance} of {} replicas",
+                    self.current
+                );
+                replicas = self.current;
+            }
         }
         Recommendation {
-            replicas: by_latency.min(f64::from(u32::MAX)) as u32,
-            basis: format!(
-                "{} pending to drain within targetQueueSeconds {target} at {per_replica_per_second:.2} tasks/s per replica (oldest waited {:.0} s)",
-                load.pending, load.oldest_pending_seconds
-            ),
+            replicas,
+            basis,
+            signals,
+        }
+    }
+
+    /// Folds this read's measurements into the averages, each reading
+    /// weighing `1 - e^(-elapsed / SMOOTHING)`. An arrival rate older than
+    /// two smoothing spans is stale and dropped; a duration is kept.
+    fn smoothed(&self, measured: Signals) -> Smoothed {
+        let previous = self.history.signals;
+        let elapsed = previous.at.map(|at| (self.now - at).as_seconds_f64().max(0.0));
+        let span = SMOOTHING.as_seconds_f64();
+        let weight = elapsed.map_or(1.0, |e| 1.0 - (-e / span).exp());
+        let fold = |old: Option<f64>, new: Option<f64>| match (old, new) {
+            (Some(old), Some(new)) => Some(old + (new - old) * weight),
+            (old, None) => old,
+            (None, new) => new,
+        };
+        let fresh = elapsed.is_some_and(|e| e <= 2.0 * span);
+        let arrivals = previous.arrivals_per_second.filter(|_| fresh);
+        Smoothed {
+            at: Some(self.now),
+            arrivals_per_second: fold(arrivals, measured.arrivals_per_second),
+            service_seconds: fold(previous.service_seconds, measured.measured_service_seconds),
         }
     }
 
@@ -500,7 +784,14 @@ impl Policy<'_> {
         }
 
         let limited = self.rate_limit(capped);
-        if limited != capped {
+        let removed_ago = self.removed_within_period().filter(|_| capped < self.current);
+        if let (Some(ago), true) = (removed_ago, limited != capped) {
+            notes.push(format!(
+                "held at {limited}: replicas were removed {} s ago, one scale-down step per {} s period",
+                ago.num_seconds(),
+                settings.down.period_seconds
+            ));
+        } else if limited != capped {
             let (direction, limits) = if limited < capped {
                 ("scaleUp", settings.up)
             } else {
@@ -564,6 +855,9 @@ impl Policy<'_> {
             }
         } else if wanted < current {
             let limits = self.settings.down;
+            if self.removed_within_period().is_some() {
+                return current;
+            }
             let start = self.period_start(&limits);
             let by_count = limits
                 .replicas_per_step
@@ -578,6 +872,20 @@ impl Policy<'_> {
         } else {
             wanted
         }
+    }
+
+    /// How long ago replicas were last removed, if within the scale-down
+    /// period: one removal step per period, as HPA takes one per sync.
+    /// Without it a short tick walks a pool down in many small steps.
+    fn removed_within_period(&self) -> Option<TimeDelta> {
+        let period = TimeDelta::seconds(i64::from(self.settings.down.period_seconds));
+        self.history
+            .scale_events
+            .iter()
+            .rev()
+            .find(|(_, change)| *change < 0)
+            .map(|(at, _)| self.now - *at)
+            .filter(|ago| *ago < period)
     }
 
     fn period_start(&self, limits: &RateLimits) -> u64 {
@@ -596,6 +904,23 @@ fn describe_limits(limits: &RateLimits) -> String {
         parts.push(format!("{p}% "));
     }
     parts.join("or ")
+}
+
+/// Work the pool keeps but does not size for, e.g. "; 3 retries due in 40 s".
+fn waiting_note(load: &QueueLoad) -> String {
+    let mut note = String::new();
+    if let (scheduled @ 1.., Some(seconds)) = (load.scheduled, load.next_scheduled_seconds) {
+        note.push_str(&format!(
+            "; {scheduled} retries waiting, the next due in {seconds:.0} s"
+        ));
+    }
+    if load.blocked > 0 {
+        note.push_str(&format!(
+            "; {} blocked on other tasks (their runnable notification wakes the pool)",
+            load.blocked
+        ));
+    }
+    note
 }
 
 fn saturate(value: u64) -> u32 {

@@ -374,8 +374,9 @@ async fn a_lease_held_elsewhere_skips_that_machine_without_an_error_storm(pool: 
     let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 5}"));
     let mut r = reconciler(&q, backend(&emu));
 
+    // 20 s apart: the policy takes one removal step per 15 s period.
     for i in 0..3 {
-        let reports = pass(&mut r, &pools, i * 10).await;
+        let reports = pass(&mut r, &pools, i * 20).await;
         assert_eq!(reports.len(), 1, "pass {i} reported no error");
     }
     assert_eq!(state_of(&emu, &free), "stopped");

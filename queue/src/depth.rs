@@ -14,6 +14,10 @@ pub struct TaskDepth {
     pub pending: i64,
     /// Waiting for a later `run_at` (retries in backoff).
     pub scheduled: i64,
+    /// Seconds until the earliest `scheduled` task falls due; none without one.
+    /// Nothing notifies when a `run_at` passes, so a controller with the
+    /// pool at zero wakes itself then.
+    pub next_scheduled_seconds: Option<f64>,
     /// Waiting for tasks they depend on.
     pub blocked: i64,
     /// Claimed or processing.
@@ -33,6 +37,7 @@ impl TaskDepth {
             task_type,
             pending: 0,
             scheduled: 0,
+            next_scheduled_seconds: None,
             blocked: 0,
             in_flight: 0,
             oldest_pending_seconds: 0.0,
@@ -66,7 +71,10 @@ SELECT tt.task_type,
         0)::float8 AS oldest,
     (SELECT count(*) FROM (SELECT FROM job_tasks t
         WHERE t.task_type = tt.task_type AND t.status = 'complete' AND t.finished_at > now() - interval '1 minute'
-        LIMIT $2) c) AS completed
+        LIMIT $2) c) AS completed,
+    (SELECT extract(epoch FROM min(t.run_at) - now()) FROM job_tasks t
+        WHERE t.task_type = tt.task_type AND t.status = 'pending' AND t.waiting_on = 0 AND t.run_at > now()
+    )::float8 AS next_scheduled
 FROM unnest($1::text[]) AS tt(task_type)
 "#;
 
@@ -75,18 +83,20 @@ impl Queue {
     /// Counts are exact up to `QueueConfig::depth_count_cap`.
     pub async fn depth(&self) -> Result<Vec<TaskDepth>> {
         let cap = self.config.depth_count_cap.max(1);
-        let rows: Vec<(String, i64, i64, i64, i64, f64, i64)> = sqlx::query_as(DEPTH_SQL)
+        type Row = (String, i64, i64, i64, i64, f64, i64, Option<f64>);
+        let rows: Vec<Row> = sqlx::query_as(DEPTH_SQL)
             .bind(task_type_names())
             .bind(cap)
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter()
             .map(
-                |(task_type, pending, scheduled, blocked, in_flight, oldest, completed)| {
+                |(task_type, pending, scheduled, blocked, in_flight, oldest, completed, next_scheduled)| {
                     Ok(TaskDepth {
                         task_type: task_type.parse()?,
                         pending,
                         scheduled,
+                        next_scheduled_seconds: next_scheduled,
                         blocked,
                         in_flight,
                         oldest_pending_seconds: oldest,

@@ -70,6 +70,53 @@ async fn depth_counts_each_state_per_task_type(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn depth_says_when_the_next_retry_falls_due(pool: PgPool) {
+    let q = queue(pool.clone());
+    for i in 0..2 {
+        q.enqueue(NewJob::new(
+            TENANT,
+            queue::JobType::Text,
+            json!({"prompt": format!("{i}")}),
+        ))
+        .await
+        .unwrap();
+    }
+    for _ in 0..2 {
+        let task = claim_one(&q, "w", TaskType::TextGeneration).await;
+        q.fail("w", task.lease(), &Failure::retryable("later"))
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "UPDATE job_tasks SET run_at = now() + interval '40 seconds' WHERE task_type = 'text_generation'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE job_tasks SET run_at = now() + interval '400 seconds' \
+         WHERE id = (SELECT max(id) FROM job_tasks WHERE task_type = 'text_generation')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let depth = q.depth().await.unwrap();
+    let text = depth
+        .iter()
+        .find(|d| d.task_type == TaskType::TextGeneration)
+        .unwrap();
+    assert_eq!(text.scheduled, 2);
+    let due = text.next_scheduled_seconds.expect("a retry is scheduled");
+    assert!((30.0..=40.0).contains(&due), "the earliest, in {due} s");
+    let pdf = depth
+        .iter()
+        .find(|d| d.task_type == TaskType::PdfGeneration)
+        .unwrap();
+    assert_eq!(pdf.next_scheduled_seconds, None);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn depth_reads_only_the_active_tasks_through_the_partial_indexes(pool: PgPool) {
     let q = queue(pool.clone());
     // History far larger than the active set, as in production.

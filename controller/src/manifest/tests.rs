@@ -69,7 +69,7 @@ fn documents_of_one_file_load_with_their_defaults() {
             spec.activation_tasks,
             spec.cooldown_seconds
         ),
-        (0, 1, 1, 300)
+        (0, 1, 1, 120)
     );
     assert!(!spec.paused && spec.fallback.is_none() && spec.target_queue_seconds.is_none());
     assert!(matches!(manifests.pools[1].pool.spec.target, Target::Fly(_)));

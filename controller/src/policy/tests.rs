@@ -71,6 +71,14 @@ impl Pool {
         self
     }
 
+    fn clone_pool(&self) -> Pool {
+        Pool {
+            spec: self.spec.clone(),
+            history: self.history.clone(),
+            replicas: self.replicas,
+        }
+    }
+
     fn tick(&mut self, seconds: i64, load: QueueLoad) -> Decision {
         self.observe(seconds, QueueReading::Read(load))
     }
@@ -104,47 +112,96 @@ fn replicas_follow_pending_plus_in_flight_over_tasks_per_replica() {
     );
 }
 
-#[test]
-fn a_latency_target_adds_replicas_when_tasks_are_slow() {
-    let spec = WorkerPoolSpec {
+/// Feeds the same load every 5 s from `from` to `to` seconds.
+fn steady(pool: &mut Pool, from: i64, to: i64, load: QueueLoad) {
+    for second in (from..=to).step_by(5) {
+        pool.tick(second, load);
+    }
+}
+
+fn latency_spec(tasks_per_replica: i32) -> WorkerPoolSpec {
+    WorkerPoolSpec {
         target_queue_seconds: Some(60),
+        tasks_per_replica,
+        max_replicas: 20,
         ..spec()
+    }
+}
+
+#[test]
+fn a_latency_target_sizes_by_arrivals_and_task_duration() {
+    // A minute of 1 task/s, 10 in flight: tasks take 10 s (Little's law).
+    let mut pool = Pool::new(latency_spec(4)).running(3);
+    let settled = QueueLoad {
+        completions_per_minute: 60,
+        busy_replicas: 3,
+        ..load(0, 10)
     };
-    // 2 replicas complete 12 tasks a minute: 0.1 task/s each, so draining
-    // 30 pending within 60 s takes 5 replicas where the load rule says 4.
-    let slow = QueueLoad {
-        completions_per_minute: 12,
-        busy_replicas: 2,
-        oldest_pending_seconds: 80.0,
-        ..load(30, 2)
+    steady(&mut pool, 0, 60, settled);
+    assert_eq!(pool.replicas, 3, "10 busy slots at 4 per replica");
+    assert_eq!(pool.history.service_seconds(), Some(10.0));
+
+    // 40 more arrive: the minute's 100 arrivals (1.67/s) move the 2-minute
+    // average of the rate only to 1.03/s (10.3 busy slots), and 40 pending
+    // need 40 × 10/60 = 6.7 slots to start within 60 s: 5 replicas where
+    // the queue-length rule would start 13.
+    let burst = QueueLoad {
+        oldest_pending_seconds: 5.0,
+        ..QueueLoad {
+            pending: 40,
+            ..settled
+        }
     };
-    let decision = Pool::new(spec).running(2).tick(0, slow);
-    assert_eq!(decision.replicas, 5);
+    let decision = pool.clone_pool().tick(65, burst);
+    assert_eq!(decision.replicas, 5, "{}", decision.reason);
     assert!(
-        decision
-            .reason
-            .contains("30 pending to drain within targetQueueSeconds 60 at 0.10 tasks/s"),
+        decision.reason.contains("arrivals 1.03/s, tasks take 10.0 s: 10.3 busy slots; 40 pending to start within targetQueueSeconds 60: 6.7 slots"),
         "{}",
         decision.reason
     );
+
+    // Once the oldest has waited the target, every pending task gets a slot.
+    let late = QueueLoad {
+        oldest_pending_seconds: 60.0,
+        ..burst
+    };
+    let decision = pool.clone_pool().tick(65, late);
+    assert_eq!(decision.replicas, 7, "+4 per 15 s from 3: {}", decision.reason);
+    assert!(decision.reason.contains("a slot each"), "{}", decision.reason);
 }
 
 #[test]
-fn a_latency_target_never_lowers_the_load_rule() {
-    let spec = WorkerPoolSpec {
-        target_queue_seconds: Some(60),
-        ..spec()
-    };
-    let fast = QueueLoad {
-        completions_per_minute: 6000,
+fn a_scale_up_does_not_dilute_the_measured_throughput() {
+    // Two replicas did a minute's work; six more just became ready. The
+    // completions say nothing about the new ones: the recommendation must
+    // not change with them.
+    let mut pool = Pool::new(latency_spec(10)).running(2);
+    let slow = QueueLoad {
+        completions_per_minute: 12,
         busy_replicas: 2,
+        oldest_pending_seconds: 20.0,
         ..load(30, 2)
     };
-    assert_eq!(Pool::new(spec).running(2).tick(0, fast).replicas, 4);
+    steady(&mut pool, 0, 60, slow);
+    let recommended = |ready: u32| {
+        let observation = Observation {
+            current_replicas: 8,
+            ready_replicas: ready,
+            queue: QueueReading::Read(slow),
+        };
+        match decide(&pool.spec, &observation, &pool.history, at(65))
+            .memo
+            .reading
+        {
+            Reading::Read { recommendation, .. } => recommendation,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(recommended(8), recommended(2));
 }
 
 #[test]
-fn without_measured_throughput_the_latency_target_falls_back_to_the_load_rule() {
+fn without_a_measured_duration_the_latency_target_falls_back_to_the_load_rule() {
     let spec = WorkerPoolSpec {
         target_queue_seconds: Some(1),
         ..spec()
@@ -153,7 +210,36 @@ fn without_measured_throughput_the_latency_target_falls_back_to_the_load_rule() 
     assert_eq!(decision.replicas, 4);
     assert_eq!(
         decision.reason,
-        "scale up 2→4: 30 pending + 2 in flight at 10 per replica"
+        "scale up 2→4: 30 pending + 2 in flight at 10 per replica (task duration not measured yet)"
+    );
+}
+
+#[test]
+fn a_change_within_the_tolerance_holds() {
+    // 105 tasks at 10 per replica is 5 % over 10 replicas: HPA holds.
+    let spec = WorkerPoolSpec {
+        max_replicas: 20,
+        ..spec()
+    };
+    let decision = Pool::new(spec.clone()).running(10).tick(0, load(100, 5));
+    assert_eq!(decision.replicas, 10);
+    assert!(
+        decision.reason.ends_with("within tolerance 0.1 of 10 replicas"),
+        "{}",
+        decision.reason
+    );
+    let exact = WorkerPoolSpec {
+        scale_up: ScalingRules {
+            tolerance: Some(0.0),
+            ..ScalingRules::default()
+        },
+        ..spec.clone()
+    };
+    assert_eq!(Pool::new(exact).running(10).tick(0, load(100, 5)).replicas, 11);
+    // 8.5 replicas' worth is 15 % under 10: outside the band, down to 9.
+    assert_eq!(
+        Pool::new(no_windows()).running(10).tick(0, load(80, 5)).replicas,
+        9
     );
 }
 
@@ -287,7 +373,14 @@ fn the_scale_up_window_ignores_a_short_spike() {
 
 #[test]
 fn the_scale_down_window_holds_the_highest_recent_recommendation() {
-    let mut pool = Pool::new(spec()).running(8);
+    let spec = WorkerPoolSpec {
+        scale_down: ScalingRules {
+            stabilization_seconds: Some(120),
+            ..ScalingRules::default()
+        },
+        ..spec()
+    };
+    let mut pool = Pool::new(spec).running(8);
     pool.tick(0, load(70, 10));
     let dip = pool.tick(60, load(10, 10));
     assert_eq!(dip.replicas, 8);
@@ -328,6 +421,7 @@ fn a_single_scale_down_limit_replaces_the_defaults() {
             max_replicas_per_step: Some(1),
             max_percent_per_step: None,
             period_seconds: Some(60),
+            tolerance: None,
         },
         ..spec()
     };
@@ -415,11 +509,13 @@ fn a_failed_read_holds_until_the_fallback_threshold() {
     let third = pool.fail(10);
     assert_eq!(
         (third.replicas, third.phase),
-        (2, Phase::Fallback { failures: 3 })
+        (6, Phase::Fallback { failures: 3 }),
+        "a fallback below the current count holds: removal needs the registry"
     );
     assert_eq!(
         third.reason,
-        "scale down 6→2: fallback after 3 failed queue reads (failureThreshold 3): connection refused"
+        "hold 6: fallback after 3 failed queue reads (failureThreshold 3): connection refused; \
+         fallback is 2, but replicas are only removed once the queue and the registry can be read"
     );
     pool.tick(15, load(0, 30));
     assert_eq!(
@@ -428,6 +524,22 @@ fn a_failed_read_holds_until_the_fallback_threshold() {
         "a good read resets the count"
     );
     assert_eq!(pool.fail(20).phase, Phase::Unobserved { failures: 1 });
+}
+
+#[test]
+fn a_fallback_above_the_current_count_raises_it() {
+    let spec = WorkerPoolSpec {
+        fallback: Some(Fallback {
+            failure_threshold: 1,
+            replicas: 3,
+        }),
+        ..spec()
+    };
+    let decision = Pool::new(spec).running(1).fail(0);
+    assert_eq!(
+        (decision.replicas, decision.phase),
+        (3, Phase::Fallback { failures: 1 })
+    );
 }
 
 #[test]
@@ -440,16 +552,134 @@ fn without_a_fallback_a_failed_read_holds_for_as_long_as_it_lasts() {
 }
 
 #[test]
-fn a_failed_read_never_counts_as_idle_time() {
+fn a_failed_read_restarts_the_idle_time() {
     let mut pool = Pool::new(spec()).running(1);
     pool.tick(0, load(0, 0));
     pool.fail(400);
-    assert_eq!(pool.history.idle_since(), Some(at(0)));
+    assert_eq!(pool.history.idle_since(), None, "the outage hides what happened");
+    assert_eq!(pool.fail(1000).replicas, 1, "failed reads hold");
+    let first = pool.tick(1005, load(0, 0));
     assert_eq!(
-        pool.fail(1000).replicas,
-        1,
-        "failed reads hold, however long idle before"
+        (first.replicas, first.phase),
+        (1, Phase::CoolingDown),
+        "idle since this read, not since before the outage"
     );
+    assert_eq!(pool.history.idle_since(), Some(at(1005)));
+    assert_eq!(pool.tick(1305, load(0, 0)).replicas, 0);
+}
+
+#[test]
+fn deactivation_obeys_the_scale_down_rate_limit() {
+    let spec = WorkerPoolSpec {
+        cooldown_seconds: 0,
+        scale_down: ScalingRules {
+            stabilization_seconds: Some(0),
+            max_replicas_per_step: Some(1),
+            period_seconds: Some(60),
+            ..ScalingRules::default()
+        },
+        ..spec()
+    };
+    let mut pool = Pool::new(spec).running(3);
+    let first = pool.tick(0, load(0, 0));
+    assert_eq!((first.replicas, first.phase), (2, Phase::Deactivating));
+    assert_eq!(
+        first.reason,
+        "scale down 3→2: idle for 0 s (cooldownSeconds 0); limited to 2 by scaleDown (1 replicas per 60 s)"
+    );
+    assert_eq!(pool.tick(30, load(0, 0)).replicas, 2);
+    assert_eq!(pool.tick(61, load(0, 0)).replicas, 1);
+    assert_eq!(pool.tick(122, load(0, 0)).replicas, 0);
+}
+
+#[test]
+fn a_retry_due_within_the_cooldown_keeps_a_replica() {
+    let mut pool = Pool::new(spec()).running(1);
+    pool.tick(0, load(0, 0));
+    let retry = |seconds: f64| QueueLoad {
+        scheduled: 2,
+        next_scheduled_seconds: Some(seconds),
+        ..load(0, 0)
+    };
+    let held = pool.tick(300, retry(30.0));
+    assert_eq!((held.replicas, held.phase), (1, Phase::CoolingDown));
+    assert!(
+        held.reason
+            .ends_with("kept at 1: a retry falls due in 30 s, within cooldownSeconds 300"),
+        "{}",
+        held.reason
+    );
+    // Due after the cooldown: zero now, and told when to look again.
+    let zero = pool.tick(310, retry(900.0));
+    assert_eq!((zero.replicas, zero.phase), (0, Phase::Deactivating));
+    assert_eq!(zero.wake_at, Some(at(1210)));
+    assert!(
+        zero.reason
+            .ends_with("; 2 retries waiting, the next due in 900 s"),
+        "{}",
+        zero.reason
+    );
+    let dormant = pool.tick(320, retry(890.0));
+    assert_eq!((dormant.phase, dormant.wake_at), (Phase::Dormant, Some(at(1210))));
+    assert_eq!(pool.tick(320, load(0, 0)).wake_at, None);
+}
+
+#[test]
+fn a_capped_reading_never_shrinks_the_pool() {
+    let capped = QueueLoad {
+        capped: true,
+        ..load(0, 10)
+    };
+    let decision = Pool::new(no_windows()).running(5).tick(0, capped);
+    assert_eq!(decision.replicas, 5);
+    assert!(
+        decision.reason.contains("(counts capped: at least this)")
+            && decision.reason.ends_with("held at 5: the depth counts reached their cap, so the load is at least this and no reason to shrink"),
+        "{}",
+        decision.reason
+    );
+    let more = QueueLoad {
+        capped: true,
+        ..load(1000, 10)
+    };
+    assert_eq!(
+        Pool::new(no_windows()).running(5).tick(0, more).replicas,
+        10,
+        "it still grows"
+    );
+}
+
+#[test]
+fn blocked_tasks_are_reported_and_do_not_wake_a_pool() {
+    let blocked = QueueLoad {
+        blocked: 3,
+        ..load(0, 0)
+    };
+    let decision = Pool::new(spec()).tick(0, blocked);
+    assert_eq!(
+        decision.reason,
+        "hold 0: nothing pending; 3 blocked on other tasks (their runnable notification wakes the pool)"
+    );
+}
+
+#[test]
+fn history_survives_a_round_trip_through_json() {
+    let mut pool = Pool::new(latency_spec(4)).running(3);
+    steady(
+        &mut pool,
+        0,
+        90,
+        QueueLoad {
+            completions_per_minute: 60,
+            ..load(5, 10)
+        },
+    );
+    pool.fail(95);
+    let json = serde_json::to_string(&pool.history).expect("serialises");
+    let back: History = serde_json::from_str(&json).expect("deserialises");
+    assert_eq!(back, pool.history);
+    let empty: History = serde_json::from_str("{}").expect("missing parts default");
+    assert_eq!(empty, History::default());
 }
 
 #[test]
@@ -468,13 +698,25 @@ fn paused_holds_whatever_the_load() {
 
 #[test]
 fn history_keeps_only_what_its_windows_can_see() {
-    let mut pool = Pool::new(spec()).running(1);
+    let spec = WorkerPoolSpec {
+        scale_down: ScalingRules {
+            stabilization_seconds: Some(120),
+            ..ScalingRules::default()
+        },
+        ..spec()
+    };
+    let mut pool = Pool::new(spec).running(1);
     for tick in 0..2000 {
         // Alternate so equal runs cannot be merged.
         pool.tick(tick * 5, load(10 + (tick as u64 % 2) * 10, 0));
     }
-    // 120 s window at one entry per 5 s, and rate-limited scale events.
-    assert!(pool.history.len() <= 2 * (120 / 5 + 1), "{}", pool.history.len());
+    // 120 s window at one entry per 5 s, rate-limited scale events, and a
+    // minute of load samples.
+    assert!(
+        pool.history.len() <= 2 * (120 / 5 + 1) + (60 / 5 + 1),
+        "{}",
+        pool.history.len()
+    );
 }
 
 #[test]
@@ -516,12 +758,14 @@ fn arb_spec() -> impl Strategy<Value = WorkerPoolSpec> {
                             max_replicas_per_step: Some(replicas),
                             max_percent_per_step: Some(percent),
                             period_seconds: Some(period),
+                            tolerance: None,
                         },
                         ScalingRules {
                             stabilization_seconds: Some(windows.1),
                             max_replicas_per_step: Some(replicas),
                             max_percent_per_step: Some(percent.min(100)),
                             period_seconds: Some(period),
+                            tolerance: None,
                         },
                     ),
                     None => (ScalingRules::default(), ScalingRules::default()),
@@ -547,15 +791,16 @@ fn arb_spec() -> impl Strategy<Value = WorkerPoolSpec> {
 }
 
 fn arb_load() -> impl Strategy<Value = QueueLoad> {
-    (0..300u64, 0..100u64, 0..600u64, 0..40u32).prop_map(|(pending, in_flight, completions, busy)| {
-        QueueLoad {
+    (0..300u64, 0..100u64, 0..200u32, 0..600u64, 0..40u32).prop_map(
+        |(pending, in_flight, oldest, completions, busy)| QueueLoad {
             pending,
             in_flight,
-            oldest_pending_seconds: 0.0,
+            oldest_pending_seconds: f64::from(oldest),
             completions_per_minute: completions,
             busy_replicas: busy,
-        }
-    })
+            ..QueueLoad::default()
+        },
+    )
 }
 
 fn arb_ticks() -> impl Strategy<Value = Vec<Tick>> {

@@ -435,6 +435,12 @@ fn pool_load(task_types: &[TaskType], snapshot: &QueueSnapshot, replicas: &[Repl
         load.in_flight += d.in_flight.max(0) as u64;
         load.oldest_pending_seconds = load.oldest_pending_seconds.max(d.oldest_pending_seconds);
         load.completions_per_minute += d.completed_last_minute.max(0) as u64;
+        load.scheduled += d.scheduled.max(0) as u64;
+        load.blocked += d.blocked.max(0) as u64;
+        load.capped |= d.capped;
+        if let Some(due) = d.next_scheduled_seconds {
+            load.next_scheduled_seconds = Some(load.next_scheduled_seconds.map_or(due, |s| s.min(due)));
+        }
     }
     load.busy_replicas = replicas
         .iter()
@@ -471,6 +477,9 @@ pub(super) fn update_status(
         status.in_flight = load.in_flight as i64;
         status.oldest_pending_seconds = load.oldest_pending_seconds as i64;
         status.busy_replicas = load.busy_replicas as i32;
+        status.scheduled = load.scheduled as i64;
+        status.blocked = load.blocked as i64;
+        status.depth_capped = load.capped;
     }
     status.desired_replicas = decision.replicas as i32;
     // After this pass's change: everything added, or what was removed.

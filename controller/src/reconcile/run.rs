@@ -72,12 +72,23 @@ pub async fn run_elected<B: Backend + 'static, S: PoolSource, E: Election>(
     reconciler.take_office().await;
     let mut pools = source.load().await;
     let mut passes = FuturesUnordered::new();
+    // When a pool at zero has a retry falling due: a round then, not at
+    // the next tick.
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(done) = passes.next() => {
-                reconciler.finish(done);
+                if let Some(at) = reconciler.finish(done).and_then(|r| r.decision.wake_at) {
+                    let wait = (at - Utc::now()).to_std().unwrap_or_default();
+                    let at = tokio::time::Instant::now() + wait;
+                    due = Some(due.map_or(at, |d| d.min(at)));
+                }
                 continue;
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                due = None;
+                tracing::debug!("woken for a retry falling due");
             }
             _ = tick.tick() => {}
             _ = source.changed() => tracing::debug!("pools changed"),
