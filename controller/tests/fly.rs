@@ -1001,7 +1001,13 @@ async fn fly_machines_running_real_workers_rise_finish_the_queue_and_stop(pool: 
         &manifest,
         pool_yaml("{app: backlog, processGroup: worker, maxStopped: 1}")
             .replace("maxReplicas: 4", "maxReplicas: 3")
-            .replace("cooldownSeconds: 0", "cooldownSeconds: 2"),
+            .replace("cooldownSeconds: 0", "cooldownSeconds: 2")
+            // One removal step a second, not HPA's 15 s: the test waits on
+            // the way down to zero.
+            .replace(
+                "scaleDown: {stabilizationSeconds: 0}",
+                "scaleDown: {stabilizationSeconds: 0, periodSeconds: 1}",
+            ),
     )
     .unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
