@@ -288,6 +288,9 @@ impl<B: Backend> Reconciler<B> {
             removed.len(),
             now,
         );
+        self.ctx
+            .backend
+            .amend_status(pool, &mut state.status, &Time(now_k8s(now)));
         if decision.changes_replicas() || !kept_busy.is_empty() {
             tracing::info!(pool = %name, from = decision.from, to = decision.replicas, phase = decision.phase.as_str(),
                 removed = ?removed, kept_busy = ?kept_busy, "{}", decision.reason);
