@@ -2,12 +2,14 @@
 # make run: the whole system on this machine. PostgreSQL (found or started),
 # migrations, a development API key, the API on :8787 and the controller
 # with the local pools in manifests/local/, which start worker processes
-# when work arrives. Ctrl-C stops everything this script started.
+# when work arrives, all in the database `backlog` (created when missing) of
+# the PostgreSQL found. Ctrl-C stops everything this script started, each
+# process signalled once: the workers drain before they exit.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 "$root/scripts/ensure-tools.sh"
-export DATABASE_URL="${DATABASE_URL:-$("$root/scripts/ensure-postgres.sh")}"
+export DATABASE_URL="${DATABASE_URL:-$("$root/scripts/ensure-postgres.sh" backlog)}"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 cargo build --locked --bins
 export PATH="$target_dir/debug:$PATH"
@@ -31,6 +33,11 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
+# Job control puts each background process in a process group of its own,
+# so the terminal's Ctrl-C reaches this script alone and `cleanup` sends each
+# one SIGTERM (a second signal would cut the drain short); the controller
+# starts its workers in groups of their own for the same reason.
+set -m
 api serve --metrics-addr 127.0.0.1:9465 &
 pids+=($!)
 controller run --backend local -f "$root/manifests/local" --metrics-addr 127.0.0.1:9464 &

@@ -19,6 +19,10 @@ pub struct Cli {
     /// Settings for `api` without a subcommand, which serves.
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// Log format: json or text. Logs go to stderr, so stdout holds only a
+    /// command's output (the secret of `keys create`).
+    #[arg(long, env = "LOG_FORMAT", default_value = "json", global = true)]
+    pub log_format: telemetry::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -37,7 +37,7 @@ async fn bad_job_bodies_are_refused_and_nothing_is_written(pool: sqlx::PgPool) {
     let oversized = json!({"type": "pdf", "input": {"text": long_text}}).to_string();
     let over_limit = json!({"type": "pdf", "input": {"text": "y".repeat(20 * 1024)}}).to_string();
 
-    let cases: &[BodyCase] = &[
+    let cases: &[BodyCase<'_>] = &[
         (
             "/v1/jobs",
             json,

@@ -1,5 +1,6 @@
-//! The `api` binary itself: serves with JSON logs carrying request ids,
-//! and exits cleanly on SIGTERM.
+//! The `api` binary itself: serves with JSON logs (on stderr) carrying
+//! request ids, exits cleanly on SIGTERM, and `keys create` prints only the
+//! secret on stdout.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -25,13 +26,13 @@ async fn the_binary_logs_json_with_request_ids_and_stops_on_sigterm(pool: sqlx::
         .arg(format!("file://{}", artifacts.path().display()))
         .env("DATABASE_URL", test_support::database_url(&pool))
         .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let (lines_tx, lines) = mpsc::channel::<Value>();
-    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
+        for line in BufReader::new(stderr).lines() {
             let line = line.unwrap();
             let value =
                 serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
@@ -49,8 +50,8 @@ async fn the_binary_logs_json_with_request_ids_and_stops_on_sigterm(pool: sqlx::
         }
     };
 
-    let listening = next_line("listening", &|l| l["fields"]["message"] == "listening");
-    let address = listening["fields"]["address"].as_str().unwrap().to_string();
+    let listening = next_line("listening", &|l| l["message"] == "listening");
+    let address = listening["address"].as_str().unwrap().to_string();
     // Workspace builds give reqwest rustls without a provider; see common::http_client.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let response = reqwest::Client::new()
@@ -63,17 +64,60 @@ async fn the_binary_logs_json_with_request_ids_and_stops_on_sigterm(pool: sqlx::
     assert_eq!(response.headers()["x-request-id"], "req-from-test");
     let logged = next_line("the request", &|l| l["span"]["request_id"] == "req-from-test");
     assert_eq!(logged["span"]["path"], "/healthz");
-    assert_eq!(logged["fields"]["status"], 200);
+    assert_eq!(logged["status"], 200);
 
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    next_line("shutdown", &|l| l["fields"]["message"] == "stopped");
+    next_line("shutdown", &|l| l["message"] == "stopped");
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
         .unwrap();
     assert!(status.success(), "exit status {status}");
+}
+
+/// Scripts capture the secret with `$(api keys create ...)`: stdout must
+/// hold it alone, whatever the log level (logs go to stderr).
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn keys_create_prints_only_the_secret_on_stdout(pool: sqlx::PgPool) {
+    let output = tokio::task::spawn_blocking({
+        let url = test_support::database_url(&pool);
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_api"))
+                .args(["keys", "create", "--tenant", "ops", "--admin"])
+                .env("DATABASE_URL", url)
+                // Debug makes the database driver log every statement.
+                .env("RUST_LOG", "debug")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let secret = stdout
+        .strip_suffix('\n')
+        .unwrap_or_else(|| panic!("one line on stdout: {stdout:?}"));
+    assert!(
+        !secret.contains('\n') && !secret.contains(' '),
+        "stdout holds more than the secret: {stdout:?}"
+    );
+    let keys = queue::Queue::new(pool).api_keys(Some("ops")).await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(
+        secret.starts_with(&keys[0].prefix),
+        "{secret:?} is the key created (prefix {})",
+        keys[0].prefix
+    );
+    let logged: Vec<Value> = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    assert!(!logged.is_empty(), "the logs went to stderr: {stderr}");
+    assert!(!stderr.contains(secret), "the secret is never logged");
 }

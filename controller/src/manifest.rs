@@ -2,8 +2,10 @@
 //!
 //! A path is a file or a folder of `.yaml`/`.yml` files (not recursive),
 //! each holding any number of `---`-separated documents. Every problem is
-//! reported with its file, line, document and field path, and a bad
-//! document never stops the others from loading.
+//! reported with its file, line, document and field path — every problem
+//! of a document, not only the first (the CRD's schema is checked before
+//! the spec is read) — and a bad document never stops the others from
+//! loading.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,8 +13,12 @@ use std::path::{Path, PathBuf};
 use kube::Resource;
 use serde_yaml_ng::{Mapping, Value};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use crate::error::{Error, Location};
-use crate::spec::WorkerPool;
+use crate::spec::{FieldError, WorkerPool, WorkerPoolSpec};
+
+mod schema;
 
 /// Top-level keys of a WorkerPool document. `status` is accepted (and
 /// ignored by the controller) so `kubectl get -o yaml` output loads as is.
@@ -215,36 +221,90 @@ fn parse_document(file: &Path, document: &Document<'_>) -> Result<LoadedPool, Ve
     // own enum encoding (`!Local`) would otherwise be the only one accepted.
     let json = serde_json::to_value(Value::Mapping(document))
         .map_err(|error| vec![field_error(&location, ".", error.to_string())])?;
-    let pool: WorkerPool = match serde_path_to_error::deserialize(json) {
-        Ok(pool) => pool,
-        Err(error) => {
-            errors.push(field_error(
+
+    // Each part is read on its own, so one bad field hides no other problem.
+    let metadata = match json.get("metadata") {
+        None => Some(ObjectMeta::default()),
+        Some(metadata) => match serde_path_to_error::deserialize::<_, ObjectMeta>(metadata) {
+            Ok(metadata) => Some(metadata),
+            Err(error) => {
+                let path = under("metadata", &error.path().to_string());
+                errors.push(field_error(&location, &path, error.inner().to_string()));
+                None
+            }
+        },
+    };
+    if let Some(metadata) = &metadata {
+        match metadata.name.as_deref() {
+            None => errors.push(field_error(&location, "metadata.name", "is required".to_string())),
+            Some(name) if !is_dns_label(name) => errors.push(field_error(
                 &location,
-                &error.path().to_string(),
-                error.inner().to_string(),
-            ));
-            return Err(errors);
+                "metadata.name",
+                format!("{name:?} must be lowercase letters, digits and '-', at most 63, starting and ending alphanumeric"),
+            )),
+            Some(_) => {}
+        }
+    }
+    let spec = match json.get("spec") {
+        None => {
+            errors.push(field_error(&location, "spec", "is required".to_string()));
+            None
+        }
+        Some(spec) => {
+            // The schema names every field that breaks it; the spec's own
+            // checks (which need it read) add the rules a schema cannot
+            // state, one problem per field path.
+            let broken = schema::check_spec(spec);
+            let read = serde_path_to_error::deserialize::<_, WorkerPoolSpec>(spec);
+            let spec = match read {
+                Ok(spec) => {
+                    let rules = spec.validate();
+                    let mut problems: Vec<FieldError> = rules.clone();
+                    problems.extend(
+                        broken
+                            .into_iter()
+                            .filter(|b| !rules.iter().any(|r| r.path == b.path)),
+                    );
+                    errors.extend(
+                        problems
+                            .into_iter()
+                            .map(|p| field_error(&location, &p.path, p.message)),
+                    );
+                    Some(spec)
+                }
+                Err(error) if broken.is_empty() => {
+                    let path = under("spec", &error.path().to_string());
+                    errors.push(field_error(&location, &path, error.inner().to_string()));
+                    None
+                }
+                Err(_) => {
+                    errors.extend(
+                        broken
+                            .into_iter()
+                            .map(|p| field_error(&location, &p.path, p.message)),
+                    );
+                    None
+                }
+            };
+            spec
         }
     };
-    match pool.metadata.name.as_deref() {
-        None => errors.push(field_error(&location, "metadata.name", "is required".to_string())),
-        Some(name) if !is_dns_label(name) => errors.push(field_error(
-            &location,
-            "metadata.name",
-            format!("{name:?} must be lowercase letters, digits and '-', at most 63, starting and ending alphanumeric"),
-        )),
-        Some(_) => {}
+    match (metadata, spec) {
+        (Some(metadata), Some(spec)) if errors.is_empty() => {
+            let mut pool = WorkerPool::new(metadata.name.as_deref().unwrap_or_default(), spec);
+            pool.metadata = metadata;
+            Ok(LoadedPool { location, pool })
+        }
+        _ => Err(errors),
     }
-    errors.extend(
-        pool.spec
-            .validate()
-            .into_iter()
-            .map(|problem| field_error(&location, &problem.path, problem.message)),
-    );
-    if errors.is_empty() {
-        Ok(LoadedPool { location, pool })
+}
+
+/// `serde_path_to_error`'s path of a part, as a path in the document.
+fn under(part: &str, path: &str) -> String {
+    if path == "." {
+        part.to_string()
     } else {
-        Err(errors)
+        format!("{part}.{path}")
     }
 }
 

@@ -216,13 +216,26 @@ pub struct FlyTarget {
     /// Region for new machines. Default: the regions the group already runs in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
-    /// Stopped machines kept for fast restarts; the rest are destroyed. Default 0.
+    /// Stopped machines kept for fast restarts; the rest are destroyed.
+    /// Default 1 without a template (the stopped machine is what the group
+    /// scales back up from after zero), 0 with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_stopped: Option<i32>,
     /// Machine to create when the group has none to clone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<FlyMachineTemplate>,
+}
+
+impl FlyTarget {
+    /// How many stopped machines to keep, default applied: without a
+    /// template, the last stopped machine is the only config the group can
+    /// be cloned from once it is at zero.
+    pub fn stopped_to_keep(&self) -> usize {
+        let default = if self.template.is_some() { 0 } else { 1 };
+        self.max_stopped
+            .map_or(default, |n| usize::try_from(n).unwrap_or(0))
+    }
 }
 
 /// The parts of a Fly machine config a pool needs to create its first machine.
@@ -435,6 +448,17 @@ impl WorkerPoolSpec {
                 }
                 if let Some(max_stopped) = fly.max_stopped {
                     problems.at_least("spec.target.fly.maxStopped", max_stopped, 0);
+                    // At zero every machine would be destroyed, leaving
+                    // nothing to clone: the next scale-up would fail until
+                    // someone runs `fly deploy`.
+                    if max_stopped == 0 && self.min_replicas == 0 && fly.template.is_none() {
+                        problems.push(
+                            "spec.target.fly.maxStopped",
+                            "0 with minReplicas 0 and no template destroys every machine of the group \
+                             at zero replicas, and the pool could not scale back up: keep at least 1 \
+                             stopped machine (the default) or set spec.target.fly.template",
+                        );
+                    }
                 }
                 if let Some(template) = &fly.template {
                     problems.not_blank("spec.target.fly.template.image", &template.image);
@@ -600,7 +624,8 @@ pub struct WorkerPoolStatus {
     /// The last decision's reason, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_decision: Option<String>,
-    /// `Ready`, `Active`, `Fallback` and `Paused`.
+    /// `Ready`, `Active`, `Fallback` and `Paused`; on Fly also `Degraded`
+    /// (failed machines destroyed and replaced).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -617,6 +642,9 @@ pub enum ConditionType {
     Fallback,
     /// `spec.paused` holds the replicas.
     Paused,
+    /// Replicas failed on the platform (a Fly machine that could not start)
+    /// and were destroyed so others take their place.
+    Degraded,
 }
 
 impl ConditionType {
@@ -626,6 +654,7 @@ impl ConditionType {
             ConditionType::Active => "Active",
             ConditionType::Fallback => "Fallback",
             ConditionType::Paused => "Paused",
+            ConditionType::Degraded => "Degraded",
         }
     }
 }
@@ -893,6 +922,70 @@ mod tests {
             ..spec()
         };
         assert_eq!(problems(&k8s), ["spec.target.kubernetes.name: must not be empty"]);
+    }
+
+    fn fly_target(max_stopped: Option<i32>, template: Option<FlyMachineTemplate>) -> Target {
+        Target::Fly(FlyTarget {
+            app: "backlog".into(),
+            process_group: "worker".into(),
+            region: None,
+            max_stopped,
+            template,
+        })
+    }
+
+    fn template() -> FlyMachineTemplate {
+        FlyMachineTemplate {
+            image: "registry.fly.io/backlog:v1".into(),
+            cmd: vec!["worker".into()],
+            env: BTreeMap::new(),
+            guest: None,
+        }
+    }
+
+    #[test]
+    fn a_fly_pool_that_could_not_scale_back_up_from_zero_is_rejected() {
+        let destroys_all = WorkerPoolSpec {
+            target: fly_target(Some(0), None),
+            ..spec()
+        };
+        let problems = problems(&destroys_all);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("spec.target.fly.maxStopped: 0 with minReplicas 0 and no template")
+                && problems[0].contains("could not scale back up"),
+            "{problems:?}"
+        );
+        // Each of these can: a template, a replica always running, or the default.
+        for fine in [
+            WorkerPoolSpec {
+                target: fly_target(Some(0), Some(template())),
+                ..spec()
+            },
+            WorkerPoolSpec {
+                target: fly_target(Some(0), None),
+                min_replicas: 1,
+                ..spec()
+            },
+            WorkerPoolSpec {
+                target: fly_target(None, None),
+                ..spec()
+            },
+        ] {
+            assert_eq!(fine.validate(), vec![], "{fine:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_template_one_stopped_machine_is_kept_by_default() {
+        let kept = |target: Target| match target {
+            Target::Fly(fly) => fly.stopped_to_keep(),
+            _ => unreachable!(),
+        };
+        assert_eq!(kept(fly_target(None, None)), 1);
+        assert_eq!(kept(fly_target(None, Some(template()))), 0);
+        assert_eq!(kept(fly_target(Some(3), None)), 3);
+        assert_eq!(kept(fly_target(Some(0), Some(template()))), 0);
     }
 
     #[test]

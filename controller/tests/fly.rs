@@ -1,9 +1,10 @@
 //! The Fly backend against the Machines API emulator and real PostgreSQL:
-//! scale-up order, cloning, the drain protocol, leases, faults, maxStopped,
-//! auth and capacity — and the client's and emulator's JSON against Fly's
-//! published OpenAPI schemas.
+//! scale-up order, cloning, the drain protocol, leases, faults, maxStopped
+//! and the template kept at zero, failed machines, auth and capacity, the
+//! README's sequence on a fresh app — and the client's and emulator's JSON
+//! against Fly's published OpenAPI schemas.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,11 @@ async fn emulator() -> FlyEmulator {
 }
 
 fn backend_with_token(emu: &FlyEmulator, token: &str) -> FlyBackend {
+    backend_waiting(emu, token, Duration::from_secs(10))
+}
+
+/// A backend that watches a machine boot for at most `wait_timeout`.
+fn backend_waiting(emu: &FlyEmulator, token: &str, wait_timeout: Duration) -> FlyBackend {
     let retry = RetryPolicy {
         attempts: 10,
         base: Duration::from_millis(20),
@@ -51,7 +57,7 @@ fn backend_with_token(emu: &FlyEmulator, token: &str) -> FlyBackend {
         client,
         FlySettings {
             stop_timeout: Duration::from_secs(5),
-            wait_timeout: Duration::from_secs(10),
+            wait_timeout,
             lease_ttl: Duration::from_secs(30),
         },
     )
@@ -506,6 +512,111 @@ async fn max_stopped_is_kept_and_the_oldest_stopped_machines_are_destroyed(pool:
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn at_zero_one_stopped_machine_is_kept_and_the_group_scales_back_up_from_it(pool: PgPool) {
+    let emu = emulator().await;
+    let running = [seed(&emu, "started", "ord"), seed(&emu, "started", "ams")];
+    let q = Queue::new(pool);
+    // No maxStopped and no template: what a new user writes first.
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    let mut r = reconciler(&q, backend(&emu));
+
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!(reports[0].decision.replicas, 0, "{}", reports[0].decision);
+    assert_eq!(reports[0].removed.len(), 2);
+    wait_until("destroys to finish", || in_state(&emu, "destroying").is_empty()).await;
+    let kept = in_state(&emu, "stopped");
+    assert_eq!(kept.len(), 1, "one stopped machine kept as the group's template");
+    assert!(running.contains(&kept[0]));
+    assert_eq!(in_state(&emu, "destroyed").len(), 1);
+
+    enqueue_jobs(&q, JobType::Text, 5).await;
+    let reports = pass(&mut r, &pools, 60).await;
+    assert_eq!(
+        reports.len(),
+        1,
+        "the scale-up from zero succeeded without `fly deploy`"
+    );
+    assert_eq!(reports[0].decision.replicas, 3, "{}", reports[0].decision);
+    wait_until("three started machines", || in_state(&emu, "started").len() == 3).await;
+    let log = emu.requests();
+    assert_eq!(
+        of(&log, "start")
+            .iter()
+            .filter_map(|s| s.machine.clone())
+            .collect::<Vec<_>>(),
+        kept,
+        "the kept machine is started first"
+    );
+    for create in of(&log, "create") {
+        let config = &create.request_body.as_ref().unwrap()["config"];
+        assert_eq!(config["init"]["cmd"][0], "worker", "cloned from the kept machine");
+        assert_eq!(config["metadata"]["fly_process_group"], "worker");
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_failed_machine_is_destroyed_and_replaced_and_the_status_says_so(pool: PgPool) {
+    let emu = emulator().await;
+    seed(&emu, "started", "ord");
+    let q = Queue::new(pool);
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    // A failed boot never reaches `started`: watch it for a second only.
+    let mut r = reconciler(&q, backend_waiting(&emu, TOKEN, Duration::from_secs(1)));
+    enqueue_jobs(&q, JobType::Text, 4).await;
+
+    emu.fail_next_boots(1);
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!((reports[0].decision.from, reports[0].decision.replicas), (1, 2));
+    wait_until("the new machine to fail", || in_state(&emu, "failed").len() == 1).await;
+    let failed = in_state(&emu, "failed").remove(0);
+
+    let reports = pass(&mut r, &pools, 15).await;
+    assert_eq!(
+        (reports[0].decision.from, reports[0].decision.replicas),
+        (1, 2),
+        "a failed machine is no replica"
+    );
+    wait_until("the failed machine destroyed", || {
+        state_of(&emu, &failed) == "destroyed"
+    })
+    .await;
+    wait_until("two started machines", || in_state(&emu, "started").len() == 2).await;
+    let destroy = of(&emu.requests(), "destroy")
+        .into_iter()
+        .find(|d| d.machine.as_deref() == Some(failed.as_str()))
+        .cloned()
+        .expect("the failed machine destroyed through the API");
+    assert!(destroy.nonce.is_some(), "under its lease");
+
+    let degraded = |statuses: &[queue::PoolStatusRecord]| -> Value {
+        let conditions = statuses[0].status.conditions.as_array().unwrap().clone();
+        conditions
+            .into_iter()
+            .find(|c| c["type"] == "Degraded")
+            .expect("a Degraded condition")
+    };
+    let condition = degraded(&q.pool_statuses().await.unwrap());
+    assert_eq!(
+        (condition["status"].as_str(), condition["reason"].as_str()),
+        (Some("True"), Some("FailedMachinesReplaced"))
+    );
+    assert!(
+        condition["message"].as_str().unwrap().contains(&failed),
+        "{condition}"
+    );
+
+    // Ten minutes on with nothing failing, the condition clears and still
+    // names what was replaced.
+    pass(&mut r, &pools, 15 + 700).await;
+    let condition = degraded(&q.pool_statuses().await.unwrap());
+    assert_eq!(
+        (condition["status"].as_str(), condition["reason"].as_str()),
+        (Some("False"), Some("NoFailedMachines"))
+    );
+    assert!(condition["message"].as_str().unwrap().contains(&failed));
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_rejected_token_is_reported_and_nothing_else_is_attempted(pool: PgPool) {
     let emu = emulator().await;
     seed(&emu, "stopped", "ord");
@@ -913,6 +1024,20 @@ fn fly_toml_runs_every_group_with_a_real_binary() {
         .collect();
     assert_eq!(checks, ["/healthz", "/readyz"]);
     assert_eq!(doc["deploy"]["release_command"].as_str(), Some("api migrate"));
+
+    // Fly scrapes [metrics] on every machine: each binary serves /metrics
+    // there, the API only on METRICS_ADDR (never on its own port).
+    let metrics = doc["metrics"].as_table().expect("[metrics]");
+    assert_eq!(metrics["path"].as_str(), Some("/metrics"));
+    let port = metrics["port"].as_integer().expect("[metrics] port");
+    assert_ne!(port, 8787, "not the API's own port");
+    for variable in ["METRICS_ADDR", "WORKER_METRICS_ADDR", "CONTROLLER_METRICS_ADDR"] {
+        assert_eq!(
+            doc["env"][variable].as_str(),
+            Some(format!("0.0.0.0:{port}").as_str()),
+            "{variable} serves the port [metrics] scrapes"
+        );
+    }
     let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
     for program in ["api", "worker", "audio-worker", "controller", "espeak-ng"] {
         assert!(dockerfile.contains(program), "the image carries {program}");
@@ -1069,4 +1194,184 @@ async fn fly_machines_running_real_workers_rise_finish_the_queue_and_stop(pool: 
         claimed_by.iter().all(|w| machine_ids.contains(w)),
         "workers ran under their machine ids: {claimed_by:?}"
     );
+}
+
+/// The machine configs `fly deploy` creates on a fresh app, one machine per
+/// process group of `fly.toml`, as flyctl derives them from the file: the
+/// group's command, `[env]`, its `[[vm]]` size, its `[[restart]]` policy,
+/// and the metadata flyctl finds the group by.
+fn fly_deploy_configs(doc: &toml::Table, image: &str) -> BTreeMap<String, Value> {
+    let in_group = |table: &toml::Value, group: &str| {
+        table["processes"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|g| g.as_str() == Some(group)))
+    };
+    let region = doc["primary_region"].as_str().unwrap();
+    let mut configs = BTreeMap::new();
+    for (group, command) in doc["processes"].as_table().unwrap() {
+        let mut env: BTreeMap<String, String> = doc["env"]
+            .as_table()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        env.insert("FLY_PROCESS_GROUP".into(), group.clone());
+        env.insert("PRIMARY_REGION".into(), region.into());
+        let vm = doc["vm"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|vm| in_group(vm, group))
+            .unwrap_or_else(|| panic!("a [[vm]] for {group}"));
+        let (cpu_kind, cpus) = match vm["size"].as_str().unwrap() {
+            "shared-cpu-1x" => ("shared", 1),
+            "shared-cpu-2x" => ("shared", 2),
+            other => panic!("size {other} not known to this test"),
+        };
+        let memory = vm["memory"].as_str().unwrap();
+        let memory_mb = match (memory.strip_suffix("gb"), memory.strip_suffix("mb")) {
+            (Some(gb), _) => gb.parse::<i64>().unwrap() * 1024,
+            (_, Some(mb)) => mb.parse::<i64>().unwrap(),
+            _ => panic!("memory {memory}"),
+        };
+        let restart = doc["restart"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| in_group(r, group))
+            .unwrap_or_else(|| panic!("a [[restart]] for {group}"));
+        let mut restart_config = json!({"policy": restart["policy"].as_str().unwrap()});
+        if let Some(retries) = restart.get("retries").and_then(toml::Value::as_integer) {
+            restart_config["max_retries"] = json!(retries);
+        }
+        let cmd: Vec<&str> = command.as_str().unwrap().split_whitespace().collect();
+        configs.insert(
+            group.clone(),
+            json!({
+                "image": image,
+                "env": env,
+                "init": {"cmd": cmd},
+                "guest": {"cpu_kind": cpu_kind, "cpus": cpus, "memory_mb": memory_mb},
+                "restart": restart_config,
+                "metadata": {
+                    "fly_platform_version": "v2",
+                    "fly_process_group": group,
+                    "fly_release_id": "Rel_1",
+                    "fly_release_version": "1",
+                },
+            }),
+        );
+    }
+    configs
+}
+
+/// The machines of one process group in a state.
+fn group_in_state(emu: &FlyEmulator, group: &str, state: &str) -> Vec<String> {
+    let mut ids: Vec<String> = emu
+        .machines(APP)
+        .iter()
+        .filter(|m| m["config"]["metadata"]["fly_process_group"] == group && m["state"] == state)
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The README's Fly section, step by step, against the emulator: `fly
+/// deploy` of the shipped `fly.toml` on a fresh app (one machine per group),
+/// the shipped pools scale the worker groups to zero when the queue is
+/// empty, and back up from their stopped machines when jobs arrive.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_readme_sequence_on_a_fresh_app_deploys_scales_to_zero_and_back(pool: PgPool) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc: toml::Table = toml::from_str(&std::fs::read_to_string(root.join("fly.toml")).unwrap()).unwrap();
+    assert_eq!(doc["app"].as_str(), Some(APP));
+    let emu = emulator().await;
+
+    // `fly deploy`: the release, then one machine per group.
+    let client = FlyClient::new(&emu.base_url(), Token::new(TOKEN), RetryPolicy::default(), 4).unwrap();
+    let configs = fly_deploy_configs(&doc, "registry.fly.io/backlog:deployment-01JREADME");
+    for config in configs.values() {
+        let request = controller::backend::fly::client::CreateMachine {
+            config: serde_json::from_value(config.clone()).unwrap(),
+            region: doc["primary_region"].as_str().map(str::to_string),
+            name: None,
+            skip_launch: false,
+        };
+        client.create(APP, &request).await.unwrap();
+    }
+    wait_until("one started machine per group", || {
+        in_state(&emu, "started").len() == 4
+    })
+    .await;
+
+    // The controller group runs the shipped pools.
+    let loaded = manifest::load(&root.join("manifests/fly/pools.yaml"));
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let pools = loaded.pools;
+    let q = Queue::new(pool);
+    let mut r = reconciler(&q, backend(&emu));
+
+    // An empty queue: after the cooldown both worker groups go to zero.
+    for at in [0, 150, 310, 450] {
+        let reports = pass(&mut r, &pools, at).await;
+        assert_eq!(reports.len(), 2, "both pools reconciled at {at} s");
+    }
+    for group in ["worker", "audiobook-worker"] {
+        wait_until("the worker groups to stop", || {
+            group_in_state(&emu, group, "started").is_empty()
+                && group_in_state(&emu, group, "stopping").is_empty()
+        })
+        .await;
+        assert_eq!(
+            group_in_state(&emu, group, "stopped").len(),
+            1,
+            "{group}: its machine stopped and kept"
+        );
+    }
+    for group in ["app", "controller"] {
+        assert_eq!(
+            group_in_state(&emu, group, "started").len(),
+            1,
+            "{group} is not the controller's"
+        );
+    }
+    let stopped_worker = group_in_state(&emu, "worker", "stopped");
+
+    // Jobs arrive: the stopped machines start, and clones of them follow.
+    enqueue_jobs(&q, JobType::Text, 40).await;
+    enqueue_jobs(&q, JobType::Audiobook, 2).await;
+    let reports = pass(&mut r, &pools, 600).await;
+    assert_eq!(reports.len(), 2, "both pools scaled up from zero");
+    let wanted = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r.pool == name)
+            .map(|r| r.decision.replicas as usize)
+            .unwrap()
+    };
+    let (workers, audio) = (wanted("worker"), wanted("audiobook-worker"));
+    assert!(
+        workers > 1 && audio == 2,
+        "worker {workers}, audiobook-worker {audio}"
+    );
+    wait_until("the worker groups up", || {
+        group_in_state(&emu, "worker", "started").len() == workers
+            && group_in_state(&emu, "audiobook-worker", "started").len() == audio
+    })
+    .await;
+    let started_worker = group_in_state(&emu, "worker", "started");
+    assert!(
+        started_worker.contains(&stopped_worker[0]),
+        "the stopped machine came back"
+    );
+    for id in &started_worker {
+        let config = &emu.machine(APP, id).unwrap()["config"];
+        let deployed = &configs["worker"];
+        for field in ["init", "guest", "restart", "env"] {
+            assert_eq!(config[field], deployed[field], "{id}: {field} as fly.toml says");
+        }
+        assert_eq!(config["metadata"]["fly_process_group"], "worker");
+        assert_eq!(config["metadata"]["fly_release_version"], "1");
+    }
 }

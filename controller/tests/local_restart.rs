@@ -1,8 +1,10 @@
 //! The controller binary with the local backend and real `text-worker`
 //! processes, killed with SIGKILL and started again: its workers are adopted,
-//! never doubled, and stopped with the controller that adopted them.
+//! never doubled, and stopped with the controller that adopted them; and
+//! stopped with Ctrl-C, when its workers drain once and exit cleanly.
 
 use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -137,6 +139,8 @@ fn start_controller(
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
+        // Its own process group, as a shell starts a foreground job.
+        .process_group(0)
         .spawn()
         .expect("starting the controller")
 }
@@ -256,5 +260,91 @@ async fn a_controller_killed_with_sigkill_leaves_its_workers_to_the_next_one(poo
     assert!(
         q.workers(Some("text")).await.unwrap().is_empty(),
         "the stopped workers deregistered"
+    );
+}
+
+/// The process group of a live process (`pgrp`, field 5 of stat(5)).
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// Ctrl-C in a terminal (`make run`) sends SIGINT to the whole foreground
+/// process group. The workers are not in it: only the controller signals
+/// them, once, so they drain and exit 0, where a second signal would make
+/// them exit 130 without draining.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn ctrl_c_stops_the_controller_and_its_workers_drain_once(pool: PgPool) {
+    let controller = test_support::workspace_binary("controller", "controller");
+    let worker = test_support::workspace_binary("workers", "text-worker");
+    let database_url = test_support::database_url(&pool);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(dir.path(), &worker, &database_url);
+    let log = dir.path().join("controller.log");
+    let mut cleanup = Cleanup {
+        database_url: database_url.clone(),
+        controllers: Vec::new(),
+        logs: vec![log.clone()],
+    };
+    let q = queue::Queue::new(pool);
+    cleanup.controllers.push(start_controller(
+        &controller,
+        &manifest,
+        &dir.path().join("state"),
+        &database_url,
+        &log,
+    ));
+    let mut registered = 0;
+    for _ in 0..600 {
+        registered = q.workers(Some("text")).await.unwrap().len();
+        if registered == MAX_REPLICAS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(registered, MAX_REPLICAS, "the workers registered");
+    let terminal_group = cleanup.controllers[0].id();
+    let workers = live_workers(&database_url);
+    assert_eq!(workers.len(), MAX_REPLICAS);
+    for worker in &workers {
+        assert_ne!(
+            process_group(worker.pid),
+            Some(terminal_group),
+            "{worker:?} is in the controller's process group: Ctrl-C would signal it twice"
+        );
+    }
+
+    // SAFETY: kill(2) on the process group of the controller this test started.
+    unsafe { libc::kill(-(terminal_group as libc::pid_t), libc::SIGINT) };
+    let mut controller = cleanup.controllers.pop().unwrap();
+    let mut status = None;
+    for _ in 0..600 {
+        status = controller.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cleanup.controllers.push(controller);
+    let status = status.expect("the controller stopped on Ctrl-C");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "controller exit {status}:\n{text}");
+    assert!(
+        !text.contains("without draining"),
+        "a worker took a second signal:\n{text}"
+    );
+    let drained = text
+        .lines()
+        .filter(|l| l.contains("local replica stopped") && l.contains("exit status: 0"))
+        .count();
+    assert_eq!(drained, MAX_REPLICAS, "every worker exited 0:\n{text}");
+    assert!(live_workers(&database_url).is_empty());
+    assert!(
+        q.workers(Some("text")).await.unwrap().is_empty(),
+        "the workers deregistered as they drained"
     );
 }

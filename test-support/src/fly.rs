@@ -6,8 +6,10 @@
 //! list filters and `fly-next-cursor` pagination; create, start, stop,
 //! suspend, destroy, update with `current_version`; `/wait` with 408;
 //! leases with nonces and 409s; Fly's error body; 401/403; Fly's documented
-//! rate limits answered with 429; injectable faults; and a log of every
-//! request so tests can assert on calls and rates.
+//! rate limits answered with 429; injectable faults, including boots that
+//! end in `failed` ("encountered an error and could not start
+//! successfully"); and a log of every request so tests can assert on calls
+//! and rates.
 
 pub mod openapi;
 
@@ -177,6 +179,9 @@ struct State {
     buckets: HashMap<(&'static str, String), (f64, Instant)>,
     log: Vec<LoggedRequest>,
     hooks: Vec<Hook>,
+    /// The next this many boots (a create's launch or a start) end in
+    /// `failed` instead of `started`.
+    failing_boots: usize,
 }
 
 struct Shared {
@@ -279,6 +284,13 @@ impl FlyEmulator {
 
     pub fn on_machine_event(&self, hook: Hook) {
         self.state().hooks.push(hook);
+    }
+
+    /// The next `count` machines to boot (created and launched, or started)
+    /// go from `starting` to `failed`, as a machine whose image or host
+    /// breaks does.
+    pub fn fail_next_boots(&self, count: usize) {
+        self.state().failing_boots = count;
     }
 
     /// Put a machine in place directly (as a past `fly deploy` would have).
@@ -658,7 +670,7 @@ impl Shared {
                 }
                 let previous = machine.state.clone();
                 drop(state);
-                self.transition(&key, "starting", "started", self.timings.start, None);
+                self.boot(&key, self.timings.start);
                 ok(json!({"previous_state": previous}))
             }
             "stop" => {
@@ -808,10 +820,23 @@ impl Shared {
             // The machine is created at once and boots after the delay.
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                shared.transition(&key, "starting", "started", Duration::ZERO, None);
+                shared.boot(&key, Duration::ZERO);
             });
         }
         ok(answer)
+    }
+
+    /// Boot a machine: `starting` now, then `started` after `delay`, or
+    /// `failed` when a failing boot was asked for.
+    fn boot(self: &Arc<Self>, key: &(String, String), delay: Duration) {
+        let fails = {
+            let mut state = self.state.lock().expect("state");
+            let fails = state.failing_boots > 0;
+            state.failing_boots = state.failing_boots.saturating_sub(1);
+            fails
+        };
+        let target = if fails { "failed" } else { "started" };
+        self.transition(key, "starting", target, delay, None);
     }
 
     /// Move a machine to `transient` now and to `target` after `delay`.

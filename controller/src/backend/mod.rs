@@ -8,7 +8,7 @@ pub mod local;
 
 use std::future::Future;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use crate::policy::Decision;
 use crate::reconcile::PassError;
@@ -130,6 +130,11 @@ pub trait Backend: Send + Sync {
         pool: PoolRef<'_>,
         ids: &[String],
     ) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
+
+    /// Adds what only the backend knows to the status of a pass that
+    /// succeeded, before it is published (the Fly backend's `Degraded`
+    /// condition when it replaced failed machines).
+    fn amend_status(&self, _pool: PoolRef<'_>, _status: &mut WorkerPoolStatus, _now: &Time) {}
 
     /// Called after every pass over a pool, whether it succeeded or not, so
     /// a backend can publish what happened where its operators look (the

@@ -157,11 +157,82 @@ fn a_target_must_be_exactly_one_kind() {
         "    local:\n      command: [text-worker]\n",
         "    nomad: {job: x}\n",
     );
-    let errors = messages(&parse(&unknown));
-    assert!(
-        errors[0]
-            .contains("spec.target: unknown variant `nomad`, expected one of `kubernetes`, `fly`, `local`"),
-        "{errors:?}"
+    assert_eq!(
+        messages(&parse(&unknown)),
+        [
+            "pools.yaml:1 (document 1, text): spec.target.nomad: unknown field `nomad`, expected one of `fly`, `kubernetes`, `local`",
+            "pools.yaml:1 (document 1, text): spec.target: must set exactly one of `kubernetes`, `fly`, `local`, got none",
+        ]
+    );
+}
+
+#[test]
+fn every_problem_of_a_document_is_reported_with_its_path() {
+    let broken = "\
+apiVersion: backlog.dev/v1alpha1
+kind: WorkerPool
+metadata:
+  name: Text
+spec:
+  taskTypes: [text_generation, pdf_rendering]
+  target:
+    local:
+      command: []
+      cwd: /tmp
+  minReplicas: -1
+  maxReplicas: many
+  tasksPerReplica: 0
+  scaleUp: {periodSeconds: 7200, window: 30}
+  fallback: {replicas: 1}
+  paused: sometimes
+";
+    assert_eq!(
+        messages(&parse(broken)),
+        [
+            "pools.yaml:1 (document 1, Text): metadata.name: \"Text\" must be lowercase letters, digits and '-', at most 63, starting and ending alphanumeric",
+            "pools.yaml:1 (document 1, Text): spec.fallback.failureThreshold: is required",
+            "pools.yaml:1 (document 1, Text): spec.maxReplicas: invalid type: string \"many\", expected an integer",
+            "pools.yaml:1 (document 1, Text): spec.minReplicas: must be >= 0, got -1",
+            "pools.yaml:1 (document 1, Text): spec.paused: invalid type: string \"sometimes\", expected a boolean",
+            "pools.yaml:1 (document 1, Text): spec.scaleUp.periodSeconds: must be between 1 and 1800, got 7200",
+            "pools.yaml:1 (document 1, Text): spec.scaleUp.window: unknown field `window`, expected one of `maxPercentPerStep`, `maxReplicasPerStep`, `periodSeconds`, `stabilizationSeconds`",
+            "pools.yaml:1 (document 1, Text): spec.target.local.command: must have at least 1 item(s)",
+            "pools.yaml:1 (document 1, Text): spec.target.local.cwd: unknown field `cwd`, expected one of `command`, `env`",
+            "pools.yaml:1 (document 1, Text): spec.taskTypes[1]: unknown variant `pdf_rendering`, expected one of `text_generation`, `pdf_generation`, `audio_generation`",
+            "pools.yaml:1 (document 1, Text): spec.tasksPerReplica: must be >= 1, got 0",
+        ]
+    );
+}
+
+#[test]
+fn every_document_is_reported_and_the_valid_ones_load() {
+    let second = TEXT_POOL
+        .replace("name: text", "name: second")
+        .replace("maxReplicas: 4", "maxReplicas: 0\n  cooldownSeconds: soon");
+    let third = AUDIO_POOL.replace("maxReplicas: 2", "minReplicas: 3\n  maxReplicas: 2");
+    let manifests = parse(&format!("{TEXT_POOL}---\n{second}---\n{third}"));
+    assert_eq!(
+        messages(&manifests),
+        [
+            "pools.yaml:12 (document 2, second): spec.cooldownSeconds: invalid type: string \"soon\", expected an integer",
+            "pools.yaml:12 (document 2, second): spec.maxReplicas: must be >= 1, got 0",
+            "pools.yaml:24 (document 3, audio): spec.maxReplicas: must be >= minReplicas (3)",
+        ]
+    );
+    assert_eq!(names(&manifests), ["text"]);
+}
+
+#[test]
+fn a_missing_spec_and_a_missing_required_field_are_named() {
+    let no_spec = "apiVersion: backlog.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: a}\n";
+    assert_eq!(
+        messages(&parse(no_spec)),
+        ["pools.yaml:1 (document 1, a): spec: is required"]
+    );
+    let no_max = TEXT_POOL.replace("  maxReplicas: 4\n", "");
+    assert_eq!(
+        messages(&parse(&no_max)),
+        ["pools.yaml:1 (document 1, text): spec.maxReplicas: is required"]
     );
 }
 

@@ -185,6 +185,11 @@ impl<B: Backend> Pass<B> {
             removed.len(),
             self.now,
         );
+        self.ctx.backend.amend_status(
+            PoolRef::from(&self.loaded),
+            &mut self.state.status,
+            &Time(now_k8s(self.now)),
+        );
         if decision.changes_replicas() || !kept_busy.is_empty() {
             tracing::info!(pool = %name, from = decision.from, to = decision.replicas, phase = decision.phase.as_str(),
                 removed = ?removed, kept_busy = ?kept_busy, "{}", decision.reason);

@@ -9,8 +9,10 @@ use super::client::{
     CreateMachine, FlyClient, FlyError, ListFilter, Machine, MachineConfig, MachineGuest, MachineInit,
     StopMachine,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
 use crate::backend::{Backend, BackendError, PoolRef, Replica};
-use crate::spec::{FlyTarget, Target};
+use crate::spec::{ConditionType, FlyTarget, Target, WorkerPoolStatus};
 
 /// Machine metadata flyctl reads to place a machine in a process group.
 pub const PROCESS_GROUP_KEY: &str = "fly_process_group";
@@ -27,6 +29,11 @@ const ACTIVE_STATES: &[&str] = &[
 ];
 /// States a machine can be started from.
 const STARTABLE_STATES: &[&str] = &["stopped", "suspended"];
+/// A machine that "encountered an error and could not start successfully"
+/// (Fly's machine states): it is destroyed, and others take its place.
+const FAILED_STATE: &str = "failed";
+/// How long `Degraded` stays True after failed machines were replaced.
+const DEGRADED_SECONDS: i64 = 600;
 
 #[derive(Debug, Clone)]
 pub struct FlySettings {
@@ -53,6 +60,17 @@ pub struct FlyBackend {
     settings: FlySettings,
     /// Per pool: where the next created machine goes (round-robin).
     next_region: Mutex<HashMap<String, usize>>,
+    /// Per pool: failed machines destroyed, for the `Degraded` condition.
+    replaced: std::sync::Mutex<HashMap<String, Replacements>>,
+}
+
+/// Failed machines a pool's passes destroyed.
+#[derive(Default)]
+struct Replacements {
+    /// Destroyed since the status last said so.
+    unreported: Vec<String>,
+    /// The last ones reported, and the pass that reported them.
+    last: Option<(Vec<String>, Time)>,
 }
 
 /// A lease taken, or the reason the machine was skipped.
@@ -67,6 +85,7 @@ impl FlyBackend {
             client,
             settings,
             next_region: Mutex::new(HashMap::new()),
+            replaced: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -196,11 +215,16 @@ impl FlyBackend {
         target: &FlyTarget,
         group: &[Machine],
     ) -> Result<MachineConfig, BackendError> {
-        // Prefer a running machine (it runs the current release), newest first.
-        let source = group
-            .iter()
-            .filter(|m| m.config.is_some())
-            .max_by_key(|m| (m.state == "started", m.created_at.clone(), m.id.clone()));
+        // Prefer a running machine (it runs the current release), newest
+        // first; a failed one only when nothing else is left to clone.
+        let source = group.iter().filter(|m| m.config.is_some()).max_by_key(|m| {
+            (
+                m.state != FAILED_STATE,
+                m.state == "started",
+                m.created_at.clone(),
+                m.id.clone(),
+            )
+        });
         let mut config = match (source, &target.template) {
             (Some(machine), _) => {
                 let mut config = machine.config.clone().expect("filtered on config");
@@ -307,12 +331,14 @@ impl FlyBackend {
         Err(to_backend(pool, last.expect("at least one region")))
     }
 
-    /// Destroy stopped machines beyond `maxStopped`, oldest stopped first.
+    /// Destroy stopped machines beyond `maxStopped` (default: one kept as
+    /// the template when the pool has none), oldest stopped first, and
+    /// failed machines.
     async fn prune_stopped(&self, pool: PoolRef<'_>, target: &FlyTarget) -> Result<(), BackendError> {
-        let keep = target.max_stopped.unwrap_or(0).max(0) as usize;
-        let mut stopped: Vec<Machine> = self
-            .group(pool, target)
-            .await?
+        let group = self.group(pool, target).await?;
+        self.destroy_failed(pool, target, &group).await?;
+        let keep = target.stopped_to_keep();
+        let mut stopped: Vec<Machine> = group
             .into_iter()
             .filter(|m| STARTABLE_STATES.contains(&m.state.as_str()))
             .collect();
@@ -323,22 +349,49 @@ impl FlyBackend {
         stopped.sort_by(|a, b| a.updated_at.cmp(&b.updated_at).then_with(|| a.id.cmp(&b.id)));
         let excess = stopped.len() - keep;
         for machine in stopped.into_iter().take(excess) {
-            let Leased::Held(nonce) = self.lease(pool, &target.app, &machine.id, "destroy").await? else {
-                continue;
-            };
-            match self
-                .client
-                .destroy(&target.app, &machine.id, false, Some(&nonce))
-                .await
-            {
-                // Destroying the machine ends its lease too.
-                Ok(()) => {
-                    tracing::info!(pool = pool.name, machine = %machine.id, "destroyed stopped machine beyond maxStopped")
-                }
-                Err(e) => {
-                    self.release(pool, &target.app, &machine.id, &nonce).await;
-                    return Err(to_backend(pool, e));
-                }
+            if self.destroy_one(pool, &target.app, &machine.id).await? {
+                tracing::info!(pool = pool.name, machine = %machine.id, "destroyed stopped machine beyond maxStopped");
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroy one machine that is not running, under its lease. Ok(false):
+    /// skipped because someone else holds the lease.
+    async fn destroy_one(&self, pool: PoolRef<'_>, app: &str, id: &str) -> Result<bool, BackendError> {
+        let Leased::Held(nonce) = self.lease(pool, app, id, "destroy").await? else {
+            return Ok(false);
+        };
+        match self.client.destroy(app, id, false, Some(&nonce)).await {
+            // Destroying the machine ends its lease too.
+            Ok(()) => Ok(true),
+            Err(e) => {
+                self.release(pool, app, id, &nonce).await;
+                Err(to_backend(pool, e))
+            }
+        }
+    }
+
+    /// Destroy the group's failed machines: a failed machine never counts
+    /// as a replica, so the pool starts or creates others in their place.
+    /// Each one destroyed is reported in the `Degraded` condition.
+    async fn destroy_failed(
+        &self,
+        pool: PoolRef<'_>,
+        target: &FlyTarget,
+        group: &[Machine],
+    ) -> Result<(), BackendError> {
+        for machine in group.iter().filter(|m| m.state == FAILED_STATE) {
+            if self.destroy_one(pool, &target.app, &machine.id).await? {
+                tracing::warn!(pool = pool.name, machine = %machine.id, region = %machine.region,
+                    "destroyed failed machine (it could not start); the pool replaces it");
+                self.replaced
+                    .lock()
+                    .expect("replacements")
+                    .entry(pool.name.to_string())
+                    .or_default()
+                    .unreported
+                    .push(machine.id.clone());
             }
         }
         Ok(())
@@ -409,6 +462,9 @@ impl Backend for FlyBackend {
     async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<Vec<String>, BackendError> {
         let target = Self::target(pool)?;
         let group = self.group(pool, target).await?;
+        // Failed machines go first; clones may still copy their config
+        // below when nothing else is left to copy.
+        self.destroy_failed(pool, target, &group).await?;
         let mut needed = count as usize;
 
         // Stopped machines first: they boot in well under a second. The most
@@ -462,6 +518,39 @@ impl Backend for FlyBackend {
             .filter(|(_, stopped)| *stopped)
             .map(|(id, _)| id.clone())
             .collect())
+    }
+
+    fn amend_status(&self, pool: PoolRef<'_>, status: &mut WorkerPoolStatus, now: &Time) {
+        let mut replaced = self.replaced.lock().expect("replacements");
+        let record = replaced.entry(pool.name.to_string()).or_default();
+        if !record.unreported.is_empty() {
+            record.last = Some((std::mem::take(&mut record.unreported), now.clone()));
+        }
+        match &record.last {
+            None => status.set_condition(
+                ConditionType::Degraded,
+                false,
+                "NoFailedMachines",
+                "no machine of the group has failed",
+                now,
+            ),
+            Some((ids, at)) => {
+                let recent = now.0.duration_since(at.0).as_secs() < DEGRADED_SECONDS;
+                let message = format!(
+                    "destroyed {} failed machine(s) ({}) at {}: they could not start; \
+                     the pool starts others in their place",
+                    ids.len(),
+                    ids.join(", "),
+                    at.0
+                );
+                let reason = if recent {
+                    "FailedMachinesReplaced"
+                } else {
+                    "NoFailedMachines"
+                };
+                status.set_condition(ConditionType::Degraded, recent, reason, &message, now);
+            }
+        }
     }
 
     async fn shutdown(&self) {}

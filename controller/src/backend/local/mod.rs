@@ -237,6 +237,10 @@ impl LocalBackend {
             .env("WORKER_TASK_TYPES", task_types.join(","))
             .env("WORKER_CONCURRENCY", pool.spec.tasks_per_replica.to_string())
             .stdin(Stdio::null())
+            // A process group of its own: Ctrl-C in the terminal signals the
+            // controller's group only, and the controller then stops each
+            // worker with one SIGTERM (a second signal would end its drain).
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| BackendError::Failed {
@@ -294,18 +298,20 @@ impl LocalBackend {
         let (pools, grace) = (self.pools.clone(), self.stop_grace);
         let (pool, id) = (pool.to_string(), id.to_string());
         tokio::spawn(async move {
-            let in_time = match child {
+            // The exit status of our own children (adopted ones are not ours to reap).
+            let (in_time, status) = match child {
                 Some(mut child) => match tokio::time::timeout(grace, child.wait()).await {
-                    Ok(_) => true,
+                    Ok(status) => (true, status.ok()),
                     Err(_) => {
                         let _ = child.kill().await;
-                        false
+                        (false, None)
                     }
                 },
-                None => record.wait_or_kill(grace).await,
+                None => (record.wait_or_kill(grace).await, None),
             };
             if in_time {
-                tracing::info!(pool = %pool, replica = %id, "local replica stopped");
+                let exit = status.map_or_else(|| "unknown".to_string(), |s| s.to_string());
+                tracing::info!(pool = %pool, replica = %id, %exit, "local replica stopped");
             } else {
                 tracing::warn!(pool = %pool, replica = %id, grace_s = grace.as_secs_f64(),
                     "replica did not stop in time; killed it");

@@ -1,0 +1,59 @@
+//! `scripts/ensure-postgres.sh` gives `make run` a database of its own
+//! (`backlog`, created when missing) on the server it finds, rather than
+//! migrating backlog's schema into the server's `postgres` database.
+
+use std::path::Path;
+use std::process::Command;
+
+fn ensure_postgres(server_url: &str, database: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new("bash")
+        .arg(root.join("scripts/ensure-postgres.sh"))
+        .arg(database)
+        .env("DATABASE_URL", server_url)
+        .output()
+        .expect("bash runs the script");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim_end().to_string()
+}
+
+#[tokio::test]
+async fn a_named_database_is_created_once_on_the_server_found() {
+    let server = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by make test");
+    let database = format!("backlog_ensure_{}", std::process::id());
+    let url = ensure_postgres(&server, &database);
+    assert_eq!(
+        url,
+        test_support::with_database(&server, &database),
+        "the server's URL with the database named"
+    );
+    assert_eq!(ensure_postgres(&server, &database), url, "a second run finds it");
+
+    let pool = sqlx::PgPool::connect(&url).await.expect("the database exists");
+    let current: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    assert_eq!(current, database);
+
+    let admin = sqlx::PgPool::connect(&server).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+#[test]
+fn make_run_uses_the_backlog_database() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let run = std::fs::read_to_string(root.join("scripts/run.sh")).unwrap();
+    assert!(
+        run.contains(r#"scripts/ensure-postgres.sh" backlog)"#),
+        "make run asks for its own database"
+    );
+}
