@@ -564,7 +564,8 @@ pub struct WorkerPoolStatus {
     /// The last decision's reason, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_decision: Option<String>,
-    /// `Ready`, `Active`, `Fallback` and `Paused`.
+    /// `Ready`, `Active`, `Fallback` and `Paused`; on Kubernetes also
+    /// `ScaleDownDeferred` (a Deployment mid-rollout holds a scale-down).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -581,6 +582,9 @@ pub enum ConditionType {
     Fallback,
     /// `spec.paused` holds the replicas.
     Paused,
+    /// Kubernetes: the target Deployment is mid-rollout, so a scale-down
+    /// waits for it (pod-deletion-cost ranks pods within one ReplicaSet only).
+    ScaleDownDeferred,
 }
 
 impl ConditionType {
@@ -590,6 +594,7 @@ impl ConditionType {
             ConditionType::Active => "Active",
             ConditionType::Fallback => "Fallback",
             ConditionType::Paused => "Paused",
+            ConditionType::ScaleDownDeferred => "ScaleDownDeferred",
         }
     }
 }
