@@ -225,6 +225,42 @@ for path in manifest_files:
                 "scales it, and every `kubectl apply` would set it back"
             )
 
+# --- the artifact store: one S3-compatible bucket all pods share -------------
+
+config = next(
+    (d for p in manifest_files for d in documents(p) if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "backlog"),
+    {},
+)
+store_url = (config.get("data") or {}).get("artifact-store", "")
+if not store_url.startswith("s3://"):
+    problems.append(
+        f"manifests/config.yaml: artifact-store is {store_url!r}: the API and worker pods share no disk, "
+        "so the default must be an S3-compatible bucket (s3://BUCKET/PREFIX)"
+    )
+# What each variable must come from: the ConfigMap's key or the Secret's.
+S3_ENV = {
+    "ARTIFACT_STORE": ("configMapKeyRef", "backlog", "artifact-store"),
+    "AWS_REGION": ("configMapKeyRef", "backlog", "s3-region"),
+    "AWS_ENDPOINT_URL": ("configMapKeyRef", "backlog", "s3-endpoint"),
+    "AWS_ALLOW_HTTP": ("configMapKeyRef", "backlog", "s3-allow-http"),
+    "AWS_ACCESS_KEY_ID": ("secretKeyRef", "backlog-s3", "access-key-id"),
+    "AWS_SECRET_ACCESS_KEY": ("secretKeyRef", "backlog-s3", "secret-access-key"),
+}
+for path in manifest_files:
+    for doc in documents(path):
+        for pod in pod_specs(doc):
+            for container in pod.get("containers") or []:
+                env = {e["name"]: e for e in container.get("env") or []}
+                if "ARTIFACT_STORE" not in env:
+                    continue
+                for name, (source, obj, key) in S3_ENV.items():
+                    ref = ((env.get(name) or {}).get("valueFrom") or {}).get(source) or {}
+                    if (ref.get("name"), ref.get("key")) != (obj, key):
+                        problems.append(
+                            f"{path.relative_to(ROOT)}: {name_of(doc)}: container {container.get('name')}: "
+                            f"{name} must come from {source} {obj}/{key} (config.yaml)"
+                        )
+
 # --- the kustomize output: what `kubectl apply -k manifests/` sends -----------
 
 objects = sum(len(documents(p)) for p in manifest_files)
