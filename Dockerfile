@@ -25,12 +25,15 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates espeak-ng fonts-dejavu-core fonts-noto-core tini \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --home /app backlog \
- && mkdir -p /app/artifacts && chown backlog /app /app/artifacts
+ && groupadd --system --gid 10001 backlog \
+ && useradd --system --uid 10001 --gid 10001 --home /app backlog \
+ && mkdir -p /app/artifacts && chown 10001:10001 /app /app/artifacts
 WORKDIR /app
 COPY --from=build /out/ /usr/local/bin/
 COPY manifests/fly/pools.yaml /app/manifests/fly/pools.yaml
-USER backlog
+# Numeric, so the kubelet can check runAsNonRoot without reading /etc/passwd
+# (a name fails with "image has non-numeric user"); the manifests set the same ids.
+USER 10001:10001
 EXPOSE 8787
 # tini forwards SIGTERM so workers drain before the machine stops.
 ENTRYPOINT ["/usr/bin/tini", "--"]

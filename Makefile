@@ -2,12 +2,17 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test run build db tools fmt lint fuzz-api chaos bench-queue bench-api bench-autoscale bench-workers
+.PHONY: test run build db tools fmt lint validate-manifests fuzz-api chaos bench-queue bench-api bench-autoscale bench-workers
 
-## Run every test against a real PostgreSQL (found or started), then a short API fuzz.
+## Run every test against a real PostgreSQL (found or started), the manifests' validation, then a short API fuzz.
 test: tools
 	DATABASE_URL="$$(scripts/ensure-postgres.sh)" $(CARGO) test --workspace --locked
+	scripts/validate-manifests.sh
 	scripts/fuzz-api.sh --quick
+
+## The manifests and their kustomize output against the Kubernetes schemas (strict, offline), WorkerPools against the CRD.
+validate-manifests: tools
+	scripts/validate-manifests.sh
 
 ## Fuzz the API from its OpenAPI document (schemathesis) on a scratch database.
 fuzz-api: tools

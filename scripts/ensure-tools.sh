@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the programs the pipelines and their tests call, when missing:
 # espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests), moto
-# (an S3 server for the artifact store tests) and schemathesis (the API
-# fuzzer of scripts/fuzz-api.sh).
+# (an S3 server for the artifact store tests), schemathesis (the API
+# fuzzer of scripts/fuzz-api.sh) and kubernetes-validate (the manifests'
+# schema check, scripts/validate-manifests.sh).
 set -euo pipefail
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
@@ -26,4 +27,12 @@ fi
 if ! command -v schemathesis >/dev/null 2>&1; then
   echo "ensure-tools: installing schemathesis (API fuzzer)" >&2
   python3 -m pip install --quiet --disable-pip-version-check 'schemathesis>=4,<5' >&2
+fi
+
+# kubernetes-validate bundles the Kubernetes OpenAPI schemas of each release
+# and validates offline (scripts/validate-manifests.sh); pinned, so the
+# release the manifests are checked against changes only on purpose.
+if ! python3 -c 'import kubernetes_validate, sys; sys.exit(kubernetes_validate.__version__ != "1.37.0")' >/dev/null 2>&1; then
+  echo "ensure-tools: installing kubernetes-validate (offline Kubernetes schema validator)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check 'kubernetes-validate==1.37.0' >&2
 fi

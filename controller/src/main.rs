@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use controller::backend::fly::{FlyBackend, FlyClient, FlySettings, RetryPolicy, Token};
 use controller::backend::kubernetes::{
-    list_worker_pools, KubernetesBackend, LeaseElection, LeaseSettings, WorkerPoolSource,
+    self, list_worker_pools, KubernetesBackend, LeaseElection, LeaseSettings, WorkerPoolSource,
 };
 use controller::backend::local::LocalBackend;
 use controller::metrics::Metrics;
@@ -108,7 +108,8 @@ struct RunArgs {
     /// Kubernetes: seconds a leader's Lease lasts without renewal.
     #[arg(long, env = "CONTROLLER_LEASE_SECONDS", default_value_t = 15.0)]
     lease_seconds: f64,
-    /// Kubernetes: this replica's identity in the Lease.
+    /// Kubernetes: this replica's identity in the Lease (default: the
+    /// hostname and a random suffix).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
     /// Fly Machines API token (`fly tokens create deploy`); Bearer, or FlyV1 for macaroons.
@@ -185,10 +186,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         BackendKind::Kubernetes => {
             let (client, namespace) = kubernetes_client(&args).await?;
+            // POD_NAME, or the hostname and a random suffix: never the pid,
+            // which is 1 in every container.
             let identity = args
                 .identity
                 .clone()
-                .unwrap_or_else(|| format!("controller-{}", std::process::id()));
+                .filter(|i| !i.trim().is_empty())
+                .unwrap_or_else(|| kubernetes::replica_identity().to_string());
             let lease = LeaseSettings::new(
                 args.lease_namespace.as_deref().unwrap_or(&namespace),
                 &args.lease_name,

@@ -625,7 +625,8 @@ pub struct WorkerPoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_decision: Option<String>,
     /// `Ready`, `Active`, `Fallback` and `Paused`; on Fly also `Degraded`
-    /// (failed machines destroyed and replaced).
+    /// (failed machines destroyed and replaced); on Kubernetes also
+    /// `ScaleDownDeferred` (a Deployment mid-rollout holds a scale-down).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -645,6 +646,9 @@ pub enum ConditionType {
     /// Replicas failed on the platform (a Fly machine that could not start)
     /// and were destroyed so others take their place.
     Degraded,
+    /// Kubernetes: the target Deployment is mid-rollout, so a scale-down
+    /// waits for it (pod-deletion-cost ranks pods within one ReplicaSet only).
+    ScaleDownDeferred,
 }
 
 impl ConditionType {
@@ -655,6 +659,7 @@ impl ConditionType {
             ConditionType::Fallback => "Fallback",
             ConditionType::Paused => "Paused",
             ConditionType::Degraded => "Degraded",
+            ConditionType::ScaleDownDeferred => "ScaleDownDeferred",
         }
     }
 }

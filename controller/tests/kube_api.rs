@@ -290,3 +290,68 @@ async fn injected_faults_and_latency_are_served() {
     deployments.list(&ListParams::default()).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(300));
 }
+
+/// A Deployment's rollout as the Deployment controller runs it: a new
+/// template starts a second ReplicaSet, surge and unavailability bound it,
+/// unready new pods stall it; lowering the count mid-rollout takes pods from
+/// each ReplicaSet in proportion to its size, whatever the deletion costs in
+/// the other — the reason the controller will not scale down mid-rollout.
+#[tokio::test]
+async fn a_rollout_stalls_on_unready_pods_and_a_scale_down_spreads_over_replica_sets() {
+    let (api, client) = setup().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    deployments
+        .create(&PostParams::default(), &deployment("w", 4))
+        .await
+        .unwrap();
+    api.set_pods_start_ready(false);
+    let restart = json!({"spec": {"template": {"metadata": {"annotations": {"restartedAt": "now"}}}}});
+    deployments
+        .patch("w", &PatchParams::default(), &Patch::Merge(restart))
+        .await
+        .unwrap();
+    let status = deployments.get("w").await.unwrap().status.unwrap();
+    // 25 % surge (1) and 25 % unavailable (1) of 4: 3 old ready, 2 new not.
+    assert_eq!(
+        (status.replicas, status.updated_replicas, status.ready_replicas),
+        (Some(5), Some(2), Some(3))
+    );
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let listed = pods.list(&ListParams::default()).await.unwrap().items;
+    let owner = |p: &Pod| p.metadata.owner_references.as_ref().unwrap()[0].name.clone();
+    let mut sets: Vec<String> = listed.iter().map(owner).collect();
+    sets.sort();
+    sets.dedup();
+    assert_eq!(sets.len(), 2, "two ReplicaSets: {sets:?}");
+
+    // The old pods are marked expensive, a new one cheapest: no matter.
+    let old_set = owner(listed.iter().find(|p| is_ready(p)).unwrap());
+    for pod in &listed {
+        let cost = if owner(pod) == old_set { "1000" } else { "-1000" };
+        let patch =
+            json!({"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": cost}}});
+        pods.patch(
+            pod.metadata.name.as_ref().unwrap(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .unwrap();
+    }
+    api.scale("deployments", "default", "w", 2);
+    let left = pods.list(&ListParams::default()).await.unwrap().items;
+    let old_left = left.iter().filter(|p| owner(p) == old_set).count();
+    let new_left = left.len() - old_left;
+    assert_eq!(
+        (old_left, new_left),
+        (1, 2),
+        "the larger old ReplicaSet gave up its expensive pods; the cheap new ones stayed"
+    );
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}

@@ -32,10 +32,39 @@ async fn text_pool_on_a_deployment(replicas: i64) -> KubeApi {
     api
 }
 
+/// A client for the controller, with [`controller_token`].
 fn client(api: &KubeApi) -> kube::Client {
+    client_with_token(api, NS, Some(controller_token(api)))
+}
+
+/// A token of the controller's service account in the shipped
+/// manifests/rbac.yaml, whose ServiceAccount, Role and RoleBinding are
+/// applied here first (moved from `backlog` to the test's namespace). The
+/// emulator enforces the Role, so the tests run the controller with
+/// exactly the permissions it ships with.
+fn controller_token(api: &KubeApi) -> String {
+    if api.get("", "serviceaccounts", NS, "backlog-controller").is_none() {
+        for mut object in documents("manifests/rbac.yaml") {
+            object["metadata"]["namespace"] = json!(NS);
+            for subject in object["subjects"].as_array_mut().into_iter().flatten() {
+                subject["namespace"] = json!(NS);
+            }
+            api.create(object);
+        }
+    }
+    api.service_account_token(NS, "backlog-controller")
+}
+
+/// The cluster administrator's client (no token), for a test's own changes.
+fn admin_client(api: &KubeApi) -> kube::Client {
+    client_with_token(api, NS, None)
+}
+
+fn client_with_token(api: &KubeApi, namespace: &str, token: Option<String>) -> kube::Client {
     let mut config = kube::Config::new(api.url().parse().unwrap());
-    config.default_namespace = NS.into();
+    config.default_namespace = namespace.into();
     config.read_timeout = Some(Duration::from_secs(60));
+    config.auth_info.token = token.map(Into::into);
     kube::Client::try_from(config).unwrap()
 }
 
@@ -206,6 +235,93 @@ async fn work_for_a_pool_at_zero_scales_its_deployment_and_writes_status_and_eve
     // A status write is no spec change.
     assert_eq!(object["metadata"]["generation"], 1);
     controller.stop().await;
+    let refused: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.code == 401 || r.code == 403)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the shipped Role lacks what these need: {refused:?}"
+    );
+}
+
+/// The Role grants what the controller uses and nothing more: no listing
+/// or watching of workloads, no other Lease, no writes to the pools' spec.
+/// The refusals are the API server's 403 Status, word for word.
+#[tokio::test]
+async fn the_shipped_role_grants_the_controller_only_what_it_uses() {
+    let api = text_pool_on_a_deployment(1).await;
+    let client = client(&api);
+    let forbidden = |e: kube::Error| match e {
+        kube::Error::Api(status) => *status,
+        other => panic!("not an API error: {other}"),
+    };
+    let sa = "system:serviceaccount:default:backlog-controller";
+
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(client.clone(), NS);
+    let scale = deployments
+        .get_scale("worker")
+        .await
+        .expect("get deployments/scale");
+    assert_eq!(scale.spec.unwrap().replicas, Some(1));
+    deployments
+        .get("worker")
+        .await
+        .expect("get deployments (rollout status)");
+    let list = forbidden(deployments.list(&Default::default()).await.unwrap_err());
+    assert_eq!((list.code, list.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        list.message,
+        format!("deployments.apps is forbidden: User \"{sa}\" cannot list resource \"deployments\" in API group \"apps\" in the namespace \"default\"")
+    );
+    let patch = kube::api::Patch::Merge(json!({"spec": {"replicas": 3}}));
+    let write = forbidden(
+        deployments
+            .patch("worker", &Default::default(), &patch)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        write.message,
+        format!("deployments.apps \"worker\" is forbidden: User \"{sa}\" cannot patch resource \"deployments\" in API group \"apps\" in the namespace \"default\"")
+    );
+
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(client.clone(), NS);
+    let other = forbidden(leases.get("someone-else").await.unwrap_err());
+    assert_eq!(
+        other.message,
+        format!("leases.coordination.k8s.io \"someone-else\" is forbidden: User \"{sa}\" cannot get resource \"leases\" in API group \"coordination.k8s.io\" in the namespace \"default\"")
+    );
+    let pools: kube::Api<WorkerPool> = kube::Api::namespaced(client.clone(), NS);
+    let pool_patch = kube::api::Patch::Merge(json!({"spec": {"maxReplicas": 1}}));
+    assert_eq!(
+        forbidden(
+            pools
+                .patch("text", &Default::default(), &pool_patch)
+                .await
+                .unwrap_err()
+        )
+        .code,
+        403
+    );
+    let elsewhere: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, "kube-system");
+    let other_namespace = forbidden(elsewhere.list(&Default::default()).await.unwrap_err());
+    assert!(
+        other_namespace
+            .message
+            .ends_with("in the namespace \"kube-system\""),
+        "{}",
+        other_namespace.message
+    );
+
+    let mut config = kube::Config::new(api.url().parse().unwrap());
+    config.auth_info.token = Some("not-a-token".to_string().into());
+    let stranger: kube::Api<WorkerPool> = kube::Api::namespaced(kube::Client::try_from(config).unwrap(), NS);
+    let unknown = forbidden(stranger.get("text").await.unwrap_err());
+    assert_eq!((unknown.code, unknown.reason.as_str()), (401, "Unauthorized"));
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -359,7 +475,7 @@ async fn watch_disconnects_and_server_errors_are_recovered_without_double_scalin
     // A spec change through the re-established watch still takes effect.
     let mut object = api.get("backlog.dev", "workerpools", NS, "text").unwrap();
     object["spec"]["maxReplicas"] = json!(3);
-    let client = client(&api);
+    let client = admin_client(&api);
     let pools: kube::Api<WorkerPool> = kube::Api::namespaced(client, NS);
     pools
         .replace(
@@ -506,7 +622,7 @@ async fn a_hand_scaled_deployment_is_converged_back_with_an_event(pool: PgPool) 
     .await;
 
     // Paused, a hand-set count stands.
-    let client = client(&api);
+    let client = admin_client(&api);
     let pools: kube::Api<WorkerPool> = kube::Api::namespaced(client, NS);
     let patch = kube::api::Patch::Merge(json!({"spec": {"paused": true}}));
     pools.patch("text", &Default::default(), &patch).await.unwrap();
@@ -577,7 +693,12 @@ async fn racing_standbys_cannot_both_take_a_lease() {
     let api = emulator().await;
     let mut elections: Vec<LeaseElection> = (0..4)
         .map(|i| {
-            let settings = LeaseSettings::new(NS, "race", &format!("c{i}"), Duration::from_secs(30));
+            let settings = LeaseSettings::new(
+                NS,
+                "backlog-controller",
+                &format!("c{i}"),
+                Duration::from_secs(30),
+            );
             LeaseElection::new(client(&api), settings)
         })
         .collect();
@@ -1101,9 +1222,10 @@ async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigt
         &kubeconfig,
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster: {{server: \"{}\"}}\n\
-             users:\n- name: nobody\n  user: {{}}\ncontexts:\n- name: emulator\n  context: {{cluster: emulator, user: nobody, namespace: default}}\n\
+             users:\n- name: controller\n  user: {{token: {}}}\ncontexts:\n- name: emulator\n  context: {{cluster: emulator, user: controller, namespace: default}}\n\
              current-context: emulator\n",
-            api.url()
+            api.url(),
+            controller_token(&api),
         ),
     )
     .unwrap();
@@ -1119,7 +1241,9 @@ async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigt
         ])
         .env("KUBECONFIG", &kubeconfig)
         .env("DATABASE_URL", test_support::database_url(&pool))
-        .env("POD_NAME", "controller-0")
+        // Without POD_NAME (a pod spec that forgot the downward API):
+        // the hostname and a random suffix, never `controller-{pid}`.
+        .env_remove("POD_NAME")
         .env_remove("KUBERNETES_SERVICE_HOST")
         .kill_on_drop(true)
         .spawn()
@@ -1129,7 +1253,30 @@ async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigt
         (replicas(&api, "worker") == 2).then_some(())
     })
     .await;
-    assert_eq!(lease_holder(&api).as_deref(), Some("controller-0"));
+    let holder = lease_holder(&api).expect("a Lease holder");
+    let mut host = [0u8; 256];
+    // SAFETY: gethostname(2) writes at most `host.len()` bytes into `host`.
+    assert_eq!(
+        unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) },
+        0
+    );
+    let host = std::ffi::CStr::from_bytes_until_nul(&host)
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let suffix = holder
+        .strip_prefix(&format!("{host}-"))
+        .unwrap_or_else(|| panic!("the identity {holder:?} is not the hostname and a suffix"));
+    assert!(
+        suffix.len() == 8 && suffix.chars().all(|c| c.is_ascii_hexdigit()),
+        "{holder}"
+    );
+    let reporting: Vec<Value> = eventually("the ScaledUp Event", || {
+        let scaled = events(&api, "text", "ScaledUp");
+        (!scaled.is_empty()).then(|| scaled.iter().map(|e| e["reportingInstance"].clone()).collect())
+    })
+    .await;
+    assert_eq!(reporting, vec![json!(holder)], "the Events name the same replica");
 
     // SAFETY: kill(2) on the child we started, with a valid signal.
     unsafe { libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGTERM) };
@@ -1139,4 +1286,152 @@ async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigt
         .unwrap();
     assert!(status.success(), "{status}");
     assert_eq!(lease_holder(&api), None, "the Lease is released on the way out");
+}
+
+/// The README's steps against the emulator: the CRD, then the
+/// kustomization, applied again later as any change would be. The worker
+/// Deployments leave `replicas` to the controller, so a re-apply keeps the
+/// count it set (through /scale, as its service account) and kills no pod.
+#[tokio::test]
+async fn reapplying_the_kustomization_keeps_the_count_the_controller_set() {
+    let api = KubeApi::start(&[]).await;
+    let home = tempfile::tempdir().unwrap();
+    let crd = repo_path("manifests/crd.yaml");
+    let manifests = repo_path("manifests");
+    let apply_crd = ["apply", "--validate=false", "-f", crd.to_str().unwrap()];
+    if kubectl(&api, home.path(), &apply_crd).await.is_none() {
+        return;
+    }
+    let apply = ["apply", "--validate=false", "-k", manifests.to_str().unwrap()];
+    let out = kubectl(&api, home.path(), &apply).await.unwrap();
+    assert!(out.contains("deployment.apps/worker created"), "{out}");
+    let replicas_of = |name: &str| {
+        api.get("apps", "deployments", "backlog", name).unwrap()["spec"]["replicas"]
+            .as_i64()
+            .unwrap()
+    };
+    assert_eq!(
+        replicas_of("worker"),
+        1,
+        "a new Deployment without replicas starts at 1"
+    );
+
+    // The controller, as the applied service account, scales the workers.
+    let token = api.service_account_token("backlog", "backlog-controller");
+    let controller = client_with_token(&api, "backlog", Some(token));
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(controller, "backlog");
+    let patch = kube::api::Patch::Merge(json!({"spec": {"replicas": 5}}));
+    deployments
+        .patch_scale("worker", &Default::default(), &patch)
+        .await
+        .expect("the applied Role lets the controller scale");
+    let pods_of_worker = || {
+        let mut pods: Vec<String> = api
+            .list("", "pods", "backlog")
+            .into_iter()
+            .filter(|p| p["metadata"]["labels"]["app.kubernetes.io/name"] == "backlog-worker")
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        pods.sort();
+        pods
+    };
+    let before = pods_of_worker();
+    assert_eq!(before.len(), 5);
+
+    let out = kubectl(&api, home.path(), &apply).await.unwrap();
+    eprintln!("second apply:\n{out}");
+    assert_eq!(
+        replicas_of("worker"),
+        5,
+        "the re-apply reset the controller's count:\n{out}"
+    );
+    assert_eq!(pods_of_worker(), before, "the re-apply deleted pods");
+}
+
+/// A Deployment mid-rollout (new pods not ready yet, so it stalls with
+/// pods of two ReplicaSets) is not scaled down: the pool says why, in an
+/// Event and its `ScaleDownDeferred` condition, and scale-up goes on. Once
+/// the rollout completes the condition clears.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_deployment_mid_rollout_is_not_scaled_down(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = text_pool_on_a_deployment(4).await;
+    // A rollout whose new pods do not get ready: `kubectl rollout restart`.
+    api.set_pods_start_ready(false);
+    let admin: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(admin_client(&api), NS);
+    let restart = json!({"spec": {"template": {"metadata": {"annotations": {
+        "kubectl.kubernetes.io/restartedAt": "2026-12-02T18:00:00Z"}}}}});
+    admin
+        .patch("worker", &Default::default(), &kube::api::Patch::Merge(restart))
+        .await
+        .unwrap();
+    let deployment = api.get("apps", "deployments", NS, "worker").unwrap();
+    let status = &deployment["status"];
+    assert!(
+        status["updatedReplicas"].as_i64().unwrap() < 4 && status["replicas"].as_i64().unwrap() > 4,
+        "the emulator's rollout stalls at the surge: {status}"
+    );
+    let pods = pod_names(&api, "worker");
+    for pod in &pods {
+        register_text_worker(&q, pod).await;
+    }
+    let ready_pod = api
+        .list("", "pods", NS)
+        .into_iter()
+        .find(|p| p["status"]["conditions"][1]["status"] == "True")
+        .unwrap();
+    let busy = ready_pod["metadata"]["name"].as_str().unwrap().to_string();
+    enqueue_jobs(&q, JobType::Text, 1).await;
+    assert_eq!(
+        q.claim(&busy, &[TaskType::TextGeneration], 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // One task in flight: the policy wants 1 replica of 4.
+    let controller = start_controller(&api, &q, "a");
+    let deferred = eventually("ScaleDownDeferred=True", || {
+        let c = condition(&pool_status(&api, "text"), "ScaleDownDeferred");
+        (c["status"] == "True").then_some(c)
+    })
+    .await;
+    assert_eq!(deferred["reason"], "RolloutInProgress", "{deferred}");
+    let event = events(&api, "text", "ScaleDownDeferred");
+    assert_eq!(event.len(), 1, "{event:?}");
+    assert!(
+        event[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Deployment worker is rolling out ("),
+        "{event:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(replicas(&api, "worker"), 4, "no scale-down during the rollout");
+    assert!(pod_names(&api, "worker").contains(&busy));
+    assert!(events(&api, "text", "ScaledDown").is_empty());
+
+    // Scale-up is not held: 5 tasks want the 5 replicas of maxReplicas.
+    enqueue_jobs(&q, JobType::Text, 4).await;
+    eventually("5 replicas", || (replicas(&api, "worker") == 5).then_some(())).await;
+
+    // New pods get ready: the rollout completes and the hold is lifted.
+    api.set_pods_start_ready(true);
+    for pod in api.list("", "pods", NS) {
+        api.set_pod_ready(NS, pod["metadata"]["name"].as_str().unwrap(), true);
+    }
+    let settled = api.get("apps", "deployments", NS, "worker").unwrap();
+    assert_eq!(
+        settled["status"]["updatedReplicas"], settled["status"]["replicas"],
+        "{settled}"
+    );
+    eventually("ScaleDownDeferred=False", || {
+        let c = condition(&pool_status(&api, "text"), "ScaleDownDeferred");
+        (c["status"] == "False").then_some(())
+    })
+    .await;
+    controller.stop().await;
 }

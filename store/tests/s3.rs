@@ -2,78 +2,17 @@
 //! free loopback port (`make test` installs it). One test function, because
 //! the store reads its S3 settings from the process environment.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use bytes::Bytes;
 use futures::TryStreamExt;
 use queue::{ArtifactKind, Lease};
 use store::{artifact_key, ArtifactStore, StoreError};
+use test_support::s3::MotoS3;
 use uuid::Uuid;
-
-/// moto's server, stopped when dropped.
-struct S3Server {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_s3() -> S3Server {
-    let port = free_port();
-    let child = Command::new("python3")
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 runs");
-    let server = S3Server {
-        child,
-        endpoint: format!("http://127.0.0.1:{port}"),
-    };
-    store::install_tls_provider();
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if http.get(&server.endpoint).send().await.is_ok() {
-            return server;
-        }
-        let mut probe = Command::new("python3");
-        assert!(
-            probe
-                .args(["-c", "import moto.server"])
-                .status()
-                .unwrap()
-                .success(),
-            "moto is not installed: run `make test` (scripts/ensure-tools.sh installs it) \
-             or `pip install 'moto[server]'`"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "moto's S3 server did not answer on {}",
-            server.endpoint
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test]
 async fn objects_round_trip_through_an_s3_api() {
-    let s3 = start_s3().await;
+    let s3 = MotoS3::start().await;
+    store::install_tls_provider();
     // The standard AWS variables, as a deployment would set them.
     for (name, value) in [
         ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
@@ -84,13 +23,7 @@ async fn objects_round_trip_through_an_s3_api() {
     ] {
         std::env::set_var(name, value);
     }
-    let http = reqwest::Client::new();
-    let created = http
-        .put(format!("{}/artifacts", s3.endpoint))
-        .send()
-        .await
-        .unwrap();
-    assert!(created.status().is_success(), "bucket: {}", created.status());
+    s3.create_bucket("artifacts").await;
 
     let store = ArtifactStore::from_url("s3://artifacts/backlog/dev").unwrap();
     assert_eq!(store.location(), "s3://artifacts/backlog/dev");

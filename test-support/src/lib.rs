@@ -8,6 +8,7 @@
 
 pub mod fly;
 pub mod kube_api;
+pub mod s3;
 
 use sqlx::PgPool;
 

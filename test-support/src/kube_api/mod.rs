@@ -18,8 +18,12 @@
 //!   ReplicaSet controller ranks them, a StatefulSet's the highest ordinals;
 //! - CustomResourceDefinitions: creating one serves its resource, with the
 //!   Table form (`kubectl get`) built from `additionalPrinterColumns`;
+//! - bearer tokens for service accounts and RBAC from the stored Roles,
+//!   ClusterRoles and their bindings (`403 Forbidden` worded as the real
+//!   server words it); requests without a token are the administrator's;
 //! - injectable faults: error responses, slow responses, watch disconnects.
 
+mod rbac;
 mod select;
 mod table;
 mod types;
@@ -194,6 +198,8 @@ struct Shared {
     latency: Mutex<Duration>,
     bookmark_interval: Mutex<Duration>,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// Bearer token → the user it authenticates.
+    tokens: Mutex<HashMap<String, rbac::UserInfo>>,
 }
 
 /// A running emulator. Dropping it stops the server.
@@ -235,6 +241,7 @@ impl KubeApi {
             latency: Mutex::new(Duration::ZERO),
             bookmark_interval: Mutex::new(Duration::from_secs(1)),
             requests: Mutex::new(Vec::new()),
+            tokens: Mutex::new(HashMap::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -374,6 +381,19 @@ impl KubeApi {
         state.changes.clear();
     }
 
+    /// A bearer token for the service account `namespace/name`, as the
+    /// token a pod of that account mounts: requests made with it are
+    /// authorized by RBAC against the Roles and bindings stored here.
+    pub fn service_account_token(&self, namespace: &str, name: &str) -> String {
+        let token = format!("emulator-sa-{}", uuid::Uuid::new_v4().simple());
+        self.shared
+            .tokens
+            .lock()
+            .unwrap()
+            .insert(token.clone(), rbac::UserInfo::service_account(namespace, name));
+        token
+    }
+
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.requests.lock().unwrap().clone()
@@ -432,7 +452,8 @@ async fn handle(
             format!("injected fault: {code}"),
         )
         .into_response(),
-        None => respond(&shared, &method, &uri, &headers, content_type.as_deref(), &body)
+        None => authorize(&shared, &method, &uri, &headers)
+            .and_then(|()| respond(&shared, &method, &uri, &headers, content_type.as_deref(), &body))
             .unwrap_or_else(ApiError::into_response),
     };
     shared.requests.lock().unwrap().push(RecordedRequest {
@@ -442,6 +463,37 @@ async fn handle(
         code: response.status().as_u16(),
     });
     response
+}
+
+/// Authentication (a bearer token, when one is sent) and RBAC authorization.
+fn authorize(shared: &Arc<Shared>, method: &Method, uri: &Uri, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(authorization) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(());
+    };
+    let token = authorization
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(rbac::unauthorized)?;
+    let user = shared
+        .tokens
+        .lock()
+        .unwrap()
+        .get(token.trim())
+        .cloned()
+        .ok_or_else(rbac::unauthorized)?;
+    let is_watch = matches!(
+        query_map(uri).get("watch").map(String::as_str),
+        Some("true" | "1")
+    );
+    let Some(request) = rbac::attributes(method, uri.path(), is_watch) else {
+        return Ok(());
+    };
+    if shared.state.lock().unwrap().authorize(&user, &request) {
+        Ok(())
+    } else {
+        Err(rbac::forbidden(&user, &request))
+    }
 }
 
 fn query_map(uri: &Uri) -> HashMap<String, String> {
@@ -1067,6 +1119,7 @@ impl State {
         let rv = self.bump();
         object["apiVersion"] = json!(rt.api_version());
         object["kind"] = json!(rt.kind);
+        default_fields(rt, &mut object);
         let metadata = object["metadata"]
             .as_object_mut()
             .map(std::mem::take)
@@ -1119,6 +1172,7 @@ impl State {
             }
             v
         };
+        default_fields(rt, &mut object);
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         let changed = strip(&old) != strip(&object);
         let rv = self.bump();
@@ -1498,6 +1552,14 @@ impl State {
         workloads::set_ready(&mut pod, ready);
         self.store(&rt, namespace, name, pod.clone());
         workloads::sync_owner_status(self, namespace, &pod);
+    }
+}
+
+/// The API server's defaulting of the fields the emulator models: a
+/// Deployment or StatefulSet written without `spec.replicas` gets 1.
+fn default_fields(rt: &ResourceType, object: &mut Value) {
+    if rt.scale && rt.group == "apps" && object["spec"].is_object() && object["spec"]["replicas"].is_null() {
+        object["spec"]["replicas"] = json!(1);
     }
 }
 

@@ -7,12 +7,19 @@
 //! A replica count changed by hand while the pool is not paused is set back,
 //! with an Event saying so. After every pass the WorkerPool's status is
 //! written with server-side apply and Events record what changed.
+//!
+//! A Deployment mid-rollout runs pods of more than one ReplicaSet, and a
+//! lower count is then spread over them in proportion to their size while
+//! pod-deletion-cost only ranks pods within each: a busy pod could go while
+//! a drained one stays. So no replica is removed during a rollout (scale-up
+//! goes on); the pool gets `ScaleDownDeferred=True` and an Event saying so.
 
 mod lease;
 mod publish;
 mod source;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
@@ -54,6 +61,9 @@ struct TargetMemory {
     /// so not replicas (and their draining mark must stay). A pod created
     /// again under the same name has a new uid.
     leaving: HashSet<String>,
+    /// Why this pass's scale-down was held back (a rollout), for the
+    /// pool's status; cleared at the start of every pass.
+    deferred: Option<String>,
 }
 
 pub struct KubernetesBackend {
@@ -79,6 +89,71 @@ fn target_error(pool: &str, target: &KubernetesTarget, namespace: &str, error: k
             pool: pool.to_string(),
             message: format!("{shown}: {error}"),
         },
+    }
+}
+
+/// This controller replica's name in the leader Lease and its Events'
+/// `reportingInstance`: `POD_NAME` (the downward API), or else
+/// [`fallback_identity`], drawn once per process.
+pub fn replica_identity() -> &'static str {
+    static IDENTITY: OnceLock<String> = OnceLock::new();
+    IDENTITY.get_or_init(|| match std::env::var("POD_NAME") {
+        Ok(name) if !name.trim().is_empty() => name,
+        _ => fallback_identity(),
+    })
+}
+
+/// The hostname and a random suffix: unique per process even where two
+/// replicas share a hostname or, in containers, the pid (1).
+pub fn fallback_identity() -> String {
+    let host = hostname().unwrap_or_else(|| "controller".to_string());
+    format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname(2) writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Why the Deployment is mid-rollout, or `None` when it is not: its
+/// controller has not observed the latest spec, fewer replicas than wanted
+/// run the current template, old ones still run, or its pods belong to
+/// more than one ReplicaSet (the same tests as `kubectl rollout status`,
+/// plus the pods themselves).
+pub fn rollout_in_progress(deployment: &Deployment, pods: &[Pod]) -> Option<String> {
+    let generation = deployment.metadata.generation.unwrap_or(0);
+    let wanted = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = deployment.status.clone().unwrap_or_default();
+    let observed = status.observed_generation.unwrap_or(0);
+    let updated = status.updated_replicas.unwrap_or(0);
+    let total = status.replicas.unwrap_or(0);
+    let replica_sets: HashSet<&str> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.owner_references.as_ref())
+        .flatten()
+        .filter(|o| o.kind == "ReplicaSet" && o.controller == Some(true))
+        .map(|o| o.name.as_str())
+        .collect();
+    if observed < generation {
+        Some(format!(
+            "its controller has not observed generation {generation} yet (observed {observed})"
+        ))
+    } else if updated < wanted {
+        Some(format!("{updated} of {wanted} replicas run the new template"))
+    } else if total > updated {
+        Some(format!("{} old replica(s) still run", total - updated))
+    } else if replica_sets.len() > 1 {
+        Some(format!("its pods belong to {} ReplicaSets", replica_sets.len()))
+    } else {
+        None
     }
 }
 
@@ -194,6 +269,43 @@ impl KubernetesBackend {
         Ok(())
     }
 
+    /// `Some(why)` when the target is a Deployment mid-rollout.
+    async fn rollout(
+        &self,
+        namespace: &str,
+        target: &KubernetesTarget,
+        pods: &[Pod],
+    ) -> kube::Result<Option<String>> {
+        if target.kind != WorkloadKind::Deployment {
+            return Ok(None);
+        }
+        let deployment = Api::<Deployment>::namespaced(self.client.clone(), namespace)
+            .get(&target.name)
+            .await?;
+        Ok(rollout_in_progress(&deployment, pods))
+    }
+
+    /// Hold a scale-down back during a rollout: an Event, and the reason
+    /// kept for the pool's `ScaleDownDeferred` condition.
+    async fn defer_scale_down(&self, pool: PoolRef<'_>, key: &str, target: &KubernetesTarget, why: &str) {
+        let message = format!(
+            "Deployment {} is rolling out ({why}): no replica is removed until it completes, \
+             since a scale-down now would spread over its ReplicaSets regardless of \
+             pod-deletion-cost; scale-up goes on",
+            target.name
+        );
+        tracing::info!(pool = pool.name, target = %target.name, %why, "scale-down deferred: the target is rolling out");
+        self.targets
+            .lock()
+            .await
+            .entry(key.to_string())
+            .or_default()
+            .deferred = Some(message.clone());
+        self.publisher
+            .event(pool, "Normal", "ScaleDownDeferred", &message)
+            .await;
+    }
+
     /// The target's live pods (not terminating), by name.
     async fn pods(&self, namespace: &str, selector: &str) -> kube::Result<Vec<Pod>> {
         let params = ListParams::default().labels(selector);
@@ -287,6 +399,13 @@ impl KubernetesBackend {
         if found > wanted {
             let busy = self.busy_pods(pool.name).await?;
             let mut pods = self.pods(namespace, selector).await.map_err(error)?;
+            if let Some(why) = self.rollout(namespace, target, &pods).await.map_err(error)? {
+                // Lowering it now could remove busy pods: keep the count
+                // found, which the policy scales down after the rollout.
+                self.defer_scale_down(pool, &Self::key(namespace, target), target, &why)
+                    .await;
+                return Ok(found);
+            }
             // Not ready first, then the newest: the ones a person just added.
             pods.sort_by(|a, b| {
                 pod_is_ready(a)
@@ -370,6 +489,7 @@ impl Backend for KubernetesBackend {
             let mut targets = self.targets.lock().await;
             let memory = targets.entry(key.clone()).or_default();
             memory.selector = selector.clone();
+            memory.deferred = None;
             if memory.pool_uid != pool.metadata.uid {
                 memory.pool_uid = pool.metadata.uid.clone();
                 memory.replicas = None;
@@ -465,6 +585,10 @@ impl Backend for KubernetesBackend {
             }
             removing = top;
         } else {
+            if let Some(why) = self.rollout(&namespace, target, &pods).await.map_err(error)? {
+                self.defer_scale_down(pool, &key, target, &why).await;
+                return Ok(Vec::new());
+            }
             let busy = self.busy_pods(pool.name).await?;
             // The ReplicaSet deletes pods that are not ready before ready
             // ones, whatever their deletion cost: while a busy pod is not
@@ -499,8 +623,102 @@ impl Backend for KubernetesBackend {
     }
 
     async fn pass_finished(&self, pool: PoolRef<'_>, outcome: PassOutcome<'_>) {
-        self.publisher.publish(pool, outcome).await;
+        let deferred = match Self::target(pool) {
+            Ok(target) => {
+                let key = Self::key(self.namespace(pool), target);
+                self.targets
+                    .lock()
+                    .await
+                    .get(&key)
+                    .and_then(|m| m.deferred.clone())
+            }
+            Err(_) => None,
+        };
+        self.publisher.publish(pool, outcome, deferred.as_deref()).await;
     }
 
     async fn shutdown(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fallback_identity_is_the_hostname_and_a_random_suffix() {
+        let host = hostname().expect("a hostname");
+        let (a, b) = (fallback_identity(), fallback_identity());
+        assert_ne!(
+            a, b,
+            "two processes on one host (or pid 1 in two containers) must not share it"
+        );
+        for id in [&a, &b] {
+            let suffix = id
+                .strip_prefix(&format!("{host}-"))
+                .unwrap_or_else(|| panic!("{id}"));
+            assert_eq!(suffix.len(), 8, "{id}");
+            assert!(suffix.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        assert!(!a.contains(&format!("controller-{}", std::process::id())));
+    }
+
+    fn deployment(generation: i64, status: serde_json::Value) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "w", "generation": generation},
+            "spec": {"replicas": 4, "selector": {}, "template": {}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn pod(replica_set: &str) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": format!("{replica_set}-x"), "ownerReferences": [
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": replica_set, "uid": "u", "controller": true}]}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_settled_deployment_is_not_rolling_out() {
+        let settled = deployment(
+            3,
+            json!({"observedGeneration": 3, "replicas": 4, "updatedReplicas": 4}),
+        );
+        assert_eq!(rollout_in_progress(&settled, &[pod("w-a"), pod("w-a")]), None);
+    }
+
+    #[test]
+    fn each_sign_of_a_rollout_is_named() {
+        let pods = [pod("w-a")];
+        let behind = deployment(
+            4,
+            json!({"observedGeneration": 3, "replicas": 4, "updatedReplicas": 4}),
+        );
+        assert!(rollout_in_progress(&behind, &pods)
+            .unwrap()
+            .contains("generation 4"));
+        let updating = deployment(
+            3,
+            json!({"observedGeneration": 3, "replicas": 5, "updatedReplicas": 1}),
+        );
+        assert_eq!(
+            rollout_in_progress(&updating, &pods).as_deref(),
+            Some("1 of 4 replicas run the new template")
+        );
+        let old_left = deployment(
+            3,
+            json!({"observedGeneration": 3, "replicas": 5, "updatedReplicas": 4}),
+        );
+        assert_eq!(
+            rollout_in_progress(&old_left, &pods).as_deref(),
+            Some("1 old replica(s) still run")
+        );
+        let settled = deployment(
+            3,
+            json!({"observedGeneration": 3, "replicas": 4, "updatedReplicas": 4}),
+        );
+        assert_eq!(
+            rollout_in_progress(&settled, &[pod("w-a"), pod("w-b")]).as_deref(),
+            Some("its pods belong to 2 ReplicaSets")
+        );
+    }
 }

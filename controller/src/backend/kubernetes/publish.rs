@@ -38,22 +38,46 @@ fn now() -> String {
 
 impl Publisher {
     pub fn new(client: Client) -> Self {
-        let instance =
-            std::env::var("POD_NAME").unwrap_or_else(|_| format!("controller-{}", std::process::id()));
         Publisher {
             client,
-            instance,
+            instance: super::replica_identity().to_string(),
             published: Mutex::new(HashMap::new()),
         }
     }
 
     /// Status and Events after a pass. Pools that are not WorkerPool
-    /// objects (loaded from files) have nowhere to publish to.
-    pub async fn publish(&self, pool: PoolRef<'_>, outcome: PassOutcome<'_>) {
+    /// objects (loaded from files) have nowhere to publish to. `deferred`:
+    /// why the pass's scale-down was held back, for `ScaleDownDeferred`.
+    pub async fn publish(&self, pool: PoolRef<'_>, outcome: PassOutcome<'_>, deferred: Option<&str>) {
         if pool.metadata.uid.is_none() {
             return;
         }
-        self.write_status(pool, outcome.status).await;
+        let mut status = outcome.status.clone();
+        // The condition is the backend's: carry its last transition over.
+        let previous = self
+            .published
+            .lock()
+            .await
+            .get(&key(pool))
+            .and_then(|p| p.status.as_ref())
+            .and_then(|s| s.condition(ConditionType::ScaleDownDeferred).cloned());
+        if let Some(previous) = previous {
+            if status.condition(ConditionType::ScaleDownDeferred).is_none() {
+                status.conditions.push(previous);
+            }
+        }
+        let time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+        match deferred {
+            Some(message) => status.set_condition(
+                ConditionType::ScaleDownDeferred,
+                true,
+                "RolloutInProgress",
+                message,
+                &time,
+            ),
+            None => status.set_condition(ConditionType::ScaleDownDeferred, false, "NotDeferred", "", &time),
+        }
+        self.write_status(pool, &status).await;
         if let Some(error) = outcome.error {
             self.error_event(pool, error).await;
         }

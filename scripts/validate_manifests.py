@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""The checks of scripts/validate-manifests.sh, offline:
+
+- every object of every shipped manifest, and of the kustomize output,
+  against the Kubernetes OpenAPI schemas that kubernetes-validate (PyPI)
+  bundles, strict: an unknown field is an error, and so is a kind with no
+  schema;
+- every WorkerPool against the generated CRD's openAPIV3Schema, strict as
+  kubectl's default (server-side, strict) field validation is;
+- every pod spec and the image against the secure defaults the manifests
+  promise: Pod Security's `restricted` profile, a read-only root filesystem
+  with an emptyDir /tmp, numeric ids that match the Dockerfile's USER; no
+  `replicas` in a workload a WorkerPool scales.
+
+usage: validate_manifests.py REPO_ROOT [KUSTOMIZE_OUTPUT]
+Prints every problem with its file and object; exits 1 on any.
+"""
+
+import copy
+import pathlib
+import re
+import sys
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+# The Kubernetes release whose schemas the manifests must meet.
+K8S_VERSION = "1.37.0"
+ROOT = pathlib.Path(sys.argv[1])
+KUSTOMIZED = sys.argv[2] if len(sys.argv) > 2 else ""
+problems = []
+
+
+def documents(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def name_of(doc):
+    meta = doc.get("metadata") or {}
+    return f"{doc.get('kind')}/{meta.get('name')}"
+
+
+# --- WorkerPools against the CRD's openAPIV3Schema ---------------------------
+
+
+def strict(schema):
+    """A structural schema as JSON Schema: `nullable` allows null, and an
+    object with `properties` rejects any other field (unless it preserves
+    unknown fields), which is what `kubectl apply` (strict field validation)
+    does with an unknown field."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return
+        if node.pop("nullable", False) and "type" in node:
+            node["type"] = [node["type"], "null"]
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            node["additionalProperties"] = False
+        for key in ("properties", "patternProperties"):
+            for child in (node.get(key) or {}).values():
+                walk(child)
+        for key in ("items", "additionalProperties", "not"):
+            walk(node.get(key))
+        for key in ("oneOf", "anyOf", "allOf"):
+            for child in node.get(key) or []:
+                walk(child)
+
+    walk(schema)
+    return schema
+
+
+crds = [d for d in documents(ROOT / "manifests/crd.yaml") if d.get("kind") == "CustomResourceDefinition"]
+validators = {}
+for crd in crds:
+    spec = crd["spec"]
+    for version in spec["versions"]:
+        schema = strict(version["schema"]["openAPIV3Schema"])
+        # apiVersion, kind and metadata are the API server's, not the schema's.
+        schema["properties"].update(
+            {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
+        )
+        key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
+        validators[key] = jsonschema.Draft4Validator(schema)
+
+
+def served_by_our_crd(doc):
+    group = (doc.get("apiVersion") or "").split("/")[0]
+    return any(group == api_version.split("/")[0] and doc.get("kind") == kind for api_version, kind in validators)
+
+
+def check_custom_resource(path, doc):
+    validator = validators.get((doc.get("apiVersion"), doc.get("kind")))
+    if validator is None:
+        problems.append(f"{path}: {name_of(doc)}: {doc.get('apiVersion')} is not a version the CRD serves")
+        return
+    for error in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        field = ".".join(str(p) for p in error.absolute_path) or "(root)"
+        problems.append(f"{path}: {name_of(doc)}: {field}: {error.message}")
+
+
+def check_builtin(path, doc):
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        field = ".".join(str(p) for p in error.path) or "(root)"
+        problems.append(f"{path}: {name_of(doc)}: {field}: {error.message} (Kubernetes {K8S_VERSION}, strict)")
+    except kubernetes_validate.SchemaNotFoundError:
+        problems.append(
+            f"{path}: {name_of(doc)}: Kubernetes {K8S_VERSION} has no {doc.get('kind')} in {doc.get('apiVersion')}"
+        )
+
+
+def check_objects(path, docs):
+    for doc in docs:
+        if served_by_our_crd(doc):
+            check_custom_resource(path, doc)
+        else:
+            check_builtin(path, doc)
+
+
+pool_files = sorted(
+    {ROOT / "manifests/workerpools.yaml"}
+    | set((ROOT / "manifests/examples").glob("*.yaml"))
+    | set((ROOT / "manifests").glob("*/pools.yaml"))
+)
+checked_pools = 0
+for path in pool_files:
+    docs = documents(path)
+    checked_pools += sum(1 for d in docs if d.get("kind") == "WorkerPool")
+    if path.parent != ROOT / "manifests":
+        check_objects(path.relative_to(ROOT), docs)
+
+# --- secure defaults of every pod spec ---------------------------------------
+
+dockerfile = (ROOT / "Dockerfile").read_text()
+users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
+image_user = users[-1] if users else None
+numeric_user = re.fullmatch(r"(\d+):(\d+)", image_user or "")
+if not numeric_user:
+    problems.append(
+        f"Dockerfile: the final USER is {image_user!r}: it must be numeric uid:gid, or the kubelet "
+        "cannot verify runAsNonRoot (\"image has non-numeric user\")"
+    )
+image_uid, image_gid = (int(numeric_user[1]), int(numeric_user[2])) if numeric_user else (None, None)
+
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
+
+
+def pod_specs(doc):
+    kind = doc.get("kind")
+    if kind == "Pod":
+        yield doc.get("spec") or {}
+    elif kind in WORKLOADS:
+        yield ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}
+    elif kind == "CronJob":
+        yield (((doc.get("spec") or {}).get("jobTemplate") or {}).get("spec") or {}).get("template", {}).get("spec") or {}
+
+
+def check_pod(where, pod):
+    sc = pod.get("securityContext") or {}
+    for field in ("runAsUser", "runAsGroup", "fsGroup"):
+        value = sc.get(field)
+        if not isinstance(value, int) or value == 0:
+            problems.append(f"{where}: securityContext.{field} must be a non-zero number, is {value!r}")
+    if sc.get("runAsNonRoot") is not True:
+        problems.append(f"{where}: securityContext.runAsNonRoot must be true")
+    if image_uid is not None and (sc.get("runAsUser"), sc.get("runAsGroup")) != (image_uid, image_gid):
+        problems.append(
+            f"{where}: runAsUser/runAsGroup {sc.get('runAsUser')}:{sc.get('runAsGroup')} differ from the "
+            f"image's USER {image_uid}:{image_gid}"
+        )
+    pod_seccomp = (sc.get("seccompProfile") or {}).get("type")
+    mounts_of_tmp_volumes = {
+        v["name"] for v in pod.get("volumes") or [] if "emptyDir" in v
+    }
+    for container in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+        cwhere = f"{where}: container {container.get('name')}"
+        csc = container.get("securityContext") or {}
+        seccomp = (csc.get("seccompProfile") or {}).get("type") or pod_seccomp
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{cwhere}: seccompProfile must be RuntimeDefault (or Localhost), is {seccomp!r}")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{cwhere}: securityContext.allowPrivilegeEscalation must be false")
+        if csc.get("privileged"):
+            problems.append(f"{cwhere}: must not be privileged")
+        if "ALL" not in ((csc.get("capabilities") or {}).get("drop") or []):
+            problems.append(f"{cwhere}: securityContext.capabilities.drop must include ALL")
+        if (csc.get("capabilities") or {}).get("add"):
+            problems.append(f"{cwhere}: adds capabilities")
+        if csc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{cwhere}: securityContext.readOnlyRootFilesystem must be true")
+        tmp = [m for m in container.get("volumeMounts") or [] if m.get("mountPath") == "/tmp"]
+        if not tmp or tmp[0].get("name") not in mounts_of_tmp_volumes:
+            problems.append(f"{cwhere}: /tmp must be an emptyDir volume (the root filesystem is read-only)")
+
+
+manifest_files = sorted(p for p in (ROOT / "manifests").glob("*.yaml") if p.name != "kustomization.yaml")
+pools_targets = set()
+for path in manifest_files:
+    for doc in documents(path):
+        if doc.get("kind") == "WorkerPool":
+            k8s = ((doc.get("spec") or {}).get("target") or {}).get("kubernetes")
+            if k8s:
+                pools_targets.add((k8s.get("kind"), k8s.get("name")))
+pod_count = 0
+for path in manifest_files:
+    check_objects(path.relative_to(ROOT), documents(path))
+    for doc in documents(path):
+        for pod in pod_specs(doc):
+            pod_count += 1
+            check_pod(f"{path.relative_to(ROOT)}: {name_of(doc)}", pod)
+        # The controller owns a target's count: `replicas` in the manifest
+        # would be set back on every apply, deleting pods without a drain.
+        meta = doc.get("metadata") or {}
+        if (doc.get("kind"), meta.get("name")) in pools_targets and "replicas" in (doc.get("spec") or {}):
+            problems.append(
+                f"{path.relative_to(ROOT)}: {name_of(doc)}: spec.replicas must be left out: a WorkerPool "
+                "scales it, and every `kubectl apply` would set it back"
+            )
+
+# --- the artifact store: one S3-compatible bucket all pods share -------------
+
+config = next(
+    (d for p in manifest_files for d in documents(p) if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "backlog"),
+    {},
+)
+store_url = (config.get("data") or {}).get("artifact-store", "")
+if not store_url.startswith("s3://"):
+    problems.append(
+        f"manifests/config.yaml: artifact-store is {store_url!r}: the API and worker pods share no disk, "
+        "so the default must be an S3-compatible bucket (s3://BUCKET/PREFIX)"
+    )
+# What each variable must come from: the ConfigMap's key or the Secret's.
+S3_ENV = {
+    "ARTIFACT_STORE": ("configMapKeyRef", "backlog", "artifact-store"),
+    "AWS_REGION": ("configMapKeyRef", "backlog", "s3-region"),
+    "AWS_ENDPOINT_URL": ("configMapKeyRef", "backlog", "s3-endpoint"),
+    "AWS_ALLOW_HTTP": ("configMapKeyRef", "backlog", "s3-allow-http"),
+    "AWS_ACCESS_KEY_ID": ("secretKeyRef", "backlog-s3", "access-key-id"),
+    "AWS_SECRET_ACCESS_KEY": ("secretKeyRef", "backlog-s3", "secret-access-key"),
+}
+for path in manifest_files:
+    for doc in documents(path):
+        for pod in pod_specs(doc):
+            for container in pod.get("containers") or []:
+                env = {e["name"]: e for e in container.get("env") or []}
+                if "ARTIFACT_STORE" not in env:
+                    continue
+                for name, (source, obj, key) in S3_ENV.items():
+                    ref = ((env.get(name) or {}).get("valueFrom") or {}).get(source) or {}
+                    if (ref.get("name"), ref.get("key")) != (obj, key):
+                        problems.append(
+                            f"{path.relative_to(ROOT)}: {name_of(doc)}: container {container.get('name')}: "
+                            f"{name} must come from {source} {obj}/{key} (config.yaml)"
+                        )
+
+# --- the kustomize output: what `kubectl apply -k manifests/` sends -----------
+
+objects = sum(len(documents(p)) for p in manifest_files)
+if KUSTOMIZED:
+    kustomized = documents(KUSTOMIZED)
+    objects += len(kustomized)
+    check_objects("kubectl kustomize manifests/", kustomized)
+
+for problem in problems:
+    print(f"error: {problem}")
+print(
+    f"validate-manifests: {objects} object(s) of manifests/ and its kustomize output against Kubernetes "
+    f"{K8S_VERSION} (strict), {checked_pools} WorkerPool example(s) against the CRD, {pod_count} pod "
+    f"spec(s) against the secure defaults: {len(problems)} problem(s)"
+)
+sys.exit(1 if problems else 0)
