@@ -1256,10 +1256,8 @@ async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigt
     let holder = lease_holder(&api).expect("a Lease holder");
     let mut host = [0u8; 256];
     // SAFETY: gethostname(2) writes at most `host.len()` bytes into `host`.
-    assert_eq!(
-        unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) },
-        0
-    );
+    let named = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) };
+    assert_eq!(named, 0);
     let host = std::ffi::CStr::from_bytes_until_nul(&host)
         .unwrap()
         .to_str()
