@@ -440,11 +440,18 @@ fn main() -> anyhow::Result<()> {
         cases.len()
     );
 
-    let activation = match std::env::var("DATABASE_URL") {
-        Ok(url) => Some(tokio::runtime::Runtime::new()?.block_on(activation_latency(&url))?),
+    let (activation, activation_beside_hung, pass_cpu) = match std::env::var("DATABASE_URL") {
+        Ok(url) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            (
+                Some(runtime.block_on(activation_latency(&url, false))?),
+                Some(runtime.block_on(activation_latency(&url, true))?),
+                Some(runtime.block_on(pass_cpu(&url))?),
+            )
+        }
         Err(_) => {
             println!("activation in the real loop: skipped (DATABASE_URL is not set; make bench-autoscale sets it)");
-            None
+            (None, None, None)
         }
     };
     let headline: Vec<serde_json::Value> = cases
@@ -471,6 +478,8 @@ fn main() -> anyhow::Result<()> {
             "targets_met": { "vs_keda_defaults": met_defaults, "vs_matched_windows": met_matched, "cases": cases.len() },
             "cases": cases,
             "activation_ms": activation,
+            "activation_beside_hung_pool_ms": activation_beside_hung,
+            "pass_cpu": pass_cpu,
         })
     );
     Ok(())
@@ -480,7 +489,13 @@ const ACTIVATION_RUNS: usize = 20;
 /// Long enough that only the NOTIFY wake-up can explain a fast scale-up.
 const ACTIVATION_TICK: Duration = Duration::from_secs(60);
 
-/// A backend with no replicas that records when it is asked for some.
+/// How long the hung pool's platform takes to answer.
+const HANG: Duration = Duration::from_secs(60);
+/// The pool whose backend hangs, beside the one being activated.
+const HUNG_POOL: &str = "stuck";
+
+/// A backend with no replicas that records when it is asked for some; the
+/// [`HUNG_POOL`]'s observations hang for [`HANG`].
 struct RecordingBackend {
     observed: Arc<Notify>,
     added: mpsc::UnboundedSender<Instant>,
@@ -490,7 +505,11 @@ impl Backend for RecordingBackend {
     fn name(&self) -> &'static str {
         "recording"
     }
-    async fn observe(&self, _pool: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
+    async fn observe(&self, pool: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
+        if pool.name == HUNG_POOL {
+            tokio::time::sleep(HANG).await;
+            return Ok(Vec::new());
+        }
         self.observed.notify_one();
         Ok(Vec::new())
     }
@@ -504,17 +523,24 @@ impl Backend for RecordingBackend {
     async fn shutdown(&self) {}
 }
 
+const TEXT_POOL: &str = "apiVersion: backlog.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: text}\n\
+     spec: {taskTypes: [text_generation], target: {local: {command: [text-worker]}}, maxReplicas: 2}\n";
+const STUCK_POOL: &str = "apiVersion: backlog.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: stuck}\n\
+     spec: {taskTypes: [pdf_generation], target: {local: {command: [pdf-worker]}}, maxReplicas: 2}\n";
+
 /// Enqueue → scale call through the real loop (LISTEN/NOTIFY, the depth
-/// query, the policy), each run from a fresh controller with its pool at zero.
-async fn activation_latency(url: &str) -> anyhow::Result<serde_json::Value> {
+/// query, the policy), each run from a fresh controller with its pool at
+/// zero; `beside_hung`: with a second pool whose backend hangs for [`HANG`].
+async fn activation_latency(url: &str, beside_hung: bool) -> anyhow::Result<serde_json::Value> {
     let queue = Queue::connect(url, 4).await?;
     queue.migrate().await?;
     let dir = tempfile::tempdir()?;
-    std::fs::write(
-        dir.path().join("pool.yaml"),
-        "apiVersion: backlog.dev/v1alpha1\nkind: WorkerPool\nmetadata: {name: text}\n\
-         spec: {taskTypes: [text_generation], target: {local: {command: [text-worker]}}, maxReplicas: 2}\n",
-    )?;
+    let manifest = if beside_hung {
+        format!("{TEXT_POOL}---\n{STUCK_POOL}")
+    } else {
+        TEXT_POOL.to_string()
+    };
+    std::fs::write(dir.path().join("pool.yaml"), manifest)?;
     let mut samples = Vec::with_capacity(ACTIVATION_RUNS);
     for run in 0..ACTIVATION_RUNS {
         let observed = Arc::new(Notify::new());
@@ -556,16 +582,27 @@ async fn activation_latency(url: &str) -> anyhow::Result<serde_json::Value> {
             .ok_or_else(|| anyhow::anyhow!("the controller stopped before scaling"))?;
         samples.push(scaled_at.duration_since(enqueued_at).as_secs_f64() * 1000.0);
 
-        shutdown.cancel();
-        controller.await??;
+        if beside_hung {
+            // A graceful stop waits for the hung pass; this run is measured.
+            controller.abort();
+            let _ = controller.await;
+        } else {
+            shutdown.cancel();
+            controller.await??;
+        }
         queue.cancel_job("bench", job.id).await?;
     }
     samples.sort_by(f64::total_cmp);
     let avg = samples.iter().sum::<f64>() / samples.len() as f64;
     let p50 = samples[samples.len() / 2];
     let max = samples[samples.len() - 1];
+    let beside = if beside_hung {
+        format!(", beside a pool whose backend hangs {} s", HANG.as_secs())
+    } else {
+        String::new()
+    };
     println!(
-        "activation in the real loop ({ACTIVATION_RUNS} runs, {} s tick, enqueue → scale call): \
+        "activation in the real loop ({ACTIVATION_RUNS} runs, {} s tick, enqueue → scale call{beside}): \
          avg {avg:.1} ms, p50 {p50:.1} ms, max {max:.1} ms",
         ACTIVATION_TICK.as_secs()
     );
@@ -575,5 +612,73 @@ async fn activation_latency(url: &str) -> anyhow::Result<serde_json::Value> {
         "avg": (avg * 10.0).round() / 10.0,
         "p50": (p50 * 10.0).round() / 10.0,
         "max": (max * 10.0).round() / 10.0,
+    }))
+}
+
+const CPU_ROUNDS: u32 = 200;
+
+/// The controller's own CPU time (user + system, this process; PostgreSQL
+/// not included), in milliseconds.
+fn process_cpu_ms() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage(2) fills the struct it is given; RUSAGE_SELF is valid.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    ms(usage.ru_utime) + ms(usage.ru_stime)
+}
+
+/// CPU per round of the real reconciler over three pools with work queued
+/// (depth query, registry read, policy, status and memory writes).
+async fn pass_cpu(url: &str) -> anyhow::Result<serde_json::Value> {
+    let queue = Queue::connect(url, 4).await?;
+    let mut manifests = controller::manifest::Manifests::default();
+    let three = format!(
+        "{TEXT_POOL}---\n{}---\n{}",
+        STUCK_POOL.replace("name: stuck", "name: pdf"),
+        STUCK_POOL
+            .replace("name: stuck", "name: audio")
+            .replace("pdf_generation", "audio_generation")
+    );
+    manifests.add_file(std::path::Path::new("bench.yaml"), &three);
+    anyhow::ensure!(manifests.errors.is_empty(), "{:?}", manifests.errors);
+    let (added, _) = mpsc::unbounded_channel();
+    let mut reconciler = Reconciler::new(Context {
+        queue: queue.clone(),
+        backend: RecordingBackend {
+            observed: Arc::new(Notify::new()),
+            added,
+        },
+        metrics: Arc::new(Metrics::default()),
+    });
+    let mut jobs = Vec::new();
+    for (job_type, input) in [
+        (JobType::Text, json!({"prompt": "cpu"})),
+        (JobType::Pdf, json!({"text": "cpu"})),
+        (JobType::Audiobook, json!({"text": "cpu"})),
+    ] {
+        jobs.push(queue.enqueue(NewJob::new("bench", job_type, input)).await?.job.id);
+    }
+    let start = chrono::Utc::now();
+    let (cpu_before, wall_before) = (process_cpu_ms(), Instant::now());
+    for round in 0..CPU_ROUNDS {
+        let now = start + chrono::Duration::seconds(i64::from(round) * 5);
+        reconciler.reconcile(&manifests.pools, now).await;
+    }
+    let cpu = (process_cpu_ms() - cpu_before) / f64::from(CPU_ROUNDS);
+    let wall = wall_before.elapsed().as_secs_f64() * 1000.0 / f64::from(CPU_ROUNDS);
+    for job in jobs {
+        queue.cancel_job("bench", job).await?;
+    }
+    println!(
+        "a round over 3 pools: {cpu:.2} ms of the controller's CPU, {wall:.2} ms wall ({CPU_ROUNDS} rounds)"
+    );
+    Ok(json!({
+        "pools": 3,
+        "rounds": CPU_ROUNDS,
+        "cpu_ms_per_round": (cpu * 100.0).round() / 100.0,
+        "wall_ms_per_round": (wall * 100.0).round() / 100.0,
     }))
 }
