@@ -42,14 +42,17 @@ pub fn with_database(url: &str, database: &str) -> String {
 }
 
 /// `n` jobs of `job_type` for the tenant `acme`, enqueued in one batch. The
-/// input carries both a prompt and a text, so any job type accepts it.
+/// input is the one its type takes (a prompt, or a text).
 pub async fn enqueue_jobs(q: &queue::Queue, job_type: queue::JobType, n: usize) {
     let jobs = (0..n)
         .map(|i| {
             queue::NewJob::new(
                 "acme",
                 job_type,
-                serde_json::json!({"prompt": format!("{i}"), "text": "hello"}),
+                match job_type.input_kind() {
+                    queue::input::InputKind::Prompt => serde_json::json!({"prompt": format!("{i}")}),
+                    queue::input::InputKind::Text => serde_json::json!({"text": format!("hello {i}")}),
+                },
             )
         })
         .collect();
