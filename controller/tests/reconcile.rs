@@ -104,6 +104,16 @@ impl Backend for MemoryBackend {
     async fn shutdown(&self) {}
 }
 
+/// Another worker claims and completes every pending text task (up to 10).
+async fn complete_text_tasks_elsewhere(q: &Queue) {
+    let tasks = q
+        .claim("elsewhere", &[TaskType::TextGeneration], 10)
+        .await
+        .unwrap();
+    let results: Vec<_> = tasks.iter().map(|t| (t.lease(), json!({}))).collect();
+    q.complete_batch("elsewhere", &results).await.unwrap();
+}
+
 fn pools(yaml: &str) -> Vec<LoadedPool> {
     let mut m = manifest::Manifests::default();
     m.add_file(std::path::Path::new("test.yaml"), yaml);
@@ -160,12 +170,7 @@ async fn replicas_follow_the_queue_and_scale_down_spares_the_busy_replica(pool: 
     }
     let busy = backend.ids()[2].clone();
     let held = q.claim(&busy, &[TaskType::TextGeneration], 1).await.unwrap();
-    let others = q
-        .claim("elsewhere", &[TaskType::TextGeneration], 10)
-        .await
-        .unwrap();
-    let results: Vec<_> = others.iter().map(|t| (t.lease(), json!({}))).collect();
-    q.complete_batch("elsewhere", &results).await.unwrap();
+    complete_text_tasks_elsewhere(&q).await;
 
     let down = reconciler
         .reconcile(&pools, now + chrono::Duration::seconds(60))
@@ -447,12 +452,7 @@ async fn a_failed_undrain_is_retried_by_the_next_pass(pool: PgPool) {
     for id in &ids {
         register_text_worker(&q, id).await;
     }
-    let tasks = q
-        .claim("elsewhere", &[TaskType::TextGeneration], 10)
-        .await
-        .unwrap();
-    let results: Vec<_> = tasks.iter().map(|t| (t.lease(), json!({}))).collect();
-    q.complete_batch("elsewhere", &results).await.unwrap();
+    complete_text_tasks_elsewhere(&q).await;
 
     // The scale-down drains both, the platform fails the stop, and putting
     // them back to work fails too.
@@ -664,21 +664,14 @@ async fn a_leader_whose_lock_session_dies_wins_again_instead_of_exiting(pool: Pg
 }
 
 /// A pdf pool beside the text pool: the one whose backend hangs below.
-const PDF_POOL: &str = r#"
-apiVersion: backlog.dev/v1alpha1
-kind: WorkerPool
-metadata: {name: pdf}
-spec:
-  taskTypes: [pdf_generation]
-  target: {local: {command: [unused]}}
-  maxReplicas: 5
-  tasksPerReplica: 2
-  cooldownSeconds: 0
-  scaleDown: {stabilizationSeconds: 0}
-"#;
+fn pdf_pool() -> String {
+    TEXT_POOL
+        .replace("{name: text}", "{name: pdf}")
+        .replace("text_generation", "pdf_generation")
+}
 
 fn text_and_pdf_pools() -> Vec<LoadedPool> {
-    pools(&format!("{TEXT_POOL}---{PDF_POOL}"))
+    pools(&format!("{TEXT_POOL}---{}", pdf_pool()))
 }
 
 /// Wait (bounded) until a stalled `observe` has started.
@@ -700,7 +693,7 @@ async fn a_pool_at_zero_is_woken_while_another_pools_backend_hangs(pool: PgPool)
     backend.stall("pdf");
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("pools.yaml");
-    std::fs::write(&manifest, format!("{TEXT_POOL}---{PDF_POOL}")).unwrap();
+    std::fs::write(&manifest, format!("{TEXT_POOL}---{}", pdf_pool())).unwrap();
     let stop = CancellationToken::new();
     let controller = tokio::spawn(reconcile::run(
         memory_reconciler(&q, &backend),
@@ -792,34 +785,22 @@ async fn a_pass_that_outlives_its_leadership_starts_nothing(pool: PgPool) {
 /// Scale-down held by a five-minute window and a five-minute cooldown:
 /// deciding from an empty history (a restarted leader, or `plan` as it
 /// was) goes 3 → 1 at once.
-const WINDOWED_POOL: &str = r#"
-apiVersion: backlog.dev/v1alpha1
-kind: WorkerPool
-metadata: {name: text}
-spec:
-  taskTypes: [text_generation]
-  target: {local: {command: [unused]}}
-  maxReplicas: 5
-  tasksPerReplica: 2
-  cooldownSeconds: 300
-  scaleDown: {stabilizationSeconds: 300}
-"#;
+fn windowed_pool() -> String {
+    TEXT_POOL
+        .replace("cooldownSeconds: 0", "cooldownSeconds: 300")
+        .replace("stabilizationSeconds: 0", "stabilizationSeconds: 300")
+}
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn plan_and_a_new_leader_decide_from_the_stored_policy_memory(pool: PgPool) {
     let q = Queue::new(pool);
     let backend = MemoryBackend::default();
-    let pools = pools(WINDOWED_POOL);
+    let pools = pools(&windowed_pool());
     let now = chrono::Utc::now();
     let mut leader = memory_reconciler(&q, &backend);
     enqueue_jobs(&q, JobType::Text, 6).await;
     assert_eq!(leader.reconcile(&pools, now).await[0].decision.replicas, 3);
-    let tasks = q
-        .claim("elsewhere", &[TaskType::TextGeneration], 10)
-        .await
-        .unwrap();
-    let results: Vec<_> = tasks.iter().map(|t| (t.lease(), json!({}))).collect();
-    q.complete_batch("elsewhere", &results).await.unwrap();
+    complete_text_tasks_elsewhere(&q).await;
 
     let later = now + chrono::Duration::seconds(60);
     let held = leader.reconcile(&pools, later).await;
@@ -860,7 +841,7 @@ async fn the_plan_command_reads_the_local_backend_and_changes_nothing(pool: PgPo
     let q = Queue::new(pool.clone());
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("pools.yaml");
-    std::fs::write(&manifest, WINDOWED_POOL).unwrap();
+    std::fs::write(&manifest, windowed_pool()).unwrap();
     let state_dir = dir.path().join("state");
     enqueue_jobs(&q, JobType::Text, 3).await;
 

@@ -169,15 +169,11 @@ impl<B: Backend + 'static> Reconciler<B> {
 
     /// Read the queue once for a round.
     async fn read_queue(&self) -> SharedSnapshot {
-        let read = async {
-            let depth = self.ctx.queue.depth().await?;
-            let busy = self.ctx.queue.busy_replicas().await?;
-            Ok::<_, queue::QueueError>(QueueSnapshot {
-                depth,
-                busy: busy.into_iter().map(|r| (r.worker_id, r.in_flight)).collect(),
-            })
-        };
-        Arc::new(read.await.map_err(|e| e.to_string()))
+        Arc::new(
+            QueueSnapshot::read(&self.ctx.queue)
+                .await
+                .map_err(|e| e.to_string()),
+        )
     }
 
     /// The passes of a round: every pool not already in a pass and not

@@ -27,6 +27,19 @@ pub(super) struct QueueSnapshot {
     pub busy: HashMap<String, i64>,
 }
 
+impl QueueSnapshot {
+    /// The depth of every task type and the tasks each replica holds: what
+    /// a round (or `plan`) decides from.
+    pub async fn read(queue: &queue::Queue) -> Result<QueueSnapshot, queue::QueueError> {
+        let depth = queue.depth().await?;
+        let busy = queue.busy_replicas().await?;
+        Ok(QueueSnapshot {
+            depth,
+            busy: busy.into_iter().map(|r| (r.worker_id, r.in_flight)).collect(),
+        })
+    }
+}
+
 /// A round's reading of the queue, shared by its passes: the snapshot, or
 /// why it could not be read (the policy then holds or falls back).
 pub(super) type SharedSnapshot = Arc<Result<QueueSnapshot, String>>;

@@ -37,16 +37,7 @@ pub async fn plan<B: Backend>(
     pools: &[LoadedPool],
     now: DateTime<Utc>,
 ) -> Result<Vec<PlanReport>, queue::QueueError> {
-    let snapshot: Result<QueueSnapshot, String> = Ok(QueueSnapshot {
-        depth: ctx.queue.depth().await?,
-        busy: ctx
-            .queue
-            .busy_replicas()
-            .await?
-            .into_iter()
-            .map(|r| (r.worker_id, r.in_flight))
-            .collect(),
-    });
+    let snapshot: Result<QueueSnapshot, String> = Ok(QueueSnapshot::read(&ctx.queue).await?);
     let mut memories: HashMap<String, History> = ctx
         .queue
         .policy_memories()
