@@ -1347,13 +1347,42 @@ async fn reapplying_the_kustomization_keeps_the_count_the_controller_set() {
     assert_eq!(pods_of_worker(), before, "the re-apply deleted pods");
 }
 
+/// Logs every replica marked draining, however briefly: a drain undone in
+/// the same pass leaves no other trace. (A test instrument, not a queue
+/// statement.)
+async fn record_drains(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE drain_log (worker_id text NOT NULL);
+         CREATE FUNCTION log_drain() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.state = 'draining' AND (TG_OP = 'INSERT' OR OLD.state <> 'draining') THEN
+                 INSERT INTO drain_log VALUES (NEW.id);
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER log_drain AFTER INSERT OR UPDATE ON workers
+             FOR EACH ROW EXECUTE FUNCTION log_drain();",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn drains(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT worker_id FROM drain_log")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// A Deployment mid-rollout (new pods not ready yet, so it stalls with
 /// pods of two ReplicaSets) is not scaled down: the pool says why, in an
 /// Event and its `ScaleDownDeferred` condition, and scale-up goes on. Once
 /// the rollout completes the condition clears.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_deployment_mid_rollout_is_not_scaled_down(pool: PgPool) {
-    let q = Queue::new(pool);
+    record_drains(&pool).await;
+    let q = Queue::new(pool.clone());
     let api = text_pool_on_a_deployment(4).await;
     // A rollout whose new pods do not get ready: `kubectl rollout restart`.
     api.set_pods_start_ready(false);
@@ -1409,6 +1438,11 @@ async fn a_deployment_mid_rollout_is_not_scaled_down(pool: PgPool) {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(replicas(&api, "worker"), 4, "no scale-down during the rollout");
+    assert_eq!(
+        drains(&pool).await,
+        Vec::<String>::new(),
+        "a deferred scale-down takes no pod out of service, not even for a pass"
+    );
     assert!(pod_names(&api, "worker").contains(&busy));
     assert!(events(&api, "text", "ScaledDown").is_empty());
 

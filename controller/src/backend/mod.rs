@@ -120,6 +120,18 @@ pub trait Backend: Send + Sync {
         count: u32,
     ) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
 
+    /// Why no replica of the pool can be removed right now (a Deployment
+    /// mid-rollout), or `None`. Asked before a scale-down drains anything,
+    /// so a removal that cannot happen takes no replica out of service;
+    /// [`Backend::remove`] still checks for itself, since the answer can
+    /// change in between.
+    fn removal_blocked(
+        &self,
+        _pool: PoolRef<'_>,
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send {
+        async { Ok(None) }
+    }
+
     /// Stop these replicas, or fewer, and return the ones stopped. The
     /// reconciler only passes replicas it has drained (marked draining in
     /// the registry while holding no task) and puts back to work any it

@@ -387,9 +387,13 @@ async fn scale<B: Backend>(
                 pool: pool.name.to_string(),
             });
         };
+        leadership.check(pool.name, "draining replicas")?;
+        if let Some(why) = ctx.backend.removal_blocked(pool).await? {
+            tracing::info!(pool = pool.name, %why, "scale-down held back: no replica is drained");
+            return Ok(scaled);
+        }
         let count = (decision.from - decision.replicas) as usize;
         let candidates = removal_candidates(replicas, &snapshot.busy, count);
-        leadership.check(pool.name, "draining replicas")?;
         let drained = ctx
             .queue
             .drain_idle(&candidates)

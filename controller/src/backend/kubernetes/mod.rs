@@ -562,6 +562,31 @@ impl Backend for KubernetesBackend {
         })
     }
 
+    /// A Deployment mid-rollout: asked before the drain, so its pods keep
+    /// working while the scale-down waits for the rollout.
+    async fn removal_blocked(&self, pool: PoolRef<'_>) -> Result<Option<String>, BackendError> {
+        let target = Self::target(pool)?;
+        if target.kind != WorkloadKind::Deployment {
+            return Ok(None);
+        }
+        let namespace = self.namespace(pool).to_string();
+        let error = |e| target_error(pool.name, target, &namespace, e);
+        let key = Self::key(&namespace, target);
+        let selector = self
+            .targets
+            .lock()
+            .await
+            .get(&key)
+            .map(|m| m.selector.clone())
+            .unwrap_or_default();
+        let pods = self.pods(&namespace, &selector).await.map_err(error)?;
+        let why = self.rollout(&namespace, target, &pods).await.map_err(error)?;
+        if let Some(why) = &why {
+            self.defer_scale_down(pool, &key, target, why).await;
+        }
+        Ok(why)
+    }
+
     async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
         let target = Self::target(pool)?;
         let namespace = self.namespace(pool).to_string();
