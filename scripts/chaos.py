@@ -513,9 +513,9 @@ spec:
   minReplicas: 0
   maxReplicas: {p['max']}
   tasksPerReplica: {p['per_replica']}
-  cooldownSeconds: 4
+  cooldownPeriod: 4
   scaleDown:
-    stabilizationSeconds: 3
+    stabilizationWindowSeconds: 3
     periodSeconds: 2
 """)
     with open(path, "w") as f:

@@ -212,8 +212,8 @@ struct Frontiers {
 
 fn run_case(trace: &Trace, world: &World) -> anyhow::Result<Case> {
     let defaults = backlog_spec(None)?;
-    let down_window = u64::from(defaults.stabilization_seconds(Direction::Down));
-    let cooldown = u64::try_from(defaults.cooldown_seconds)?;
+    let down_window = u64::from(defaults.stabilization_window_seconds(Direction::Down));
+    let cooldown = u64::try_from(defaults.cooldown_period)?;
     let keda = |target: u64| HpaKeda::new(target, MAX_REPLICAS);
     let matched = |target: u64| HpaKeda::new(target, MAX_REPLICAS).with_windows(down_window, cooldown);
     let run = |autoscaler: &mut dyn controller::sim::Autoscaler| simulate(world, &trace.tasks, autoscaler);
@@ -408,8 +408,8 @@ fn main() -> anyhow::Result<()> {
          baselines: KEDA 30 s poll, HPA 15 s sync, 10 % tolerance, +4 or +100 % per 15 s, \
          scale-down window and cooldown 300 s (defaults) or backlog's (matched); \
          {CONCURRENCY} tasks per replica, at most {MAX_REPLICAS} replicas, 30 s grace for a busy pod removed",
-        defaults.stabilization_seconds(Direction::Down),
-        defaults.cooldown_seconds,
+        defaults.stabilization_window_seconds(Direction::Down),
+        defaults.cooldown_period,
         defaults.tolerance(Direction::Down),
     );
     for trace in &traces {
@@ -471,8 +471,8 @@ fn main() -> anyhow::Result<()> {
                 "tick_seconds": TICK_SECONDS,
                 "max_replicas": MAX_REPLICAS,
                 "worlds": WORLDS,
-                "backlog_scale_down_window_seconds": defaults.stabilization_seconds(Direction::Down),
-                "backlog_cooldown_seconds": defaults.cooldown_seconds,
+                "backlog_scale_down_window_seconds": defaults.stabilization_window_seconds(Direction::Down),
+                "backlog_cooldown_seconds": defaults.cooldown_period,
             },
             "headline": headline,
             "targets_met": { "vs_keda_defaults": met_defaults, "vs_matched_windows": met_matched, "cases": cases.len() },

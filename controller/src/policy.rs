@@ -10,7 +10,7 @@
 //!        at zero, fewer than activationTasks pending ──▶ Dormant (stay at 0)
 //!        at zero, activationTasks pending (or min > 0) ──▶ Activating
 //!        running, work pending or in flight ──▶ Serving
-//!        running, idle, minReplicas 0 ──▶ CoolingDown (≥ 1) ──cooldownSeconds──▶ Deactivating (→ 0)
+//!        running, idle, minReplicas 0 ──▶ CoolingDown (≥ 1) ──cooldownPeriod──▶ Deactivating (→ 0)
 //! ```
 //!
 //! The recommendation comes from load. Without `targetQueueSeconds` it is
@@ -37,7 +37,7 @@
 //! only ever takes idle replicas (the reconcile loop drains them), which
 //! is what makes a short scale-down window safe. Activation skips the
 //! scale-up window: a pool at zero with work starts at once. Deactivation
-//! skips the scale-down window (after `cooldownSeconds` with nothing pending
+//! skips the scale-down window (after `cooldownPeriod` with nothing pending
 //! or in flight there is nothing left to protect) but not the rate limits,
 //! and waits while a retry falls due within the cooldown. A reading whose
 //! counts hit the depth cap is a lower bound: the pool never shrinks on it.
@@ -407,8 +407,8 @@ impl Settings {
         };
         let max = count(spec.max_replicas).max(1);
         let (up, down) = (spec.rate_limits(Direction::Up), spec.rate_limits(Direction::Down));
-        let up_window = spec.stabilization_seconds(Direction::Up);
-        let down_window = spec.stabilization_seconds(Direction::Down);
+        let up_window = spec.stabilization_window_seconds(Direction::Up);
+        let down_window = spec.stabilization_window_seconds(Direction::Down);
         let longest = [up_window, down_window, up.period_seconds, down.period_seconds];
         Settings {
             min: count(spec.min_replicas).min(max),
@@ -416,7 +416,7 @@ impl Settings {
             tasks_per_replica: count(spec.tasks_per_replica).max(1),
             activation_tasks: u64::from(count(spec.activation_tasks).max(1)),
             target_queue_seconds: spec.target_queue_seconds.map(count).filter(|s| *s > 0),
-            cooldown: seconds(count(spec.cooldown_seconds)),
+            cooldown: seconds(count(spec.cooldown_period)),
             up_window: seconds(up_window),
             down_window: seconds(down_window),
             up,
@@ -586,7 +586,7 @@ impl Policy<'_> {
             let (idle_s, cooldown_s) = (idle_for.num_seconds(), settings.cooldown.num_seconds());
             let retry_soon = due.filter(|s| *s <= cooldown_s as f64);
             if idle_for >= settings.cooldown && retry_soon.is_none() {
-                let mut why = format!("idle for {idle_s} s (cooldownSeconds {cooldown_s})");
+                let mut why = format!("idle for {idle_s} s (cooldownPeriod {cooldown_s})");
                 let replicas = self.rate_limit(0);
                 if let (Some(ago), true) = (self.removed_within_period(), replicas > 0) {
                     why.push_str(&format!(
@@ -608,9 +608,9 @@ impl Policy<'_> {
             }
             let note = match retry_soon {
                 Some(seconds) => format!(
-                    "kept at 1: a retry falls due in {seconds:.0} s, within cooldownSeconds {cooldown_s}"
+                    "kept at 1: a retry falls due in {seconds:.0} s, within cooldownPeriod {cooldown_s}"
                 ),
-                None => format!("kept at 1: idle for {idle_s} s, zero after cooldownSeconds {cooldown_s}"),
+                None => format!("kept at 1: idle for {idle_s} s, zero after cooldownPeriod {cooldown_s}"),
             };
             let cooling = Floor { replicas: 1, note };
             let (replicas, why) = self.serve(&recommendation, &cooling);

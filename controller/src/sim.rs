@@ -446,9 +446,9 @@ impl HpaKeda {
 
     /// The same with KEDA's `cooldownPeriod` and the HPA's
     /// `behavior.scaleDown.stabilizationWindowSeconds` set to these.
-    pub fn with_windows(mut self, scale_down_window_seconds: u64, cooldown_seconds: u64) -> HpaKeda {
+    pub fn with_windows(mut self, scale_down_window_seconds: u64, cooldown_period: u64) -> HpaKeda {
         self.hpa_scale_down_window_seconds = scale_down_window_seconds;
-        self.keda_cooldown_seconds = cooldown_seconds;
+        self.keda_cooldown_seconds = cooldown_period;
         self
     }
 

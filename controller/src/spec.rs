@@ -114,9 +114,9 @@ pub struct WorkerPoolSpec {
     /// falling due sooner) before the pool goes to zero replicas (when
     /// `minReplicas` is 0), KEDA's `cooldownPeriod`. Default 120 (KEDA: 300):
     /// a runnable task wakes a pool at zero at once.
-    #[serde(default = "default_cooldown_seconds")]
+    #[serde(default = "default_cooldown_period")]
     #[schemars(range(min = 0))]
-    pub cooldown_seconds: i32,
+    pub cooldown_period: i32,
 
     /// How fast replicas are added. Defaults: no stabilisation, at most
     /// +4 replicas or +100 % (whichever is more) per 15 s.
@@ -152,7 +152,7 @@ fn default_tasks_per_replica() -> i32 {
 fn default_activation_tasks() -> i32 {
     DEFAULT_ACTIVATION_TASKS
 }
-fn default_cooldown_seconds() -> i32 {
+fn default_cooldown_period() -> i32 {
     DEFAULT_COOLDOWN_SECONDS
 }
 
@@ -294,7 +294,7 @@ pub struct ScalingRules {
     /// replicas, so a short window kills no work).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 3600))]
-    pub stabilization_seconds: Option<i32>,
+    pub stabilization_window_seconds: Option<i32>,
     /// Most replicas added or removed per period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -363,12 +363,16 @@ impl WorkerPoolSpec {
     }
 
     /// The stabilisation window for `direction`, defaults applied.
-    pub fn stabilization_seconds(&self, direction: Direction) -> u32 {
+    pub fn stabilization_window_seconds(&self, direction: Direction) -> u32 {
         let default = match direction {
             Direction::Up => DEFAULT_SCALE_UP_STABILIZATION_SECONDS,
             Direction::Down => DEFAULT_SCALE_DOWN_STABILIZATION_SECONDS,
         };
-        non_negative(self.rules(direction).stabilization_seconds.unwrap_or(default))
+        non_negative(
+            self.rules(direction)
+                .stabilization_window_seconds
+                .unwrap_or(default),
+        )
     }
 
     /// The tolerance for `direction`, default applied.
@@ -496,15 +500,15 @@ impl WorkerPoolSpec {
         if let Some(seconds) = self.target_queue_seconds {
             problems.at_least("spec.targetQueueSeconds", seconds, 1);
         }
-        problems.at_least("spec.cooldownSeconds", self.cooldown_seconds, 0);
+        problems.at_least("spec.cooldownPeriod", self.cooldown_period, 0);
     }
 
     fn validate_rules(&self, direction: Direction, problems: &mut Problems) {
         let rules = self.rules(direction);
         let field = |name: &str| format!("spec.{}.{name}", direction.field());
-        if let Some(seconds) = rules.stabilization_seconds {
+        if let Some(seconds) = rules.stabilization_window_seconds {
             problems.within(
-                field("stabilizationSeconds"),
+                field("stabilizationWindowSeconds"),
                 seconds,
                 0,
                 MAX_STABILIZATION_SECONDS,
@@ -716,7 +720,7 @@ mod tests {
             tasks_per_replica: 2,
             activation_tasks: 1,
             target_queue_seconds: None,
-            cooldown_seconds: 300,
+            cooldown_period: 300,
             scale_up: ScalingRules::default(),
             scale_down: ScalingRules::default(),
             fallback: None,
@@ -783,7 +787,7 @@ mod tests {
             tasks_per_replica: 0,
             activation_tasks: 0,
             target_queue_seconds: Some(0),
-            cooldown_seconds: -5,
+            cooldown_period: -5,
             ..spec()
         };
         assert_eq!(
@@ -793,7 +797,7 @@ mod tests {
                 "spec.tasksPerReplica: must be >= 1, got 0",
                 "spec.activationTasks: must be >= 1, got 0",
                 "spec.targetQueueSeconds: must be >= 1, got 0",
-                "spec.cooldownSeconds: must be >= 0, got -5",
+                "spec.cooldownPeriod: must be >= 0, got -5",
             ]
         );
     }
@@ -802,14 +806,14 @@ mod tests {
     fn rate_rules_out_of_range_are_reported_per_direction() {
         let spec = WorkerPoolSpec {
             scale_up: ScalingRules {
-                stabilization_seconds: Some(-1),
+                stabilization_window_seconds: Some(-1),
                 max_replicas_per_step: Some(0),
                 max_percent_per_step: Some(500),
                 period_seconds: Some(0),
                 tolerance: Some(1.5),
             },
             scale_down: ScalingRules {
-                stabilization_seconds: Some(7200),
+                stabilization_window_seconds: Some(7200),
                 max_replicas_per_step: None,
                 max_percent_per_step: Some(101),
                 period_seconds: Some(-15),
@@ -820,11 +824,11 @@ mod tests {
         assert_eq!(
             problems(&spec),
             [
-                "spec.scaleUp.stabilizationSeconds: must be between 0 and 3600, got -1",
+                "spec.scaleUp.stabilizationWindowSeconds: must be between 0 and 3600, got -1",
                 "spec.scaleUp.maxReplicasPerStep: must be >= 1, got 0",
                 "spec.scaleUp.periodSeconds: must be between 1 and 1800, got 0",
                 "spec.scaleUp.tolerance: must be between 0 and 1, got 1.5",
-                "spec.scaleDown.stabilizationSeconds: must be between 0 and 3600, got 7200",
+                "spec.scaleDown.stabilizationWindowSeconds: must be between 0 and 3600, got 7200",
                 "spec.scaleDown.maxPercentPerStep: must be between 1 and 100, got 101",
                 "spec.scaleDown.periodSeconds: must be between 1 and 1800, got -15",
             ]
@@ -996,10 +1000,10 @@ mod tests {
     #[test]
     fn scaling_defaults_are_hpas_but_for_a_shorter_scale_down_window() {
         let spec = spec();
-        assert_eq!(spec.stabilization_seconds(Direction::Up), 0);
+        assert_eq!(spec.stabilization_window_seconds(Direction::Up), 0);
         // HPA's is 300 s. Removal here only takes idle replicas, and
         // `make bench-autoscale` measures what 60 s saves.
-        assert_eq!(spec.stabilization_seconds(Direction::Down), 60);
+        assert_eq!(spec.stabilization_window_seconds(Direction::Down), 60);
         assert_eq!(
             (spec.tolerance(Direction::Up), spec.tolerance(Direction::Down)),
             (0.1, 0.1)

@@ -114,8 +114,8 @@ spec:
   target: {{fly: {target}}}
   maxReplicas: 4
   tasksPerReplica: 2
-  cooldownSeconds: 0
-  scaleDown: {{stabilizationSeconds: 0}}
+  cooldownPeriod: 0
+  scaleDown: {{stabilizationWindowSeconds: 0}}
 "#
     )
 }
@@ -1126,12 +1126,12 @@ async fn fly_machines_running_real_workers_rise_finish_the_queue_and_stop(pool: 
         &manifest,
         pool_yaml("{app: backlog, processGroup: worker, maxStopped: 1}")
             .replace("maxReplicas: 4", "maxReplicas: 3")
-            .replace("cooldownSeconds: 0", "cooldownSeconds: 2")
+            .replace("cooldownPeriod: 0", "cooldownPeriod: 2")
             // One removal step a second, not HPA's 15 s: the test waits on
             // the way down to zero.
             .replace(
-                "scaleDown: {stabilizationSeconds: 0}",
-                "scaleDown: {stabilizationSeconds: 0, periodSeconds: 1}",
+                "scaleDown: {stabilizationWindowSeconds: 0}",
+                "scaleDown: {stabilizationWindowSeconds: 0, periodSeconds: 1}",
             ),
     )
     .unwrap();

@@ -86,8 +86,8 @@ fn worker_pool(name: &str, task_type: &str, deployment: &str, extra: Value) -> V
         "taskTypes": [task_type],
         "target": {"kubernetes": {"kind": "Deployment", "name": deployment}},
         "maxReplicas": 5,
-        "cooldownSeconds": 0,
-        "scaleDown": {"stabilizationSeconds": 0},
+        "cooldownPeriod": 0,
+        "scaleDown": {"stabilizationWindowSeconds": 0},
     });
     if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
         spec.extend(extra.clone());

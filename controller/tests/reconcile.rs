@@ -130,8 +130,8 @@ spec:
   target: {local: {command: [unused]}}
   maxReplicas: 5
   tasksPerReplica: 2
-  cooldownSeconds: 0
-  scaleDown: {stabilizationSeconds: 0}
+  cooldownPeriod: 0
+  scaleDown: {stabilizationWindowSeconds: 0}
 "#;
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -257,8 +257,8 @@ spec:
         RUST_LOG: warn
   maxReplicas: 3
   tasksPerReplica: 2
-  cooldownSeconds: 2
-  scaleDown: {{stabilizationSeconds: 0}}
+  cooldownPeriod: 2
+  scaleDown: {{stabilizationWindowSeconds: 0}}
 "#,
             worker = worker.display(),
             store = store.display()
@@ -390,8 +390,8 @@ spec:
   minReplicas: {min}
   maxReplicas: {max}
   tasksPerReplica: 2
-  cooldownSeconds: 0
-  scaleDown: {{stabilizationSeconds: 0}}
+  cooldownPeriod: 0
+  scaleDown: {{stabilizationWindowSeconds: 0}}
 "#
     ))
 }
@@ -787,8 +787,8 @@ async fn a_pass_that_outlives_its_leadership_starts_nothing(pool: PgPool) {
 /// was) goes 3 → 1 at once.
 fn windowed_pool() -> String {
     TEXT_POOL
-        .replace("cooldownSeconds: 0", "cooldownSeconds: 300")
-        .replace("stabilizationSeconds: 0", "stabilizationSeconds: 300")
+        .replace("cooldownPeriod: 0", "cooldownPeriod: 300")
+        .replace("stabilizationWindowSeconds: 0", "stabilizationWindowSeconds: 300")
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

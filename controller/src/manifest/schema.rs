@@ -27,6 +27,13 @@ static SPEC_SCHEMA: LazyLock<Value> = LazyLock::new(|| {
     serde_json::to_value(schema).expect("a schema is JSON")
 });
 
+/// Fields renamed to HPA's and KEDA's names for the same knob: an old
+/// manifest is told the new name, not just that the old one is unknown.
+const RENAMED_FIELDS: [(&str, &str); 2] = [
+    ("stabilizationSeconds", "stabilizationWindowSeconds"),
+    ("cooldownSeconds", "cooldownPeriod"),
+];
+
 /// Every way `spec` breaks the CRD's schema, in document order.
 pub fn check_spec(spec: &Value) -> Vec<FieldError> {
     let mut problems = Vec::new();
@@ -133,10 +140,18 @@ fn check_object(
                     .flat_map(|p| p.keys())
                     .map(|k| format!("`{k}`"))
                     .collect();
+                let renamed = RENAMED_FIELDS
+                    .iter()
+                    .find(|(old, _)| old == key)
+                    .map(|(_, new)| format!(" (renamed `{new}`, the name HPA and KEDA use)"))
+                    .unwrap_or_default();
                 push(
                     problems,
                     &child(key),
-                    format!("unknown field `{key}`, expected one of {}", known.join(", ")),
+                    format!(
+                        "unknown field `{key}`{renamed}, expected one of {}",
+                        known.join(", ")
+                    ),
                 );
             }
             (None, _) => {}

@@ -67,7 +67,7 @@ fn documents_of_one_file_load_with_their_defaults() {
             spec.min_replicas,
             spec.tasks_per_replica,
             spec.activation_tasks,
-            spec.cooldown_seconds
+            spec.cooldown_period
         ),
         (0, 1, 1, 120)
     );
@@ -97,6 +97,26 @@ fn an_unknown_spec_field_is_named_with_its_path() {
         errors[0]
     );
     assert!(manifests.pools.is_empty());
+}
+
+#[test]
+fn a_field_renamed_to_the_hpa_or_keda_name_says_its_new_name() {
+    let manifests = parse(&text_pool_with(
+        "cooldownSeconds: 60\n  scaleDown: {stabilizationSeconds: 30}",
+    ));
+    let errors = messages(&manifests);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("spec.cooldownSeconds: unknown field `cooldownSeconds` (renamed `cooldownPeriod`"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains(
+            "spec.scaleDown.stabilizationSeconds: unknown field `stabilizationSeconds` \
+             (renamed `stabilizationWindowSeconds`"
+        ),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -195,7 +215,7 @@ spec:
             "pools.yaml:1 (document 1, Text): spec.minReplicas: must be >= 0, got -1",
             "pools.yaml:1 (document 1, Text): spec.paused: invalid type: string \"sometimes\", expected a boolean",
             "pools.yaml:1 (document 1, Text): spec.scaleUp.periodSeconds: must be between 1 and 1800, got 7200",
-            "pools.yaml:1 (document 1, Text): spec.scaleUp.window: unknown field `window`, expected one of `maxPercentPerStep`, `maxReplicasPerStep`, `periodSeconds`, `stabilizationSeconds`, `tolerance`",
+            "pools.yaml:1 (document 1, Text): spec.scaleUp.window: unknown field `window`, expected one of `maxPercentPerStep`, `maxReplicasPerStep`, `periodSeconds`, `stabilizationWindowSeconds`, `tolerance`",
             "pools.yaml:1 (document 1, Text): spec.target.local.command: must have at least 1 item(s)",
             "pools.yaml:1 (document 1, Text): spec.target.local.cwd: unknown field `cwd`, expected one of `command`, `env`",
             "pools.yaml:1 (document 1, Text): spec.taskTypes[1]: unknown variant `pdf_rendering`, expected one of `text_generation`, `pdf_generation`, `audio_generation`",
@@ -208,13 +228,13 @@ spec:
 fn every_document_is_reported_and_the_valid_ones_load() {
     let second = TEXT_POOL
         .replace("name: text", "name: second")
-        .replace("maxReplicas: 4", "maxReplicas: 0\n  cooldownSeconds: soon");
+        .replace("maxReplicas: 4", "maxReplicas: 0\n  cooldownPeriod: soon");
     let third = AUDIO_POOL.replace("maxReplicas: 2", "minReplicas: 3\n  maxReplicas: 2");
     let manifests = parse(&format!("{TEXT_POOL}---\n{second}---\n{third}"));
     assert_eq!(
         messages(&manifests),
         [
-            "pools.yaml:12 (document 2, second): spec.cooldownSeconds: invalid type: string \"soon\", expected an integer",
+            "pools.yaml:12 (document 2, second): spec.cooldownPeriod: invalid type: string \"soon\", expected an integer",
             "pools.yaml:12 (document 2, second): spec.maxReplicas: must be >= 1, got 0",
             "pools.yaml:24 (document 3, audio): spec.maxReplicas: must be >= minReplicas (3)",
         ]

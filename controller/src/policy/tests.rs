@@ -23,7 +23,7 @@ fn spec() -> WorkerPoolSpec {
         tasks_per_replica: 10,
         activation_tasks: 1,
         target_queue_seconds: None,
-        cooldown_seconds: 300,
+        cooldown_period: 300,
         scale_up: ScalingRules::default(),
         scale_down: ScalingRules::default(),
         fallback: None,
@@ -34,7 +34,7 @@ fn spec() -> WorkerPoolSpec {
 fn no_windows() -> WorkerPoolSpec {
     WorkerPoolSpec {
         scale_down: ScalingRules {
-            stabilization_seconds: Some(0),
+            stabilization_window_seconds: Some(0),
             ..ScalingRules::default()
         },
         ..spec()
@@ -325,7 +325,7 @@ fn below_activation_tasks_a_pool_with_min_replicas_still_starts_them() {
 fn activation_skips_the_scale_up_window_but_not_the_rate_limit() {
     let spec = WorkerPoolSpec {
         scale_up: ScalingRules {
-            stabilization_seconds: Some(300),
+            stabilization_window_seconds: Some(300),
             ..ScalingRules::default()
         },
         ..spec()
@@ -350,7 +350,7 @@ fn activation_skips_the_scale_up_window_but_not_the_rate_limit() {
 fn the_scale_up_window_ignores_a_short_spike() {
     let spec = WorkerPoolSpec {
         scale_up: ScalingRules {
-            stabilization_seconds: Some(60),
+            stabilization_window_seconds: Some(60),
             ..ScalingRules::default()
         },
         ..spec()
@@ -375,7 +375,7 @@ fn the_scale_up_window_ignores_a_short_spike() {
 fn the_scale_down_window_holds_the_highest_recent_recommendation() {
     let spec = WorkerPoolSpec {
         scale_down: ScalingRules {
-            stabilization_seconds: Some(120),
+            stabilization_window_seconds: Some(120),
             ..ScalingRules::default()
         },
         ..spec()
@@ -417,7 +417,7 @@ fn scale_up_is_limited_per_period_from_the_count_at_its_start() {
 fn a_single_scale_down_limit_replaces_the_defaults() {
     let spec = WorkerPoolSpec {
         scale_down: ScalingRules {
-            stabilization_seconds: Some(0),
+            stabilization_window_seconds: Some(0),
             max_replicas_per_step: Some(1),
             max_percent_per_step: None,
             period_seconds: Some(60),
@@ -454,17 +454,14 @@ fn an_idle_pool_goes_to_zero_only_after_the_cooldown() {
     assert!(
         cooling
             .reason
-            .ends_with("kept at 1: idle for 0 s, zero after cooldownSeconds 300"),
+            .ends_with("kept at 1: idle for 0 s, zero after cooldownPeriod 300"),
         "{}",
         cooling.reason
     );
     assert_eq!(pool.tick(449, load(0, 0)).replicas, 1);
     let zero = pool.tick(450, load(0, 0));
     assert_eq!((zero.replicas, zero.phase), (0, Phase::Deactivating));
-    assert_eq!(
-        zero.reason,
-        "scale down 1→0: idle for 300 s (cooldownSeconds 300)"
-    );
+    assert_eq!(zero.reason, "scale down 1→0: idle for 300 s (cooldownPeriod 300)");
     assert_eq!(pool.tick(460, load(0, 0)).phase, Phase::Dormant);
 }
 
@@ -571,9 +568,9 @@ fn a_failed_read_restarts_the_idle_time() {
 #[test]
 fn deactivation_obeys_the_scale_down_rate_limit() {
     let spec = WorkerPoolSpec {
-        cooldown_seconds: 0,
+        cooldown_period: 0,
         scale_down: ScalingRules {
-            stabilization_seconds: Some(0),
+            stabilization_window_seconds: Some(0),
             max_replicas_per_step: Some(1),
             period_seconds: Some(60),
             ..ScalingRules::default()
@@ -585,7 +582,7 @@ fn deactivation_obeys_the_scale_down_rate_limit() {
     assert_eq!((first.replicas, first.phase), (2, Phase::Deactivating));
     assert_eq!(
         first.reason,
-        "scale down 3→2: idle for 0 s (cooldownSeconds 0); limited to 2 by scaleDown (1 replicas per 60 s)"
+        "scale down 3→2: idle for 0 s (cooldownPeriod 0); limited to 2 by scaleDown (1 replicas per 60 s)"
     );
     assert_eq!(pool.tick(30, load(0, 0)).replicas, 2);
     assert_eq!(pool.tick(61, load(0, 0)).replicas, 1);
@@ -605,7 +602,7 @@ fn a_retry_due_within_the_cooldown_keeps_a_replica() {
     assert_eq!((held.replicas, held.phase), (1, Phase::CoolingDown));
     assert!(
         held.reason
-            .ends_with("kept at 1: a retry falls due in 30 s, within cooldownSeconds 300"),
+            .ends_with("kept at 1: a retry falls due in 30 s, within cooldownPeriod 300"),
         "{}",
         held.reason
     );
@@ -700,7 +697,7 @@ fn paused_holds_whatever_the_load() {
 fn history_keeps_only_what_its_windows_can_see() {
     let spec = WorkerPoolSpec {
         scale_down: ScalingRules {
-            stabilization_seconds: Some(120),
+            stabilization_window_seconds: Some(120),
             ..ScalingRules::default()
         },
         ..spec()
@@ -754,14 +751,14 @@ fn arb_spec() -> impl Strategy<Value = WorkerPoolSpec> {
                 let (up_limits, down_limits) = match limits {
                     Some((replicas, percent, period)) => (
                         ScalingRules {
-                            stabilization_seconds: Some(windows.0),
+                            stabilization_window_seconds: Some(windows.0),
                             max_replicas_per_step: Some(replicas),
                             max_percent_per_step: Some(percent),
                             period_seconds: Some(period),
                             tolerance: None,
                         },
                         ScalingRules {
-                            stabilization_seconds: Some(windows.1),
+                            stabilization_window_seconds: Some(windows.1),
                             max_replicas_per_step: Some(replicas),
                             max_percent_per_step: Some(percent.min(100)),
                             period_seconds: Some(period),
@@ -776,7 +773,7 @@ fn arb_spec() -> impl Strategy<Value = WorkerPoolSpec> {
                     max_replicas: max,
                     tasks_per_replica: per_replica,
                     activation_tasks: activation,
-                    cooldown_seconds: cooldown,
+                    cooldown_period: cooldown,
                     scale_up: up_limits,
                     scale_down: down_limits,
                     fallback: fallback.map(|(threshold, replicas)| Fallback {
