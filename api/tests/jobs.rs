@@ -223,7 +223,7 @@ async fn listing_by_age_keeps_the_jobs_created_since_the_given_instant(pool: sql
         .finish();
     let (status, page) = server.get_json(&key, &format!("/v1/jobs?{query}")).await;
     assert_eq!(status, 200, "{page}");
-    assert_eq!(ids(&page), [new.clone()]);
+    assert_eq!(ids(&page), vec![new.clone()]);
     let (_, page) = server
         .get_json(&key, "/v1/jobs?created_after=2000-01-01T00:00:00Z&type=text")
         .await;

@@ -709,7 +709,7 @@ function renderQueue(main, admin) {
       charts, chartNote),
     h("section", { class: "card flush" }, h("h2", {}, "Worker pools"),
       h("table", {}, h("thead", {}, h("tr", {},
-        ["Pool", "Replicas (desired / current / ready)", "Busy", "Load", "Conditions", "Last decision", "Updated"]
+        ["Pool", "Desired / current / ready", "Busy", "Load", "Conditions", "Last decision", "Updated"]
           .map((c) => h("th", {}, c)))), pools)));
 
   const every = (ms, fn) => {
@@ -746,7 +746,8 @@ function renderQueue(main, admin) {
 
   every(HISTORY_REFRESH_MS, async () => {
     const history = await getJson("/v1/queue/history", controller.signal);
-    const types = [...new Set(history.samples.flatMap((sm) => sm.task_types.map((t) => t.task_type)))].sort();
+    // In the order the API lists them (the pipeline's), as the table above.
+    const types = [...new Set(history.samples.flatMap((sm) => sm.task_types.map((t) => t.task_type)))];
     charts.replaceChildren(...types.map((type) => h("div", { class: "chart", "data-chart": type },
       h("h3", {}, type), depthChart(history.samples, type))));
     chartNote.textContent = history.interval_seconds
@@ -767,7 +768,7 @@ function renderQueue(main, admin) {
         h("td", {}, h("b", {}, p.pool), h("div", { class: "muted" }, p.backend)),
         h("td", { class: "replicas" }, h("b", {}, p.desired_replicas), " / ", p.current_replicas, " / ", p.ready_replicas),
         h("td", { class: "num" }, p.busy_replicas),
-        h("td", {}, `${p.pending} pending`, h("div", { class: "muted" }, `${p.in_flight} in flight`)),
+        h("td", { class: "load" }, `${p.pending} pending`, h("div", { class: "muted" }, `${p.in_flight} in flight`)),
         h("td", {}, h("div", { class: "conditions" }, conditions.map((c) => h("span", {
           class: `cond ${String(c.status).toLowerCase()} ${["Fallback", "Degraded", "Paused"].includes(c.type) ? "warn" : ""}`,
           title: [c.reason, c.message].filter(Boolean).join(": "),
@@ -800,7 +801,8 @@ function depthChart(samples, type) {
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${type} depth, last hour` });
   for (const v of [0, top / 2, top]) {
     svg.append(s("line", { class: "axis", x1: L, x2: W - R, y1: y(v), y2: y(v) }),
-      s("text", { class: "tick", x: L - 6, y: y(v) + 3, "text-anchor": "end" }, Math.round(v)));
+      s("text", { class: "tick", x: L - 6, y: y(v) + 3, "text-anchor": "end" },
+        Number.isInteger(v) ? v : v.toFixed(1)));
   }
   for (const [part, anchor] of [[1, "start"], [0.5, "middle"], [0, "end"]]) {
     svg.append(s("text", { class: "tick", x: x(now - part * span), y: H - 5, "text-anchor": anchor },

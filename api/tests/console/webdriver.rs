@@ -196,10 +196,7 @@ impl Browser {
     /// page first (WebDriver screenshots only the viewport).
     pub async fn screenshot(&self, path: &Path) {
         let height = self
-            .eval(
-                "return Math.max(document.documentElement.scrollHeight, window.innerHeight)",
-                json!([]),
-            )
+            .eval("return document.body.scrollHeight", json!([]))
             .await
             .as_u64()
             .unwrap_or(1000);
@@ -210,7 +207,8 @@ impl Browser {
             .unwrap_or(1360);
         self.post(
             "/window/rect",
-            json!({"width": width, "height": height.clamp(600, 4000) + 40}),
+            // The window's frame takes some of its height even headless.
+            json!({"width": width, "height": height.clamp(600, 4000) + 200}),
         )
         .await;
         let png = self.call(reqwest::Method::GET, "/screenshot", None).await;
