@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the programs the pipelines and their tests call, when missing:
-# espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests), moto
+# espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests),
+# chromium and chromium-driver (the web console's browser test), moto
 # (an S3 server for the artifact store tests), schemathesis (the API
 # fuzzer of scripts/fuzz-api.sh) and kubernetes-validate (the manifests'
 # schema check, scripts/validate-manifests.sh).
@@ -8,6 +9,8 @@ set -euo pipefail
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 command -v pdftotext >/dev/null 2>&1 || missing+=(poppler-utils)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "ensure-tools: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use queue::{QueueConfig, Retention, RetentionMode};
 
+use crate::depth_history::HistorySettings;
 use crate::state::{Settings, SweeperSettings};
 use crate::streams::StreamLimits;
 
@@ -143,6 +144,10 @@ pub struct ServeArgs {
     /// reads every unfinished job) and remove replaced artifacts' bytes.
     #[arg(long, env = "REPAIR_INTERVAL_SECONDS", default_value_t = 60)]
     pub repair_interval_seconds: u64,
+    /// Seconds between samples of the queue depth kept for the console's
+    /// last-hour chart (`/v1/queue/history`); 0 keeps none.
+    #[arg(long, env = "DEPTH_SAMPLE_SECONDS", default_value_t = 15)]
+    pub depth_sample_seconds: u64,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -184,6 +189,10 @@ impl ServeArgs {
                 max_duration: Duration::from_secs(self.sse_max_stream_seconds),
             },
             sweeper,
+            depth_history: (self.depth_sample_seconds > 0).then(|| HistorySettings {
+                interval: Duration::from_secs(self.depth_sample_seconds),
+                ..HistorySettings::default()
+            }),
         }
     }
 

@@ -1,4 +1,5 @@
-//! The HTTP server: the router with its layers, and the background tasks
+//! The HTTP server: the router with its layers (the console's `/ui` among
+//! its routes), and the background tasks
 //! that live as long as it does.
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::auth::{require_api_key, AuthSettings, Authenticator};
+use crate::depth_history::DepthHistory;
 use crate::enqueuer::Enqueuer;
 use crate::error::ApiError;
 use crate::job_events::JobEvents;
@@ -25,7 +27,7 @@ use crate::metrics::{serve_metrics, track_requests, Metrics};
 use crate::routes::operations::OpenApiJson;
 use crate::state::{AppState, Settings};
 use crate::streams::OpenStreams;
-use crate::{openapi, routes, sweeper};
+use crate::{openapi, routes, sweeper, ui};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -74,6 +76,14 @@ pub async fn run_with_metrics(
             shutdown.clone(),
         ))
     });
+    let depth_history = DepthHistory::new(settings.depth_history.unwrap_or_default());
+    let sampler = settings.depth_history.map(|_| {
+        tokio::spawn(
+            depth_history
+                .clone()
+                .sample_until(queue.clone(), shutdown.clone()),
+        )
+    });
     let state = AppState {
         auth: Arc::new(Authenticator::new(
             queue.clone(),
@@ -84,6 +94,7 @@ pub async fn run_with_metrics(
             },
         )),
         open_streams: OpenStreams::new(settings.streams),
+        depth_history,
         enqueuer: Enqueuer::start(queue.clone()),
         queue,
         settings: Arc::new(settings),
@@ -98,6 +109,9 @@ pub async fn run_with_metrics(
         .await?;
     if let Some(sweeper) = sweeper {
         sweeper.await?;
+    }
+    if let Some(sampler) = sampler {
+        sampler.await?;
     }
     if let Some(metrics_server) = metrics_server {
         metrics_server.await??;
@@ -129,6 +143,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(authenticated.route_layer(from_fn_with_state(state.clone(), require_api_key)))
         .merge(public)
+        .merge(ui::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(Extension(doc))

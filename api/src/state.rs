@@ -7,6 +7,7 @@ use queue::{Queue, Retention};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
+use crate::depth_history::{DepthHistory, HistorySettings};
 use crate::enqueuer::Enqueuer;
 use crate::job_events::JobEvents;
 use crate::metrics::Metrics;
@@ -29,6 +30,8 @@ pub struct Settings {
     pub streams: StreamLimits,
     /// `None` runs no sweeper in this process.
     pub sweeper: Option<SweeperSettings>,
+    /// `None` samples no queue depth history (`/v1/queue/history` is empty).
+    pub depth_history: Option<HistorySettings>,
 }
 
 impl Default for Settings {
@@ -40,6 +43,7 @@ impl Default for Settings {
             auth_failed_lookups_per_second: 20,
             streams: StreamLimits::default(),
             sweeper: Some(SweeperSettings::default()),
+            depth_history: Some(HistorySettings::default()),
         }
     }
 }
@@ -79,6 +83,8 @@ pub struct AppState {
     pub artifacts: store::ArtifactStore,
     pub metrics: Arc<Metrics>,
     pub open_streams: Arc<OpenStreams>,
+    /// The last hour of queue depth, as this process sampled it.
+    pub depth_history: Arc<DepthHistory>,
     /// Cancelled when the server shuts down: long-lived responses (event
     /// streams) end then, so graceful shutdown does not wait on them.
     pub shutdown: CancellationToken,

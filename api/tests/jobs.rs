@@ -197,6 +197,52 @@ async fn listing_pages_newest_first_with_filters(pool: sqlx::PgPool) {
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn listing_by_age_keeps_the_jobs_created_since_the_given_instant(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let old = server.create_text_job(&key, "old").await;
+    let new = server.create_text_job(&key, "new").await;
+    // Two days old: a job from before the console's "last 24 hours".
+    sqlx::query("UPDATE jobs SET created_at = now() - interval '2 days' WHERE id = $1::uuid")
+        .bind(&old)
+        .execute(&server.pool)
+        .await
+        .unwrap();
+    let ids = |page: &serde_json::Value| -> Vec<String> {
+        page["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let day_ago = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("created_after", &day_ago)
+        .finish();
+    let (status, page) = server.get_json(&key, &format!("/v1/jobs?{query}")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(ids(&page), vec![new.clone()]);
+    let (_, page) = server
+        .get_json(&key, "/v1/jobs?created_after=2000-01-01T00:00:00Z&type=text")
+        .await;
+    assert_eq!(ids(&page), [new, old]);
+
+    let refused = server.get_json(&key, "/v1/jobs?created_after=yesterday").await;
+    assert_error(&refused, 400, "invalid_request", Some("created_after"));
+    assert!(
+        refused.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("RFC 3339"),
+        "{}",
+        refused.1
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn cancel_and_retry_follow_the_job_lifecycle(pool: sqlx::PgPool) {
     let server = TestServer::start(pool).await;
     let key = server.key("acme", ApiKeyRole::Client).await;

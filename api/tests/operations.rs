@@ -24,6 +24,7 @@ const ROUTES: &[&str] = &[
     "GET /v1/jobs/{id}/events",
     "GET /v1/pools",
     "GET /v1/queue",
+    "GET /v1/queue/history",
     "POST /v1/jobs",
     "POST /v1/jobs/{id}/cancel",
     "POST /v1/jobs/{id}/retry",
@@ -439,4 +440,58 @@ async fn pools_show_the_status_the_controller_wrote_to_admin_keys_only(pool: sql
     // A pool whose manifest is gone is forgotten by its own backend only.
     assert_eq!(server.queue.forget_pool_statuses("local", &[]).await.unwrap(), 0);
     assert_eq!(server.queue.forget_pool_statuses("fly", &[]).await.unwrap(), 1);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_queue_history_keeps_sampled_depth_for_admin_keys_only(pool: sqlx::PgPool) {
+    let settings = Settings {
+        depth_history: Some(api::depth_history::HistorySettings {
+            interval: Duration::from_millis(50),
+            span: Duration::from_millis(500),
+        }),
+        ..test_settings()
+    };
+    let server = TestServer::start_with(pool, settings).await;
+    let admin = server.key("ops", ApiKeyRole::Admin).await;
+    let client_key = server.key("acme", ApiKeyRole::Client).await;
+    test_support::enqueue_jobs(&server.queue, queue::JobType::Text, 3).await;
+
+    // Samples come in, and the ring keeps only the span's worth (10).
+    let mut body = Value::Null;
+    wait_for("samples that count the three pending tasks", async || {
+        body = server.get_json(&admin, "/v1/queue/history").await.1;
+        body["samples"].as_array().is_some_and(|samples| {
+            samples.len() == 10
+                && samples.last().unwrap()["task_types"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|t| t["task_type"] == "text_generation" && t["pending"] == 3)
+        })
+    })
+    .await;
+    assert_eq!(body["interval_seconds"], 0.05);
+    let times: Vec<&str> = body["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["at"].as_str().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "oldest first: {times:?}");
+
+    let (status, body) = server.get_json(&client_key, "/v1/queue/history").await;
+    assert_eq!(status, 403, "{body}");
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn without_sampling_the_queue_history_is_empty(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let admin = server.key("ops", ApiKeyRole::Admin).await;
+    let (status, body) = server.get_json(&admin, "/v1/queue/history").await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"interval_seconds": 0.0, "samples": []}))
+    );
+    server.stop().await;
 }

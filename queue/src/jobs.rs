@@ -41,6 +41,8 @@ pub struct JobFilter {
     pub job_type: Option<JobType>,
     /// Only jobs older than this one (the previous page's last id).
     pub before: Option<Uuid>,
+    /// Only jobs created at or after this instant.
+    pub created_after: Option<DateTime<Utc>>,
     pub limit: i64,
 }
 
@@ -408,6 +410,7 @@ impl Queue {
                AND ($2::text IS NULL OR status = $2)
                AND ($3::text IS NULL OR job_type = $3)
                AND ($4::uuid IS NULL OR id < $4)
+               AND ($6::timestamptz IS NULL OR created_at >= $6)
              ORDER BY id DESC
              LIMIT $5",
         )
@@ -416,6 +419,7 @@ impl Queue {
         .bind(filter.job_type.map(|t| t.as_str()))
         .bind(filter.before)
         .bind(filter.limit + 1)
+        .bind(filter.created_after)
         .fetch_all(&self.pool)
         .await?;
         let next = if jobs.len() as i64 > filter.limit {

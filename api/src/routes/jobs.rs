@@ -306,6 +306,10 @@ pub struct ListJobsQuery {
     #[serde(rename = "type")]
     #[param(rename = "type", schema_with = job_type_schema)]
     pub job_type: Option<JobType>,
+    /// Only jobs created at or after this instant (RFC 3339), e.g. the
+    /// last hour's.
+    #[param(value_type = Option<DateTime<Utc>>)]
+    pub created_after: Option<String>,
     /// Page size, 1 to 200 (default 50).
     #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
@@ -327,6 +331,19 @@ fn decode_cursor(cursor: &str) -> ApiResult<Uuid> {
         Some((&CURSOR_VERSION, id)) => Uuid::from_slice(id).map_err(|_| bad()),
         _ => Err(bad()),
     }
+}
+
+/// Read as text and parsed here so a bad value's message says what is
+/// expected (chrono's own says only where it stopped).
+fn parse_created_after(raw: &str) -> ApiResult<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|_| {
+            ApiError::invalid_request(
+                "created_after",
+                format!("{raw:?} is not an RFC 3339 date-time such as 2026-12-01T09:30:00Z"),
+            )
+        })
 }
 
 // ---------------------------------------------------------------- handlers
@@ -473,6 +490,11 @@ pub async fn list_jobs(
         status: query.status,
         job_type: query.job_type,
         before: query.cursor.as_deref().map(decode_cursor).transpose()?,
+        created_after: query
+            .created_after
+            .as_deref()
+            .map(parse_created_after)
+            .transpose()?,
         limit,
     };
     let page = state.queue.list_jobs(&principal.tenant, &filter).await?;

@@ -23,6 +23,7 @@ pub fn authenticated() -> OpenApiRouter<AppState> {
         .routes(routes!(events::job_events))
         .routes(routes!(artifacts::download_artifact))
         .routes(routes!(operations::queue_depth))
+        .routes(routes!(operations::queue_history))
         .routes(routes!(operations::pools))
 }
 

@@ -1,4 +1,5 @@
-//! Operator routes: queue depth, health, readiness, the OpenAPI document.
+//! Operator routes: queue depth (now and over the last hour), pools,
+//! health, readiness, the OpenAPI document.
 //! (Metrics are served on their own address: see [`crate::metrics`].)
 
 use std::sync::Arc;
@@ -73,6 +74,57 @@ pub async fn queue_depth(State(state): State<AppState>, principal: Principal) ->
     state.metrics.set_depth(&depth);
     Ok(Json(QueueDepth {
         task_types: depth.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// The depth of every task type at one instant.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DepthSampleView {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub task_types: Vec<TaskDepthView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct QueueHistory {
+    /// Seconds between samples; 0 when this process samples none
+    /// (`DEPTH_SAMPLE_SECONDS=0`).
+    pub interval_seconds: f64,
+    /// Oldest first, at most an hour's worth. Each API process keeps its
+    /// own, since it started; a read that failed leaves a gap.
+    pub samples: Vec<DepthSampleView>,
+}
+
+/// Queue depth per task type over the last hour, as this API process
+/// sampled it (admin keys only).
+#[utoipa::path(
+    get, path = "/v1/queue/history", tag = "operations",
+    responses(
+        (status = 200, description = "Depth samples, oldest first", body = QueueHistory),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+    )
+)]
+pub async fn queue_history(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<QueueHistory>> {
+    principal.require_admin()?;
+    let interval_seconds = if state.settings.depth_history.is_some() {
+        state.depth_history.settings().interval.as_secs_f64()
+    } else {
+        0.0
+    };
+    let samples = state
+        .depth_history
+        .samples()
+        .into_iter()
+        .map(|sample| DepthSampleView {
+            at: sample.at,
+            task_types: sample.depth.into_iter().map(Into::into).collect(),
+        })
+        .collect();
+    Ok(Json(QueueHistory {
+        interval_seconds,
+        samples,
     }))
 }
 

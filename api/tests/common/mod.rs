@@ -30,12 +30,14 @@ pub struct TestServer {
 }
 
 /// Small limits so that limit tests send small bodies; keys are checked on
-/// every request so revocation shows at once; no sweeper unless asked.
+/// every request so revocation shows at once; no sweeper and no depth
+/// sampling unless asked.
 pub fn test_settings() -> Settings {
     Settings {
         body_limit_bytes: 16 * 1024,
         auth_cache_ttl: Duration::ZERO,
         sweeper: None,
+        depth_history: None,
         ..Settings::default()
     }
 }

@@ -1,0 +1,588 @@
+//! The web console at `/ui`: its headers, and a real headless Chromium
+//! driving it against the real API (sign in, submit a job, watch it
+//! complete, open its artifacts). Screenshots go to
+//! `<target>/ui-screenshots/` for review.
+
+mod common;
+#[path = "console/webdriver.rs"]
+mod webdriver;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use api::depth_history::HistorySettings;
+use api::state::Settings;
+use common::{test_settings, TestServer};
+use queue::{ApiKeyRole, ArtifactKind, Failure, NewArtifact, PoolStatus, Task, TaskType};
+use reqwest::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, ETAG, IF_NONE_MATCH, LOCATION,
+    X_CONTENT_TYPE_OPTIONS,
+};
+use serde_json::json;
+use webdriver::Browser;
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_console_is_served_without_a_key_under_a_strict_content_security_policy(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    let bare = client.get(server.url("/ui")).send().await.unwrap();
+    assert_eq!(bare.status(), 308);
+    assert_eq!(bare.headers()[LOCATION], "/ui/");
+
+    for (path, content_type) in [
+        ("/ui/", "text/html; charset=utf-8"),
+        ("/ui/app.js", "text/javascript; charset=utf-8"),
+        ("/ui/style.css", "text/css; charset=utf-8"),
+        ("/ui/favicon.svg", "image/svg+xml"),
+    ] {
+        let response = client.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path} needs no key");
+        let headers = response.headers().clone();
+        assert_eq!(headers[CONTENT_TYPE], content_type, "{path}");
+        assert_eq!(headers[X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+        assert_eq!(headers[CACHE_CONTROL], "no-cache", "{path}");
+        assert!(headers.get("set-cookie").is_none(), "{path} sets no cookie");
+        let csp = headers[CONTENT_SECURITY_POLICY].to_str().unwrap();
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {directive} missing from {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+
+        // Unchanged since the browser's copy: 304, no body.
+        let etag = headers[ETAG].clone();
+        let again = client
+            .get(server.url(path))
+            .header(IF_NONE_MATCH, etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304, "{path}");
+        assert_eq!(again.headers()[CONTENT_SECURITY_POLICY], csp);
+        assert!(again.bytes().await.unwrap().is_empty());
+        let stale = client
+            .get(server.url(path))
+            .header(IF_NONE_MATCH, "\"something-else\"")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stale.status(), 200, "{path}");
+    }
+
+    // The page loads its script from a file: nothing inline for the CSP to
+    // have to allow.
+    let html = client
+        .get(server.url("/ui/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains(r#"<script src="/ui/app.js" defer></script>"#));
+    assert_eq!(html.matches("<script").count(), 1, "{html}");
+    assert!(!html.contains("style="), "no inline styles: {html}");
+
+    let unknown = client.get(server.url("/ui/secrets.txt")).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let post = client.post(server.url("/ui/")).send().await.unwrap();
+    assert_eq!(post.status(), 405);
+    server.stop().await;
+}
+
+/// Where the screenshots go: `<target>/ui-screenshots`, beside the test
+/// executable's `<target>/<profile>/deps`.
+fn screenshot_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).expect("<target>/<profile>/deps/<test>");
+    let dir = target.join("ui-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Claim the one runnable task of `task_type`, waiting for it (a retry
+/// backs off for a few seconds).
+async fn claim(server: &TestServer, worker: &str, task_type: TaskType) -> Task {
+    for _ in 0..300 {
+        let mut claimed = server.queue.claim(worker, &[task_type], 1).await.unwrap();
+        if let Some(task) = claimed.pop() {
+            return task;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no {task_type} task became runnable within 30 s");
+}
+
+/// Store `bytes` in the artifact store and record them for `task`, as a
+/// worker does, then complete the task.
+async fn complete_with_artifact(
+    server: &TestServer,
+    worker: &str,
+    task: &Task,
+    kind: ArtifactKind,
+    content_type: &str,
+    bytes: &[u8],
+) {
+    let storage_key = format!("jobs/{}/{}", task.job_id, kind.as_str());
+    let path = server.artifacts.path().join(&storage_key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    let sha256: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    server
+        .queue
+        .record_artifact(
+            worker,
+            task.lease(),
+            &NewArtifact {
+                job_id: task.job_id,
+                kind,
+                content_type: content_type.into(),
+                storage_key,
+                bytes: bytes.len() as i64,
+                sha256,
+                metadata: json!({}),
+            },
+        )
+        .await
+        .unwrap();
+    server
+        .queue
+        .complete(worker, task.lease(), json!({}))
+        .await
+        .unwrap();
+}
+
+/// A one-page PDF showing `lines` in Helvetica, with a correct xref table.
+fn tiny_pdf(lines: &[&str]) -> Vec<u8> {
+    let mut content = String::from("BT /F1 26 Tf 72 760 Td 32 TL\n");
+    for (i, line) in lines.iter().enumerate() {
+        if i == 1 {
+            content.push_str("/F1 13 Tf 18 TL\n");
+        }
+        let escaped = line.replace('\\', "\\\\").replace('(', "\\(").replace(')', "\\)");
+        content.push_str(&format!("({escaped}) Tj T*\n"));
+    }
+    content.push_str("ET\n");
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R \
+         /Resources << /Font << /F1 5 0 R >> >> >>"
+            .to_string(),
+        format!("<< /Length {} >>\nstream\n{content}endstream", content.len()),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_string(),
+    ];
+    let mut pdf = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        offsets.push(pdf.len());
+        pdf.extend_from_slice(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = pdf.len();
+    let mut table = format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1);
+    for offset in offsets {
+        table.push_str(&format!("{offset:010} 00000 n \n"));
+    }
+    table.push_str(&format!(
+        "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+        objects.len() + 1
+    ));
+    pdf.extend_from_slice(table.as_bytes());
+    pdf
+}
+
+/// `seconds` of a 440 Hz tone as 16-bit mono WAV.
+fn tone_wav(seconds: f32) -> Vec<u8> {
+    const RATE: u32 = 16_000;
+    let samples = (RATE as f32 * seconds) as u32;
+    let mut wav = Vec::with_capacity(44 + samples as usize * 2);
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + samples * 2).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    wav.extend_from_slice(&1u16.to_le_bytes()); // mono
+    wav.extend_from_slice(&RATE.to_le_bytes());
+    wav.extend_from_slice(&(RATE * 2).to_le_bytes());
+    wav.extend_from_slice(&2u16.to_le_bytes());
+    wav.extend_from_slice(&16u16.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(samples * 2).to_le_bytes());
+    for n in 0..samples {
+        let t = n as f32 / RATE as f32;
+        let sample = (t * 440.0 * std::f32::consts::TAU).sin() * 0.2 * i16::MAX as f32;
+        wav.extend_from_slice(&(sample as i16).to_le_bytes());
+    }
+    wav
+}
+
+const STORY: &str = "The lighthouse keeper counted the ships each night.\n\nOne night a ship counted back.";
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artifacts(pool: sqlx::PgPool) {
+    let settings = Settings {
+        depth_history: Some(HistorySettings {
+            interval: Duration::from_millis(250),
+            ..HistorySettings::default()
+        }),
+        ..test_settings()
+    };
+    let server = TestServer::start_with(pool, settings).await;
+    let key = server.key("acme", ApiKeyRole::Admin).await;
+    let shots = screenshot_dir();
+    eprintln!("console screenshots: {}", shots.display());
+
+    // Other jobs, so the list and its filters have something to show: one
+    // queued (behind the job under test: lower priority), one failed.
+    let (status, _) = server
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &json!({"type": "text", "input": {"prompt": "a poem about rain"}, "priority": -1}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, failing) = server
+        .post_json(&key, "/v1/jobs", &json!({"type": "pdf", "input": {"text": "x"}}))
+        .await;
+    let task = claim(&server, "w-pdf", TaskType::PdfGeneration).await;
+    server
+        .queue
+        .fail(
+            "w-pdf",
+            task.lease(),
+            &Failure::permanent("typst: unknown font family"),
+        )
+        .await
+        .unwrap();
+    server
+        .queue
+        .put_pool_status(&PoolStatus {
+            pool: "text".into(),
+            backend: "kubernetes".into(),
+            desired_replicas: 2,
+            current_replicas: 2,
+            ready_replicas: 1,
+            busy_replicas: 1,
+            pending: 1,
+            in_flight: 1,
+            conditions: json!([
+                {"type": "Ready", "status": "True", "reason": "ReplicasReady", "message": "1 of 2 ready"},
+                {"type": "Active", "status": "True", "reason": "Work", "message": "pending work"},
+                {"type": "Fallback", "status": "False", "reason": "QueueRead", "message": "queue read ok"},
+            ]),
+            last_decision: Some("scale up 1 -> 2: 1 pending over target 1 per replica".into()),
+            last_scale_at: Some(chrono::Utc::now()),
+        })
+        .await
+        .unwrap();
+
+    let browser = Browser::start(1360, 1000).await;
+    browser.goto(&server.url("/ui/")).await;
+
+    // A wrong key is refused, in words; the right one signs in.
+    browser
+        .type_into("#api-key", &format!("bk_{}", "x".repeat(43)))
+        .await;
+    browser.click("#sign-in").await;
+    browser
+        .wait_for(
+            "the refusal",
+            "const e = document.getElementById('sign-in-error'); return !e.hidden && e.textContent",
+            json!([]),
+        )
+        .await;
+    browser.screenshot(&shots.join("01-sign-in-refused.png")).await;
+    browser.type_into("#api-key", &key).await;
+    browser.click("#sign-in").await;
+    browser.find("#jobs-body tr[data-job]").await;
+    let stored = browser
+        .eval(
+            "return [sessionStorage.getItem('backlog.apiKey'), document.cookie]",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        stored,
+        json!([key, ""]),
+        "the key is in session storage, no cookie"
+    );
+    assert_eq!(
+        browser
+            .eval("return document.getElementById('nav-queue').hidden", json!([]))
+            .await,
+        json!(false),
+        "an admin key sees the Queue tab"
+    );
+
+    // Submit a reading job through the form.
+    browser.select("#new-type", "reading").await;
+    browser
+        .type_into("#new-input", "A story about a lighthouse")
+        .await;
+    browser.click("#submit-job").await;
+    let id = browser
+        .wait_for(
+            "the job's page",
+            "return location.hash.startsWith('#/jobs/') && location.hash.slice(7)",
+            json!([]),
+        )
+        .await;
+    let id = id.as_str().unwrap().to_string();
+    let state_of = "const n = document.querySelector(`#task-graph [data-task=\"${arguments[0]}\"]`); \
+                    return n && n.dataset.state === arguments[1]";
+    browser
+        .wait_for("text pending", state_of, json!(["text_generation", "pending"]))
+        .await;
+    browser
+        .wait_for("pdf blocked", state_of, json!(["pdf_generation", "blocked"]))
+        .await;
+    browser.screenshot(&shots.join("02-job-queued.png")).await;
+
+    // A worker takes the text task: the page follows.
+    let text = claim(&server, "w-text", TaskType::TextGeneration).await;
+    assert_eq!(text.job_id.to_string(), id);
+    browser
+        .wait_for("text claimed", state_of, json!(["text_generation", "claimed"]))
+        .await;
+    browser
+        .wait_for(
+            "processing",
+            "return document.querySelector('.page-head .badge').textContent === 'processing'",
+            json!([]),
+        )
+        .await;
+    complete_with_artifact(
+        &server,
+        "w-text",
+        &text,
+        ArtifactKind::Text,
+        "text/plain; charset=utf-8",
+        STORY.as_bytes(),
+    )
+    .await;
+
+    // The audio fails once (retryable), then both media tasks complete.
+    // Its retry backs off 5 to 10 s (a base of 10 s), long enough for the
+    // page to show it waiting.
+    let slow_retries = queue::Queue::new(server.pool.clone()).with_config(queue::QueueConfig {
+        retry_base: Duration::from_secs(10),
+        ..queue::QueueConfig::default()
+    });
+    let audio = claim(&server, "w-audio", TaskType::AudioGeneration).await;
+    slow_retries
+        .fail(
+            "w-audio",
+            audio.lease(),
+            &Failure::retryable("tts provider: 503 Service Unavailable"),
+        )
+        .await
+        .unwrap();
+    let pdf = claim(&server, "w-pdf", TaskType::PdfGeneration).await;
+    browser
+        .wait_for(
+            "audio backing off",
+            state_of,
+            json!(["audio_generation", "scheduled"]),
+        )
+        .await;
+    browser.find("#text-artifact").await;
+    browser.screenshot(&shots.join("03-job-running.png")).await;
+    complete_with_artifact(
+        &server,
+        "w-pdf",
+        &pdf,
+        ArtifactKind::Pdf,
+        "application/pdf",
+        &tiny_pdf(&[
+            "The Lighthouse",
+            "The lighthouse keeper counted the ships each night.",
+        ]),
+    )
+    .await;
+    let audio = claim(&server, "w-audio", TaskType::AudioGeneration).await;
+    complete_with_artifact(
+        &server,
+        "w-audio",
+        &audio,
+        ArtifactKind::Audio,
+        "audio/wav",
+        &tone_wav(2.0),
+    )
+    .await;
+
+    browser
+        .wait_for(
+            "complete, and the stream finished",
+            "return document.querySelector('.page-head .badge').textContent === 'complete' \
+             && document.getElementById('job-live').textContent === 'finished'",
+            json!([]),
+        )
+        .await;
+    for task in ["text_generation", "pdf_generation", "audio_generation"] {
+        browser.wait_for(task, state_of, json!([task, "complete"])).await;
+    }
+    let attempts = browser
+        .eval(
+            "return document.querySelector('#task-rows tr[data-task=\"audio_generation\"]').innerText",
+            json!([]),
+        )
+        .await;
+    assert!(
+        attempts.as_str().unwrap().contains("2 / 5")
+            && attempts.as_str().unwrap().contains("503 Service Unavailable"),
+        "the audio task shows its two attempts and the first one's error: {attempts}"
+    );
+
+    // The artifacts, in place: the text, the PDF in a frame, and
+    // an audio player that plays; each with a download link.
+    let shown = browser
+        .wait_for(
+            "the text artifact",
+            "const t = document.getElementById('text-artifact'); return t && t.textContent",
+            json!([]),
+        )
+        .await;
+    assert_eq!(shown, json!(STORY));
+    // Chromium opens the bytes as a PDF document in the frame (headless
+    // Chromium does not draw its viewer's pages, so the screenshot shows the
+    // viewer's empty frame).
+    browser
+        .wait_for(
+            "the PDF opened as a PDF document",
+            "const f = document.getElementById('pdf-frame'); \
+             return f && f.src.startsWith('blob:') && f.contentDocument \
+             && f.contentDocument.contentType === 'application/pdf'",
+            json!([]),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the audio's length",
+            "const a = document.getElementById('audio-player'); \
+             return a && a.src.startsWith('blob:') && a.duration > 1.9 && a.duration < 2.1",
+            json!([]),
+        )
+        .await;
+    browser
+        .eval(
+            "document.getElementById('audio-player').play(); return true",
+            json!([]),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the audio playing",
+            "const a = document.getElementById('audio-player'); return !a.paused && a.currentTime > 0",
+            json!([]),
+        )
+        .await;
+    let downloads = browser
+        .eval(
+            "return ['text', 'pdf', 'audio'].map(k => document.getElementById('download-' + k))\
+             .map(a => a && a.href.startsWith('blob:') && a.getAttribute('download'))",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        downloads,
+        json!([
+            format!("text-{}.txt", &id[..8]),
+            format!("pdf-{}.pdf", &id[..8]),
+            format!("audio-{}.wav", &id[..8])
+        ])
+    );
+    // Let the PDF viewer draw before the picture.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    browser.screenshot(&shots.join("04-job-complete.png")).await;
+
+    // The list, live, and its filters.
+    browser.goto(&server.url("/ui/#/jobs")).await;
+    browser
+        .wait_for(
+            "the completed job in the list",
+            "const r = document.querySelector(`tr[data-job=\"${arguments[0]}\"] .badge`); \
+             return r && r.textContent === 'complete'",
+            json!([id]),
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval(
+                "return document.querySelectorAll('#jobs-body tr[data-job]').length",
+                json!([])
+            )
+            .await,
+        json!(3)
+    );
+    browser.screenshot(&shots.join("05-jobs.png")).await;
+    browser.select("#filter-status", "failed").await;
+    let failed_id = failing["id"].as_str().unwrap();
+    browser
+        .wait_for(
+            "only the failed job",
+            "const rows = [...document.querySelectorAll('#jobs-body tr[data-job]')]; \
+             return rows.length === 1 && rows[0].dataset.job === arguments[0]",
+            json!([failed_id]),
+        )
+        .await;
+    browser.select("#filter-age", "900").await;
+    browser
+        .wait_for(
+            "the age filter kept in the address",
+            "return location.hash.includes('status=failed') && location.hash.includes('age=900') \
+             && document.querySelectorAll('#jobs-body tr[data-job]').length === 1",
+            json!([]),
+        )
+        .await;
+    browser
+        .screenshot(&shots.join("06-jobs-failed-last-15-min.png"))
+        .await;
+
+    // The queue page: depth now, the sampled chart, the pools.
+    browser.click("#nav-queue").await;
+    browser
+        .find("#depth-rows tr[data-task-type=\"text_generation\"]")
+        .await;
+    browser
+        .find("#charts [data-chart=\"text_generation\"] path.series")
+        .await;
+    browser.find("#pool-rows tr[data-pool=\"text\"]").await;
+    let pool_row = browser
+        .eval(
+            "return document.querySelector('#pool-rows tr[data-pool=\"text\"]').innerText",
+            json!([]),
+        )
+        .await;
+    let pool_row = pool_row.as_str().unwrap();
+    assert!(
+        pool_row.contains("2 / 2 / 1") && pool_row.contains("scale up 1 -> 2"),
+        "{pool_row}"
+    );
+    browser.screenshot(&shots.join("07-queue.png")).await;
+
+    // Signing out forgets the key.
+    browser.click("#sign-out").await;
+    browser.find("#api-key").await;
+    assert_eq!(
+        browser.eval("return sessionStorage.length", json!([])).await,
+        json!(0)
+    );
+    browser.quit().await;
+    server.stop().await;
+}
