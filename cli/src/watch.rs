@@ -126,29 +126,27 @@ impl Display {
                 }
             }
             Display::Plain { last } => {
-                let mut changes = Vec::new();
+                // A line when the job's status or a task's state or attempt
+                // changes (elapsed time changes on every read).
+                let mut report = |key: String, state: String, line: String| {
+                    if last.get(&key) != Some(&state) {
+                        eprintln!("{line}");
+                        last.insert(key, state);
+                    }
+                };
                 let job_line = format!(
                     "job {} {} ({done}/{} tasks)",
                     detail.job.id,
                     detail.job.status,
                     detail.tasks.len()
                 );
-                changes.push(("job".to_string(), job_line));
+                report("job".into(), job_line.clone(), job_line);
                 for task in &detail.tasks {
-                    // Elapsed time changes every read; a line is printed
-                    // when the state or attempt does.
-                    let key = format!("task {}", task.id);
-                    let state = format!("{} {} {}", task.task_type, task.status, task.attempts);
-                    if last.get(&key) != Some(&state) {
-                        last.insert(key, state);
-                        eprintln!("  {}", task_line(task, now));
-                    }
-                }
-                for (key, line) in changes {
-                    if last.get(&key) != Some(&line) {
-                        eprintln!("{line}");
-                        last.insert(key, line);
-                    }
+                    report(
+                        format!("task {}", task.id),
+                        format!("{} {}", task.status, task.attempts),
+                        format!("  {}", task_line(task, now)),
+                    );
                 }
             }
         }
