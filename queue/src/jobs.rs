@@ -354,10 +354,26 @@ impl Queue {
                 }
             }
         }
+        if let Some(unknown) = input
+            .keys()
+            .find(|k| ![required, "title", "voice", "lang"].contains(&k.as_str()))
+        {
+            return Err(QueueError::invalid(
+                format!("input.{unknown}"),
+                format!(
+                    "is not a field of {} jobs' input (expected {required}, title, voice, lang)",
+                    job.job_type
+                ),
+            ));
+        }
+        // Last, the contract the workers read (`crate::input`) has the final
+        // word, whoever enqueues: what passes here is what they accept.
         if let Some(serde_json::Value::String(tag)) = input.get("lang") {
             crate::input::primary_language(tag)
                 .map_err(|message| QueueError::invalid("input.lang", message))?;
         }
+        crate::input::JobInput::parse(job.job_type, &job.input)
+            .map_err(|e| QueueError::invalid("input", e.to_string()))?;
         Ok(())
     }
 

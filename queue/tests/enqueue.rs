@@ -164,6 +164,55 @@ async fn bad_input_is_a_typed_error_naming_the_field_and_writes_nothing(pool: Pg
     );
 }
 
+/// Every caller of `enqueue` (the API, test fixtures, scripts) writes only
+/// inputs the workers accept: the queue reads the input through the same
+/// contract as they do, so a field they would never read is refused.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn inputs_the_workers_would_refuse_are_refused_at_enqueue(pool: PgPool) {
+    let q = queue(pool.clone());
+    let refused = |job: NewJob| {
+        let q = q.clone();
+        async move {
+            match q.enqueue(job).await {
+                Err(QueueError::InvalidInput { field, message }) => format!("{field}: {message}"),
+                other => panic!("expected InvalidInput, got {other:?}"),
+            }
+        }
+    };
+    assert_eq!(
+        refused(NewJob::new(
+            TENANT,
+            JobType::Text,
+            json!({"prompt": "x", "language": "el"})
+        ))
+        .await,
+        "input.language: is not a field of text jobs' input (expected prompt, title, voice, lang)"
+    );
+    assert_eq!(
+        refused(NewJob::new(
+            TENANT,
+            JobType::Pdf,
+            json!({"text": "x", "prompt": "y"})
+        ))
+        .await,
+        "input.prompt: is not a field of pdf jobs' input (expected text, title, voice, lang)"
+    );
+    assert_eq!(count(&pool, "jobs").await, 0);
+
+    // What the queue accepts, the workers' contract reads back.
+    let written = q
+        .enqueue(NewJob::new(
+            TENANT,
+            JobType::Reading,
+            json!({"prompt": "tea", "lang": "el"}),
+        ))
+        .await
+        .unwrap()
+        .job;
+    let input = queue::input::JobInput::parse(written.job_type, &written.input).unwrap();
+    assert_eq!((input.prompt(), input.lang()), (Some("tea"), Some("el")));
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn claim_tasks_is_callable_from_plain_sql_and_rejects_a_bad_limit(pool: PgPool) {
     let q = queue(pool.clone());

@@ -1,0 +1,216 @@
+//! `backlog`, the command-line client of the HTTP API. It talks to the API
+//! only: inputs are built with the queue crate's job-input contract
+//! (`queue::input`), responses read into [`views`].
+
+mod args;
+mod client;
+mod config;
+mod download;
+mod error;
+mod output;
+mod submit;
+mod views;
+mod watch;
+
+pub use args::Cli;
+pub use error::{exit, CliError};
+
+use args::{ArtifactsCommand, Command, JobsCommand};
+use client::{Client, ListFilter};
+use config::Settings;
+use error::Result;
+use output::{age, or_dash, print, table, Format};
+use views::{Job, JobDetail};
+
+/// Run one command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "backlog", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Config(format) => show_config(&Settings::load()?, format.output),
+        command => {
+            let (url, key) = Settings::load()?.require()?;
+            let client = Client::new(url, key)?;
+            run_api_command(&client, command).await
+        }
+    }
+}
+
+async fn run_api_command(client: &Client, command: Command) -> Result<()> {
+    match command {
+        Command::Submit(args) => submit::run(client, args).await,
+        Command::Jobs(JobsCommand::List {
+            status,
+            job_type,
+            limit,
+            cursor,
+            format,
+        }) => {
+            let filter = ListFilter {
+                status,
+                job_type,
+                limit: Some(limit),
+                cursor,
+            };
+            let list = client.list_jobs(&filter).await?;
+            print(format.output, &list, |list| {
+                let mut text = jobs_table(&list.jobs);
+                if let Some(cursor) = &list.next_cursor {
+                    text.push_str(&format!("(more: --cursor {cursor})\n"));
+                }
+                text
+            })
+        }
+        Command::Jobs(JobsCommand::Get { id, format }) => {
+            let detail = client.job(id).await?;
+            print(format.output, &detail, job_detail_table)
+        }
+        Command::Jobs(JobsCommand::Cancel { id, format }) => {
+            let job = client.cancel_job(id).await?;
+            print(format.output, &job, |job| jobs_table(std::slice::from_ref(job)))
+        }
+        Command::Jobs(JobsCommand::Retry { id, wait, format }) => {
+            let job = client.retry_job(id).await?;
+            if wait {
+                watch::follow(client, job.id, format.output).await
+            } else {
+                print(format.output, &job, |job| jobs_table(std::slice::from_ref(job)))
+            }
+        }
+        Command::Jobs(JobsCommand::Wait { id, format }) => watch::follow(client, id, format.output).await,
+        Command::Artifacts(ArtifactsCommand::Get { job, kind, file }) => {
+            download::run(client, job, kind, file).await
+        }
+        Command::Queue(format) => {
+            let depth = client.queue_depth().await?;
+            print(format.output, &depth, |depth| {
+                let rows: Vec<Vec<String>> = depth
+                    .task_types
+                    .iter()
+                    .map(|d| {
+                        let capped = if d.capped { "+" } else { "" };
+                        vec![
+                            d.task_type.to_string(),
+                            format!("{}{capped}", d.pending),
+                            d.scheduled.to_string(),
+                            d.blocked.to_string(),
+                            d.in_flight.to_string(),
+                            output::duration(chrono::Duration::milliseconds(
+                                (d.oldest_pending_seconds * 1000.0) as i64,
+                            )),
+                            d.completed_last_minute.to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "task type",
+                        "pending",
+                        "scheduled",
+                        "blocked",
+                        "in flight",
+                        "oldest pending",
+                        "done/min",
+                    ],
+                    &rows,
+                )
+            })
+        }
+        Command::Pools(format) => {
+            let pools = client.pools().await?;
+            print(format.output, &pools, |pools| {
+                let rows: Vec<Vec<String>> = pools
+                    .pools
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.pool.clone(),
+                            p.backend.clone(),
+                            p.pending.to_string(),
+                            p.in_flight.to_string(),
+                            p.desired_replicas.to_string(),
+                            p.current_replicas.to_string(),
+                            p.ready_replicas.to_string(),
+                            or_dash(p.condition("Active")),
+                            p.busy_replicas.to_string(),
+                            or_dash(p.last_decision.as_deref()),
+                            age(p.updated_at),
+                        ]
+                    })
+                    .collect();
+                table(&POOL_COLUMNS, &rows)
+            })
+        }
+        Command::Config(_) | Command::Completions { .. } => unreachable!("handled without the API"),
+    }
+}
+
+/// `kubectl get wp`'s columns (the CRD's additionalPrinterColumns), less
+/// Task Types and Age, which `GET /v1/pools` does not carry, plus the
+/// backend and when the controller last wrote the row.
+pub const POOL_COLUMNS: [&str; 11] = [
+    "name",
+    "backend",
+    "pending",
+    "in-flight",
+    "desired",
+    "current",
+    "ready",
+    "active",
+    "busy",
+    "decision",
+    "updated",
+];
+
+fn show_config(settings: &Settings, format: Format) -> Result<()> {
+    let value = serde_json::json!({
+        "url": settings.url.as_ref().map(|(u, _)| u),
+        "url_from": settings.url.as_ref().map(|(_, s)| s.to_string()),
+        "key": settings.key.as_ref().map(|_| "(set)"),
+        "key_from": settings.key.as_ref().map(|(_, s)| s.to_string()),
+        "config_file": settings.file.as_ref().map(|p| p.display().to_string()),
+    });
+    print(format, &value, |_| {
+        let from =
+            |s: Option<&config::Source>| s.map_or_else(|| "not set".to_string(), |s| format!("from {s}"));
+        format!(
+            "url:   {} ({})\nkey:   {} ({})\nconfig file: {}\n",
+            settings.url.as_ref().map_or("-", |(u, _)| u.as_str()),
+            from(settings.url.as_ref().map(|(_, s)| s)),
+            if settings.key.is_some() { "set" } else { "-" },
+            from(settings.key.as_ref().map(|(_, s)| s)),
+            or_dash(settings.file.as_ref().map(|p| p.display())),
+        )
+    })
+}
+
+fn jobs_table(jobs: &[Job]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.to_string(),
+                j.job_type.to_string(),
+                j.status.to_string(),
+                j.priority.to_string(),
+                age(j.created_at),
+                or_dash(j.error.as_deref()),
+            ]
+        })
+        .collect();
+    table(&["id", "type", "status", "priority", "age", "error"], &rows)
+}
+
+fn job_detail_table(detail: &JobDetail) -> String {
+    let mut out = jobs_table(std::slice::from_ref(&detail.job));
+    out.push('\n');
+    out.push_str(&watch::tasks_table(&detail.tasks));
+    if !detail.artifacts.is_empty() {
+        out.push('\n');
+        out.push_str(&watch::artifacts_table(&detail.artifacts));
+    }
+    out
+}

@@ -1,0 +1,138 @@
+//! `-o table|json|yaml`: a table for people, JSON and YAML for scripts (the
+//! API's response as read, so `jq` paths match the API's documentation).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::error::{CliError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Columns aligned on the widest cell, separated by three spaces, headers
+/// in capitals: the layout of `kubectl get`. (Our tables are a few short
+/// columns; a table crate would bring borders and wrapping we don't use.)
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let headers: Vec<String> = headers.iter().map(|h| h.to_uppercase()).collect();
+    for row in std::iter::once(&headers).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                line.push_str("   ");
+            }
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(' ', width - cell.chars().count()));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Print `value` as JSON or YAML, or, for tables, what `table` renders.
+pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
+    let text = match format {
+        Format::Table => table(value),
+        Format::Json => {
+            let mut json = serde_json::to_string_pretty(value).map_err(internal)?;
+            json.push('\n');
+            json
+        }
+        Format::Yaml => serde_yaml_ng::to_string(value).map_err(internal)?,
+    };
+    print!("{text}");
+    Ok(())
+}
+
+fn internal(e: impl std::fmt::Display) -> CliError {
+    CliError::Usage(format!("could not render the output: {e}"))
+}
+
+/// `45s`, `3m12s`, `2h5m`, `4d3h`: an age or a duration, as kubectl shows them.
+pub fn duration(d: chrono::Duration) -> String {
+    let s = d.num_seconds().max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// A duration with tenths under a minute (`2.4s`), for live progress.
+pub fn elapsed(d: chrono::Duration) -> String {
+    let ms = d.num_milliseconds().max(0);
+    if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        duration(d)
+    }
+}
+
+pub fn age(at: DateTime<Utc>) -> String {
+    duration(Utc::now() - at)
+}
+
+/// `512 B`, `12.3 KiB`, `4.0 MiB`.
+pub fn bytes(n: i64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+pub fn or_dash(value: Option<impl ToString>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_on_the_widest_cell_and_trim_line_ends() {
+        let rows = vec![
+            vec!["text_generation".into(), "3".into(), "".into()],
+            vec!["pdf".into(), "12".into(), "x".into()],
+        ];
+        assert_eq!(
+            table(&["task type", "pending", "note"], &rows),
+            "TASK TYPE         PENDING   NOTE\n\
+             text_generation   3\n\
+             pdf               12        x\n"
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes_read_as_kubectl_and_ls_h_show_them() {
+        let secs = chrono::Duration::seconds;
+        assert_eq!(
+            [secs(5), secs(192), secs(7500), secs(3 * 86_400 + 7200)].map(duration),
+            ["5s", "3m12s", "2h5m", "3d2h"]
+        );
+        assert_eq!(elapsed(chrono::Duration::milliseconds(2449)), "2.4s");
+        assert_eq!(
+            [0, 1023, 1536, 5 << 20].map(bytes),
+            ["0 B", "1023 B", "1.5 KiB", "5.0 MiB"]
+        );
+    }
+}

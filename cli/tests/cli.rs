@@ -1,0 +1,624 @@
+//! The `backlog` binary against the real API (its router in this process,
+//! as the API's own tests start it) and a real PostgreSQL. Tasks are done
+//! the way a worker does them, through the queue library: claim, store
+//! the bytes, record the artifact under the lease, complete.
+
+// The API's test server, shared rather than copied.
+#[path = "../../api/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use common::TestServer;
+use queue::{ApiKeyRole, ArtifactKind, Failure, NewArtifact, PoolStatus, TaskType};
+use serde_json::{json, Value};
+
+/// The binary with the server's URL and a key in its environment, and no
+/// config file of the machine's.
+fn backlog(server: &TestServer, key: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BACKLOG_URL", &server.base)
+        .env("BACKLOG_KEY", key)
+        .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// Run to the end; stdout and stderr as text, and the exit code.
+async fn run(command: &mut tokio::process::Command, args: &[&str]) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = tokio::time::timeout(Duration::from_secs(30), command.args(args).output())
+        .await
+        .unwrap_or_else(|_| panic!("backlog {args:?} ended within 30 s"))
+        .unwrap();
+    (
+        status.code().expect("exited, not killed"),
+        String::from_utf8(stdout).unwrap(),
+        String::from_utf8(stderr).unwrap(),
+    )
+}
+
+/// `backlog <args> -o json`, which must succeed, parsed.
+async fn json_of(server: &TestServer, key: &str, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let (code, stdout, stderr) = run(&mut backlog(server, key), &all).await;
+    assert_eq!(code, 0, "backlog {all:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// Do one task of `task_type` as a worker would, storing `artifact`.
+async fn do_task(server: &TestServer, task_type: TaskType, artifact: Option<(ArtifactKind, &[u8])>) {
+    let mut claimed = Vec::new();
+    for _ in 0..200 {
+        claimed = server.queue.claim("test-worker", &[task_type], 1).await.unwrap();
+        if !claimed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let task = claimed
+        .pop()
+        .unwrap_or_else(|| panic!("a {task_type} task to claim"));
+    if let Some((kind, bytes)) = artifact {
+        let storage_key = format!("jobs/{}/{}-{}", task.job_id, kind.as_str(), task.id);
+        let path = server.artifacts.path().join(&storage_key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let content_type = match kind {
+            ArtifactKind::Text => "text/markdown",
+            ArtifactKind::Pdf => "application/pdf",
+            ArtifactKind::Audio => "audio/mpeg",
+        };
+        server
+            .queue
+            .record_artifact(
+                "test-worker",
+                task.lease(),
+                &NewArtifact {
+                    job_id: task.job_id,
+                    kind,
+                    content_type: content_type.into(),
+                    storage_key,
+                    bytes: bytes.len() as i64,
+                    sha256: store::sha256_hex(bytes),
+                    metadata: json!({}),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    // Long enough that elapsed times read above zero.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    server
+        .queue
+        .complete("test-worker", task.lease(), json!({}))
+        .await
+        .unwrap();
+}
+
+/// A PDF-ish body big enough to download in several chunks.
+fn pdf_bytes() -> Vec<u8> {
+    let mut bytes = b"%PDF-1.7\n".to_vec();
+    bytes.extend((0..200_000u32).map(|i| (i % 251) as u8));
+    bytes
+}
+
+/// Do a reading job's three tasks, in the order their dependencies allow.
+async fn do_reading_job(server: &TestServer, pdf: &[u8]) {
+    do_task(
+        server,
+        TaskType::TextGeneration,
+        Some((ArtifactKind::Text, b"# Tides\n")),
+    )
+    .await;
+    do_task(server, TaskType::PdfGeneration, Some((ArtifactKind::Pdf, pdf))).await;
+    do_task(
+        server,
+        TaskType::AudioGeneration,
+        Some((ArtifactKind::Audio, b"ID3 audio")),
+    )
+    .await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn submit_wait_follows_a_reading_job_to_its_artifacts_and_downloads_resume(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let mut waiting = backlog(&server, &key);
+    waiting.args([
+        "submit",
+        "reading",
+        "--prompt",
+        "the life of tides",
+        "--title",
+        "Tides",
+        "--lang",
+        "el",
+        "--wait",
+    ]);
+    let waiting = tokio::spawn(async move { run(&mut waiting, &[]).await });
+    let pdf = pdf_bytes();
+    do_reading_job(&server, &pdf).await;
+    let (code, stdout, stderr) = waiting.await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    // No terminal: plain lines, one per task change, then the artifacts.
+    for task_type in ["text_generation", "pdf_generation", "audio_generation"] {
+        assert!(
+            stderr.contains(&format!("{task_type:<17} complete   attempt 1/")),
+            "{task_type} reported complete: {stderr}"
+        );
+    }
+    assert!(stderr.contains("complete (3/3 tasks)"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no escape codes without a terminal: {stderr:?}"
+    );
+    let table: Vec<&str> = stdout.lines().collect();
+    assert!(table[0].starts_with("ARTIFACT   TYPE"), "{stdout}");
+    assert!(
+        table
+            .iter()
+            .any(|l| l.starts_with("pdf ") && l.contains("195.3 KiB")),
+        "{stdout}"
+    );
+    assert_eq!(table.len(), 4, "a header and three artifacts: {stdout}");
+
+    let jobs = json_of(&server, &key, &["jobs", "list"]).await;
+    let id = jobs["jobs"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        jobs["jobs"][0]["input"],
+        json!({"prompt": "the life of tides", "title": "Tides", "lang": "el"})
+    );
+
+    // Whole, then resumed from half a file; both checked by sha256.
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole.pdf");
+    let (code, _, stderr) = run(
+        &mut backlog(&server, &key),
+        &[
+            "artifacts",
+            "get",
+            &id,
+            "--kind",
+            "pdf",
+            "-o",
+            whole.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read(&whole).unwrap(), pdf);
+    assert!(stderr.contains("sha256 verified"), "{stderr}");
+
+    let partial = dir.path().join("partial.pdf");
+    std::fs::write(&partial, &pdf[..70_000]).unwrap();
+    let (code, _, stderr) = run(
+        &mut backlog(&server, &key),
+        &[
+            "artifacts",
+            "get",
+            &id,
+            "--kind",
+            "pdf",
+            "-o",
+            partial.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("resumed at byte 70000"), "{stderr}");
+    assert_eq!(std::fs::read(&partial).unwrap(), pdf);
+
+    // A partial file that is not a prefix of the artifact fails its check.
+    let corrupt = dir.path().join("corrupt.pdf");
+    std::fs::write(&corrupt, vec![b'x'; 1000]).unwrap();
+    let (code, _, stderr) = run(
+        &mut backlog(&server, &key),
+        &[
+            "artifacts",
+            "get",
+            &id,
+            "--kind",
+            "pdf",
+            "-o",
+            corrupt.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!((code, stderr.contains("remove the file")), (6, true), "{stderr}");
+    server.stop().await;
+}
+
+/// Each response type of the CLI, read from the real API and written back,
+/// is the API's JSON exactly: a field renamed, added or retyped on either
+/// side fails here.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn json_and_yaml_output_is_the_api_response_field_for_field(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let admin = server.key("ops", ApiKeyRole::Admin).await;
+    let submitted = json_of(&server, &key, &["submit", "reading", "--prompt", "tides"]).await;
+    let id = submitted["id"].as_str().unwrap().to_string();
+    do_reading_job(&server, b"%PDF").await;
+    server
+        .queue
+        .put_pool_status(&PoolStatus {
+            pool: "text".into(),
+            backend: "kubernetes".into(),
+            desired_replicas: 2,
+            current_replicas: 2,
+            ready_replicas: 1,
+            busy_replicas: 1,
+            pending: 7,
+            in_flight: 1,
+            conditions: json!([{"type": "Active", "status": "True", "reason": "Scaled"}]),
+            last_decision: Some("scale up".into()),
+            last_scale_at: Some(chrono::Utc::now()),
+        })
+        .await
+        .unwrap();
+    test_support::enqueue_jobs(&server.queue, queue::JobType::Text, 3).await;
+
+    let (_, api_job) = server.get_json(&key, &format!("/v1/jobs/{id}")).await;
+    assert_eq!(api_job["artifacts"].as_array().unwrap().len(), 3, "{api_job}");
+    assert_eq!(json_of(&server, &key, &["jobs", "get", &id]).await, api_job);
+    let (_, api_list) = server.get_json(&key, "/v1/jobs").await;
+    assert_eq!(json_of(&server, &key, &["jobs", "list"]).await, api_list);
+    // The oldest pending task's age is read at each request: compared as
+    // present, then set aside.
+    let without_ages = |mut depth: Value| {
+        for row in depth["task_types"].as_array_mut().unwrap() {
+            assert!(row["oldest_pending_seconds"].is_f64(), "{row}");
+            row["oldest_pending_seconds"] = Value::Null;
+        }
+        depth
+    };
+    let (_, api_queue) = server.get_json(&admin, "/v1/queue").await;
+    assert_eq!(
+        without_ages(json_of(&server, &admin, &["queue"]).await),
+        without_ages(api_queue)
+    );
+    let (_, api_pools) = server.get_json(&admin, "/v1/pools").await;
+    assert_eq!(json_of(&server, &admin, &["pools"]).await, api_pools);
+
+    let (code, yaml, stderr) = run(&mut backlog(&server, &key), &["jobs", "get", &id, "-o", "yaml"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let from_yaml: Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    assert_eq!(from_yaml, api_job);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn queue_and_pools_print_tables_with_kubectls_columns(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let admin = server.key("ops", ApiKeyRole::Admin).await;
+    test_support::enqueue_jobs(&server.queue, queue::JobType::Text, 3).await;
+    server
+        .queue
+        .put_pool_status(&PoolStatus {
+            pool: "text".into(),
+            backend: "fly".into(),
+            desired_replicas: 3,
+            current_replicas: 2,
+            ready_replicas: 2,
+            busy_replicas: 1,
+            pending: 3,
+            in_flight: 0,
+            conditions: json!([{"type": "Active", "status": "True"}]),
+            last_decision: None,
+            last_scale_at: None,
+        })
+        .await
+        .unwrap();
+
+    let (code, stdout, stderr) = run(&mut backlog(&server, &admin), &["queue"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split("   ").map(str::trim).filter(|c| !c.is_empty()).collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        [
+            "TASK TYPE",
+            "PENDING",
+            "SCHEDULED",
+            "BLOCKED",
+            "IN FLIGHT",
+            "OLDEST PENDING",
+            "DONE/MIN"
+        ]
+    );
+    let text = lines
+        .iter()
+        .find(|l| l[0] == "text_generation")
+        .expect("a text_generation row");
+    assert_eq!(text[1], "3", "{stdout}");
+
+    let (code, stdout, stderr) = run(&mut backlog(&server, &admin), &["pools"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let header: Vec<&str> = stdout.lines().next().unwrap().split_whitespace().collect();
+    // Every printer column of the CRD the API carries, by kubectl's name.
+    let crd: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(workspace().join("manifests/crd.yaml")).unwrap())
+            .unwrap();
+    let columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .unwrap();
+    assert!(columns.len() >= 8, "{columns:?}");
+    for column in columns {
+        let name = column["name"].as_str().unwrap().to_uppercase();
+        if name == "TASK TYPES" || name == "AGE" {
+            continue; // not in GET /v1/pools
+        }
+        assert!(header.contains(&name.as_str()), "{name} in {header:?}");
+    }
+    let row: Vec<&str> = stdout.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        &row[..9],
+        ["text", "fly", "3", "0", "3", "2", "2", "True", "1"],
+        "{stdout}"
+    );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn cancel_retry_and_failures_end_with_their_exit_codes(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+
+    // Cancel; waiting for a cancelled job exits 1.
+    let job = json_of(&server, &key, &["submit", "text", "--prompt", "x"]).await;
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(
+        json_of(&server, &key, &["jobs", "cancel", id]).await["status"],
+        "cancelled"
+    );
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &["jobs", "wait", id]).await;
+    assert_eq!((code, stderr.contains("cancelled")), (1, true), "{stderr}");
+
+    // A job that fails: waiting exits 1 and names the error; retry queues it.
+    let job = json_of(&server, &key, &["submit", "text", "--prompt", "y"]).await;
+    let id = job["id"].as_str().unwrap();
+    let task = server
+        .queue
+        .claim("w", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0);
+    server
+        .queue
+        .fail("w", task.lease(), &Failure::permanent("the model refused"))
+        .await
+        .unwrap();
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &["jobs", "wait", id]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("failed") && stderr.contains("the model refused"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &["jobs", "cancel", id]).await;
+    assert_eq!(code, 5, "a failed job cannot be cancelled: {stderr}");
+    let retried = json_of(&server, &key, &["jobs", "retry", id]).await;
+    assert_eq!(retried["status"], "queued");
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &["jobs", "retry", id]).await;
+    assert_eq!(code, 5, "a queued job cannot be retried: {stderr}");
+
+    // Not found, bad key, no configuration, bad input.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &["jobs", "get", &unknown]).await;
+    assert_eq!(code, 4, "{stderr}");
+    let (code, _, stderr) = run(
+        &mut backlog(&server, &key),
+        &["artifacts", "get", id, "--kind", "pdf"],
+    )
+    .await;
+    assert_eq!(
+        (code, stderr.contains("no pdf artifact yet")),
+        (4, true),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&mut backlog(&server, "bk_not_a_key"), &["jobs", "list"]).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("401") && !stderr.contains("bk_not_a_key"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(
+        backlog(&server, &key).env_remove("BACKLOG_KEY"),
+        &["jobs", "list"],
+    )
+    .await;
+    assert_eq!((code, stderr.contains("set BACKLOG_KEY")), (3, true), "{stderr}");
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &["queue"]).await;
+    assert_eq!(code, 3, "a client key may not read the queue: {stderr}");
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &["submit", "pdf", "--prompt", "x"]).await;
+    assert_eq!(
+        (code, stderr.contains("--text or --text-file")),
+        (2, true),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(
+        &mut backlog(&server, &key),
+        &["submit", "text", "--prompt", "x", "--lang", "english"],
+    )
+    .await;
+    assert_eq!(
+        (code, stderr.contains("not an ISO 639 language code")),
+        (2, true),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &["submit", "video"]).await;
+    assert_eq!((code, stderr.contains("unknown job type")), (2, true), "{stderr}");
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_batch_file_is_checked_whole_and_is_safe_to_run_again(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("jobs.jsonl");
+    std::fs::write(
+        &batch,
+        "{\"type\": \"text\", \"input\": {\"prompt\": \"one\"}}\n\n\
+         {\"type\": \"pdf\", \"input\": {\"text\": \"two\"}, \"priority\": 5}\n",
+    )
+    .unwrap();
+    let args = [
+        "submit",
+        "--batch",
+        batch.to_str().unwrap(),
+        "--idempotency-key",
+        "import-1",
+    ];
+    let (code, stdout, stderr) = run(&mut backlog(&server, &key), &args).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("2 created, 0 already existed"), "{stdout}");
+    let (code, stdout, stderr) = run(&mut backlog(&server, &key), &args).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("0 created, 2 already existed"), "{stdout}");
+    let jobs = json_of(&server, &key, &["jobs", "list"]).await;
+    let keys: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["idempotency_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 2);
+    assert!(
+        keys.contains(&"import-1-1") && keys.contains(&"import-1-3"),
+        "{keys:?}"
+    );
+
+    // A line the workers would refuse: nothing is sent, and the line and
+    // field are named.
+    std::fs::write(
+        &batch,
+        "{\"type\": \"text\", \"input\": {\"prompt\": \"three\"}}\n{\"type\": \"audiobook\", \"input\": {\"text\": \"t\", \"language\": \"el\"}}\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(
+        &mut backlog(&server, &key),
+        &["submit", "--batch", batch.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("jobs.jsonl:2: input: unknown field `language`"),
+        "{stderr}"
+    );
+    assert_eq!(
+        server.row_counts().await[0],
+        2,
+        "nothing of the bad file was created"
+    );
+    server.stop().await;
+}
+
+/// Under a pseudo-terminal (python's `pty`, with a window size set, as a
+/// terminal has), the live display names every task and reaches 100 %.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn on_a_terminal_the_progress_display_reaches_100_percent_naming_every_task(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let mut under_pty = tokio::process::Command::new("python3");
+    under_pty
+        .arg("-c")
+        .arg(PTY_RUNNER)
+        .arg(env!("CARGO_BIN_EXE_backlog"))
+        .args(["submit", "reading", "--prompt", "tides", "--wait"])
+        .env("BACKLOG_URL", &server.base)
+        .env("BACKLOG_KEY", &key)
+        .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
+        .env("TERM", "xterm-256color")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let waiting = tokio::spawn(async move { run(&mut under_pty, &[]).await });
+    do_reading_job(&server, b"%PDF").await;
+    let (code, screen, stderr) = waiting.await.unwrap();
+    assert_eq!(code, 0, "{stderr}\n{screen}");
+    assert!(
+        screen.contains('\u{1b}'),
+        "drawn with escape codes on a terminal: {screen:?}"
+    );
+    assert!(screen.contains("3/3 tasks 100%"), "{screen}");
+    for task_type in ["text_generation", "pdf_generation", "audio_generation"] {
+        assert!(screen.contains(task_type), "{task_type} named: {screen}");
+    }
+    server.stop().await;
+}
+
+/// Runs argv[1:] under a new pseudo-terminal of 40x120, copies what it
+/// draws to stdout, and exits with its exit code.
+const PTY_RUNNER: &str = r#"
+import fcntl, os, pty, struct, sys, termios
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+while True:
+    try:
+        chunk = os.read(fd, 65536)
+    except OSError:
+        break
+    if not chunk:
+        break
+    sys.stdout.buffer.write(chunk)
+sys.stdout.flush()
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+
+#[tokio::test]
+async fn help_lists_exit_codes_and_completions_are_generated() {
+    let run_plain = |args: &'static [&'static str]| async move {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"))
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        (
+            output.status.code().unwrap(),
+            String::from_utf8(output.stdout).unwrap(),
+        )
+    };
+    let (code, help) = run_plain(&["--help"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        help.contains("Exit codes:") && help.contains("Examples:"),
+        "{help}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, script) = run_plain(match shell {
+            "bash" => &["completions", "bash"],
+            "zsh" => &["completions", "zsh"],
+            _ => &["completions", "fish"],
+        })
+        .await;
+        assert_eq!(code, 0);
+        assert!(
+            script.contains("backlog") && script.contains("artifacts"),
+            "{shell}: {script}"
+        );
+    }
+    let (code, _) = run_plain(&["jobs", "frobnicate"]).await;
+    assert_eq!(code, 2, "usage errors exit 2");
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
