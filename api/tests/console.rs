@@ -288,6 +288,8 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
             ]),
             last_decision: Some("scale up 1 -> 2: 1 pending over target 1 per replica".into()),
             last_scale_at: Some(chrono::Utc::now()),
+            task_types: vec!["text_generation".into()],
+            created_at: None,
         })
         .await
         .unwrap();
@@ -571,7 +573,9 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         .await;
     let pool_row = pool_row.as_str().unwrap();
     assert!(
-        pool_row.contains("2 / 2 / 1") && pool_row.contains("scale up 1 -> 2"),
+        pool_row.contains("2 / 2 / 1")
+            && pool_row.contains("scale up 1 -> 2")
+            && pool_row.contains("text_generation"),
         "{pool_row}"
     );
     browser.screenshot(&shots.join("07-queue.png")).await;

@@ -404,9 +404,14 @@ async fn pools_show_the_status_the_controller_wrote_to_admin_keys_only(pool: sql
         conditions: json!([{"type": "Ready", "status": "False", "reason": "Unauthorized", "message": "token"}]),
         last_decision: Some("9 pending at 4 per replica".into()),
         last_scale_at: None,
+        task_types: vec!["text_generation".into(), "pdf_generation".into()],
+        created_at: Some("2026-11-30T08:00:00Z".parse().unwrap()),
     };
     server.queue.put_pool_status(&status).await.unwrap();
-    status.desired_replicas = 4; // a later pass replaces the row
+    // A later pass replaces the row; a writer that knows no creation time
+    // (a pool from a file) keeps the stored one.
+    status.desired_replicas = 4;
+    status.created_at = None;
     server.queue.put_pool_status(&status).await.unwrap();
     let (code, body) = get(admin.clone()).await;
     assert_eq!(code, 200, "{body}");
@@ -432,6 +437,8 @@ async fn pools_show_the_status_the_controller_wrote_to_admin_keys_only(pool: sql
         )
     );
     assert_eq!(p["conditions"][0]["reason"], "Unauthorized");
+    assert_eq!(p["task_types"], json!(["text_generation", "pdf_generation"]));
+    assert_eq!(p["created_at"], "2026-11-30T08:00:00Z");
     assert!(p["updated_at"].is_string());
 
     let (code, body) = get(client_key).await;

@@ -765,7 +765,8 @@ function renderQueue(main, admin) {
       const age = between(p.updated_at);
       const conditions = Array.isArray(p.conditions) ? p.conditions : [];
       return h("tr", { "data-pool": p.pool },
-        h("td", {}, h("b", {}, p.pool), h("div", { class: "muted" }, p.backend)),
+        h("td", {}, h("b", {}, p.pool), h("div", { class: "muted" }, p.backend),
+          h("div", { class: "muted mono task-types" }, (p.task_types || []).join(", "))),
         h("td", { class: "replicas" }, h("b", {}, p.desired_replicas), " / ", p.current_replicas, " / ", p.ready_replicas),
         h("td", { class: "num" }, p.busy_replicas),
         h("td", { class: "load" }, `${p.pending} pending`, h("div", { class: "muted" }, `${p.in_flight} in flight`)),

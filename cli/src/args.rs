@@ -76,10 +76,27 @@ pub enum Command {
     Pools(FormatArg),
     /// Where the URL and key come from (the key itself is never shown).
     Config(FormatArg),
+    /// Check an API key against the API and keep it, with the URL, in the
+    /// config file. The key is read from stdin, never from the command
+    /// line, so it stays out of shell history and `ps`.
+    #[command(after_help = LOGIN_HELP)]
+    Login {
+        /// The API's base URL (default: the one configured).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Remove the key from the config file (the URL stays).
+    Logout,
     /// A shell completion script, on stdout.
     #[command(after_help = COMPLETIONS_HELP)]
     Completions { shell: clap_complete::Shell },
 }
+
+const LOGIN_HELP: &str = "\
+Examples:
+  backlog login --url https://backlog.example.com < key.txt
+  pass show backlog/key | backlog login
+  backlog login --url http://127.0.0.1:8787      # then paste the key and press Enter";
 
 const SUBMIT_HELP: &str = "\
 Examples:
@@ -154,13 +171,17 @@ pub struct SubmitArgs {
 pub enum JobsCommand {
     /// Jobs, newest first.
     #[command(
-        after_help = "Examples:\n  backlog jobs list --status failed\n  backlog jobs list --type reading --limit 200 -o json"
+        after_help = "Examples:\n  backlog jobs list --status failed --since 1h\n  backlog jobs list --type reading --limit 200 -o json"
     )]
     List {
         #[arg(long, value_parser = parse_job_status)]
         status: Option<JobStatus>,
         #[arg(long = "type", value_parser = parse_job_type)]
         job_type: Option<JobType>,
+        /// Only jobs created within this long (`90s`, `15m`, `2h`, `7d`) or
+        /// since this instant (RFC 3339, `2026-12-01T09:30:00Z`).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<Since>,
         /// At most this many (1 to 200).
         #[arg(long, default_value_t = 50)]
         limit: i64,
@@ -226,6 +247,44 @@ fn parse_job_status(s: &str) -> Result<JobStatus, String> {
     s.parse().map_err(|e: queue::QueueError| e.to_string())
 }
 
+/// Where `--since` starts: a span back from now, or an instant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Since {
+    Ago(chrono::Duration),
+    At(chrono::DateTime<chrono::Utc>),
+}
+
+impl Since {
+    pub fn instant(self, now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+        match self {
+            Since::Ago(span) => now - span,
+            Since::At(at) => at,
+        }
+    }
+}
+
+fn parse_since(s: &str) -> Result<Since, String> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(Since::At(at.with_timezone(&chrono::Utc)));
+    }
+    let expected = || format!("{s:?} is neither a duration such as 90s, 15m, 2h, 7d nor an RFC 3339 instant");
+    let unit_at = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(expected)?;
+    let (count, unit) = s.split_at(unit_at);
+    let count: i64 = count.parse().map_err(|_| expected())?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(expected()),
+    };
+    count
+        .checked_mul(seconds)
+        .and_then(chrono::Duration::try_seconds)
+        .map(Since::Ago)
+        .ok_or_else(|| format!("{s:?} reaches too far back"))
+}
+
 fn parse_artifact_kind(s: &str) -> Result<ArtifactKind, String> {
     ArtifactKind::try_from(s.to_string()).map_err(|e| format!("{e}; expected one of: text, pdf, audio"))
 }
@@ -238,5 +297,23 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn since_takes_a_span_back_from_now_or_an_instant() {
+        let now: chrono::DateTime<chrono::Utc> = "2026-12-03T10:00:00Z".parse().unwrap();
+        let at = |s: &str| parse_since(s).map(|since| since.instant(now).to_rfc3339());
+        assert_eq!(at("90s").unwrap(), "2026-12-03T09:58:30+00:00");
+        assert_eq!(at("15m").unwrap(), "2026-12-03T09:45:00+00:00");
+        assert_eq!(at("2h").unwrap(), "2026-12-03T08:00:00+00:00");
+        assert_eq!(at("7d").unwrap(), "2026-11-26T10:00:00+00:00");
+        assert_eq!(
+            at("2026-12-01T09:30:00+01:00").unwrap(),
+            "2026-12-01T08:30:00+00:00"
+        );
+        for bad in ["", "h", "15", "15 m", "1w", "-5m", "99999999999999999d"] {
+            let error = parse_since(bad).unwrap_err();
+            assert!(error.contains(&format!("{bad:?}")), "{bad}: {error}");
+        }
     }
 }

@@ -28,6 +28,7 @@ pub struct CreateJob {
 pub struct ListFilter {
     pub status: Option<JobStatus>,
     pub job_type: Option<JobType>,
+    pub created_after: Option<chrono::DateTime<chrono::Utc>>,
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }
@@ -125,6 +126,12 @@ impl Client {
         }
         if let Some(job_type) = filter.job_type {
             query.push(("type", job_type.to_string()));
+        }
+        if let Some(at) = filter.created_after {
+            query.push((
+                "created_after",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ));
         }
         if let Some(limit) = filter.limit {
             query.push(("limit", limit.to_string()));

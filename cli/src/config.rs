@@ -6,14 +6,16 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{CliError, Result};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
     url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<String>,
 }
 
@@ -38,6 +40,10 @@ impl fmt::Display for Source {
 pub struct ApiKey(String);
 
 impl ApiKey {
+    pub fn new(key: String) -> ApiKey {
+        ApiKey(key)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -103,13 +109,8 @@ impl Settings {
         let url = self
             .url
             .as_ref()
-            .map(|(u, _)| u.trim_end_matches('/').to_string())
-            .ok_or_else(|| CliError::Config(format!("no API URL: set BACKLOG_URL {hint}")))?;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(CliError::Config(format!(
-                "BACKLOG_URL {url:?} is not an http:// or https:// URL"
-            )));
-        }
+            .ok_or_else(|| CliError::Config(format!("no API URL: set BACKLOG_URL {hint}")))
+            .and_then(|(u, _)| api_url(u))?;
         let key = self
             .key
             .as_ref()
@@ -117,6 +118,61 @@ impl Settings {
             .ok_or_else(|| CliError::Config(format!("no API key: set BACKLOG_KEY {hint}")))?;
         Ok((url, key))
     }
+}
+
+/// What `login` and `logout` change in the config file.
+pub enum Change<'a> {
+    /// Keep this URL and key.
+    Login { url: &'a str, key: &'a ApiKey },
+    /// Forget the key; the URL stays for the next login.
+    Logout,
+}
+
+/// Apply `change` to the config file at `path`: the whole file is written
+/// beside it and renamed over it, readable by its owner only (it holds a
+/// key), so a crash leaves the old file or the new one, never half of one.
+/// Returns whether a key was removed, for `logout`.
+pub fn save(path: &Path, change: Change<'_>) -> Result<bool> {
+    let mut config = read_file(path)?;
+    let mut removed = false;
+    match change {
+        Change::Login { url, key } => {
+            config.url = Some(url.to_string());
+            config.key = Some(key.expose().to_string());
+        }
+        Change::Logout => removed = config.key.take().is_some(),
+    }
+    let text = toml::to_string(&config).map_err(|e| CliError::Config(format!("config file: {e}")))?;
+    let failed = |what| CliError::file(what, path);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(failed("creating the folder of the config file"))?;
+    }
+    let partial = path.with_extension("toml.partial");
+    // A leftover from a crash may have other permissions; start afresh.
+    let _ = std::fs::remove_file(&partial);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&partial)
+        .map_err(failed("writing the config file"))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(failed("writing the config file"))?;
+    std::fs::rename(&partial, path).map_err(failed("writing the config file"))?;
+    Ok(removed)
+}
+
+/// The API's base URL as requests join paths to it, or why it is not one.
+pub fn api_url(raw: &str) -> Result<String> {
+    let url = raw.trim_end_matches('/');
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(CliError::Config(format!(
+            "the API URL {url:?} is not an http:// or https:// URL"
+        )));
+    }
+    Ok(url.to_string())
 }
 
 fn read_file(path: &Path) -> Result<ConfigFile> {

@@ -19,6 +19,8 @@ use args::{ArtifactsCommand, Command, JobsCommand};
 use client::{Client, ListFilter};
 use config::Settings;
 use error::Result;
+use std::io::IsTerminal;
+
 use output::{age, or_dash, print, table, Format};
 use views::{Job, JobDetail};
 
@@ -31,6 +33,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config(format) => show_config(&Settings::load()?, format.output),
+        Command::Login { url } => login(url).await,
+        Command::Logout => logout(),
         command => {
             let (url, key) = Settings::load()?.require()?;
             let client = Client::new(url, key)?;
@@ -45,6 +49,7 @@ async fn run_api_command(client: &Client, command: Command) -> Result<()> {
         Command::Jobs(JobsCommand::List {
             status,
             job_type,
+            since,
             limit,
             cursor,
             format,
@@ -52,6 +57,7 @@ async fn run_api_command(client: &Client, command: Command) -> Result<()> {
             let filter = ListFilter {
                 status,
                 job_type,
+                created_after: since.map(|since| since.instant(chrono::Utc::now())),
                 limit: Some(limit),
                 cursor,
             };
@@ -128,7 +134,7 @@ async fn run_api_command(client: &Client, command: Command) -> Result<()> {
                     .map(|p| {
                         vec![
                             p.pool.clone(),
-                            p.backend.clone(),
+                            or_dash((!p.task_types.is_empty()).then(|| p.task_types.join(","))),
                             p.pending.to_string(),
                             p.in_flight.to_string(),
                             p.desired_replicas.to_string(),
@@ -137,6 +143,8 @@ async fn run_api_command(client: &Client, command: Command) -> Result<()> {
                             or_dash(p.condition("Active")),
                             p.busy_replicas.to_string(),
                             or_dash(p.last_decision.as_deref()),
+                            age(p.created_at),
+                            p.backend.clone(),
                             age(p.updated_at),
                         ]
                     })
@@ -144,16 +152,18 @@ async fn run_api_command(client: &Client, command: Command) -> Result<()> {
                 table(&POOL_COLUMNS, &rows)
             })
         }
-        Command::Config(_) | Command::Completions { .. } => unreachable!("handled without the API"),
+        Command::Config(_) | Command::Login { .. } | Command::Logout | Command::Completions { .. } => {
+            unreachable!("handled before a client is made")
+        }
     }
 }
 
-/// `kubectl get wp`'s columns (the CRD's additionalPrinterColumns), less
-/// Task Types and Age, which `GET /v1/pools` does not carry, plus the
-/// backend and when the controller last wrote the row.
-pub const POOL_COLUMNS: [&str; 11] = [
+/// `kubectl get wp -o wide`'s columns (the CRD's additionalPrinterColumns),
+/// in its order, then the backend and how long ago the controller last
+/// wrote the row.
+pub const POOL_COLUMNS: [&str; 13] = [
     "name",
-    "backend",
+    "task types",
     "pending",
     "in-flight",
     "desired",
@@ -162,8 +172,68 @@ pub const POOL_COLUMNS: [&str; 11] = [
     "active",
     "busy",
     "decision",
+    "age",
+    "backend",
     "updated",
 ];
+
+/// `backlog login`: the key from stdin, checked with a request the API
+/// answers for any valid key, then saved. A refused key changes nothing.
+async fn login(url: Option<String>) -> Result<()> {
+    let settings = Settings::load()?;
+    let path = settings.file.clone().ok_or_else(|| {
+        CliError::Config("no config file to write: set BACKLOG_CONFIG, XDG_CONFIG_HOME or HOME".into())
+    })?;
+    let url = url
+        .or_else(|| settings.url.as_ref().map(|(u, _)| u.clone()))
+        .ok_or_else(|| CliError::Usage("no API URL: pass --url https://…".into()))?;
+    if std::io::stdin().is_terminal() {
+        eprint!("API key for {url} (read from stdin): ");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(CliError::file("reading the key from", "stdin"))?;
+    let key = config::ApiKey::new(line.trim().to_string());
+    if key.expose().is_empty() {
+        return Err(CliError::Usage(
+            "no key on stdin: pipe it in, e.g. `backlog login --url URL < key.txt`".into(),
+        ));
+    }
+    let url = config::api_url(&url)?;
+    let client = Client::new(url.clone(), key.clone())?;
+    client
+        .list_jobs(&ListFilter {
+            limit: Some(1),
+            ..ListFilter::default()
+        })
+        .await?;
+    config::save(&path, config::Change::Login { url: &url, key: &key })?;
+    println!(
+        "Logged in to {url}; the key is kept in {} (mode 0600).",
+        path.display()
+    );
+    if let Some((_, source @ config::Source::Env(_))) = &settings.key {
+        eprintln!("Note: {source} is set and wins over the config file while it is.");
+    }
+    Ok(())
+}
+
+/// `backlog logout`: forget the stored key.
+fn logout() -> Result<()> {
+    let settings = Settings::load()?;
+    let Some(path) = settings.file else {
+        return Err(CliError::Config(
+            "no config file: set BACKLOG_CONFIG, XDG_CONFIG_HOME or HOME".into(),
+        ));
+    };
+    if config::save(&path, config::Change::Logout)? {
+        println!("The key is removed from {}.", path.display());
+    } else {
+        println!("{} holds no key.", path.display());
+    }
+    Ok(())
+}
 
 fn show_config(settings: &Settings, format: Format) -> Result<()> {
     let value = serde_json::json!({

@@ -112,6 +112,7 @@ pub struct QueueDepth {
 pub struct PoolStatus {
     pub pool: String,
     pub backend: String,
+    pub task_types: Vec<String>,
     pub desired_replicas: i32,
     pub current_replicas: i32,
     pub ready_replicas: i32,
@@ -121,6 +122,7 @@ pub struct PoolStatus {
     pub conditions: serde_json::Value,
     pub last_decision: Option<String>,
     pub last_scale_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 

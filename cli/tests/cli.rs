@@ -264,6 +264,8 @@ async fn json_and_yaml_output_is_the_api_response_field_for_field(pool: sqlx::Pg
             conditions: json!([{"type": "Active", "status": "True", "reason": "Scaled"}]),
             last_decision: Some("scale up".into()),
             last_scale_at: Some(chrono::Utc::now()),
+            task_types: vec!["text_generation".into()],
+            created_at: None,
         })
         .await
         .unwrap();
@@ -317,6 +319,8 @@ async fn queue_and_pools_print_tables_with_kubectls_columns(pool: sqlx::PgPool) 
             conditions: json!([{"type": "Active", "status": "True"}]),
             last_decision: None,
             last_scale_at: None,
+            task_types: vec!["text_generation".into()],
+            created_at: Some(chrono::Utc::now() - chrono::Duration::hours(2)),
         })
         .await
         .unwrap();
@@ -347,28 +351,47 @@ async fn queue_and_pools_print_tables_with_kubectls_columns(pool: sqlx::PgPool) 
 
     let (code, stdout, stderr) = run(&mut backlog(&server, &admin), &["pools"]).await;
     assert_eq!(code, 0, "{stderr}");
-    let header: Vec<&str> = stdout.lines().next().unwrap().split_whitespace().collect();
-    // Every printer column of the CRD the API carries, by kubectl's name.
+    let lines: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split("   ").map(str::trim).filter(|c| !c.is_empty()).collect())
+        .collect();
+    // Every printer column of the CRD, by kubectl's name and in its order.
     let crd: Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(workspace().join("manifests/crd.yaml")).unwrap())
             .unwrap();
-    let columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    let columns: Vec<String> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
         .as_array()
-        .unwrap();
-    assert!(columns.len() >= 8, "{columns:?}");
-    for column in columns {
-        let name = column["name"].as_str().unwrap().to_uppercase();
-        if name == "TASK TYPES" || name == "AGE" {
-            continue; // not in GET /v1/pools
-        }
-        assert!(header.contains(&name.as_str()), "{name} in {header:?}");
-    }
-    let row: Vec<&str> = stdout.lines().nth(1).unwrap().split_whitespace().collect();
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_uppercase())
+        .collect();
+    assert!(columns.len() >= 10, "{columns:?}");
+    let kubectls: Vec<&str> = lines[0]
+        .iter()
+        .copied()
+        .filter(|h| columns.iter().any(|c| c == h))
+        .collect();
+    assert_eq!(kubectls, columns, "{stdout}");
+    assert_eq!(lines[0][0], "NAME", "{stdout}");
     assert_eq!(
-        &row[..9],
-        ["text", "fly", "3", "0", "3", "2", "2", "True", "1"],
+        &lines[1][..12],
+        [
+            "text",
+            "text_generation",
+            "3",
+            "0",
+            "3",
+            "2",
+            "2",
+            "True",
+            "1",
+            "-",
+            "2h0m",
+            "fly"
+        ],
         "{stdout}"
     );
+    assert!(lines[1][12].ends_with('s'), "written seconds ago: {stdout}");
     server.stop().await;
 }
 
@@ -501,6 +524,31 @@ async fn a_batch_file_is_checked_whole_and_is_safe_to_run_again(pool: sqlx::PgPo
         "{keys:?}"
     );
 
+    // --since: a job from two days ago is left out of the last day's.
+    sqlx::query(
+        "UPDATE jobs SET created_at = now() - interval '2 days' WHERE idempotency_key = 'import-1-1'",
+    )
+    .execute(&server.pool)
+    .await
+    .unwrap();
+    for since in ["1d", "24h"] {
+        let recent = json_of(&server, &key, &["jobs", "list", "--since", since]).await;
+        let keys: Vec<&str> = recent["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["idempotency_key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["import-1-3"], "--since {since}");
+    }
+    let (code, _, stderr) = run(
+        &mut backlog(&server, &key),
+        &["jobs", "list", "--since", "yesterday"],
+    )
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("\"yesterday\" is neither a duration"), "{stderr}");
+
     // A line the workers would refuse: nothing is sent, and the line and
     // field are named.
     std::fs::write(
@@ -621,4 +669,88 @@ fn workspace() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// `backlog <args>` with `input` on stdin.
+async fn run_with_stdin(
+    command: &mut tokio::process::Command,
+    args: &[&str],
+    input: &str,
+) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = command
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("backlog {args:?} ended within 30 s"))
+        .unwrap();
+    (
+        output.status.code().expect("exited, not killed"),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+/// `login` keeps a key the API accepts, in a file only its owner reads; a
+/// refused key changes nothing; `logout` forgets the key and keeps the URL.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn login_keeps_an_accepted_key_and_logout_forgets_it(pool: sqlx::PgPool) {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("backlog").join("config.toml");
+    let from_config_only = || {
+        let mut command = backlog(&server, "");
+        command
+            .env_remove("BACKLOG_URL")
+            .env_remove("BACKLOG_KEY")
+            .env("BACKLOG_CONFIG", &config);
+        command
+    };
+    let login = ["login", "--url", server.base.as_str()];
+
+    let (code, _, stderr) = run_with_stdin(&mut from_config_only(), &login, "bk_not_a_key\n").await;
+    assert_eq!(code, 3, "a refused key: {stderr}");
+    assert!(!config.exists(), "a refused key writes nothing");
+    let (code, _, stderr) = run_with_stdin(&mut from_config_only(), &login, "\n").await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no key on stdin"), "{stderr}");
+
+    let (code, stdout, stderr) = run_with_stdin(&mut from_config_only(), &login, &format!("{key}\n")).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("Logged in to"), "{stdout}");
+    assert!(
+        !stdout.contains(&key) && !stderr.contains(&key),
+        "the key is never printed"
+    );
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the config file is its owner's only");
+    let (code, _, stderr) = run(&mut from_config_only(), &["jobs", "list"]).await;
+    assert_eq!(code, 0, "the stored URL and key serve later commands: {stderr}");
+
+    let (code, stdout, stderr) = run(&mut from_config_only(), &["logout"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("removed"), "{stdout}");
+    let stored = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        !stored.contains(&key) && stored.contains(&server.base),
+        "{stored}"
+    );
+    let (code, _, stderr) = run(&mut from_config_only(), &["jobs", "list"]).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("no API key"), "{stderr}");
+
+    // With the URL kept, logging in again needs only the key.
+    let (code, _, stderr) = run_with_stdin(&mut from_config_only(), &["login"], &format!("{key}\n")).await;
+    assert_eq!(code, 0, "{stderr}");
+    server.stop().await;
 }

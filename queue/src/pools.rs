@@ -22,6 +22,12 @@ pub struct PoolStatus {
     pub conditions: serde_json::Value,
     pub last_decision: Option<String>,
     pub last_scale_at: Option<DateTime<Utc>>,
+    /// The task types the pool serves, as its spec names them.
+    pub task_types: Vec<String>,
+    /// When the pool was created: written as the WorkerPool's
+    /// creationTimestamp where it has one (Kubernetes), `None` keeping the
+    /// stored time (now, for a new row); always set when read back.
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 /// A stored status with when it was written.
@@ -44,6 +50,8 @@ type PoolStatusRow = (
     serde_json::Value,
     Option<String>,
     Option<DateTime<Utc>>,
+    Vec<String>,
+    DateTime<Utc>,
     DateTime<Utc>,
 );
 
@@ -53,15 +61,16 @@ impl Queue {
         sqlx::query(
             "INSERT INTO pool_status (pool, backend, desired_replicas, current_replicas, ready_replicas,
                                       busy_replicas, pending, in_flight, conditions, last_decision,
-                                      last_scale_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now())
+                                      last_scale_at, task_types, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, COALESCE($13, now()), now())
              ON CONFLICT (pool) DO UPDATE SET
                 backend = EXCLUDED.backend, desired_replicas = EXCLUDED.desired_replicas,
                 current_replicas = EXCLUDED.current_replicas, ready_replicas = EXCLUDED.ready_replicas,
                 busy_replicas = EXCLUDED.busy_replicas, pending = EXCLUDED.pending,
                 in_flight = EXCLUDED.in_flight, conditions = EXCLUDED.conditions,
                 last_decision = EXCLUDED.last_decision, last_scale_at = EXCLUDED.last_scale_at,
-                updated_at = now()",
+                task_types = EXCLUDED.task_types,
+                created_at = COALESCE($13, pool_status.created_at), updated_at = now()",
         )
         .bind(&s.pool)
         .bind(&s.backend)
@@ -74,6 +83,8 @@ impl Queue {
         .bind(&s.conditions)
         .bind(&s.last_decision)
         .bind(s.last_scale_at)
+        .bind(&s.task_types)
+        .bind(s.created_at)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -93,7 +104,8 @@ impl Queue {
     pub async fn pool_statuses(&self) -> Result<Vec<PoolStatusRecord>> {
         let rows: Vec<PoolStatusRow> = sqlx::query_as(
             "SELECT pool, backend, desired_replicas, current_replicas, ready_replicas, busy_replicas,
-                    pending, in_flight, conditions, last_decision, last_scale_at, updated_at
+                    pending, in_flight, conditions, last_decision, last_scale_at, task_types,
+                    created_at, updated_at
              FROM pool_status ORDER BY pool",
         )
         .fetch_all(&self.pool)
@@ -113,8 +125,10 @@ impl Queue {
                     conditions: r.8,
                     last_decision: r.9,
                     last_scale_at: r.10,
+                    task_types: r.11,
+                    created_at: Some(r.12),
                 },
-                updated_at: r.11,
+                updated_at: r.13,
             })
             .collect())
     }

@@ -134,6 +134,8 @@ pub struct PoolStatusView {
     pub pool: String,
     /// Where the replicas run: `fly`, `kubernetes` or `local`.
     pub backend: String,
+    /// The task types the pool's workers claim.
+    pub task_types: Vec<String>,
     /// What the last decision asked for.
     pub desired_replicas: i32,
     /// Replicas running or starting.
@@ -152,6 +154,9 @@ pub struct PoolStatusView {
     /// The last decision's reason, in words.
     pub last_decision: Option<String>,
     pub last_scale_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the pool was created (the WorkerPool's creationTimestamp on
+    /// Kubernetes; when a controller first saw it elsewhere).
+    pub created_at: chrono::DateTime<chrono::Utc>,
     /// When the controller wrote this status; an old one means no controller runs.
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
@@ -179,6 +184,7 @@ pub async fn pools(State(state): State<AppState>, principal: Principal) -> ApiRe
         .map(|r| PoolStatusView {
             pool: r.status.pool,
             backend: r.status.backend,
+            task_types: r.status.task_types,
             desired_replicas: r.status.desired_replicas,
             current_replicas: r.status.current_replicas,
             ready_replicas: r.status.ready_replicas,
@@ -188,6 +194,7 @@ pub async fn pools(State(state): State<AppState>, principal: Principal) -> ApiRe
             conditions: r.status.conditions,
             last_decision: r.status.last_decision,
             last_scale_at: r.status.last_scale_at,
+            created_at: r.status.created_at.unwrap_or(r.updated_at),
             updated_at: r.updated_at,
         })
         .collect();

@@ -258,7 +258,7 @@ impl<B: Backend> Pass<B> {
                 .pass_finished(PoolRef::from(&self.loaded), outcome)
                 .await;
             self.ctx
-                .publish_status(&self.key, &self.state.status, &self.state.history)
+                .publish_status(&self.key, &self.loaded, &self.state.status, &self.state.history)
                 .await;
         };
         if tokio::time::timeout(self.deadline, publishing).await.is_err() {
@@ -586,10 +586,23 @@ impl<B: Backend> Context<B> {
     /// backend (on Kubernetes the WorkerPool's status subresource has it
     /// too), and the policy's memory beside it. A failed write is logged,
     /// never fatal.
-    async fn publish_status(&self, key: &str, s: &WorkerPoolStatus, history: &History) {
+    async fn publish_status(&self, key: &str, loaded: &LoadedPool, s: &WorkerPoolStatus, history: &History) {
         let row = queue::PoolStatus {
             pool: key.to_string(),
             backend: self.backend.name().to_string(),
+            task_types: loaded
+                .pool
+                .spec
+                .task_types
+                .iter()
+                .map(|t| t.as_str().to_string())
+                .collect(),
+            created_at: loaded
+                .pool
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| DateTime::from_timestamp_millis(t.0.as_millisecond())),
             desired_replicas: s.desired_replicas,
             current_replicas: s.current_replicas,
             ready_replicas: s.ready_replicas,
