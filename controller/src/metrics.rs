@@ -69,6 +69,11 @@ struct PoolSeries {
 
 const CONDITION_STATUSES: [&str; 2] = ["True", "False"];
 
+/// The stages `errors` counts by (`Context::count_error`). Each pool's
+/// series start at 0, so the first error is an increase a rule and a panel
+/// can see, rather than a series appearing at 1.
+pub const ERROR_STAGES: [&str; 4] = ["backend", "status", "undrain", "mark_stopped"];
+
 pub struct Metrics {
     pub desired_replicas: Family<PoolLabels, Gauge>,
     pub current_replicas: Family<PoolLabels, Gauge>,
@@ -215,6 +220,16 @@ impl Metrics {
         }
 
         let mut series = self.series.lock().expect("metrics series lock");
+        if !series.contains_key(pool) {
+            for stage in ERROR_STAGES {
+                let labels = ErrorLabels {
+                    pool: pool.to_string(),
+                    stage: stage.to_string(),
+                };
+                // Creating the series is the point; it starts at 0.
+                let _ = self.errors.get_or_create(&labels);
+            }
+        }
         let known = series.entry(pool.to_string()).or_default();
         let conditions: BTreeSet<String> = status.conditions.iter().map(|c| c.type_.clone()).collect();
         for gone in known.conditions.difference(&conditions) {

@@ -247,8 +247,8 @@ struct Sample {
 
 /// A scrape's samples and the names it exports: every sample's, and every
 /// declared family's (a counter's `_total`, a histogram's `_bucket`, `_sum`,
-/// `_count`), so a family whose labelled series have not happened yet (no
-/// error so far) still counts as exported.
+/// `_count`). prometheus-client declares no family that has no series yet,
+/// so a metric counts as exported only once the binary really serves it.
 struct Scrape {
     samples: Vec<Sample>,
     names: BTreeSet<String>,

@@ -898,6 +898,8 @@ async fn the_metrics_follow_the_pools_and_a_standby_reports_none(pool: PgPool) {
         r#"backlog_controller_pool_condition{pool="text",type="Ready",status="False"} 0"#,
         r#"backlog_controller_pool_condition{pool="text",type="Active",status="True"} 1"#,
         r#"backlog_controller_scale_changes_total{pool="text",direction="up"} 1"#,
+        // At 0 before the first error, so increase() sees the first.
+        r#"backlog_controller_errors_total{pool="text",stage="backend"} 0"#,
     ] {
         assert!(scraped.contains(series), "{series} in:\n{scraped}");
     }
