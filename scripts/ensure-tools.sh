@@ -3,8 +3,9 @@
 # espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests),
 # chromium and chromium-driver (the web console's browser test), moto
 # (an S3 server for the artifact store tests), schemathesis (the API
-# fuzzer of scripts/fuzz-api.sh) and kubernetes-validate (the manifests'
-# schema check, scripts/validate-manifests.sh).
+# fuzzer of scripts/fuzz-api.sh), kubernetes-validate (the manifests'
+# schema check, scripts/validate-manifests.sh) and promtool (the alert rules'
+# check and unit tests, same script).
 set -euo pipefail
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
@@ -16,6 +17,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2
   apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+# promtool comes with Debian's `prometheus` package (the server too, which is
+# installed and not started): the release tarballs are on GitHub, which the
+# machines here cannot reach, and apt checks the package against the signed
+# archive. Without recommends: the rules' tests need nothing else.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "ensure-tools: installing prometheus (for promtool: alert rule checks and tests)" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends prometheus >&2
 fi
 
 # moto's S3 server stands in for S3 in the artifact store's tests: the most

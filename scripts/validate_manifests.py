@@ -10,16 +10,25 @@
 - every pod spec and the image against the secure defaults the manifests
   promise: Pod Security's `restricted` profile, a read-only root filesystem
   with an emptyDir /tmp, numeric ids that match the Dockerfile's USER; no
-  `replicas` in a workload a WorkerPool scales.
+  `replicas` in a workload a WorkerPool scales;
+- manifests/observability/: the PodMonitor and PrometheusRule against the
+  prometheus-operator CRDs vendored in scripts/schemas/ (strict), the
+  PrometheusRule generated from rules.yaml, the Grafana dashboard (parses,
+  every panel has queries on the `${datasource}` variable), and fly.toml's
+  [metrics] port being the one every process group serves /metrics on.
 
-usage: validate_manifests.py REPO_ROOT [KUSTOMIZE_OUTPUT]
+usage: validate_manifests.py REPO_ROOT [KUSTOMIZE_OUTPUT [OBSERVABILITY_KUSTOMIZE_OUTPUT]]
 Prints every problem with its file and object; exits 1 on any.
 """
 
 import copy
+import json
 import pathlib
 import re
+import subprocess
 import sys
+
+import tomllib
 
 import jsonschema
 import kubernetes_validate
@@ -29,6 +38,7 @@ import yaml
 K8S_VERSION = "1.37.0"
 ROOT = pathlib.Path(sys.argv[1])
 KUSTOMIZED = sys.argv[2] if len(sys.argv) > 2 else ""
+OBSERVABILITY_KUSTOMIZED = sys.argv[3] if len(sys.argv) > 3 else ""
 problems = []
 
 
@@ -76,7 +86,9 @@ def strict(schema):
     return schema
 
 
-crds = [d for d in documents(ROOT / "manifests/crd.yaml") if d.get("kind") == "CustomResourceDefinition"]
+# backlog's own CRD, and the prometheus-operator's for manifests/observability/.
+crd_files = [ROOT / "manifests/crd.yaml", *sorted((ROOT / "scripts/schemas").glob("*.yaml"))]
+crds = [d for path in crd_files for d in documents(path) if d.get("kind") == "CustomResourceDefinition"]
 validators = {}
 for crd in crds:
     spec = crd["spec"]
@@ -261,6 +273,74 @@ for path in manifest_files:
                             f"{name} must come from {source} {obj}/{key} (config.yaml)"
                         )
 
+# --- manifests/observability/: dashboard, alerts, scrape config --------------
+
+OBS = ROOT / "manifests/observability"
+obs_files = sorted(p for p in OBS.glob("*.yaml") if p.name not in ("kustomization.yaml", "rules.yaml", "rules.test.yaml"))
+for path in obs_files:
+    check_objects(path.relative_to(ROOT), documents(path))
+obs_objects = sum(len(documents(p)) for p in obs_files)
+
+generated = subprocess.run(
+    [sys.executable, str(ROOT / "scripts/observability-rules.py"), "--check"], capture_output=True, text=True
+)
+if generated.returncode != 0:
+    problems.append(generated.stderr.strip() or "scripts/observability-rules.py --check failed")
+
+dashboard_path = OBS / "backlog-dashboard.json"
+dashboard_panels = 0
+try:
+    dashboard = json.loads(dashboard_path.read_text())
+except (OSError, ValueError) as error:
+    problems.append(f"{dashboard_path.relative_to(ROOT)}: not a JSON document: {error}")
+    dashboard = {}
+if dashboard:
+    where = dashboard_path.relative_to(ROOT)
+    if not isinstance(dashboard.get("schemaVersion"), int) or dashboard["schemaVersion"] < 36:
+        problems.append(f"{where}: schemaVersion must be a number of Grafana 9 or later, is {dashboard.get('schemaVersion')!r}")
+    for field in ("uid", "title"):
+        if not dashboard.get(field):
+            problems.append(f"{where}: no {field}")
+    variables = {v.get("name"): v for v in (dashboard.get("templating") or {}).get("list") or []}
+    if (variables.get("datasource") or {}).get("type") != "datasource" or variables["datasource"].get("query") != "prometheus":
+        problems.append(f"{where}: the `datasource` template variable (a Prometheus data source) is missing")
+    ids = set()
+    for panel in dashboard.get("panels") or []:
+        title = panel.get("title")
+        if panel.get("id") in ids:
+            problems.append(f"{where}: panel {title!r}: id {panel.get('id')} is used twice")
+        ids.add(panel.get("id"))
+        if panel.get("type") == "row":
+            continue
+        dashboard_panels += 1
+        grid = panel.get("gridPos") or {}
+        if not all(isinstance(grid.get(k), int) for k in ("x", "y", "w", "h")) or grid["x"] + grid["w"] > 24:
+            problems.append(f"{where}: panel {title!r}: gridPos must place it within the 24 columns")
+        targets = panel.get("targets") or []
+        if not targets:
+            problems.append(f"{where}: panel {title!r} has no targets")
+        for source in [panel.get("datasource")] + [t.get("datasource") for t in targets]:
+            if (source or {}).get("uid") != "${datasource}":
+                problems.append(f"{where}: panel {title!r}: its data source must be the ${{datasource}} variable")
+        for target in targets:
+            if not (target.get("expr") or "").strip():
+                problems.append(f"{where}: panel {title!r}: target {target.get('refId')} has no expr")
+
+# Fly's Prometheus scrapes one port on every machine: each process group
+# must serve /metrics on it.
+fly = tomllib.loads((ROOT / "fly.toml").read_text())
+fly_metrics = fly.get("metrics") or {}
+scrape_port = fly_metrics.get("port")
+if fly_metrics.get("path") != "/metrics":
+    problems.append(f"fly.toml: [metrics] path must be /metrics, is {fly_metrics.get('path')!r}")
+for variable in ("METRICS_ADDR", "WORKER_METRICS_ADDR", "CONTROLLER_METRICS_ADDR"):
+    address = (fly.get("env") or {}).get(variable, "")
+    host, _, port = address.rpartition(":")
+    if host != "0.0.0.0" or port != str(scrape_port):
+        problems.append(
+            f"fly.toml: [env] {variable} is {address!r}: it must be 0.0.0.0:{scrape_port}, the port [metrics] scrapes"
+        )
+
 # --- the kustomize output: what `kubectl apply -k manifests/` sends -----------
 
 objects = sum(len(documents(p)) for p in manifest_files)
@@ -268,12 +348,20 @@ if KUSTOMIZED:
     kustomized = documents(KUSTOMIZED)
     objects += len(kustomized)
     check_objects("kubectl kustomize manifests/", kustomized)
+if OBSERVABILITY_KUSTOMIZED:
+    kustomized = documents(OBSERVABILITY_KUSTOMIZED)
+    obs_objects += len(kustomized)
+    check_objects("kubectl kustomize manifests/observability/", kustomized)
+    dashboards = [d for d in kustomized if d.get("kind") == "ConfigMap" and "backlog-dashboard.json" in (d.get("data") or {})]
+    if len(dashboards) != 1 or json.loads(dashboards[0]["data"]["backlog-dashboard.json"]) != dashboard:
+        problems.append("kubectl kustomize manifests/observability/: no ConfigMap carries backlog-dashboard.json as is")
 
 for problem in problems:
     print(f"error: {problem}")
 print(
     f"validate-manifests: {objects} object(s) of manifests/ and its kustomize output against Kubernetes "
     f"{K8S_VERSION} (strict), {checked_pools} WorkerPool example(s) against the CRD, {pod_count} pod "
-    f"spec(s) against the secure defaults: {len(problems)} problem(s)"
+    f"spec(s) against the secure defaults, {obs_objects} observability object(s) against the "
+    f"prometheus-operator CRDs and {dashboard_panels} dashboard panel(s): {len(problems)} problem(s)"
 )
 sys.exit(1 if problems else 0)

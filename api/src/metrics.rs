@@ -1,6 +1,6 @@
 //! Prometheus metrics: HTTP requests by route and status, queue depth per
 //! task type (read from the queue at scrape time, at most once per
-//! [`DEPTH_REFRESH`]), and sweeper actions. Served on their own address
+//! [`DEPTH_REFRESH`]), jobs created, and sweeper actions. Served on their own address
 //! (`METRICS_ADDR`), never on the API's port.
 
 use std::sync::atomic::AtomicU64;
@@ -43,6 +43,11 @@ struct TaskTypeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobTypeLabels {
+    job_type: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SweepLabels {
     /// `retried`, `failed`, `workers_removed`, `pruned`.
     action: &'static str,
@@ -64,6 +69,7 @@ pub struct Metrics {
     in_flight: Family<TaskTypeLabels, Gauge>,
     oldest_pending_seconds: Family<TaskTypeLabels, Gauge<f64, AtomicU64>>,
     completed_last_minute: Family<TaskTypeLabels, Gauge>,
+    jobs_created: Family<JobTypeLabels, Counter>,
     sweeper_actions: Family<SweepLabels, Counter>,
     maintenance_runs: Family<RunLabels, Counter>,
     depth_reads: Counter,
@@ -104,6 +110,7 @@ impl Metrics {
             in_flight: Family::default(),
             oldest_pending_seconds: Family::default(),
             completed_last_minute: Family::default(),
+            jobs_created: Family::default(),
             sweeper_actions: Family::default(),
             maintenance_runs: Family::default(),
             depth_reads: Counter::default(),
@@ -140,6 +147,11 @@ impl Metrics {
             "queue_completed_last_minute",
             "Tasks completed in the last minute",
             self.completed_last_minute.clone(),
+        );
+        r.register(
+            "jobs_created",
+            "Jobs created (arrivals), by job type; an idempotent replay creates none",
+            self.jobs_created.clone(),
         );
         r.register(
             "sweeper_actions",
@@ -186,6 +198,18 @@ impl Metrics {
             self.completed_last_minute
                 .get_or_create(&labels)
                 .set(d.completed_last_minute);
+        }
+    }
+
+    /// Count the jobs a request created (not those an idempotency key
+    /// found already there).
+    pub fn record_created<'a>(&self, created: impl IntoIterator<Item = &'a queue::Enqueued>) {
+        for enqueued in created.into_iter().filter(|e| e.created) {
+            self.jobs_created
+                .get_or_create(&JobTypeLabels {
+                    job_type: enqueued.job.job_type.as_str(),
+                })
+                .inc();
         }
     }
 

@@ -72,6 +72,10 @@ pub async fn repair_once(queue: &Queue, metrics: &Metrics) {
         Ok(repaired) => {
             metrics.record_run("repair", true);
             metrics.record_repaired(repaired.len() as u64);
+            if !repaired.is_empty() {
+                // The ids an operator needs to look into it (README, BacklogJobsRepaired).
+                tracing::warn!(jobs = ?repaired, "repaired jobs left unfinished after all their tasks finished");
+            }
         }
         Err(error) => {
             metrics.record_run("repair", false);

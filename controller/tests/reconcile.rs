@@ -872,3 +872,73 @@ async fn the_plan_command_reads_the_local_backend_and_changes_nothing(pool: PgPo
         .unwrap();
     assert_eq!(unchanged, 0, "plan wrote a pool status");
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_metrics_follow_the_pools_and_a_standby_reports_none(pool: PgPool) {
+    let q = Queue::new(pool);
+    let metrics = Arc::new(Metrics::default());
+    let reconciler_metrics = metrics.clone();
+    let mut reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: MemoryBackend::default(),
+        metrics: reconciler_metrics,
+    });
+    let pools = pools(TEXT_POOL);
+    let now = chrono::Utc::now();
+    enqueue_jobs(&q, JobType::Text, 3).await;
+    reconciler.reconcile(&pools, now).await;
+
+    let scraped = metrics.encode();
+    for series in [
+        "backlog_controller_leader 1",
+        r#"backlog_controller_desired_replicas{pool="text"} 2"#,
+        r#"backlog_controller_pending_tasks{pool="text"} 3"#,
+        r#"backlog_controller_pool_task_type_info{pool="text",task_type="text_generation"} 1"#,
+        r#"backlog_controller_pool_condition{pool="text",type="Ready",status="True"} 1"#,
+        r#"backlog_controller_pool_condition{pool="text",type="Ready",status="False"} 0"#,
+        r#"backlog_controller_pool_condition{pool="text",type="Active",status="True"} 1"#,
+        r#"backlog_controller_scale_changes_total{pool="text",direction="up"} 1"#,
+        // At 0 before the first error, so increase() sees the first.
+        r#"backlog_controller_errors_total{pool="text",stage="backend"} 0"#,
+    ] {
+        assert!(scraped.contains(series), "{series} in:\n{scraped}");
+    }
+    assert!(
+        !scraped.contains("backlog_controller_target_queue_seconds{"),
+        "a pool without targetQueueSeconds has no target series:\n{scraped}"
+    );
+
+    // The manifest is removed: its gauges go, its counters stay.
+    reconciler
+        .reconcile(&[], now + chrono::Duration::seconds(1))
+        .await;
+    let scraped = metrics.encode();
+    assert!(
+        !scraped.contains(r#"backlog_controller_desired_replicas{pool="text"}"#),
+        "{scraped}"
+    );
+    assert!(
+        !scraped.contains(r#"backlog_controller_pool_condition{pool="text""#),
+        "{scraped}"
+    );
+    assert!(scraped.contains(r#"backlog_controller_scale_changes_total{pool="text",direction="up"} 1"#));
+
+    // Back, then leadership lost: a standby reports no pool.
+    reconciler
+        .reconcile(&pools, now + chrono::Duration::seconds(2))
+        .await;
+    assert!(metrics
+        .encode()
+        .contains(r#"backlog_controller_ready_replicas{pool="text"}"#));
+    reconciler.set_leading(false);
+    let scraped = metrics.encode();
+    assert!(scraped.contains("backlog_controller_leader 0"), "{scraped}");
+    assert!(
+        !scraped.contains(r#"backlog_controller_ready_replicas{pool="text"}"#),
+        "{scraped}"
+    );
+    assert!(
+        !scraped.contains(r#"backlog_controller_pool_task_type_info{pool="text""#),
+        "{scraped}"
+    );
+}

@@ -1,6 +1,9 @@
 //! A replica's Prometheus metrics, served on `/metrics` when the worker is
 //! given `--metrics-addr` (`WORKER_METRICS_ADDR`).
 
+use std::sync::atomic::AtomicU64;
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -38,6 +41,10 @@ pub struct WorkerMetrics {
     pub in_flight: Gauge,
     pub task_seconds: Family<TaskLabels, Histogram>,
     pub claim_batches: Counter,
+    /// When this replica started (Unix seconds): a value that changes under
+    /// one scrape target means the process restarted, which is how a crash
+    /// loop shows.
+    pub start_time_seconds: Gauge<f64, AtomicU64>,
     registry: Registry,
 }
 
@@ -50,8 +57,14 @@ impl Default for WorkerMetrics {
             // 10 ms .. ~20 min: no-op tasks to long LLM calls and audiobooks.
             task_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 2.0, 17))),
             claim_batches: Counter::default(),
+            start_time_seconds: Gauge::default(),
             registry: Registry::default(),
         };
+        // The metrics are made as the process starts (before it connects).
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        m.start_time_seconds.set(started);
         registry.register(
             "tasks",
             "Tasks that left this replica, by task type and outcome",
@@ -67,6 +80,11 @@ impl Default for WorkerMetrics {
             "claim_batches",
             "Claims that returned at least one task",
             m.claim_batches.clone(),
+        );
+        registry.register(
+            "start_time_seconds",
+            "When this replica's process started, in Unix seconds",
+            m.start_time_seconds.clone(),
         );
         WorkerMetrics { registry, ..m }
     }

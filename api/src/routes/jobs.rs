@@ -374,7 +374,9 @@ pub async fn create_job(
     let key = idempotency_key(&headers)?;
     let mut job = request.into_new_job(&principal.tenant, "")?;
     job.idempotency_key = key;
-    let Enqueued { job, created } = state.enqueuer.enqueue(job).await?;
+    let enqueued = state.enqueuer.enqueue(job).await?;
+    state.metrics.record_created([&enqueued]);
+    let Enqueued { job, created } = enqueued;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -418,6 +420,7 @@ pub async fn create_jobs_batch(
         })
         .collect::<ApiResult<Vec<_>>>()?;
     let written = state.queue.enqueue_batch(jobs).await?;
+    state.metrics.record_created(&written);
     let status = if written.iter().any(|e| e.created) {
         StatusCode::CREATED
     } else {

@@ -136,6 +136,8 @@ impl<B: Backend + 'static> Reconciler<B> {
     }
 
     pub fn with_settings(ctx: Context<B>, settings: PassSettings) -> Self {
+        // A reconciler leads until told otherwise (the run loop does).
+        ctx.metrics.set_leader(true);
         Reconciler {
             ctx: Arc::new(ctx),
             state: HashMap::new(),
@@ -152,6 +154,13 @@ impl<B: Backend + 'static> Reconciler<B> {
 
     pub fn leadership(&self) -> &Leadership {
         &self.leadership
+    }
+
+    /// Leadership won or lost: passes see it before their next action, and
+    /// `/metrics` says it (a standby reports no pool).
+    pub fn set_leading(&self, held: bool) {
+        self.leadership.set(held);
+        self.ctx.metrics.set_leader(held);
     }
 
     /// One round over every pool at time `now`, all passes side by side,
@@ -210,6 +219,8 @@ impl<B: Backend + 'static> Reconciler<B> {
 
     /// Forget pools whose manifests were removed, here and in the database.
     async fn forget_removed(&mut self, pools: &[LoadedPool]) {
+        let names: Vec<&str> = pools.iter().map(|p| p.name()).collect();
+        self.ctx.metrics.forget_pools_except(&names);
         let live: HashSet<String> = pools.iter().map(pool_key).collect();
         self.state
             .retain(|key, _| live.contains(key) || self.in_flight.contains(key));

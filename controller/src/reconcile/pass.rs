@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use super::{Context, Leadership, PassError, PoolReport};
 use crate::backend::{Backend, PassOutcome, PoolRef, Replica};
 use crate::manifest::LoadedPool;
-use crate::metrics::{DecisionLabels, ErrorLabels, PoolLabels};
+use crate::metrics::ErrorLabels;
 use crate::policy::{self, Decision, History, Observation, Phase, QueueLoad, QueueReading};
 use crate::spec::{ConditionType, WorkerPoolSpec, WorkerPoolStatus};
 
@@ -170,6 +170,7 @@ impl<B: Backend> Pass<B> {
         if let Some(report) = &report {
             self.publish(Some(&report.decision), None, &report.removed).await;
         }
+        self.record_metrics(report.as_ref().map(|r| &r.decision));
         self.ctx
             .metrics
             .reconcile_seconds
@@ -209,7 +210,6 @@ impl<B: Backend> Pass<B> {
         } else {
             tracing::debug!(pool = %name, replicas = decision.replicas, phase = decision.phase.as_str(), "{}", decision.reason);
         }
-        self.record_metrics(&decision);
         PoolReport {
             pool: name,
             decision,
@@ -267,33 +267,18 @@ impl<B: Backend> Pass<B> {
         }
     }
 
-    fn record_metrics(&self, decision: &Decision) {
-        let m = &self.ctx.metrics;
-        let status = &self.state.status;
+    /// The pool's gauges from its status, successful pass or not. Not
+    /// once leadership is gone: the figures are the new leader's to give.
+    fn record_metrics(&self, decision: Option<&Decision>) {
+        if !self.leadership.is_held() {
+            return;
+        }
+        let metrics = &self.ctx.metrics;
         let pool = self.loaded.name();
-        let labels = PoolLabels {
-            pool: pool.to_string(),
-        };
-        m.desired_replicas
-            .get_or_create(&labels)
-            .set(status.desired_replicas as i64);
-        m.current_replicas
-            .get_or_create(&labels)
-            .set(status.current_replicas as i64);
-        m.ready_replicas
-            .get_or_create(&labels)
-            .set(status.ready_replicas as i64);
-        m.busy_replicas
-            .get_or_create(&labels)
-            .set(status.busy_replicas as i64);
-        m.pending_tasks.get_or_create(&labels).set(status.pending);
-        m.in_flight_tasks.get_or_create(&labels).set(status.in_flight);
-        m.decisions
-            .get_or_create(&DecisionLabels {
-                pool: pool.to_string(),
-                phase: decision.phase.as_str().to_string(),
-            })
-            .inc();
+        metrics.record_pool(pool, &self.loaded.pool.spec, &self.state.status);
+        if let Some(decision) = decision {
+            metrics.record_decision(pool, decision);
+        }
     }
 }
 

@@ -47,11 +47,11 @@ pub async fn run_elected<B: Backend + 'static, S: PoolSource, E: Election>(
     settings: LoopSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    reconciler.leadership().set(false);
+    reconciler.set_leading(false);
     if !election.acquire(&shutdown).await? {
         return Ok(());
     }
-    reconciler.leadership().set(true);
+    reconciler.set_leading(true);
     tracing::info!("leader: this controller acts on the pools");
     let queue = reconciler.context().queue.clone();
     let mut wake = loop {
@@ -113,7 +113,7 @@ pub async fn run_elected<B: Backend + 'static, S: PoolSource, E: Election>(
             // a standby took over: act on nothing until leading again. Passes
             // in flight see it before their next action and stop there. The
             // replicas keep running; exiting would stop the local ones.
-            reconciler.leadership().set(false);
+            reconciler.set_leading(false);
             tracing::warn!("lost leadership; standing by until it is won again");
             while let Some(done) = passes.next().await {
                 reconciler.finish(done);
@@ -121,7 +121,7 @@ pub async fn run_elected<B: Backend + 'static, S: PoolSource, E: Election>(
             if !election.acquire(&shutdown).await? {
                 break;
             }
-            reconciler.leadership().set(true);
+            reconciler.set_leading(true);
             tracing::info!("leader again: this controller acts on the pools");
             // Whoever led meanwhile left memory and marks to take up.
             reconciler.take_office().await;
