@@ -24,17 +24,19 @@ pub struct PoolStatus {
     pub last_scale_at: Option<DateTime<Utc>>,
     /// The task types the pool serves, as its spec names them.
     pub task_types: Vec<String>,
-    /// When the pool was created: written as the WorkerPool's
-    /// creationTimestamp where it has one (Kubernetes), `None` keeping the
-    /// stored time (now, for a new row); always set when read back.
+    /// The WorkerPool's creationTimestamp where it has one (Kubernetes);
+    /// `None` keeps the stored time (now, for a new row). Read back as
+    /// [`PoolStatusRecord::created_at`].
+    #[serde(skip)]
     pub created_at: Option<DateTime<Utc>>,
 }
 
-/// A stored status with when it was written.
+/// A stored status with when the pool was created and the status written.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PoolStatusRecord {
     #[serde(flatten)]
     pub status: PoolStatus,
+    pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -126,8 +128,9 @@ impl Queue {
                     last_decision: r.9,
                     last_scale_at: r.10,
                     task_types: r.11,
-                    created_at: Some(r.12),
+                    created_at: None,
                 },
+                created_at: r.12,
                 updated_at: r.13,
             })
             .collect())

@@ -194,7 +194,7 @@ pub async fn pools(State(state): State<AppState>, principal: Principal) -> ApiRe
             conditions: r.status.conditions,
             last_decision: r.status.last_decision,
             last_scale_at: r.status.last_scale_at,
-            created_at: r.status.created_at.unwrap_or(r.updated_at),
+            created_at: r.created_at,
             updated_at: r.updated_at,
         })
         .collect();
