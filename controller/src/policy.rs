@@ -32,8 +32,12 @@
 //! over the scale-up window (lowest recommendation wins) and the scale-down
 //! window (highest wins), limited by the rate policies (the most permissive
 //! policy of a direction applies, as HPA's `selectPolicy: Max`; at most
-//! one removal step per scale-down period, as HPA acts once per sync), then
-//! bounded by `max(minReplicas, busy replicas)` and `maxReplicas`. Removal
+//! one step per period in each direction once the pool runs, as HPA acts
+//! once per sync, so a batch that arrives over a few ticks is met with one
+//! step, not one per tick), then
+//! bounded by `max(minReplicas, busy replicas)` and `maxReplicas`. A
+//! removal smaller than `scaleDown.minPercentPerStep` of the pool waits
+//! for more idle replicas (fewer, larger steps as a batch tails off). Removal
 //! only ever takes idle replicas (the reconcile loop drains them), which
 //! is what makes a short scale-down window safe. Activation skips the
 //! scale-up window: a pool at zero with work starts at once. Deactivation
@@ -390,6 +394,7 @@ struct Settings {
     down: RateLimits,
     up_tolerance: f64,
     down_tolerance: f64,
+    min_removal_percent: u32,
     fallback: Option<(u32, u32)>,
     retention: TimeDelta,
 }
@@ -423,6 +428,7 @@ impl Settings {
             down,
             up_tolerance: fraction(spec.tolerance(Direction::Up)),
             down_tolerance: fraction(spec.tolerance(Direction::Down)),
+            min_removal_percent: spec.min_removal_percent().min(100),
             fallback: spec
                 .fallback
                 .as_ref()
@@ -461,6 +467,15 @@ struct Signals {
     /// Mean task duration measured now (Little's law: average in flight
     /// over completions per second), if the last minute allows it.
     measured_service_seconds: Option<f64>,
+}
+
+impl Settings {
+    fn limits(&self, direction: Direction) -> RateLimits {
+        match direction {
+            Direction::Up => self.up,
+            Direction::Down => self.down,
+        }
+    }
 }
 
 impl Policy<'_> {
@@ -588,12 +603,9 @@ impl Policy<'_> {
             if idle_for >= settings.cooldown && retry_soon.is_none() {
                 let mut why = format!("idle for {idle_s} s (cooldownPeriod {cooldown_s})");
                 let replicas = self.rate_limit(0);
-                if let (Some(ago), true) = (self.removed_within_period(), replicas > 0) {
-                    why.push_str(&format!(
-                        "; held at {replicas}: replicas were removed {} s ago, one scale-down step per {} s period",
-                        ago.num_seconds(),
-                        settings.down.period_seconds
-                    ));
+                if let (Some(ago), true) = (self.stepped_within_period(Direction::Down), replicas > 0) {
+                    why.push_str("; ");
+                    why.push_str(&held_by_period(replicas, Direction::Down, ago, &settings.down));
                 } else if replicas > 0 {
                     why.push_str(&format!(
                         "; limited to {replicas} by scaleDown ({}per {} s)",
@@ -784,13 +796,10 @@ impl Policy<'_> {
         }
 
         let limited = self.rate_limit(capped);
-        let removed_ago = self.removed_within_period().filter(|_| capped < self.current);
-        if let (Some(ago), true) = (removed_ago, limited != capped) {
-            notes.push(format!(
-                "held at {limited}: replicas were removed {} s ago, one scale-down step per {} s period",
-                ago.num_seconds(),
-                settings.down.period_seconds
-            ));
+        let direction = if capped > self.current { Direction::Up } else { Direction::Down };
+        let stepped_ago = self.stepped_within_period(direction).filter(|_| capped != self.current);
+        if let (Some(ago), true) = (stepped_ago, limited != capped) {
+            notes.push(held_by_period(limited, direction, ago, &settings.limits(direction)));
         } else if limited != capped {
             let (direction, limits) = if limited < capped {
                 ("scaleUp", settings.up)
@@ -804,10 +813,20 @@ impl Policy<'_> {
             ));
         }
 
-        let bounded = limited.max(floor.replicas).min(settings.max);
-        if bounded > limited {
+        let floored = limited.max(floor.replicas);
+        if floored > limited && floored <= settings.max {
             notes.push(floor.note.clone());
-        } else if bounded < limited && !notes.contains(&cap_note) {
+        }
+        let stepped = self.min_removal(floored);
+        if stepped != floored {
+            notes.push(format!(
+                "held at {stepped}: removing {} of {stepped} is less than scaleDown.minPercentPerStep {} %, waiting for more idle replicas",
+                stepped - floored,
+                settings.min_removal_percent
+            ));
+        }
+        let bounded = stepped.min(settings.max);
+        if bounded < stepped && !notes.contains(&cap_note) {
             notes.push(cap_note);
         }
 
@@ -844,6 +863,10 @@ impl Policy<'_> {
         let current = self.current;
         if wanted > current {
             let limits = self.settings.up;
+            // Activation is exempt: a pool at zero starts at once.
+            if current > 0 && self.stepped_within_period(Direction::Up).is_some() {
+                return current;
+            }
             let start = self.period_start(&limits);
             let by_count = limits.replicas_per_step.map(|n| start + u64::from(n));
             let by_percent = limits
@@ -855,7 +878,7 @@ impl Policy<'_> {
             }
         } else if wanted < current {
             let limits = self.settings.down;
-            if self.removed_within_period().is_some() {
+            if self.stepped_within_period(Direction::Down).is_some() {
                 return current;
             }
             let start = self.period_start(&limits);
@@ -874,16 +897,38 @@ impl Policy<'_> {
         }
     }
 
-    /// How long ago replicas were last removed, if within the scale-down
-    /// period: one removal step per period, as HPA takes one per sync.
-    /// Without it a short tick walks a pool down in many small steps.
-    fn removed_within_period(&self) -> Option<TimeDelta> {
-        let period = TimeDelta::seconds(i64::from(self.settings.down.period_seconds));
+    /// `scaleDown.minPercentPerStep`: a removal smaller than that share of
+    /// the pool waits until more replicas are idle. Each stop is a cold
+    /// start later, and as a batch tails off replicas fall idle one by one;
+    /// removing them in fewer, larger steps costs a few idle replica-seconds
+    /// and saves most of the churn. Going to zero is not held, and
+    /// `maxReplicas` still applies at once.
+    fn min_removal(&self, replicas: u32) -> u32 {
+        let current = self.current;
+        let removed = current.saturating_sub(replicas);
+        let too_small = u64::from(removed) * 100 < u64::from(current) * u64::from(self.settings.min_removal_percent);
+        if removed > 0 && replicas > 0 && too_small {
+            current
+        } else {
+            replicas
+        }
+    }
+
+    /// How long ago replicas were last added (up) or removed (down), if
+    /// within that direction's period: one step per period, as HPA takes
+    /// one per sync. Without it a short tick follows a batch as it arrives
+    /// and walks a pool down in many small steps.
+    fn stepped_within_period(&self, direction: Direction) -> Option<TimeDelta> {
+        let limits = self.settings.limits(direction);
+        let period = TimeDelta::seconds(i64::from(limits.period_seconds));
         self.history
             .scale_events
             .iter()
             .rev()
-            .find(|(_, change)| *change < 0)
+            .find(|(_, change)| match direction {
+                Direction::Up => *change > 0,
+                Direction::Down => *change < 0,
+            })
             .map(|(at, _)| self.now - *at)
             .filter(|ago| *ago < period)
     }
@@ -893,6 +938,19 @@ impl Policy<'_> {
         let start = i64::from(self.current) - self.history.change_since(cutoff);
         u64::try_from(start).unwrap_or(0)
     }
+}
+
+/// E.g. "held at 6: replicas were added 5 s ago, one scale-up step per 15 s period".
+fn held_by_period(replicas: u32, direction: Direction, ago: TimeDelta, limits: &RateLimits) -> String {
+    let (verb, name) = match direction {
+        Direction::Up => ("added", "scale-up"),
+        Direction::Down => ("removed", "scale-down"),
+    };
+    format!(
+        "held at {replicas}: replicas were {verb} {} s ago, one {name} step per {} s period",
+        ago.num_seconds(),
+        limits.period_seconds
+    )
 }
 
 fn describe_limits(limits: &RateLimits) -> String {

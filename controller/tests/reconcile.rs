@@ -615,7 +615,10 @@ async fn a_leader_whose_lock_session_dies_wins_again_instead_of_exiting(pool: Pg
     let q = Queue::new(pool.clone());
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("pools.yaml");
-    std::fs::write(&manifest, TEXT_POOL).unwrap();
+    // One scale-up step per 1 s period, so the second step below is not
+    // held for the default 15 s after the first.
+    let pool_yaml = format!("{TEXT_POOL}  scaleUp: {{periodSeconds: 1}}\n");
+    std::fs::write(&manifest, pool_yaml).unwrap();
     let backend = MemoryBackend::default();
     let reconciler = Reconciler::new(Context {
         queue: q.clone(),

@@ -215,7 +215,7 @@ spec:
             "pools.yaml:1 (document 1, Text): spec.minReplicas: must be >= 0, got -1",
             "pools.yaml:1 (document 1, Text): spec.paused: invalid type: string \"sometimes\", expected a boolean",
             "pools.yaml:1 (document 1, Text): spec.scaleUp.periodSeconds: must be between 1 and 1800, got 7200",
-            "pools.yaml:1 (document 1, Text): spec.scaleUp.window: unknown field `window`, expected one of `maxPercentPerStep`, `maxReplicasPerStep`, `periodSeconds`, `stabilizationWindowSeconds`, `tolerance`",
+            "pools.yaml:1 (document 1, Text): spec.scaleUp.window: unknown field `window`, expected one of `maxPercentPerStep`, `maxReplicasPerStep`, `minPercentPerStep`, `periodSeconds`, `stabilizationWindowSeconds`, `tolerance`",
             "pools.yaml:1 (document 1, Text): spec.target.local.command: must have at least 1 item(s)",
             "pools.yaml:1 (document 1, Text): spec.target.local.cwd: unknown field `cwd`, expected one of `command`, `env`",
             "pools.yaml:1 (document 1, Text): spec.taskTypes[1]: unknown variant `pdf_rendering`, expected one of `text_generation`, `pdf_generation`, `audio_generation`",

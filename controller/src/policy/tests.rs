@@ -236,11 +236,11 @@ fn a_change_within_the_tolerance_holds() {
         ..spec.clone()
     };
     assert_eq!(Pool::new(exact).running(10).tick(0, load(100, 5)).replicas, 11);
-    // 8.5 replicas' worth is 15 % under 10: outside the band, down to 9.
-    assert_eq!(
-        Pool::new(no_windows()).running(10).tick(0, load(80, 5)).replicas,
-        9
-    );
+    // 8.5 replicas' worth is 15 % under 10: outside the band, down to 9
+    // (with every removal step allowed).
+    let mut any_step = no_windows();
+    any_step.scale_down.min_percent_per_step = Some(0);
+    assert_eq!(Pool::new(any_step).running(10).tick(0, load(80, 5)).replicas, 9);
 }
 
 #[test]
@@ -249,8 +249,8 @@ fn busy_replicas_are_never_scaled_away() {
         busy_replicas: 5,
         ..load(0, 5)
     };
-    let decision = Pool::new(no_windows()).running(6).tick(0, busy);
-    assert_eq!(decision.replicas, 5);
+    let decision = Pool::new(no_windows()).running(7).tick(0, busy);
+    assert_eq!(decision.replicas, 5, "2 of 7 is a large enough step");
     assert!(
         decision.reason.contains("kept at 5 busy replicas"),
         "{}",
@@ -414,12 +414,88 @@ fn scale_up_is_limited_per_period_from_the_count_at_its_start() {
 }
 
 #[test]
+fn a_running_pool_takes_one_scale_up_step_per_period() {
+    let mut pool = Pool::new(spec()).running(2);
+    assert_eq!(pool.tick(0, load(25, 0)).replicas, 3, "the batch's first part");
+    let rest = pool.tick(5, load(60, 0));
+    assert_eq!(rest.replicas, 3, "the period's budget would allow 6, but one step per period");
+    assert!(
+        rest.reason
+            .ends_with("wants 6; held at 3: replicas were added 5 s ago, one scale-up step per 15 s period"),
+        "{}",
+        rest.reason
+    );
+    assert_eq!(pool.tick(15, load(60, 0)).replicas, 6, "the next period's step");
+}
+
+#[test]
+fn activation_is_not_held_by_the_scale_up_step() {
+    let mut pool = Pool::new(spec()).running(3);
+    pool.tick(0, load(35, 0));
+    pool.tick(5, load(0, 0));
+    let mut pool = Pool {
+        replicas: 0,
+        ..pool
+    };
+    assert_eq!(
+        pool.tick(10, load(30, 0)).replicas,
+        3,
+        "a pool at zero starts at once, 10 s after the last step up"
+    );
+}
+
+/// Ten replicas all busy, then fewer as tasks finish, nothing pending.
+fn tailing_off(busy_replicas: u32) -> QueueLoad {
+    QueueLoad {
+        busy_replicas,
+        ..load(0, u64::from(busy_replicas))
+    }
+}
+
+#[test]
+fn a_removal_under_min_percent_per_step_waits_for_more_idle_replicas() {
+    let mut pool = Pool::new(no_windows()).running(10);
+    let one_idle = pool.tick(0, tailing_off(9));
+    assert_eq!(one_idle.replicas, 10);
+    assert!(
+        one_idle.reason.ends_with(
+            "held at 10: removing 1 of 10 is less than scaleDown.minPercentPerStep 20 %, waiting for more idle replicas"
+        ),
+        "{}",
+        one_idle.reason
+    );
+    assert_eq!(pool.tick(15, tailing_off(8)).replicas, 8, "2 of 10 is a step");
+    assert_eq!(pool.tick(30, tailing_off(7)).replicas, 8, "1 of 8 is not");
+    assert_eq!(pool.tick(45, tailing_off(6)).replicas, 6);
+}
+
+#[test]
+fn min_percent_per_step_zero_removes_each_idle_replica() {
+    let mut spec = no_windows();
+    spec.scale_down.min_percent_per_step = Some(0);
+    let mut pool = Pool::new(spec).running(10);
+    assert_eq!(pool.tick(0, tailing_off(9)).replicas, 9);
+    assert_eq!(pool.tick(15, tailing_off(8)).replicas, 8);
+}
+
+#[test]
+fn min_percent_per_step_never_holds_a_pool_above_max_replicas() {
+    let spec = WorkerPoolSpec {
+        max_replicas: 9,
+        ..no_windows()
+    };
+    let decision = Pool::new(spec).running(10).tick(0, tailing_off(10));
+    assert_eq!(decision.replicas, 9, "{}", decision.reason);
+}
+
+#[test]
 fn a_single_scale_down_limit_replaces_the_defaults() {
     let spec = WorkerPoolSpec {
         scale_down: ScalingRules {
             stabilization_window_seconds: Some(0),
             max_replicas_per_step: Some(1),
             max_percent_per_step: None,
+            min_percent_per_step: None,
             period_seconds: Some(60),
             tolerance: None,
         },
@@ -742,18 +818,19 @@ fn arb_spec() -> impl Strategy<Value = WorkerPoolSpec> {
         1..5i32,
         0..600i32,
         (0..120i32, 0..300i32),
-        prop::option::of((1..8i32, 1..300i32, 1..60i32)),
+        prop::option::of((1..8i32, 1..300i32, 1..60i32, 0..=100i32)),
         prop::option::of((1..4i32, 1..30i32)),
         prop::option::of(1..120i32),
     )
         .prop_map(
             |(min, extra, per_replica, activation, cooldown, windows, limits, fallback, target)| {
                 let (up_limits, down_limits) = match limits {
-                    Some((replicas, percent, period)) => (
+                    Some((replicas, percent, period, min_percent)) => (
                         ScalingRules {
                             stabilization_window_seconds: Some(windows.0),
                             max_replicas_per_step: Some(replicas),
                             max_percent_per_step: Some(percent),
+                            min_percent_per_step: None,
                             period_seconds: Some(period),
                             tolerance: None,
                         },
@@ -761,6 +838,7 @@ fn arb_spec() -> impl Strategy<Value = WorkerPoolSpec> {
                             stabilization_window_seconds: Some(windows.1),
                             max_replicas_per_step: Some(replicas),
                             max_percent_per_step: Some(percent.min(100)),
+                            min_percent_per_step: Some(min_percent),
                             period_seconds: Some(period),
                             tolerance: None,
                         },
@@ -896,6 +974,28 @@ proptest! {
                 prop_assert!(u64::from(decision.replicas) <= limit, "{decision:?} over {limit}");
             }
             changes.push((now, i64::from(decision.replicas) - i64::from(decision.from)));
+            Ok(())
+        })?;
+    }
+
+    #[test]
+    fn a_running_pool_steps_up_at_most_once_per_period(spec in arb_spec(), ticks in arb_ticks()) {
+        // Floors may raise a count on purpose; leave them out here.
+        let spec = WorkerPoolSpec { min_replicas: 0, fallback: None, ..spec };
+        let period = TimeDelta::seconds(i64::from(spec.rate_limits(Direction::Up).period_seconds));
+        let ticks: Vec<Tick> = ticks
+            .into_iter()
+            .map(|tick| Tick { reading: tick.reading.map(|load| QueueLoad { busy_replicas: 0, ..load }), ..tick })
+            .collect();
+        let mut last_step_up: Option<DateTime<Utc>> = None;
+        run(&spec, &ticks, |now, observation, decision| {
+            if decision.replicas > observation.current_replicas {
+                if observation.current_replicas > 0 {
+                    let ago = last_step_up.map(|at| now - at);
+                    prop_assert!(ago.is_none_or(|ago| ago >= period), "{decision:?} {ago:?} after the last step up");
+                }
+                last_step_up = Some(now);
+            }
             Ok(())
         })?;
     }
