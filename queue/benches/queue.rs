@@ -1,11 +1,12 @@
 //! `make bench-queue`: throughput and latency of the queue on this machine,
-//! printed beside two references measured in the same run — PostgreSQL's
-//! own ceiling for a batched claim+complete loop (pgbench) and, when the
-//! script ran it, graphile-worker's drain of the same size. The last line
-//! is one JSON object with every figure.
+//! printed beside references measured in the same run — PostgreSQL's own
+//! ceiling for a batched claim+complete loop (pgbench) and, when the script
+//! ran them, the peer queues graphile-worker and pg-boss doing the same
+//! work. The last line is one JSON object with every figure.
 //!
 //! Reads `DATABASE_URL` (a database it may truncate: the script creates a
-//! fresh one) and `PEER_RESULT` (a file with graphile-worker's JSON line).
+//! fresh one), `PEER_RESULTS` (colon-separated files, each ending with one
+//! peer's JSON line) and `PEERS_FAILED` (comma-separated peer names).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -32,6 +33,8 @@ async fn main() -> Result<()> {
     let q = Queue::new(admin.clone());
     q.migrate().await?;
     let mut report = serde_json::Map::new();
+    // Read first: a bad peer file should fail the run before, not after, the work.
+    let (peers, failed) = peer_results()?;
 
     println!(
         "backlog queue benchmark ({} cores)",
@@ -114,32 +117,26 @@ async fn main() -> Result<()> {
         best_batched / ceiling
     );
 
-    // Reference 2: graphile-worker, measured by the script in this run.
-    if let Some(peer) = peer_result()? {
-        let drain = peer["drain_jobs_per_s"].as_f64().unwrap_or(f64::NAN);
-        let enqueue = peer["enqueue_jobs_per_s"].as_f64().unwrap_or(f64::NAN);
-        let avg = peer["latency_ms"]["avg"].as_f64().unwrap_or(f64::NAN);
-        let p99 = peer["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "reference: graphile-worker {}: drain {drain:.0} jobs/s, enqueue {enqueue:.0} jobs/s, \
-             enqueue→start avg {avg:.2} ms, p99 {p99:.2} ms",
-            peer["version"].as_str().unwrap_or("?")
-        );
-        let ratios = json!({
-            "drain": round2(best_batched / drain),
-            "enqueue": round2(enqueue_rate / enqueue),
-            "latency_avg": round2(latency.avg / avg),
-            "latency_p99": round2(latency.p99 / p99),
-        });
-        println!(
-            "  backlog / graphile-worker: drain ×{} (target ≥ 1.2), enqueue ×{} (target > 1), \
-             latency avg ×{} and p99 ×{} (target < 1)",
-            ratios["drain"], ratios["enqueue"], ratios["latency_avg"], ratios["latency_p99"]
-        );
-        report.insert("graphile_worker".into(), peer);
-        report.insert("ratio_to_graphile_worker".into(), ratios);
-    } else {
-        println!("reference: graphile-worker skipped (PEERS=0)");
+    // References 2 and up: the peer queues the script measured in this run.
+    let ours = Ours {
+        enqueue: enqueue_rate,
+        drain: best_batched,
+        latency: &latency,
+    };
+    for known in &PEERS {
+        match peers.iter().find(|p| p["peer"] == known.name) {
+            Some(peer) => report_peer(known, peer, &ours, &mut report),
+            None if failed.iter().any(|f| f == known.name) => {
+                println!(
+                    "reference: {} FAILED in this run (its output is above)",
+                    known.name
+                )
+            }
+            None => println!("reference: {} not measured (not in PEERS)", known.name),
+        }
+    }
+    if !failed.is_empty() {
+        report.insert("peers_failed".into(), json!(failed));
     }
 
     println!("{}", Value::Object(report));
@@ -377,15 +374,99 @@ async fn pgbench_ceiling(url: &str, admin: &PgPool) -> Result<f64> {
     Ok(best)
 }
 
-fn peer_result() -> Result<Option<Value>> {
-    let Ok(path) = std::env::var("PEER_RESULT") else {
-        return Ok(None);
+/// A peer queue scripts/bench-queue.sh may measure (scripts/peers/NAME).
+struct Peer {
+    /// As in the `peer` field of its JSON line.
+    name: &'static str,
+    /// Its figures' key in the report, and `ratio_to_` that.
+    key: &'static str,
+    /// Issue #16's targets for backlog against it, if any.
+    targets: &'static str,
+}
+
+const PEERS: [Peer; 2] = [
+    Peer {
+        name: "graphile-worker",
+        key: "graphile_worker",
+        targets: " (targets: drain ≥ 1.2, enqueue > 1, latency < 1)",
+    },
+    Peer {
+        name: "pg-boss",
+        key: "pg_boss",
+        targets: "",
+    },
+];
+
+/// backlog's own figures of this run, for the ratios to the peers.
+struct Ours<'a> {
+    enqueue: f64,
+    drain: f64,
+    latency: &'a Latency,
+}
+
+/// Print a peer's figures and backlog's ratios to them; add both to the report.
+fn report_peer(known: &Peer, peer: &Value, ours: &Ours<'_>, report: &mut serde_json::Map<String, Value>) {
+    let figure = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let drain = figure(&peer["drain_jobs_per_s"]);
+    let enqueue = figure(&peer["enqueue_jobs_per_s"]);
+    let avg = figure(&peer["latency_ms"]["avg"]);
+    let p99 = figure(&peer["latency_ms"]["p99"]);
+    // A peer may say how its drain figure was taken when it differs from a
+    // full drain (pg-boss times the first jobs of a deep queue).
+    let drain_note = peer["drain_note"]
+        .as_str()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
+    println!(
+        "reference: {} {}: drain {drain:.0} jobs/s{drain_note}, enqueue {enqueue:.0} jobs/s, \
+         enqueue→start ({}) avg {avg:.2} ms, p99 {p99:.2} ms",
+        known.name,
+        peer["version"].as_str().unwrap_or("?"),
+        peer["latency_wakeup"].as_str().unwrap_or("?"),
+    );
+    let ratios = json!({
+        "drain": round2(ours.drain / drain),
+        "enqueue": round2(ours.enqueue / enqueue),
+        "latency_avg": round2(ours.latency.avg / avg),
+        "latency_p99": round2(ours.latency.p99 / p99),
+    });
+    println!(
+        "  backlog / {}: drain ×{}, enqueue ×{}, latency avg ×{} and p99 ×{}{}",
+        known.name,
+        ratios["drain"],
+        ratios["enqueue"],
+        ratios["latency_avg"],
+        ratios["latency_p99"],
+        known.targets
+    );
+    report.insert(known.key.into(), peer.clone());
+    report.insert(format!("ratio_to_{}", known.key), ratios);
+}
+
+/// The peers' JSON lines (the last `{` line of each file in the
+/// colon-separated `PEER_RESULTS`) and the names in `PEERS_FAILED`.
+fn peer_results() -> Result<(Vec<Value>, Vec<String>)> {
+    let list = |var: &str, sep: char| -> Vec<String> {
+        std::env::var(var)
+            .unwrap_or_default()
+            .split(sep)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
     };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let last = text
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .context("peer printed no JSON")?;
-    Ok(Some(serde_json::from_str(last)?))
+    let mut peers = Vec::new();
+    for path in list("PEER_RESULTS", ':') {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .with_context(|| format!("{path}: the peer printed no JSON"))?;
+        let peer: Value = serde_json::from_str(last).with_context(|| format!("{path}: last JSON line"))?;
+        if !PEERS.iter().any(|p| peer["peer"] == p.name) {
+            bail!("{path}: unknown peer {}", peer["peer"]);
+        }
+        peers.push(peer);
+    }
+    Ok((peers, list("PEERS_FAILED", ',')))
 }

@@ -263,6 +263,7 @@ try {
       enqueue_jobs_per_s: Math.round(enqueueRate),
       drain_jobs_per_s: Math.round(drainRate),
       latency_ms: latency,
+      latency_wakeup: "LISTEN/NOTIFY",
       jobs: JOBS,
     }),
   );
