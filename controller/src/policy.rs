@@ -796,10 +796,21 @@ impl Policy<'_> {
         }
 
         let limited = self.rate_limit(capped);
-        let direction = if capped > self.current { Direction::Up } else { Direction::Down };
-        let stepped_ago = self.stepped_within_period(direction).filter(|_| capped != self.current);
+        let direction = if capped > self.current {
+            Direction::Up
+        } else {
+            Direction::Down
+        };
+        let stepped_ago = self
+            .stepped_within_period(direction)
+            .filter(|_| capped != self.current);
         if let (Some(ago), true) = (stepped_ago, limited != capped) {
-            notes.push(held_by_period(limited, direction, ago, &settings.limits(direction)));
+            notes.push(held_by_period(
+                limited,
+                direction,
+                ago,
+                &settings.limits(direction),
+            ));
         } else if limited != capped {
             let (direction, limits) = if limited < capped {
                 ("scaleUp", settings.up)
@@ -906,7 +917,8 @@ impl Policy<'_> {
     fn min_removal(&self, replicas: u32) -> u32 {
         let current = self.current;
         let removed = current.saturating_sub(replicas);
-        let too_small = u64::from(removed) * 100 < u64::from(current) * u64::from(self.settings.min_removal_percent);
+        let too_small =
+            u64::from(removed) * 100 < u64::from(current) * u64::from(self.settings.min_removal_percent);
         if removed > 0 && replicas > 0 && too_small {
             current
         } else {

@@ -551,7 +551,8 @@ impl WorkerPoolSpec {
             match direction {
                 Direction::Up => problems.push(
                     field("minPercentPerStep"),
-                    "applies to scaleDown only: a scale-up is never held back to make a bigger step".to_string(),
+                    "applies to scaleDown only: a scale-up is never held back to make a bigger step"
+                        .to_string(),
                 ),
                 Direction::Down => problems.within(field("minPercentPerStep"), percent, 0, 100),
             }

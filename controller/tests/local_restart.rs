@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use controller::backend::local::ProcessRecord;
 use sqlx::PgPool;
+use test_support::worker_pool::LocalTextPool;
 
 const MAX_REPLICAS: usize = 3;
 
@@ -80,35 +81,11 @@ impl Drop for Cleanup {
 }
 
 fn write_manifest(dir: &Path, worker: &Path, database_url: &str) -> PathBuf {
-    let path = dir.join("pools.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-apiVersion: backlog.dev/v1alpha1
-kind: WorkerPool
-metadata: {{name: text}}
-spec:
-  taskTypes: [text_generation]
-  target:
-    local:
-      command: ["{worker}"]
-      env:
-        DATABASE_URL: "{database_url}"
-        LLM_PROVIDER: offline
-        ARTIFACT_STORE: "file://{store}"
-        WORKER_HEARTBEAT_SECONDS: "0.5"
-        LOG_FORMAT: text
-        RUST_LOG: warn
-  minReplicas: {MAX_REPLICAS}
-  maxReplicas: {MAX_REPLICAS}
-"#,
-            worker = worker.display(),
-            store = dir.display(),
-        ),
-    )
-    .unwrap();
-    path
+    LocalTextPool::new(worker, database_url, &format!("file://{}", dir.display()))
+        .env("WORKER_HEARTBEAT_SECONDS", "0.5")
+        .spec("minReplicas", MAX_REPLICAS)
+        .spec("maxReplicas", MAX_REPLICAS)
+        .write_to(dir)
 }
 
 fn start_controller(

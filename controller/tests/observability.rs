@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::PgPool;
+use test_support::worker_pool::LocalTextPool;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -463,35 +464,13 @@ async fn every_metric_of_the_dashboard_and_the_rules_is_exported_by_the_binaries
     ));
 
     // One pool with a wait target, so the target's gauge has a value too.
-    let manifest = dir.path().join("pools.yaml");
-    std::fs::write(
-        &manifest,
-        format!(
-            r#"
-apiVersion: backlog.dev/v1alpha1
-kind: WorkerPool
-metadata: {{name: text}}
-spec:
-  taskTypes: [text_generation]
-  target:
-    local:
-      command: ["{worker}"]
-      env:
-        DATABASE_URL: "{database_url}"
-        LLM_PROVIDER: offline
-        ARTIFACT_STORE: "{store}"
-        WORKER_METRICS_ADDR: "127.0.0.1:{worker_metrics}"
-        WORKER_POLL_SECONDS: "0.5"
-        LOG_FORMAT: text
-        RUST_LOG: warn
-  minReplicas: 0
-  maxReplicas: 1
-  targetQueueSeconds: 60
-"#,
-            worker = worker.display(),
-        ),
-    )
-    .unwrap();
+    let manifest = LocalTextPool::new(&worker, &database_url, &store)
+        .env("WORKER_METRICS_ADDR", &format!("127.0.0.1:{worker_metrics}"))
+        .env("WORKER_POLL_SECONDS", "0.5")
+        .spec("minReplicas", 0)
+        .spec("maxReplicas", 1)
+        .spec("targetQueueSeconds", 60)
+        .write_to(dir.path());
     running.children.push(spawn_logged(
         Command::new(&controller)
             .args(["run", "--backend", "local", "--tick-seconds", "0.3"])

@@ -17,6 +17,7 @@ use controller::spec::ConditionType;
 use queue::{JobType, Queue, TaskType, WorkerState};
 use serde_json::json;
 use sqlx::PgPool;
+use test_support::worker_pool::LocalTextPool;
 use test_support::{enqueue_jobs, register_text_worker};
 use tokio_util::sync::CancellationToken;
 
@@ -235,37 +236,13 @@ fn write_manifest(
     database_url: &str,
     store: &std::path::Path,
 ) -> PathBuf {
-    let path = dir.join("pools.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-apiVersion: backlog.dev/v1alpha1
-kind: WorkerPool
-metadata: {{name: text}}
-spec:
-  taskTypes: [text_generation]
-  target:
-    local:
-      command: ["{worker}"]
-      env:
-        DATABASE_URL: "{database_url}"
-        LLM_PROVIDER: offline
-        ARTIFACT_STORE: "file://{store}"
-        WORKER_HEARTBEAT_SECONDS: "0.5"
-        LOG_FORMAT: text
-        RUST_LOG: warn
-  maxReplicas: 3
-  tasksPerReplica: 2
-  cooldownPeriod: 2
-  scaleDown: {{stabilizationWindowSeconds: 0}}
-"#,
-            worker = worker.display(),
-            store = store.display()
-        ),
-    )
-    .unwrap();
-    path
+    LocalTextPool::new(worker, database_url, &format!("file://{}", store.display()))
+        .env("WORKER_HEARTBEAT_SECONDS", "0.5")
+        .spec("maxReplicas", 3)
+        .spec("tasksPerReplica", 2)
+        .spec("cooldownPeriod", 2)
+        .spec("scaleDown", json!({"stabilizationWindowSeconds": 0}))
+        .write_to(dir)
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

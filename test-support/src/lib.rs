@@ -4,11 +4,13 @@
 //! which gives each test a fresh, migrated database on the server named by
 //! `DATABASE_URL` (`make test` sets it). The helpers here hand that
 //! database to code under test that wants a URL (child processes, servers).
-//! [`kube_api`] is an emulator of the Kubernetes API server.
+//! [`kube_api`] is an emulator of the Kubernetes API server;
+//! [`worker_pool`] writes WorkerPool manifests of local text workers.
 
 pub mod fly;
 pub mod kube_api;
 pub mod s3;
+pub mod worker_pool;
 
 use sqlx::PgPool;
 

@@ -418,7 +418,10 @@ fn a_running_pool_takes_one_scale_up_step_per_period() {
     let mut pool = Pool::new(spec()).running(2);
     assert_eq!(pool.tick(0, load(25, 0)).replicas, 3, "the batch's first part");
     let rest = pool.tick(5, load(60, 0));
-    assert_eq!(rest.replicas, 3, "the period's budget would allow 6, but one step per period");
+    assert_eq!(
+        rest.replicas, 3,
+        "the period's budget would allow 6, but one step per period"
+    );
     assert!(
         rest.reason
             .ends_with("wants 6; held at 3: replicas were added 5 s ago, one scale-up step per 15 s period"),
@@ -433,10 +436,7 @@ fn activation_is_not_held_by_the_scale_up_step() {
     let mut pool = Pool::new(spec()).running(3);
     pool.tick(0, load(35, 0));
     pool.tick(5, load(0, 0));
-    let mut pool = Pool {
-        replicas: 0,
-        ..pool
-    };
+    let mut pool = Pool { replicas: 0, ..pool };
     assert_eq!(
         pool.tick(10, load(30, 0)).replicas,
         3,
