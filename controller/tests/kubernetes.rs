@@ -109,11 +109,15 @@ impl Running {
 }
 
 fn start_controller(api: &KubeApi, q: &Queue, identity: &str) -> Running {
+    start_controller_with_metrics(api, q, identity, Arc::new(Metrics::default()))
+}
+
+fn start_controller_with_metrics(api: &KubeApi, q: &Queue, identity: &str, metrics: Arc<Metrics>) -> Running {
     let client = client(api);
     let reconciler = Reconciler::new(Context {
         queue: q.clone(),
         backend: KubernetesBackend::new(client.clone(), q.clone()),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
     });
     let lease = LeaseSettings::new(NS, "backlog-controller", identity, Duration::from_secs(3));
     let election = LeaseElection::new(client.clone(), lease);
@@ -243,6 +247,39 @@ async fn work_for_a_pool_at_zero_scales_its_deployment_and_writes_status_and_eve
     assert!(
         refused.is_empty(),
         "the shipped Role lacks what these need: {refused:?}"
+    );
+}
+
+/// A pool from the cluster is labelled by its name in every series, the
+/// error counter of a failed status write included (it used to carry
+/// `namespace/name` there alone, so a dashboard summing by pool split it).
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_failed_status_write_is_counted_under_the_pools_name(pool: PgPool) {
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_pool_status() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'pool_status is read-only in this test'; END $$;
+         CREATE TRIGGER refuse_pool_status BEFORE INSERT OR UPDATE ON pool_status
+           FOR EACH ROW EXECUTE FUNCTION refuse_pool_status();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let q = Queue::new(pool);
+    let api = text_pool_on_a_deployment(0).await;
+    let metrics = Arc::new(Metrics::default());
+    let controller = start_controller_with_metrics(&api, &q, "a", metrics.clone());
+    let counted = r#"backlog_controller_errors_total{pool="text",stage="status"} "#;
+    let text = eventually("a status error counted", || {
+        let text = metrics.encode();
+        text.lines()
+            .any(|line| line.starts_with(counted) && !line.ends_with(" 0"))
+            .then_some(text)
+    })
+    .await;
+    controller.stop().await;
+    assert!(
+        !text.contains(&format!("pool=\"{NS}/text\"")),
+        "a series labelled namespace/name:\n{text}"
     );
 }
 

@@ -263,7 +263,7 @@ impl<B: Backend> Pass<B> {
         };
         if tokio::time::timeout(self.deadline, publishing).await.is_err() {
             tracing::warn!(pool = %self.key, "publishing the pool's status timed out");
-            self.ctx.count_error(&self.key, "status");
+            self.ctx.count_error(self.loaded.name(), "status");
         }
     }
 
@@ -607,7 +607,9 @@ impl<B: Backend> Context<B> {
         };
         if let Err(e) = written.await {
             tracing::warn!(pool = %key, error = %e, "could not write the pool's status");
-            self.count_error(key, "status");
+            // Labelled by name, as every other series of the pool; the key
+            // is `namespace/name` for a pool from the cluster.
+            self.count_error(loaded.name(), "status");
         }
     }
 }
