@@ -63,12 +63,7 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in &self.logs {
-                let text = std::fs::read_to_string(log).unwrap_or_default();
-                eprintln!("--- {} ---\n{text}", log.display());
-            }
-        }
+        test_support::show_logs_if_panicking(&self.logs);
         for controller in &mut self.controllers {
             let _ = controller.kill();
             let _ = controller.wait();

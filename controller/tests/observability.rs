@@ -352,12 +352,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in &self.logs {
-                let text = std::fs::read_to_string(log).unwrap_or_default();
-                eprintln!("--- {} ---\n{text}", log.display());
-            }
-        }
+        test_support::show_logs_if_panicking(&self.logs);
         self.stop();
     }
 }

@@ -40,7 +40,7 @@ run_peer() {
   trap 'exit 143' TERM
 
   workdir=$(mktemp -d "${TMPDIR:-/tmp}/backlog-$peer.XXXXXX")
-  cp "$here/package.json" "$here/bench.mjs" "$workdir/"
+  cp "$here/package.json" "$here/bench.mjs" "$here/../common.mjs" "$workdir/"
   if [ -f "$here/package-lock.json" ]; then
     cp "$here/package-lock.json" "$workdir/"
     say "installing $peer from package-lock.json into $workdir"

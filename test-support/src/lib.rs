@@ -12,7 +12,20 @@ pub mod kube_api;
 pub mod s3;
 pub mod worker_pool;
 
+use std::path::PathBuf;
+
 use sqlx::PgPool;
+
+/// For a `Drop` that cleans up after a test: while the test is panicking,
+/// print each of the processes' log files, so a failure shows what they said.
+pub fn show_logs_if_panicking(logs: &[PathBuf]) {
+    if std::thread::panicking() {
+        for log in logs {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            eprintln!("--- {} ---\n{text}", log.display());
+        }
+    }
+}
 
 /// A `postgres://` URL for the database a pool is connected to, so a child
 /// process can connect to the same per-test database.

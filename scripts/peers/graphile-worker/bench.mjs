@@ -21,9 +21,10 @@
 
 import { EventEmitter, once } from "node:events";
 import { createRequire } from "node:module";
-import os from "node:os";
 import { performance } from "node:perf_hooks";
 import { setTimeout as sleep } from "node:timers/promises";
+
+import { announce, benchmarkDatabaseUrl, cpuSeconds, deferred, fmtInt, latencyFigures, withTimeout } from "./common.mjs";
 
 // graphile-worker logs one info line per successful job. At ~10^4 jobs/s that
 // formatting and console I/O would be what we measure, and it would flood
@@ -51,11 +52,7 @@ const DRAIN_WORKER = {
 const DRAIN_TIMEOUT_MS = 10 * 60_000;
 const LATENCY_JOB_TIMEOUT_MS = 10_000;
 
-const connectionString = process.env.DATABASE_URL;
-if (!connectionString) {
-  console.error("bench.mjs: DATABASE_URL must name the benchmark database");
-  process.exit(2);
-}
+const connectionString = benchmarkDatabaseUrl();
 
 const require = createRequire(import.meta.url);
 const version = require("graphile-worker/package.json").version;
@@ -68,41 +65,6 @@ const logger = new Logger((scope) => (level, message) => {
     console.error(`graphile-worker ${level}: ${where}${message}`);
   }
 });
-
-// Resolved/rejected from outside; used to hand a value from a task handler
-// back to the measuring loop.
-function deferred() {
-  let resolve;
-  let reject;
-  const promise = new Promise((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  return { promise, resolve, reject };
-}
-
-function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: timed out after ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-// Same nearest-rank rule as queue/benches/queue.rs, so p50/p99 compare.
-function percentile(sorted, p) {
-  return sorted[Math.round((sorted.length - 1) * p)];
-}
-
-const round2 = (x) => Math.round(x * 100) / 100;
-// CPU seconds this Node process used since `since` (a process.cpuUsage()).
-// Printed beside each phase: wall time far above it, with PostgreSQL also
-// short of CPU, usually means other processes were sharing the cores.
-const cpuSeconds = (since) => {
-  const { user, system } = process.cpuUsage(since);
-  return ((user + system) / 1e6).toFixed(1);
-};
-const fmtInt = (x) => Math.round(x).toLocaleString("en-US");
 
 // graphile-worker's default schema, spelled out so the queries below match.
 const schema = "graphile_worker";
@@ -120,20 +82,7 @@ async function remainingJobs(utils) {
 const utils = await makeWorkerUtils({ connectionString, logger, schema });
 let exitCode = 0;
 try {
-  const cores = os.availableParallelism();
-  const [load1] = os.loadavg();
-  console.log(
-    `graphile-worker ${version} benchmark (node ${process.version}, ${cores} cores, ` +
-      `load average ${load1.toFixed(2)} at start)`,
-  );
-  // The figures are only comparable on an otherwise idle machine; say so
-  // when it is not, rather than letting a busy run pass as a slow library.
-  if (load1 > cores / 2) {
-    console.error(
-      `bench.mjs: warning: load average ${load1.toFixed(2)} on ${cores} cores; ` +
-        `other processes will lower these figures`,
-    );
-  }
+  announce("graphile-worker", version);
 
   // 1. Enqueue ---------------------------------------------------------------
   let cpu = process.cpuUsage();
@@ -244,16 +193,11 @@ try {
     waiting = null;
     await listener.stop();
   }
-  samples.sort((a, b) => a - b);
-  const latency = {
-    avg: round2(samples.reduce((s, x) => s + x, 0) / samples.length),
-    p50: round2(percentile(samples, 0.5)),
-    p99: round2(percentile(samples, 0.99)),
-  };
+  const { latency, words } = latencyFigures(samples);
   console.log(
     `enqueue→start over ${LATENCY_SAMPLES} sequential jobs after ${LATENCY_WARMUP} unmeasured ` +
       `(addJob, LISTEN/NOTIFY, concurrency 1): ` +
-      `avg ${latency.avg.toFixed(2)} ms, p50 ${latency.p50.toFixed(2)} ms, p99 ${latency.p99.toFixed(2)} ms`,
+      words,
   );
 
   console.log(

@@ -41,9 +41,10 @@
 // object that scripts/bench-queue.sh hands to the Rust benchmark.
 
 import { createRequire } from "node:module";
-import os from "node:os";
 import { performance } from "node:perf_hooks";
 import { setTimeout as sleep } from "node:timers/promises";
+
+import { announce, benchmarkDatabaseUrl, cpuSeconds, deferred, fmtInt, latencyFigures, withTimeout } from "./common.mjs";
 
 import PgBoss from "pg-boss";
 
@@ -65,49 +66,10 @@ const LATENCY_QUEUE = "latency";
 const DRAIN_TIMEOUT_MS = 10 * 60_000;
 const LATENCY_JOB_TIMEOUT_MS = 10_000;
 
-const connectionString = process.env.DATABASE_URL;
-if (!connectionString) {
-  console.error("bench.mjs: DATABASE_URL must name the benchmark database");
-  process.exit(2);
-}
+const connectionString = benchmarkDatabaseUrl();
 
 const require = createRequire(import.meta.url);
 const version = require("pg-boss/package.json").version;
-
-// Resolved/rejected from outside; used to hand a value from a work() handler
-// back to the measuring loop.
-function deferred() {
-  let resolve;
-  let reject;
-  const promise = new Promise((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  return { promise, resolve, reject };
-}
-
-function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: timed out after ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-// Same nearest-rank rule as queue/benches/queue.rs, so p50/p99 compare.
-function percentile(sorted, p) {
-  return sorted[Math.round((sorted.length - 1) * p)];
-}
-
-const round2 = (x) => Math.round(x * 100) / 100;
-// CPU seconds this Node process used since `since` (a process.cpuUsage()).
-// Printed beside each phase: wall time far above it, with PostgreSQL also
-// short of CPU, usually means other processes were sharing the cores.
-const cpuSeconds = (since) => {
-  const { user, system } = process.cpuUsage(since);
-  return ((user + system) / 1e6).toFixed(1);
-};
-const fmtInt = (x) => Math.round(x).toLocaleString("en-US");
 
 // pg-boss's default schema, spelled out so the queries below match.
 const schema = "pgboss";
@@ -182,20 +144,7 @@ async function drain(loops) {
 let exitCode = 0;
 try {
   await boss.start(); // installs (migrates) pg-boss's schema on first use
-  const cores = os.availableParallelism();
-  const [load1] = os.loadavg();
-  console.log(
-    `pg-boss ${version} benchmark (node ${process.version}, ${cores} cores, ` +
-      `load average ${load1.toFixed(2)} at start)`,
-  );
-  // The figures are only comparable on an otherwise idle machine; say so
-  // when it is not, rather than letting a busy run pass as a slow library.
-  if (load1 > cores / 2) {
-    console.error(
-      `bench.mjs: warning: load average ${load1.toFixed(2)} on ${cores} cores; ` +
-        `other processes will lower these figures`,
-    );
-  }
+  announce("pg-boss", version);
   // pg-boss 10 needs a queue before its first job; default (standard) policy.
   await boss.createQueue(QUEUE);
   await boss.createQueue(LATENCY_QUEUE);
@@ -262,16 +211,11 @@ try {
     waiting = null;
     await boss.offWork({ id: worker });
   }
-  samples.sort((a, b) => a - b);
-  const latency = {
-    avg: round2(samples.reduce((s, x) => s + x, 0) / samples.length),
-    p50: round2(percentile(samples, 0.5)),
-    p99: round2(percentile(samples, 0.99)),
-  };
+  const { latency, words } = latencyFigures(samples);
   console.log(
     `enqueue→start over ${LATENCY_SAMPLES} sequential jobs after ${LATENCY_WARMUP} unmeasured ` +
       `(send, work() polling every ${POLLING_INTERVAL_SECONDS} s, batchSize 1, random send phase): ` +
-      `avg ${latency.avg.toFixed(2)} ms, p50 ${latency.p50.toFixed(2)} ms, p99 ${latency.p99.toFixed(2)} ms`,
+      words,
   );
   if (errors > 0) throw new Error(`pg-boss raised ${errors} error event(s); figures not reported`);
 
