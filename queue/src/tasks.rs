@@ -53,8 +53,43 @@ pub enum RetryOutcome {
 
 impl Queue {
     /// Claim up to `limit` runnable tasks of these types for `worker_id`
-    /// through the `claim_tasks` SQL function.
+    /// through the `claim_tasks` SQL function. They are `claimed` until the
+    /// first heartbeat marks them `processing`.
     pub async fn claim(&self, worker_id: &str, task_types: &[TaskType], limit: i32) -> Result<Vec<Task>> {
+        self.take(
+            "SELECT * FROM claim_tasks($1, $2, $3)",
+            worker_id,
+            task_types,
+            limit,
+        )
+        .await
+    }
+
+    /// Claim as [`Queue::claim`] does and mark the tasks `processing` at
+    /// once (`claim_and_start_tasks`): for a caller that starts their work
+    /// as soon as the claim returns, so no heartbeat is needed to say so.
+    pub async fn claim_and_start(
+        &self,
+        worker_id: &str,
+        task_types: &[TaskType],
+        limit: i32,
+    ) -> Result<Vec<Task>> {
+        self.take(
+            "SELECT * FROM claim_and_start_tasks($1, $2, $3)",
+            worker_id,
+            task_types,
+            limit,
+        )
+        .await
+    }
+
+    async fn take(
+        &self,
+        sql: &'static str,
+        worker_id: &str,
+        task_types: &[TaskType],
+        limit: i32,
+    ) -> Result<Vec<Task>> {
         if worker_id.is_empty() {
             return Err(QueueError::invalid("worker_id", "must not be empty"));
         }
@@ -74,7 +109,7 @@ impl Queue {
         // Safe to repeat: a claim whose answer was lost holds its tasks
         // until the sweeper returns them.
         Ok(retry_transient(|| {
-            sqlx::query_as("SELECT * FROM claim_tasks($1, $2, $3)")
+            sqlx::query_as(sql)
                 .bind(worker_id)
                 .bind(&types)
                 .bind(limit)

@@ -184,6 +184,76 @@ async fn heartbeats_mark_processing_and_report_lost_leases(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_claim_that_starts_its_tasks_marks_them_processing_under_the_same_fence(pool: PgPool) {
+    let q = queue(pool);
+    let job = q.enqueue(text_job("x")).await.unwrap().job;
+    let started = q
+        .claim_and_start("w1", &[TaskType::TextGeneration], 5)
+        .await
+        .unwrap();
+    assert_eq!(started.len(), 1);
+    let task = &started[0];
+    assert_eq!(
+        task.status,
+        TaskStatus::Processing,
+        "no heartbeat needed to say so"
+    );
+    assert_eq!((task.attempts, task.claims), (1, 1));
+    assert_eq!(
+        q.tasks_of(job.id).await.unwrap()[0].status,
+        TaskStatus::Processing
+    );
+    assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Processing);
+    assert!(
+        q.claim("w2", &[TaskType::TextGeneration], 5)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a started task is held like a claimed one"
+    );
+
+    let mut stale = task.lease();
+    stale.claim -= 1;
+    assert!(matches!(
+        q.complete("w1", stale, json!({})).await,
+        Err(QueueError::LeaseLost { .. })
+    ));
+    assert!(q.heartbeat("w1", &[task.lease()]).await.unwrap().is_empty());
+    q.complete("w1", task.lease(), json!({"n": 1})).await.unwrap();
+    assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Complete);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_claim_that_starts_its_tasks_refuses_bad_arguments_and_draining_claimers(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue(text_job("x")).await.unwrap();
+    let err = sqlx::query("SELECT * FROM claim_and_start_tasks('w1', ARRAY['text_generation'], 0)")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("p_limit must be at least 1, got 0"),
+        "{err}"
+    );
+    q.register_worker(&queue::NewWorker {
+        id: "w1".into(),
+        pool: Some("text".into()),
+        task_types: vec![TaskType::TextGeneration],
+        concurrency: 2,
+        hostname: None,
+        pid: None,
+    })
+    .await
+    .unwrap();
+    q.drain_idle(&["w1".to_string()]).await.unwrap();
+    assert!(q
+        .claim_and_start("w1", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn released_tasks_go_back_without_spending_an_attempt(pool: PgPool) {
     let q = queue(pool);
     let job = q.enqueue(text_job("x")).await.unwrap().job;

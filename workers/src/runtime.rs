@@ -181,7 +181,8 @@ pub async fn run<H: TaskHandler>(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Ok(()) = claim_now.changed(), if may_claim => {
-                let tasks = match queue.claim(&worker_id, &config.task_types, free as i32).await {
+                // Claimed as processing: the handlers start right below.
+                let tasks = match queue.claim_and_start(&worker_id, &config.task_types, free as i32).await {
                     Ok(tasks) => tasks,
                     Err(e) => {
                         tracing::warn!(error = %e, "claim failed; retrying at the next wake-up");
@@ -205,9 +206,6 @@ pub async fn run<H: TaskHandler>(
                     running.spawn(run_one(handler.clone(), ctx));
                 }
                 config.metrics.in_flight.set(replica.held.len() as i64);
-                // Mark the new claims processing right away (a heartbeat
-                // commit does not wait for the WAL flush, so this is cheap).
-                replica.renew().await;
             }
             note = wake.next(NOTIFY_WAIT), if may_claim => {
                 match note {

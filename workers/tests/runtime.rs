@@ -139,6 +139,35 @@ async fn runs_at_most_its_concurrency_and_completes_everything(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_running_task_shows_processing_without_waiting_for_a_heartbeat(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let handler = SlowHandler {
+        sleep: Duration::from_millis(1_500),
+        ..Default::default()
+    };
+    // The heartbeat's first tick comes at start, before there is work; the
+    // next one not within the test.
+    let config = RuntimeConfig {
+        heartbeat_interval: Duration::from_secs(3_600),
+        ..config(2, Duration::from_secs(10))
+    };
+    let worker = start(&q, config, handler.clone());
+    wait_until("the replica registered", async || {
+        !q.workers(None).await.unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    enqueue_text_jobs(&q, 1).await;
+    wait_until("the task started", async || {
+        handler.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(statuses(&pool).await, [("processing".to_string(), 1)]);
+    assert_eq!(worker.stop().await.completed, 1);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn on_shutdown_running_tasks_finish_and_unstarted_work_stays_pending(pool: PgPool) {
     let q = Queue::new(pool.clone());
     enqueue_text_jobs(&q, 5).await;
