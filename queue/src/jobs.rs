@@ -137,8 +137,17 @@ impl Queue {
             }
         }
 
-        let mut tx = self.pool.begin().await?;
-        let inserted: Vec<Job> = sqlx::query_as(
+        // Only an idempotency key can make the statement insert less than
+        // asked (and a conflicting replay must then undo the batch). Without
+        // one the statement is its own transaction: no BEGIN and COMMIT
+        // round trips on the path every enqueue → claim wake-up waits for.
+        let keyed = jobs.iter().any(|j| j.idempotency_key.is_some());
+        let mut tx = if keyed {
+            Some(self.pool.begin().await?)
+        } else {
+            None
+        };
+        let insert = sqlx::query_as(
             r#"
             WITH inserted AS (
                 INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key, tasks_total)
@@ -174,9 +183,11 @@ impl Queue {
         .bind(&task_timeout)
         .bind(&tasks_total)
         .bind(&task_has_dependents)
-        .bind(&task_fair_at)
-        .fetch_all(&mut *tx)
-        .await?;
+        .bind(&task_fair_at);
+        let inserted: Vec<Job> = match tx.as_mut() {
+            Some(tx) => insert.fetch_all(&mut **tx).await?,
+            None => insert.fetch_all(&self.pool).await?,
+        };
 
         let mut created: HashMap<Uuid, Job> = inserted.into_iter().map(|j| (j.id, j)).collect();
         // Jobs not inserted lost to an existing idempotency key (from an
@@ -185,7 +196,7 @@ impl Queue {
             .filter(|i| !created.contains_key(&ids[*i]))
             .collect();
         let mut existing: HashMap<(String, String), Existing> = HashMap::new();
-        if !missing.is_empty() {
+        if let (false, Some(tx)) = (missing.is_empty(), tx.as_mut()) {
             // The job's max_attempts is its tasks' (all alike): a replay
             // asking for other attempts is a different job.
             let rows: Vec<Existing> = sqlx::query_as(
@@ -207,7 +218,7 @@ impl Queue {
                     .map(|&i| jobs[i].idempotency_key.as_deref())
                     .collect::<Vec<_>>(),
             )
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut **tx)
             .await?;
             for row in rows {
                 let key = (
@@ -244,7 +255,9 @@ impl Queue {
             }
             out.push(Enqueued { job, created: false });
         }
-        tx.commit().await?;
+        if let Some(tx) = tx {
+            tx.commit().await?;
+        }
         Ok(out)
     }
 

@@ -34,6 +34,25 @@ async fn the_same_tenant_and_key_return_the_same_job(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_batch_with_a_conflicting_key_writes_none_of_its_jobs(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue(text_job("x").idempotency_key("order-7")).await.unwrap();
+    // Unkeyed jobs beside the conflicting one: the batch is still all or
+    // nothing.
+    let err = q
+        .enqueue_batch(vec![
+            text_job("new 1"),
+            text_job("different").idempotency_key("order-7"),
+            text_job("new 2"),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QueueError::IdempotencyConflict { .. }), "{err}");
+    assert_eq!(count(&pool, "jobs").await, 1);
+    assert_eq!(count(&pool, "job_tasks").await, 1);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn concurrent_requests_with_one_key_create_one_job(pool: PgPool) {
     let q = queue(pool.clone());
     let calls: Vec<_> = (0..8)
