@@ -233,24 +233,37 @@ async fn inputs_the_workers_would_refuse_are_refused_at_enqueue(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn claim_tasks_is_callable_from_plain_sql_and_rejects_a_bad_limit(pool: PgPool) {
+async fn both_claims_are_callable_from_plain_sql_and_reject_a_bad_limit(pool: PgPool) {
     let q = queue(pool.clone());
-    q.enqueue(text_job("x")).await.unwrap();
-    let err = sqlx::query("SELECT * FROM claim_tasks('psql', ARRAY['text_generation'], -1)")
+    // claim_and_start_tasks writes `processing` where claim_tasks writes `claimed`.
+    for (function, status) in [
+        ("claim_tasks", "claimed"),
+        ("claim_and_start_tasks", "processing"),
+    ] {
+        q.enqueue(text_job("x")).await.unwrap();
+        let err = sqlx::query(&format!(
+            "SELECT * FROM {function}('psql', ARRAY['text_generation'], -1)"
+        ))
         .execute(&pool)
         .await
         .unwrap_err();
-    assert!(
-        err.to_string().contains("p_limit must be at least 1, got -1"),
-        "{err}"
-    );
-    let (id, status, claimed_by): (i64, String, String) =
-        sqlx::query_as("SELECT id, status, claimed_by FROM claim_tasks('psql', ARRAY['text_generation'], 5)")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!((status.as_str(), claimed_by.as_str()), ("claimed", "psql"));
-    assert!(id > 0);
+        assert!(
+            err.to_string().contains("p_limit must be at least 1, got -1"),
+            "{function}: {err}"
+        );
+        let (id, claimed_status, claimed_by): (i64, String, String) = sqlx::query_as(&format!(
+            "SELECT id, status, claimed_by FROM {function}('psql', ARRAY['text_generation'], 5)"
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (claimed_status.as_str(), claimed_by.as_str()),
+            (status, "psql"),
+            "{function}"
+        );
+        assert!(id > 0);
+    }
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

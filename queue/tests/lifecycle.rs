@@ -224,36 +224,6 @@ async fn a_claim_that_starts_its_tasks_marks_them_processing_under_the_same_fenc
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn a_claim_that_starts_its_tasks_refuses_bad_arguments_and_draining_claimers(pool: PgPool) {
-    let q = queue(pool.clone());
-    q.enqueue(text_job("x")).await.unwrap();
-    let err = sqlx::query("SELECT * FROM claim_and_start_tasks('w1', ARRAY['text_generation'], 0)")
-        .execute(&pool)
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("p_limit must be at least 1, got 0"),
-        "{err}"
-    );
-    q.register_worker(&queue::NewWorker {
-        id: "w1".into(),
-        pool: Some("text".into()),
-        task_types: vec![TaskType::TextGeneration],
-        concurrency: 2,
-        hostname: None,
-        pid: None,
-    })
-    .await
-    .unwrap();
-    q.drain_idle(&["w1".to_string()]).await.unwrap();
-    assert!(q
-        .claim_and_start("w1", &[TaskType::TextGeneration], 1)
-        .await
-        .unwrap()
-        .is_empty());
-}
-
-#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn released_tasks_go_back_without_spending_an_attempt(pool: PgPool) {
     let q = queue(pool);
     let job = q.enqueue(text_job("x")).await.unwrap().job;
@@ -335,6 +305,11 @@ async fn a_draining_worker_claims_nothing(pool: PgPool) {
     );
     assert!(q
         .claim("w1", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(q
+        .claim_and_start("w1", &[TaskType::TextGeneration], 1)
         .await
         .unwrap()
         .is_empty());
