@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::error::{QueueError, Result};
-use crate::model::{Lease, Task, TaskType};
+use crate::model::{Lease, Task, TaskStatus, TaskType};
 use crate::Queue;
 
 /// Whether another attempt could succeed.
@@ -90,22 +90,7 @@ impl Queue {
         task_types: &[TaskType],
         limit: i32,
     ) -> Result<Vec<Task>> {
-        if worker_id.is_empty() {
-            return Err(QueueError::invalid("worker_id", "must not be empty"));
-        }
-        if task_types.is_empty() {
-            return Err(QueueError::invalid(
-                "task_types",
-                "at least one task type is required",
-            ));
-        }
-        if limit < 1 {
-            return Err(QueueError::invalid(
-                "limit",
-                format!("must be at least 1, got {limit}"),
-            ));
-        }
-        let types: Vec<&str> = task_types.iter().map(|t| t.as_str()).collect();
+        let types = claim_arguments(worker_id, task_types, limit)?;
         // Safe to repeat: a claim whose answer was lost holds its tasks
         // until the sweeper returns them.
         Ok(retry_transient(|| {
@@ -161,9 +146,7 @@ impl Queue {
         if results.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<i64> = results.iter().map(|(l, _)| l.task_id).collect();
-        let claims: Vec<i32> = results.iter().map(|(l, _)| l.claim).collect();
-        let outputs: Vec<&serde_json::Value> = results.iter().map(|(_, o)| o).collect();
+        let (ids, claims, outputs) = completion_arrays(results);
         let done: Vec<i64> = retry_transient(|| {
             sqlx::query_scalar("SELECT task_id FROM complete_tasks($1, $2, $3, $4)")
                 .bind(worker_id)
@@ -173,11 +156,43 @@ impl Queue {
                 .fetch_all(&self.pool)
         })
         .await?;
-        Ok(results
-            .iter()
-            .map(|(l, _)| *l)
-            .filter(|l| done.contains(&l.task_id))
-            .collect())
+        Ok(leases_among(results, &done))
+    }
+
+    /// Complete held tasks and claim up to `limit` more, started, in one
+    /// round trip and one transaction (`complete_and_claim_tasks`): what
+    /// [`Queue::complete_batch`] then [`Queue::claim_and_start`] would do,
+    /// for a worker whose finished tasks free the slots it claims for.
+    /// A draining worker's completions are stored and nothing is claimed.
+    pub async fn complete_and_claim(
+        &self,
+        worker_id: &str,
+        results: &[(Lease, serde_json::Value)],
+        task_types: &[TaskType],
+        limit: i32,
+    ) -> Result<CompletedAndClaimed> {
+        let types = claim_arguments(worker_id, task_types, limit)?;
+        let (ids, claims, outputs) = completion_arrays(results);
+        // Safe to repeat, as each half is: a completion whose answer was
+        // lost is reported again, a lost claim is swept back.
+        let rows: Vec<Task> = retry_transient(|| {
+            sqlx::query_as("SELECT * FROM complete_and_claim_tasks($1, $2, $3, $4, $5, $6)")
+                .bind(worker_id)
+                .bind(&ids)
+                .bind(&claims)
+                .bind(&outputs)
+                .bind(&types)
+                .bind(limit)
+                .fetch_all(&self.pool)
+        })
+        .await?;
+        let (completed, claimed): (Vec<Task>, Vec<Task>) =
+            rows.into_iter().partition(|t| t.status == TaskStatus::Complete);
+        let done: Vec<i64> = completed.iter().map(|t| t.id).collect();
+        Ok(CompletedAndClaimed {
+            completed: leases_among(results, &done),
+            claimed,
+        })
     }
 
     /// Record a failed attempt: retried after a capped exponential backoff
@@ -252,6 +267,56 @@ impl Queue {
         })
         .await?)
     }
+}
+
+/// What [`Queue::complete_and_claim`] did.
+#[derive(Debug, Default)]
+pub struct CompletedAndClaimed {
+    /// The leases completed; the others were no longer held and were not applied.
+    pub completed: Vec<Lease>,
+    /// The tasks claimed, already `processing`.
+    pub claimed: Vec<Task>,
+}
+
+/// A claim's arguments checked, with the task types as the SQL functions
+/// take them.
+fn claim_arguments<'t>(worker_id: &str, task_types: &'t [TaskType], limit: i32) -> Result<Vec<&'t str>> {
+    if worker_id.is_empty() {
+        return Err(QueueError::invalid("worker_id", "must not be empty"));
+    }
+    if task_types.is_empty() {
+        return Err(QueueError::invalid(
+            "task_types",
+            "at least one task type is required",
+        ));
+    }
+    if limit < 1 {
+        return Err(QueueError::invalid(
+            "limit",
+            format!("must be at least 1, got {limit}"),
+        ));
+    }
+    Ok(task_types.iter().map(|t| t.as_str()).collect())
+}
+
+/// Completions as the SQL functions take them: ids, claims, outputs.
+fn completion_arrays(
+    results: &[(Lease, serde_json::Value)],
+) -> (Vec<i64>, Vec<i32>, Vec<&serde_json::Value>) {
+    (
+        results.iter().map(|(l, _)| l.task_id).collect(),
+        results.iter().map(|(l, _)| l.claim).collect(),
+        results.iter().map(|(_, o)| o).collect(),
+    )
+}
+
+/// The leases of `results` whose task is among `done`.
+fn leases_among(results: &[(Lease, serde_json::Value)], done: &[i64]) -> Vec<Lease> {
+    results
+        .iter()
+        .map(|(l, _)| *l)
+        .filter(|l| done.contains(&l.task_id))
+        .collect()
 }
 
 /// Run a lifecycle call again when it failed for a reason that a repeat

@@ -233,16 +233,19 @@ async fn inputs_the_workers_would_refuse_are_refused_at_enqueue(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn both_claims_are_callable_from_plain_sql_and_reject_a_bad_limit(pool: PgPool) {
+async fn every_claim_is_callable_from_plain_sql_and_rejects_a_bad_limit(pool: PgPool) {
     let q = queue(pool.clone());
-    // claim_and_start_tasks writes `processing` where claim_tasks writes `claimed`.
-    for (function, status) in [
-        ("claim_tasks", "claimed"),
-        ("claim_and_start_tasks", "processing"),
+    // claim_and_start_tasks writes `processing` where claim_tasks writes
+    // `claimed`; complete_and_claim_tasks (here with nothing to complete)
+    // claims as claim_and_start_tasks does.
+    for (function, completions, status) in [
+        ("claim_tasks", "", "claimed"),
+        ("claim_and_start_tasks", "", "processing"),
+        ("complete_and_claim_tasks", "'{}', '{}', '{}', ", "processing"),
     ] {
         q.enqueue(text_job("x")).await.unwrap();
         let err = sqlx::query(&format!(
-            "SELECT * FROM {function}('psql', ARRAY['text_generation'], -1)"
+            "SELECT * FROM {function}('psql', {completions}ARRAY['text_generation'], -1)"
         ))
         .execute(&pool)
         .await
@@ -252,7 +255,7 @@ async fn both_claims_are_callable_from_plain_sql_and_reject_a_bad_limit(pool: Pg
             "{function}: {err}"
         );
         let (id, claimed_status, claimed_by): (i64, String, String) = sqlx::query_as(&format!(
-            "SELECT id, status, claimed_by FROM {function}('psql', ARRAY['text_generation'], 5)"
+            "SELECT id, status, claimed_by FROM {function}('psql', {completions}ARRAY['text_generation'], 5)"
         ))
         .fetch_one(&pool)
         .await

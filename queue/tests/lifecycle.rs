@@ -224,6 +224,73 @@ async fn a_claim_that_starts_its_tasks_marks_them_processing_under_the_same_fenc
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn completing_and_claiming_in_one_call_fences_the_completions_and_starts_the_claims(pool: PgPool) {
+    let q = queue(pool.clone());
+    let mut jobs = Vec::new();
+    for prompt in ["a", "b", "c"] {
+        jobs.push(q.enqueue(text_job(prompt)).await.unwrap().job);
+    }
+    let held = q
+        .claim_and_start("w1", &[TaskType::TextGeneration], 2)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 2);
+    let mut stale = held[1].lease();
+    stale.claim -= 1;
+
+    let done = q
+        .complete_and_claim(
+            "w1",
+            &[(held[0].lease(), json!({"n": 1})), (stale, json!({}))],
+            &[TaskType::TextGeneration],
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        done.completed,
+        vec![held[0].lease()],
+        "the stale lease is refused"
+    );
+    assert_eq!(done.claimed.len(), 1, "the one task left, claimed");
+    let next = &done.claimed[0];
+    assert_eq!((next.status, next.claims), (TaskStatus::Processing, 1));
+    assert_eq!(
+        q.job(TENANT, held[0].job_id).await.unwrap().status,
+        JobStatus::Complete
+    );
+    let completed = &q.tasks_of(held[0].job_id).await.unwrap()[0];
+    assert_eq!(completed.output, Some(json!({"n": 1})), "the output is stored");
+    // now() is the transaction's start: one instant for all one call wrote.
+    assert_eq!(
+        completed.finished_at, next.claimed_at,
+        "completed and claimed in one transaction"
+    );
+    assert_eq!(
+        q.tasks_of(held[1].job_id).await.unwrap()[0].status,
+        TaskStatus::Processing,
+        "still held under its real lease"
+    );
+
+    // The claim alone may skip the WAL flush; a call that completes may not.
+    for (call, setting) in [
+        ("SELECT count(*) FROM claim_tasks('w2', ARRAY['text_generation'], 1)", "off"),
+        (
+            "SELECT count(*) FROM complete_and_claim_tasks('w2', '{}', '{}', '{}', ARRAY['text_generation'], 1)",
+            "on",
+        ),
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(call).execute(&mut *tx).await.unwrap();
+        let now: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(now, setting, "after {call}");
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn released_tasks_go_back_without_spending_an_attempt(pool: PgPool) {
     let q = queue(pool);
     let job = q.enqueue(text_job("x")).await.unwrap().job;
@@ -312,6 +379,12 @@ async fn a_draining_worker_claims_nothing(pool: PgPool) {
         .claim_and_start("w1", &[TaskType::TextGeneration], 1)
         .await
         .unwrap()
+        .is_empty());
+    assert!(q
+        .complete_and_claim("w1", &[], &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .claimed
         .is_empty());
     q.undrain(&["w1".to_string()]).await.unwrap();
     assert_eq!(
