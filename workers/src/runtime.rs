@@ -116,6 +116,8 @@ struct Held {
 struct Replica<'a> {
     queue: &'a Queue,
     worker_id: &'a str,
+    task_types: &'a [TaskType],
+    concurrency: usize,
     held: HashMap<i64, Held>,
     summary: RunSummary,
     metrics: &'a WorkerMetrics,
@@ -162,6 +164,8 @@ pub async fn run<H: TaskHandler>(
     let mut replica = Replica {
         queue: &queue,
         worker_id: &worker_id,
+        task_types: &config.task_types,
+        concurrency: config.concurrency,
         held: HashMap::new(),
         summary: RunSummary::default(),
         metrics: &config.metrics,
@@ -193,19 +197,7 @@ pub async fn run<H: TaskHandler>(
                 if tasks.len() == free {
                     claim_now_tx.send_replace(());
                 }
-                if !tasks.is_empty() {
-                    config.metrics.claim_batches.inc();
-                }
-                for task in tasks {
-                    let lease = task.lease();
-                    let cancelled = CancellationToken::new();
-                    replica.held.insert(lease.task_id, Held { lease, task_type: task.task_type, cancelled: cancelled.clone() });
-                    tracing::debug!(task_id = lease.task_id, job_id = %task.job_id, task_type = %task.task_type,
-                        attempt = task.attempts, claim = lease.claim, "task claimed");
-                    let ctx = TaskContext { task, queue: queue.clone(), worker_id: worker_id.clone(), cancelled };
-                    running.spawn(run_one(handler.clone(), ctx));
-                }
-                config.metrics.in_flight.set(replica.held.len() as i64);
+                replica.start(tasks, &handler, &mut running);
             }
             note = wake.next(NOTIFY_WAIT), if may_claim => {
                 match note {
@@ -222,8 +214,19 @@ pub async fn run<H: TaskHandler>(
             // lost in a reconnect are found by polling.
             _ = poll.tick(), if may_claim => { claim_now_tx.send_replace(()); }
             Some(finished) = running.join_next(), if !running.is_empty() => {
-                replica.settle(finished_together(finished, &mut running).await).await;
-                claim_now_tx.send_replace(());
+                let finished = finished_together(finished, &mut running).await;
+                let claim_next = !draining && !shutdown.is_cancelled();
+                match replica.settle(finished, claim_next).await {
+                    // Claimed with the completions, for the slots they freed.
+                    Some(tasks) => {
+                        let free = config.concurrency.saturating_sub(replica.held.len());
+                        if tasks.len() == free {
+                            claim_now_tx.send_replace(());
+                        }
+                        replica.start(tasks, &handler, &mut running);
+                    }
+                    None => { claim_now_tx.send_replace(()); }
+                }
             }
             _ = heartbeat.tick() => {
                 replica.renew().await;
@@ -265,7 +268,7 @@ pub async fn run<H: TaskHandler>(
             _ = tokio::time::sleep_until(deadline) => break,
             _ = heartbeat.tick() => replica.renew().await,
             Some(finished) = running.join_next() => {
-                replica.settle(finished_together(finished, &mut running).await).await;
+                replica.settle(finished_together(finished, &mut running).await, false).await;
             }
         }
     }
@@ -308,19 +311,26 @@ where
 
 /// The first finished task and every other one already finished, so their
 /// results are stored in one round trip: completions are commits, and
-/// commits are the queue's ceiling. One yield first lets handlers that are
-/// ready to finish (short tasks claimed together) do so; without it the
-/// first of a batch is often completed alone.
+/// commits are the queue's ceiling. Yielding lets handlers that are ready
+/// to finish (short tasks claimed together) do so, and it goes on while a
+/// yield brings more: gathering a batch only in part would split it for
+/// good, since the claim that follows refills just the slots it freed.
+/// Handlers seconds apart cost one empty yield.
 async fn finished_together(
     first: Result<Finished, tokio::task::JoinError>,
     running: &mut JoinSet<Finished>,
 ) -> Vec<Finished> {
-    tokio::task::yield_now().await;
     let mut batch = vec![first.expect("task handlers do not panic across the join")];
-    while let Some(next) = running.try_join_next() {
-        batch.push(next.expect("task handlers do not panic across the join"));
+    loop {
+        tokio::task::yield_now().await;
+        let gathered = batch.len();
+        while let Some(next) = running.try_join_next() {
+            batch.push(next.expect("task handlers do not panic across the join"));
+        }
+        if batch.len() == gathered {
+            return batch;
+        }
     }
-    batch
 }
 
 /// Run the handler under the task's timeout; a lost lease cancels it.
@@ -342,9 +352,41 @@ async fn run_one<H: TaskHandler>(handler: Arc<H>, ctx: TaskContext) -> Finished 
 }
 
 impl Replica<'_> {
+    /// Hold and run freshly claimed tasks.
+    fn start<H: TaskHandler>(&mut self, tasks: Vec<Task>, handler: &Arc<H>, running: &mut JoinSet<Finished>) {
+        if !tasks.is_empty() {
+            self.metrics.claim_batches.inc();
+        }
+        for task in tasks {
+            let lease = task.lease();
+            let cancelled = CancellationToken::new();
+            self.held.insert(
+                lease.task_id,
+                Held {
+                    lease,
+                    task_type: task.task_type,
+                    cancelled: cancelled.clone(),
+                },
+            );
+            tracing::debug!(task_id = lease.task_id, job_id = %task.job_id, task_type = %task.task_type,
+                attempt = task.attempts, claim = lease.claim, "task claimed");
+            let ctx = TaskContext {
+                task,
+                queue: self.queue.clone(),
+                worker_id: self.worker_id.to_string(),
+                cancelled,
+            };
+            running.spawn(run_one(handler.clone(), ctx));
+        }
+        self.metrics.in_flight.set(self.held.len() as i64);
+    }
+
     /// Store the results of finished tasks: every completion in one call,
-    /// failures one by one (each has its own error and backoff).
-    async fn settle(&mut self, finished: Vec<Finished>) {
+    /// failures one by one (each has its own error and backoff). With
+    /// `claim_next`, the completions' call also claims tasks (started) for
+    /// the free slots, saving the claim's round trip; those are returned,
+    /// `None` when no such claim was made.
+    async fn settle(&mut self, finished: Vec<Finished>, claim_next: bool) -> Option<Vec<Task>> {
         let mut completions = Vec::new();
         for finished in finished {
             let (lease, result, seconds) = match finished {
@@ -369,11 +411,36 @@ impl Replica<'_> {
         }
         self.metrics.in_flight.set(self.held.len() as i64);
         if completions.is_empty() {
-            return;
+            return None;
         }
         let results: Vec<(Lease, TaskOutput)> = completions.iter().map(|(l, o, _)| (*l, o.clone())).collect();
-        match self.queue.complete_batch(self.worker_id, &results).await {
-            Ok(done) => {
+        let free = self.concurrency.saturating_sub(self.held.len());
+        let stored = if claim_next && free > 0 {
+            match self
+                .queue
+                .complete_and_claim(self.worker_id, &results, self.task_types, free as i32)
+                .await
+            {
+                Ok(c) => Ok((c.completed, Some(c.claimed))),
+                Err(e) if matches!(&e, QueueError::Database(db) if queue::is_transient(db)) => Err(e),
+                // The call changed nothing; a claim that fails must not
+                // cost the results, so they are stored on their own.
+                Err(e) => {
+                    tracing::warn!(error = %e, "completing and claiming failed; completing alone");
+                    self.queue
+                        .complete_batch(self.worker_id, &results)
+                        .await
+                        .map(|done| (done, None))
+                }
+            }
+        } else {
+            self.queue
+                .complete_batch(self.worker_id, &results)
+                .await
+                .map(|done| (done, None))
+        };
+        match stored {
+            Ok((done, claimed)) => {
                 for (lease, _, task_type) in &completions {
                     if done.contains(lease) {
                         self.summary.completed += 1;
@@ -388,11 +455,13 @@ impl Replica<'_> {
                         );
                     }
                 }
+                claimed
             }
             // The leases stay with this worker until they expire; the
             // sweeper then hands the tasks to another replica.
             Err(e) => {
-                tracing::error!(tasks = completions.len(), error = %e, "could not store the tasks' results")
+                tracing::error!(tasks = completions.len(), error = %e, "could not store the tasks' results");
+                None
             }
         }
     }

@@ -168,6 +168,64 @@ async fn a_running_task_shows_processing_without_waiting_for_a_heartbeat(pool: P
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_finished_task_is_completed_in_the_call_that_claims_the_next(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 3).await;
+    let handler = SlowHandler {
+        sleep: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let worker = start(&q, config(1, Duration::from_secs(5)), handler);
+    wait_until("all tasks complete", async || {
+        statuses(&pool).await == [("complete".to_string(), 3)]
+    })
+    .await;
+    assert_eq!(worker.stop().await.completed, 3);
+    // now() is the transaction's start, so a task claimed in the call that
+    // completed another was claimed at the instant that one finished.
+    let claimed_as_one_finished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM job_tasks done JOIN job_tasks next
+           ON next.claimed_at = done.finished_at AND next.id <> done.id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        claimed_as_one_finished, 2,
+        "one round trip per task after the first"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_claim_that_fails_after_a_task_finished_does_not_cost_its_result(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 2).await;
+    let handler = SlowHandler {
+        sleep: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let worker = start(&q, config(1, Duration::from_secs(5)), handler.clone());
+    wait_until("the first task started", async || {
+        handler.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // From now on every claim fails (as a bug or a full disk might make it).
+    sqlx::query(
+        "CREATE OR REPLACE FUNCTION take_tasks(p_worker_id text, p_task_types text[], p_limit int, p_status text)
+         RETURNS SETOF job_tasks LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'claims are broken'; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_until("the finished task is stored", async || {
+        statuses(&pool).await == [("complete".to_string(), 1), ("pending".to_string(), 1)]
+    })
+    .await;
+    assert_eq!(worker.stop().await.completed, 1);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn on_shutdown_running_tasks_finish_and_unstarted_work_stays_pending(pool: PgPool) {
     let q = Queue::new(pool.clone());
     enqueue_text_jobs(&q, 5).await;
