@@ -54,23 +54,29 @@ async fn main() -> Result<()> {
     println!("enqueue (batch {ENQUEUE_BATCH}): {enqueue_rate:.0} tasks/s");
     report.insert("enqueue_tasks_per_s".into(), json!(enqueue_rate.round()));
 
-    // Drain: claim + complete no-op tasks.
+    // Drain: claim and complete no-op tasks, both ways a worker can.
     let mut drains = serde_json::Map::new();
     let mut best_batched: f64 = 0.0;
-    for batch in [1, 50] {
-        for workers in [1, 4, 16] {
-            let tasks = if batch == 1 {
-                DRAIN_TASKS_SINGLE
-            } else {
-                DRAIN_TASKS_BATCHED
-            };
-            let rate = drain(&url, &admin, workers, batch, tasks).await?;
-            println!(
-                "claim+complete, {workers:>2} workers, batch {batch:>2}: {rate:>8.0} tasks/s ({tasks} tasks)"
-            );
-            drains.insert(format!("w{workers}_b{batch}"), json!(rate.round()));
-            if batch > 1 {
-                best_batched = best_batched.max(rate);
+    for how in [DrainLoop::ClaimThenComplete, DrainLoop::CompleteAndClaim] {
+        for batch in [1, 50] {
+            for workers in [1, 4, 16] {
+                let tasks = if batch == 1 {
+                    DRAIN_TASKS_SINGLE
+                } else {
+                    DRAIN_TASKS_BATCHED
+                };
+                let rate = drain(&url, &admin, how, workers, batch, tasks).await?;
+                println!(
+                    "{}, {workers:>2} workers, batch {batch:>2}: {rate:>8.0} tasks/s ({tasks} tasks)",
+                    how.label()
+                );
+                drains.insert(
+                    format!("w{workers}_b{batch}{}", how.key_suffix()),
+                    json!(rate.round()),
+                );
+                if batch > 1 {
+                    best_batched = best_batched.max(rate);
+                }
             }
         }
     }
@@ -176,9 +182,42 @@ async fn fill(pool: &PgPool, tasks: usize) -> Result<()> {
     Ok(())
 }
 
-/// `workers` loops each claiming `batch` tasks and completing them in one
-/// call, until the queue is empty. Returns tasks per second.
-async fn drain(url: &str, admin: &PgPool, workers: usize, batch: i32, tasks: usize) -> Result<f64> {
+/// How a drain loop stores a batch and takes the next.
+#[derive(Clone, Copy)]
+enum DrainLoop {
+    /// Claim a batch, then complete it: two calls per batch.
+    ClaimThenComplete,
+    /// Complete each batch in the call that claims the next, as the worker
+    /// runtime does: one call per batch.
+    CompleteAndClaim,
+}
+
+impl DrainLoop {
+    fn label(self) -> &'static str {
+        match self {
+            DrainLoop::ClaimThenComplete => "claim, then complete",
+            DrainLoop::CompleteAndClaim => "complete and claim in one call",
+        }
+    }
+
+    fn key_suffix(self) -> &'static str {
+        match self {
+            DrainLoop::ClaimThenComplete => "",
+            DrainLoop::CompleteAndClaim => "_complete_and_claim",
+        }
+    }
+}
+
+/// `workers` loops each taking `batch` tasks at a time and completing them,
+/// until the queue is empty. Returns tasks per second.
+async fn drain(
+    url: &str,
+    admin: &PgPool,
+    how: DrainLoop,
+    workers: usize,
+    batch: i32,
+    tasks: usize,
+) -> Result<f64> {
     reset(admin).await?;
     fill(admin, tasks).await?;
     let pool = PgPoolOptions::new()
@@ -192,15 +231,24 @@ async fn drain(url: &str, admin: &PgPool, workers: usize, batch: i32, tasks: usi
             let q = q.clone();
             tokio::spawn(async move {
                 let worker = format!("bench-{w}");
+                let types = [TaskType::TextGeneration];
                 let mut done = 0usize;
-                loop {
-                    let claimed = q.claim(&worker, &[TaskType::TextGeneration], batch).await?;
-                    if claimed.is_empty() {
-                        return anyhow::Ok(done);
-                    }
-                    let results: Vec<_> = claimed.iter().map(|t| (t.lease(), Value::Null)).collect();
-                    done += q.complete_batch(&worker, &results).await?.len();
+                let mut held = q.claim(&worker, &types, batch).await?;
+                while !held.is_empty() {
+                    let results: Vec<_> = held.iter().map(|t| (t.lease(), Value::Null)).collect();
+                    held = match how {
+                        DrainLoop::ClaimThenComplete => {
+                            done += q.complete_batch(&worker, &results).await?.len();
+                            q.claim(&worker, &types, batch).await?
+                        }
+                        DrainLoop::CompleteAndClaim => {
+                            let next = q.complete_and_claim(&worker, &results, &types, batch).await?;
+                            done += next.completed.len();
+                            next.claimed
+                        }
+                    };
                 }
+                anyhow::Ok(done)
             })
         })
         .collect();
