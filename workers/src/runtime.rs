@@ -193,11 +193,9 @@ pub async fn run<H: TaskHandler>(
                         continue;
                     }
                 };
-                // A full batch means more may be waiting.
-                if tasks.len() == free {
+                if replica.start(tasks, &handler, &mut running) {
                     claim_now_tx.send_replace(());
                 }
-                replica.start(tasks, &handler, &mut running);
             }
             note = wake.next(NOTIFY_WAIT), if may_claim => {
                 match note {
@@ -216,16 +214,13 @@ pub async fn run<H: TaskHandler>(
             Some(finished) = running.join_next(), if !running.is_empty() => {
                 let finished = finished_together(finished, &mut running).await;
                 let claim_next = !draining && !shutdown.is_cancelled();
-                match replica.settle(finished, claim_next).await {
+                let more_may_wait = match replica.settle(finished, claim_next).await {
                     // Claimed with the completions, for the slots they freed.
-                    Some(tasks) => {
-                        let free = config.concurrency.saturating_sub(replica.held.len());
-                        if tasks.len() == free {
-                            claim_now_tx.send_replace(());
-                        }
-                        replica.start(tasks, &handler, &mut running);
-                    }
-                    None => { claim_now_tx.send_replace(()); }
+                    Some(tasks) => replica.start(tasks, &handler, &mut running),
+                    None => true,
+                };
+                if more_may_wait {
+                    claim_now_tx.send_replace(());
                 }
             }
             _ = heartbeat.tick() => {
@@ -352,8 +347,15 @@ async fn run_one<H: TaskHandler>(handler: Arc<H>, ctx: TaskContext) -> Finished 
 }
 
 impl Replica<'_> {
-    /// Hold and run freshly claimed tasks.
-    fn start<H: TaskHandler>(&mut self, tasks: Vec<Task>, handler: &Arc<H>, running: &mut JoinSet<Finished>) {
+    /// Hold and run freshly claimed tasks. Returns whether they filled every
+    /// free slot: a full batch means more may be waiting.
+    fn start<H: TaskHandler>(
+        &mut self,
+        tasks: Vec<Task>,
+        handler: &Arc<H>,
+        running: &mut JoinSet<Finished>,
+    ) -> bool {
+        let filled = tasks.len() == self.concurrency.saturating_sub(self.held.len());
         if !tasks.is_empty() {
             self.metrics.claim_batches.inc();
         }
@@ -379,6 +381,7 @@ impl Replica<'_> {
             running.spawn(run_one(handler.clone(), ctx));
         }
         self.metrics.in_flight.set(self.held.len() as i64);
+        filled
     }
 
     /// Store the results of finished tasks: every completion in one call,
@@ -415,31 +418,8 @@ impl Replica<'_> {
         }
         let results: Vec<(Lease, TaskOutput)> = completions.iter().map(|(l, o, _)| (*l, o.clone())).collect();
         let free = self.concurrency.saturating_sub(self.held.len());
-        let stored = if claim_next && free > 0 {
-            match self
-                .queue
-                .complete_and_claim(self.worker_id, &results, self.task_types, free as i32)
-                .await
-            {
-                Ok(c) => Ok((c.completed, Some(c.claimed))),
-                Err(e) if matches!(&e, QueueError::Database(db) if queue::is_transient(db)) => Err(e),
-                // The call changed nothing; a claim that fails must not
-                // cost the results, so they are stored on their own.
-                Err(e) => {
-                    tracing::warn!(error = %e, "completing and claiming failed; completing alone");
-                    self.queue
-                        .complete_batch(self.worker_id, &results)
-                        .await
-                        .map(|done| (done, None))
-                }
-            }
-        } else {
-            self.queue
-                .complete_batch(self.worker_id, &results)
-                .await
-                .map(|done| (done, None))
-        };
-        match stored {
+        let claim_for = (claim_next && free > 0).then_some(free as i32);
+        match self.store(&results, claim_for).await {
             Ok((done, claimed)) => {
                 for (lease, _, task_type) in &completions {
                     if done.contains(lease) {
@@ -464,6 +444,32 @@ impl Replica<'_> {
                 None
             }
         }
+    }
+
+    /// Complete, and with `claim_for` claim up to that many in the same
+    /// call; the leases completed and what was claimed (`None`: no claim).
+    async fn store(
+        &self,
+        results: &[(Lease, TaskOutput)],
+        claim_for: Option<i32>,
+    ) -> Result<(Vec<Lease>, Option<Vec<Task>>), QueueError> {
+        if let Some(limit) = claim_for {
+            match self
+                .queue
+                .complete_and_claim(self.worker_id, results, self.task_types, limit)
+                .await
+            {
+                Ok(c) => return Ok((c.completed, Some(c.claimed))),
+                Err(QueueError::Database(e)) if queue::is_transient(&e) => {
+                    return Err(QueueError::Database(e))
+                }
+                // The call changed nothing; a claim that fails must not
+                // cost the results, so they are stored on their own.
+                Err(e) => tracing::warn!(error = %e, "completing and claiming failed; completing alone"),
+            }
+        }
+        let done = self.queue.complete_batch(self.worker_id, results).await?;
+        Ok((done, None))
     }
 
     async fn fail(&mut self, lease: Lease, task_type: TaskType, failure: &Failure) {
