@@ -408,6 +408,35 @@ impl Autoscaler for Backlog {
     }
 }
 
+/// A reference, not an autoscaler anyone runs: a pool of fixed size, sized
+/// in hindsight, present from the trace's first arrival until its last task
+/// has finished. On a stationary load (the Poisson traces) a well-chosen
+/// fixed pool is about the cheapest way to reach a given wait, so it shows
+/// how much saving any policy can still find there.
+pub struct FixedPool {
+    replicas: u32,
+    first_arrival: u64,
+    last_arrival: u64,
+}
+
+impl FixedPool {
+    pub fn new(replicas: u32, tasks: &[Task]) -> FixedPool {
+        FixedPool {
+            replicas,
+            first_arrival: tasks.first().map_or(0, |t| t.arrival),
+            last_arrival: tasks.last().map_or(0, |t| t.arrival),
+        }
+    }
+}
+
+impl Autoscaler for FixedPool {
+    fn tick(&mut self, second: u64, view: &View) -> Option<u32> {
+        let working = view.pending + view.in_flight > 0;
+        let open = (self.first_arrival..=self.last_arrival).contains(&second);
+        Some(if open || working { self.replicas } else { 0 })
+    }
+}
+
 /// A Kubernetes HPA on a KEDA queue-length metric (`AverageValue`), with
 /// their defaults: KEDA polls every 30 s (`pollingInterval`), wakes a
 /// deployment at zero to one replica when the metric is non-zero and puts
@@ -676,6 +705,23 @@ mod tests {
             report.wait_max_seconds,
             120 - 40,
             "restarted when a slot freed at 120"
+        );
+    }
+
+    #[test]
+    fn a_fixed_pool_serves_from_the_first_arrival_until_the_last_task_finishes() {
+        // Two replicas from second 10 (ready at 30); four 30 s tasks on four
+        // slots finish at 60; the pool is gone from second 60 to the end (120).
+        let tasks = batch(10, 4, 30);
+        let report = simulate(&world(), &tasks, &mut FixedPool::new(2, &tasks));
+        assert_eq!(
+            (report.tasks, report.unfinished, report.wait_max_seconds),
+            (4, 0, 20)
+        );
+        assert_eq!(report.replica_seconds, 2 * 50, "two replicas for seconds 10..60");
+        assert_eq!(
+            (report.scale_changes, report.cold_starts, report.stops),
+            (2, 2, 2)
         );
     }
 

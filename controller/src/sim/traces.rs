@@ -55,6 +55,9 @@ impl Rng {
 pub struct Trace {
     pub name: &'static str,
     pub description: &'static str,
+    /// Arrivals at a constant rate: a fixed pool sized in hindsight is
+    /// then close to the cheapest way to a given wait.
+    pub stationary: bool,
     pub tasks: Vec<Task>,
 }
 
@@ -106,6 +109,7 @@ pub fn steady() -> Trace {
     Trace {
         name: "steady",
         description: "2 h of Poisson arrivals at 1/s, LLM calls of 2-60 s",
+        stationary: true,
         tasks: poisson_trace(0x5EED_0001, 7200, |_| 1.0, |_| Kind::Text),
     }
 }
@@ -120,6 +124,7 @@ pub fn diurnal() -> Trace {
     Trace {
         name: "diurnal",
         description: "a 4 h day of Poisson arrivals from 0.05/s to 1.5/s and back, LLM calls of 2-60 s",
+        stationary: false,
         tasks: poisson_trace(0x5EED_0002, 14_400, rate, |_| Kind::Text),
     }
 }
@@ -147,6 +152,7 @@ pub fn bursts() -> Trace {
         name: "bursts",
         description:
             "3 h of batches of 30-200 reading tasks (speech, 10-120 s) within 20 s, then 5-25 idle minutes",
+        stationary: false,
         tasks,
     }
 }
@@ -161,6 +167,7 @@ pub fn mixed() -> Trace {
     Trace {
         name: "mixed",
         description: "2 h of Poisson arrivals at 0.8/s: 60 % LLM calls (2-60 s), 25 % PDFs (1 s), 15 % speech (10-120 s)",
+        stationary: true,
         tasks: poisson_trace(0x5EED_0004, 7200, |_| 0.8, kind),
     }
 }
@@ -183,6 +190,7 @@ pub fn recorded() -> Result<Trace, TraceError> {
     Ok(Trace {
         name: "recorded",
         description: "controller/testdata/arrivals.csv: 2 h of bursts, a ramp and long gaps, 30 s per task",
+        stationary: false,
         tasks,
     })
 }
