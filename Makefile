@@ -47,7 +47,7 @@ bench-queue:
 bench-api:
 	DATABASE_URL="$$(scripts/ensure-postgres.sh)" $(CARGO) bench -p api --bench api --locked
 
-## The scaling policy against an HPA/KEDA-style baseline on a recorded arrival trace, and activation in the real loop.
+## The scaling policy against KEDA+HPA (defaults and matched windows) and a fixed pool on five traces, then activation in the real loop.
 bench-autoscale:
 	DATABASE_URL="$$(scripts/ensure-postgres.sh)" scripts/with-scratch-db.sh backlog_bench_autoscale \
 		$(CARGO) bench -p controller --bench autoscale --locked

@@ -107,12 +107,28 @@ before=$(counts)
 # headers or query parameters (schemathesis counts an unknown header as
 # invalid, but HTTP has servers ignore those).
 printf '[generation]\nallow-extra-parameters = false\n' >"$work/invalid-only.toml"
+# Every exchange is recorded (HAR), so a write that got through can be
+# shown with the request schemathesis made of it. The hooks drop cases
+# whose only "invalid" part is a header value that is valid text on the
+# wire (an Idempotency-Key of `null`).
+PYTHONPATH="$root/scripts${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=fuzz_api_hooks \
 FUZZ_CONFIG="$work/invalid-only.toml" fuzz invalid-writes --mode negative --phases coverage,fuzzing \
-  --include-method POST -H "Authorization: Bearer $key" || status=1
+  --include-method POST -H "Authorization: Bearer $key" \
+  --report har --report-har-path "$reports/invalid-writes.har" || status=1
 after=$(counts)
 if [ "$before" != "$after" ]; then
   say "invalid requests wrote rows: jobs|tasks|artifacts|keys $before -> $after; the jobs:"
   psql "$DATABASE_URL" -Atc "SELECT job_type, priority, idempotency_key, input FROM jobs" >&2
+  say "the requests answered 2xx (all exchanges: $reports/invalid-writes.har):"
+  python3 - "$reports/invalid-writes.har" >&2 <<'PY' || true
+import json, sys
+for entry in json.load(open(sys.argv[1]))["log"]["entries"]:
+    request, response = entry["request"], entry["response"]
+    if 200 <= response["status"] < 300:
+        headers = {h["name"]: h["value"] for h in request["headers"] if h["name"].lower() != "authorization"}
+        body = request.get("postData", {}).get("text", "")
+        print(response["status"], request["method"], request["url"], json.dumps(headers), repr(body))
+PY
   status=1
 fi
 
