@@ -158,14 +158,15 @@ fn at_p95(front: &[Point], p95: u64) -> Option<(f64, f64)> {
     }
 }
 
-/// backlog against one baseline at the baseline's p95.
+/// A frontier (backlog's, or the fixed pool's) against one baseline at the
+/// baseline's p95.
 #[derive(Debug, Serialize)]
 struct Comparison {
     baseline_p95: u64,
     baseline_replica_seconds: u64,
     baseline_scale_changes: u64,
-    backlog_replica_seconds: Option<f64>,
-    backlog_scale_changes: Option<f64>,
+    frontier_replica_seconds: Option<f64>,
+    frontier_scale_changes: Option<f64>,
     saving: Option<f64>,
     target: f64,
     met: bool,
@@ -178,8 +179,8 @@ fn compare(front: &[Point], baseline: &Report, target: f64) -> Comparison {
         baseline_p95: baseline.wait_p95_seconds,
         baseline_replica_seconds: baseline.replica_seconds,
         baseline_scale_changes: baseline.scale_changes,
-        backlog_replica_seconds: at.map(|(cost, _)| cost.round()),
-        backlog_scale_changes: at.map(|(_, changes)| changes.round()),
+        frontier_replica_seconds: at.map(|(cost, _)| cost.round()),
+        frontier_scale_changes: at.map(|(_, changes)| changes.round()),
         saving,
         target,
         met: at.is_some_and(|(_, changes)| changes <= baseline.scale_changes as f64)
@@ -204,10 +205,9 @@ struct Case {
     vs_keda_defaults: Comparison,
     vs_keda_matched: Comparison,
     /// The cheapest fixed pool (sized in hindsight) at the matched
-    /// baseline's p95, and how far below the baseline that is: the room
-    /// left for any policy on a stationary load.
-    fixed_pool_at_matched_p95: Option<f64>,
-    fixed_pool_saving_vs_matched: Option<f64>,
+    /// baseline's p95, measured as backlog is: the room left for any policy
+    /// on a stationary load.
+    fixed_pool_vs_matched: Comparison,
     frontiers: Frontiers,
 }
 
@@ -262,8 +262,6 @@ fn run_case(trace: &Trace, world: &World) -> anyhow::Result<Case> {
             )
         })
         .collect();
-    let fixed_at =
-        at_p95(&pareto(&fixed_points), keda_matched.wait_p95_seconds).map(|(cost, _)| cost.round());
     Ok(Case {
         trace: trace.name,
         world: world.name,
@@ -271,9 +269,7 @@ fn run_case(trace: &Trace, world: &World) -> anyhow::Result<Case> {
         tasks: trace.tasks.len(),
         vs_keda_defaults: compare(&front, &keda_defaults, SAVING_VS_DEFAULTS),
         vs_keda_matched: compare(&front, &keda_matched, SAVING_VS_MATCHED),
-        fixed_pool_at_matched_p95: fixed_at,
-        fixed_pool_saving_vs_matched: fixed_at
-            .map(|cost| round3(1.0 - cost / keda_matched.replica_seconds as f64)),
+        fixed_pool_vs_matched: compare(&pareto(&fixed_points), &keda_matched, SAVING_VS_MATCHED),
         backlog_defaults,
         keda_defaults,
         keda_matched,
@@ -314,7 +310,7 @@ fn print_case(case: &Case) {
         ("KEDA defaults", &case.vs_keda_defaults),
         ("matched windows", &case.vs_keda_matched),
     ] {
-        match (c.backlog_replica_seconds, c.saving, c.backlog_scale_changes) {
+        match (c.frontier_replica_seconds, c.saving, c.frontier_scale_changes) {
             (Some(cost), Some(saving), Some(changes)) => println!(
                 "  vs {name} at its p95 {} s: backlog {cost:.0} replica-s ({:+.1} %), {changes:.0} changes vs {}: target {}",
                 c.baseline_p95,
@@ -328,7 +324,8 @@ fn print_case(case: &Case) {
             ),
         }
     }
-    match (case.fixed_pool_at_matched_p95, case.fixed_pool_saving_vs_matched) {
+    let fixed = &case.fixed_pool_vs_matched;
+    match (fixed.frontier_replica_seconds, fixed.saving) {
         (Some(cost), Some(saving)) => println!(
             "  a fixed pool sized in hindsight at the matched p95: {cost:.0} replica-s ({:+.1} % vs matched)",
             -saving * 100.0
@@ -481,7 +478,8 @@ fn main() -> anyhow::Result<()> {
     let beyond_fixed: Vec<String> = stationary
         .iter()
         .filter(|c| {
-            c.fixed_pool_saving_vs_matched
+            c.fixed_pool_vs_matched
+                .saving
                 .is_none_or(|s| s < SAVING_VS_MATCHED)
         })
         .map(|c| format!("{} on {}", c.trace, c.world))
@@ -515,7 +513,7 @@ fn main() -> anyhow::Result<()> {
                 "trace": c.trace, "world": c.world,
                 "matched_saving": c.vs_keda_matched.saving, "matched_met": c.vs_keda_matched.met,
                 "defaults_saving": c.vs_keda_defaults.saving, "defaults_met": c.vs_keda_defaults.met,
-                "fixed_pool_saving_vs_matched": c.fixed_pool_saving_vs_matched,
+                "fixed_pool_saving_vs_matched": c.fixed_pool_vs_matched.saving,
             })
         })
         .collect();
