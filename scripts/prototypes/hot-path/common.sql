@@ -5,3 +5,12 @@ CREATE FUNCTION proto_uuid() RETURNS uuid LANGUAGE sql VOLATILE AS $$
     SELECT (lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0')
             || substr(md5(random()::text), 1, 20))::uuid
 $$;
+
+-- A reading job's tasks, as the queue plans them: the text first, then the
+-- PDF and the audio, both waiting on it.
+CREATE FUNCTION reading_tasks() RETURNS TABLE (task_type text, dependencies text[], has_dependents boolean)
+LANGUAGE sql IMMUTABLE AS $$
+    VALUES ('text_generation', '{}'::text[], true),
+           ('pdf_generation', '{text_generation}', false),
+           ('audio_generation', '{text_generation}', false)
+$$;

@@ -97,6 +97,18 @@ CREATE FUNCTION enqueue_text_jobs(p_count int) RETURNS void LANGUAGE sql AS $$
     INSERT INTO active_tasks (job_id, task_type) SELECT id, 'text_generation' FROM j;
 $$;
 
+CREATE FUNCTION enqueue_reading_jobs(p_count int) RETURNS void LANGUAGE sql AS $$
+    WITH j AS (
+        INSERT INTO jobs (id, tenant, job_type, input, tasks_total)
+        SELECT proto_uuid(), 'tenant-' || (g % 10), 'reading', '{"prompt": "a short story"}', 3
+        FROM generate_series(1, p_count) g
+        RETURNING id
+    )
+    INSERT INTO active_tasks (job_id, task_type, dependencies, waiting_on, has_dependents)
+    SELECT j.id, r.task_type, r.dependencies, cardinality(r.dependencies), r.has_dependents
+    FROM j CROSS JOIN reading_tasks() r;
+$$;
+
 CREATE FUNCTION claim(p_worker text, p_types text[], p_limit int)
 RETURNS TABLE (id bigint, attempts int) LANGUAGE plpgsql AS $$
 DECLARE
@@ -104,6 +116,9 @@ DECLARE
     v_attempts int[];
     v_jobs uuid[];
 BEGIN
+    -- As today's claim_tasks: a claim lost in a crash only puts the task
+    -- back (the completion's fence refuses it), so it skips the WAL flush.
+    PERFORM set_config('synchronous_commit', 'off', true);
     -- Arrays between the steps keep every step on its index: a plan for
     -- the whole statement guesses 1,000 rows and hash-joins a full scan.
     v_ids := ARRAY(
@@ -202,6 +217,21 @@ CREATE FUNCTION fill_history(p_rows int) RETURNS void LANGUAGE sql AS $$
     SELECT -row_number() OVER (), id, 'text_generation', 'complete', 1, '{"text": "done"}', finished_at, finished_at
     FROM j;
 $$;
+
+-- Empty the queue between rounds; with p_keep_history, only what the last
+-- round added (fill_history's rows are an hour old or more).
+CREATE FUNCTION proto_reset(p_keep_history boolean) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_keep_history THEN
+        TRUNCATE jobs, active_tasks;
+        DELETE FROM task_history WHERE finished_at > now() - interval '1 hour';
+        DELETE FROM job_history WHERE finished_at > now() - interval '1 hour';
+    ELSE
+        TRUNCATE jobs, active_tasks, task_history, job_history;
+    END IF;
+END
+$$;
+CREATE FUNCTION proto_open_tasks() RETURNS bigint LANGUAGE sql AS $$ SELECT count(*) FROM active_tasks $$;
 
 -- The same wake-ups as today: one NOTIFY per task type an insert made
 -- runnable, and job-status notifications only for watched jobs.

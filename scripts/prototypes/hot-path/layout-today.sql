@@ -13,6 +13,18 @@ CREATE FUNCTION enqueue_text_jobs(p_count int) RETURNS void LANGUAGE sql AS $$
     INSERT INTO job_tasks (job_id, task_type) SELECT id, 'text_generation' FROM j;
 $$;
 
+CREATE FUNCTION enqueue_reading_jobs(p_count int) RETURNS void LANGUAGE sql AS $$
+    WITH j AS (
+        INSERT INTO jobs (id, tenant, job_type, input, tasks_total)
+        SELECT proto_uuid(), 'tenant-' || (g % 10), 'reading', '{"prompt": "a short story"}', 3
+        FROM generate_series(1, p_count) g
+        RETURNING id
+    )
+    INSERT INTO job_tasks (job_id, task_type, dependencies, waiting_on, has_dependents)
+    SELECT j.id, r.task_type, r.dependencies, cardinality(r.dependencies), r.has_dependents
+    FROM j CROSS JOIN reading_tasks() r;
+$$;
+
 CREATE FUNCTION claim(p_worker text, p_types text[], p_limit int)
 RETURNS TABLE (id bigint, attempts int) LANGUAGE sql AS $$
     SELECT t.id, t.claims FROM claim_tasks(p_worker, p_types, p_limit) t;
@@ -34,4 +46,20 @@ CREATE FUNCTION fill_history(p_rows int) RETURNS void LANGUAGE sql AS $$
     )
     INSERT INTO job_tasks (job_id, task_type, status, attempts, claims, output, finished_at)
     SELECT id, 'text_generation', 'complete', 1, 1, '{"text": "done"}', finished_at FROM j;
+$$;
+
+-- Empty the queue between rounds; with p_keep_history, only what the last
+-- round added (fill_history's rows are an hour old or more).
+CREATE FUNCTION proto_reset(p_keep_history boolean) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_keep_history THEN
+        DELETE FROM job_tasks WHERE finished_at IS NULL OR finished_at > now() - interval '1 hour';
+        DELETE FROM jobs WHERE finished_at IS NULL OR finished_at > now() - interval '1 hour';
+    ELSE
+        TRUNCATE jobs, job_tasks, workers CASCADE;
+    END IF;
+END
+$$;
+CREATE FUNCTION proto_open_tasks() RETURNS bigint LANGUAGE sql AS $$
+    SELECT count(*) FROM job_tasks WHERE status <> 'complete'
 $$;

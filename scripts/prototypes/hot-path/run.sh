@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Issue #16's prototype: the queue's hot path in three table layouts, each
-# behind the same four SQL functions (enqueue_text_jobs, claim, complete,
-# fill_history), driven by the same pgbench scripts in one run:
+# Issue #16's prototype: the queue's hot path in several table layouts, each
+# behind the same SQL functions (enqueue_text_jobs, enqueue_reading_jobs,
+# claim, complete, fill_history, proto_reset, proto_open_tasks), driven by the same pgbench
+# scripts in one run:
 #   today     the repository's migrations (jobs + job_tasks, rows kept)
 #   active    open tasks in a narrow table deleted at finish, history
 #             written once into day partitions (layout-active.sql)
 #   runnable  as active, plus a tiny runnable table so claims are heap-only
 #             updates (layout-runnable.sql)
-# Rounds alternate the layouts so a noisy machine hurts each alike. Prints a
-# table and one JSON line. Env: DATABASE_URL (a server; it creates its own
-# databases), TASKS (default 100000), HISTORY (finished tasks for the
-# flat-with-history round, default 1000000), ROUNDS (default 3), CLIENTS (4).
+#   folded    as active, but a single-task job has no jobs row while open:
+#             its task row carries the job (layout-folded.sql)
+#   bare      a ceiling, not a candidate: one row per job, updated at claim,
+#             deleted at completion, nothing kept (layout-bare.sql)
+# Two workloads: text jobs (one task each) and reading jobs (a text task,
+# then a PDF and an audio task that wait on it). Rounds alternate the
+# layouts so a noisy machine hurts each alike. Prints a table (best of the
+# rounds) and one JSON line. Env: DATABASE_URL (a server; it creates its
+# own databases), TASKS (per measurement, default 100000), HISTORY
+# (finished tasks for the flat-with-history rounds, default 1000000),
+# ROUNDS (default 3), CLIENTS (default 4), BATCH (tasks per claim, default
+# 50), LAYOUTS (space-separated, default all five; the first is the
+# reference of the ratio column).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
@@ -19,14 +29,15 @@ tasks=${TASKS:-100000}
 history=${HISTORY:-1000000}
 rounds=${ROUNDS:-3}
 clients=${CLIENTS:-4}
-batch=50
-layouts=(today active runnable)
+batch=${BATCH:-50}
+read -r -a layouts <<<"${LAYOUTS:-today active runnable folded bare}"
 base=${DATABASE_URL%/*}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+
 db_url() { echo "$base/proto_hot_$1"; }
-sql() { psql -X -q -v ON_ERROR_STOP=1 "$(db_url "$1")" "${@:2}"; }
+sql() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 "$(db_url "$1")" "${@:2}"; }
 
 for layout in "${layouts[@]}"; do
   psql -X -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS proto_hot_$layout" -c "CREATE DATABASE proto_hot_$layout"
@@ -37,91 +48,92 @@ for layout in "${layouts[@]}"; do
   sql "$layout" -f "$here/layout-$layout.sql" >/dev/null
 done
 
-cat >"$work/enqueue.sql" <<SQL
-SELECT enqueue_text_jobs(1000);
-SQL
-cat >"$work/drain.sql" <<SQL
+echo 'SELECT enqueue_text_jobs(1000);' >"$work/enqueue-text.sql"
+echo 'SELECT enqueue_reading_jobs(1000);' >"$work/enqueue-reading.sql"
+drain_script() {
+  cat <<SQL
 SELECT coalesce(quote_literal(array_agg(id)::text), '''{}''') AS ids,
        coalesce(quote_literal(array_agg(attempts)::text), '''{}''') AS att
-FROM claim('w' || :client_id, '{text_generation}', $batch) \gset
+FROM claim('w' || :client_id, '$1', $batch) \gset
 SELECT complete('w' || :client_id, :ids::bigint[], :att::int[],
                 array_fill('{"text": "done"}'::jsonb, ARRAY[cardinality(:ids::bigint[])]));
 SQL
+}
+drain_script '{text_generation}' >"$work/drain-text.sql"
+drain_script '{text_generation,pdf_generation,audio_generation}' >"$work/drain-reading.sql"
 
 # pgbench's transactions per second, without connection time.
 tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p'; }
 
-reset() {
-  if [ "$1" = today ]; then
-    sql today -c "TRUNCATE jobs, job_tasks, workers CASCADE"
-  else
-    sql "$1" -c "TRUNCATE jobs, active_tasks, task_history, job_history CASCADE"
-    if [ "$1" = runnable ]; then sql runnable -c "TRUNCATE runnable"; fi
-  fi
-}
+reset() { sql "$1" -c "SELECT proto_reset($2)" >/dev/null; }
 
-# One measurement: enqueue $tasks, then drain them; prints "enqueue drain".
+# One measurement: enqueue about $tasks tasks of a workload (text or
+# reading), then drain them; prints "enqueue drain" in tasks/s. A reading
+# job's later tasks become claimable only as its text finishes, so some
+# claims come back short: that drain gets a quarter more transactions than
+# full batches would need, and every drain rate counts the tasks drained,
+# not the transactions.
 measure() {
-  local layout=$1 per_client
-  per_client=$((tasks / 1000 / clients))
-  local enq drain left
-  enq=$(pgbench -n -c "$clients" -j "$clients" -t "$per_client" -f "$work/enqueue.sql" "$(db_url "$layout")" 2>/dev/null | tps)
-  sql "$layout" -c "VACUUM ANALYZE" 2>/dev/null
-  per_client=$((tasks / batch / clients))
-  drain=$(pgbench -n -c "$clients" -j "$clients" -t "$per_client" -f "$work/drain.sql" "$(db_url "$layout")" 2>/dev/null | tps)
-  if [ "$layout" = today ]; then
-    left=$(sql today -tAc "SELECT count(*) FROM job_tasks WHERE status <> 'complete'")
-  else
-    left=$(sql "$layout" -tAc "SELECT count(*) FROM active_tasks")
-  fi
-  if [ "$left" -gt $((tasks / 100)) ]; then
-    echo "hot-path prototype: $layout left $left of $tasks tasks undrained" >&2
+  local layout=$1 workload=$2 per_job=1 slack=100 enq_txns drain_txns enq drain before left
+  if [ "$workload" = reading ]; then per_job=3 slack=125; fi
+  enq_txns=$((tasks / per_job / 1000 / clients))
+  if [ "$enq_txns" -lt 1 ]; then
+    echo "hot-path prototype: TASKS=$tasks is too few for $clients clients enqueueing $workload jobs 1,000 at a time" >&2
     exit 1
   fi
-  echo "$(echo "$enq * 1000" | bc) $(echo "$drain * $batch" | bc)"
+  enq=$(pgbench -n -c "$clients" -j "$clients" -t "$enq_txns" -f "$work/enqueue-$workload.sql" "$(db_url "$layout")" 2>/dev/null | tps)
+  sql "$layout" -c "VACUUM ANALYZE" 2>/dev/null
+  before=$(sql "$layout" -tAc "SELECT proto_open_tasks()")
+  drain_txns=$((before * slack / 100 / batch / clients))
+  drain=$(pgbench -n -c "$clients" -j "$clients" -t "$drain_txns" -f "$work/drain-$workload.sql" "$(db_url "$layout")" 2>/dev/null | tps)
+  left=$(sql "$layout" -tAc "SELECT proto_open_tasks()")
+  if [ "$left" -gt $((before / 100)) ]; then
+    echo "hot-path prototype: $layout left $left of $before $workload tasks undrained" >&2
+    exit 1
+  fi
+  echo "$(echo "$enq * 1000 * $per_job" | bc) $(echo "scale=1; $drain * ($before - $left) / ($drain_txns * $clients)" | bc)"
 }
 
-declare -A enq0 drain0 drain_h
+declare -A enq0 drain0 drain_h drain_r
 best() { printf '%s\n' "$@" | sort -g | tail -1; }
 for round in $(seq "$rounds"); do
   for layout in "${layouts[@]}"; do
-    reset "$layout"
-    read -r e d < <(measure "$layout")
-    echo "round $round, $layout, empty history: enqueue $e tasks/s, drain $d tasks/s" >&2
+    reset "$layout" false
+    read -r e d < <(measure "$layout" text)
+    echo "round $round, $layout, text jobs: enqueue $e tasks/s, drain $d tasks/s" >&2
     enq0[$layout]="${enq0[$layout]:-} $e"
     drain0[$layout]="${drain0[$layout]:-} $d"
+    reset "$layout" false
+    read -r e d < <(measure "$layout" reading)
+    echo "round $round, $layout, reading jobs: enqueue $e tasks/s, drain $d tasks/s" >&2
+    drain_r[$layout]="${drain_r[$layout]:-} $d"
   done
 done
 for layout in "${layouts[@]}"; do
-  reset "$layout"
+  reset "$layout" false
   sql "$layout" -c "SELECT fill_history($history)" >/dev/null
   sql "$layout" -c "VACUUM ANALYZE" 2>/dev/null
 done
 for round in $(seq "$rounds"); do
   for layout in "${layouts[@]}"; do
-    if [ "$layout" = today ]; then
-      sql today -c "DELETE FROM job_tasks WHERE finished_at > now() - interval '1 hour'" \
-                -c "DELETE FROM jobs WHERE finished_at > now() - interval '1 hour'" >/dev/null
-    else
-      sql "$layout" -c "TRUNCATE jobs, active_tasks CASCADE" >/dev/null
-      if [ "$layout" = runnable ]; then sql runnable -c "TRUNCATE runnable"; fi
-    fi
-    read -r e d < <(measure "$layout")
+    reset "$layout" true
+    read -r e d < <(measure "$layout" text)
     echo "round $round, $layout, $history finished in history: drain $d tasks/s" >&2
     drain_h[$layout]="${drain_h[$layout]:-} $d"
   done
 done
 
+ref=${layouts[0]}
 echo
-echo "| layout | enqueue, batches of 1,000 (best of $rounds) | drain, batch $batch, $clients clients (best of $rounds) | drain with $history finished | ratio drain to today |"
-echo "|---|---|---|---|---|"
-today_drain=$(best ${drain0[today]})
+echo "| layout | enqueue text jobs, batches of 1,000 | drain text jobs, batch $batch, $clients clients | the same with $history finished in history | drain reading jobs (3 tasks each) | text drain vs $ref |"
+echo "|---|---|---|---|---|---|"
+ref_drain=$(best ${drain0[$ref]})
 json="{"
 for layout in "${layouts[@]}"; do
-  e=$(best ${enq0[$layout]}); d=$(best ${drain0[$layout]}); h=$(best ${drain_h[$layout]})
-  ratio=$(echo "scale=2; $d / $today_drain" | bc)
-  printf '| %s | %.0f tasks/s | %.0f tasks/s | %.0f tasks/s (%+.0f %%) | ×%s |\n' \
-    "$layout" "$e" "$d" "$h" "$(echo "($h - $d) * 100 / $d" | bc -l)" "$ratio"
-  json+="\"$layout\": {\"enqueue\": $e, \"drain\": $d, \"drain_with_history\": $h, \"drain_ratio_to_today\": $ratio}, "
+  e=$(best ${enq0[$layout]}); d=$(best ${drain0[$layout]}); h=$(best ${drain_h[$layout]}); r=$(best ${drain_r[$layout]})
+  ratio=$(echo "scale=2; $d / $ref_drain" | bc)
+  printf '| %s | %.0f tasks/s | %.0f tasks/s | %.0f tasks/s (%+.0f %%) | %.0f tasks/s | ×%s |\n' \
+    "$layout" "$e" "$d" "$h" "$(echo "($h - $d) * 100 / $d" | bc -l)" "$r" "$ratio"
+  json+="\"$layout\": {\"enqueue\": $e, \"drain\": $d, \"drain_with_history\": $h, \"drain_reading\": $r, \"drain_ratio_to_$ref\": $ratio}, "
 done
 echo "${json%, }}"
