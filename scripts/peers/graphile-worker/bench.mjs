@@ -9,7 +9,9 @@
 //   2. drain: one `run()` worker pool with the batched settings graphile-worker
 //      documents for throughput (concurrentJobs 24, localQueue 500, job
 //      completion/failure batching with delay 0), timed from `run()` until
-//      the job table is empty;
+//      the job table is empty; then the queue is filled again and drained
+//      with a local queue of 50, so one fetch takes as many jobs as one of
+//      backlog's batched claims (the matched setting);
 //   3. latency: 1,000 sequential jobs through `workerUtils.addJob` against a
 //      default pool (concurrency 1, woken by LISTEN/NOTIFY); each is added
 //      only after the previous one started, and a sample is "task began" minus
@@ -48,6 +50,9 @@ const DRAIN_WORKER = {
   completeJobBatchDelay: 0,
   failJobBatchDelay: 0,
 };
+// The local queue's size is how many jobs one fetch takes; backlog's batched
+// drain claims 50 at a time.
+const MATCHED_LOCAL_QUEUE = 50;
 // Generous ceilings so a wedged worker fails the run instead of hanging it.
 const DRAIN_TIMEOUT_MS = 10 * 60_000;
 const LATENCY_JOB_TIMEOUT_MS = 10_000;
@@ -78,15 +83,8 @@ async function remainingJobs(utils) {
   });
 }
 
-// makeWorkerUtils installs (migrates) graphile-worker's schema on first use.
-const utils = await makeWorkerUtils({ connectionString, logger, schema });
-let exitCode = 0;
-try {
-  announce("graphile-worker", version);
-
-  // 1. Enqueue ---------------------------------------------------------------
-  let cpu = process.cpuUsage();
-  let started = performance.now();
+// Add JOBS no-op jobs, ENQUEUE_BATCH per addJobs call, one call at a time.
+async function fill() {
   for (let b = 0; b < JOBS / ENQUEUE_BATCH; b++) {
     const specs = [];
     for (let i = 0; i < ENQUEUE_BATCH; i++) {
@@ -94,16 +92,14 @@ try {
     }
     await utils.addJobs(specs);
   }
-  const enqueueSeconds = (performance.now() - started) / 1000;
-  const enqueueRate = JOBS / enqueueSeconds;
-  console.log(
-    `enqueue (addJobs, batch ${ENQUEUE_BATCH}): ${fmtInt(enqueueRate)} jobs/s ` +
-      `(${JOBS} jobs in ${enqueueSeconds.toFixed(2)} s; node CPU ${cpuSeconds(cpu)} s)`,
-  );
+  if ((await remainingJobs(utils)) !== JOBS) throw new Error("enqueue: job table does not hold every job");
+}
 
-  // Fresh statistics so the drain's job-fetch query is planned for a table of
-  // 200k rows, not from whatever (if any) statistics an empty table had. All tables of the
-  // schema, so this does not depend on the private table names of a release.
+// Fresh statistics so the drain's job-fetch query is planned for a table of
+// 200k rows, not from whatever (if any) statistics an empty table had. All
+// tables of the schema, so this does not depend on the private table names of
+// a release.
+async function analyze() {
   await utils.withPgClient(async (client) => {
     const { rows } = await client.query(
       `select format('%I.%I', schemaname, tablename) as t from pg_tables where schemaname = $1`,
@@ -111,17 +107,19 @@ try {
     );
     await client.query(`analyze ${rows.map((r) => r.t).join(", ")}`);
   });
-  if ((await remainingJobs(utils)) !== JOBS) throw new Error("enqueue: job table does not hold every job");
+}
 
-  // 2. Drain -----------------------------------------------------------------
+// Run the JOBS queued jobs with a worker pool of these settings; jobs/s from
+// run() until the job table is empty.
+async function drain(worker) {
   // The handler counts runs: a run past JOBS would be a job executed twice.
   let ran = 0;
   const allRan = deferred();
-  cpu = process.cpuUsage();
-  started = performance.now();
+  const cpu = process.cpuUsage();
+  const started = performance.now();
   const drainer = await run({
     logger,
-    preset: { worker: { connectionString, schema, ...DRAIN_WORKER } },
+    preset: { worker: { connectionString, schema, ...worker } },
     taskList: {
       noop: async () => {
         if (++ran === JOBS) allRan.resolve();
@@ -148,10 +146,36 @@ try {
   if (ran !== JOBS) throw new Error(`drain: ${ran} task runs for ${JOBS} jobs`);
   const drainRate = JOBS / drainSeconds;
   console.log(
-    `drain (concurrentJobs ${DRAIN_WORKER.concurrentJobs}, localQueue ${DRAIN_WORKER.localQueue.size}, ` +
-      `completeJobBatchDelay ${DRAIN_WORKER.completeJobBatchDelay}): ${fmtInt(drainRate)} jobs/s ` +
+    `drain (concurrentJobs ${worker.concurrentJobs}, localQueue ${worker.localQueue.size}, ` +
+      `completeJobBatchDelay ${worker.completeJobBatchDelay}): ${fmtInt(drainRate)} jobs/s ` +
       `(${JOBS} jobs in ${drainSeconds.toFixed(2)} s from run() to an empty job table; node CPU ${drainCpu} s)`,
   );
+  return drainRate;
+}
+
+// makeWorkerUtils installs (migrates) graphile-worker's schema on first use.
+const utils = await makeWorkerUtils({ connectionString, logger, schema });
+let exitCode = 0;
+try {
+  announce("graphile-worker", version);
+
+  // 1. Enqueue ---------------------------------------------------------------
+  const cpu = process.cpuUsage();
+  const started = performance.now();
+  await fill();
+  const enqueueSeconds = (performance.now() - started) / 1000;
+  const enqueueRate = JOBS / enqueueSeconds;
+  console.log(
+    `enqueue (addJobs, batch ${ENQUEUE_BATCH}): ${fmtInt(enqueueRate)} jobs/s ` +
+      `(${JOBS} jobs in ${enqueueSeconds.toFixed(2)} s; node CPU ${cpuSeconds(cpu)} s)`,
+  );
+  await analyze();
+
+  // 2. Drain, at the documented settings and at backlog's batch ------------
+  const drainRate = await drain(DRAIN_WORKER);
+  await fill();
+  await analyze();
+  const matchedDrainRate = await drain({ ...DRAIN_WORKER, localQueue: { size: MATCHED_LOCAL_QUEUE } });
 
   // 3. Enqueue → start latency ----------------------------------------------
   // Default pool: concurrency 1, no local queue, no completion batching; new
@@ -206,6 +230,9 @@ try {
       version,
       enqueue_jobs_per_s: Math.round(enqueueRate),
       drain_jobs_per_s: Math.round(drainRate),
+      drain_local_queue: DRAIN_WORKER.localQueue.size,
+      drain_matched_batch_jobs_per_s: Math.round(matchedDrainRate),
+      drain_matched_local_queue: MATCHED_LOCAL_QUEUE,
       latency_ms: latency,
       latency_wakeup: "LISTEN/NOTIFY",
       jobs: JOBS,
