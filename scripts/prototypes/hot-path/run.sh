@@ -10,6 +10,8 @@
 #             updates (layout-runnable.sql)
 #   folded    as active, but a single-task job has no jobs row while open:
 #             its task row carries the job (layout-folded.sql)
+#   folded_runnable
+#             folded, with runnable's claim table (layout-folded_runnable.sql)
 #   bare      a ceiling, not a candidate: one row per job, updated at claim,
 #             deleted at completion, nothing kept (layout-bare.sql)
 # Two workloads: text jobs (one task each) and reading jobs (a text task,
@@ -19,7 +21,7 @@
 # own databases), TASKS (per measurement, default 100000), HISTORY
 # (finished tasks for the flat-with-history rounds, default 1000000),
 # ROUNDS (default 3), CLIENTS (default 4), BATCH (tasks per claim, default
-# 50), LAYOUTS (space-separated, default all five; the first is the
+# 50), LAYOUTS (space-separated, default all six; the first is the
 # reference of the ratio column).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,7 +32,7 @@ history=${HISTORY:-1000000}
 rounds=${ROUNDS:-3}
 clients=${CLIENTS:-4}
 batch=${BATCH:-50}
-read -r -a layouts <<<"${LAYOUTS:-today active runnable folded bare}"
+read -r -a layouts <<<"${LAYOUTS:-today active runnable folded folded_runnable bare}"
 base=${DATABASE_URL%/*}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -131,7 +133,7 @@ ref_drain=$(best ${drain0[$ref]})
 json="{"
 for layout in "${layouts[@]}"; do
   e=$(best ${enq0[$layout]}); d=$(best ${drain0[$layout]}); h=$(best ${drain_h[$layout]}); r=$(best ${drain_r[$layout]})
-  ratio=$(echo "scale=2; $d / $ref_drain" | bc)
+  ratio=$(printf '%.2f' "$(echo "$d / $ref_drain" | bc -l)")
   printf '| %s | %.0f tasks/s | %.0f tasks/s | %.0f tasks/s (%+.0f %%) | %.0f tasks/s | ×%s |\n' \
     "$layout" "$e" "$d" "$h" "$(echo "($h - $d) * 100 / $d" | bc -l)" "$r" "$ratio"
   json+="\"$layout\": {\"enqueue\": $e, \"drain\": $d, \"drain_with_history\": $h, \"drain_reading\": $r, \"drain_ratio_to_$ref\": $ratio}, "

@@ -1,0 +1,307 @@
+-- Layout "folded_runnable": layout "folded" (a single-task job has no
+-- `jobs` row while it is open; its task row carries the job) with layout
+-- "runnable"'s claim order (a tiny table of runnable tasks: a claim deletes
+-- an entry and makes a heap-only update of the task's lease columns, and
+-- releasing a dependent inserts an entry instead of updating a column in
+-- the claim index's predicate).
+
+CREATE TABLE jobs (
+    id             uuid PRIMARY KEY,
+    tenant         text        NOT NULL,
+    job_type       text        NOT NULL,
+    status         text        NOT NULL DEFAULT 'queued',
+    input          jsonb       NOT NULL,
+    priority       integer     NOT NULL DEFAULT 0,
+    error          text,
+    tasks_total    integer     NOT NULL,
+    tasks_complete integer     NOT NULL DEFAULT 0,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    started_at     timestamptz
+) WITH (fillfactor = 50);
+CREATE INDEX jobs_tenant_id ON jobs (tenant, id DESC);
+
+CREATE TABLE active_tasks (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id          uuid        NOT NULL,
+    tenant          text        NOT NULL,
+    -- Set only on a job's single task (the job has no `jobs` row); NULL
+    -- when the job's row in `jobs` holds them.
+    job_type        text,
+    job_input       jsonb,
+    task_type       text        NOT NULL,
+    dependencies    text[]      NOT NULL DEFAULT '{}',
+    waiting_on      integer     NOT NULL DEFAULT 0,
+    has_dependents  boolean     NOT NULL DEFAULT false,
+    priority        integer     NOT NULL DEFAULT 0,
+    fair_at         timestamptz NOT NULL DEFAULT now(),
+    run_at          timestamptz NOT NULL DEFAULT now(),
+    attempts        integer     NOT NULL DEFAULT 0,
+    max_attempts    integer     NOT NULL DEFAULT 5,
+    timeout_seconds integer     NOT NULL DEFAULT 300,
+    claimed_by      text,
+    claimed_at      timestamptz,
+    heartbeat_at    timestamptz,
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now()
+) WITH (fillfactor = 50);
+-- Only tasks whose dependencies are complete; an entry goes at claim and
+-- comes back with a retry.
+CREATE TABLE runnable (
+    task_id   bigint      NOT NULL,
+    task_type text        NOT NULL,
+    priority  integer     NOT NULL,
+    fair_at   timestamptz NOT NULL,
+    run_at    timestamptz NOT NULL
+);
+CREATE INDEX runnable_claim ON runnable (task_type, priority DESC, fair_at, task_id);
+-- A job's tasks (the API's view of an open job) and its tenant's open jobs.
+CREATE INDEX active_tasks_job ON active_tasks (job_id);
+CREATE INDEX active_tasks_tenant_job ON active_tasks (tenant, job_id DESC) WHERE job_input IS NOT NULL;
+
+CREATE TABLE task_history (
+    id          bigint      NOT NULL,
+    job_id      uuid        NOT NULL,
+    task_type   text        NOT NULL,
+    status      text        NOT NULL,
+    attempts    integer     NOT NULL,
+    claimed_by  text,
+    last_error  text,
+    output      jsonb,
+    created_at  timestamptz NOT NULL,
+    claimed_at  timestamptz,
+    finished_at timestamptz NOT NULL
+) PARTITION BY RANGE (finished_at);
+CREATE INDEX task_history_job ON task_history (job_id);
+
+CREATE TABLE job_history (
+    id          uuid        NOT NULL,
+    tenant      text        NOT NULL,
+    job_type    text        NOT NULL,
+    status      text        NOT NULL,
+    input       jsonb       NOT NULL,
+    priority    integer     NOT NULL,
+    error       text,
+    created_at  timestamptz NOT NULL,
+    started_at  timestamptz,
+    finished_at timestamptz NOT NULL
+) PARTITION BY RANGE (finished_at);
+CREATE INDEX job_history_id ON job_history (id);
+CREATE INDEX job_history_tenant_id ON job_history (tenant, id DESC);
+
+DO $$
+DECLARE d date;
+BEGIN
+    FOR d IN SELECT generate_series(current_date - 30, current_date + 1, interval '1 day')::date LOOP
+        EXECUTE format('CREATE TABLE task_history_%s PARTITION OF task_history FOR VALUES FROM (%L) TO (%L)',
+                       to_char(d, 'YYYYMMDD'), d, d + 1);
+        EXECUTE format('CREATE TABLE job_history_%s PARTITION OF job_history FOR VALUES FROM (%L) TO (%L)',
+                       to_char(d, 'YYYYMMDD'), d, d + 1);
+    END LOOP;
+END $$;
+
+CREATE FUNCTION enqueue_text_jobs(p_count int) RETURNS void LANGUAGE sql AS $$
+    WITH t AS (
+        INSERT INTO active_tasks (job_id, tenant, job_type, job_input, task_type)
+        SELECT proto_uuid(), 'tenant-' || (g % 10), 'text', '{"prompt": "a short story"}', 'text_generation'
+        FROM generate_series(1, p_count) g
+        RETURNING id, task_type, priority, fair_at, run_at
+    )
+    INSERT INTO runnable SELECT * FROM t;
+$$;
+
+-- A job of several tasks keeps its row in `jobs`, as in layout "active".
+CREATE FUNCTION enqueue_reading_jobs(p_count int) RETURNS void LANGUAGE sql AS $$
+    WITH j AS (
+        INSERT INTO jobs (id, tenant, job_type, input, tasks_total)
+        SELECT proto_uuid(), 'tenant-' || (g % 10), 'reading', '{"prompt": "a short story"}', 3
+        FROM generate_series(1, p_count) g
+        RETURNING id, tenant
+    )
+    , t AS (
+        INSERT INTO active_tasks (job_id, tenant, task_type, dependencies, waiting_on, has_dependents)
+        SELECT j.id, j.tenant, r.task_type, r.dependencies, cardinality(r.dependencies), r.has_dependents
+        FROM j CROSS JOIN reading_tasks() r
+        RETURNING id, task_type, priority, fair_at, run_at, waiting_on
+    )
+    INSERT INTO runnable SELECT id, task_type, priority, fair_at, run_at FROM t WHERE waiting_on = 0;
+$$;
+
+CREATE FUNCTION claim(p_worker text, p_types text[], p_limit int)
+RETURNS TABLE (id bigint, attempts int) LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids bigint[];
+    v_attempts int[];
+    v_jobs uuid[];
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH taken AS (
+        DELETE FROM runnable r
+        WHERE r.ctid = ANY (ARRAY(
+            SELECT c.ctid
+            FROM unnest(p_types) AS tt(task_type)
+            CROSS JOIN LATERAL (
+                SELECT r2.ctid, r2.priority, r2.fair_at, r2.task_id FROM runnable r2
+                WHERE r2.task_type = tt.task_type AND r2.run_at <= now()
+                ORDER BY r2.priority DESC, r2.fair_at, r2.task_id
+                LIMIT p_limit FOR UPDATE SKIP LOCKED
+            ) c
+            ORDER BY c.priority DESC, c.fair_at, c.task_id
+            LIMIT p_limit))
+        RETURNING r.task_id
+    )
+    SELECT array_agg(task_id) INTO v_ids FROM taken;
+    WITH u AS (
+        UPDATE active_tasks t
+        SET claimed_by = p_worker, claimed_at = now(), heartbeat_at = now(), attempts = t.attempts + 1
+        WHERE t.id = ANY (v_ids)
+        RETURNING t.id, t.attempts, t.job_id, t.job_input IS NULL AS has_job_row
+    )
+    SELECT array_agg(u.id), array_agg(u.attempts), array_agg(u.job_id) FILTER (WHERE u.has_job_row)
+    INTO v_ids, v_attempts, v_jobs FROM u;
+    -- A single-task job is processing because its task is claimed; only
+    -- jobs with a row of their own are marked.
+    IF v_jobs IS NOT NULL THEN
+        UPDATE jobs j SET status = 'processing', started_at = now(), updated_at = now()
+        WHERE j.id = ANY (ARRAY(SELECT q.id FROM jobs q WHERE q.id = ANY (v_jobs) AND q.status = 'queued'
+                                ORDER BY q.id FOR NO KEY UPDATE SKIP LOCKED));
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(v_ids, v_attempts);
+END
+$$;
+
+CREATE FUNCTION complete(p_worker text, p_ids bigint[], p_attempts int[], p_outputs jsonb[])
+RETURNS int LANGUAGE plpgsql AS $$
+DECLARE
+    v_count int;
+    v_jobs uuid[];
+    v_dep_jobs uuid[];
+    v_dep_types text[];
+BEGIN
+    -- Jobs with a row first, in id order, as in layout "active"; a
+    -- single-task job's only lock is its task's.
+    PERFORM 1 FROM jobs j
+    WHERE j.id = ANY (ARRAY(SELECT t.job_id FROM active_tasks t
+                            WHERE t.id = ANY (p_ids) AND t.job_input IS NULL))
+    ORDER BY j.id FOR NO KEY UPDATE;
+
+    WITH done AS (
+        DELETE FROM active_tasks t
+        USING unnest(p_ids, p_attempts, p_outputs) AS i(id, attempt, output)
+        WHERE t.id = i.id AND t.claimed_by = p_worker AND t.attempts = i.attempt
+        RETURNING t.*, i.output
+    ), history AS (
+        INSERT INTO task_history (id, job_id, task_type, status, attempts, claimed_by, output,
+                                  created_at, claimed_at, finished_at)
+        SELECT id, job_id, task_type, 'complete', attempts, claimed_by, output, created_at, claimed_at, now()
+        FROM done
+    ), single AS (
+        INSERT INTO job_history (id, tenant, job_type, status, input, priority, created_at, started_at, finished_at)
+        SELECT job_id, tenant, job_type, 'complete', job_input, priority, created_at, claimed_at, now()
+        FROM done WHERE job_input IS NOT NULL
+    )
+    SELECT count(*)::int,
+           array_agg(job_id) FILTER (WHERE job_input IS NULL),
+           array_agg(job_id) FILTER (WHERE has_dependents),
+           array_agg(task_type) FILTER (WHERE has_dependents)
+    INTO v_count, v_jobs, v_dep_jobs, v_dep_types
+    FROM done;
+    IF v_jobs IS NULL THEN
+        RETURN v_count;
+    END IF;
+
+    IF v_dep_jobs IS NOT NULL THEN
+        WITH ready AS (
+            UPDATE active_tasks d SET waiting_on = d.waiting_on - n.c, run_at = greatest(d.run_at, now())
+            FROM (SELECT d2.id, count(*)::int AS c FROM unnest(v_dep_jobs, v_dep_types) AS x(job_id, task_type)
+                  JOIN active_tasks d2 ON d2.job_id = x.job_id AND x.task_type = ANY (d2.dependencies)
+                  GROUP BY d2.id) n
+            WHERE d.id = n.id
+            RETURNING d.id, d.task_type, d.priority, d.fair_at, d.run_at, d.waiting_on
+        )
+        INSERT INTO runnable SELECT id, task_type, priority, fair_at, run_at FROM ready WHERE waiting_on = 0;
+    END IF;
+
+    WITH per_job AS (
+        SELECT job_id, count(*)::int AS n FROM unnest(v_jobs) AS x(job_id) GROUP BY job_id
+    ), finished AS (
+        DELETE FROM jobs j USING per_job p
+        WHERE j.id = p.job_id AND j.tasks_complete + p.n >= j.tasks_total
+        RETURNING j.*
+    ), moved AS (
+        INSERT INTO job_history (id, tenant, job_type, status, input, priority, created_at, started_at, finished_at)
+        SELECT id, tenant, job_type, 'complete', input, priority, created_at, started_at, now() FROM finished
+    )
+    UPDATE jobs j SET tasks_complete = j.tasks_complete + p.n, updated_at = now()
+    FROM per_job p
+    WHERE j.id = p.job_id AND j.tasks_complete + p.n < j.tasks_total;
+    RETURN v_count;
+END
+$$;
+
+CREATE FUNCTION fill_history(p_rows int) RETURNS void LANGUAGE sql AS $$
+    WITH j AS (
+        INSERT INTO job_history (id, tenant, job_type, status, input, priority, created_at, started_at, finished_at)
+        SELECT proto_uuid(), 'tenant-' || (g % 10), 'text', 'complete', '{"prompt": "a short story"}', 0,
+               now() - interval '2 days', now() - interval '2 days', now() - (g % 20) * interval '1 day' - interval '1 hour'
+        FROM generate_series(1, p_rows) g
+        RETURNING id, finished_at
+    )
+    INSERT INTO task_history (id, job_id, task_type, status, attempts, output, created_at, finished_at)
+    SELECT -row_number() OVER (), id, 'text_generation', 'complete', 1, '{"text": "done"}', finished_at, finished_at
+    FROM j;
+$$;
+
+-- Empty the queue between rounds; with p_keep_history, only what the last
+-- round added (fill_history's rows are an hour old or more).
+CREATE FUNCTION proto_reset(p_keep_history boolean) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_keep_history THEN
+        TRUNCATE jobs, active_tasks, runnable;
+        DELETE FROM task_history WHERE finished_at > now() - interval '1 hour';
+        DELETE FROM job_history WHERE finished_at > now() - interval '1 hour';
+    ELSE
+        TRUNCATE jobs, active_tasks, task_history, job_history, runnable;
+    END IF;
+END
+$$;
+CREATE FUNCTION proto_open_tasks() RETURNS bigint LANGUAGE sql AS $$ SELECT count(*) FROM active_tasks $$;
+
+-- Wake-ups as in layout "folded", runnable tasks from their own table.
+CREATE FUNCTION notify_inserted_runnable() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('backlog_task_runnable', r.task_type)
+    FROM (SELECT DISTINCT task_type FROM inserted WHERE run_at <= now()) r;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER notify_runnable AFTER INSERT ON runnable
+    REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION notify_inserted_runnable();
+
+CREATE UNLOGGED TABLE job_watches (job_id uuid NOT NULL, stream uuid NOT NULL, PRIMARY KEY (job_id, stream));
+CREATE FUNCTION notify_job_status() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM job_watches) THEN
+        PERFORM pg_notify('backlog_job_status', c.id::text)
+        FROM (SELECT DISTINCT o.job_id AS id FROM changed o JOIN job_watches w ON w.job_id = o.job_id) c;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION notify_job_row_status() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM job_watches) THEN
+        PERFORM pg_notify('backlog_job_status', c.id::text)
+        FROM (SELECT DISTINCT o.id FROM changed o JOIN job_watches w ON w.job_id = o.id) c;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER jobs_status_changed AFTER UPDATE ON jobs
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION notify_job_row_status();
+CREATE TRIGGER jobs_finished AFTER DELETE ON jobs
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION notify_job_row_status();
+CREATE TRIGGER single_task_jobs_claimed AFTER UPDATE ON active_tasks
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION notify_job_status();
+CREATE TRIGGER single_task_jobs_finished AFTER DELETE ON active_tasks
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION notify_job_status();
