@@ -45,47 +45,7 @@ CREATE INDEX active_tasks_runnable ON active_tasks (task_type, priority DESC, fa
     WHERE claimed_by IS NULL AND waiting_on = 0;
 CREATE INDEX active_tasks_job ON active_tasks (job_id);
 
-CREATE TABLE task_history (
-    id          bigint      NOT NULL,
-    job_id      uuid        NOT NULL,
-    task_type   text        NOT NULL,
-    status      text        NOT NULL,
-    attempts    integer     NOT NULL,
-    claimed_by  text,
-    last_error  text,
-    output      jsonb,
-    created_at  timestamptz NOT NULL,
-    claimed_at  timestamptz,
-    finished_at timestamptz NOT NULL
-) PARTITION BY RANGE (finished_at);
-CREATE INDEX task_history_job ON task_history (job_id);
-
-CREATE TABLE job_history (
-    id          uuid        NOT NULL,
-    tenant      text        NOT NULL,
-    job_type    text        NOT NULL,
-    status      text        NOT NULL,
-    input       jsonb       NOT NULL,
-    priority    integer     NOT NULL,
-    error       text,
-    created_at  timestamptz NOT NULL,
-    started_at  timestamptz,
-    finished_at timestamptz NOT NULL
-) PARTITION BY RANGE (finished_at);
-CREATE INDEX job_history_id ON job_history (id);
-CREATE INDEX job_history_tenant_id ON job_history (tenant, id DESC);
-
--- Daily partitions around today; retention detaches or drops whole days.
-DO $$
-DECLARE d date;
-BEGIN
-    FOR d IN SELECT generate_series(current_date - 30, current_date + 1, interval '1 day')::date LOOP
-        EXECUTE format('CREATE TABLE task_history_%s PARTITION OF task_history FOR VALUES FROM (%L) TO (%L)',
-                       to_char(d, 'YYYYMMDD'), d, d + 1);
-        EXECUTE format('CREATE TABLE job_history_%s PARTITION OF job_history FOR VALUES FROM (%L) TO (%L)',
-                       to_char(d, 'YYYYMMDD'), d, d + 1);
-    END LOOP;
-END $$;
+\ir history.sql
 
 CREATE FUNCTION enqueue_text_jobs(p_count int) RETURNS void LANGUAGE sql AS $$
     WITH j AS (
@@ -202,20 +162,6 @@ BEGIN
     WHERE j.id = p.job_id AND j.tasks_complete + p.n < j.tasks_total;
     RETURN cardinality(v_jobs);
 END
-$$;
-
--- History as retention would find it after some days of traffic.
-CREATE FUNCTION fill_history(p_rows int) RETURNS void LANGUAGE sql AS $$
-    WITH j AS (
-        INSERT INTO job_history (id, tenant, job_type, status, input, priority, created_at, started_at, finished_at)
-        SELECT proto_uuid(), 'tenant-' || (g % 10), 'text', 'complete', '{"prompt": "a short story"}', 0,
-               now() - interval '2 days', now() - interval '2 days', now() - (g % 20) * interval '1 day' - interval '1 hour'
-        FROM generate_series(1, p_rows) g
-        RETURNING id, finished_at
-    )
-    INSERT INTO task_history (id, job_id, task_type, status, attempts, output, created_at, finished_at)
-    SELECT -row_number() OVER (), id, 'text_generation', 'complete', 1, '{"text": "done"}', finished_at, finished_at
-    FROM j;
 $$;
 
 -- Empty the queue between rounds; with p_keep_history, only what the last
