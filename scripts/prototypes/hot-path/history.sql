@@ -44,16 +44,46 @@ BEGIN
     END LOOP;
 END $$;
 
--- History as retention would find it after some days of traffic.
+-- History as retention would find it after some days of traffic: p_rows
+-- finished tasks and jobs spread over the 20 days before today, so today's
+-- partitions hold only what the measured rounds finish.
 CREATE FUNCTION fill_history(p_rows int) RETURNS void LANGUAGE sql AS $$
     WITH j AS (
         INSERT INTO job_history (id, tenant, job_type, status, input, priority, created_at, started_at, finished_at)
-        SELECT proto_uuid(), 'tenant-' || (g % 10), 'text', 'complete', '{"prompt": "a short story"}', 0,
-               now() - interval '2 days', now() - interval '2 days', now() - (g % 20) * interval '1 day' - interval '1 hour'
+        SELECT proto_uuid_at(d.at), 'tenant-' || (g % 10), 'text', 'complete', '{"prompt": "a short story"}', 0,
+               d.at, d.at, d.at
         FROM generate_series(1, p_rows) g
+        CROSS JOIN LATERAL (SELECT current_date - (1 + g % 20) + interval '12 hours' AS at) d
         RETURNING id, finished_at
     )
     INSERT INTO task_history (id, job_id, task_type, status, attempts, output, created_at, finished_at)
     SELECT -row_number() OVER (), id, 'text_generation', 'complete', 1, '{"text": "done"}', finished_at, finished_at
     FROM j;
+$$;
+
+-- Between rounds with history: empty today's (and, past midnight,
+-- tomorrow's) partitions, which hold only what the last round finished.
+CREATE FUNCTION truncate_recent_history() RETURNS void LANGUAGE plpgsql AS $$
+DECLARE d date;
+BEGIN
+    FOREACH d IN ARRAY ARRAY[current_date, current_date + 1] LOOP
+        EXECUTE format('TRUNCATE task_history_%1$s, job_history_%1$s', to_char(d, 'YYYYMMDD'));
+    END LOOP;
+END
+$$;
+
+-- Retention of the oldest day: detach and drop its two partitions. Returns
+-- the tasks it held and the milliseconds it took.
+CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE plpgsql AS $$
+DECLARE
+    v_day text := to_char(current_date - 20, 'YYYYMMDD');
+    v_started timestamptz;
+BEGIN
+    EXECUTE format('SELECT count(*) FROM task_history_%s', v_day) INTO tasks;
+    v_started := clock_timestamp();
+    EXECUTE format('ALTER TABLE task_history DETACH PARTITION task_history_%s', v_day);
+    EXECUTE format('ALTER TABLE job_history DETACH PARTITION job_history_%s', v_day);
+    EXECUTE format('DROP TABLE task_history_%1$s, job_history_%1$s', v_day);
+    ms := extract(epoch FROM clock_timestamp() - v_started) * 1000;
+END
 $$;

@@ -165,13 +165,12 @@ END
 $$;
 
 -- Empty the queue between rounds; with p_keep_history, only what the last
--- round added (fill_history's rows are an hour old or more).
+-- round added (fill_history's rows are from earlier days).
 CREATE FUNCTION proto_reset(p_keep_history boolean) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF p_keep_history THEN
         TRUNCATE jobs, active_tasks;
-        DELETE FROM task_history WHERE finished_at > now() - interval '1 hour';
-        DELETE FROM job_history WHERE finished_at > now() - interval '1 hour';
+        PERFORM truncate_recent_history();
     ELSE
         TRUNCATE jobs, active_tasks, task_history, job_history;
     END IF;

@@ -67,6 +67,9 @@ $$;
 -- Nothing is kept, so there is no history to fill.
 CREATE FUNCTION fill_history(p_rows int) RETURNS void LANGUAGE sql AS $$ SELECT $$;
 
+CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE sql AS $$
+    SELECT 0::bigint, NULL::double precision
+$$;
 CREATE FUNCTION proto_reset(p_keep_history boolean) RETURNS void LANGUAGE sql AS $$ TRUNCATE active_tasks $$;
 CREATE FUNCTION proto_open_tasks() RETURNS bigint LANGUAGE sql AS $$ SELECT count(*) FROM active_tasks $$;
 

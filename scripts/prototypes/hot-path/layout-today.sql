@@ -35,13 +35,16 @@ RETURNS int LANGUAGE sql AS $$
     SELECT count(*)::int FROM complete_tasks(p_worker, p_ids, p_attempts, p_outputs);
 $$;
 
+-- As history.sql's: spread over the 20 days before today, job ids from
+-- their own day as production's UUIDv7 ids are.
 CREATE FUNCTION fill_history(p_rows int) RETURNS void LANGUAGE sql AS $$
     WITH j AS (
         INSERT INTO jobs (id, tenant, job_type, status, input, tasks_total, tasks_complete,
                           created_at, started_at, finished_at)
-        SELECT proto_uuid(), 'tenant-' || (g % 10), 'text', 'complete', '{"prompt": "a short story"}', 1, 1,
-               now() - interval '2 days', now() - interval '2 days', now() - (g % 20) * interval '1 day' - interval '1 hour'
+        SELECT proto_uuid_at(d.at), 'tenant-' || (g % 10), 'text', 'complete', '{"prompt": "a short story"}', 1, 1,
+               d.at, d.at, d.at
         FROM generate_series(1, p_rows) g
+        CROSS JOIN LATERAL (SELECT current_date - (1 + g % 20) + interval '12 hours' AS at) d
         RETURNING id, finished_at
     )
     INSERT INTO job_tasks (job_id, task_type, status, attempts, claims, output, finished_at)
@@ -49,15 +52,35 @@ CREATE FUNCTION fill_history(p_rows int) RETURNS void LANGUAGE sql AS $$
 $$;
 
 -- Empty the queue between rounds; with p_keep_history, only what the last
--- round added (fill_history's rows are an hour old or more).
+-- round added (fill_history's rows are from earlier days).
 CREATE FUNCTION proto_reset(p_keep_history boolean) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF p_keep_history THEN
-        DELETE FROM job_tasks WHERE finished_at IS NULL OR finished_at > now() - interval '1 hour';
-        DELETE FROM jobs WHERE finished_at IS NULL OR finished_at > now() - interval '1 hour';
+        DELETE FROM job_tasks WHERE finished_at IS NULL OR finished_at >= current_date;
+        DELETE FROM jobs WHERE finished_at IS NULL OR finished_at >= current_date;
     ELSE
         TRUNCATE jobs, job_tasks, workers CASCADE;
     END IF;
+END
+$$;
+
+-- Retention of the oldest day as today's prune does it (one statement
+-- instead of its batches): delete the day's jobs, found by their ids'
+-- time prefix, and with them their tasks. Returns the tasks it removed and
+-- the milliseconds it took.
+CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE plpgsql AS $$
+DECLARE
+    v_day date := current_date - 20;
+    v_started timestamptz := clock_timestamp();
+BEGIN
+    WITH gone AS (
+        DELETE FROM jobs
+        WHERE id >= uuid_v7_floor(v_day) AND id < uuid_v7_floor(v_day + 1)
+          AND status IN ('complete', 'failed', 'cancelled')
+        RETURNING tasks_total
+    )
+    SELECT coalesce(sum(tasks_total), 0) INTO tasks FROM gone;
+    ms := extract(epoch FROM clock_timestamp() - v_started) * 1000;
 END
 $$;
 CREATE FUNCTION proto_open_tasks() RETURNS bigint LANGUAGE sql AS $$

@@ -15,10 +15,11 @@
 #   bare      a ceiling, not a candidate: one row per job, updated at claim,
 #             deleted at completion, nothing kept (layout-bare.sql)
 # Two workloads: text jobs (one task each) and reading jobs (a text task,
-# then a PDF and an audio task that wait on it). Rounds alternate the
-# layouts so a noisy machine hurts each alike. Prints a table (best of the
-# rounds) and one JSON line. Env: DATABASE_URL (a server; it creates its
-# own databases), TASKS (per measurement, default 100000), HISTORY
+# then a PDF and an audio task that wait on it); after the rounds with
+# history, the time retention takes to remove its oldest day. Rounds
+# alternate the layouts so a noisy machine hurts each alike. Prints a table
+# (best of the rounds) and one JSON line. Env: DATABASE_URL (a server; it
+# creates its own databases), TASKS (per measurement, default 100000), HISTORY
 # (finished tasks for the flat-with-history rounds, default 1000000),
 # ROUNDS (default 3), CLIENTS (default 4), BATCH (tasks per claim, default
 # 50), LAYOUTS (space-separated, default all six; the first is the
@@ -124,18 +125,27 @@ for round in $(seq "$rounds"); do
     drain_h[$layout]="${drain_h[$layout]:-} $d"
   done
 done
+# Retention: remove the oldest day of history (HISTORY / 20 tasks).
+declare -A retention
+for layout in "${layouts[@]}"; do
+  read -r n ms < <(sql "$layout" -tA -F ' ' -c "SELECT tasks, coalesce(round(ms::numeric, 1)::text, 'null') FROM proto_drop_oldest_day()")
+  echo "$layout, retention of the oldest day: $n tasks in $ms ms" >&2
+  retention[$layout]="$n $ms"
+done
 
 ref=${layouts[0]}
 echo
-echo "| layout | enqueue text jobs, batches of 1,000 | drain text jobs, batch $batch, $clients clients | the same with $history finished in history | drain reading jobs (3 tasks each) | text drain vs $ref |"
-echo "|---|---|---|---|---|---|"
+echo "| layout | enqueue text jobs, batches of 1,000 | drain text jobs, batch $batch, $clients clients | the same with $history finished in history | drain reading jobs (3 tasks each) | text drain vs $ref | retention of the oldest day |"
+echo "|---|---|---|---|---|---|---|"
 ref_drain=$(best ${drain0[$ref]})
 json="{"
 for layout in "${layouts[@]}"; do
   e=$(best ${enq0[$layout]}); d=$(best ${drain0[$layout]}); h=$(best ${drain_h[$layout]}); r=$(best ${drain_r[$layout]})
   ratio=$(printf '%.2f' "$(echo "$d / $ref_drain" | bc -l)")
-  printf '| %s | %.0f tasks/s | %.0f tasks/s | %.0f tasks/s (%+.0f %%) | %.0f tasks/s | ×%s |\n' \
-    "$layout" "$e" "$d" "$h" "$(echo "($h - $d) * 100 / $d" | bc -l)" "$r" "$ratio"
-  json+="\"$layout\": {\"enqueue\": $e, \"drain\": $d, \"drain_with_history\": $h, \"drain_reading\": $r, \"drain_ratio_to_$ref\": $ratio}, "
+  read -r rn rms <<<"${retention[$layout]}"
+  if [ "$rms" = null ]; then kept="nothing kept"; else kept="$rn tasks in $rms ms"; fi
+  printf '| %s | %.0f tasks/s | %.0f tasks/s | %.0f tasks/s (%+.0f %%) | %.0f tasks/s | ×%s | %s |\n' \
+    "$layout" "$e" "$d" "$h" "$(echo "($h - $d) * 100 / $d" | bc -l)" "$r" "$ratio" "$kept"
+  json+="\"$layout\": {\"enqueue\": $e, \"drain\": $d, \"drain_with_history\": $h, \"drain_reading\": $r, \"drain_ratio_to_$ref\": $ratio, \"retention_tasks\": $rn, \"retention_ms\": $rms}, "
 done
 echo "${json%, }}"
