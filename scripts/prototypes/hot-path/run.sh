@@ -71,30 +71,32 @@ tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p'; }
 reset() { sql "$1" -c "SELECT proto_reset($2)" >/dev/null; }
 
 # One measurement: enqueue about $tasks tasks of a workload (text or
-# reading), then drain them; prints "enqueue drain" in tasks/s. A reading
+# reading), then drain them; sets enq and drain, in tasks/s. Run in this
+# shell, not in a subshell, so that its guards end the run. A reading
 # job's later tasks become claimable only as its text finishes, so some
 # claims come back short: that drain gets a quarter more transactions than
 # full batches would need, and every drain rate counts the tasks drained,
 # not the transactions.
 measure() {
-  local layout=$1 workload=$2 per_job=1 slack=100 enq_txns drain_txns enq drain before left
+  local layout=$1 workload=$2 per_job=1 slack=100 enq_txns drain_txns tps_enq tps_drain before left
   if [ "$workload" = reading ]; then per_job=3 slack=125; fi
   enq_txns=$((tasks / per_job / 1000 / clients))
   if [ "$enq_txns" -lt 1 ]; then
     echo "hot-path prototype: TASKS=$tasks is too few for $clients clients enqueueing $workload jobs 1,000 at a time" >&2
     exit 1
   fi
-  enq=$(pgbench -n -c "$clients" -j "$clients" -t "$enq_txns" -f "$work/enqueue-$workload.sql" "$(db_url "$layout")" 2>/dev/null | tps)
+  tps_enq=$(pgbench -n -c "$clients" -j "$clients" -t "$enq_txns" -f "$work/enqueue-$workload.sql" "$(db_url "$layout")" 2>/dev/null | tps)
   sql "$layout" -c "VACUUM ANALYZE" 2>/dev/null
   before=$(sql "$layout" -tAc "SELECT proto_open_tasks()")
   drain_txns=$((before * slack / 100 / batch / clients))
-  drain=$(pgbench -n -c "$clients" -j "$clients" -t "$drain_txns" -f "$work/drain-$workload.sql" "$(db_url "$layout")" 2>/dev/null | tps)
+  tps_drain=$(pgbench -n -c "$clients" -j "$clients" -t "$drain_txns" -f "$work/drain-$workload.sql" "$(db_url "$layout")" 2>/dev/null | tps)
   left=$(sql "$layout" -tAc "SELECT proto_open_tasks()")
   if [ "$left" -gt $((before / 100)) ]; then
     echo "hot-path prototype: $layout left $left of $before $workload tasks undrained" >&2
     exit 1
   fi
-  echo "$(echo "$enq * 1000 * $per_job" | bc) $(echo "scale=1; $drain * ($before - $left) / ($drain_txns * $clients)" | bc)"
+  enq=$(echo "$tps_enq * 1000 * $per_job" | bc)
+  drain=$(echo "scale=1; $tps_drain * ($before - $left) / ($drain_txns * $clients)" | bc)
 }
 
 declare -A enq0 drain0 drain_h drain_r
@@ -102,14 +104,14 @@ best() { printf '%s\n' "$@" | sort -g | tail -1; }
 for round in $(seq "$rounds"); do
   for layout in "${layouts[@]}"; do
     reset "$layout" false
-    read -r e d < <(measure "$layout" text)
-    echo "round $round, $layout, text jobs: enqueue $e tasks/s, drain $d tasks/s" >&2
-    enq0[$layout]="${enq0[$layout]:-} $e"
-    drain0[$layout]="${drain0[$layout]:-} $d"
+    measure "$layout" text
+    echo "round $round, $layout, text jobs: enqueue $enq tasks/s, drain $drain tasks/s" >&2
+    enq0[$layout]="${enq0[$layout]:-} $enq"
+    drain0[$layout]="${drain0[$layout]:-} $drain"
     reset "$layout" false
-    read -r e d < <(measure "$layout" reading)
-    echo "round $round, $layout, reading jobs: enqueue $e tasks/s, drain $d tasks/s" >&2
-    drain_r[$layout]="${drain_r[$layout]:-} $d"
+    measure "$layout" reading
+    echo "round $round, $layout, reading jobs: enqueue $enq tasks/s, drain $drain tasks/s" >&2
+    drain_r[$layout]="${drain_r[$layout]:-} $drain"
   done
 done
 for layout in "${layouts[@]}"; do
@@ -120,15 +122,16 @@ done
 for round in $(seq "$rounds"); do
   for layout in "${layouts[@]}"; do
     reset "$layout" true
-    read -r e d < <(measure "$layout" text)
-    echo "round $round, $layout, $history finished in history: drain $d tasks/s" >&2
-    drain_h[$layout]="${drain_h[$layout]:-} $d"
+    measure "$layout" text
+    echo "round $round, $layout, $history finished in history: drain $drain tasks/s" >&2
+    drain_h[$layout]="${drain_h[$layout]:-} $drain"
   done
 done
 # Retention: remove the oldest day of history (HISTORY / 20 tasks).
 declare -A retention
 for layout in "${layouts[@]}"; do
-  read -r n ms < <(sql "$layout" -tA -F ' ' -c "SELECT tasks, coalesce(round(ms::numeric, 1)::text, 'null') FROM proto_drop_oldest_day()")
+  dropped=$(sql "$layout" -tA -F ' ' -c "SELECT tasks, coalesce(round(ms::numeric, 1)::text, 'null') FROM proto_drop_oldest_day()")
+  read -r n ms <<<"$dropped"
   echo "$layout, retention of the oldest day: $n tasks in $ms ms" >&2
   retention[$layout]="$n $ms"
 done
