@@ -160,8 +160,9 @@ impl Queue {
         Ok(repaired)
     }
 
-    /// Remove (or archive) finished jobs older than the retention age.
-    /// Returns how many jobs were removed.
+    /// Remove (or archive) finished jobs older than the retention age, with
+    /// their tasks (no foreign key cascades from a job to its tasks) and
+    /// artifact records. Returns how many jobs were removed.
     pub async fn prune(&self, retention: Retention) -> Result<u64> {
         if retention.batch < 1 {
             return Err(QueueError::invalid("batch", "must be at least 1"));
@@ -183,6 +184,8 @@ impl Queue {
                          INSERT INTO artifact_deletions (storage_key)
                          SELECT a.storage_key FROM artifacts a JOIN doomed d ON d.id = a.job_id
                          ON CONFLICT (storage_key) DO NOTHING
+                     ), tasks AS (
+                         DELETE FROM job_tasks WHERE job_id IN (SELECT id FROM doomed)
                      )
                      DELETE FROM jobs WHERE id IN (SELECT id FROM doomed)",
                 ),
@@ -200,6 +203,8 @@ impl Queue {
                                 coalesce((SELECT jsonb_agg(to_jsonb(a)) FROM artifacts a WHERE a.job_id = j.id), '[]')
                          FROM jobs j JOIN doomed d ON d.id = j.id
                          ON CONFLICT (id) DO NOTHING
+                     ), tasks AS (
+                         DELETE FROM job_tasks WHERE job_id IN (SELECT id FROM doomed)
                      )
                      DELETE FROM jobs WHERE id IN (SELECT id FROM doomed)",
                 ),

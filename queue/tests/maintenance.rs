@@ -204,6 +204,11 @@ async fn deleting_old_jobs_queues_their_artifact_bytes_for_the_cleaner(pool: PgP
     };
     assert_eq!(q.prune(retention).await.unwrap(), 1);
     assert_eq!(
+        count(&pool, "job_tasks").await,
+        1,
+        "the old job's task goes with it"
+    );
+    assert_eq!(
         count(&pool, "artifacts").await,
         1,
         "the recent job keeps its artifact"
@@ -219,6 +224,41 @@ async fn deleting_old_jobs_queues_their_artifact_bytes_for_the_cleaner(pool: PgP
         q.artifact_deletions(0).await,
         Err(queue::QueueError::InvalidInput { .. })
     ));
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_deleted_task_finds_its_artifacts_through_an_index(pool: PgPool) {
+    // Retention deletes tasks, and each delete cascades to the task's
+    // artifacts: without an index on artifacts.task_id, every one of those
+    // cascades read the whole artifacts table.
+    sqlx::query(
+        "WITH j AS (
+             INSERT INTO jobs (id, tenant, job_type, status, input, finished_at)
+             SELECT gen_random_uuid(), 'acme', 'text', 'complete', '{}', now()
+             FROM generate_series(1, 5000)
+             RETURNING id
+         ), t AS (
+             INSERT INTO job_tasks (job_id, task_type, status, finished_at)
+             SELECT id, 'text_generation', 'complete', now() FROM j
+             RETURNING id, job_id
+         )
+         INSERT INTO artifacts (id, job_id, task_id, kind, content_type, storage_key, bytes, sha256)
+         SELECT gen_random_uuid(), job_id, id, 'text', 'text/markdown', 'jobs/' || job_id || '/text.md', 5,
+                repeat('0', 64)
+         FROM t",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE artifacts").execute(&pool).await.unwrap();
+    // The statement the foreign key's cascade runs for each deleted task.
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN DELETE FROM ONLY artifacts WHERE task_id = 42")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("artifacts_task_id"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
 }
 
 /// Make a job `days` old as if it had been created then: a UUIDv7 id from
