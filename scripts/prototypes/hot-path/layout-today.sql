@@ -66,8 +66,8 @@ $$;
 
 -- Retention of the oldest day as today's prune does it (one statement
 -- instead of its batches): delete the day's jobs, found by their ids'
--- time prefix, and with them their tasks. Returns the tasks it removed and
--- the milliseconds it took.
+-- time prefix, and their tasks. Returns the tasks it removed and the
+-- milliseconds it took.
 CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE plpgsql AS $$
 DECLARE
     v_day date := current_date - 20;
@@ -77,9 +77,11 @@ BEGIN
         DELETE FROM jobs
         WHERE id >= uuid_v7_floor(v_day) AND id < uuid_v7_floor(v_day + 1)
           AND status IN ('complete', 'failed', 'cancelled')
-        RETURNING tasks_total
+        RETURNING id
+    ), gone_tasks AS (
+        DELETE FROM job_tasks WHERE job_id IN (SELECT id FROM gone) RETURNING 1
     )
-    SELECT coalesce(sum(tasks_total), 0) INTO tasks FROM gone;
+    SELECT count(*) INTO tasks FROM gone_tasks;
     ms := extract(epoch FROM clock_timestamp() - v_started) * 1000;
 END
 $$;
