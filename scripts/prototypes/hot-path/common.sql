@@ -15,3 +15,22 @@ LANGUAGE sql IMMUTABLE AS $$
            ('pdf_generation', '{text_generation}', false),
            ('audio_generation', '{text_generation}', false)
 $$;
+
+-- Retention of the oldest day (20 days ago) where history is partitioned
+-- by day: detach and drop the day's partition (named parent_YYYYMMDD) of
+-- the task and the job history tables. Returns the tasks it held and the
+-- milliseconds it took.
+CREATE FUNCTION proto_drop_day_partitions(p_task_parent text, p_job_parent text,
+                                          OUT tasks bigint, OUT ms double precision) LANGUAGE plpgsql AS $$
+DECLARE
+    v_day text := to_char(current_date - 20, 'YYYYMMDD');
+    v_started timestamptz;
+BEGIN
+    EXECUTE format('SELECT count(*) FROM %I', p_task_parent || '_' || v_day) INTO tasks;
+    v_started := clock_timestamp();
+    EXECUTE format('ALTER TABLE %I DETACH PARTITION %I', p_task_parent, p_task_parent || '_' || v_day);
+    EXECUTE format('ALTER TABLE %I DETACH PARTITION %I', p_job_parent, p_job_parent || '_' || v_day);
+    EXECUTE format('DROP TABLE %I, %I', p_task_parent || '_' || v_day, p_job_parent || '_' || v_day);
+    ms := extract(epoch FROM clock_timestamp() - v_started) * 1000;
+END
+$$;

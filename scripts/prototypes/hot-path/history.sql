@@ -72,18 +72,7 @@ BEGIN
 END
 $$;
 
--- Retention of the oldest day: detach and drop its two partitions. Returns
--- the tasks it held and the milliseconds it took.
-CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE plpgsql AS $$
-DECLARE
-    v_day text := to_char(current_date - 20, 'YYYYMMDD');
-    v_started timestamptz;
-BEGIN
-    EXECUTE format('SELECT count(*) FROM task_history_%s', v_day) INTO tasks;
-    v_started := clock_timestamp();
-    EXECUTE format('ALTER TABLE task_history DETACH PARTITION task_history_%s', v_day);
-    EXECUTE format('ALTER TABLE job_history DETACH PARTITION job_history_%s', v_day);
-    EXECUTE format('DROP TABLE task_history_%1$s, job_history_%1$s', v_day);
-    ms := extract(epoch FROM clock_timestamp() - v_started) * 1000;
-END
+-- Retention of the oldest day: detach and drop its two partitions.
+CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE sql AS $$
+    SELECT * FROM proto_drop_day_partitions('task_history', 'job_history')
 $$;

@@ -71,17 +71,6 @@ BEGIN
     END IF;
 END
 $$;
-CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE plpgsql AS $$
-DECLARE
-    v_day text := to_char(current_date - 20, 'YYYYMMDD');
-    v_started timestamptz;
-BEGIN
-    EXECUTE format('SELECT count(*) FROM task_history_%s', v_day) INTO tasks;
-    v_started := clock_timestamp();
-    EXECUTE format('ALTER TABLE task_history DETACH PARTITION task_history_%s', v_day);
-    EXECUTE format('DROP TABLE task_history_%s', v_day);
-    EXECUTE format('ALTER TABLE job_history DETACH PARTITION job_history_%s', v_day);
-    EXECUTE format('DROP TABLE job_history_%s', v_day);
-    ms := extract(epoch FROM clock_timestamp() - v_started) * 1000;
-END
+CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE sql AS $$
+    SELECT * FROM proto_drop_day_partitions('task_history', 'job_history')
 $$;

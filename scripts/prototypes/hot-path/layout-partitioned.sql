@@ -70,17 +70,6 @@ CREATE TRIGGER job_tasks_runnable_update AFTER UPDATE OF status, waiting_on, run
 
 -- Retention of the oldest day: detach and drop its partitions.
 DROP FUNCTION proto_drop_oldest_day();
-CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE plpgsql AS $$
-DECLARE
-    v_day text := to_char(current_date - 20, 'YYYYMMDD');
-    v_started timestamptz;
-BEGIN
-    EXECUTE format('SELECT count(*) FROM job_tasks_finished_%s', v_day) INTO tasks;
-    v_started := clock_timestamp();
-    EXECUTE format('ALTER TABLE job_tasks_finished DETACH PARTITION job_tasks_finished_%s', v_day);
-    EXECUTE format('DROP TABLE job_tasks_finished_%s', v_day);
-    EXECUTE format('ALTER TABLE jobs_finished DETACH PARTITION jobs_finished_%s', v_day);
-    EXECUTE format('DROP TABLE jobs_finished_%s', v_day);
-    ms := extract(epoch FROM clock_timestamp() - v_started) * 1000;
-END
+CREATE FUNCTION proto_drop_oldest_day(OUT tasks bigint, OUT ms double precision) LANGUAGE sql AS $$
+    SELECT * FROM proto_drop_day_partitions('job_tasks_finished', 'jobs_finished')
 $$;
