@@ -34,3 +34,21 @@ BEGIN
     ms := extract(epoch FROM clock_timestamp() - v_started) * 1000;
 END
 $$;
+
+-- A partition of p_parent per day from 30 days before today to tomorrow,
+-- named p_parent_YYYYMMDD: by the day's dates, or with p_by_id by the
+-- UUIDv7 ids of the day (uuid_v7_floor, from the repository's migrations).
+CREATE FUNCTION proto_day_partitions(p_parent text, p_by_id boolean) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE d date;
+BEGIN
+    FOR d IN SELECT generate_series(current_date - 30, current_date + 1, interval '1 day')::date LOOP
+        IF p_by_id THEN
+            EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
+                           p_parent || '_' || to_char(d, 'YYYYMMDD'), p_parent, uuid_v7_floor(d), uuid_v7_floor(d + 1));
+        ELSE
+            EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
+                           p_parent || '_' || to_char(d, 'YYYYMMDD'), p_parent, d, d + 1);
+        END IF;
+    END LOOP;
+END
+$$;

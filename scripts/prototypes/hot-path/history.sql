@@ -33,16 +33,7 @@ CREATE INDEX job_history_id ON job_history (id);
 CREATE INDEX job_history_tenant_id ON job_history (tenant, id DESC);
 
 -- Daily partitions around today; retention detaches or drops whole days.
-DO $$
-DECLARE d date;
-BEGIN
-    FOR d IN SELECT generate_series(current_date - 30, current_date + 1, interval '1 day')::date LOOP
-        EXECUTE format('CREATE TABLE task_history_%s PARTITION OF task_history FOR VALUES FROM (%L) TO (%L)',
-                       to_char(d, 'YYYYMMDD'), d, d + 1);
-        EXECUTE format('CREATE TABLE job_history_%s PARTITION OF job_history FOR VALUES FROM (%L) TO (%L)',
-                       to_char(d, 'YYYYMMDD'), d, d + 1);
-    END LOOP;
-END $$;
+SELECT proto_day_partitions('task_history', false), proto_day_partitions('job_history', false);
 
 -- History as retention would find it after some days of traffic: p_rows
 -- finished tasks and jobs spread over the 20 days before today, so today's

@@ -15,17 +15,7 @@ CREATE INDEX job_history_tenant_id ON job_history (tenant, id DESC);
 CREATE TABLE task_history (LIKE job_tasks INCLUDING DEFAULTS) PARTITION BY RANGE (job_id);
 CREATE INDEX task_history_job ON task_history (job_id);
 
-DO $$
-DECLARE d date;
-BEGIN
-    FOR d IN SELECT generate_series(current_date - 21, current_date + 1, interval '1 day')::date LOOP
-        EXECUTE format('CREATE TABLE job_history_%s PARTITION OF job_history FOR VALUES FROM (%L) TO (%L)',
-                       to_char(d, 'YYYYMMDD'), uuid_v7_floor(d), uuid_v7_floor(d + 1));
-        EXECUTE format('CREATE TABLE task_history_%s PARTITION OF task_history FOR VALUES FROM (%L) TO (%L)',
-                       to_char(d, 'YYYYMMDD'), uuid_v7_floor(d), uuid_v7_floor(d + 1));
-    END LOOP;
-END
-$$;
+SELECT proto_day_partitions('job_history', true), proto_day_partitions('task_history', true);
 
 CREATE FUNCTION archive_finished_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE

@@ -43,19 +43,8 @@ CREATE INDEX job_tasks_active ON job_tasks (task_type, status, waiting_on, run_a
     WHERE status IN ('pending', 'claimed', 'processing');
 CREATE INDEX job_tasks_completed ON job_tasks (finished_at, task_type) WHERE status = 'complete';
 
--- A day partition of both finished tables for each of the 21 days before
--- today, today and tomorrow.
-DO $$
-DECLARE d date;
-BEGIN
-    FOR d IN SELECT generate_series(current_date - 21, current_date + 1, interval '1 day')::date LOOP
-        EXECUTE format('CREATE TABLE jobs_finished_%s PARTITION OF jobs_finished FOR VALUES FROM (%L) TO (%L)',
-                       to_char(d, 'YYYYMMDD'), d, d + 1);
-        EXECUTE format('CREATE TABLE job_tasks_finished_%s PARTITION OF job_tasks_finished FOR VALUES FROM (%L) TO (%L)',
-                       to_char(d, 'YYYYMMDD'), d, d + 1);
-    END LOOP;
-END
-$$;
+-- Day partitions of both finished tables.
+SELECT proto_day_partitions('jobs_finished', false), proto_day_partitions('job_tasks_finished', false);
 
 CREATE TRIGGER jobs_status_changed AFTER UPDATE OF status ON jobs FOR EACH ROW
     WHEN (old.status IS DISTINCT FROM new.status) EXECUTE FUNCTION notify_job_status();
