@@ -72,6 +72,7 @@ async fn main() -> Result<()> {
                 } else {
                     DRAIN_TASKS_BATCHED
                 };
+                reset(&admin).await?;
                 let rate = drain(&url, &admin, how, workers, batch, tasks).await?;
                 println!(
                     "{}, {workers:>2} workers, batch {batch:>3}: {rate:>8.0} tasks/s ({tasks} tasks)",
@@ -260,22 +261,10 @@ impl DrainLoop {
     }
 }
 
+/// Enqueue `tasks`, beside whatever the tables hold, then drain them with
 /// `workers` loops each taking `batch` tasks at a time and completing them,
 /// until the queue is empty. Returns tasks per second.
 async fn drain(
-    url: &str,
-    admin: &PgPool,
-    how: DrainLoop,
-    workers: usize,
-    batch: i32,
-    tasks: usize,
-) -> Result<f64> {
-    reset(admin).await?;
-    drain_after_filling(url, admin, how, workers, batch, tasks).await
-}
-
-/// As [`drain`], beside whatever the tables already hold.
-async fn drain_after_filling(
     url: &str,
     admin: &PgPool,
     how: DrainLoop,
@@ -404,10 +393,24 @@ fn history_size() -> Result<u64> {
     }
 }
 
-/// Tenants of the rows written straight in SQL, so each kind can be found
-/// and removed through the tenant index.
-const BACKLOG_TENANT: &str = "bench-backlog";
-const HISTORY_TENANT: &str = "bench-history";
+/// The rows written straight in SQL, each kind under a tenant of its own
+/// so it can be found and removed through the tenant index.
+#[derive(Clone, Copy)]
+enum Rows {
+    /// Queued jobs with a pending task.
+    Backlog,
+    /// Complete jobs, created and finished a day ago.
+    History,
+}
+
+impl Rows {
+    fn tenant(self) -> &'static str {
+        match self {
+            Rows::Backlog => "bench-backlog",
+            Rows::History => "bench-history",
+        }
+    }
+}
 /// The batch of the drain measured again with history: issue #16's.
 const HISTORY_BATCH: i32 = 50;
 /// That drain's rounds on each side, best of: one round apart from the
@@ -425,19 +428,20 @@ async fn with_and_without_history(
     // The drain first: what it finishes would be history for the depth query.
     let mut drain_empty: f64 = 0.0;
     for _ in 0..HISTORY_ROUNDS {
+        reset(admin).await?;
         let rate = drain(url, admin, how, workers, HISTORY_BATCH, DRAIN_TASKS_BATCHED).await?;
         drain_empty = drain_empty.max(rate);
     }
     reset(admin).await?;
     // Backlog and history straight in SQL: ten million enqueues through the
     // API would only measure enqueue again.
-    add_rows(admin, BACKLOG_TENANT, 100_000, 0).await?;
+    add_rows(admin, Rows::Backlog, 100_000, 0).await?;
     let depth_empty = time_depth(admin, q).await?;
     // In steps of a million, so no statement runs for minutes.
     let mut added = 0;
     while added < history {
         let step = (history - added).min(1_000_000);
-        add_rows(admin, HISTORY_TENANT, step, added).await?;
+        add_rows(admin, Rows::History, step, added).await?;
         added += step;
     }
     let depth_history = time_depth(admin, q).await?;
@@ -447,7 +451,7 @@ async fn with_and_without_history(
         .execute(admin)
         .await?;
     sqlx::query("DELETE FROM jobs WHERE tenant = $1")
-        .bind(BACKLOG_TENANT)
+        .bind(Rows::Backlog.tenant())
         .execute(admin)
         .await?;
     sqlx::query("VACUUM ANALYZE jobs, job_tasks")
@@ -456,7 +460,7 @@ async fn with_and_without_history(
     // Each round's finished tasks join the history.
     let mut drain_history: f64 = 0.0;
     for _ in 0..HISTORY_ROUNDS {
-        let rate = drain_after_filling(url, admin, how, workers, HISTORY_BATCH, DRAIN_TASKS_BATCHED).await?;
+        let rate = drain(url, admin, how, workers, HISTORY_BATCH, DRAIN_TASKS_BATCHED).await?;
         drain_history = drain_history.max(rate);
     }
     Ok(HistoryFigures {
@@ -467,18 +471,17 @@ async fn with_and_without_history(
     })
 }
 
-/// `count` jobs of one task each, ids UUIDv7 as the queue's own. The
-/// backlog's are queued with a pending task; the history's complete, created
-/// and finished a day ago, `offset` milliseconds on so steps do not overlap.
-async fn add_rows(admin: &PgPool, tenant: &str, count: u64, offset: u64) -> Result<()> {
+/// `count` jobs of one task each, ids UUIDv7 as the queue's own, created
+/// `offset` milliseconds on from their kind's start so steps do not overlap.
+async fn add_rows(admin: &PgPool, rows: Rows, count: u64, offset: u64) -> Result<()> {
     sqlx::query(
         "WITH j AS (
              INSERT INTO jobs (id, tenant, job_type, status, input, finished_at)
              SELECT overlay(uuid_v7_floor(s.at + g * interval '1 millisecond')::text
                             PLACING substr(md5(random()::text), 1, 12) FROM 25)::uuid,
                     $1, 'text', s.status, '{}', CASE WHEN s.status = 'complete' THEN s.at END
-             FROM (SELECT CASE WHEN $1 = $4 THEN 'complete' ELSE 'queued' END AS status,
-                          CASE WHEN $1 = $4 THEN now() - interval '1 day' ELSE now() - interval '1 hour' END
+             FROM (SELECT CASE WHEN $4 THEN 'complete' ELSE 'queued' END AS status,
+                          CASE WHEN $4 THEN now() - interval '1 day' ELSE now() - interval '1 hour' END
                           + $3 * interval '1 millisecond' AS at) s,
                   generate_series(1, $2) g
              RETURNING id, status, finished_at
@@ -489,10 +492,10 @@ async fn add_rows(admin: &PgPool, tenant: &str, count: u64, offset: u64) -> Resu
                 finished_at, now() - random() * interval '10 minutes'
          FROM j",
     )
-    .bind(tenant)
+    .bind(rows.tenant())
     .bind(count as i64)
     .bind(offset as i64)
-    .bind(HISTORY_TENANT)
+    .bind(matches!(rows, Rows::History))
     .execute(admin)
     .await?;
     Ok(())
