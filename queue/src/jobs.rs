@@ -7,7 +7,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::{QueueError, Result};
-use crate::model::{Job, JobStatus, JobType, NewJob, Task};
+use crate::model::{Job, JobStatus, JobType, NewJob, Task, TaskType};
 use crate::tasks::retry_transient;
 use crate::Queue;
 
@@ -101,7 +101,11 @@ impl Queue {
             })?;
         }
 
-        let places = self.place_in_line(&jobs).await?;
+        let lines: Vec<_> = jobs
+            .iter()
+            .map(|j| (j.tenant.as_str(), j.job_type.plan()[0].task_type, j.priority))
+            .collect();
+        let places = self.place_in_line(&lines).await?;
         let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
         let mut task_job = Vec::new();
         let mut task_type = Vec::new();
@@ -262,18 +266,15 @@ impl Queue {
     }
 
     /// Each job's place in line among its tenant's and the other tenants'
-    /// (see `place_in_line` in the migrations), taken in its own short
-    /// statement so the tenants' clocks are not held through the enqueue.
-    async fn place_in_line(&self, jobs: &[NewJob]) -> Result<Vec<DateTime<Utc>>> {
-        let first_types: Vec<&str> = jobs
-            .iter()
-            .map(|j| j.job_type.plan()[0].task_type.as_str())
-            .collect();
+    /// (see `place_in_line` in the migrations), per job its tenant, first
+    /// task type and priority; taken in its own short statement so the
+    /// tenants' clocks are not held through the enqueue or retry.
+    async fn place_in_line(&self, lines: &[(&str, TaskType, i32)]) -> Result<Vec<DateTime<Utc>>> {
         let places: Vec<DateTime<Utc>> = retry_transient(|| {
             sqlx::query_scalar("SELECT place FROM place_in_line($1, $2, $3, $4) ORDER BY job_ord")
-                .bind(jobs.iter().map(|j| j.tenant.as_str()).collect::<Vec<_>>())
-                .bind(&first_types)
-                .bind(jobs.iter().map(|j| j.priority).collect::<Vec<_>>())
+                .bind(lines.iter().map(|l| l.0).collect::<Vec<_>>())
+                .bind(lines.iter().map(|l| l.1.as_str()).collect::<Vec<_>>())
+                .bind(lines.iter().map(|l| l.2).collect::<Vec<_>>())
                 .bind(self.config.fair_share_interval.as_secs_f64())
                 .fetch_all(&self.pool)
         })
@@ -504,8 +505,29 @@ impl Queue {
 
     /// Put a failed job's failed tasks (and the tasks they blocked) back to
     /// pending with fresh attempts. Their claim counters go on, so no lease
-    /// of an earlier round becomes valid again.
+    /// of an earlier round becomes valid again. They queue behind their
+    /// tenant's waiting jobs as a new job would: kept at the places they
+    /// were first given, retries would go ahead of every tenant's line.
     pub async fn retry_job(&self, tenant: &str, id: Uuid) -> Result<Job> {
+        // The first task to run again names the line. A retry refused below
+        // (the job changed meanwhile) leaves a harmless gap in it.
+        let first: Option<(String, i32)> = sqlx::query_as(
+            "SELECT t.task_type, t.priority FROM jobs j JOIN job_tasks t ON t.job_id = j.id
+             WHERE j.id = $1 AND j.tenant = $2 AND j.status = 'failed'
+               AND t.status IN ('failed', 'cancelled')
+             ORDER BY t.id LIMIT 1",
+        )
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        let place = match first {
+            Some((task_type, priority)) => self
+                .place_in_line(&[(tenant, task_type.parse()?, priority)])
+                .await?
+                .pop(),
+            None => None,
+        };
         let mut tx = self.pool.begin().await?;
         let job: Job = sqlx::query_as("SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR NO KEY UPDATE")
             .bind(id)
@@ -523,6 +545,7 @@ impl Queue {
         sqlx::query(
             "UPDATE job_tasks d
              SET status = 'pending', attempts = 0, run_at = now(), finished_at = NULL,
+                 fair_at = coalesce($2, d.fair_at),
                  claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL, updated_at = now(),
                  waiting_on = (SELECT count(*) FROM job_tasks p
                                WHERE p.job_id = d.job_id AND p.task_type = ANY (d.dependencies)
@@ -530,6 +553,7 @@ impl Queue {
              WHERE d.job_id = $1 AND d.status IN ('failed', 'cancelled')",
         )
         .bind(id)
+        .bind(place)
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL WHERE id = $1")

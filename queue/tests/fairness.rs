@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use queue::{JobType, NewJob, Queue, TaskType};
+use queue::{Failure, JobType, NewJob, Queue, TaskType};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -72,4 +72,36 @@ async fn priority_still_comes_before_fairness(pool: PgPool) {
     urgent[0].priority = 10;
     q.enqueue_batch(urgent).await.unwrap();
     assert_eq!(next_claims(&q, &pool, 1).await, ["small"]);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn retried_jobs_take_their_place_in_line_instead_of_jumping_it(pool: PgPool) {
+    let q = queue(pool.clone());
+    let failed: Vec<_> = q
+        .enqueue_batch(jobs_of("big", 5))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.job.id)
+        .collect();
+    for _ in 0..5 {
+        let task = claim_one(&q, "w", TaskType::TextGeneration).await;
+        q.fail("w", task.lease(), &Failure::permanent("bad prompt"))
+            .await
+            .unwrap();
+    }
+    q.enqueue_batch(jobs_of("small", 5)).await.unwrap();
+
+    // Retried after the small tenant's jobs were queued: the retries go
+    // through the big tenant's line, as new jobs would (its clock still
+    // counts the burst it just sent), not ahead of everyone at the places
+    // the jobs were first given.
+    for id in failed {
+        q.retry_job("big", id).await.unwrap();
+    }
+    let order = next_claims(&q, &pool, 4).await;
+    assert!(
+        order.iter().filter(|t| *t == "small").count() >= 2,
+        "the small tenant's jobs are interleaved with the retries, not behind all five: {order:?}"
+    );
 }
