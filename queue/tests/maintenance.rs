@@ -25,11 +25,15 @@ async fn a_task_whose_worker_stopped_heartbeating_returns_to_pending(pool: PgPoo
     let swept = &outcome.tasks[0];
     assert_eq!((swept.task_id, swept.status), (dead.id, TaskStatus::Pending));
     assert!(swept.reason.contains("stopped heartbeating"), "{}", swept.reason);
+    // The reason is shown to the job's client; the worker is for operators.
+    assert_eq!(swept.worker_id.as_deref(), Some("dead"));
+    assert!(!swept.reason.contains("dead"), "{}", swept.reason);
 
     let task = &q.tasks_of(job.id).await.unwrap()[0];
     assert_eq!(task.status, TaskStatus::Pending);
     assert!(task.run_at > chrono::Utc::now(), "returned with a backoff");
     assert_eq!(task.claimed_by, None);
+    assert_eq!(task.last_error.as_deref(), Some(swept.reason.as_str()));
     assert_eq!(
         q.tasks_of(fresh_job.id).await.unwrap()[0].status,
         TaskStatus::Claimed,

@@ -367,3 +367,44 @@ async fn a_job_left_unfinished_after_its_tasks_is_repaired_once(pool: PgPool) {
     assert!(after.finished_at.is_some() && after.error.as_deref().unwrap_or("").contains("no voice"));
     assert!(q.repair_stuck_jobs().await.unwrap().is_empty(), "repaired once");
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_completion_chosen_as_a_deadlock_victim_is_repeated_and_applies(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("x")).await.unwrap().job;
+    let task = claim_one(&q, "w", TaskType::TextGeneration).await;
+
+    // Another session (a script, a migration) takes the locks in the
+    // opposite order: the task first, then its job. Its deadlock check
+    // waits a minute, so the completion's (after 1 s) is the one to find
+    // the cycle and give up.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL deadlock_timeout = '60s'")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE job_tasks SET updated_at = now() WHERE id = $1")
+        .bind(task.id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let completion = tokio::spawn({
+        let q = q.clone();
+        let lease = task.lease();
+        async move { q.complete("w", lease, json!({ "text": "done" })).await }
+    });
+    until_done_or_blocked(&pool, &completion, 1).await;
+    assert!(!completion.is_finished(), "the completion waits for the task");
+    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(job.id)
+        .execute(&mut *other)
+        .await
+        .expect("the other session gets the job once the completion gave up");
+    other.commit().await.unwrap();
+
+    completion
+        .await
+        .unwrap()
+        .expect("the completion is repeated after the deadlock and applies");
+    assert_eq!(job_status(&q, job.id).await, JobStatus::Complete);
+}
