@@ -188,6 +188,13 @@ def check_pod(where, pod):
             f"{where}: runAsUser/runAsGroup {sc.get('runAsUser')}:{sc.get('runAsGroup')} differ from the "
             f"image's USER {image_uid}:{image_gid}"
         )
+    # Only the controller talks to the Kubernetes API; any other pod with a
+    # mounted token hands it to whatever runs in it.
+    if not pod.get("serviceAccountName") and pod.get("automountServiceAccountToken") is not False:
+        problems.append(
+            f"{where}: automountServiceAccountToken must be false (a pod with no service account of its own "
+            "does not use the API)"
+        )
     pod_seccomp = (sc.get("seccompProfile") or {}).get("type")
     mounts_of_tmp_volumes = {
         v["name"] for v in pod.get("volumes") or [] if "emptyDir" in v
@@ -236,6 +243,19 @@ for path in manifest_files:
                 f"{path.relative_to(ROOT)}: {name_of(doc)}: spec.replicas must be left out: a WorkerPool "
                 "scales it, and every `kubectl apply` would set it back"
             )
+
+# The namespace enforces what check_pod checks, so a pod spec that slips
+# past it is refused at admission rather than run.
+namespaces = [d for p in manifest_files for d in documents(p) if d.get("kind") == "Namespace"]
+if not namespaces:
+    problems.append("manifests/: no Namespace: Pod Security `restricted` must be enforced on backlog's namespace")
+for ns in namespaces:
+    labels = (ns.get("metadata") or {}).get("labels") or {}
+    if labels.get("pod-security.kubernetes.io/enforce") != "restricted":
+        problems.append(
+            f"{name_of(ns)}: label pod-security.kubernetes.io/enforce must be restricted, is "
+            f"{labels.get('pod-security.kubernetes.io/enforce')!r}"
+        )
 
 # --- the artifact store: one S3-compatible bucket all pods share -------------
 
