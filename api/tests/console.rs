@@ -13,7 +13,7 @@ use std::time::Duration;
 use api::depth_history::HistorySettings;
 use api::state::Settings;
 use common::{test_settings, TestServer};
-use queue::{ApiKeyRole, ArtifactKind, Failure, NewArtifact, PoolStatus, Task, TaskType};
+use queue::{ApiKeyRole, ArtifactKind, Failure, JobStatus, NewArtifact, PoolStatus, Task, TaskType};
 use reqwest::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, ETAG, IF_NONE_MATCH, LOCATION,
     X_CONTENT_TYPE_OPTIONS,
@@ -44,6 +44,8 @@ async fn the_console_is_served_without_a_key_under_a_strict_content_security_pol
         let headers = response.headers().clone();
         assert_eq!(headers[CONTENT_TYPE], content_type, "{path}");
         assert_eq!(headers[X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+        assert_eq!(headers["referrer-policy"], "no-referrer", "{path}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
         assert_eq!(headers[CACHE_CONTROL], "no-cache", "{path}");
         assert!(headers.get("set-cookie").is_none(), "{path} sets no cookie");
         let csp = headers[CONTENT_SECURITY_POLICY].to_str().unwrap();
@@ -556,6 +558,46 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         .screenshot(&shots.join("06-jobs-failed-last-15-min.png"))
         .await;
 
+    // The failed job's page: retried, then cancelled, with its buttons.
+    let failed_uuid: uuid::Uuid = failed_id.parse().unwrap();
+    let badge_is = "const b = document.querySelector('.page-head .badge'); \
+                    return location.hash === '#/jobs/' + arguments[0] && b && b.textContent === arguments[1]";
+    browser
+        .goto(&server.url(&format!("/ui/#/jobs/{failed_id}")))
+        .await;
+    browser
+        .wait_for("the failed job's page", badge_is, json!([failed_id, "failed"]))
+        .await;
+    browser.click("#retry-job").await;
+    browser
+        .wait_for("queued again", badge_is, json!([failed_id, "queued"]))
+        .await;
+    assert_eq!(
+        server.queue.job_by_id(failed_uuid).await.unwrap().status,
+        JobStatus::Queued
+    );
+    browser.click("#cancel-job").await;
+    browser
+        .wait_for("cancelled", badge_is, json!([failed_id, "cancelled"]))
+        .await;
+    assert_eq!(
+        server.queue.job_by_id(failed_uuid).await.unwrap().status,
+        JobStatus::Cancelled
+    );
+    assert_eq!(
+        browser
+            .eval(
+                "return [...document.querySelectorAll('.toast')].map(t => t.textContent)",
+                json!([])
+            )
+            .await,
+        json!(["Job cancelled"]),
+        "one toast, the latest, not one over another"
+    );
+    browser
+        .screenshot(&shots.join("07-job-retried-then-cancelled.png"))
+        .await;
+
     // The queue page: depth now, the sampled chart, the pools.
     browser.click("#nav-queue").await;
     browser
@@ -578,7 +620,7 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
             && pool_row.contains("text_generation"),
         "{pool_row}"
     );
-    browser.screenshot(&shots.join("07-queue.png")).await;
+    browser.screenshot(&shots.join("08-queue.png")).await;
 
     // Signing out forgets the key.
     browser.click("#sign-out").await;

@@ -101,6 +101,9 @@ function bytes(n) {
 }
 
 function toast(message) {
+  // One at a time: toasts share a corner, and a newer one would cover an
+  // older one's text.
+  for (const old of document.querySelectorAll(".toast")) old.remove();
   const el = h("div", { class: "toast", role: "status" }, message);
   document.body.append(el);
   setTimeout(() => el.remove(), 4000);
