@@ -425,3 +425,45 @@ async fn a_replica_started_while_the_database_is_down_waits_for_it_then_works(po
     }
     assert_eq!(worker.stop().await.completed, 1);
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_task_past_its_timeout_is_stopped_and_failed_for_a_retry(pool: PgPool) {
+    // A retry far enough off that this replica does not run it again here.
+    let q = Queue::new(pool.clone()).with_config(queue::QueueConfig {
+        retry_base: Duration::from_secs(600),
+        ..Default::default()
+    });
+    let job = q
+        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "x"})))
+        .await
+        .unwrap()
+        .job;
+    sqlx::query("UPDATE job_tasks SET timeout_seconds = 1 WHERE job_id = $1")
+        .bind(job.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let handler = SlowHandler {
+        sleep: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let worker = start(&q, config(1, Duration::from_secs(5)), handler.clone());
+    wait_until("the attempt failed", async || {
+        q.tasks_of(job.id).await.unwrap()[0].last_error.is_some()
+    })
+    .await;
+    let task = &q.tasks_of(job.id).await.unwrap()[0];
+    assert_eq!(task.last_error.as_deref(), Some("timed out after 1 s"));
+    assert_eq!(
+        (task.status, task.attempts),
+        (TaskStatus::Pending, 1),
+        "retried later"
+    );
+    assert_eq!(
+        handler.running.load(Ordering::SeqCst),
+        0,
+        "the handler was stopped, not left running beside its retry"
+    );
+    let summary = worker.stop().await;
+    assert_eq!((summary.failed, summary.completed), (1, 0));
+}

@@ -1,5 +1,6 @@
 //! The real worker binary as a process: killed with -9 mid-task, its task
-//! is swept and completed exactly once by another replica; SIGTERM exits 0.
+//! is swept and completed exactly once by another replica; SIGTERM exits 0;
+//! a second signal during the drain exits at once.
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,14 +16,14 @@ use tokio::process::{Child, Command};
 
 /// An OpenAI-compatible endpoint that takes a while to answer, so a worker
 /// can be killed while it waits.
-async fn slow_llm(calls: Arc<AtomicUsize>) -> String {
+async fn slow_llm(calls: Arc<AtomicUsize>, delay: Duration) -> String {
     let app = axum::Router::new().route(
         "/chat/completions",
         post(move || {
             let calls = calls.clone();
             async move {
                 calls.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(1500)).await;
+                tokio::time::sleep(delay).await;
                 Json(json!({
                     "id": "cmpl-1", "object": "chat.completion", "model": "test-model",
                     "choices": [{"index": 0, "finish_reason": "stop",
@@ -39,7 +40,14 @@ async fn slow_llm(calls: Arc<AtomicUsize>) -> String {
 }
 
 fn spawn_worker(id: &str, database_url: &str, llm_url: &str, store: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_text-worker"))
+    worker_command(id, database_url, llm_url, store)
+        .spawn()
+        .expect("start text-worker")
+}
+
+fn worker_command(id: &str, database_url: &str, llm_url: &str, store: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_text-worker"));
+    command
         .env("DATABASE_URL", database_url)
         .env("WORKER_ID", id)
         .env("WORKER_HEARTBEAT_SECONDS", "0.2")
@@ -51,9 +59,8 @@ fn spawn_worker(id: &str, database_url: &str, llm_url: &str, store: &std::path::
         .env("ARTIFACT_STORE", format!("file://{}", store.display()))
         .env("LOG_FORMAT", "text")
         .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start text-worker")
+        .kill_on_drop(true);
+    command
 }
 
 async fn task_state(pool: &PgPool) -> (String, Option<String>, i32) {
@@ -86,7 +93,7 @@ async fn a_worker_killed_mid_task_loses_it_to_the_sweeper_and_another_finishes_i
     let url = test_support::database_url(&pool);
     let store = tempfile::tempdir().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
-    let llm = slow_llm(calls.clone()).await;
+    let llm = slow_llm(calls.clone(), Duration::from_millis(1500)).await;
     let job = q
         .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "tides"})))
         .await
@@ -155,5 +162,55 @@ async fn a_worker_killed_mid_task_loses_it_to_the_sweeper_and_another_finishes_i
         registered,
         ["doomed"],
         "the rescuer deregistered; the killed one waits for the sweeper"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_second_signal_during_the_drain_exits_at_once_and_leaves_the_task_to_the_sweeper(pool: PgPool) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let q = Queue::new(pool.clone());
+    let url = test_support::database_url(&pool);
+    let store = tempfile::tempdir().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    // A provider slower than the test: the drain would wait for it.
+    let llm = slow_llm(calls.clone(), Duration::from_secs(60)).await;
+    q.enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "tides"})))
+        .await
+        .unwrap();
+    // Its log is read below, so the pipe never fills.
+    let mut worker = worker_command("impatient", &url, &llm, store.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the provider call", 1, async || calls.load(Ordering::SeqCst)).await;
+
+    let mut log = BufReader::new(worker.stderr.take().unwrap()).lines();
+    let pid = worker.id().unwrap() as libc::pid_t;
+    // SAFETY: kill(2) on our own child with a valid signal.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // The first signal is taken (a drain begins) before the second is sent:
+    // two pending signals of one kind would be delivered as one.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("signal received: draining") {
+                return;
+            }
+        }
+        panic!("the worker exited without draining");
+    })
+    .await
+    .expect("the drain's log line");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .expect("exits without waiting for the provider")
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "exit status {status}");
+    assert_eq!(
+        task_state(&pool).await,
+        ("processing".to_string(), Some("impatient".to_string()), 1),
+        "not released: the sweeper rescues it"
     );
 }
