@@ -51,8 +51,13 @@ async fn run(command: &mut tokio::process::Command, args: &[&str]) -> (i32, Stri
 async fn json_of(server: &TestServer, key: &str, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
-    let (code, stdout, stderr) = run(&mut backlog(server, key), &all).await;
-    assert_eq!(code, 0, "backlog {all:?}: {stderr}");
+    json_of_command(&mut backlog(server, key), &all).await
+}
+
+/// `<command> <args>`, which must succeed, its stdout parsed as JSON.
+async fn json_of_command(command: &mut tokio::process::Command, args: &[&str]) -> Value {
+    let (code, stdout, stderr) = run(command, args).await;
+    assert_eq!(code, 0, "backlog {args:?}: {stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
@@ -736,6 +741,19 @@ async fn login_keeps_an_accepted_key_and_logout_forgets_it(pool: sqlx::PgPool) {
     assert_eq!(mode & 0o777, 0o600, "the config file is its owner's only");
     let (code, _, stderr) = run(&mut from_config_only(), &["jobs", "list"]).await;
     assert_eq!(code, 0, "the stored URL and key serve later commands: {stderr}");
+    // `config` says where the key comes from, never what it is.
+    for args in [&["config"][..], &["config", "-o", "json"]] {
+        let (code, stdout, stderr) = run(&mut from_config_only(), args).await;
+        assert_eq!(code, 0, "{stderr}");
+        assert!(
+            !stdout.contains(&key) && !stderr.contains(&key),
+            "backlog {args:?} printed the key: {stdout}"
+        );
+        assert!(stdout.contains(&config.display().to_string()), "{stdout}");
+    }
+    let shown = json_of_command(&mut from_config_only(), &["config", "-o", "json"]).await;
+    assert_eq!(shown["key"], "(set)");
+    assert_eq!(shown["url"], server.base.as_str());
 
     let (code, stdout, stderr) = run(&mut from_config_only(), &["logout"]).await;
     assert_eq!(code, 0, "{stderr}");
