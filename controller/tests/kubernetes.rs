@@ -1254,18 +1254,7 @@ async fn controller_run_backend_kubernetes_uses_the_kubeconfig_and_stops_on_sigt
     let q = Queue::new(pool.clone());
     let api = text_pool_on_a_deployment(0).await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster: {{server: \"{}\"}}\n\
-             users:\n- name: controller\n  user: {{token: {}}}\ncontexts:\n- name: emulator\n  context: {{cluster: emulator, user: controller, namespace: default}}\n\
-             current-context: emulator\n",
-            api.url(),
-            controller_token(&api),
-        ),
-    )
-    .unwrap();
+    let kubeconfig = kubeconfig(&api, dir.path(), Some(controller_token(&api)));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_controller"))
         .args([
             "run",
@@ -1503,4 +1492,86 @@ async fn a_deployment_mid_rollout_is_not_scaled_down(pool: PgPool) {
     })
     .await;
     controller.stop().await;
+}
+
+/// A kubeconfig for the emulator: the controller's service account, or the
+/// administrator with no token.
+fn kubeconfig(api: &KubeApi, dir: &std::path::Path, token: Option<String>) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    let user = token.map_or_else(|| "{}".to_string(), |t| format!("{{token: {t}}}"));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster: {{server: \"{}\"}}\n\
+             users:\n- name: controller\n  user: {user}\ncontexts:\n- name: emulator\n  context: {{cluster: emulator, user: controller, namespace: {NS}}}\n\
+             current-context: emulator\n",
+            api.url(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `controller plan --backend kubernetes ARGS`, which must succeed: its output.
+async fn controller_plan(pool: &PgPool, kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_controller"))
+        .args(["plan", "--backend", "kubernetes"])
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("DATABASE_URL", test_support::database_url(pool))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("CONTROLLER_NAMESPACE")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_plan_command_reads_the_clusters_pools_and_changes_nothing(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let api = text_pool_on_a_deployment(0).await;
+    // A pool of another namespace: planned only with --all-namespaces.
+    api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "elsewhere"}}));
+    let mut audio_target = deployment("audio", 0);
+    audio_target["metadata"]["namespace"] = json!("elsewhere");
+    api.create(audio_target);
+    let mut audio = worker_pool("audio", "audio_generation", "audio", json!({}));
+    audio["metadata"]["namespace"] = json!("elsewhere");
+    api.create(audio);
+    enqueue_jobs(&q, JobType::Text, 2).await;
+    enqueue_jobs(&q, JobType::Audiobook, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    let as_controller = kubeconfig(&api, dir.path(), Some(controller_token(&api)));
+    let stdout = controller_plan(&pool, &as_controller, &[]).await;
+    assert!(stdout.contains("text: 0 → 2 replicas"), "{stdout}");
+    assert!(stdout.contains("2 pending"), "{stdout}");
+    assert!(!stdout.contains("audio"), "another namespace's pool: {stdout}");
+
+    let admin_dir = tempfile::tempdir().unwrap();
+    let as_admin = kubeconfig(&api, admin_dir.path(), None);
+    let stdout = controller_plan(&pool, &as_admin, &["--all-namespaces"]).await;
+    assert!(stdout.contains("text: 0 → 2 replicas"), "{stdout}");
+    assert!(stdout.contains("audio: 0 → 1 replicas"), "{stdout}");
+
+    assert_eq!(replicas(&api, "worker"), 0, "plan scaled a deployment");
+    assert_eq!(
+        pool_status(&api, "text"),
+        Value::Null,
+        "plan wrote the pool's status"
+    );
+    assert!(events(&api, "text", "ScaledUp").is_empty());
+    assert_eq!(lease_holder(&api), None, "plan took the leader's Lease");
+    let statuses: i64 = sqlx::query_scalar("SELECT count(*) FROM pool_status")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(statuses, 0, "plan wrote a pool status row");
 }

@@ -613,3 +613,17 @@ impl<B: Backend> Context<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_pool_waits_one_second_doubling_to_a_minute() {
+        let delays: Vec<i64> = [1, 2, 3, 6, 7, 8, 1000, u32::MAX]
+            .into_iter()
+            .map(|failures| retry_delay(failures).num_seconds())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 32, 60, 60, 60, 60]);
+    }
+}
