@@ -606,6 +606,59 @@ async fn a_missing_target_fails_only_its_pool_and_recovers_once_created(pool: Pg
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_target_the_role_does_not_cover_is_reported_unauthorized_on_its_pool(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = text_pool_on_a_deployment(0).await;
+    // A cluster whose Role was trimmed to Deployments: StatefulSets' scale
+    // is refused (403), as the API server refuses it.
+    controller_token(&api);
+    let mut role = api
+        .get("rbac.authorization.k8s.io", "roles", NS, "backlog-controller")
+        .expect("the shipped Role");
+    for rule in role["rules"].as_array_mut().unwrap() {
+        if let Some(resources) = rule["resources"].as_array_mut() {
+            resources.retain(|r| r != "statefulsets/scale");
+        }
+    }
+    role["metadata"] = json!({"name": "backlog-controller", "namespace": NS});
+    assert!(api.delete("rbac.authorization.k8s.io", "roles", NS, "backlog-controller"));
+    api.create(role);
+    api.create(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "tts", "namespace": NS},
+        "spec": {"replicas": 0, "serviceName": "tts", "selector": {"matchLabels": {"app": "tts"}},
+            "template": {"metadata": {"labels": {"app": "tts"}}, "spec": {"containers": [{"name": "w", "image": "x"}]}}},
+    }));
+    let mut audio = worker_pool("audio", "audio_generation", "tts", json!({}));
+    audio["spec"]["target"] = json!({"kubernetes": {"kind": "StatefulSet", "name": "tts"}});
+    api.create(audio);
+    let controller = start_controller(&api, &q, "a");
+    enqueue_jobs(&q, JobType::Audiobook, 1).await;
+    enqueue_jobs(&q, JobType::Text, 1).await;
+
+    let ready = eventually("Ready=False on the audio pool", || {
+        let ready = condition(&pool_status(&api, "audio"), "Ready");
+        (ready["status"] == "False").then_some(ready)
+    })
+    .await;
+    assert_eq!(ready["reason"], "Unauthorized", "{ready}");
+    assert!(
+        ready["message"].as_str().unwrap().contains("tts"),
+        "names the target: {ready}"
+    );
+    let warning = eventually("an Unauthorized event", || {
+        events(&api, "audio", "Unauthorized").pop()
+    })
+    .await;
+    assert_eq!(warning["type"], "Warning");
+    eventually("the text pool scaled regardless", || {
+        (replicas(&api, "worker") == 1).then_some(())
+    })
+    .await;
+    controller.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn an_invalid_spec_is_reported_on_the_pool(pool: PgPool) {
     let q = Queue::new(pool);
     let api = emulator().await;
