@@ -506,3 +506,12 @@ async fn without_sampling_the_queue_history_is_empty(pool: sqlx::PgPool) {
     );
     server.stop().await;
 }
+
+#[test]
+fn every_setting_of_api_serve_is_in_the_readme() {
+    let missing = test_support::undocumented_settings(env!("CARGO_BIN_EXE_api"), &["serve"]);
+    assert!(
+        missing.is_empty(),
+        "README, Configuration: no row for {missing:?}"
+    );
+}

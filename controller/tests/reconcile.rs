@@ -922,3 +922,12 @@ async fn the_metrics_follow_the_pools_and_a_standby_reports_none(pool: PgPool) {
         "{scraped}"
     );
 }
+
+#[test]
+fn every_setting_of_controller_run_is_in_the_readme() {
+    let missing = test_support::undocumented_settings(env!("CARGO_BIN_EXE_controller"), &["run"]);
+    assert!(
+        missing.is_empty(),
+        "README, Configuration: no row for {missing:?}"
+    );
+}

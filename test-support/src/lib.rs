@@ -134,3 +134,38 @@ mod tests {
         );
     }
 }
+
+/// The environment variables `binary ARGS --help` names (clap's
+/// `[env: NAME=]`) that the README's Configuration section does not: each
+/// one a setting a user cannot find.
+pub fn undocumented_settings(binary: &str, args: &[&str]) -> Vec<String> {
+    let help = std::process::Command::new(binary)
+        .args(args)
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap_or_else(|e| panic!("{binary} --help: {e}"));
+    assert!(help.status.success(), "{binary} {args:?} --help failed");
+    let help = String::from_utf8(help.stdout).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let configuration = readme
+        .split("\n## Configuration\n")
+        .nth(1)
+        .expect("the README's Configuration section")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let mut named: Vec<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(str::to_string)
+        .collect();
+    named.sort();
+    named.dedup();
+    assert!(!named.is_empty(), "{binary} {args:?} --help names no variable");
+    named
+        .into_iter()
+        .filter(|name| !configuration.contains(&format!("`{name}`")))
+        .collect()
+}
