@@ -772,3 +772,33 @@ async fn login_keeps_an_accepted_key_and_logout_forgets_it(pool: sqlx::PgPool) {
     assert_eq!(code, 0, "{stderr}");
     server.stop().await;
 }
+
+/// The server ends an event stream at its time limit; `--wait` reads the
+/// job again and opens another, until the job finishes.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn wait_outlasts_the_servers_stream_limit(pool: sqlx::PgPool) {
+    let settings = api::state::Settings {
+        streams: api::streams::StreamLimits {
+            max_duration: Duration::from_secs(1),
+            ..api::streams::StreamLimits::default()
+        },
+        ..common::test_settings()
+    };
+    let server = TestServer::start_with(pool, settings).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let mut waiting = backlog(&server, &key);
+    waiting.args(["submit", "text", "--prompt", "slow tides", "--wait"]);
+    let waiting = tokio::spawn(async move { run(&mut waiting, &[]).await });
+    // Two of the server's stream lifetimes pass with the job queued.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!waiting.is_finished(), "--wait gave up when a stream ended");
+    do_task(
+        &server,
+        TaskType::TextGeneration,
+        Some((ArtifactKind::Text, b"tides")),
+    )
+    .await;
+    let (code, _, stderr) = waiting.await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("complete (1/1 tasks)"), "{stderr}");
+}
