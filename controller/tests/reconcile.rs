@@ -33,6 +33,8 @@ struct MemoryBackend {
     /// Told each time a stalled `observe` starts waiting.
     stall_entered: Arc<tokio::sync::Notify>,
     unstalled: Arc<tokio::sync::Notify>,
+    /// The pools whose stalled `observe` is waiting right now.
+    waiting: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl MemoryBackend {
@@ -58,10 +60,18 @@ impl MemoryBackend {
     }
 
     async fn hang_while_stalled(&self, pool: &str) {
+        let mut counted = false;
         loop {
             let unstalled = self.unstalled.notified();
             if !self.stalled.lock().unwrap().contains(pool) {
+                if counted {
+                    self.waiting.lock().unwrap().remove(pool);
+                }
                 return;
+            }
+            if !counted {
+                self.waiting.lock().unwrap().insert(pool.to_string());
+                counted = true;
             }
             self.stall_entered.notify_one();
             unstalled.await;
@@ -701,6 +711,59 @@ async fn a_pool_at_zero_is_woken_while_another_pools_backend_hangs(pool: PgPool)
     backend.unstall("pdf");
     stop.cancel();
     controller.await.unwrap().unwrap();
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn no_more_passes_run_at_once_than_the_bound(pool: PgPool) {
+    assert_eq!(PassSettings::default().max_concurrent, 16, "the README's bound");
+    let q = Queue::new(pool);
+    let backend = MemoryBackend::default();
+    for name in ["text", "pdf", "audio"] {
+        backend.stall(name);
+    }
+    let audio_pool = TEXT_POOL
+        .replace("{name: text}", "{name: audio}")
+        .replace("text_generation", "audio_generation");
+    let three = pools(&format!("{TEXT_POOL}---{}---{audio_pool}", pdf_pool()));
+    let mut reconciler = Reconciler::with_settings(
+        Context {
+            queue: q.clone(),
+            backend: backend.clone(),
+            metrics: Arc::new(Metrics::default()),
+        },
+        PassSettings {
+            max_concurrent: 2,
+            ..PassSettings::default()
+        },
+    );
+    let round = tokio::spawn(async move { reconciler.reconcile(&three, chrono::Utc::now()).await });
+    until_stalled(&backend).await;
+    until_stalled(&backend).await;
+    // Time for a third pass to start, if anything let it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = backend.waiting.lock().unwrap().clone();
+    assert_eq!(waiting.len(), 2, "passes at once: {waiting:?}");
+
+    // One finishes: the third starts in its place.
+    backend.unstall(waiting.first().unwrap());
+    let mut now_waiting = BTreeSet::new();
+    for _ in 0..300 {
+        now_waiting = backend.waiting.lock().unwrap().clone();
+        if now_waiting.len() == 2 && !now_waiting.is_subset(&waiting) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(now_waiting.len(), 2, "{now_waiting:?}");
+    assert!(
+        !now_waiting.is_subset(&waiting),
+        "the third pool's pass started: {now_waiting:?}"
+    );
+    for name in ["text", "pdf", "audio"] {
+        backend.unstall(name);
+    }
+    let reports = round.await.unwrap();
+    assert_eq!(reports.len(), 3, "{reports:?}");
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
