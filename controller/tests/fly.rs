@@ -1375,3 +1375,27 @@ async fn the_readme_sequence_on_a_fresh_app_deploys_scales_to_zero_and_back(pool
         assert_eq!(config["metadata"]["fly_release_version"], "1");
     }
 }
+
+#[tokio::test]
+async fn requests_to_one_app_are_bounded_by_the_client_concurrency() {
+    let emu = emulator().await;
+    emu.set_faults(Faults {
+        slow: Some(Duration::from_millis(200)),
+        ..Faults::default()
+    });
+    let client = FlyClient::new(&emu.base_url(), Token::new(TOKEN), RetryPolicy::default(), 2).unwrap();
+    let reads: Vec<_> = (0..6)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get(APP, &format!("m{i}")).await })
+        })
+        .collect();
+    for read in reads {
+        assert!(
+            matches!(read.await.unwrap(), Err(FlyError::Api { status: 404, .. })),
+            "no such machine"
+        );
+    }
+    assert_eq!(emu.requests().len(), 6);
+    assert_eq!(emu.most_in_flight(APP), 2, "FLY_API_CONCURRENCY=2");
+}

@@ -182,6 +182,8 @@ struct State {
     /// The next this many boots (a create's launch or a start) end in
     /// `failed` instead of `started`.
     failing_boots: usize,
+    /// Per app: requests being answered now, and the most at once so far.
+    in_flight: HashMap<String, (usize, usize)>,
 }
 
 struct Shared {
@@ -363,6 +365,11 @@ impl FlyEmulator {
     pub fn clear_requests(&self) {
         self.state().log.clear();
     }
+
+    /// The most requests for `app` the emulator was answering at once.
+    pub fn most_in_flight(&self, app: &str) -> usize {
+        self.state().in_flight.get(app).map_or(0, |&(_, most)| most)
+    }
 }
 
 /// Machine versions look like ULIDs (26 characters).
@@ -409,6 +416,27 @@ fn route(method: &Method, path: &str) -> Option<Route> {
     })
 }
 
+/// A request of `app` being answered, for [`FlyEmulator::most_in_flight`].
+struct Answering {
+    shared: Arc<Shared>,
+    app: String,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if let Some((now, _)) = self
+            .shared
+            .state
+            .lock()
+            .expect("state")
+            .in_flight
+            .get_mut(&self.app)
+        {
+            *now -= 1;
+        }
+    }
+}
+
 async fn handle(
     AxumState(shared): AxumState<Arc<Shared>>,
     method: Method,
@@ -429,7 +457,19 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let route = route(&method, uri.path());
-    let slow = shared.state.lock().expect("state").faults.slow;
+    let app = route.as_ref().map(|r| r.app.clone()).unwrap_or_default();
+    let slow = {
+        let mut state = shared.state.lock().expect("state");
+        let (now, most) = state.in_flight.entry(app.clone()).or_default();
+        *now += 1;
+        *most = (*most).max(*now);
+        state.faults.slow
+    };
+    // Counted down however the request ends, a client that hangs up included.
+    let _answering = Answering {
+        shared: shared.clone(),
+        app,
+    };
     if let Some(delay) = slow {
         tokio::time::sleep(delay).await;
     }
