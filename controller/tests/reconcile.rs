@@ -389,11 +389,22 @@ async fn worker_state(q: &Queue, id: &str) -> Option<WorkerState> {
 }
 
 fn memory_reconciler(q: &Queue, backend: &MemoryBackend) -> Reconciler<MemoryBackend> {
-    Reconciler::new(Context {
-        queue: q.clone(),
-        backend: backend.clone(),
-        metrics: Arc::new(Metrics::default()),
-    })
+    memory_reconciler_with(q, backend, PassSettings::default())
+}
+
+fn memory_reconciler_with(
+    q: &Queue,
+    backend: &MemoryBackend,
+    settings: PassSettings,
+) -> Reconciler<MemoryBackend> {
+    Reconciler::with_settings(
+        Context {
+            queue: q.clone(),
+            backend: backend.clone(),
+            metrics: Arc::new(Metrics::default()),
+        },
+        settings,
+    )
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -725,12 +736,9 @@ async fn no_more_passes_run_at_once_than_the_bound(pool: PgPool) {
         .replace("{name: text}", "{name: audio}")
         .replace("text_generation", "audio_generation");
     let three = pools(&format!("{TEXT_POOL}---{}---{audio_pool}", pdf_pool()));
-    let mut reconciler = Reconciler::with_settings(
-        Context {
-            queue: q.clone(),
-            backend: backend.clone(),
-            metrics: Arc::new(Metrics::default()),
-        },
+    let mut reconciler = memory_reconciler_with(
+        &q,
+        &backend,
         PassSettings {
             max_concurrent: 2,
             ..PassSettings::default()
@@ -771,12 +779,9 @@ async fn a_pass_past_its_deadline_fails_its_pool_and_the_others_go_on(pool: PgPo
     let q = Queue::new(pool);
     let backend = MemoryBackend::default();
     backend.stall("pdf");
-    let mut reconciler = Reconciler::with_settings(
-        Context {
-            queue: q.clone(),
-            backend: backend.clone(),
-            metrics: Arc::new(Metrics::default()),
-        },
+    let mut reconciler = memory_reconciler_with(
+        &q,
+        &backend,
         PassSettings {
             deadline: Duration::from_millis(300),
             ..PassSettings::default()

@@ -150,6 +150,17 @@ fn job(id: &str) -> Uuid {
     id.parse().unwrap()
 }
 
+/// The live worker of the first release finishes the task it held.
+async fn complete_held_task(q: &queue::Queue, pool: &PgPool) -> queue::Result<()> {
+    let held = task_of(pool, HELD, TaskType::TextGeneration).await;
+    let lease = Lease {
+        task_id: held,
+        claim: 1,
+    };
+    q.complete("w-live", lease, json!({ "text": "late but fine" }))
+        .await
+}
+
 async fn task_of(pool: &PgPool, job_id: &str, task_type: TaskType) -> i64 {
     sqlx::query_scalar("SELECT id FROM job_tasks WHERE job_id = $1 AND task_type = $2")
         .bind(job(job_id))
@@ -235,17 +246,9 @@ async fn leases_of_the_first_release_hold_or_die_as_they_did(pool: PgPool) {
     let q = queue(pool.clone());
 
     // A live lease (attempt 1 then) is claim 1 now: its worker finishes.
-    let held = task_of(&pool, HELD, TaskType::TextGeneration).await;
-    q.complete(
-        "w-live",
-        Lease {
-            task_id: held,
-            claim: 1,
-        },
-        json!({ "text": "late but fine" }),
-    )
-    .await
-    .expect("a lease held across the upgrade completes");
+    complete_held_task(&q, &pool)
+        .await
+        .expect("a lease held across the upgrade completes");
     assert_eq!(q.job_by_id(job(HELD)).await.unwrap().status, JobStatus::Complete);
 
     // The dead worker's task is swept back; its old lease stays dead.
@@ -355,17 +358,7 @@ async fn after_an_upgrade_every_open_job_runs_to_the_end(pool: PgPool) {
 
     q.sweep(Duration::from_secs(30)).await.unwrap();
     make_retries_due(&pool).await;
-    let held = task_of(&pool, HELD, TaskType::TextGeneration).await;
-    q.complete(
-        "w-live",
-        Lease {
-            task_id: held,
-            claim: 1,
-        },
-        json!({ "text": "done" }),
-    )
-    .await
-    .unwrap();
+    complete_held_task(&q, &pool).await.unwrap();
     loop {
         let batch = q.claim("w-new", TaskType::ALL, 10).await.unwrap();
         if batch.is_empty() {

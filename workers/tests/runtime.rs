@@ -80,6 +80,22 @@ async fn enqueue_text_jobs(q: &Queue, n: usize) {
     q.enqueue_batch(jobs).await.unwrap();
 }
 
+/// A queue whose retries back off from `base` up to `cap`.
+fn queue_retrying_after(pool: &PgPool, base: Duration, cap: Duration) -> Queue {
+    Queue::new(pool.clone()).with_config(queue::QueueConfig {
+        retry_base: base,
+        retry_cap: cap,
+        ..Default::default()
+    })
+}
+
+async fn enqueue_text_job(q: &Queue) -> queue::Job {
+    q.enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "x"})))
+        .await
+        .unwrap()
+        .job
+}
+
 async fn statuses(pool: &PgPool) -> Vec<(String, i64)> {
     sqlx::query_as("SELECT status, count(*) FROM job_tasks GROUP BY status ORDER BY status")
         .fetch_all(pool)
@@ -341,16 +357,8 @@ impl TaskHandler for FailOnce {
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_retryable_failure_is_stored_and_the_task_retried(pool: PgPool) {
-    let q = Queue::new(pool.clone()).with_config(queue::QueueConfig {
-        retry_base: Duration::from_millis(100),
-        retry_cap: Duration::from_millis(200),
-        ..Default::default()
-    });
-    let job = q
-        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "x"})))
-        .await
-        .unwrap()
-        .job;
+    let q = queue_retrying_after(&pool, Duration::from_millis(100), Duration::from_millis(200));
+    let job = enqueue_text_job(&q).await;
     let worker = start(&q, config(1, Duration::from_secs(5)), FailOnce(Arc::default()));
     wait_until("the job completed", async || {
         q.job("acme", job.id).await.unwrap().status == JobStatus::Complete
@@ -429,15 +437,8 @@ async fn a_replica_started_while_the_database_is_down_waits_for_it_then_works(po
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_task_past_its_timeout_is_stopped_and_failed_for_a_retry(pool: PgPool) {
     // A retry far enough off that this replica does not run it again here.
-    let q = Queue::new(pool.clone()).with_config(queue::QueueConfig {
-        retry_base: Duration::from_secs(600),
-        ..Default::default()
-    });
-    let job = q
-        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "x"})))
-        .await
-        .unwrap()
-        .job;
+    let q = queue_retrying_after(&pool, Duration::from_secs(600), Duration::from_secs(600));
+    let job = enqueue_text_job(&q).await;
     sqlx::query("UPDATE job_tasks SET timeout_seconds = 1 WHERE job_id = $1")
         .bind(job.id)
         .execute(&pool)
