@@ -214,3 +214,30 @@ async fn artifacts_of_unfinished_tasks_are_not_served(pool: sqlx::PgPool) {
     assert_eq!(server.queue.artifacts_of(task.job_id).await.unwrap().len(), 1);
     server.stop().await;
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_jobs_artifacts_are_listed_for_its_tenant_only(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let (job_id, artifact) = job_with_audio(&server, &key, b"ID3 audio").await;
+
+    let (status, listed) = server
+        .get_json(&key, &format!("/v1/jobs/{job_id}/artifacts"))
+        .await;
+    assert_eq!(status, 200);
+    let (_, detail) = server.get_json(&key, &format!("/v1/jobs/{job_id}")).await;
+    assert_eq!(
+        listed,
+        json!({"artifacts": detail["artifacts"]}),
+        "as the job's view lists them"
+    );
+    assert_eq!(listed["artifacts"][0]["id"], artifact.id.to_string());
+
+    let other = server.key("globex", ApiKeyRole::Client).await;
+    let theirs = server
+        .get_json(&other, &format!("/v1/jobs/{job_id}/artifacts"))
+        .await;
+    assert_error(&theirs, 404, "not_found", None);
+    let not_an_id = server.get_json(&key, "/v1/jobs/nope/artifacts").await;
+    assert_error(&not_an_id, 400, "invalid_request", Some("id"));
+}

@@ -20,6 +20,7 @@ const ROUTES: &[&str] = &[
     "GET /readyz",
     "GET /v1/jobs",
     "GET /v1/jobs/{id}",
+    "GET /v1/jobs/{id}/artifacts",
     "GET /v1/jobs/{id}/artifacts/{artifact_id}",
     "GET /v1/jobs/{id}/events",
     "GET /v1/pools",

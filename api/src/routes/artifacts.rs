@@ -1,3 +1,4 @@
+//! `GET /v1/jobs/{id}/artifacts`: what a job's completed tasks produced;
 //! `GET /v1/jobs/{id}/artifacts/{artifact_id}`: an artifact's bytes, whole
 //! or by range.
 
@@ -5,13 +6,49 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use axum::Json;
+use serde::Serialize;
 use store::StoreError;
+use utoipa::ToSchema;
 
 use crate::auth::Principal;
 use crate::byte_range::{self, RangeRequest};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::parse_uuid;
+use crate::routes::jobs::ArtifactView;
 use crate::state::AppState;
+
+/// A job's artifacts.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ArtifactList {
+    /// What the job's completed tasks produced, as in the job's own view.
+    pub artifacts: Vec<ArtifactView>,
+}
+
+/// The job's artifacts (the same list `GET /v1/jobs/{id}` includes), each
+/// with its `download_path`.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/artifacts", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job's artifacts", body = ArtifactList),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "No such job for this tenant", body = ErrorBody),
+    )
+)]
+pub async fn list_artifacts(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(job_id): Path<String>,
+) -> ApiResult<Json<ArtifactList>> {
+    let job_id = parse_uuid("id", &job_id)?;
+    // The job is read first: another tenant's job is a 404, not an empty list.
+    state.queue.job(&principal.tenant, job_id).await?;
+    let artifacts = state.queue.artifacts_of(job_id).await?;
+    Ok(Json(ArtifactList {
+        artifacts: artifacts.into_iter().map(Into::into).collect(),
+    }))
+}
 
 /// The artifact's bytes with its content type and length. `Range:
 /// bytes=…` (one range) answers 206 with `Content-Range`; `If-Range` with

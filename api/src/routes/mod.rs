@@ -21,6 +21,7 @@ pub fn authenticated() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::cancel_job))
         .routes(routes!(jobs::retry_job))
         .routes(routes!(events::job_events))
+        .routes(routes!(artifacts::list_artifacts))
         .routes(routes!(artifacts::download_artifact))
         .routes(routes!(operations::queue_depth))
         .routes(routes!(operations::queue_history))
