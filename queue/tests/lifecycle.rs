@@ -571,3 +571,23 @@ async fn calls_safe_to_repeat_survive_a_connection_the_server_killed(pool: PgPoo
         JobStatus::Complete
     );
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_default_backoff_starts_at_two_seconds_and_stops_growing_at_ten_minutes(pool: PgPool) {
+    let defaults = queue::QueueConfig::default();
+    for (attempt, full) in [(1, 2.0), (2, 4.0), (9, 512.0), (10, 600.0), (30, 600.0)] {
+        let delay: f64 = sqlx::query_scalar("SELECT extract(epoch FROM retry_backoff($1, $2, $3))::float8")
+            .bind(attempt)
+            .bind(defaults.retry_base.as_secs_f64())
+            .bind(defaults.retry_cap.as_secs_f64())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        // Equal jitter: half fixed, half random.
+        assert!(
+            (full / 2.0..=full).contains(&delay),
+            "attempt {attempt}: {delay} s, expected {} to {full} s",
+            full / 2.0
+        );
+    }
+}
