@@ -301,6 +301,51 @@ for path in obs_files:
     check_objects(path.relative_to(ROOT), documents(path))
 obs_objects = sum(len(documents(p)) for p in obs_files)
 
+# Prometheus finds the PodMonitor and the PrometheusRule by their label,
+# and the PodMonitor finds the pods by theirs: a renamed label or port
+# would stop a scrape or an alert without an error anywhere.
+obs_docs = [d for p in obs_files for d in documents(p)]
+for doc in obs_docs:
+    if doc.get("kind") in ("PodMonitor", "PrometheusRule"):
+        labels = (doc.get("metadata") or {}).get("labels") or {}
+        if labels.get("app.kubernetes.io/name") != "backlog":
+            problems.append(
+                f"manifests/observability: {name_of(doc)}: label app.kubernetes.io/name must be backlog "
+                "(the operator's podMonitorSelector/ruleSelector, README)"
+            )
+for monitor in (d for d in obs_docs if d.get("kind") == "PodMonitor"):
+    spec = monitor.get("spec") or {}
+    selected = set()
+    for expression in (spec.get("selector") or {}).get("matchExpressions") or []:
+        if expression.get("key") == "app.kubernetes.io/name" and expression.get("operator") == "In":
+            selected |= set(expression.get("values") or [])
+    ports = {e.get("port") for e in spec.get("podMetricsEndpoints") or []}
+    for path in manifest_files:
+        for doc in documents(path):
+            if doc.get("kind") not in WORKLOADS:
+                continue
+            template = (doc.get("spec") or {}).get("template") or {}
+            app = ((template.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/name")
+            where = f"{path.relative_to(ROOT)}: {name_of(doc)}"
+            if app not in selected:
+                problems.append(f"{where}: its pods ({app!r}) are not selected by {name_of(monitor)}: never scraped")
+            served = {
+                port.get("name")
+                for container in (template.get("spec") or {}).get("containers") or []
+                for port in container.get("ports") or []
+            }
+            if not ports & served:
+                problems.append(f"{where}: no container port named {sorted(ports)} for {name_of(monitor)} to scrape")
+kustomization = next(iter(documents(OBS / "kustomization.yaml")), {})
+for generator in kustomization.get("configMapGenerator") or []:
+    if "backlog-dashboard.json" in generator.get("files") or []:
+        labels = (generator.get("options") or {}).get("labels") or {}
+        if labels.get("grafana_dashboard") != "1":
+            problems.append(
+                'manifests/observability/kustomization.yaml: the dashboard ConfigMap needs label grafana_dashboard: "1" '
+                "(Grafana's dashboard sidecar loads by it)"
+            )
+
 generated = subprocess.run(
     [sys.executable, str(ROOT / "scripts/observability-rules.py"), "--check"], capture_output=True, text=True
 )

@@ -53,9 +53,11 @@ struct SweepLabels {
     action: &'static str,
 }
 
+/// Not `job`: Prometheus gives every scraped series a `job` label of its
+/// own and would rename this one `exported_job`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RunLabels {
-    job: &'static str,
+    maintenance: &'static str,
     result: &'static str,
 }
 
@@ -233,11 +235,11 @@ impl Metrics {
             .inc_by(n);
     }
 
-    /// `job` is `sweep`, `repair`, `retention` or `artifact_cleanup`.
-    pub fn record_run(&self, job: &'static str, ok: bool) {
+    /// `maintenance` is `sweep`, `repair`, `retention` or `artifact_cleanup`.
+    pub fn record_run(&self, maintenance: &'static str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.maintenance_runs
-            .get_or_create(&RunLabels { job, result })
+            .get_or_create(&RunLabels { maintenance, result })
             .inc();
     }
 

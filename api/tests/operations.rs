@@ -382,7 +382,7 @@ async fn the_sweeper_rescues_stale_tasks_and_prunes_finished_jobs(pool: sqlx::Pg
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
     }
-    assert!(text.contains(r#"backlog_maintenance_runs_total{job="sweep",result="ok"}"#));
+    assert!(text.contains(r#"backlog_maintenance_runs_total{maintenance="sweep",result="ok"}"#));
     server.stop().await;
 }
 

@@ -1279,7 +1279,18 @@ async fn an_unreadable_queue_switches_to_the_fallback_with_an_event(pool: PgPool
     let now = chrono::Utc::now();
     reconciler.reconcile(&pools, now).await;
     pool.close().await;
-    for i in 1..=3 {
+    reconciler
+        .reconcile(&pools, now + chrono::Duration::seconds(1))
+        .await;
+    // Below the threshold the pool holds: not on its fallback yet, and the
+    // condition says the queue is unreadable rather than readable.
+    let holding = condition(&pool_status(&api, "text"), "Fallback");
+    assert_eq!(
+        (holding["status"].as_str(), holding["reason"].as_str()),
+        (Some("False"), Some("QueueUnreadable")),
+        "{holding}"
+    );
+    for i in 2..=3 {
         reconciler
             .reconcile(&pools, now + chrono::Duration::seconds(i))
             .await;

@@ -593,6 +593,20 @@ async fn every_metric_of_the_dashboard_and_the_rules_is_exported_by_the_binaries
         "the repair counter exists (at 0) before the first repair, so increase() sees the first"
     );
 
+    // Prometheus sets `job` and `instance` on every series it scrapes; a
+    // label of ours with either name would be renamed `exported_…`, and
+    // every query grouping by it would group by the scrape instead.
+    let reserved: Vec<String> = [&api_scrape, &worker_scrape, &controller_scrape]
+        .iter()
+        .flat_map(|s| s.samples.iter())
+        .filter(|s| s.labels.contains_key("job") || s.labels.contains_key("instance"))
+        .map(|s| format!("{} {:?}", s.name, s.labels))
+        .collect();
+    assert!(
+        reserved.is_empty(),
+        "series with a label Prometheus reserves: {reserved:#?}"
+    );
+
     let exported: BTreeSet<String> = [&api_scrape, &worker_scrape, &controller_scrape]
         .iter()
         .flat_map(|s| s.names.iter().cloned())

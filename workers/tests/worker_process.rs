@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::routing::post;
 use axum::Json;
 use queue::{JobStatus, JobType, NewJob, Queue, TaskStatus};
-use serde_json::json;
+use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
@@ -125,7 +125,21 @@ async fn a_worker_killed_mid_task_loses_it_to_the_sweeper_and_another_finishes_i
         .await
         .unwrap();
 
-    let mut rescuer = spawn_worker("rescuer", &url, &llm, store.path());
+    // Its log as JSON, as `make chaos` reads every worker's (scripts/chaos.py).
+    let mut rescuer = worker_command("rescuer", &url, &llm, store.path())
+        .env("LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = {
+        use tokio::io::AsyncReadExt;
+        let mut stderr = rescuer.stderr.take().unwrap();
+        tokio::spawn(async move {
+            let mut text = String::new();
+            stderr.read_to_string(&mut text).await.unwrap();
+            text
+        })
+    };
     eventually("the job to complete", JobStatus::Complete, async || {
         q.job("acme", job.id).await.unwrap().status
     })
@@ -157,6 +171,34 @@ async fn a_worker_killed_mid_task_loses_it_to_the_sweeper_and_another_finishes_i
         .unwrap()
         .unwrap();
     assert!(status.success(), "exit status {status}");
+    // The events scripts/chaos.py counts, by the messages and fields it reads.
+    let events: Vec<Value> = log
+        .await
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let message = |e: &Value| e["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        events.iter().any(|e| message(e) == "worker started"),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| message(e) == "task complete" && e["task_id"] == json!(task.id)),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| message(e).starts_with("signal received")),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| message(e).starts_with("shutting down") && e["in_flight"] == json!(0)),
+        "{events:#?}"
+    );
     let registered: Vec<String> = q.workers(None).await.unwrap().into_iter().map(|w| w.id).collect();
     assert_eq!(
         registered,

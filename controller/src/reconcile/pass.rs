@@ -517,6 +517,9 @@ pub(super) fn update_status(
     );
     let (fallback, fb_reason) = match decision.phase {
         Phase::Fallback { .. } => (true, "QueueUnreadable"),
+        // Held at its count: below the failure threshold, or with no
+        // fallback to run. The message says which.
+        Phase::Unobserved { .. } => (false, "QueueUnreadable"),
         _ => (false, "QueueReadable"),
     };
     status.set_condition(
