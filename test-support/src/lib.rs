@@ -120,21 +120,6 @@ pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
     path
 }
 
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    #[test]
-    fn replaces_the_database_and_keeps_the_query() {
-        assert_eq!(with_database("postgres://u@h:5/a", "b"), "postgres://u@h:5/b");
-        assert_eq!(with_database("postgres://u@h:5", "b"), "postgres://u@h:5/b");
-        assert_eq!(
-            with_database("postgres://u@h/a?host=/tmp&sslmode=disable", "b"),
-            "postgres://u@h/b?host=/tmp&sslmode=disable"
-        );
-    }
-}
-
 /// The environment variables `binary ARGS --help` names (clap's
 /// `[env: NAME=]`) that the README's Configuration section does not: each
 /// one a setting a user cannot find.
@@ -168,4 +153,19 @@ pub fn undocumented_settings(binary: &str, args: &[&str]) -> Vec<String> {
         .into_iter()
         .filter(|name| !configuration.contains(&format!("`{name}`")))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn replaces_the_database_and_keeps_the_query() {
+        assert_eq!(with_database("postgres://u@h:5/a", "b"), "postgres://u@h:5/b");
+        assert_eq!(with_database("postgres://u@h:5", "b"), "postgres://u@h:5/b");
+        assert_eq!(
+            with_database("postgres://u@h/a?host=/tmp&sslmode=disable", "b"),
+            "postgres://u@h/b?host=/tmp&sslmode=disable"
+        );
+    }
 }
