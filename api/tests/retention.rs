@@ -83,9 +83,11 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
     );
     let exposition = metrics.encode();
     assert!(
-        exposition.lines().any(|l| l.contains("maintenance=\"artifact_cleanup\"")
-            && l.contains("result=\"ok\"")
-            && l.ends_with(" 1")),
+        exposition
+            .lines()
+            .any(|l| l.contains("maintenance=\"artifact_cleanup\"")
+                && l.contains("result=\"ok\"")
+                && l.ends_with(" 1")),
         "{exposition}"
     );
 }
