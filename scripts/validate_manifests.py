@@ -246,7 +246,8 @@ for path in manifest_files:
 
 # The namespace enforces what check_pod checks, so a pod spec that slips
 # past it is refused at admission rather than run.
-namespaces = [d for p in manifest_files for d in documents(p) if d.get("kind") == "Namespace"]
+manifest_docs = [(path, doc) for path in manifest_files for doc in documents(path)]
+namespaces = [d for _, d in manifest_docs if d.get("kind") == "Namespace"]
 if not namespaces:
     problems.append("manifests/: no Namespace: Pod Security `restricted` must be enforced on backlog's namespace")
 for ns in namespaces:
@@ -320,22 +321,21 @@ for monitor in (d for d in obs_docs if d.get("kind") == "PodMonitor"):
         if expression.get("key") == "app.kubernetes.io/name" and expression.get("operator") == "In":
             selected |= set(expression.get("values") or [])
     ports = {e.get("port") for e in spec.get("podMetricsEndpoints") or []}
-    for path in manifest_files:
-        for doc in documents(path):
-            if doc.get("kind") not in WORKLOADS:
-                continue
-            template = (doc.get("spec") or {}).get("template") or {}
-            app = ((template.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/name")
-            where = f"{path.relative_to(ROOT)}: {name_of(doc)}"
-            if app not in selected:
-                problems.append(f"{where}: its pods ({app!r}) are not selected by {name_of(monitor)}: never scraped")
-            served = {
-                port.get("name")
-                for container in (template.get("spec") or {}).get("containers") or []
-                for port in container.get("ports") or []
-            }
-            if not ports & served:
-                problems.append(f"{where}: no container port named {sorted(ports)} for {name_of(monitor)} to scrape")
+    for path, doc in manifest_docs:
+        if doc.get("kind") not in WORKLOADS:
+            continue
+        template = (doc.get("spec") or {}).get("template") or {}
+        app = ((template.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/name")
+        where = f"{path.relative_to(ROOT)}: {name_of(doc)}"
+        if app not in selected:
+            problems.append(f"{where}: its pods ({app!r}) are not selected by {name_of(monitor)}: never scraped")
+        served = {
+            port.get("name")
+            for container in (template.get("spec") or {}).get("containers") or []
+            for port in container.get("ports") or []
+        }
+        if not ports & served:
+            problems.append(f"{where}: no container port named {sorted(ports)} for {name_of(monitor)} to scrape")
 kustomization = next(iter(documents(OBS / "kustomization.yaml")), {})
 for generator in kustomization.get("configMapGenerator") or []:
     if "backlog-dashboard.json" in generator.get("files") or []:

@@ -51,13 +51,8 @@ async fn run(command: &mut tokio::process::Command, args: &[&str]) -> (i32, Stri
 async fn json_of(server: &TestServer, key: &str, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
-    json_of_command(&mut backlog(server, key), &all).await
-}
-
-/// `<command> <args>`, which must succeed, its stdout parsed as JSON.
-async fn json_of_command(command: &mut tokio::process::Command, args: &[&str]) -> Value {
-    let (code, stdout, stderr) = run(command, args).await;
-    assert_eq!(code, 0, "backlog {args:?}: {stderr}");
+    let (code, stdout, stderr) = run(&mut backlog(server, key), &all).await;
+    assert_eq!(code, 0, "backlog {all:?}: {stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
@@ -750,10 +745,12 @@ async fn login_keeps_an_accepted_key_and_logout_forgets_it(pool: sqlx::PgPool) {
             "backlog {args:?} printed the key: {stdout}"
         );
         assert!(stdout.contains(&config.display().to_string()), "{stdout}");
+        if args.contains(&"json") {
+            let shown: Value = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(shown["key"], "(set)");
+            assert_eq!(shown["url"], server.base.as_str());
+        }
     }
-    let shown = json_of_command(&mut from_config_only(), &["config", "-o", "json"]).await;
-    assert_eq!(shown["key"], "(set)");
-    assert_eq!(shown["url"], server.base.as_str());
 
     let (code, stdout, stderr) = run(&mut from_config_only(), &["logout"]).await;
     assert_eq!(code, 0, "{stderr}");

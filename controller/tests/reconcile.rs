@@ -60,19 +60,13 @@ impl MemoryBackend {
     }
 
     async fn hang_while_stalled(&self, pool: &str) {
-        let mut counted = false;
         loop {
             let unstalled = self.unstalled.notified();
             if !self.stalled.lock().unwrap().contains(pool) {
-                if counted {
-                    self.waiting.lock().unwrap().remove(pool);
-                }
+                self.waiting.lock().unwrap().remove(pool);
                 return;
             }
-            if !counted {
-                self.waiting.lock().unwrap().insert(pool.to_string());
-                counted = true;
-            }
+            self.waiting.lock().unwrap().insert(pool.to_string());
             self.stall_entered.notify_one();
             unstalled.await;
         }
@@ -682,6 +676,23 @@ async fn until_stalled(backend: &MemoryBackend) {
         .expect("the stalled pool's pass never reached its backend");
 }
 
+/// The pools whose stalled `observe` waits, once `done` holds of them (or
+/// as they are after 30 s).
+async fn until_waiting(
+    backend: &MemoryBackend,
+    done: impl Fn(&BTreeSet<String>) -> bool,
+) -> BTreeSet<String> {
+    let mut waiting = BTreeSet::new();
+    for _ in 0..300 {
+        waiting = backend.waiting.lock().unwrap().clone();
+        if done(&waiting) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    waiting
+}
+
 fn ready_reason(reconciler: &Reconciler<MemoryBackend>, pool: &str) -> Option<(String, String)> {
     let condition = reconciler.status(pool)?.condition(ConditionType::Ready)?;
     Some((condition.status.clone(), condition.reason.clone()))
@@ -745,8 +756,7 @@ async fn no_more_passes_run_at_once_than_the_bound(pool: PgPool) {
         },
     );
     let round = tokio::spawn(async move { reconciler.reconcile(&three, chrono::Utc::now()).await });
-    until_stalled(&backend).await;
-    until_stalled(&backend).await;
+    until_waiting(&backend, |w| w.len() == 2).await;
     // Time for a third pass to start, if anything let it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let waiting = backend.waiting.lock().unwrap().clone();
@@ -754,14 +764,7 @@ async fn no_more_passes_run_at_once_than_the_bound(pool: PgPool) {
 
     // One finishes: the third starts in its place.
     backend.unstall(waiting.first().unwrap());
-    let mut now_waiting = BTreeSet::new();
-    for _ in 0..300 {
-        now_waiting = backend.waiting.lock().unwrap().clone();
-        if now_waiting.len() == 2 && !now_waiting.is_subset(&waiting) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let now_waiting = until_waiting(&backend, |w| w.len() == 2 && !w.is_subset(&waiting)).await;
     assert_eq!(now_waiting.len(), 2, "{now_waiting:?}");
     assert!(
         !now_waiting.is_subset(&waiting),

@@ -523,21 +523,23 @@ async fn a_jobs_last_two_tasks_completing_at_once_complete_it(pool: PgPool) {
 /// A queue over one connection the pool hands out untested, so a
 /// connection the server killed reaches the call instead of being
 /// replaced quietly by the pool's check.
-async fn queue_on_one_connection(pool: &PgPool) -> (queue::Queue, i32) {
+async fn queue_on_one_connection(pool: &PgPool) -> queue::Queue {
     let one = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .test_before_acquire(false)
         .connect_with(pool.connect_options().as_ref().clone())
         .await
         .unwrap();
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&one)
-        .await
-        .unwrap();
-    (queue(one), pid)
+    queue(one)
 }
 
-async fn kill_backend(pool: &PgPool, pid: i32) {
+/// End the session of `q`'s one connection from `pool`, as a server
+/// restart or an operator would.
+async fn kill_the_connection_of(q: &queue::Queue, pool: &PgPool) {
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(q.pool())
+        .await
+        .unwrap();
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
         .bind(pid)
         .fetch_one(pool)
@@ -548,21 +550,16 @@ async fn kill_backend(pool: &PgPool, pid: i32) {
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn calls_safe_to_repeat_survive_a_connection_the_server_killed(pool: PgPool) {
-    let q_setup = queue(pool.clone());
-    q_setup.enqueue(text_job("x")).await.unwrap();
-    let (q, pid) = queue_on_one_connection(&pool).await;
+    let q = queue_on_one_connection(&pool).await;
+    q.enqueue(text_job("x")).await.unwrap();
 
     // The server ends the session (a restart, a failover, an operator):
     // the claim's first try fails on the dead connection and its repeat
     // runs on a new one.
-    kill_backend(&pool, pid).await;
+    kill_the_connection_of(&q, &pool).await;
     let task = claim_one(&q, "w", TaskType::TextGeneration).await;
 
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(q.pool())
-        .await
-        .unwrap();
-    kill_backend(&pool, pid).await;
+    kill_the_connection_of(&q, &pool).await;
     q.complete("w", task.lease(), json!({ "text": "done" }))
         .await
         .expect("the completion is repeated on a new connection");

@@ -63,6 +63,12 @@ fn worker_command(id: &str, database_url: &str, llm_url: &str, store: &std::path
     command
 }
 
+/// SIGTERM, as a platform stopping the replica sends it.
+fn sigterm(pid: libc::pid_t) {
+    // SAFETY: kill(2) on a child of this test with a valid signal.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
 async fn task_state(pool: &PgPool) -> (String, Option<String>, i32) {
     sqlx::query_as("SELECT status, claimed_by, attempts FROM job_tasks")
         .fetch_one(pool)
@@ -164,8 +170,7 @@ async fn a_worker_killed_mid_task_loses_it_to_the_sweeper_and_another_finishes_i
 
     // SIGTERM: drains (nothing running) and exits 0, deregistered.
     let pid = rescuer.id().unwrap() as libc::pid_t;
-    // SAFETY: kill(2) on our own child with a valid signal.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    sigterm(pid);
     let status = tokio::time::timeout(Duration::from_secs(10), rescuer.wait())
         .await
         .unwrap()
@@ -229,8 +234,7 @@ async fn a_second_signal_during_the_drain_exits_at_once_and_leaves_the_task_to_t
 
     let mut log = BufReader::new(worker.stderr.take().unwrap()).lines();
     let pid = worker.id().unwrap() as libc::pid_t;
-    // SAFETY: kill(2) on our own child with a valid signal.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    sigterm(pid);
     // The first signal is taken (a drain begins) before the second is sent:
     // two pending signals of one kind would be delivered as one.
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -243,8 +247,7 @@ async fn a_second_signal_during_the_drain_exits_at_once_and_leaves_the_task_to_t
     })
     .await
     .expect("the drain's log line");
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    sigterm(pid);
     let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
         .await
         .expect("exits without waiting for the provider")
