@@ -111,6 +111,132 @@ fn screenshot_dir() -> PathBuf {
     dir
 }
 
+/// Instruments the page's `fetch` (once per page load): every call is
+/// recorded as "METHOD path?query"; a call matches "METHOD path" with any
+/// query or none. The next call matching a hold is held
+/// until the test releases it. A hold of the `request` is released by
+/// sending it ("send") or failing it as a network error would ("fail"); a
+/// hold of the `answer` sends the request at once and keeps its answer
+/// (state "arrived") until released, then delivers it ("deliver", state
+/// "consumed" once the page has read its body) or loses it ("fail").
+const FETCH_PROBE: &str = r#"
+if (!window.probe) {
+  const fetchBefore = window.fetch;
+  const probe = { calls: [], holds: {} };
+  probe.matches = (call, wanted) => call === wanted || call.startsWith(wanted + "?");
+  probe.count = (wanted) => probe.calls.filter((call) => probe.matches(call, wanted)).length;
+  window.probe = probe;
+  window.fetch = async function (input, init) {
+    const method = (init && init.method) || "GET";
+    const call = `${method} ${String(input)}`;
+    probe.calls.push(call);
+    const hold = Object.values(probe.holds).find((h) => h.state === "waiting" && probe.matches(call, h.call));
+    if (!hold) return fetchBefore.apply(this, arguments);
+    const released = new Promise((resolve) => { hold.release = resolve; });
+    hold.state = "caught";
+    if (hold.what === "request") {
+      if ((await released) === "fail") throw new TypeError("Failed to fetch");
+      return fetchBefore.apply(this, arguments);
+    }
+    const response = await fetchBefore.apply(this, arguments);
+    const body = await response.text();
+    hold.state = "arrived";
+    if ((await released) === "fail") throw new TypeError("Failed to fetch");
+    const copy = new Response(body, { status: response.status, headers: response.headers });
+    const json = copy.json.bind(copy);
+    copy.json = () => json().then((value) => { hold.state = "consumed"; return value; });
+    return copy;
+  };
+}
+"#;
+
+/// The page's fetch calls, watched and held through [`FETCH_PROBE`].
+struct Probe<'a>(&'a Browser);
+
+impl<'a> Probe<'a> {
+    async fn install(browser: &'a Browser) -> Probe<'a> {
+        browser.eval(FETCH_PROBE, json!([])).await;
+        Probe(browser)
+    }
+
+    /// How many calls so far match `call` ("GET /v1/jobs/<id>").
+    async fn count(&self, call: &str) -> u64 {
+        let count = self
+            .0
+            .eval("return window.probe.count(arguments[0])", json!([call]))
+            .await;
+        count.as_u64().unwrap()
+    }
+
+    /// Wait until `n` more calls matching `call` have been made.
+    async fn wait_for_calls(&self, n: u64, call: &str) {
+        let target = self.count(call).await + n;
+        self.0
+            .wait_for(
+                &format!("{n} more calls of {call}"),
+                "return window.probe.count(arguments[0]) >= arguments[1]",
+                json!([call, target]),
+            )
+            .await;
+    }
+
+    /// Hold the next call matching `call`: its `what` ("request" or
+    /// "answer"), under `name`.
+    async fn hold(&self, name: &str, call: &str, what: &str) {
+        self.0
+            .eval(
+                "window.probe.holds[arguments[0]] = { call: arguments[1], what: arguments[2], state: 'waiting' }",
+                json!([name, call, what]),
+            )
+            .await;
+    }
+
+    async fn wait_until(&self, name: &str, state: &str) {
+        self.0
+            .wait_for(
+                &format!("hold {name} {state}"),
+                "return window.probe.holds[arguments[0]].state === arguments[1]",
+                json!([name, state]),
+            )
+            .await;
+    }
+
+    async fn release(&self, name: &str, outcome: &str) {
+        self.0
+            .eval(
+                "window.probe.holds[arguments[0]].release(arguments[1])",
+                json!([name, outcome]),
+            )
+            .await;
+    }
+
+    /// Check the element `css` is still the one in the page after the page
+    /// has made `call` and drawn what it read twice more (the third call
+    /// starts after the second is drawn): a refresh that replaces a link
+    /// or button under the pointer between press and release loses the
+    /// user's click.
+    async fn assert_outlives_refreshes(&self, css: &str, call: &str) {
+        self.0
+            .eval(
+                "window.watched = document.querySelector(arguments[0])",
+                json!([css]),
+            )
+            .await;
+        self.wait_for_calls(3, call).await;
+        assert_eq!(
+            self.0
+                .eval(
+                    "return window.watched !== null && window.watched.isConnected && \
+                     window.watched === document.querySelector(arguments[0])",
+                    json!([css])
+                )
+                .await,
+            json!(true),
+            "{css} was replaced by a refresh that changed nothing it shows"
+        );
+    }
+}
+
 /// Claim the one runnable task of `task_type`, waiting for it (a retry
 /// backs off for a few seconds).
 async fn claim(server: &TestServer, worker: &str, task_type: TaskType) -> Task {
@@ -334,10 +460,25 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         "an admin key sees the Queue tab"
     );
 
-    // Submit a reading job through the form.
+    // Submit a reading job through the form. The first answer is lost on
+    // the way back (the job was made): the form says so, and pressing again
+    // gets that job, not a second one.
+    let probe = Probe::install(&browser).await;
     browser.select("#new-type", "reading").await;
     browser
         .type_into("#new-input", "A story about a lighthouse")
+        .await;
+    probe.hold("submit", "POST /v1/jobs", "answer").await;
+    browser.click("#submit-job").await;
+    probe.wait_until("submit", "arrived").await;
+    probe.release("submit", "fail").await;
+    browser
+        .wait_for(
+            "the lost answer, in words",
+            "const e = document.querySelector('#new-job .error-text'); \
+             return !e.hidden && e.textContent.includes('could not be reached')",
+            json!([]),
+        )
         .await;
     browser.click("#submit-job").await;
     let id = browser
@@ -348,6 +489,17 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         )
         .await;
     let id = id.as_str().unwrap().to_string();
+    let (_, readings) = server.get_json(&key, "/v1/jobs?type=reading").await;
+    assert_eq!(
+        readings["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| &j["id"])
+            .collect::<Vec<_>>(),
+        [&json!(id)],
+        "the press after the lost answer made no second job"
+    );
     let state_of = "const n = document.querySelector(`#task-graph [data-task=\"${arguments[0]}\"]`); \
                     return n && n.dataset.state === arguments[1]";
     browser
@@ -406,6 +558,18 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         )
         .await;
     browser.find("#text-artifact").await;
+    // Cards that arrive later are put beside the ones shown, which stay in
+    // the page (a PDF frame taken out and put back reloads at page 1).
+    browser
+        .eval(
+            "window.cardsRemoved = 0; \
+             new MutationObserver((changes) => changes.forEach((c) => { \
+               window.cardsRemoved += c.removedNodes.length; \
+             })).observe(document.getElementById('artifacts'), { childList: true }); \
+             return true",
+            json!([]),
+        )
+        .await;
     browser.screenshot(&shots.join("03-job-running.png")).await;
     complete_with_artifact(
         &server,
@@ -483,6 +647,11 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
             json!([]),
         )
         .await;
+    assert_eq!(
+        browser.eval("return window.cardsRemoved", json!([])).await,
+        json!(0),
+        "a card was taken out of the page when another arrived"
+    );
     browser
         .eval(
             "document.getElementById('audio-player').play(); return true",
@@ -535,8 +704,22 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         json!(3)
     );
     browser.screenshot(&shots.join("05-jobs.png")).await;
-    browser.select("#filter-status", "failed").await;
+    let probe = Probe::install(&browser).await;
+    probe
+        .assert_outlives_refreshes("#jobs-body tr[data-job] a", "GET /v1/jobs")
+        .await;
+    // A filter narrows the rows in place: the rows that stay are the same
+    // (a link under the pointer keeps its click), and a half-typed new job
+    // is not wiped.
     let failed_id = failing["id"].as_str().unwrap();
+    browser.type_into("#new-input", "half a prompt").await;
+    browser
+        .eval(
+            "window.failedLink = document.querySelector(`tr[data-job=\"${arguments[0]}\"] a`); return true",
+            json!([failed_id]),
+        )
+        .await;
+    browser.select("#filter-status", "failed").await;
     browser
         .wait_for(
             "only the failed job",
@@ -545,6 +728,15 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
             json!([failed_id]),
         )
         .await;
+    assert_eq!(
+        browser
+            .eval(
+                "return [window.failedLink.isConnected, document.getElementById('new-input').value]",
+                json!([])
+            )
+            .await,
+        json!([true, "half a prompt"])
+    );
     browser.select("#filter-age", "900").await;
     browser
         .wait_for(
@@ -576,10 +768,65 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         server.queue.job_by_id(failed_uuid).await.unwrap().status,
         JobStatus::Queued
     );
+    // The page re-reads an unfinished job every few seconds; its Cancel
+    // button must outlive those reads, or a press that spans one is lost.
+    let probe = Probe::install(&browser).await;
+    let read_job = format!("GET /v1/jobs/{failed_id}");
+    let cancel = format!("POST /v1/jobs/{failed_id}/cancel");
+    let follow = format!("GET /v1/jobs/{failed_id}/events");
+    probe.assert_outlives_refreshes("#cancel-job", &read_job).await;
+
+    // While the cancel is on its way the button stays disabled, through
+    // the page's reads; the request fails as a network error would: the
+    // toast says so and the button can be pressed again.
+    probe.hold("cancel", &cancel, "request").await;
+    browser.click("#cancel-job").await;
+    probe.wait_until("cancel", "caught").await;
+    probe.wait_for_calls(2, &read_job).await;
+    assert_eq!(
+        browser
+            .eval("return document.getElementById('cancel-job').disabled", json!([]))
+            .await,
+        json!(true),
+        "a read drawn while the cancel was in flight enabled its button"
+    );
+    probe.release("cancel", "fail").await;
+    browser
+        .wait_for(
+            "the failed cancel, in words, and the button back",
+            "const t = document.querySelector('.toast'); const b = document.getElementById('cancel-job'); \
+             return t && t.textContent.includes('could not be reached') && b && !b.disabled",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        server.queue.job_by_id(failed_uuid).await.unwrap().status,
+        JobStatus::Queued
+    );
+
+    // A read that left before the cancel and answers after it is not drawn
+    // over the cancelled job; the job, finished, is not followed again.
+    probe.hold("stale read", &read_job, "answer").await;
+    probe.wait_until("stale read", "arrived").await;
+    let follows = probe.count(&follow).await;
     browser.click("#cancel-job").await;
     browser
         .wait_for("cancelled", badge_is, json!([failed_id, "cancelled"]))
         .await;
+    probe.release("stale read", "deliver").await;
+    probe.wait_until("stale read", "consumed").await;
+    // The page drew what it read (or not) before this script runs: both
+    // happen in the same turn of its event loop.
+    assert_eq!(
+        browser.eval(badge_is, json!([failed_id, "cancelled"])).await,
+        json!(true),
+        "an older read was drawn over the cancelled job"
+    );
+    assert_eq!(
+        probe.count(&follow).await,
+        follows,
+        "a finished job was followed again"
+    );
     assert_eq!(
         server.queue.job_by_id(failed_uuid).await.unwrap().status,
         JobStatus::Cancelled
@@ -621,6 +868,36 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         "{pool_row}"
     );
     browser.screenshot(&shots.join("08-queue.png")).await;
+
+    // A key revoked under an open page: the sign-in form says why.
+    browser
+        .eval(
+            "sessionStorage.setItem('backlog.apiKey', 'bk_' + 'y'.repeat(43))",
+            json!([]),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the reason for signing out",
+            "const e = document.getElementById('sign-in-error'); \
+             return e && !e.hidden && e.textContent.includes('refused the key')",
+            json!([]),
+        )
+        .await;
+    // The address's change (routed by its event, a task after the first
+    // drawing) draws nothing over it.
+    assert_eq!(
+        browser
+            .eval(
+                "return location.hash === '#/jobs' && !document.getElementById('sign-in-error').hidden",
+                json!([])
+            )
+            .await,
+        json!(true)
+    );
+    browser.type_into("#api-key", &key).await;
+    browser.click("#sign-in").await;
+    browser.find("#jobs-body tr[data-job]").await;
 
     // Signing out forgets the key.
     browser.click("#sign-out").await;

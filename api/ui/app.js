@@ -22,6 +22,7 @@ const AGES = [
 const SERIES = ["pending", "scheduled", "blocked", "in_flight"];
 const LIST_REFRESH_MS = 3000;
 const JOB_REFRESH_MS = 2000;
+const TIMES_REFRESH_MS = 5000;
 const QUEUE_REFRESH_MS = 5000;
 const HISTORY_REFRESH_MS = 15000;
 
@@ -59,8 +60,75 @@ function append(el, children) {
   }
 }
 
+/** Make `el`'s children `children`, keeping the nodes already there: a page
+ *  refreshed every few seconds must not replace a link or button under the
+ *  pointer between press and release (the click is lost), nor drop the
+ *  text a user is selecting. A new child takes the place of the old one
+ *  with the same key (see KEY_ATTRIBUTES), else of the old
+ *  unkeyed one at the same place among the unkeyed, if it has the same
+ *  tag; the kept node gets the new one's attributes and text, its children
+ *  are patched in turn, and kept nodes are never moved (a move is a
+ *  removal). Listeners stay those of the first drawing, so a handler must
+ *  not capture what a refresh changes; state held in properties (a
+ *  select's value, a playing audio) is not compared, so such elements are
+ *  not drawn through here. */
+function patch(el, children) {
+  const next = [];
+  append({ append: (node) => next.push(node) }, children);
+  const keyed = new Map();
+  const unkeyed = [];
+  for (const old of el.childNodes) {
+    const key = keyOf(old);
+    if (key) keyed.set(key, old);
+    else unkeyed.push(old);
+  }
+  let place = 0;
+  const kept = next.map((node) => {
+    const key = keyOf(node);
+    const old = key ? keyed.get(key) : unkeyed[place++];
+    return old && old.nodeName === node.nodeName && old.namespaceURI === node.namespaceURI ? old : null;
+  });
+  const keep = new Set(kept.filter(Boolean));
+  for (const old of [...el.childNodes]) if (!keep.has(old)) old.remove();
+  let cursor = el.firstChild;
+  next.forEach((node, i) => {
+    const old = kept[i];
+    if (!old) {
+      el.insertBefore(node, cursor);
+      return;
+    }
+    // Kept nodes are in their old order; one out of it is put in place.
+    if (old !== cursor) el.insertBefore(old, cursor);
+    else cursor = cursor.nextSibling;
+    if (old.nodeType === Node.ELEMENT_NODE) {
+      for (const attr of [...old.attributes]) if (!node.hasAttribute(attr.name)) old.removeAttribute(attr.name);
+      for (const attr of node.attributes) {
+        if (old.getAttribute(attr.name) !== attr.value) old.setAttribute(attr.name, attr.value);
+      }
+      patch(old, [...node.childNodes]);
+    } else if (old.nodeValue !== node.nodeValue) {
+      old.nodeValue = node.nodeValue;
+    }
+  });
+}
+
+const KEY_ATTRIBUTES = ["data-job", "data-task", "data-task-type", "data-pool", "data-chart", "id"];
+
+function keyOf(node) {
+  if (node.nodeType !== Node.ELEMENT_NODE) return null;
+  const name = KEY_ATTRIBUTES.find((a) => node.hasAttribute(a));
+  return name ? `${node.nodeName}[${name}=${node.getAttribute(name)}]` : null;
+}
+
 function badge(status, extra) {
   return h("span", { class: `badge ${status} ${extra || ""}` }, status.replace("_", " "));
+}
+
+/** `bytes` random bytes as hex (crypto.randomUUID needs a secure context;
+ *  the console may be served over plain HTTP inside a private network). */
+function randomHex(bytes) {
+  return [...crypto.getRandomValues(new Uint8Array(bytes))]
+    .map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function shortId(id) {
@@ -123,14 +191,22 @@ function apiKey() {
 }
 
 async function api(path, options = {}, key = apiKey()) {
-  const response = await fetch(path, {
-    ...options,
-    headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` },
-    credentials: "omit",
-    cache: "no-store",
-  });
+  let response;
+  try {
+    response = await fetch(path, {
+      ...options,
+      headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` },
+      credentials: "omit",
+      cache: "no-store",
+    });
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    // fetch says only "Failed to fetch".
+    throw new ApiError(0, "The API could not be reached (network error or server down).");
+  }
   if (response.ok) return response;
-  let message = `${response.status} ${response.statusText}`;
+  // HTTP/2 has no reason phrase.
+  let message = `${response.status} ${response.statusText || "error"}`;
   try {
     const body = await response.json();
     if (body && body.error && body.error.message) {
@@ -190,8 +266,14 @@ function signOut(message) {
   sessionStorage.removeItem(KEY_ITEM);
   sessionStorage.removeItem(ADMIN_ITEM);
   if (message) sessionStorage.setItem("backlog.signOutReason", message);
-  location.hash = "#/jobs";
-  route();
+  go("#/jobs");
+}
+
+/** Show `hash`: a new address is routed by its hashchange event, the same
+ *  one here (drawing twice would drop the sign-in form's reason). */
+function go(hash) {
+  if (location.hash === hash) route();
+  else location.hash = hash;
 }
 
 // ---------------------------------------------------------------- sign in
@@ -229,8 +311,7 @@ function renderSignIn(main) {
       }
       sessionStorage.setItem(KEY_ITEM, key);
       sessionStorage.setItem(ADMIN_ITEM, String(admin));
-      if (!location.hash || location.hash === "#/") location.hash = "#/jobs";
-      route();
+      go(!location.hash || location.hash === "#/" ? "#/jobs" : location.hash);
     } catch (e) {
       error.textContent = e.status === 401 ? "This key was refused: unknown or revoked." : e.message;
       error.hidden = false;
@@ -248,10 +329,16 @@ function renderJobs(main, params) {
     age: params.get("age") || "",
   };
   const cursors = params.get("cursor") ? [params.get("cursor")] : [];
+  // The address keeps the filter (a reload or a shared link shows the
+  // same list) without drawing a new page: what is typed in the new-job
+  // form, and the focus, stay.
   const setFilter = (name, value) => {
-    const next = new URLSearchParams({ ...filter, [name]: value });
+    filter[name] = value;
+    cursors.length = 0;
+    const next = new URLSearchParams(filter);
     for (const [k, v] of [...next]) if (!v) next.delete(k);
-    location.hash = `#/jobs?${next}`;
+    history.replaceState(null, "", `#/jobs?${next}`);
+    load();
   };
   const select = (name, id, options) =>
     h("select", { id, onchange: (e) => setFilter(name, e.target.value) },
@@ -284,15 +371,23 @@ function renderJobs(main, params) {
   let page = null;
   newer.addEventListener("click", () => { cursors.length = 0; load(); });
   older.addEventListener("click", () => {
-    if (page && page.next_cursor) { cursors.push(page.next_cursor); load(); }
+    // A second press before the next page is drawn would skip it.
+    if (page && page.next_cursor && cursors[cursors.length - 1] !== page.next_cursor) {
+      cursors.push(page.next_cursor);
+      load();
+    }
   });
 
   const controller = new AbortController();
   let timer = null;
   onLeave(() => { controller.abort(); clearTimeout(timer); });
 
+  // Loads overlap (the timer, a filter, a page button); only the latest
+  // started is drawn, or rows of one page would show under another's label.
+  let loads = 0;
   async function load() {
     clearTimeout(timer);
+    const mine = ++loads;
     const query = new URLSearchParams({ limit: "25" });
     if (filter.status) query.set("status", filter.status);
     if (filter.type) query.set("type", filter.type);
@@ -302,7 +397,9 @@ function renderJobs(main, params) {
     if (cursors.length) query.set("cursor", cursors[cursors.length - 1]);
     const live = document.getElementById("list-live");
     try {
-      page = await getJson(`/v1/jobs?${query}`, controller.signal);
+      const read = await getJson(`/v1/jobs?${query}`, controller.signal);
+      if (mine !== loads) return;
+      page = read;
       drawRows(page.jobs);
       pageInfo.textContent = `${page.jobs.length} job${page.jobs.length === 1 ? "" : "s"}` +
         (cursors.length ? ` (page ${cursors.length + 1})` : "");
@@ -310,7 +407,7 @@ function renderJobs(main, params) {
       newer.disabled = !cursors.length;
       if (live) { live.className = "live on"; live.textContent = "live"; }
     } catch (e) {
-      if (controller.signal.aborted) return;
+      if (controller.signal.aborted || mine !== loads) return;
       if (live) { live.className = "live off"; live.textContent = e.message; }
     }
     timer = setTimeout(load, LIST_REFRESH_MS);
@@ -321,7 +418,7 @@ function renderJobs(main, params) {
       tbody.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "empty" }, "No jobs match.")));
       return;
     }
-    tbody.replaceChildren(...jobs.map((job) => h("tr", { "data-job": job.id },
+    patch(tbody, jobs.map((job) => h("tr", { "data-job": job.id },
       h("td", {}, h("a", { href: `#/jobs/${job.id}`, class: "mono" }, shortId(job.id))),
       h("td", {}, job.type),
       h("td", {}, badge(job.status)),
@@ -348,6 +445,13 @@ function newJobForm() {
   };
   type.addEventListener("change", relabel);
   relabel();
+  // One key per filled-in form, sent again when a press is repeated after
+  // an error: if the first request created the job but its answer was lost,
+  // the second gets that job instead of making another.
+  let idempotencyKey = null;
+  for (const input of [type, body, priority]) {
+    input.addEventListener("input", () => { idempotencyKey = null; });
+  }
   return h("form", {
     class: "card", id: "new-job",
     onsubmit: async (e) => {
@@ -355,10 +459,11 @@ function newJobForm() {
       submit.disabled = true;
       error.hidden = true;
       const field = PROMPT_TYPES.has(type.value) ? "prompt" : "text";
+      idempotencyKey = idempotencyKey || `console-${randomHex(16)}`;
       try {
         const response = await api("/v1/jobs", {
           method: "POST",
-          headers: { "Content-Type": "application/json" },
+          headers: { "Content-Type": "application/json", "Idempotency-Key": idempotencyKey },
           body: JSON.stringify({
             type: type.value, input: { [field]: body.value }, priority: Number(priority.value || 0),
           }),
@@ -407,14 +512,20 @@ function renderJob(main, id) {
   const artifacts = h("section", { class: "artifacts", id: "artifacts" });
   main.append(h("p", {}, h("a", { href: "#/jobs" }, "← All jobs")), head, meta, graph, artifacts);
 
+  // Reads overlap (the timer, each status event, an action); only the
+  // latest started is drawn, or an older answer could undo a newer one
+  // (a retried job shown failed again, and its polling stopped).
+  let reads = 0;
   async function refresh() {
     clearTimeout(timer);
+    const read = ++reads;
     try {
       const detail = await getJson(`/v1/jobs/${id}`, controller.signal);
+      if (read !== reads) return;
       draw(detail);
       finished = ["complete", "failed", "cancelled"].includes(detail.status);
     } catch (e) {
-      if (controller.signal.aborted) return;
+      if (controller.signal.aborted || read !== reads) return;
       if (e.status === 404 || e.status === 400) {
         main.replaceChildren(h("div", { class: "card empty" }, `No job ${id} for this key.`));
         finished = true;
@@ -428,24 +539,27 @@ function renderJob(main, id) {
     if (!finished) timer = setTimeout(refresh, JOB_REFRESH_MS);
   }
 
+  // Drawn by patch(), so what a refresh did not change stays as it is.
+  const title = h("div", {});
+  const actions = h("div", { class: "actions" });
+  head.append(title, h("div", { class: "actions" }, live, actions));
+
+  let busy = false; // an action's request is in flight
+
   function draw(job) {
-    const actions = h("div", { class: "actions" });
-    if (job.status === "queued" || job.status === "processing") {
-      actions.append(h("button", { class: "btn danger", type: "button", id: "cancel-job",
-        onclick: () => act("cancel") }, "Cancel"));
-    }
-    if (job.status === "failed") {
-      actions.append(h("button", { class: "btn", type: "button", id: "retry-job",
-        onclick: () => act("retry") }, "Retry"));
-    }
-    head.replaceChildren(
-      h("div", {},
-        h("h1", {}, `${job.type} job `, badge(job.status, "big"), " "),
-        h("p", { class: "subtitle mono" }, job.id)),
-      h("div", { class: "actions" }, live, actions));
+    patch(title, [
+      h("h1", {}, `${job.type} job `, badge(job.status, "big"), " "),
+      h("p", { class: "subtitle mono" }, job.id)]);
+    patch(actions, [
+      job.status === "queued" || job.status === "processing"
+        ? h("button", { class: "btn danger", type: "button", id: "cancel-job", disabled: busy,
+          onclick: () => act("cancel") }, "Cancel") : null,
+      job.status === "failed"
+        ? h("button", { class: "btn", type: "button", id: "retry-job", disabled: busy,
+          onclick: () => act("retry") }, "Retry") : null,
+    ]);
     const input = job.input || {};
-    meta.replaceChildren();
-    append(meta, [
+    patch(meta, [
       h("dl", { class: "meta" },
         field("Created", time(job.created_at)),
         field("Started", time(job.started_at)),
@@ -457,8 +571,8 @@ function renderJob(main, id) {
       h("h2", { class: "input-head" }, input.prompt !== undefined ? "Prompt" : "Input text"),
       h("pre", { id: "job-input" }, input.prompt !== undefined ? input.prompt : (input.text || "")),
     ]);
-    graphBox.replaceChildren(taskGraph(job.tasks));
-    taskTable.replaceChildren(...job.tasks.map((t) => h("tr", { "data-task": t.type },
+    patch(graphBox, [taskGraph(job.tasks)]);
+    patch(taskTable, job.tasks.map((t) => h("tr", { "data-task": t.type },
       h("td", { class: "mono" }, t.type),
       h("td", {}, badge(taskState(t, job.tasks))),
       h("td", {}, `${t.attempts} / ${t.max_attempts}`),
@@ -473,16 +587,21 @@ function renderJob(main, id) {
     return h("div", {}, h("dt", {}, name), h("dd", {}, value));
   }
 
+  // The buttons are disabled while an action is in flight (a second press
+  // would only answer 409), through `busy`, which every drawing reads. A
+  // job queued again is followed again unless it still is.
   async function act(what) {
+    busy = true;
+    for (const button of actions.querySelectorAll("button")) button.disabled = true;
     try {
       await api(`/v1/jobs/${id}/${what}`, { method: "POST" });
       toast(what === "cancel" ? "Job cancelled" : "Job queued again");
-      finished = false;
-      follow();
-      refresh();
     } catch (e) {
       toast(e.message);
     }
+    busy = false;
+    await refresh();
+    if (!finished) follow();
   }
 
   // Cards are kept across refreshes (a PDF frame or a playing audio is not
@@ -492,10 +611,13 @@ function renderJob(main, id) {
     const order = { text: 0, pdf: 1, audio: 2 };
     const sorted = [...list].sort((a, b) => (order[a.kind] ?? 9) - (order[b.kind] ?? 9));
     for (const a of sorted) if (!cards.has(a.id)) cards.set(a.id, artifactCard(a));
-    const wanted = sorted.map((a) => cards.get(a.id));
-    const current = [...artifacts.children];
-    if (wanted.length !== current.length || wanted.some((card, i) => card !== current[i])) {
-      artifacts.replaceChildren(...wanted);
+    // Only new cards are inserted: a frame taken out of the page and put
+    // back reloads (the PDF back at page 1).
+    let after = null;
+    for (const a of sorted) {
+      const card = cards.get(a.id);
+      if (!card.isConnected) artifacts.insertBefore(card, after ? after.nextSibling : artifacts.firstChild);
+      after = card;
     }
   }
 
@@ -538,7 +660,18 @@ function renderJob(main, id) {
   // Follow the job's event stream: each `status` event re-reads the job.
   // The stream ends when the job finishes (or after the server's limit);
   // an unfinished job is followed again.
+  let following = false;
   async function follow() {
+    if (following) return;
+    following = true;
+    try {
+      await followStream();
+    } finally {
+      following = false;
+    }
+  }
+
+  async function followStream() {
     while (!controller.signal.aborted) {
       try {
         const response = await api(`/v1/jobs/${id}/events`, {
@@ -735,12 +868,12 @@ function renderQueue(main, admin) {
     const depth = await getJson("/v1/queue", controller.signal);
     const total = (k) => depth.task_types.reduce((sum, t) => sum + t[k], 0);
     const oldest = Math.max(0, ...depth.task_types.map((t) => t.oldest_pending_seconds));
-    stats.replaceChildren(
+    patch(stats, [
       stat("Pending", total("pending"), "runnable now"),
       stat("In flight", total("in_flight"), "claimed or running"),
       stat("Blocked", total("blocked"), `${total("scheduled")} scheduled for retry`),
-      stat("Oldest pending", oldest ? duration(oldest) : "—", `${total("completed_last_minute")} done in the last minute`));
-    depthBody.replaceChildren(...depth.task_types.map((t) => h("tr", { "data-task-type": t.task_type },
+      stat("Oldest pending", oldest ? duration(oldest) : "—", `${total("completed_last_minute")} done in the last minute`)]);
+    patch(depthBody, depth.task_types.map((t) => h("tr", { "data-task-type": t.task_type },
       h("td", { class: "mono" }, t.task_type, t.capped ? " (capped)" : ""),
       ...["pending", "scheduled", "blocked", "in_flight"].map((k) => h("td", { class: "num" }, t[k])),
       h("td", { class: "num" }, t.oldest_pending_seconds ? duration(t.oldest_pending_seconds) : "—"),
@@ -751,7 +884,7 @@ function renderQueue(main, admin) {
     const history = await getJson("/v1/queue/history", controller.signal);
     // In the order the API lists them (the pipeline's), as the table above.
     const types = [...new Set(history.samples.flatMap((sm) => sm.task_types.map((t) => t.task_type)))];
-    charts.replaceChildren(...types.map((type) => h("div", { class: "chart", "data-chart": type },
+    patch(charts, types.map((type) => h("div", { class: "chart", "data-chart": type },
       h("h3", {}, type), depthChart(history.samples, type))));
     chartNote.textContent = history.interval_seconds
       ? `${history.samples.length} samples, one every ${history.interval_seconds} s, kept by this API process since it started.`
@@ -764,7 +897,7 @@ function renderQueue(main, admin) {
       pools.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "empty" }, "No controller has reported a pool.")));
       return;
     }
-    pools.replaceChildren(...list.map((p) => {
+    patch(pools, list.map((p) => {
       const age = between(p.updated_at);
       const conditions = Array.isArray(p.conditions) ? p.conditions : [];
       return h("tr", { "data-pool": p.pool },
@@ -832,6 +965,14 @@ function niceCeiling(v) {
 }
 
 // ------------------------------------------------------------------ start
+
+// "4 s ago" must age on a page that no longer reads anything (a finished
+// job); patch() puts the current text back at the next drawing anyway.
+setInterval(() => {
+  for (const el of document.querySelectorAll("time[datetime]")) {
+    el.textContent = ago(el.getAttribute("datetime"));
+  }
+}, TIMES_REFRESH_MS);
 
 document.getElementById("sign-out").addEventListener("click", () => signOut());
 window.addEventListener("hashchange", route);
