@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use api::depth_history::HistorySettings;
 use api::state::Settings;
+use api::streams::StreamLimits;
 use common::{test_settings, TestServer};
 use queue::{ApiKeyRole, ArtifactKind, Failure, JobStatus, NewArtifact, PoolStatus, Task, TaskType};
 use reqwest::header::{
@@ -235,6 +236,14 @@ impl<'a> Probe<'a> {
             "{css} was replaced by a refresh that changed nothing it shows"
         );
     }
+}
+
+/// Sign in to the console at `server` with `key`, from its front page.
+async fn sign_in(browser: &Browser, server: &TestServer, key: &str) {
+    browser.goto(&server.url("/ui/")).await;
+    browser.type_into("#api-key", key).await;
+    browser.click("#sign-in").await;
+    browser.find("#jobs-body").await;
 }
 
 /// Claim the one runnable task of `task_type`, waiting for it (a retry
@@ -605,6 +614,20 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
     for task in ["text_generation", "pdf_generation", "audio_generation"] {
         browser.wait_for(task, state_of, json!([task, "complete"])).await;
     }
+    // The finished page reads nothing more, yet "finished 1 s ago" ages.
+    let finished_ago = browser
+        .eval(
+            "return document.querySelector('.meta time[datetime]').textContent",
+            json!([]),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the times to age",
+            "return document.querySelector('.meta time[datetime]').textContent !== arguments[0]",
+            json!([finished_ago]),
+        )
+        .await;
     let attempts = browser
         .eval(
             "return document.querySelector('#task-rows tr[data-task=\"audio_generation\"]').innerText",
@@ -906,6 +929,53 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         browser.eval("return sessionStorage.length", json!([])).await,
         json!(0)
     );
+    browser.quit().await;
+    server.stop().await;
+}
+
+/// Over its tenant's limit of event streams, a job's page says so, follows
+/// the job by polling, and asks for a stream again only after the
+/// `Retry-After` the server gave (10 s), not every second.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_job_page_over_the_stream_limit_polls_and_asks_again_when_told(pool: sqlx::PgPool) {
+    let settings = Settings {
+        streams: StreamLimits {
+            per_tenant: 0,
+            ..StreamLimits::default()
+        },
+        ..test_settings()
+    };
+    let server = TestServer::start_with(pool, settings).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&key, "a poem about rain").await;
+    let browser = Browser::start(1360, 1000).await;
+    sign_in(&browser, &server, &key).await;
+    let probe = Probe::install(&browser).await;
+    browser.goto(&server.url(&format!("/ui/#/jobs/{id}"))).await;
+    browser
+        .wait_for(
+            "the refused stream, in words",
+            "return document.getElementById('job-live').textContent === 'too many streams; polling'",
+            json!([]),
+        )
+        .await;
+    let follow = format!("GET /v1/jobs/{id}/events");
+    assert_eq!(probe.count(&follow).await, 1);
+    probe.wait_for_calls(2, &format!("GET /v1/jobs/{id}")).await;
+    assert_eq!(
+        probe.count(&follow).await,
+        1,
+        "asked for a stream again before its Retry-After"
+    );
+    // Polled, the page still follows the job.
+    claim(&server, "w-text", TaskType::TextGeneration).await;
+    browser
+        .wait_for(
+            "processing, by polling",
+            "return document.querySelector('.page-head .badge').textContent === 'processing'",
+            json!([]),
+        )
+        .await;
     browser.quit().await;
     server.stop().await;
 }

@@ -180,9 +180,11 @@ function toast(message) {
 // -------------------------------------------------------------------- API
 
 class ApiError extends Error {
-  constructor(status, message) {
+  /** `retryAfter`: the seconds a 429 or 503 asked to wait, else 0. */
+  constructor(status, message, retryAfter = 0) {
     super(message);
     this.status = status;
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -218,7 +220,7 @@ async function api(path, options = {}, key = apiKey()) {
   if (response.status === 401 && key === apiKey()) {
     signOut("The API refused the key (revoked?). Sign in again.");
   }
-  throw new ApiError(response.status, message);
+  throw new ApiError(response.status, message, Number(response.headers.get("Retry-After")) || 0);
 }
 
 async function getJson(path, signal) {
@@ -524,6 +526,10 @@ function renderJob(main, id) {
       if (read !== reads) return;
       draw(detail);
       finished = ["complete", "failed", "cancelled"].includes(detail.status);
+      if (finished) {
+        live.className = "live";
+        live.textContent = "finished";
+      }
     } catch (e) {
       if (controller.signal.aborted || read !== reads) return;
       if (e.status === 404 || e.status === 400) {
@@ -672,7 +678,10 @@ function renderJob(main, id) {
   }
 
   async function followStream() {
-    while (!controller.signal.aborted) {
+    while (!controller.signal.aborted && !finished) {
+      // A server over its stream limit says when to ask again; until then
+      // the job is polled.
+      let wait = 1000;
       try {
         const response = await api(`/v1/jobs/${id}/events`, {
           signal: controller.signal, headers: { Accept: "text/event-stream" },
@@ -684,14 +693,10 @@ function renderJob(main, id) {
         if (controller.signal.aborted) return;
         live.className = "live off";
         live.textContent = e.status === 429 ? "too many streams; polling" : "reconnecting";
+        if (e.retryAfter) wait = e.retryAfter * 1000;
       }
       await refresh();
-      if (finished) {
-        live.className = "live";
-        live.textContent = "finished";
-        return;
-      }
-      await new Promise((resolve) => setTimeout(resolve, 1000));
+      if (!finished) await new Promise((resolve) => setTimeout(resolve, wait));
     }
   }
 
