@@ -114,7 +114,7 @@ fn screenshot_dir() -> PathBuf {
 
 /// Instruments the page's `fetch` (once per page load): every call is
 /// recorded as "METHOD path?query"; a call matches "METHOD path" with any
-/// query or none. The next call matching a hold is held
+/// query or none, and "METHOD path*" when it starts with "METHOD path". The next call matching a hold is held
 /// until the test releases it. A hold of the `request` is released by
 /// sending it ("send") or failing it as a network error would ("fail"); a
 /// hold of the `answer` sends the request at once and keeps its answer
@@ -124,7 +124,9 @@ const FETCH_PROBE: &str = r#"
 if (!window.probe) {
   const fetchBefore = window.fetch;
   const probe = { calls: [], holds: {} };
-  probe.matches = (call, wanted) => call === wanted || call.startsWith(wanted + "?");
+  probe.matches = (call, wanted) => wanted.endsWith("*")
+    ? call.startsWith(wanted.slice(0, -1))
+    : call === wanted || call.startsWith(wanted + "?");
   probe.count = (wanted) => probe.calls.filter((call) => probe.matches(call, wanted)).length;
   window.probe = probe;
   window.fetch = async function (input, init) {
@@ -532,6 +534,15 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
             json!([]),
         )
         .await;
+    // The first download of the text fails as a network error would: its
+    // card says so, and offers to try again.
+    probe
+        .hold(
+            "text download",
+            &format!("GET /v1/jobs/{id}/artifacts/*"),
+            "request",
+        )
+        .await;
     complete_with_artifact(
         &server,
         "w-text",
@@ -541,6 +552,17 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
         STORY.as_bytes(),
     )
     .await;
+    probe.wait_until("text download", "caught").await;
+    probe.release("text download", "fail").await;
+    browser
+        .wait_for(
+            "the failed download, in words",
+            "const c = document.querySelector('.artifact.text .error-text'); \
+             return c && c.textContent.includes('could not be reached')",
+            json!([]),
+        )
+        .await;
+    browser.click("#reload-text").await;
 
     // The audio fails once (retryable), then both media tasks complete.
     // Its retry backs off 5 to 10 s (a base of 10 s), long enough for the

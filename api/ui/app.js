@@ -659,7 +659,13 @@ function renderJob(main, id) {
         body.replaceChildren(h("pre", { id: "text-artifact" }, text));
       }
     } catch (e) {
-      if (!controller.signal.aborted) body.replaceChildren(h("p", { class: "error-text" }, e.message));
+      if (controller.signal.aborted) return;
+      // A finished job's page reads nothing more: the user asks again.
+      body.replaceChildren(h("p", { class: "error-text" }, e.message),
+        h("button", { class: "btn", type: "button", id: `reload-${artifact.kind}`, onclick: () => {
+          body.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+          loadArtifact(artifact, body, download);
+        } }, "Try again"));
     }
   }
 
