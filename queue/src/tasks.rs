@@ -2,6 +2,8 @@
 //! release. Every call after the claim presents the [`Lease`]; the database
 //! refuses one that is no longer held.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -24,6 +26,10 @@ pub enum FailureKind {
 pub struct Failure {
     pub kind: FailureKind,
     pub message: String,
+    /// The least wait before a retry, when whoever refused the work said
+    /// (a provider's `Retry-After`): the retry runs no earlier, even when
+    /// the queue's own backoff would be shorter.
+    pub retry_after: Option<Duration>,
 }
 
 impl Failure {
@@ -31,6 +37,7 @@ impl Failure {
         Failure {
             kind: FailureKind::Retryable,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -38,6 +45,15 @@ impl Failure {
         Failure {
             kind: FailureKind::Permanent,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// This failure, retried no earlier than `wait` from now.
+    pub fn with_retry_after(self, wait: Duration) -> Self {
+        Failure {
+            retry_after: Some(wait),
+            ..self
         }
     }
 }
@@ -196,11 +212,12 @@ impl Queue {
     }
 
     /// Record a failed attempt: retried after a capped exponential backoff
-    /// with jitter while attempts remain and the failure is retryable,
-    /// failed otherwise (and the tasks that depended on it are cancelled).
+    /// with jitter (or the failure's `retry_after`, when longer) while
+    /// attempts remain and the failure is retryable, failed otherwise (and
+    /// the tasks that depended on it are cancelled).
     pub async fn fail(&self, worker_id: &str, lease: Lease, failure: &Failure) -> Result<RetryOutcome> {
         let row: Option<(String, DateTime<Utc>)> = retry_transient(|| {
-            sqlx::query_as("SELECT status, run_at FROM fail_task($1, $2, $3, $4, $5, $6, $7)")
+            sqlx::query_as("SELECT status, run_at FROM fail_task($1, $2, $3, $4, $5, $6, $7, $8)")
                 .bind(worker_id)
                 .bind(lease.task_id)
                 .bind(lease.claim)
@@ -208,6 +225,7 @@ impl Queue {
                 .bind(failure.kind == FailureKind::Retryable)
                 .bind(self.config.retry_base.as_secs_f64())
                 .bind(self.config.retry_cap.as_secs_f64())
+                .bind(failure.retry_after.map(|wait| wait.as_secs_f64()))
                 .fetch_optional(&self.pool)
         })
         .await?;

@@ -570,6 +570,48 @@ async fn calls_safe_to_repeat_survive_a_connection_the_server_killed(pool: PgPoo
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_retry_waits_as_long_as_the_failure_asked_when_that_is_longer_than_the_backoff(pool: PgPool) {
+    // Base 10 s: the first retry would come back in 5 to 10 s.
+    let q = queue(pool.clone());
+    q.enqueue(text_job("x")).await.unwrap();
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    let failed_at = chrono::Utc::now();
+    let refused = Failure::retryable("llm: HTTP 429").with_retry_after(std::time::Duration::from_secs(120));
+    let RetryOutcome::RetryAt(run_at) = q.fail("w1", task.lease(), &refused).await.unwrap() else {
+        panic!("a retryable failure with attempts left is retried");
+    };
+    let delay = (run_at - failed_at).num_milliseconds() as f64 / 1000.0;
+    assert!(
+        (119.0..=121.0).contains(&delay),
+        "retried after {delay} s, not the 120 s asked"
+    );
+    let fair_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT fair_at FROM job_tasks WHERE id = $1")
+            .bind(task.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        fair_at >= failed_at + chrono::Duration::seconds(119),
+        "its place in line is no earlier than the wait either: {fair_at}"
+    );
+
+    // A wait shorter than the backoff leaves the backoff.
+    make_retries_due(&pool).await;
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    let failed_at = chrono::Utc::now();
+    let brief = Failure::retryable("llm: HTTP 429").with_retry_after(std::time::Duration::from_secs(1));
+    let RetryOutcome::RetryAt(run_at) = q.fail("w1", task.lease(), &brief).await.unwrap() else {
+        panic!("retried");
+    };
+    let delay = (run_at - failed_at).num_milliseconds() as f64 / 1000.0;
+    assert!(
+        (9.0..=21.0).contains(&delay),
+        "second attempt's backoff is 10 to 20 s: {delay} s"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn the_default_backoff_starts_at_two_seconds_and_stops_growing_at_ten_minutes(pool: PgPool) {
     let defaults = queue::QueueConfig::default();
     for (attempt, full) in [(1, 2.0), (2, 4.0), (9, 512.0), (10, 600.0), (30, 600.0)] {

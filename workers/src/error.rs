@@ -1,6 +1,8 @@
 //! The crate's one error type, classified for the queue: retryable failures
 //! go back to pending with backoff, permanent ones fail the task at once.
 
+use std::time::Duration;
+
 use queue::{Failure, FailureKind};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,6 +23,8 @@ pub enum Error {
         service: &'static str,
         message: String,
         retryable: bool,
+        /// The wait the service asked for before trying again.
+        retry_after: Option<Duration>,
     },
 
     /// A remote service answered, but not with what its contract promises.
@@ -56,6 +60,25 @@ impl Error {
             service,
             message: message.into(),
             retryable,
+            retry_after: None,
+        }
+    }
+
+    /// This error, carrying the wait the service asked for (if any).
+    pub(crate) fn retry_after(self, wait: Option<Duration>) -> Self {
+        match self {
+            Error::Remote {
+                service,
+                message,
+                retryable,
+                ..
+            } => Error::Remote {
+                service,
+                message,
+                retryable,
+                retry_after: wait,
+            },
+            other => other,
         }
     }
 
@@ -94,6 +117,10 @@ impl From<&Error> for Failure {
         Failure {
             kind: error.failure_kind(),
             message: error.to_string(),
+            retry_after: match error {
+                Error::Remote { retry_after, .. } => *retry_after,
+                _ => None,
+            },
         }
     }
 }
@@ -117,6 +144,14 @@ mod tests {
         let failure = Failure::from(refused);
         assert_eq!(failure.kind, FailureKind::Permanent);
         assert_eq!(failure.message, "llm: HTTP 400: bad model");
+        assert_eq!(failure.retry_after, None);
+
+        let limited = Error::remote("llm", "HTTP 429", true).retry_after(Some(Duration::from_secs(120)));
+        assert_eq!(
+            Failure::from(limited).retry_after,
+            Some(Duration::from_secs(120)),
+            "the wait a provider asked for reaches the queue"
+        );
 
         let missing = Error::Store(store::StoreError::NotFound {
             key: "jobs/x/text.md".into(),

@@ -2,10 +2,11 @@
 //! and sending a request with bounded, jittered retries.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use reqwest::{header::RETRY_AFTER, RequestBuilder, Response, StatusCode};
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{RequestBuilder, Response, StatusCode};
 
 use crate::{Error, Result};
 
@@ -48,8 +49,8 @@ impl fmt::Debug for Secret {
 
 /// How a client retries a request that failed in a way that may pass: HTTP
 /// 408/429/5xx and connection errors. Waits grow exponentially with full
-/// jitter (so many workers do not retry in step), and a `Retry-After` in
-/// seconds from the server replaces the computed wait.
+/// jitter (so many workers do not retry in step), and the wait the server
+/// asks for (see [`asked_wait`]) replaces the computed one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
@@ -57,8 +58,9 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     /// A server asking for a longer pause than this is not waited for here:
-    /// the error goes back to the queue, which reschedules the task instead of
-    /// holding a worker slot idle.
+    /// the error goes back to the queue with the pause asked for, and the
+    /// queue schedules the retry no earlier, instead of a worker slot
+    /// waiting idle.
     pub max_retry_after: Duration,
 }
 
@@ -113,12 +115,12 @@ pub(crate) async fn send_with_retries(
         };
         if attempt >= policy.max_attempts {
             let message = format!("{message} (gave up after {attempt} attempts)");
-            return Err(Error::remote(service, message, true));
+            return Err(Error::remote(service, message, true).retry_after(retry_after));
         }
         let pause = match retry_after {
             Some(asked) if asked > policy.max_retry_after => {
                 let message = format!("{message}; server asked to retry after {}s", asked.as_secs());
-                return Err(Error::remote(service, message, true));
+                return Err(Error::remote(service, message, true).retry_after(Some(asked)));
             }
             Some(asked) => asked,
             None => policy.backoff(attempt),
@@ -144,18 +146,32 @@ async fn classify(outcome: reqwest::Result<Response>) -> Result<Response, Attemp
     if status.is_success() {
         return Ok(response);
     }
-    let retry_after = response
-        .headers()
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = asked_wait(response.headers(), SystemTime::now());
     let message = format!("HTTP {status}: {}", body_excerpt(response).await);
     if is_retryable_status(status) {
         Err(AttemptError::Retryable { message, retry_after })
     } else {
         Err(AttemptError::Permanent(message))
     }
+}
+
+/// The wait a refusal asks for: `retry-after-ms` (milliseconds, sent by
+/// OpenAI and Azure OpenAI) when present, else `Retry-After` in seconds or
+/// as an HTTP-date (RFC 9110 §10.2.3), a date already past being no wait.
+/// None when neither is there or readable.
+pub(crate) fn asked_wait(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    let value = header(RETRY_AFTER.as_str())?;
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 fn is_retryable_status(status: StatusCode) -> bool {
@@ -174,6 +190,17 @@ fn describe_transport_error(e: reqwest::Error) -> String {
     };
     // The URL is left out: it can carry an endpoint id, and the status says enough.
     format!("{what}: {}", e.without_url())
+}
+
+/// The whole body of a successful response. A body cut off mid-way is a
+/// network failure, so retryable; its message leaves the URL out (reqwest
+/// appends it, query string and all: a pre-signed URL's signature would
+/// reach the logs and the job's `last_error`).
+pub(crate) async fn read_body(service: &'static str, what: &str, response: Response) -> Result<bytes::Bytes> {
+    response
+        .bytes()
+        .await
+        .map_err(|e| Error::remote(service, format!("reading {what}: {}", e.without_url()), true))
 }
 
 /// The start of an error body, enough to say what the server objected to.
@@ -196,6 +223,79 @@ mod tests {
         let secret = Secret::new("sk-very-secret");
         assert!(!format!("{secret:?}").contains("sk-"));
         assert_eq!(secret.expose(), "sk-very-secret");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_off_is_retryable_and_its_message_leaves_the_url_out() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await.unwrap();
+            // 1,000 bytes promised, 10 sent, then the connection closes.
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                .await
+                .unwrap();
+        });
+        let response = client(Duration::from_secs(10))
+            .unwrap()
+            .get(format!("http://{address}/audio.wav?X-Amz-Signature=s3cr3t"))
+            .send()
+            .await
+            .unwrap();
+        let error = read_body("tts", "the audio", response).await.unwrap_err();
+        assert!(error.is_retryable(), "{error}");
+        let message = error.to_string();
+        assert!(message.starts_with("tts: reading the audio"), "{message}");
+        assert!(
+            !message.contains("s3cr3t") && !message.contains("127.0.0.1"),
+            "{message}"
+        );
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| {
+                (
+                    reqwest::header::HeaderName::from_static(name),
+                    value.parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_wait_asked_for_is_read_in_every_form_a_server_sends() {
+        let now = httpdate::parse_http_date("Fri, 04 Dec 2026 16:00:00 GMT").unwrap();
+        let asked = |pairs: &[(&'static str, &str)]| asked_wait(&headers(pairs), now);
+        assert_eq!(asked(&[("retry-after", "120")]), Some(Duration::from_secs(120)));
+        assert_eq!(
+            asked(&[("retry-after", "Fri, 04 Dec 2026 16:02:00 GMT")]),
+            Some(Duration::from_secs(120)),
+            "an HTTP-date"
+        );
+        assert_eq!(
+            asked(&[("retry-after", "Friday, 04-Dec-26 16:00:30 GMT")]),
+            Some(Duration::from_secs(30)),
+            "the obsolete RFC 850 form"
+        );
+        assert_eq!(
+            asked(&[("retry-after", "Fri, 04 Dec 2026 15:59:00 GMT")]),
+            Some(Duration::ZERO),
+            "a date already past"
+        );
+        assert_eq!(
+            asked(&[("retry-after-ms", "1500"), ("retry-after", "9")]),
+            Some(Duration::from_millis(1500)),
+            "milliseconds win over seconds"
+        );
+        assert_eq!(asked(&[("retry-after", "soon")]), None);
+        assert_eq!(asked(&[("retry-after-ms", "-5")]), None);
+        assert_eq!(asked(&[]), None);
     }
 
     #[test]

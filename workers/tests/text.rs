@@ -116,6 +116,57 @@ async fn a_429_is_retried_after_the_pause_the_server_asks_for() {
 }
 
 #[tokio::test]
+async fn a_reply_cut_off_or_filtered_fails_the_task_instead_of_passing_as_whole() {
+    for (reason, said) in [("length", "token limit"), ("content_filter", "content filter")] {
+        let server = FakeServer::start(move |_, _| {
+            let mut cut = completion("Once upon a time, the lighthouse keeper");
+            cut["choices"][0]["finish_reason"] = json!(reason);
+            json_response(StatusCode::OK, cut)
+        })
+        .await;
+        let error = provider(&server.base_url, 3)
+            .generate(&request("p", None))
+            .await
+            .unwrap_err();
+        assert_eq!(server.requests().len(), 1, "{reason}: not asked again");
+        let failure = Failure::from(error);
+        assert_eq!(failure.kind, FailureKind::Permanent, "{reason}");
+        assert!(failure.message.contains(said), "{reason}: {}", failure.message);
+    }
+    // A reply without a finish_reason (some servers leave it null) is whole.
+    let server = FakeServer::start(|_, _| {
+        let mut whole = completion("the end");
+        whole["choices"][0]["finish_reason"] = json!(null);
+        json_response(StatusCode::OK, whole)
+    })
+    .await;
+    let generated = provider(&server.base_url, 3)
+        .generate(&request("p", None))
+        .await
+        .unwrap();
+    assert_eq!(generated.markdown, "the end");
+}
+
+#[tokio::test]
+async fn a_429_asking_longer_than_a_worker_waits_goes_back_to_the_queue_with_that_wait() {
+    let server = FakeServer::start(|_, _| {
+        let mut busy = text_response(StatusCode::TOO_MANY_REQUESTS, "rate limited").into_response();
+        busy.headers_mut().insert("retry-after", "120".parse().unwrap());
+        busy
+    })
+    .await;
+    let error = provider(&server.base_url, 3)
+        .generate(&request("p", None))
+        .await
+        .unwrap_err();
+
+    assert_eq!(server.requests().len(), 1, "not retried in place");
+    let failure = Failure::from(error);
+    assert_eq!(failure.kind, FailureKind::Retryable);
+    assert_eq!(failure.retry_after, Some(Duration::from_secs(120)));
+}
+
+#[tokio::test]
 async fn server_errors_until_attempts_run_out_are_retryable() {
     let server =
         FakeServer::start(|_, _| text_response(StatusCode::INTERNAL_SERVER_ERROR, "upstream exploded")).await;
