@@ -275,6 +275,39 @@ async fn a_runpod_job_past_its_deadline_is_cancelled_and_retryable() {
 }
 
 #[tokio::test]
+async fn a_runpod_job_no_longer_waited_for_is_cancelled() {
+    let server = fake_runpod(|id| json!({"id": id, "status": "IN_PROGRESS"})).await;
+    let client = runpod_client(&server, Duration::from_secs(600));
+    // The task's timeout, a lost lease or another chunk's failure drops the
+    // wait long before the job's own deadline.
+    let waited = tokio::time::timeout(Duration::from_millis(300), client.synthesize("x", None)).await;
+    assert!(waited.is_err(), "still running");
+    let cancelled = |server: &FakeServer| {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.method == Method::POST && r.path == "/v2/endpoint-1/cancel/job-0")
+    };
+    // Sent from a task of its own, after the drop.
+    for _ in 0..250 {
+        if cancelled(&server) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cancelled(&server), "the job left running is cancelled");
+
+    // A job that ended (here, failed) is not cancelled.
+    let server = fake_runpod(|id| json!({"id": id, "status": "FAILED", "error": "bad voice"})).await;
+    runpod_client(&server, Duration::from_secs(600))
+        .synthesize("x", None)
+        .await
+        .unwrap_err();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!cancelled(&server), "an ended job is left alone");
+}
+
+#[tokio::test]
 async fn runpod_output_without_audio_is_malformed() {
     let server =
         fake_runpod(|id| json!({"id": id, "status": "COMPLETED", "output": {"note": "no audio"}})).await;

@@ -241,6 +241,9 @@ struct ChatResponse {
 #[derive(Deserialize)]
 struct ChatChoice {
     message: ChatMessage,
+    /// `stop` for a whole reply; `length` when the model's token limit cut
+    /// it off; `content_filter` when the provider withheld some of it.
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -273,18 +276,37 @@ impl ChatClient {
             }
         })
         .await?;
-        // The body can still be cut off mid-way: a network failure, so retryable.
-        let raw = response
-            .bytes()
-            .await
-            .map_err(|e| Error::remote(service, format!("reading the response: {e}"), true))?;
+        let raw = http::read_body(service, "the response", response).await?;
         let parsed: ChatResponse =
             serde_json::from_slice(&raw).map_err(|e| Error::malformed(service, e.to_string()))?;
-        let content = parsed
+        let choice = parsed
             .choices
             .into_iter()
             .next()
-            .and_then(|choice| choice.message.content)
+            .ok_or_else(|| Error::malformed(service, "no choices"))?;
+        // A reply cut short would be typeset and read aloud as if whole; the
+        // same request would be cut the same way again, so the job fails now.
+        match choice.finish_reason.as_deref() {
+            Some("length") => {
+                return Err(Error::remote(
+                    service,
+                    "the reply was cut off at the model's token limit (finish_reason \"length\"): \
+                     raise the server's limit for this model, or ask for a shorter text",
+                    false,
+                ))
+            }
+            Some("content_filter") => {
+                return Err(Error::remote(
+                    service,
+                    "the provider's content filter withheld the reply (finish_reason \"content_filter\")",
+                    false,
+                ))
+            }
+            _ => {}
+        }
+        let content = choice
+            .message
+            .content
             .map(|content| content.trim().to_owned())
             .filter(|content| !content.is_empty())
             .ok_or_else(|| Error::malformed(service, "no message content in choices[0]"))?;

@@ -66,6 +66,26 @@ pub struct RunPodClient {
     http: reqwest::Client,
 }
 
+/// Cancels the RunPod job if the wait for it is dropped while it runs: the
+/// task's timeout, a lost lease or another chunk's failure ends the wait,
+/// and a job left running holds a GPU and is billed. Cleared once the job
+/// has ended (or was cancelled in place).
+struct CancelOnDrop {
+    client: RunPodClient,
+    id: Option<String>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        // The wait's future is gone; the cancel is sent from a task of its own.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            runtime.spawn(async move { client.cancel(&id).await });
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct JobStatus {
     id: Option<String>,
@@ -105,10 +125,17 @@ impl RunPodClient {
             .id
             .clone()
             .ok_or_else(|| Error::malformed(SERVICE, "the run response has no job id"))?;
+        let mut running = CancelOnDrop {
+            client: self.clone(),
+            id: Some(id.clone()),
+        };
         let deadline = Instant::now() + self.config.job_timeout;
         let mut pause = self.config.first_poll;
         let mut status = submitted;
         loop {
+            if !matches!(status.status.as_str(), "IN_QUEUE" | "IN_PROGRESS") {
+                running.id = None;
+            }
             match status.status.as_str() {
                 "IN_QUEUE" | "IN_PROGRESS" => {}
                 "COMPLETED" => return self.fetch_audio(status.output).await,
@@ -134,6 +161,7 @@ impl RunPodClient {
                 }
             }
             if Instant::now() + pause > deadline {
+                running.id = None;
                 self.cancel(&id).await;
                 let message = format!(
                     "job {id} not finished after {}s",
@@ -154,10 +182,7 @@ impl RunPodClient {
             build().bearer_auth(self.config.api_key.expose())
         })
         .await?;
-        let raw = response
-            .bytes()
-            .await
-            .map_err(|e| Error::remote(SERVICE, format!("reading the response: {e}"), true))?;
+        let raw = http::read_body(SERVICE, "the response", response).await?;
         serde_json::from_slice(&raw).map_err(|e| Error::malformed(SERVICE, e.to_string()))
     }
 
@@ -190,11 +215,7 @@ impl RunPodClient {
             // No bearer token: the URL may point anywhere, the key is RunPod's.
             let response =
                 http::send_with_retries(SERVICE, &self.config.retry, || self.http.get(url)).await?;
-            response
-                .bytes()
-                .await
-                .map_err(|e| Error::remote(SERVICE, format!("downloading audio_url: {e}"), true))?
-                .to_vec()
+            http::read_body(SERVICE, "audio_url", response).await?.to_vec()
         } else {
             return Err(Error::malformed(
                 SERVICE,
