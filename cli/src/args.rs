@@ -233,7 +233,9 @@ pub enum ArtifactsCommand {
         job: Uuid,
         #[arg(long, value_parser = parse_artifact_kind)]
         kind: ArtifactKind,
-        /// Where to write (`-` for stdout; default: <kind> with its extension).
+        /// Where to write (`-` for stdout; default: document.pdf, audio.mp3
+        /// or text.md). The bytes collect in FILE.partial (resumed from there)
+        /// and replace FILE once their sha256 matches.
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         file: Option<PathBuf>,
     },

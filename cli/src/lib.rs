@@ -29,8 +29,9 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut command, "backlog", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "backlog", &mut script);
+            output::write_stdout(&script)
         }
         Command::Config(format) => show_config(&Settings::load()?, format.output),
         Command::Login { url } => login(url).await,
@@ -209,10 +210,13 @@ async fn login(url: Option<String>) -> Result<()> {
         })
         .await?;
     config::save(&path, config::Change::Login { url: &url, key: &key })?;
-    println!(
-        "Logged in to {url}; the key is kept in {} (mode 0600).",
-        path.display()
-    );
+    output::write_stdout(
+        format!(
+            "Logged in to {url}; the key is kept in {} (mode 0600).\n",
+            path.display()
+        )
+        .as_bytes(),
+    )?;
     if let Some((_, source @ config::Source::Env(_))) = &settings.key {
         eprintln!("Note: {source} is set and wins over the config file while it is.");
     }
@@ -227,12 +231,12 @@ fn logout() -> Result<()> {
             "no config file: set BACKLOG_CONFIG, XDG_CONFIG_HOME or HOME".into(),
         ));
     };
-    if config::save(&path, config::Change::Logout)? {
-        println!("The key is removed from {}.", path.display());
+    let said = if config::save(&path, config::Change::Logout)? {
+        format!("The key is removed from {}.\n", path.display())
     } else {
-        println!("{} holds no key.", path.display());
-    }
-    Ok(())
+        format!("{} holds no key.\n", path.display())
+    };
+    output::write_stdout(said.as_bytes())
 }
 
 fn show_config(settings: &Settings, format: Format) -> Result<()> {

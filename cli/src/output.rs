@@ -52,8 +52,19 @@ pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T) -> 
         }
         Format::Yaml => serde_yaml_ng::to_string(value).map_err(internal)?,
     };
-    print!("{text}");
-    Ok(())
+    write_stdout(text.as_bytes())
+}
+
+/// Write `bytes` to stdout. A reader that has gone (`backlog jobs list |
+/// head`) ends the output quietly, as it does for any Unix tool: `print!`
+/// would panic (Rust ignores SIGPIPE, so the write fails with EPIPE).
+pub fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::file("writing", "stdout")(e)),
+        _ => Ok(()),
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> CliError {

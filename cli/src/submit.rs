@@ -25,10 +25,15 @@ pub async fn run(client: &Client, args: SubmitArgs) -> Result<()> {
         .job_type
         .ok_or_else(|| CliError::Usage("a job type is required (reading, text, pdf, audiobook)".into()))?;
     let input = input_from_args(job_type, &args)?;
+    let priority = args.priority.unwrap_or(0);
+    check_priority(priority).map_err(|e| CliError::Usage(format!("--priority: {e}")))?;
+    if let Some(key) = &args.idempotency_key {
+        check_idempotency_key(key).map_err(|e| CliError::Usage(format!("--idempotency-key: {e}")))?;
+    }
     let request = CreateJob {
         job_type,
         input: serde_json::to_value(input).map_err(|e| CliError::Usage(e.to_string()))?,
-        priority: args.priority.unwrap_or(0),
+        priority,
     };
     let (job, _created) = client
         .create_job(&request, args.idempotency_key.as_deref())
@@ -130,9 +135,13 @@ async fn submit_batch(client: &Client, path: &Path, key: Option<&str>, args: &Su
         let parsed: BatchLine = serde_json::from_str(line).map_err(|e| at(&e))?;
         let input =
             JobInput::parse(parsed.job_type, &parsed.input).map_err(|e| at(&format!("input: {e}")))?;
+        check_priority(parsed.priority).map_err(|e| at(&format!("priority: {e}")))?;
         let idempotency_key = parsed
             .idempotency_key
             .or_else(|| key.map(|key| format!("{key}-{number}")));
+        if let Some(key) = &idempotency_key {
+            check_idempotency_key(key).map_err(|e| at(&format!("idempotency_key {key:?}: {e}")))?;
+        }
         let request = CreateJob {
             job_type: parsed.job_type,
             input: serde_json::to_value(input).map_err(|e| at(&e))?,
@@ -148,7 +157,7 @@ async fn submit_batch(client: &Client, path: &Path, key: Option<&str>, args: &Su
     }
     let mut results = Vec::with_capacity(requests.len());
     for (line, request, idempotency_key) in requests {
-        let (job, created) = client
+        let outcome = client
             .create_job(&request, idempotency_key.as_deref())
             .await
             .map_err(|e| match e {
@@ -164,9 +173,50 @@ async fn submit_batch(client: &Client, path: &Path, key: Option<&str>, args: &Su
                     field,
                 },
                 e => e,
-            })?;
+            });
+        let (job, created) = match outcome {
+            Ok(created) => created,
+            Err(e) => {
+                // What was created before the failure is printed, so that
+                // whoever runs the rest knows where to start.
+                if !results.is_empty() {
+                    print_batch(args, &results)?;
+                }
+                return Err(e);
+            }
+        };
         results.push(BatchResult { line, created, job });
     }
+    print_batch(args, &results)
+}
+
+/// The priority range the queue takes, checked before anything is sent.
+fn check_priority(priority: i32) -> std::result::Result<(), String> {
+    if queue::PRIORITY_RANGE.contains(&priority) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be between {} and {}, got {priority}",
+            queue::PRIORITY_RANGE.start(),
+            queue::PRIORITY_RANGE.end()
+        ))
+    }
+}
+
+/// What the API takes in an `Idempotency-Key` header: 1 to 200 visible
+/// ASCII characters (spaces inside, none at either end: HTTP trims them).
+fn check_idempotency_key(key: &str) -> std::result::Result<(), String> {
+    const MAX: usize = 200;
+    let visible = key.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if key.is_empty() || key.len() > MAX || !visible || key.trim() != key {
+        return Err(format!(
+            "must be 1 to {MAX} visible ASCII characters, with no space at either end"
+        ));
+    }
+    Ok(())
+}
+
+fn print_batch(args: &SubmitArgs, results: &[BatchResult]) -> Result<()> {
     print(args.format.output, &results, |results| {
         let jobs: Vec<Job> = results.iter().map(|r| r.job.clone()).collect();
         let created = results.iter().filter(|r| r.created).count();

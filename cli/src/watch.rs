@@ -8,12 +8,13 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::pin::pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use queue::TaskStatus;
+use reqwest::StatusCode;
 use uuid::Uuid;
 
 use crate::client::Client;
@@ -22,38 +23,54 @@ use crate::output::{self, or_dash, print, table, Format};
 use crate::views::{Artifact, JobDetail, Task};
 
 const REFRESH: Duration = Duration::from_secs(1);
+/// How long a refused stream (429: the API's stream limits) is not asked
+/// for again: the API's own `Retry-After` for it. The job is polled meanwhile.
+const STREAM_REFUSED_PAUSE: Duration = Duration::from_secs(10);
+/// How long the API may stay unreachable or failing before following gives up.
+const MAX_OUTAGE: Duration = Duration::from_secs(300);
 
 /// Follow job `id` until it finishes; print its artifacts (or, with `-o
 /// json|yaml`, the finished job). A failed or cancelled job is an error.
+/// The job is followed through what passes (the API busy, restarting, a
+/// stream cut or refused) by polling it; what does not (a refused key, no
+/// such job), or an outage over [`MAX_OUTAGE`], ends it.
 pub async fn follow(client: &Client, id: Uuid, format: Format) -> Result<()> {
     let mut display = if std::io::stderr().is_terminal() {
         Display::live()
     } else {
         Display::plain()
     };
-    let detail = loop {
-        let detail = client.job(id).await?;
-        display.show(&detail);
-        if detail.job.status.is_finished() {
-            break detail;
+    let mut last_ok = Instant::now();
+    let mut told = false;
+    let detail = 'follow: loop {
+        let error = match watch(client, id, &mut display, &mut last_ok).await {
+            Ok(detail) => break detail,
+            Err(error) if passes(&error) && last_ok.elapsed() < MAX_OUTAGE => error,
+            Err(error) => return Err(error),
+        };
+        if !told {
+            display.note(&format!("{error}; still following job {id}"));
+            told = true;
         }
-        // The stream ends when the job finishes, or at the server's limit
-        // on a stream's life: then read the job and open another.
-        let events = client.job_events(id).await?;
-        let mut events = pin!(events);
-        let mut tick = tokio::time::interval(REFRESH);
-        tick.tick().await;
+        let pause = match &error {
+            CliError::Api { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => STREAM_REFUSED_PAUSE,
+            _ => REFRESH,
+        };
+        let until = Instant::now() + pause;
         loop {
-            tokio::select! {
-                event = events.next() => match event {
-                    Some(event) => { event?; }
-                    None => break,
-                },
-                _ = tick.tick() => {}
+            tokio::time::sleep(REFRESH).await;
+            match client.job(id).await {
+                Ok(detail) => {
+                    last_ok = Instant::now();
+                    display.show(&detail);
+                    if detail.job.status.is_finished() {
+                        break 'follow detail;
+                    }
+                }
+                Err(error) if passes(&error) && last_ok.elapsed() < MAX_OUTAGE => {}
+                Err(error) => return Err(error),
             }
-            let detail = client.job(id).await?;
-            display.show(&detail);
-            if detail.job.status.is_finished() {
+            if Instant::now() >= until {
                 break;
             }
         }
@@ -73,6 +90,50 @@ pub async fn follow(client: &Client, id: Uuid, format: Format) -> Result<()> {
             status,
             error: detail.job.error.clone(),
         }),
+    }
+}
+
+/// Read job `id`, then follow its event stream (reading the job on each
+/// event and every [`REFRESH`]) until it finishes. The stream ends when the
+/// job finishes, or at the server's limit on a stream's life: then another
+/// is opened.
+async fn watch(client: &Client, id: Uuid, display: &mut Display, last_ok: &mut Instant) -> Result<JobDetail> {
+    loop {
+        let detail = client.job(id).await?;
+        *last_ok = Instant::now();
+        display.show(&detail);
+        if detail.job.status.is_finished() {
+            return Ok(detail);
+        }
+        let events = client.job_events(id).await?;
+        let mut events = pin!(events);
+        let mut tick = tokio::time::interval(REFRESH);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) => { event?; }
+                    None => break,
+                },
+                _ = tick.tick() => {}
+            }
+            let detail = client.job(id).await?;
+            *last_ok = Instant::now();
+            display.show(&detail);
+            if detail.job.status.is_finished() {
+                return Ok(detail);
+            }
+        }
+    }
+}
+
+/// Whether following can go on after `error`: the API unreachable (a
+/// restart, a cut connection), busy (429) or failing (5xx).
+fn passes(error: &CliError) -> bool {
+    match error {
+        CliError::Unreachable { .. } => true,
+        CliError::Api { status, .. } => *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
+        _ => false,
     }
 }
 
@@ -149,6 +210,16 @@ impl Display {
                     );
                 }
             }
+        }
+    }
+
+    /// A line on stderr that is not the job's state, above the bars.
+    fn note(&self, line: &str) {
+        match self {
+            Display::Live { bars, .. } => {
+                let _ = bars.println(format!("backlog: {line}"));
+            }
+            Display::Plain { .. } => eprintln!("backlog: {line}"),
         }
     }
 

@@ -31,15 +31,21 @@ fn backlog(server: &TestServer, key: &str) -> tokio::process::Command {
 }
 
 /// Run to the end; stdout and stderr as text, and the exit code.
-async fn run(command: &mut tokio::process::Command, args: &[&str]) -> (i32, String, String) {
+async fn run(
+    command: &mut tokio::process::Command,
+    args: &[impl AsRef<str> + std::fmt::Debug],
+) -> (i32, String, String) {
     let Output {
         status,
         stdout,
         stderr,
-    } = tokio::time::timeout(Duration::from_secs(30), command.args(args).output())
-        .await
-        .unwrap_or_else(|_| panic!("backlog {args:?} ended within 30 s"))
-        .unwrap();
+    } = tokio::time::timeout(
+        Duration::from_secs(30),
+        command.args(args.iter().map(AsRef::as_ref)).output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("backlog {args:?} ended within 30 s"))
+    .unwrap();
     (
         status.code().expect("exited, not killed"),
         String::from_utf8(stdout).unwrap(),
@@ -146,7 +152,7 @@ async fn submit_wait_follows_a_reading_job_to_its_artifacts_and_downloads_resume
         "el",
         "--wait",
     ]);
-    let waiting = tokio::spawn(async move { run(&mut waiting, &[]).await });
+    let waiting = tokio::spawn(async move { run(&mut waiting, &[] as &[&str]).await });
     let pdf = pdf_bytes();
     do_reading_job(&server, &pdf).await;
     let (code, stdout, stderr) = waiting.await.unwrap();
@@ -200,42 +206,82 @@ async fn submit_wait_follows_a_reading_job_to_its_artifacts_and_downloads_resume
     assert_eq!(std::fs::read(&whole).unwrap(), pdf);
     assert!(stderr.contains("sha256 verified"), "{stderr}");
 
-    let partial = dir.path().join("partial.pdf");
-    std::fs::write(&partial, &pdf[..70_000]).unwrap();
-    let (code, _, stderr) = run(
-        &mut backlog(&server, &key),
-        &[
-            "artifacts",
-            "get",
-            &id,
-            "--kind",
-            "pdf",
-            "-o",
-            partial.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let get_pdf = |to: &std::path::Path| {
+        [
+            "artifacts".to_string(),
+            "get".into(),
+            id.clone(),
+            "--kind".into(),
+            "pdf".into(),
+            "-o".into(),
+            to.to_str().unwrap().into(),
+        ]
+    };
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &get_pdf(&whole)).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("already here, sha256 verified"), "{stderr}");
+
+    // Half a download, left in FILE.partial: resumed from there, and put in
+    // place once whole.
+    let resumed = dir.path().join("resumed.pdf");
+    std::fs::write(dir.path().join("resumed.pdf.partial"), &pdf[..70_000]).unwrap();
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &get_pdf(&resumed)).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("resumed at byte 70000"), "{stderr}");
-    assert_eq!(std::fs::read(&partial).unwrap(), pdf);
+    assert_eq!(std::fs::read(&resumed).unwrap(), pdf);
+    assert!(!dir.path().join("resumed.pdf.partial").exists());
 
-    // A partial file that is not a prefix of the artifact fails its check.
-    let corrupt = dir.path().join("corrupt.pdf");
-    std::fs::write(&corrupt, vec![b'x'; 1000]).unwrap();
-    let (code, _, stderr) = run(
-        &mut backlog(&server, &key),
-        &[
-            "artifacts",
-            "get",
-            &id,
-            "--kind",
-            "pdf",
-            "-o",
-            corrupt.to_str().unwrap(),
-        ],
-    )
-    .await;
-    assert_eq!((code, stderr.contains("remove the file")), (6, true), "{stderr}");
+    // A partial file that is not a prefix of the artifact: downloaded again
+    // from the start.
+    let stale = dir.path().join("stale.pdf");
+    std::fs::write(dir.path().join("stale.pdf.partial"), vec![b'x'; 1000]).unwrap();
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &get_pdf(&stale)).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("downloaded again"), "{stderr}");
+    assert_eq!(std::fs::read(&stale).unwrap(), pdf);
+
+    // Another file of the same name (another job's document.pdf) is neither
+    // appended to nor taken for a partial download: it is replaced whole.
+    let other = dir.path().join("other.pdf");
+    std::fs::write(&other, vec![b'y'; 1000]).unwrap();
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &get_pdf(&other)).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("resumed"), "{stderr}");
+    assert_eq!(std::fs::read(&other).unwrap(), pdf);
+
+    // To stdout, checked as it passes.
+    let piped = backlog(&server, &key)
+        .args(get_pdf(std::path::Path::new("-")))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(piped.status.code(), Some(0));
+    assert_eq!(piped.stdout, pdf);
+
+    // Bytes that do not match the artifact's sha256 (a store damaged under
+    // the API): exit 6, and nothing is kept, neither FILE nor FILE.partial.
+    let stored = std::fs::read_dir(server.artifacts.path().join("jobs").join(&id))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.file_name().unwrap().to_str().unwrap().starts_with("pdf-"))
+        .expect("the stored PDF");
+    let mut damaged = pdf.clone();
+    damaged[100] ^= 0xff;
+    std::fs::write(&stored, &damaged).unwrap();
+    let fresh = dir.path().join("fresh.pdf");
+    let (code, _, stderr) = run(&mut backlog(&server, &key), &get_pdf(&fresh)).await;
+    assert_eq!((code, stderr.contains("nothing was kept")), (6, true), "{stderr}");
+    assert!(!fresh.exists() && !dir.path().join("fresh.pdf.partial").exists());
+    let piped = backlog(&server, &key)
+        .args(get_pdf(std::path::Path::new("-")))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        piped.status.code(),
+        Some(6),
+        "a damaged stream to stdout is told by the exit code"
+    );
     server.stop().await;
 }
 
@@ -571,6 +617,52 @@ async fn a_batch_file_is_checked_whole_and_is_safe_to_run_again(pool: sqlx::PgPo
         2,
         "nothing of the bad file was created"
     );
+
+    // What only the API used to check is checked here too: a priority out
+    // of range, a key the header cannot carry.
+    for (line, said) in [
+        (
+            "{\"type\": \"text\", \"input\": {\"prompt\": \"p\"}, \"priority\": 500}",
+            "jobs.jsonl:2: priority: must be between -100 and 100, got 500",
+        ),
+        (
+            "{\"type\": \"text\", \"input\": {\"prompt\": \"p\"}, \"idempotency_key\": \"tab\\there\"}",
+            "jobs.jsonl:2: idempotency_key \"tab\\there\": must be 1 to 200 visible ASCII characters",
+        ),
+    ] {
+        std::fs::write(
+            &batch,
+            format!("{{\"type\": \"text\", \"input\": {{\"prompt\": \"three\"}}}}\n{line}\n"),
+        )
+        .unwrap();
+        let (code, _, stderr) = run(
+            &mut backlog(&server, &key),
+            &["submit", "--batch", batch.to_str().unwrap()],
+        )
+        .await;
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(said), "{stderr}");
+        assert_eq!(server.row_counts().await[0], 2, "nothing of {line} was created");
+    }
+
+    // A line the API refuses (its key already used for another job): the
+    // lines created before it are printed, then the error.
+    std::fs::write(
+        &batch,
+        "{\"type\": \"text\", \"input\": {\"prompt\": \"four\"}}\n\
+         {\"type\": \"text\", \"input\": {\"prompt\": \"not one\"}, \"idempotency_key\": \"import-1-1\"}\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(
+        &mut backlog(&server, &key),
+        &["submit", "--batch", batch.to_str().unwrap(), "-o", "json"],
+    )
+    .await;
+    assert_eq!(code, 5, "{stderr}");
+    let printed: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(printed.as_array().unwrap().len(), 1, "{printed}");
+    assert_eq!(printed[0]["line"], 1);
+    assert!(stderr.contains("jobs.jsonl:2:"), "{stderr}");
     server.stop().await;
 }
 
@@ -592,7 +684,7 @@ async fn on_a_terminal_the_progress_display_reaches_100_percent_naming_every_tas
         .env("TERM", "xterm-256color")
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    let waiting = tokio::spawn(async move { run(&mut under_pty, &[]).await });
+    let waiting = tokio::spawn(async move { run(&mut under_pty, &[] as &[&str]).await });
     do_reading_job(&server, b"%PDF").await;
     let (code, screen, stderr) = waiting.await.unwrap();
     assert_eq!(code, 0, "{stderr}\n{screen}");
@@ -785,7 +877,7 @@ async fn wait_outlasts_the_servers_stream_limit(pool: sqlx::PgPool) {
     let key = server.key("acme", ApiKeyRole::Client).await;
     let mut waiting = backlog(&server, &key);
     waiting.args(["submit", "text", "--prompt", "slow tides", "--wait"]);
-    let waiting = tokio::spawn(async move { run(&mut waiting, &[]).await });
+    let waiting = tokio::spawn(async move { run(&mut waiting, &[] as &[&str]).await });
     // Two of the server's stream lifetimes pass with the job queued.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(!waiting.is_finished(), "--wait gave up when a stream ended");
@@ -797,5 +889,58 @@ async fn wait_outlasts_the_servers_stream_limit(pool: sqlx::PgPool) {
     .await;
     let (code, _, stderr) = waiting.await.unwrap();
     assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("complete (1/1 tasks)"), "{stderr}");
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_reader_that_stops_early_ends_the_output_quietly(pool: sqlx::PgPool) {
+    // `backlog jobs list -o json | head -1`: the reader closes the pipe.
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    server.create_text_job(&key, "tides").await;
+    let mut child = backlog(&server, &key)
+        .args(["jobs", "list", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the CLI has its answer from the API to print.
+    drop(child.stdout.take());
+    let Output { status, stderr, .. } = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8(stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn wait_follows_by_polling_when_the_api_refuses_it_a_stream(pool: sqlx::PgPool) {
+    // No stream for this tenant: every GET /v1/jobs/{id}/events is a 429.
+    let settings = api::state::Settings {
+        streams: api::streams::StreamLimits {
+            per_tenant: 0,
+            ..api::streams::StreamLimits::default()
+        },
+        ..common::test_settings()
+    };
+    let server = TestServer::start_with(pool, settings).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let mut waiting = backlog(&server, &key);
+    waiting.args(["submit", "text", "--prompt", "tides", "--wait"]);
+    let waiting = tokio::spawn(async move { run(&mut waiting, &[] as &[&str]).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!waiting.is_finished(), "--wait gave up on a refused stream");
+    do_task(
+        &server,
+        TaskType::TextGeneration,
+        Some((ArtifactKind::Text, b"tides")),
+    )
+    .await;
+    let (code, _, stderr) = waiting.await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("429") && stderr.contains("still following job"),
+        "{stderr}"
+    );
     assert!(stderr.contains("complete (1/1 tasks)"), "{stderr}");
 }
