@@ -2,7 +2,9 @@
 //! offending field, instead of axum's plain-text rejections.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::path::ErrorKind as PathErrorKind;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
@@ -115,6 +117,35 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
                 field: field_path(error.path(), error.inner()),
                 message: error.inner().to_string(),
             })
+    }
+}
+
+/// Path parameters. A rejection (a parameter whose percent-decoding is not
+/// UTF-8, `/v1/jobs/%FF`) answers 400 in the API's JSON error body naming
+/// the parameter, not in axum's plain text.
+pub struct PathParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(PathParams(value)),
+            Err(rejection) => {
+                let field = match &rejection {
+                    PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+                        PathErrorKind::InvalidUtf8InPathParam { key }
+                        | PathErrorKind::ParseErrorAtKey { key, .. } => Some(key.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                Err(ApiError::InvalidRequest {
+                    field,
+                    message: rejection.body_text(),
+                })
+            }
+        }
     }
 }
 

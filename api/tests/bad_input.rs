@@ -261,6 +261,10 @@ async fn bad_ids_queries_and_cursors_are_400s_and_write_nothing(pool: sqlx::PgPo
 
     let gets: &[(&str, &str)] = &[
         ("/v1/jobs/not-a-uuid", "id"),
+        // Not UTF-8 once percent-decoded: refused before any handler runs.
+        ("/v1/jobs/%FF", "id"),
+        ("/v1/jobs/%FF/events", "id"),
+        ("/v1/jobs/%C3%28/artifacts", "id"),
         ("/v1/jobs/123/events", "id"),
         ("/v1/jobs?cursor=garbage", "cursor"),
         ("/v1/jobs?cursor=AQID", "cursor"),
@@ -277,6 +281,10 @@ async fn bad_ids_queries_and_cursors_are_400s_and_write_nothing(pool: sqlx::PgPo
     }
     let artifact = server
         .get_json(&key, &format!("/v1/jobs/{id}/artifacts/nope"))
+        .await;
+    assert_error(&artifact, 400, "invalid_request", Some("artifact_id"));
+    let artifact = server
+        .get_json(&key, &format!("/v1/jobs/{id}/artifacts/%FF"))
         .await;
     assert_error(&artifact, 400, "invalid_request", Some("artifact_id"));
     for action in ["cancel", "retry"] {

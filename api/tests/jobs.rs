@@ -11,14 +11,22 @@ async fn a_created_job_comes_back_with_its_task_plan(pool: sqlx::PgPool) {
     let server = TestServer::start(pool).await;
     let key = server.key("acme", ApiKeyRole::Client).await;
 
-    let (status, job) = server
-        .post_json(
-            &key,
-            "/v1/jobs",
-            &json!({"type": "reading", "input": {"prompt": "tides", "title": "Tides"}, "priority": 3}),
-        )
-        .await;
+    let created = server
+        .post(&key, "/v1/jobs")
+        .json(&json!({"type": "reading", "input": {"prompt": "tides", "title": "Tides"}, "priority": 3}))
+        .send()
+        .await
+        .unwrap();
+    let location = created
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_string());
+    let (status, job) = common::read(created).await;
     assert_eq!(status, 201, "{job}");
+    assert_eq!(
+        location,
+        Some(format!("/v1/jobs/{}", job["id"].as_str().unwrap()))
+    );
     assert_eq!(job["type"], "reading");
     assert_eq!(job["status"], "queued");
     assert_eq!(job["priority"], 3);

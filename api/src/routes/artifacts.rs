@@ -3,7 +3,7 @@
 //! or by range.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::Json;
@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use crate::auth::Principal;
 use crate::byte_range::{self, RangeRequest};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::parse_uuid;
+use crate::extract::{parse_uuid, PathParams};
 use crate::routes::jobs::ArtifactView;
 use crate::state::AppState;
 
@@ -39,7 +39,7 @@ pub struct ArtifactList {
 pub async fn list_artifacts(
     State(state): State<AppState>,
     principal: Principal,
-    Path(job_id): Path<String>,
+    PathParams(job_id): PathParams<String>,
 ) -> ApiResult<Json<ArtifactList>> {
     let job_id = parse_uuid("id", &job_id)?;
     // The job is read first: another tenant's job is a 404, not an empty list.
@@ -61,8 +61,10 @@ pub async fn list_artifacts(
         ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=0-1023`"),
     ),
     responses(
-        (status = 200, description = "The whole artifact", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 200, description = "The whole artifact, in the content type it was recorded with",
+            content((Vec<u8> = "text/markdown"), (Vec<u8> = "application/pdf"), (Vec<u8> = "audio/mpeg"))),
+        (status = 206, description = "The requested range, in the artifact's content type",
+            content((Vec<u8> = "text/markdown"), (Vec<u8> = "application/pdf"), (Vec<u8> = "audio/mpeg"))),
         (status = 400, description = "Not a UUID", body = ErrorBody),
         (status = 404, description = "No such artifact of this tenant's job", body = ErrorBody),
         (status = 416, description = "Range outside the artifact", body = ErrorBody),
@@ -71,7 +73,7 @@ pub async fn list_artifacts(
 pub async fn download_artifact(
     State(state): State<AppState>,
     principal: Principal,
-    Path((job_id, artifact_id)): Path<(String, String)>,
+    PathParams((job_id, artifact_id)): PathParams<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let job_id = parse_uuid("id", &job_id)?;

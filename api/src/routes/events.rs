@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use chrono::{DateTime, Utc};
 use futures::Stream;
@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::error::{ApiResult, ErrorBody};
-use crate::extract::parse_uuid;
+use crate::extract::{parse_uuid, PathParams};
 use crate::openapi::job_status_schema;
 use crate::state::AppState;
 use crate::streams::StreamSlot;
@@ -104,7 +104,7 @@ impl ToSchema for StatusEvent {
 pub async fn job_events(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, axum::Error>>>> {
     let id = parse_uuid("id", &id)?;
     // Counted from here until the stream is dropped, whatever ends it.

@@ -1,7 +1,7 @@
 //! `/v1/jobs`: create (one or a batch), read, list, cancel, retry.
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{from_json_value, parse_uuid, JsonBody, QueryParams};
+use crate::extract::{from_json_value, parse_uuid, JsonBody, PathParams, QueryParams};
 use crate::openapi::{
     artifact_kind_schema, job_status_schema, job_type_schema, task_status_schema, task_type_schema,
 };
@@ -356,8 +356,10 @@ fn parse_created_after(raw: &str) -> ApiResult<DateTime<Utc>> {
         description = "Retrying with the same key returns the job the first request created (200) \
                        instead of creating another; reusing it for a different job is a 409.")),
     responses(
-        (status = 201, description = "Created", body = JobView),
-        (status = 200, description = "Created earlier by a request with this Idempotency-Key", body = JobView),
+        (status = 201, description = "Created", body = JobView,
+            headers(("Location" = String, description = "The job's path, `/v1/jobs/{id}`"))),
+        (status = 200, description = "Created earlier by a request with this Idempotency-Key", body = JobView,
+            headers(("Location" = String, description = "The job's path, `/v1/jobs/{id}`"))),
         (status = 400, description = "Malformed JSON or Idempotency-Key", body = ErrorBody),
         (status = 409, description = "Idempotency-Key already used for a different job", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
@@ -370,7 +372,7 @@ pub async fn create_job(
     principal: Principal,
     headers: HeaderMap,
     JsonBody(request): JsonBody<CreateJobRequest>,
-) -> ApiResult<(StatusCode, Json<JobView>)> {
+) -> ApiResult<(StatusCode, [(header::HeaderName, String); 1], Json<JobView>)> {
     let key = idempotency_key(&headers)?;
     let mut job = request.into_new_job(&principal.tenant, "")?;
     job.idempotency_key = key;
@@ -382,7 +384,10 @@ pub async fn create_job(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(job.into())))
+    // RFC 9110 §15.3.2: a 201 names what it created (else it is the target,
+    // /v1/jobs itself).
+    let location = [(header::LOCATION, format!("/v1/jobs/{}", job.id))];
+    Ok((status, location, Json(job.into())))
 }
 
 /// Create many jobs in one transaction.
@@ -449,7 +454,7 @@ pub async fn create_jobs_batch(
 pub async fn get_job(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> ApiResult<Json<JobDetail>> {
     let id = parse_uuid("id", &id)?;
     let JobWithTasks { job, tasks } = state.queue.job_with_tasks(&principal.tenant, id).await?;
@@ -522,7 +527,7 @@ pub async fn list_jobs(
 pub async fn cancel_job(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> ApiResult<Json<JobView>> {
     let id = parse_uuid("id", &id)?;
     Ok(Json(state.queue.cancel_job(&principal.tenant, id).await?.into()))
@@ -543,7 +548,7 @@ pub async fn cancel_job(
 pub async fn retry_job(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> ApiResult<Json<JobView>> {
     let id = parse_uuid("id", &id)?;
     Ok(Json(state.queue.retry_job(&principal.tenant, id).await?.into()))
