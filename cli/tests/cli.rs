@@ -862,15 +862,16 @@ async fn login_keeps_an_accepted_key_and_logout_forgets_it(pool: sqlx::PgPool) {
     server.stop().await;
 }
 
-/// The server ends an event stream at its time limit; `--wait` reads the
-/// job again and opens another, until the job finishes.
-#[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn wait_outlasts_the_servers_stream_limit(pool: sqlx::PgPool) {
+/// `submit --wait` against a server with these stream limits: still
+/// waiting after `queued_for`, it ends with exit 0 once the job's task is
+/// done. Its stderr.
+async fn wait_through(
+    pool: sqlx::PgPool,
+    streams: api::streams::StreamLimits,
+    queued_for: Duration,
+) -> String {
     let settings = api::state::Settings {
-        streams: api::streams::StreamLimits {
-            max_duration: Duration::from_secs(1),
-            ..api::streams::StreamLimits::default()
-        },
+        streams,
         ..common::test_settings()
     };
     let server = TestServer::start_with(pool, settings).await;
@@ -878,9 +879,8 @@ async fn wait_outlasts_the_servers_stream_limit(pool: sqlx::PgPool) {
     let mut waiting = backlog(&server, &key);
     waiting.args(["submit", "text", "--prompt", "slow tides", "--wait"]);
     let waiting = tokio::spawn(async move { run(&mut waiting, &[] as &[&str]).await });
-    // Two of the server's stream lifetimes pass with the job queued.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(!waiting.is_finished(), "--wait gave up when a stream ended");
+    tokio::time::sleep(queued_for).await;
+    assert!(!waiting.is_finished(), "--wait gave up while the job was queued");
     do_task(
         &server,
         TaskType::TextGeneration,
@@ -890,6 +890,20 @@ async fn wait_outlasts_the_servers_stream_limit(pool: sqlx::PgPool) {
     let (code, _, stderr) = waiting.await.unwrap();
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("complete (1/1 tasks)"), "{stderr}");
+    server.stop().await;
+    stderr
+}
+
+/// The server ends an event stream at its time limit; `--wait` reads the
+/// job again and opens another, until the job finishes.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn wait_outlasts_the_servers_stream_limit(pool: sqlx::PgPool) {
+    let streams = api::streams::StreamLimits {
+        max_duration: Duration::from_secs(1),
+        ..api::streams::StreamLimits::default()
+    };
+    // Two of the server's stream lifetimes pass with the job queued.
+    wait_through(pool, streams, Duration::from_millis(2500)).await;
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -913,34 +927,17 @@ async fn a_reader_that_stops_early_ends_the_output_quietly(pool: sqlx::PgPool) {
     server.stop().await;
 }
 
+/// No stream for this tenant (every GET /v1/jobs/{id}/events is a 429):
+/// `--wait` says so once and follows the job by polling.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn wait_follows_by_polling_when_the_api_refuses_it_a_stream(pool: sqlx::PgPool) {
-    // No stream for this tenant: every GET /v1/jobs/{id}/events is a 429.
-    let settings = api::state::Settings {
-        streams: api::streams::StreamLimits {
-            per_tenant: 0,
-            ..api::streams::StreamLimits::default()
-        },
-        ..common::test_settings()
+    let streams = api::streams::StreamLimits {
+        per_tenant: 0,
+        ..api::streams::StreamLimits::default()
     };
-    let server = TestServer::start_with(pool, settings).await;
-    let key = server.key("acme", ApiKeyRole::Client).await;
-    let mut waiting = backlog(&server, &key);
-    waiting.args(["submit", "text", "--prompt", "tides", "--wait"]);
-    let waiting = tokio::spawn(async move { run(&mut waiting, &[] as &[&str]).await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!waiting.is_finished(), "--wait gave up on a refused stream");
-    do_task(
-        &server,
-        TaskType::TextGeneration,
-        Some((ArtifactKind::Text, b"tides")),
-    )
-    .await;
-    let (code, _, stderr) = waiting.await.unwrap();
-    assert_eq!(code, 0, "{stderr}");
+    let stderr = wait_through(pool, streams, Duration::from_millis(1500)).await;
     assert!(
         stderr.contains("429") && stderr.contains("still following job"),
         "{stderr}"
     );
-    assert!(stderr.contains("complete (1/1 tasks)"), "{stderr}");
 }
