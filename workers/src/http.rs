@@ -205,8 +205,12 @@ pub(crate) async fn read_body(service: &'static str, what: &str, response: Respo
 
 /// The start of an error body, enough to say what the server objected to.
 async fn body_excerpt(response: Response) -> String {
+    excerpt(&response.text().await.unwrap_or_default())
+}
+
+/// The first 300 characters of `body`, trimmed, for an error message.
+pub(crate) fn excerpt(body: &str) -> String {
     const LIMIT: usize = 300;
-    let body = response.text().await.unwrap_or_default();
     let body = body.trim();
     match body.char_indices().nth(LIMIT) {
         Some((cut, _)) => format!("{}…", &body[..cut]),

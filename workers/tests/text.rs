@@ -211,6 +211,20 @@ async fn a_malformed_response_is_permanent() {
             "a malformed answer is not asked again"
         );
     }
+    // A web page where the API should be says so in the error.
+    let server =
+        FakeServer::start(|_, _| text_response(StatusCode::OK, "<!doctype html><title>Open WebUI</title>"))
+            .await;
+    let error = provider(&server.base_url, 3)
+        .generate(&request("p", None))
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("the body began: <!doctype html><title>Open WebUI"),
+        "{error}"
+    );
 }
 
 #[tokio::test]

@@ -166,7 +166,11 @@ impl LlmProvider {
             base_url: get("LLM_BASE_URL").unwrap_or_else(|| default_base.into()),
             api_key: api_key.map(Secret::new),
             model,
-            timeout: Duration::from_secs(number("LLM_TIMEOUT_SECONDS", 120)?),
+            timeout: match number("LLM_TIMEOUT_SECONDS", 120)? {
+                // Zero would time every request out at once.
+                0 => return Err(Error::Config("LLM_TIMEOUT_SECONDS=0: must be at least 1".into())),
+                seconds => Duration::from_secs(seconds),
+            },
             retry: RetryPolicy {
                 max_attempts: number("LLM_MAX_ATTEMPTS", 4)?.clamp(1, 20) as u32,
                 ..RetryPolicy::default()
@@ -277,8 +281,12 @@ impl ChatClient {
         })
         .await?;
         let raw = http::read_body(service, "the response", response).await?;
-        let parsed: ChatResponse =
-            serde_json::from_slice(&raw).map_err(|e| Error::malformed(service, e.to_string()))?;
+        let parsed: ChatResponse = serde_json::from_slice(&raw).map_err(|e| {
+            // What answered, for whoever reads the error: an HTML page
+            // means LLM_BASE_URL points at a web app, not the API.
+            let body = http::excerpt(&String::from_utf8_lossy(&raw));
+            Error::malformed(service, format!("{e}; the body began: {body}"))
+        })?;
         let choice = parsed
             .choices
             .into_iter()
@@ -467,6 +475,16 @@ mod tests {
         };
         assert!(ollama.config.api_key.is_none());
         assert_eq!(ollama.config.retry.max_attempts, 2);
+
+        let Err(Error::Config(zero)) = provider(&[
+            ("LLM_PROVIDER", "openai"),
+            ("LLM_BASE_URL", "http://127.0.0.1:11434/v1"),
+            ("LLM_MODEL", "llama3"),
+            ("LLM_TIMEOUT_SECONDS", "0"),
+        ]) else {
+            panic!("a zero timeout is refused")
+        };
+        assert!(zero.contains("LLM_TIMEOUT_SECONDS=0"), "{zero}");
     }
 
     #[test]
