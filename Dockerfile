@@ -23,7 +23,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # --- runtime: slim, no compiler ---
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates espeak-ng fonts-dejavu-core fonts-noto-core tini \
+ && apt-get install -y --no-install-recommends ca-certificates espeak-ng fonts-dejavu-core fonts-noto-core fonts-noto-cjk tini \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 backlog \
  && useradd --system --uid 10001 --gid 10001 --home /app backlog \

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install the programs the pipelines and their tests call, when missing:
 # espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests),
+# fonts-noto-core (the PDFs' fonts for scripts typst's own lack: Arabic,
+# Devanagari, Thai, ...),
 # chromium and chromium-driver (the web console's browser test), moto
 # (an S3 server for the artifact store tests), schemathesis (the API
 # fuzzer of scripts/fuzz-api.sh), kubernetes-validate (the manifests'
@@ -10,6 +12,7 @@ set -euo pipefail
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 command -v pdftotext >/dev/null 2>&1 || missing+=(poppler-utils)
+[ -e /usr/share/fonts/truetype/noto/NotoSansDevanagari-Regular.ttf ] || missing+=(fonts-noto-core)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -85,15 +85,21 @@ impl Pipelines {
     async fn typeset(&self, ctx: &TaskContext, job: &Job, input: &JobInput) -> Result<TaskOutput, Failure> {
         let document = self.source_document(ctx, job, input).await?;
         let pdf = pdf::typeset(document, input.lang().map(str::to_owned)).await?;
+        // A character no installed font has still leaves a usable PDF, so the
+        // task completes; the metadata and the log say which ones are boxes.
+        let uncovered = pdf.uncovered_code_points();
+        let mut metadata = json!({ "pages": pdf.pages });
+        if !uncovered.is_empty() {
+            tracing::warn!(
+                job = %job.id,
+                characters = pdf.uncovered.len(),
+                first = ?uncovered,
+                "no installed font has some of the text's characters; they print as empty boxes"
+            );
+            metadata["uncovered_characters"] = json!(uncovered);
+        }
         let stored = self
-            .save(
-                ctx,
-                job,
-                ArtifactKind::Pdf,
-                pdf.bytes,
-                PDF_CONTENT_TYPE,
-                json!({ "pages": pdf.pages }),
-            )
+            .save(ctx, job, ArtifactKind::Pdf, pdf.bytes, PDF_CONTENT_TYPE, metadata)
             .await?;
         Ok(json!({ "artifact": stored, "pages": pdf.pages }))
     }

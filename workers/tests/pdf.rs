@@ -169,3 +169,107 @@ async fn typesets_off_the_async_threads_and_rejects_bad_languages() {
     let error = typeset(document, Some("klingon".into())).await.unwrap_err();
     assert!(!error.is_retryable(), "{error}");
 }
+
+/// Scripts typst's embedded fonts lack; fonts-noto-core has them
+/// (scripts/ensure-tools.sh installs it, the image too).
+const OTHER_SCRIPTS: &[(&str, &str, &str)] = &[
+    ("Thai", "สวัสดีชาวโลก", "NotoSansThai"),
+    ("Bengali", "ওহে বিশ্ব", "NotoSansBengali"),
+    ("Tamil", "வணக்கம் உலகம்", "NotoSansTamil"),
+    ("Ethiopic", "ሰላም ልዑል", "NotoSansEthiopic"),
+];
+
+#[test]
+fn scripts_the_embedded_fonts_lack_print_with_the_machines_fonts() {
+    let markdown: String = OTHER_SCRIPTS
+        .iter()
+        .map(|(script, sample, _)| format!("{script}: {sample}\n\n"))
+        .collect();
+    let pdf = typeset_blocking(&Document::parse(&markdown, Some("Scripts")), None).unwrap();
+    assert_eq!(pdf.uncovered, Vec::<char>::new(), "characters printed as boxes");
+
+    let (_dir, path) = save(&pdf);
+    let fonts = run("pdffonts", &[&path]);
+    let text = text_of(&path, None);
+    for (script, sample, font) in OTHER_SCRIPTS {
+        assert!(fonts.contains(font), "{script}: {font} not embedded:\n{fonts}");
+        assert!(
+            text.contains(sample),
+            "{script}: {sample:?} missing from {text:?}"
+        );
+    }
+    // The template's own family still sets the Latin text, not a machine font.
+    assert!(fonts.contains("LibertinusSerif-Regular"), "{fonts}");
+}
+
+#[test]
+fn a_character_no_font_has_is_named_not_dropped_silently() {
+    // U+10FFFD is a private-use code point: no font defines it. The joiner
+    // and the variation selector print as nothing by design.
+    let markdown = "Private \u{10FFFD} use, twice \u{10FFFD}, then a\u{200D}joiner and \u{FE0F} selector.";
+    let pdf = typeset_blocking(&Document::parse(markdown, None), None).unwrap();
+    assert_eq!(pdf.uncovered, vec!['\u{10FFFD}']);
+    assert_eq!(pdf.uncovered_code_points(), vec!["U+10FFFD"]);
+    // The rest of the text prints; the PDF is still made.
+    let (_dir, path) = save(&pdf);
+    assert!(text_of(&path, None).contains("Private"));
+
+    let covered = typeset_blocking(&Document::parse(&sample_markdown(), None), None).unwrap();
+    assert!(covered.uncovered.is_empty(), "{:?}", covered.uncovered);
+}
+
+/// The right edge of every word pdftotext finds, in points, with the word.
+fn word_right_edges(path: &str) -> Vec<(f64, String)> {
+    let html = run("pdftotext", &["-bbox", path, "-"]);
+    html.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let rest = line.strip_prefix("<word ")?;
+            let x_max = rest.split("xMax=\"").nth(1)?.split('"').next()?.parse().ok()?;
+            let word = rest.split('>').nth(1)?.split('<').next()?.to_owned();
+            Some((x_max, word))
+        })
+        .collect()
+}
+
+#[test]
+fn a_word_longer_than_a_line_breaks_inside_the_margin() {
+    let url = format!(
+        "https://example.com/{}?query={}",
+        "a-long-path-segment/".repeat(12),
+        "x".repeat(90)
+    );
+    let word = "Donaudampfschifffahrtsgesellschaftskapitänswitwe".repeat(4);
+    // Neither a URL nor a word: nothing in it to hyphenate.
+    let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".repeat(2);
+    let path = "/var/lib/backlog/artifacts/0193a6c2-7f41-7c3e-9d1b-4a5e6f708192/document.pdf";
+    let markdown = format!(
+        "# {url}\n\nRead {url} before the end.\n\nThen {word}, in German.\n\n\
+         The digest {digest} and the file {path}{path}.\n\n- {url}\n"
+    );
+    let pdf = typeset_blocking(&Document::parse(&markdown, None), None).unwrap();
+    let (_dir, path) = save(&pdf);
+
+    // A4 is 595.28 pt wide and the template's side margins are 2.4 cm
+    // (68.03 pt). A hyphen ending a line hangs into the margin by design
+    // (typst's overhang, about 2 pt at 11 pt), so 4 pt are allowed.
+    let right_margin = 595.28 - 68.03;
+    let words = word_right_edges(&path);
+    assert!(words.len() > 10, "pdftotext found {} words", words.len());
+    let past: Vec<_> = words
+        .iter()
+        .filter(|(x_max, _)| *x_max > right_margin + 4.0)
+        .collect();
+    assert!(
+        past.is_empty(),
+        "past the margin at {right_margin:.1} pt: {past:?}"
+    );
+    // Nothing is lost to the breaks: every piece of the URL is still there.
+    let text: String = text_of(&path, None).split_whitespace().collect();
+    assert!(
+        text.contains("a-long-path-segment/a-long-path-segment/"),
+        "{text}"
+    );
+    assert!(text.contains(&"x".repeat(40)), "{text}");
+    assert!(text.contains(&digest[..48]), "{text}");
+}

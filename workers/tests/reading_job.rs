@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use queue::{ArtifactKind, JobStatus, JobType, NewJob, Queue, TaskType};
+use queue::{ArtifactKind, Job, JobStatus, JobType, NewJob, Queue, TaskType};
 use serde_json::json;
 use sqlx::PgPool;
 use store::ArtifactStore;
@@ -14,30 +14,23 @@ use workers::pipelines::audio::Narrator;
 use workers::pipelines::text::LlmProvider;
 use workers::runtime::{self, RuntimeConfig};
 
-#[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn a_reading_job_ends_with_text_pdf_and_audio(pool: PgPool) {
-    let q = Queue::new(pool);
-    let dir = tempfile::tempdir().unwrap();
+/// The offline text provider, espeak-ng, and artifacts in `dir`.
+fn offline_pipelines(dir: &std::path::Path) -> Pipelines {
     let env = |name: &str| match name {
         "LLM_PROVIDER" => Some("offline".to_string()),
         "TTS_PROVIDER" => Some("espeak".to_string()),
         _ => None,
     };
-    let pipelines = Pipelines {
+    Pipelines {
         llm: LlmProvider::from_lookup(env).unwrap(),
         narrator: Narrator::from_lookup(env).unwrap(),
-        store: ArtifactStore::local(dir.path()).unwrap(),
-    };
-    let job = q
-        .enqueue(NewJob::new(
-            "acme",
-            JobType::Reading,
-            json!({"prompt": "the life of tides", "title": "Tides"}),
-        ))
-        .await
-        .unwrap()
-        .job;
+        store: ArtifactStore::local(dir).unwrap(),
+    }
+}
 
+/// Runs a worker for every task type until acme's `job` has finished (at
+/// most a minute), and returns how it finished.
+async fn run_until_finished(q: &Queue, job: &Job, pipelines: Pipelines) -> JobStatus {
     let shutdown = CancellationToken::new();
     let config = RuntimeConfig {
         worker_id: "e2e".into(),
@@ -60,6 +53,24 @@ async fn a_reading_job_ends_with_text_pdf_and_audio(pool: PgPool) {
     }
     shutdown.cancel();
     worker.await.unwrap().unwrap();
+    status
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_reading_job_ends_with_text_pdf_and_audio(pool: PgPool) {
+    let q = Queue::new(pool);
+    let dir = tempfile::tempdir().unwrap();
+    let job = q
+        .enqueue(NewJob::new(
+            "acme",
+            JobType::Reading,
+            json!({"prompt": "the life of tides", "title": "Tides"}),
+        ))
+        .await
+        .unwrap()
+        .job;
+
+    let status = run_until_finished(&q, &job, offline_pipelines(dir.path())).await;
     assert_eq!(
         status,
         JobStatus::Complete,
@@ -97,6 +108,11 @@ async fn a_reading_job_ends_with_text_pdf_and_audio(pool: PgPool) {
                     .output()
                     .unwrap();
                 assert!(String::from_utf8_lossy(&out.stdout).contains("Tides"));
+                assert!(
+                    artifact.metadata.get("uncovered_characters").is_none(),
+                    "{}",
+                    artifact.metadata
+                );
             }
             ArtifactKind::Audio => {
                 assert_eq!(artifact.content_type, "audio/mpeg");
@@ -105,4 +121,28 @@ async fn a_reading_job_ends_with_text_pdf_and_audio(pool: PgPool) {
             }
         }
     }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_pdf_with_characters_no_font_has_completes_and_names_them(pool: PgPool) {
+    let q = Queue::new(pool);
+    let dir = tempfile::tempdir().unwrap();
+    // U+10FFFD is a private-use code point no font defines.
+    let job = q
+        .enqueue(NewJob::new(
+            "acme",
+            JobType::Pdf,
+            json!({"text": "# Marks\n\nA mark \u{10FFFD} no font has.", "title": "Marks"}),
+        ))
+        .await
+        .unwrap()
+        .job;
+
+    let status = run_until_finished(&q, &job, offline_pipelines(dir.path())).await;
+    assert_eq!(status, JobStatus::Complete);
+    let artifacts = q.artifacts_of(job.id).await.unwrap();
+    assert_eq!(artifacts.len(), 1);
+    assert_eq!(artifacts[0].kind, ArtifactKind::Pdf);
+    assert_eq!(artifacts[0].metadata["uncovered_characters"], json!(["U+10FFFD"]));
+    assert_eq!(artifacts[0].metadata["pages"], json!(1));
 }

@@ -51,18 +51,21 @@ impl Document {
         Document { title, blocks }
     }
 
+    /// Every string that prints: the title, then each heading, paragraph
+    /// and list item in order.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.title.as_str()).chain(self.blocks.iter().flat_map(|block| {
+            let texts: Vec<&str> = match block {
+                Block::Heading { text, .. } | Block::Paragraph { text } => vec![text],
+                Block::List { items } => items.iter().map(String::as_str).collect(),
+            };
+            texts
+        }))
+    }
+
     /// Number of words in the title and every block.
     pub fn word_count(&self) -> usize {
-        let words = |s: &str| s.split_whitespace().count();
-        words(&self.title)
-            + self
-                .blocks
-                .iter()
-                .map(|block| match block {
-                    Block::Heading { text, .. } | Block::Paragraph { text } => words(text),
-                    Block::List { items } => items.iter().map(|i| words(i)).sum(),
-                })
-                .sum::<usize>()
+        self.texts().map(|text| text.split_whitespace().count()).sum()
     }
 }
 

@@ -5,16 +5,24 @@
 //! the document reaches it as a JSON file it loads with `json()`. Strings
 //! from JSON print as the characters they are, so `#`, `*`, `$`, `[`, `\`,
 //! `@`, `<` and the rest appear in the PDF exactly as written.
+//!
+//! Fonts: the ones typst embeds set every Latin, Greek and Cyrillic text, the
+//! same on every machine; other scripts (Arabic, Devanagari, CJK, ...) fall
+//! back to the machine's own fonts, which the image installs (Noto). A
+//! character no font has is named in [`TypesetPdf::uncovered`], not printed
+//! as a silent empty box.
 
+use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::LazyLock;
 
 use typst::diag::{FileError, FileResult, SourceDiagnostic};
 use typst::foundations::{Bytes, Datetime, Duration};
 use typst::syntax::{FileId, RootedPath, Source, VirtualPath, VirtualRoot};
-use typst::text::{Font, FontBook};
+use typst::text::{is_default_ignorable, Font, FontBook, FontInfo, FontVariant};
 use typst::utils::LazyHash;
 use typst::{Library, LibraryExt, World};
+use typst_kit::fonts::{FontPath, FontStore};
 use typst_layout::PagedDocument;
 
 use super::document::Document;
@@ -31,6 +39,25 @@ pub const DEFAULT_LANG: &str = "en";
 pub struct TypesetPdf {
     pub bytes: Vec<u8>,
     pub pages: usize,
+    /// Characters of the text that no font on this machine has, in code
+    /// point order: they print as empty boxes. Empty when all printed.
+    pub uncovered: Vec<char>,
+}
+
+/// How many uncovered characters a PDF's metadata names; a text in a
+/// script with no font would otherwise list hundreds.
+pub const UNCOVERED_LISTED: usize = 20;
+
+impl TypesetPdf {
+    /// The uncovered characters as code points (`U+0F00`), at most
+    /// [`UNCOVERED_LISTED`], for the artifact's metadata and the log.
+    pub fn uncovered_code_points(&self) -> Vec<String> {
+        self.uncovered
+            .iter()
+            .take(UNCOVERED_LISTED)
+            .map(|c| format!("U+{:04X}", u32::from(*c)))
+            .collect()
+    }
 }
 
 // The bytes are summarised: a failing test or a log line should not dump megabytes.
@@ -39,6 +66,7 @@ impl std::fmt::Debug for TypesetPdf {
         f.debug_struct("TypesetPdf")
             .field("bytes", &format_args!("<{} bytes>", self.bytes.len()))
             .field("pages", &self.pages)
+            .field("uncovered", &self.uncovered)
             .finish()
     }
 }
@@ -74,7 +102,25 @@ pub fn typeset_blocking(document: &Document, lang: Option<&str>) -> Result<Types
     Ok(TypesetPdf {
         bytes,
         pages: paged.pages().len(),
+        uncovered: uncovered(FONTS.book(), document.texts()),
     })
+}
+
+/// The characters of `texts` that no font in `book` covers. Spaces,
+/// control and default-ignorable characters (joiners, variation
+/// selectors) print as nothing by design and are never reported.
+fn uncovered<'a>(book: &FontBook, texts: impl Iterator<Item = &'a str>) -> Vec<char> {
+    let distinct: BTreeSet<char> = texts
+        .flat_map(str::chars)
+        .filter(|c| !c.is_whitespace() && !c.is_control() && !is_default_ignorable(*c))
+        .collect();
+    distinct
+        .into_iter()
+        .filter(|c| {
+            book.select_fallback(None, FontVariant::default(), c.encode_utf8(&mut [0; 4]))
+                .is_none()
+        })
+        .collect()
 }
 
 /// The primary subtag of `lang`, checked (the job's input contract already
@@ -109,15 +155,32 @@ static DATA_ID: LazyLock<FileId> = LazyLock::new(|| file_id("/document.json"));
 
 static LIBRARY: LazyLock<LazyHash<Library>> = LazyLock::new(|| LazyHash::new(Library::default()));
 
-/// The fonts typst-assets embeds in the binary (Libertinus Serif, New
-/// Computer Modern, DejaVu Sans Mono): no system fonts are read, so every
-/// machine produces the same PDF.
-static FONTS: LazyLock<(LazyHash<FontBook>, Vec<Font>)> = LazyLock::new(|| {
-    let fonts: Vec<Font> = typst_assets::fonts()
-        .flat_map(|data| Font::iter(Bytes::new(data)))
+/// The fonts typst embeds (Libertinus Serif, New Computer Modern, DejaVu
+/// Sans Mono: the families the template names), then the machine's
+/// (fontconfig's folders, `/usr/share/fonts`, `~/.fonts`), which typst
+/// falls back to for characters the embedded ones lack. Loaded on first
+/// use; a font file is read only when a document needs it.
+static FONTS: LazyLock<FontStore> = LazyLock::new(|| font_store(typst_kit::fonts::system()));
+
+/// The embedded fonts first, then `machine`'s fonts in path order, so the
+/// choice between two equally good fallbacks never depends on the order a
+/// folder lists its files in. A machine copy of an embedded family (Debian
+/// ships DejaVu Sans Mono) is left out: text the template sets in those
+/// families prints with the embedded copy on every machine.
+fn font_store(machine: impl Iterator<Item = (FontPath, FontInfo)>) -> FontStore {
+    let mut store = FontStore::new();
+    let mut embedded_families = HashSet::new();
+    for (font, info) in typst_kit::fonts::embedded() {
+        embedded_families.insert(info.family.to_lowercase());
+        store.push((font, info));
+    }
+    let mut machine: Vec<_> = machine
+        .filter(|(_, info)| !embedded_families.contains(&info.family.to_lowercase()))
         .collect();
-    (LazyHash::new(FontBook::from_fonts(&fonts)), fonts)
-});
+    machine.sort_by(|(a, _), (b, _)| (&a.path, a.index).cmp(&(&b.path, b.index)));
+    store.extend(machine);
+    store
+}
 
 /// What typst sees: the template as `/main.typ` and the document as
 /// `/document.json`; nothing else exists.
@@ -132,7 +195,7 @@ impl World for DocumentWorld {
     }
 
     fn book(&self) -> &LazyHash<FontBook> {
-        &FONTS.0
+        FONTS.book()
     }
 
     fn main(&self) -> FileId {
@@ -156,7 +219,7 @@ impl World for DocumentWorld {
     }
 
     fn font(&self, index: usize) -> Option<Font> {
-        FONTS.1.get(index).cloned()
+        FONTS.font(index)
     }
 
     fn today(&self, _offset: Option<Duration>) -> Option<Datetime> {
@@ -180,6 +243,29 @@ mod tests {
         assert_eq!(language_code(Some("EL")).unwrap(), "el");
         assert!(!language_code(Some("english")).unwrap_err().is_retryable());
         assert!(language_code(Some("1a")).is_err());
+    }
+
+    #[test]
+    fn a_machine_copy_of_an_embedded_family_is_left_out() {
+        let embedded: Vec<_> = typst_kit::fonts::embedded().collect();
+        let (mono, _) = embedded
+            .iter()
+            .find(|(_, info)| info.family == "DejaVu Sans Mono")
+            .expect("typst embeds DejaVu Sans Mono");
+        let machine = tempfile::tempdir().unwrap();
+        std::fs::write(machine.path().join("DejaVuSansMono.ttf"), mono.data().as_slice()).unwrap();
+        assert_eq!(
+            typst_kit::fonts::scan(machine.path()).count(),
+            1,
+            "the copy is a font"
+        );
+
+        let store = font_store(typst_kit::fonts::scan(machine.path()));
+        assert!(store.font(embedded.len() - 1).is_some());
+        assert!(
+            store.font(embedded.len()).is_none(),
+            "the machine's copy was added"
+        );
     }
 
     #[test]
