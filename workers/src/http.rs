@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{RequestBuilder, Response, StatusCode};
+use tokio::time::Instant;
 
-use crate::{Error, Result};
+use crate::{runtime, Error, Result};
 
 /// reqwest and object_store are built without a crypto provider of their
 /// own so the binary carries one TLS stack (the one sqlx already uses, ring)
@@ -97,18 +98,47 @@ enum AttemptError {
     Permanent(String),
 }
 
+/// How long before the task's deadline (see [`runtime::task_deadline`])
+/// retries stop: the task then fails with the provider's last error, not
+/// with the runtime's bare "timed out" a moment later.
+pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
+
 /// Sends the request `build` makes until it answers with a success status.
 /// Returns a permanent error at once for other 4xx, and a retryable one once
-/// `policy.max_attempts` are used up.
+/// `policy.max_attempts` are used up, or once the running task's time
+/// (less [`DEADLINE_MARGIN`]) would run out before the next attempt: an
+/// attempt is cut off then, and a pause that would outlast it is not taken.
 pub(crate) async fn send_with_retries(
     service: &'static str,
     policy: &RetryPolicy,
     build: impl Fn() -> RequestBuilder,
 ) -> Result<Response> {
+    let time_left = || {
+        runtime::task_deadline().map(|deadline| {
+            deadline
+                .checked_sub(DEADLINE_MARGIN)
+                .map_or(Duration::ZERO, |end| {
+                    end.saturating_duration_since(Instant::now())
+                })
+        })
+    };
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (message, retry_after) = match classify(build().send().await).await {
+        let sent = match time_left() {
+            None => build().send().await,
+            Some(left) => match tokio::time::timeout(left, build().send()).await {
+                Ok(sent) => sent,
+                Err(_) => {
+                    let message = format!(
+                        "no answer before the task's time ran out ({attempt} attempts, the last cut off after {:.1}s)",
+                        left.as_secs_f64()
+                    );
+                    return Err(Error::remote(service, message, true));
+                }
+            },
+        };
+        let (message, retry_after) = match classify(sent).await {
             Ok(response) => return Ok(response),
             Err(AttemptError::Permanent(message)) => return Err(Error::remote(service, message, false)),
             Err(AttemptError::Retryable { message, retry_after }) => (message, retry_after),
@@ -125,6 +155,13 @@ pub(crate) async fn send_with_retries(
             Some(asked) => asked,
             None => policy.backoff(attempt),
         };
+        if time_left().is_some_and(|left| pause >= left) {
+            // The queue schedules the retry, no earlier than the server asked.
+            let message = format!(
+                "{message} (gave up after {attempt} attempts: the task's time runs out before the next)"
+            );
+            return Err(Error::remote(service, message, true).retry_after(retry_after));
+        }
         tracing::warn!(service, attempt, pause_ms = pause.as_millis() as u64, error = %message, "retrying");
         tokio::time::sleep(pause).await;
     }
@@ -220,6 +257,9 @@ pub(crate) fn excerpt(body: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -227,6 +267,88 @@ mod tests {
         let secret = Secret::new("sk-very-secret");
         assert!(!format!("{secret:?}").contains("sk-"));
         assert_eq!(secret.expose(), "sk-very-secret");
+    }
+
+    /// A server that counts requests and answers each with `answer`, or
+    /// never answers when it is None. Each answer closes its connection, so
+    /// every attempt is a request of its own.
+    async fn counting_server(answer: Option<&'static str>) -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/chat/completions", listener.local_addr().unwrap());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = socket.read(&mut request).await;
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    match answer {
+                        Some(answer) => socket.write_all(answer.as_bytes()).await.unwrap(),
+                        None => std::future::pending().await,
+                    }
+                });
+            }
+        });
+        (url, requests)
+    }
+
+    /// `send_with_retries` for a POST to `url`, as a handler whose task has
+    /// `seconds` left would call it.
+    async fn send_with_time_left(url: &str, seconds: u64, policy: &RetryPolicy) -> Result<Response> {
+        let http = client(Duration::from_secs(60)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let send =
+            runtime::TASK_DEADLINE.scope(deadline, send_with_retries("openai", policy, || http.post(url)));
+        // Far past the deadline: a send that ignored it fails here, not by hanging.
+        tokio::time::timeout(Duration::from_secs(30), send)
+            .await
+            .expect("the send ended by the task's deadline")
+    }
+
+    #[tokio::test]
+    async fn a_pause_the_tasks_time_cannot_hold_is_not_taken() {
+        let (url, requests) = counting_server(Some(
+            "HTTP/1.1 429 Too Many Requests\r\nretry-after: 4\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        ))
+        .await;
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            ..RetryPolicy::default()
+        };
+        // 5 s left, less the 2 s margin: the 4 s the server asks for do not fit.
+        let error = send_with_time_left(&url, 5, &policy).await.unwrap_err();
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "one attempt, no pause");
+        assert!(error.is_retryable(), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("HTTP 429"),
+            "the provider's error is kept: {message}"
+        );
+        assert!(message.contains("time runs out"), "{message}");
+        // The queue is told to wait as the server asked.
+        let failure = queue::Failure::from(error);
+        assert_eq!(failure.retry_after, Some(Duration::from_secs(4)));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_is_cut_off_before_the_tasks_time_is_up() {
+        let (url, requests) = counting_server(None).await;
+        // 3 s left: the attempt gets 1 s, where the client would wait 60 s.
+        let error = send_with_time_left(&url, 3, &RetryPolicy::default())
+            .await
+            .unwrap_err();
+        assert_eq!(requests.load(Ordering::SeqCst), 1);
+        assert!(error.is_retryable(), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("no answer before the task's time ran out"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -20,6 +20,19 @@ use crate::metrics::{Outcome, WorkerMetrics};
 /// the loop interrupt it (the listener is cancel-safe).
 const NOTIFY_WAIT: Duration = Duration::from_secs(60);
 
+tokio::task_local! {
+    /// When the running task's time is up: its `timeout_seconds` after the
+    /// handler started. Set around every handler, so a client deep in a
+    /// pipeline can end its retries in time with its own error (see
+    /// [`task_deadline`]) without each pipeline passing it down.
+    pub(crate) static TASK_DEADLINE: Instant;
+}
+
+/// The deadline of the task whose handler is running, if called from one.
+pub fn task_deadline() -> Option<Instant> {
+    TASK_DEADLINE.try_with(|deadline| *deadline).ok()
+}
+
 /// What a task produced: the JSON stored as the task's output.
 pub type TaskOutput = serde_json::Value;
 
@@ -334,9 +347,10 @@ async fn run_one<H: TaskHandler>(handler: Arc<H>, ctx: TaskContext) -> Finished 
     let timeout = Duration::from_secs(ctx.task.timeout_seconds.max(1) as u64);
     let cancelled = ctx.cancelled.clone();
     let started = Instant::now();
+    let run = TASK_DEADLINE.scope(started + timeout, handler.run(ctx));
     tokio::select! {
         _ = cancelled.cancelled() => Finished::Cancelled(lease),
-        result = tokio::time::timeout(timeout, handler.run(ctx)) => Finished::Done {
+        result = tokio::time::timeout(timeout, run) => Finished::Done {
             lease,
             result: result.unwrap_or_else(|_| Err(Failure::retryable(format!(
                 "timed out after {} s", timeout.as_secs()
