@@ -5,7 +5,7 @@
 //! SHA-256 is stored (see the `api_keys` migration); the secret is shown
 //! once, when it is created, and never logged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -32,6 +32,10 @@ const PREFIX_LEN: usize = KEY_SCHEME.len() + 8;
 const KEY_LEN: usize = KEY_SCHEME.len() + 43;
 /// Past this many cached keys the cache starts over rather than grow.
 const MAX_CACHED_KEYS: usize = 10_000;
+/// How often, at most, the prefixes of the active keys are read again
+/// while the failed-lookup budget is used up: a key created meanwhile is
+/// admitted within this long.
+const PREFIXES_REFRESH: Duration = Duration::from_secs(10);
 
 /// A freshly generated key. `secret` is what the client sends; it exists
 /// only in memory until printed.
@@ -83,7 +87,10 @@ impl Principal {
 /// flood of queries: a token that is not shaped like a key is refused
 /// without a lookup; one the database did not know is remembered for
 /// `failure_ttl`; and lookups that find nothing have a per-process budget,
-/// past which unknown tokens get a 429 without a lookup.
+/// past which unknown tokens get a 429 without a lookup. A flood of random
+/// tokens must not lock real clients out with it: past the budget, a token
+/// carrying the prefix of an active key (read from the database at most
+/// every [`PREFIXES_REFRESH`]) is still looked up.
 pub struct Authenticator {
     queue: Queue,
     ttl: Duration,
@@ -92,7 +99,15 @@ pub struct Authenticator {
     failures: Mutex<HashMap<[u8; 32], Instant>>,
     failure_budget: Mutex<TokenBucket>,
     failures_per_second: u32,
+    known_prefixes: Mutex<KnownPrefixes>,
     lookups: AtomicU64,
+}
+
+/// The prefixes of the active keys, as last read.
+#[derive(Default)]
+struct KnownPrefixes {
+    prefixes: HashSet<String>,
+    read_at: Option<Instant>,
 }
 
 /// Settings of an [`Authenticator`].
@@ -117,11 +132,13 @@ impl Authenticator {
             failures: Mutex::new(HashMap::new()),
             failure_budget: Mutex::new(TokenBucket::full(f64::from(rate))),
             failures_per_second: rate,
+            known_prefixes: Mutex::default(),
             lookups: AtomicU64::new(0),
         }
     }
 
-    /// Database lookups made so far (for tests and the curious).
+    /// Database lookups made so far, of keys and of the active prefixes (for
+    /// tests and the curious).
     pub fn lookups(&self) -> u64 {
         self.lookups.load(Ordering::Relaxed)
     }
@@ -137,7 +154,8 @@ impl Authenticator {
         if self.failed_recently(&hash) {
             return Err(ApiError::Unauthorized);
         }
-        if !lock(&self.failure_budget).has_one(Instant::now()) {
+        let budget_left = lock(&self.failure_budget).has_one(Instant::now());
+        if !budget_left && !self.is_active_prefix(&secret[..PREFIX_LEN]).await? {
             return Err(ApiError::TooManyRequests {
                 what: "authentication attempts with unknown keys",
                 limit: "AUTH_FAILED_LOOKUPS_PER_SECOND",
@@ -156,6 +174,9 @@ impl Authenticator {
             tenant: key.tenant,
             role: key.role,
         };
+        lock(&self.known_prefixes)
+            .prefixes
+            .insert(secret[..PREFIX_LEN].to_owned());
         if !self.ttl.is_zero() {
             let mut cache = lock(&self.cache);
             if cache.len() >= MAX_CACHED_KEYS {
@@ -164,6 +185,27 @@ impl Authenticator {
             cache.insert(hash, (Instant::now() + self.ttl, principal.clone()));
         }
         Ok(principal)
+    }
+
+    /// Whether `prefix` is an active key's. The set is read again when it is
+    /// older than [`PREFIXES_REFRESH`], by one request at a time: a flood
+    /// costs at most one query per interval.
+    async fn is_active_prefix(&self, prefix: &str) -> ApiResult<bool> {
+        {
+            let mut known = lock(&self.known_prefixes);
+            if known.prefixes.contains(prefix) {
+                return Ok(true);
+            }
+            if known.read_at.is_some_and(|at| at.elapsed() < PREFIXES_REFRESH) {
+                return Ok(false);
+            }
+            known.read_at = Some(Instant::now());
+        }
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let prefixes = self.queue.active_api_key_prefixes().await?;
+        let active = prefixes.contains(prefix);
+        lock(&self.known_prefixes).prefixes = prefixes;
+        Ok(active)
     }
 
     fn cached(&self, hash: &[u8; 32]) -> Option<Principal> {

@@ -3,6 +3,7 @@
 //! The queue never sees a key itself: callers generate it and pass only its
 //! SHA-256, which is what is stored and looked up.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -135,6 +136,16 @@ impl Queue {
         .bind(&key_hash[..])
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    /// The prefixes of the keys not revoked. Prefixes are not secret, but
+    /// random: a token guessed at random carries none of them.
+    pub async fn active_api_key_prefixes(&self) -> Result<HashSet<String>> {
+        let prefixes: Vec<String> =
+            sqlx::query_scalar("SELECT prefix FROM api_keys WHERE revoked_at IS NULL")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(prefixes.into_iter().collect())
     }
 
     /// Revoke one key, named by its id or its prefix. A prefix that names
