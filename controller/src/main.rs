@@ -152,6 +152,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let queue = Queue::connect(&args.database_url, 4)
         .await
         .context("connecting to PostgreSQL")?;
+    queue
+        .wait_for_schema(Duration::from_secs(2))
+        .await
+        .context("reading the schema's migrations")?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = args.metrics_addr {
         let metrics = metrics.clone();

@@ -142,6 +142,28 @@ impl Queue {
         Ok(())
     }
 
+    /// Returns once every migration this build knows is applied, checking
+    /// every `interval`. A worker or the controller may start before `api
+    /// migrate` has run (on a first deploy they all start together): it
+    /// waits, saying why once, instead of failing on a missing table.
+    pub async fn wait_for_schema(&self, interval: std::time::Duration) -> Result<()> {
+        let mut said = false;
+        while !self.is_ready().await? {
+            if !said {
+                tracing::warn!(
+                    "the database lacks backlog's schema or some of its migrations: waiting for \
+                    `api migrate` (or `api serve --migrate`) to apply them"
+                );
+                said = true;
+            }
+            tokio::time::sleep(interval).await;
+        }
+        if said {
+            tracing::info!("the schema is in place");
+        }
+        Ok(())
+    }
+
     /// True when the database answers and every known migration is applied.
     pub async fn is_ready(&self) -> Result<bool> {
         let applied: i64 =

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handlers::Pipelines;
 use crate::metrics::WorkerMetrics;
+use crate::pipelines::pdf;
 use crate::runtime::{self, replica_identity, RuntimeConfig};
 
 #[derive(Debug, Parser)]
@@ -52,6 +53,9 @@ pub struct WorkerArgs {
 }
 
 /// Parse arguments, run the worker until SIGTERM/SIGINT, drain, exit.
+/// How often a worker started before the schema checks for it again.
+const SCHEMA_POLL: Duration = Duration::from_secs(2);
+
 pub fn main(default_types: &[TaskType]) -> anyhow::Result<()> {
     let mut args = WorkerArgs::parse();
     if args.task_types.is_empty() {
@@ -74,6 +78,10 @@ async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let queue = Queue::connect(&args.database_url, args.concurrency as u32 + 3)
         .await
         .context("connecting to PostgreSQL")?;
+    queue
+        .wait_for_schema(SCHEMA_POLL)
+        .await
+        .context("reading the schema's migrations")?;
     let metrics = Arc::new(WorkerMetrics::default());
     if let Some(addr) = args.metrics_addr {
         let metrics = metrics.clone();
@@ -89,6 +97,12 @@ async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_seconds),
         metrics,
     };
+    if config.task_types.contains(&TaskType::PdfGeneration) {
+        // Finding the machine's fonts takes a moment; pay it before the
+        // first claim, not inside the first task's timeout.
+        let fonts = tokio::task::spawn_blocking(pdf::load_fonts).await?;
+        tracing::info!(fonts, "PDF fonts found");
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(exit_on_signals(shutdown.clone()));
     runtime::run(queue, config, pipelines, shutdown).await?;

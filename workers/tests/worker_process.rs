@@ -275,3 +275,46 @@ fn every_setting_of_a_worker_is_in_the_readme() {
         );
     }
 }
+
+/// A worker started before the schema (a first deploy starts everything at
+/// once) waits for it, saying so, then registers and runs once migrated.
+#[sqlx::test(migrations = false)]
+async fn a_worker_started_before_the_schema_waits_for_it(pool: PgPool) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let url = test_support::database_url(&pool);
+    let store = tempfile::tempdir().unwrap();
+    let mut worker = worker_command("early", &url, "http://127.0.0.1:9", store.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start text-worker");
+    let mut log = BufReader::new(worker.stderr.take().unwrap()).lines();
+    let mut seen = vec![];
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), log.next_line())
+            .await
+            .expect("a log line within 30 s")
+            .unwrap()
+            .unwrap_or_else(|| panic!("the worker exited; it logged: {seen:#?}"));
+        if line.contains("lacks backlog's schema") {
+            break;
+        }
+        seen.push(line);
+    }
+    assert!(worker.try_wait().unwrap().is_none(), "the worker exited");
+
+    queue::MIGRATOR.run(&pool).await.unwrap();
+    eventually("the worker to register", 1, async || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM workers WHERE id = 'early'")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    sigterm(worker.id().unwrap() as libc::pid_t);
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

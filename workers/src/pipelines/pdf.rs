@@ -162,6 +162,11 @@ static LIBRARY: LazyLock<LazyHash<Library>> = LazyLock::new(|| LazyHash::new(Lib
 /// use; a font file is read only when a document needs it.
 static FONTS: LazyLock<FontStore> = LazyLock::new(|| font_store(typst_kit::fonts::system()));
 
+/// Finds the fonts now rather than at the first document; returns how many.
+pub fn load_fonts() -> usize {
+    FONTS.book().families().map(|(_, infos)| infos.count()).sum()
+}
+
 /// The embedded fonts first, then `machine`'s fonts in path order, so the
 /// choice between two equally good fallbacks never depends on the order a
 /// folder lists its files in. A machine copy of an embedded family (Debian
