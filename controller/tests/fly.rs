@@ -4,7 +4,7 @@
 //! README's sequence on a fresh app — and the client's and emulator's JSON
 //! against Fly's published OpenAPI schemas.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -365,6 +365,68 @@ async fn scale_down_never_stops_a_machine_that_holds_a_task(pool: PgPool) {
         of(&log, "release_lease").len(),
         2,
         "every lease taken is released"
+    );
+}
+
+/// Fly keeps a machine in `created` until someone starts it (`skip_launch`,
+/// or a launch that never began). It runs nothing, so it is no replica: the
+/// pool starts it as it would a stopped one, instead of holding at a count
+/// that serves no task while the queue waits.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_machine_left_in_created_is_started_not_counted(pool: PgPool) {
+    let emu = emulator().await;
+    let created = seed(&emu, "created", "ord");
+    let q = Queue::new(pool);
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    let mut r = reconciler(&q, backend(&emu));
+    enqueue_jobs(&q, JobType::Text, 1).await;
+
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!(reports.len(), 1, "the pass succeeded");
+    assert_eq!(reports[0].decision.replicas, 1, "{}", reports[0].decision);
+    let log = emu.requests();
+    let started: Vec<String> = of(&log, "start")
+        .iter()
+        .filter_map(|s| s.machine.clone())
+        .collect();
+    assert_eq!(started, vec![created.clone()], "the created machine is started");
+    assert!(of(&log, "create").is_empty(), "no machine is created beside it");
+    wait_until("the machine to run", || state_of(&emu, &created) == "started").await;
+}
+
+/// A stop that took effect but whose answer was lost (a 503) is retried by
+/// the client, and the retry meets a machine already stopping: its 412
+/// means the stop is done, not that the pass failed.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_stop_whose_answer_was_lost_still_counts_as_done(pool: PgPool) {
+    let emu = emulator().await;
+    let mut machines: Vec<String> = (0..2).map(|_| seed(&emu, "started", "ord")).collect();
+    machines.sort();
+    let q = Queue::new(pool);
+    for m in &machines {
+        register_text_worker(&q, m).await;
+    }
+    emu.set_faults(Faults {
+        lost_answers: HashMap::from([("stop", 1)]),
+        ..Faults::default()
+    });
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 5}"));
+    let mut r = reconciler(&q, backend(&emu));
+
+    let reports = pass(&mut r, &pools, 0).await;
+    assert_eq!(reports.len(), 1, "the pass succeeded");
+    let mut removed = reports[0].removed.clone();
+    removed.sort();
+    assert_eq!(removed, machines, "both stops are reported");
+    wait_until("both machines to stop", || in_state(&emu, "stopped") == machines).await;
+    let log = emu.requests();
+    assert!(
+        log.iter().any(|l| l.action == "stop" && l.injected),
+        "a stop's answer was lost"
+    );
+    assert!(
+        log.iter().any(|l| l.action == "stop" && l.status == 412),
+        "its retry met a machine no longer running"
     );
 }
 

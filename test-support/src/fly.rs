@@ -59,6 +59,10 @@ pub struct Faults {
     pub slow: Option<Duration>,
     /// Creating a machine here fails with 422 `insufficient_capacity`.
     pub no_capacity_regions: HashSet<String>,
+    /// The next this many requests of these actions (`stop`, `start`, ...)
+    /// take effect, then are answered 503: an answer lost on its way back,
+    /// after which a client's retry meets the new state.
+    pub lost_answers: HashMap<&'static str, usize>,
 }
 
 /// One request as the emulator saw and answered it.
@@ -488,9 +492,15 @@ async fn handle(
                     error(StatusCode::BAD_REQUEST, "request body is not valid JSON")
                 }
                 None => {
-                    shared
+                    let reply = shared
                         .dispatch(r, &query, request_body.as_ref(), nonce.as_deref())
-                        .await
+                        .await;
+                    if reply.0.is_success() && shared.lose_answer(r.action) {
+                        injected = true;
+                        error(StatusCode::SERVICE_UNAVAILABLE, "upstream connection reset")
+                    } else {
+                        reply
+                    }
                 }
             }
         }
@@ -529,6 +539,19 @@ async fn handle(
 impl Shared {
     /// Auth, the app, rate limits and injected faults, in the order a real
     /// front end applies them. `Some` is the answer that stops the request.
+    /// Whether this applied `action` is to be answered as lost (see
+    /// [`Faults::lost_answers`]), counting it down.
+    fn lose_answer(&self, action: &str) -> bool {
+        let mut state = self.state.lock().expect("state");
+        match state.faults.lost_answers.get_mut(action) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn gate(&self, r: &Route, headers: &HeaderMap, injected: &mut bool, limited: &mut bool) -> Option<Reply> {
         let mut state = self.state.lock().expect("state");
         // Macaroons (fm1r_, fm1a_, fm2_) go with the FlyV1 scheme, other

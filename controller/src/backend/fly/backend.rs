@@ -19,16 +19,23 @@ pub const PROCESS_GROUP_KEY: &str = "fly_process_group";
 pub const PLATFORM_VERSION_KEY: &str = "fly_platform_version";
 
 /// States that count as a replica: running or on the way there.
-const ACTIVE_STATES: &[&str] = &[
-    "created",
-    "starting",
-    "started",
-    "restarting",
-    "updating",
-    "replacing",
+const ACTIVE_STATES: &[&str] = &["starting", "started", "restarting", "updating", "replacing"];
+/// States a machine can be started from. `created` is one: Fly keeps a
+/// machine there until someone starts it (created with `skip_launch`, or a
+/// launch that never began), so counting it as a replica would hold the
+/// pool at a count that runs nothing, with its tasks queued for good. A
+/// machine this backend creates leaves `created` within the pass that
+/// created it, which waits for it to start.
+const STARTABLE_STATES: &[&str] = &["stopped", "suspended", "created"];
+/// States a stop leaves a machine in, or that need no stop at all.
+const STOPPED_STATES: &[&str] = &[
+    "stopping",
+    "stopped",
+    "suspending",
+    "suspended",
+    "destroying",
+    "destroyed",
 ];
-/// States a machine can be started from.
-const STARTABLE_STATES: &[&str] = &["stopped", "suspended"];
 /// A machine that "encountered an error and could not start successfully"
 /// (Fly's machine states): it is destroyed, and others take its place.
 const FAILED_STATE: &str = "failed";
@@ -152,7 +159,15 @@ impl FlyBackend {
         let Leased::Held(nonce) = self.lease(pool, app, &machine.id, "start").await? else {
             return Ok(false);
         };
-        let started = self.client.start(app, &machine.id, Some(&nonce)).await;
+        let started = match self.client.start(app, &machine.id, Some(&nonce)).await {
+            // 412: it left the state it was listed in. Started meanwhile (a
+            // retried start whose first answer was lost, or a launch under
+            // way) is what was asked for.
+            Err(FlyError::Api { status: 412, .. }) if self.now_in(app, &machine.id, ACTIVE_STATES).await => {
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        };
         self.release(pool, app, &machine.id, &nonce).await;
         started.map_err(|e| to_backend(pool, e))?;
         tracing::info!(pool = pool.name, machine = %machine.id, region = %machine.region, "started stopped machine");
@@ -172,7 +187,12 @@ impl FlyBackend {
         let Leased::Held(nonce) = self.lease(pool, app, id, "stop").await? else {
             return Ok(false);
         };
-        let stopped = self.client.stop(app, id, stop, Some(&nonce)).await;
+        let stopped = match self.client.stop(app, id, stop, Some(&nonce)).await {
+            // 412: not running any more. A retried stop whose first answer
+            // was lost meets a machine already stopping: that stop is done.
+            Err(FlyError::Api { status: 412, .. }) if self.now_in(app, id, STOPPED_STATES).await => Ok(()),
+            other => other.map(|_| ()),
+        };
         if stopped.is_ok() {
             // The stop is under way whatever the wait says: not an error of the pass.
             if let Err(e) = self.wait_for(pool, app, id, "stopped").await {
@@ -183,6 +203,18 @@ impl FlyBackend {
         stopped.map_err(|e| to_backend(pool, e))?;
         tracing::info!(pool = pool.name, machine = %id, "stopped drained machine");
         Ok(true)
+    }
+
+    /// Whether the machine is now in one of `states`, read again after an
+    /// action was refused for the state it had; false when it cannot be read.
+    async fn now_in(&self, app: &str, id: &str, states: &[&str]) -> bool {
+        match self.client.get(app, id).await {
+            Ok(machine) => states.contains(&machine.state.as_str()),
+            Err(e) => {
+                tracing::warn!(machine = %id, error = %e, "could not read the machine after a refused action");
+                false
+            }
+        }
     }
 
     /// Waits for a state; a machine that does not get there is left to count
@@ -338,9 +370,11 @@ impl FlyBackend {
         let group = self.group(pool, target).await?;
         self.destroy_failed(pool, target, &group).await?;
         let keep = target.stopped_to_keep();
+        // Not `created` ones: such a machine may be one `fly deploy` is
+        // launching this very moment.
         let mut stopped: Vec<Machine> = group
             .into_iter()
-            .filter(|m| STARTABLE_STATES.contains(&m.state.as_str()))
+            .filter(|m| matches!(m.state.as_str(), "stopped" | "suspended"))
             .collect();
         if stopped.len() <= keep {
             return Ok(());
