@@ -1,11 +1,16 @@
-//! The periodic sweeper: takes tasks back from dead or overdue workers;
-//! repairs any job left unfinished after its tasks (it should find none);
-//! when retention is set, prunes old finished jobs; and removes the bytes of
-//! artifacts nobody records any more (pruned, or replaced by a re-run). Several API replicas may run it
-//! at once; the queue makes concurrent sweeps safe, and deleting an object
-//! twice is harmless.
+//! The maintenance services, each on its own clock: the sweeper takes
+//! tasks back from dead or overdue workers; the repairer puts right any job
+//! left unfinished after its tasks (it should find none); retention, when
+//! set, prunes old finished jobs; and the cleaner removes the bytes of
+//! artifacts nobody records any more (pruned, or replaced by a re-run).
+//! They run side by side, so a slow store (an S3 delete retries for
+//! minutes) never holds up the sweep that rescues tasks. Several API
+//! replicas may run them at once; the queue makes concurrent sweeps safe,
+//! and deleting an object twice is harmless.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use queue::Queue;
@@ -23,24 +28,47 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut sweep_tick = interval(settings.interval);
-    let mut retention_tick = interval(settings.retention_interval);
-    let mut repair_tick = interval(settings.repair_interval);
-    for tick in [&mut sweep_tick, &mut retention_tick, &mut repair_tick] {
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    }
+    let (queue, settings, metrics) = (&queue, &settings, &*metrics);
+    let retention = async {
+        if settings.retention.is_some() {
+            every(settings.retention_interval, &shutdown, || {
+                prune_once(queue, settings, metrics)
+            })
+            .await;
+        }
+    };
+    tokio::join!(
+        every(settings.interval, &shutdown, || sweep_once(
+            queue, settings, metrics
+        )),
+        every(settings.repair_interval, &shutdown, || repair_once(
+            queue, metrics
+        )),
+        every(settings.repair_interval, &shutdown, || delete_pruned_artifacts(
+            queue, &artifacts, metrics
+        )),
+        retention,
+    );
+}
+
+/// Runs `service` now and then every `period` (later, if a run overran),
+/// until shutdown, which also ends a run under way: what a run leaves
+/// undone is picked up by the next run of any replica.
+async fn every<F: Future<Output = ()>>(
+    period: Duration,
+    shutdown: &CancellationToken,
+    mut service: impl FnMut() -> F,
+) {
+    let mut tick = interval(period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = sweep_tick.tick() => sweep_once(&queue, &settings, &metrics).await,
-            _ = repair_tick.tick() => {
-                repair_once(&queue, &metrics).await;
-                delete_pruned_artifacts(&queue, &artifacts, &metrics).await;
-            }
-            _ = retention_tick.tick(), if settings.retention.is_some() => {
-                prune_once(&queue, &settings, &metrics).await;
-                delete_pruned_artifacts(&queue, &artifacts, &metrics).await;
-            }
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = service() => {}
         }
     }
 }

@@ -182,3 +182,82 @@ async fn a_rerun_records_its_own_bytes_and_the_replaced_ones_are_removed(pool: P
     );
     assert!(dir.path().join(&keys[1]).exists(), "the recorded bytes stay");
 }
+
+/// The cleaner and the sweeper run side by side: deleting bytes from an S3
+/// that does not answer retries for minutes, and meanwhile the task of a
+/// dead worker is still taken back on time.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_store_that_hangs_does_not_hold_up_the_sweep(pool: PgPool) {
+    use std::sync::Arc;
+
+    use api::state::SweeperSettings;
+    use queue::TaskStatus;
+    use tokio_util::sync::CancellationToken;
+
+    // An S3 endpoint that takes connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = vec![];
+        loop {
+            held.push(listener.accept().await.unwrap().0);
+        }
+    });
+    store::install_tls_provider();
+    // The store reads its S3 settings from the environment (nextest runs
+    // each test in a process of its own).
+    for (name, value) in [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "backlog-test"),
+        ("AWS_SECRET_ACCESS_KEY", "backlog-test-secret"),
+    ] {
+        std::env::set_var(name, value);
+    }
+    let artifacts = ArtifactStore::from_url("s3://artifacts").unwrap();
+    let q = Queue::new(pool.clone());
+    sqlx::query("INSERT INTO artifact_deletions (storage_key) VALUES ('jobs/x/text-1.md')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let job = enqueue_text_job(&q).await;
+    claim_text_task(&q).await; // and its worker is never heard from again
+
+    let shutdown = CancellationToken::new();
+    let settings = SweeperSettings {
+        interval: Duration::from_millis(200),
+        stale_after: Duration::from_secs(1),
+        repair_interval: Duration::from_millis(100),
+        ..SweeperSettings::default()
+    };
+    let sweeper = tokio::spawn(api::sweeper::run(
+        q.clone(),
+        artifacts,
+        settings,
+        Arc::new(Metrics::new()),
+        shutdown.clone(),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let tasks = q.tasks_of(job.id).await.unwrap();
+        if tasks[0].status == TaskStatus::Pending {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead worker's task was not taken back: {tasks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        q.artifact_deletions(10).await.unwrap(),
+        vec!["jobs/x/text-1.md"],
+        "the delete is still waiting on the store"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), sweeper)
+        .await
+        .expect("shutdown ends a run under way")
+        .unwrap();
+}
