@@ -408,3 +408,37 @@ async fn a_completion_chosen_as_a_deadlock_victim_is_repeated_and_applies(pool: 
         .expect("the completion is repeated after the deadlock and applies");
     assert_eq!(job_status(&q, job.id).await, JobStatus::Complete);
 }
+
+/// A claim that meets its job locked (an event stream registering its
+/// watch holds it FOR SHARE) skips the job's update rather than wait; the
+/// first heartbeat then shows the job as started, from the claim's time.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_claim_that_meets_a_watched_job_is_shown_started_by_its_heartbeat(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("tides")).await.unwrap().job;
+
+    let mut watching = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR SHARE")
+        .bind(job.id)
+        .execute(&mut *watching)
+        .await
+        .unwrap();
+    let task = q
+        .claim_and_start("w", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0);
+    watching.commit().await.unwrap();
+    assert_eq!(
+        job_status(&q, job.id).await,
+        JobStatus::Queued,
+        "the claim did not wait for the lock"
+    );
+
+    let lost = q.heartbeat("w", &[task.lease()]).await.unwrap();
+    assert!(lost.is_empty());
+    let job = q.job("acme", job.id).await.unwrap();
+    assert_eq!(job.status, JobStatus::Processing);
+    let claimed_at = q.tasks_of(job.id).await.unwrap()[0].claimed_at;
+    assert_eq!(job.started_at, claimed_at, "started when claimed");
+}
