@@ -4,7 +4,9 @@ mod common;
 
 use common::{assert_error, read, TestServer};
 use queue::{ApiKeyRole, Artifact, ArtifactKind, NewArtifact, TaskType};
-use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, RANGE};
+use reqwest::header::{
+    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, IF_RANGE, RANGE,
+};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -122,6 +124,34 @@ async fn artifacts_download_whole_or_by_range(pool: sqlx::PgPool) {
         .await
         .unwrap();
     assert_eq!(fresh.status(), StatusCode::PARTIAL_CONTENT);
+
+    // A client that holds these bytes revalidates for nothing (RFC 9110
+    // 13.1.2: weak comparison, a list, or `*`), before any Range.
+    for held in [
+        format!("\"{SHA}\""),
+        format!("W/\"{SHA}\""),
+        format!("\"old\", \"{SHA}\""),
+        "*".to_string(),
+    ] {
+        let current = server
+            .get(&key, &path)
+            .header(IF_NONE_MATCH, &held)
+            .header(RANGE, "bytes=0-9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(current.status(), StatusCode::NOT_MODIFIED, "{held}");
+        assert_eq!(current.headers()[ETAG], format!("\"{SHA}\""));
+        assert!(current.bytes().await.unwrap().is_empty());
+    }
+    let changed = server
+        .get(&key, &path)
+        .header(IF_NONE_MATCH, "\"old\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), StatusCode::OK);
+    assert_eq!(changed.bytes().await.unwrap(), content);
     server.stop().await;
 }
 

@@ -59,10 +59,12 @@ pub async fn list_artifacts(
         ("id" = Uuid, Path, description = "Job id"),
         ("artifact_id" = Uuid, Path, description = "Artifact id"),
         ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=0-1023`"),
+        ("If-None-Match" = Option<String>, Header, description = "ETags of copies the client holds; 304 when one is current"),
     ),
     responses(
         (status = 200, description = "The whole artifact, in the content type it was recorded with",
             content((Vec<u8> = "text/markdown"), (Vec<u8> = "application/pdf"), (Vec<u8> = "audio/mpeg"))),
+        (status = 304, description = "`If-None-Match` names the artifact's ETag (its SHA-256): the copy the client holds is current"),
         (status = 206, description = "The requested range, in the artifact's content type",
             content((Vec<u8> = "text/markdown"), (Vec<u8> = "application/pdf"), (Vec<u8> = "audio/mpeg"))),
         (status = 400, description = "Not a UUID", body = ErrorBody),
@@ -84,8 +86,21 @@ pub async fn download_artifact(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("artifact {artifact_id}")))?;
     let key = &artifact.storage_key;
-    let size = state.artifacts.size(key).await.map_err(store_error)?;
     let etag = format!("\"{}\"", artifact.sha256);
+    // RFC 9110 13.2.2: If-None-Match is answered before any Range. A client
+    // holding these bytes (the ETag is their SHA-256) gets 304, no body.
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|tags| none_match_fails(tags, &etag))
+    {
+        return Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .header(header::ETAG, etag)
+            .body(Body::empty())
+            .map_err(ApiError::internal);
+    }
+    let size = state.artifacts.size(key).await.map_err(store_error)?;
 
     let if_range_holds = headers
         .get(header::IF_RANGE)
@@ -130,6 +145,14 @@ pub async fn download_artifact(
         response = response.header(header::CONTENT_RANGE, content_range);
     }
     response.body(body).map_err(ApiError::internal)
+}
+
+/// Whether an `If-None-Match` list (`*`, or entity tags separated by
+/// commas) names `etag`, compared weakly as RFC 9110 13.1.2 asks: then the
+/// condition fails and the answer is 304.
+fn none_match_fails(tags: &str, etag: &str) -> bool {
+    let opaque = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    tags.trim() == "*" || tags.split(',').any(|tag| opaque(tag) == opaque(etag))
 }
 
 fn store_error(error: StoreError) -> ApiError {
