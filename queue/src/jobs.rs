@@ -441,6 +441,11 @@ impl Queue {
                AND ($3::text IS NULL OR job_type = $3)
                AND ($4::uuid IS NULL OR id < $4)
                AND ($6::timestamptz IS NULL OR created_at >= $6)
+               -- The same bound on the key, so the scan of (tenant, id)
+               -- stops near it instead of reading the tenant's whole
+               -- history: ids are UUIDv7 from the API host's clock, an
+               -- hour of slack against the database's.
+               AND ($6::timestamptz IS NULL OR id >= uuid_v7_floor($6 - interval '1 hour'))
              ORDER BY id DESC
              LIMIT $5",
         )

@@ -308,3 +308,39 @@ async fn listeners_wake_when_tasks_become_runnable(pool: PgPool) {
         "a completed dependency wakes its dependents"
     );
 }
+
+/// `created_after` bounds the scan by id too (ids are UUIDv7), with an
+/// hour's slack: a job whose id the API host's clock, behind the
+/// database's, made a little older than its `created_at` is still listed.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn created_after_lists_a_job_whose_id_is_behind_its_clock(pool: PgPool) {
+    let q = queue(pool.clone());
+    // Ten minutes' skew between the hosts; and one job of yesterday.
+    for (id_age, created_age) in [("10 minutes", "0 minutes"), ("1 day", "1 day")] {
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant, job_type, input, created_at)
+             VALUES (overlay(uuid_v7_floor(now() - $1::interval)::text placing '9' from 36)::uuid,
+                     'acme', 'text', '{\"prompt\": \"p\"}', now() - $2::interval)",
+        )
+        .bind(id_age)
+        .bind(created_age)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let recent = q
+        .list_jobs(
+            "acme",
+            &queue::JobFilter {
+                status: None,
+                job_type: None,
+                before: None,
+                created_after: Some(chrono::Utc::now() - chrono::Duration::minutes(1)),
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(recent.jobs.len(), 1, "{:?}", recent.jobs);
+    assert!(recent.jobs[0].created_at > chrono::Utc::now() - chrono::Duration::minutes(1));
+}
