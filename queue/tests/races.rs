@@ -442,3 +442,31 @@ async fn a_claim_that_meets_a_watched_job_is_shown_started_by_its_heartbeat(pool
     let claimed_at = q.tasks_of(job.id).await.unwrap()[0].claimed_at;
     assert_eq!(job.started_at, claimed_at, "started when claimed");
 }
+
+/// The claim number is the lease, so a claim must be on disk before its
+/// lease is handed out. A claim whose commit a server crash lost would
+/// otherwise give the same number to the next claimer, while the first
+/// holder (workers outlive a database restart) still runs under it: two
+/// holders of one lease, both passing every fence and writing one storage
+/// key. Claims once turned `synchronous_commit` off for their transaction.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_claim_commits_only_once_it_is_on_disk(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue(text_job("tides")).await.unwrap();
+    q.enqueue(text_job("waves")).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let setting = "SELECT current_setting('synchronous_commit')";
+    let before: String = sqlx::query_scalar(setting).fetch_one(&mut *tx).await.unwrap();
+    for claim in ["claim_tasks", "claim_and_start_tasks"] {
+        let claimed: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM {claim}('w', ARRAY['text_generation'], 1)"
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(claimed.len(), 1, "{claim}");
+        let after: String = sqlx::query_scalar(setting).fetch_one(&mut *tx).await.unwrap();
+        assert_eq!(after, before, "{claim} changed synchronous_commit");
+    }
+    tx.commit().await.unwrap();
+}
