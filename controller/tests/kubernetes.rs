@@ -727,6 +727,46 @@ async fn a_hand_scaled_deployment_is_converged_back_with_an_event(pool: PgPool) 
     controller.stop().await;
 }
 
+/// Setting a hand-scaled Deployment back lowers its count as a scale-down
+/// does, so it keeps the same rule: while a busy pod is not ready, the
+/// ReplicaSet would delete it first whatever its deletion cost, so the
+/// count is not lowered under it.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_hand_scaled_deployment_is_set_back_without_losing_a_busy_pod_that_is_not_ready(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = text_pool_on_a_deployment(0).await;
+    let controller = start_controller(&api, &q, "a");
+    enqueue_jobs(&q, JobType::Text, 2).await;
+    eventually("2 replicas and 2 pods", || {
+        (replicas(&api, "worker") == 2 && pod_names(&api, "worker").len() == 2).then_some(())
+    })
+    .await;
+    let pods = pod_names(&api, "worker");
+    for pod in &pods {
+        register_text_worker(&q, pod).await;
+    }
+    let busy = pods[0].clone();
+    let held = q.claim(&busy, &[TaskType::TextGeneration], 1).await.unwrap();
+    assert_eq!(held.len(), 1);
+    api.set_pod_ready(NS, &busy, false);
+
+    api.scale("deployments", NS, "worker", 3);
+    eventually("a ManualScaleReverted event", || {
+        events(&api, "text", "ManualScaleReverted").pop()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(pod_names(&api, "worker").contains(&busy), "the busy pod survives");
+
+    api.set_pod_ready(NS, &busy, true);
+    eventually("back at 2 replicas and 2 pods", || {
+        (replicas(&api, "worker") == 2 && pod_names(&api, "worker").len() == 2).then_some(())
+    })
+    .await;
+    assert!(pod_names(&api, "worker").contains(&busy), "the busy pod survives");
+    controller.stop().await;
+}
+
 fn lease_holder(api: &KubeApi) -> Option<String> {
     api.get("coordination.k8s.io", "leases", NS, "backlog-controller")
         .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))

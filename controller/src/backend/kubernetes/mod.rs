@@ -184,6 +184,25 @@ fn ordinal(name: &str) -> Option<u32> {
 /// Of `ids`, the ones a StatefulSet removes when its count drops by their
 /// number: ids with no pod yet, then pods from the highest ordinal down,
 /// stopping at the first pod that is not in `ids`.
+/// The pods of `removing` a ReplicaSet lowered by as many will delete. It
+/// deletes pods that are not ready before ready ones, whatever their
+/// deletion cost: while a busy pod is not ready, only the drained pods that
+/// are not ready either are safe to count on.
+fn deletable_by_replica_set<'a>(
+    pods: &[Pod],
+    busy: &HashSet<String>,
+    mut removing: Vec<&'a String>,
+) -> Vec<&'a String> {
+    let busy_not_ready = pods
+        .iter()
+        .any(|p| p.metadata.name.as_ref().is_some_and(|n| busy.contains(n)) && !pod_is_ready(p));
+    if busy_not_ready {
+        let pod = |id: &str| pods.iter().find(|p| p.metadata.name.as_deref() == Some(id));
+        removing.retain(|id| pod(id).is_none_or(|p| !pod_is_ready(p)));
+    }
+    removing
+}
+
 fn highest_ordinals<'a>(pods: &[Pod], ids: &'a [String]) -> Vec<&'a String> {
     let mut ordinals: Vec<(u32, &str)> = pods
         .iter()
@@ -428,12 +447,16 @@ impl KubernetesBackend {
                 })?;
             let removing: Vec<String> = match target.kind {
                 WorkloadKind::Deployment => {
-                    let remove: HashSet<&str> = drained.iter().map(String::as_str).collect();
+                    let safe: Vec<String> = deletable_by_replica_set(&pods, &busy, drained.iter().collect())
+                        .into_iter()
+                        .cloned()
+                        .collect();
+                    let remove: HashSet<&str> = safe.iter().map(String::as_str).collect();
                     if let Err(e) = self.mark_deletion_costs(namespace, &pods, &remove, &busy).await {
                         self.undrain(pool.name, &drained).await;
                         return Err(error(e));
                     }
-                    drained.clone()
+                    safe
                 }
                 WorkloadKind::StatefulSet => highest_ordinals(&pods, &drained).into_iter().cloned().collect(),
             };
@@ -615,21 +638,12 @@ impl Backend for KubernetesBackend {
                 return Ok(Vec::new());
             }
             let busy = self.busy_pods(pool.name).await?;
-            // The ReplicaSet deletes pods that are not ready before ready
-            // ones, whatever their deletion cost: while a busy pod is not
-            // ready, only drained pods that are not ready either are safe.
-            let pod = |id: &str| pods.iter().find(|p| p.metadata.name.as_deref() == Some(id));
-            let busy_not_ready = pods
-                .iter()
-                .any(|p| p.metadata.name.as_ref().is_some_and(|n| busy.contains(n)) && !pod_is_ready(p));
-            if busy_not_ready {
-                removing.retain(|id| pod(id).is_none_or(|p| !pod_is_ready(p)));
-                if removing.len() < ids.len() {
-                    tracing::info!(
-                        pool = pool.name,
-                        "a busy pod is not ready: keeping the ready drained pods this pass"
-                    );
-                }
+            removing = deletable_by_replica_set(&pods, &busy, removing);
+            if removing.len() < ids.len() {
+                tracing::info!(
+                    pool = pool.name,
+                    "a busy pod is not ready: keeping the ready drained pods this pass"
+                );
             }
             let remove: HashSet<&str> = removing.iter().map(|id| id.as_str()).collect();
             self.mark_deletion_costs(&namespace, &pods, &remove, &busy)
