@@ -1461,3 +1461,39 @@ async fn requests_to_one_app_are_bounded_by_the_client_concurrency() {
     assert_eq!(emu.requests().len(), 6);
     assert_eq!(emu.most_in_flight(APP), 2, "FLY_API_CONCURRENCY=2");
 }
+
+/// A `/wait` is a long poll: it takes no slot of the app's concurrency, or a
+/// few boots watched in one pool would stall every other pool of the app.
+#[tokio::test]
+async fn long_waits_leave_the_apps_request_slots_to_other_calls() {
+    let emu = emulator().await;
+    let stopped = [seed(&emu, "stopped", "ord"), seed(&emu, "stopped", "ord")];
+    let client = FlyClient::new(&emu.base_url(), Token::new(TOKEN), RetryPolicy::default(), 2).unwrap();
+    // Two waits for machines nobody starts fill the app's two slots if they
+    // take them: each holds on for its 5 s.
+    let waits: Vec<_> = stopped
+        .iter()
+        .map(|id| {
+            let (client, id) = (client.clone(), id.clone());
+            tokio::spawn(async move {
+                client
+                    .wait(APP, &id, "started", None, Duration::from_secs(5))
+                    .await
+            })
+        })
+        .collect();
+    wait_until("both waits to reach the API", || {
+        emu.requests().is_empty() && emu.most_in_flight(APP) == 2
+    })
+    .await;
+
+    let machine = client.get(APP, &stopped[0]).await.unwrap();
+    assert_eq!(machine.state, "stopped");
+    assert!(
+        waits.iter().all(|w| !w.is_finished()),
+        "the read went through while both waits were still waiting"
+    );
+    for wait in waits {
+        assert!(matches!(wait.await.unwrap(), Err(FlyError::WaitTimedOut { .. })));
+    }
+}

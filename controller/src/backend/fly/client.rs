@@ -343,6 +343,11 @@ struct Call<'a> {
     /// machine may exist, and a retry would make a second one. It is
     /// retried only when Fly cannot have acted (429, no connection).
     idempotent: bool,
+    /// A long poll (`/wait`, up to 60 s) that takes no slot of the app's
+    /// concurrency: it would otherwise hold one for its whole wait, and a
+    /// few boots watched in one pool would stall every other pool of the
+    /// app, a scale-up from zero included. Its rate is still limited.
+    long_poll: bool,
 }
 
 static TLS: Once = Once::new();
@@ -431,6 +436,7 @@ impl FlyClient {
                     nonce: None,
                     rate: READ_RATE,
                     idempotent: true,
+                    long_poll: false,
                 })
                 .await?;
             let page: Vec<Machine> = decode("list", body)?;
@@ -468,6 +474,7 @@ impl FlyClient {
                 nonce: None,
                 rate: MUTATION_RATE,
                 idempotent: false,
+                long_poll: false,
             })
             .await?;
         decode("create", body)
@@ -558,6 +565,7 @@ impl FlyClient {
         timeout: Duration,
     ) -> Result<(), FlyError> {
         let mut call = self.simple("wait", Method::GET, app, machine, "/wait", None, READ_RATE);
+        call.long_poll = true;
         call.query.push(("state".into(), state.into()));
         call.query
             .push(("timeout".into(), timeout.as_secs().clamp(1, 60).to_string()));
@@ -636,6 +644,7 @@ impl FlyClient {
             nonce,
             rate,
             idempotent: true,
+            long_poll: false,
         }
     }
 
@@ -665,7 +674,10 @@ impl FlyClient {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let permit = semaphore.acquire().await.expect("semaphore is never closed");
+            let permit = match call.long_poll {
+                true => None,
+                false => Some(semaphore.acquire().await.expect("semaphore is never closed")),
+            };
             let mut request = inner
                 .http
                 .request(call.method.clone(), &url)
