@@ -181,9 +181,6 @@ fn ordinal(name: &str) -> Option<u32> {
     name.rsplit('-').next().and_then(|o| o.parse().ok())
 }
 
-/// Of `ids`, the ones a StatefulSet removes when its count drops by their
-/// number: ids with no pod yet, then pods from the highest ordinal down,
-/// stopping at the first pod that is not in `ids`.
 /// The pods of `removing` a ReplicaSet lowered by as many will delete. It
 /// deletes pods that are not ready before ready ones, whatever their
 /// deletion cost: while a busy pod is not ready, only the drained pods that
@@ -203,19 +200,27 @@ fn deletable_by_replica_set<'a>(
     removing
 }
 
-fn highest_ordinals<'a>(pods: &[Pod], ids: &'a [String]) -> Vec<&'a String> {
-    let mut ordinals: Vec<(u32, &str)> = pods
-        .iter()
-        .filter_map(|p| p.metadata.name.as_deref())
-        .filter_map(|n| ordinal(n).map(|o| (o, n)))
-        .collect();
-    ordinals.sort_by_key(|o| std::cmp::Reverse(o.0));
-    let mut top: Vec<&String> = ids
-        .iter()
-        .filter(|id| !pods.iter().any(|p| p.metadata.name.as_ref() == Some(*id)))
-        .collect();
-    for (_, name) in &ordinals {
-        match ids.iter().find(|id| id.as_str() == *name) {
+/// Of `ids` (pods, and placeholders for pods not created yet), the ones a
+/// StatefulSet at `current` replicas can drop by. It deletes every pod
+/// whose ordinal is at or above its new count, whichever ones exist, so the
+/// count goes down one ordinal at a time from the top: past a pod of `ids`
+/// (removed), or past an ordinal with no pod (a placeholder of `ids`
+/// stands for it), stopping at the first pod that is not in `ids`. A
+/// missing middle ordinal (a rolling update or an eviction took it) does
+/// not make the pod above it removable.
+fn highest_ordinals<'a>(pods: &[Pod], ids: &'a [String], current: i32) -> Vec<&'a String> {
+    let names: Vec<&str> = pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+    let mut placeholders = ids.iter().filter(|id| !names.contains(&id.as_str()));
+    let mut top = Vec::new();
+    for at in (0..current.max(0) as u32).rev() {
+        if top.len() == ids.len() {
+            break;
+        }
+        let next = match names.iter().find(|n| ordinal(n) == Some(at)) {
+            Some(name) => ids.iter().find(|id| id.as_str() == *name),
+            None => placeholders.next(),
+        };
+        match next {
             Some(id) => top.push(id),
             None => break,
         }
@@ -458,7 +463,10 @@ impl KubernetesBackend {
                     }
                     safe
                 }
-                WorkloadKind::StatefulSet => highest_ordinals(&pods, &drained).into_iter().cloned().collect(),
+                WorkloadKind::StatefulSet => highest_ordinals(&pods, &drained, found)
+                    .into_iter()
+                    .cloned()
+                    .collect(),
             };
             // Drained pods the new count does not reach go back to work.
             let kept: Vec<String> = drained
@@ -626,7 +634,7 @@ impl Backend for KubernetesBackend {
         let pods = self.pods(&namespace, &selector).await.map_err(error)?;
         let mut removing: Vec<&String> = ids.iter().collect();
         if target.kind == WorkloadKind::StatefulSet {
-            let top = highest_ordinals(&pods, ids);
+            let top = highest_ordinals(&pods, ids, current);
             let keep: Vec<&String> = ids.iter().filter(|id| !top.contains(id)).collect();
             if !keep.is_empty() {
                 tracing::info!(pool = pool.name, kept = ?keep, "a StatefulSet removes its highest ordinals only; these stay");
@@ -714,6 +722,44 @@ mod tests {
         serde_json::from_value(json!({"metadata": {"name": format!("{replica_set}-x"), "ownerReferences": [
             {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": replica_set, "uid": "u", "controller": true}]}}))
         .unwrap()
+    }
+
+    fn named(name: &str) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name}})).unwrap()
+    }
+
+    fn ids(names: &[&str]) -> Vec<String> {
+        names.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_statefulset_drops_from_its_highest_ordinal_only() {
+        let all = [named("sts-0"), named("sts-1"), named("sts-2")];
+        let drained = ids(&["sts-2", "sts-0"]);
+        assert_eq!(highest_ordinals(&all, &drained, 3), vec!["sts-2"]);
+        let drained = ids(&["sts-1", "sts-2"]);
+        assert_eq!(highest_ordinals(&all, &drained, 3), vec!["sts-2", "sts-1"]);
+        // A count short of its pods: the ordinals not created go first.
+        let short = [named("sts-0"), named("sts-1")];
+        let drained = ids(&["sts-not-created-2", "sts-1"]);
+        assert_eq!(
+            highest_ordinals(&short, &drained, 3),
+            vec!["sts-not-created-2", "sts-1"]
+        );
+    }
+
+    #[test]
+    fn a_missing_middle_ordinal_does_not_make_the_pod_above_it_removable() {
+        // sts-1 was evicted: lowering 3 to 2 deletes sts-2, which is busy.
+        let gapped = [named("sts-0"), named("sts-2")];
+        let placeholder = ids(&["sts-not-created-2"]);
+        assert!(highest_ordinals(&gapped, &placeholder, 3).is_empty());
+        // Once sts-2 is drained, both ordinals above 0 can go.
+        let drained = ids(&["sts-not-created-2", "sts-2"]);
+        assert_eq!(
+            highest_ordinals(&gapped, &drained, 3),
+            vec!["sts-2", "sts-not-created-2"]
+        );
     }
 
     #[test]
