@@ -246,6 +246,49 @@ async fn a_400_is_permanent_and_not_retried() {
 }
 
 #[tokio::test]
+async fn a_404_from_a_base_url_without_v1_names_the_likely_cause() {
+    // Serves /v1/chat/completions only, as OpenAI and Ollama do.
+    let server = FakeServer::start(|request, _| {
+        if request.path == "/v1/chat/completions" {
+            json_response(StatusCode::OK, completion("# Found"))
+        } else {
+            json_response(StatusCode::NOT_FOUND, json!({"error": {"message": "Not Found"}}))
+        }
+    })
+    .await;
+    let without_v1 = |root: &str| {
+        LlmProvider::Chat(
+            ChatClient::new(ChatConfig {
+                service: "openai",
+                base_url: root.to_string(),
+                api_key: None,
+                model: "test-model".into(),
+                timeout: Duration::from_secs(5),
+                retry: RetryPolicy::default(),
+            })
+            .unwrap(),
+        )
+    };
+    let error = without_v1(&server.base_url)
+        .generate(&request("p", None))
+        .await
+        .unwrap_err();
+    assert!(!error.is_retryable());
+    let message = error.to_string();
+    assert!(
+        message.contains("HTTP 404") && message.contains("LLM_BASE_URL does not end in /v1"),
+        "{message}"
+    );
+    assert!(!message.contains("127.0.0.1"), "the URL stays out: {message}");
+    // With /v1, the same server answers.
+    let found = without_v1(&format!("{}/v1/", server.base_url))
+        .generate(&request("p", None))
+        .await
+        .unwrap();
+    assert!(found.markdown.contains("Found"));
+}
+
+#[tokio::test]
 async fn unreachable_and_slow_servers_are_retryable() {
     let error = provider(&closed_port_url().await, 2)
         .generate(&request("p", None))

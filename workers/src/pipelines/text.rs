@@ -261,6 +261,34 @@ impl ChatClient {
         Ok(ChatClient { config, http })
     }
 
+    /// A 404 from an API root without its version (`https://api.openai.com`
+    /// for `https://api.openai.com/v1`) says only "not found": name the
+    /// likely cause. The URL itself stays out of the message, as in every
+    /// error (an endpoint id can be part of it).
+    fn explain_not_found(&self, error: Error) -> Error {
+        match error {
+            Error::Remote {
+                service,
+                message,
+                retryable,
+                retry_after,
+            } if message.starts_with("HTTP 404")
+                && !self.config.base_url.trim_end_matches('/').ends_with("/v1") =>
+            {
+                Error::Remote {
+                    service,
+                    message: format!(
+                        "{message}; LLM_BASE_URL does not end in /v1, where OpenAI-compatible APIs serve \
+                         /chat/completions (https://api.openai.com/v1, http://localhost:11434/v1 for Ollama)"
+                    ),
+                    retryable,
+                    retry_after,
+                }
+            }
+            other => other,
+        }
+    }
+
     /// One chat completion: the assistant's reply and the reported usage.
     pub async fn complete(&self, system: &str, user: &str) -> Result<(String, Option<TokenUsage>)> {
         let service = self.config.service;
@@ -279,7 +307,8 @@ impl ChatClient {
                 None => request,
             }
         })
-        .await?;
+        .await
+        .map_err(|error| self.explain_not_found(error))?;
         let raw = http::read_body(service, "the response", response).await?;
         let parsed: ChatResponse = serde_json::from_slice(&raw).map_err(|e| {
             // What answered, for whoever reads the error: an HTML page
