@@ -15,8 +15,9 @@ macro_rules! exit_codes_help {
   0  done
   1  the job finished failed or cancelled (--wait, jobs wait)
   2  bad arguments or input (refused here, or by the API: 400, 422)
-  3  no URL or key, the API unreachable, the key refused (401, 403),
-     rate-limited (429), or a server error (5xx)
+  3  no URL or key, the API unreachable or something else answering at
+     its URL, the key refused (401, 403), rate-limited (429), or a server
+     error (5xx)
   4  no such job or artifact (404)
   5  the job's state does not allow it (409): cancelling a finished job,
      retrying one that has not failed, an idempotency key reused

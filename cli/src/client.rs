@@ -89,12 +89,7 @@ impl Client {
     }
 
     async fn json<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T> {
-        let response = self.send(request).await?;
-        let url = response.url().to_string();
-        response
-            .json()
-            .await
-            .map_err(|source| CliError::Unreachable { url, source })
+        decode(self.send(request).await?).await
     }
 
     /// Create a job; `true` when new, `false` when an earlier request with
@@ -106,12 +101,7 @@ impl Client {
         }
         let response = self.send(request).await?;
         let created = response.status() == StatusCode::CREATED;
-        let url = response.url().to_string();
-        let job = response
-            .json()
-            .await
-            .map_err(|source| CliError::Unreachable { url, source })?;
-        Ok((job, created))
+        Ok((decode(response).await?, created))
     }
 
     pub async fn job(&self, id: Uuid) -> Result<JobDetail> {
@@ -265,4 +255,24 @@ mod tests {
             .await;
         assert_eq!(events, ["{\"a\":\"\u{e9}\"}", "2"]);
     }
+}
+
+/// The body of a successful answer, read as the JSON the API documents. A
+/// body cut off is the network's fault; one that is whole but not that
+/// JSON means something else answered (an HTML page: `BACKLOG_URL` names
+/// a web app, not the API), and the error says so with its start.
+async fn decode<T: DeserializeOwned>(response: Response) -> Result<T> {
+    let url = response.url().to_string();
+    let body = response.bytes().await.map_err(|source| CliError::Unreachable {
+        url: url.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        let text = String::from_utf8_lossy(&body);
+        let start: String = text.trim().chars().take(120).collect();
+        CliError::NotTheApi {
+            url,
+            message: format!("{e}; the body began: {start}"),
+        }
+    })
 }

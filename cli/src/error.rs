@@ -43,6 +43,8 @@ pub enum CliError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("{url} answered with something that is not the backlog API's JSON ({message}); does BACKLOG_URL name the API?")]
+    NotTheApi { url: String, message: String },
     #[error("{what} {}: {source}", path.display())]
     File {
         what: &'static str,
@@ -64,7 +66,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => exit::USAGE,
-            CliError::Config(_) | CliError::Unreachable { .. } => exit::API,
+            CliError::Config(_) | CliError::Unreachable { .. } | CliError::NotTheApi { .. } => exit::API,
             CliError::File { .. } => exit::FILE,
             CliError::NotFound(_) => exit::NOT_FOUND,
             CliError::JobFailed { .. } => exit::JOB_FAILED,

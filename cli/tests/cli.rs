@@ -941,3 +941,33 @@ async fn wait_follows_by_polling_when_the_api_refuses_it_a_stream(pool: sqlx::Pg
         "{stderr}"
     );
 }
+
+/// A `BACKLOG_URL` that names a web app, not the API, answers 200 with a
+/// page: the CLI says that, not that the API could not be reached.
+#[tokio::test]
+async fn a_url_that_is_not_the_api_is_named_as_such() {
+    let app = axum::Router::new()
+        .fallback(|| async { axum::response::Html("<!doctype html><title>Open WebUI</title>") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
+    command
+        .env_clear()
+        .env("BACKLOG_URL", &url)
+        .env("BACKLOG_KEY", format!("bk_{}", "a".repeat(43)))
+        .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let (code, stdout, stderr) = run(&mut command, &["jobs", "list"]).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("not the backlog API's JSON")
+            && stderr.contains("<!doctype html><title>Open WebUI")
+            && stderr.contains("BACKLOG_URL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("could not reach"), "{stderr}");
+}
