@@ -65,6 +65,29 @@ async fn a_tenant_whose_burst_was_served_is_not_held_back_afterwards(pool: PgPoo
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_tenant_whose_burst_was_served_starts_level_while_others_wait(pool: PgPool) {
+    let q = queue(pool.clone());
+    // Served in one go, far faster than its clock moved (1,000 places).
+    q.enqueue_batch(jobs_of("big", 1000)).await.unwrap();
+    let served = q.claim("w", &[TaskType::TextGeneration], 1000).await.unwrap();
+    assert_eq!(served.len(), 1000);
+
+    // Others wait when it comes back with one job: it joins at the head,
+    // not behind everything they queued.
+    q.enqueue_batch(jobs_of("small", 5)).await.unwrap();
+    q.enqueue_batch(jobs_of("big", 1)).await.unwrap();
+    let order = next_claims(&q, &pool, 6).await;
+    assert!(order[..2].contains(&"big".to_string()), "{order:?}");
+
+    // While its own jobs still wait, it continues from its clock.
+    q.enqueue_batch(jobs_of("big", 3)).await.unwrap();
+    q.enqueue_batch(jobs_of("small", 3)).await.unwrap();
+    q.enqueue_batch(jobs_of("big", 1)).await.unwrap();
+    let order = next_claims(&q, &pool, 7).await;
+    assert_eq!(order.last().map(String::as_str), Some("big"), "{order:?}");
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn priority_still_comes_before_fairness(pool: PgPool) {
     let q = queue(pool.clone());
     q.enqueue_batch(jobs_of("big", 20)).await.unwrap();
