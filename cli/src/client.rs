@@ -238,25 +238,6 @@ fn event_end(buffer: &[u8]) -> Option<usize> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn events_split_anywhere_are_read_whole() {
-        let text =
-            ": keep-alive\n\nevent: status\ndata: {\"a\":\"\u{e9}\"}\n\nevent: status\r\ndata: 2\r\n\r\n";
-        let bytes = text.as_bytes();
-        // One byte per chunk: every split, including inside `é`.
-        let chunks: Vec<reqwest::Result<Vec<u8>>> = bytes.iter().map(|b| Ok(vec![*b])).collect();
-        let events: Vec<String> = sse_data(futures::stream::iter(chunks))
-            .map(|e| e.unwrap())
-            .collect()
-            .await;
-        assert_eq!(events, ["{\"a\":\"\u{e9}\"}", "2"]);
-    }
-}
-
 /// The body of a successful answer, read as the JSON the API documents. A
 /// body cut off is the network's fault; one that is whole but not that
 /// JSON means something else answered (an HTML page: `BACKLOG_URL` names
@@ -275,4 +256,23 @@ async fn decode<T: DeserializeOwned>(response: Response) -> Result<T> {
             message: format!("{e}; the body began: {start}"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_split_anywhere_are_read_whole() {
+        let text =
+            ": keep-alive\n\nevent: status\ndata: {\"a\":\"\u{e9}\"}\n\nevent: status\r\ndata: 2\r\n\r\n";
+        let bytes = text.as_bytes();
+        // One byte per chunk: every split, including inside `é`.
+        let chunks: Vec<reqwest::Result<Vec<u8>>> = bytes.iter().map(|b| Ok(vec![*b])).collect();
+        let events: Vec<String> = sse_data(futures::stream::iter(chunks))
+            .map(|e| e.unwrap())
+            .collect()
+            .await;
+        assert_eq!(events, ["{\"a\":\"\u{e9}\"}", "2"]);
+    }
 }

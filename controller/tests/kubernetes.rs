@@ -1679,3 +1679,56 @@ async fn the_plan_command_reads_the_clusters_pools_and_changes_nothing(pool: PgP
         .unwrap();
     assert_eq!(statuses, 0, "plan wrote a pool status row");
 }
+
+/// The ReplicaSet lowered for a drained pod may remove another one (a pod
+/// not ready ranks before any deletion cost). The drained pod is then one
+/// of those kept: it counts as a replica again and goes back to work,
+/// instead of staying drained and uncounted until the controller restarts.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_drained_pod_the_replica_set_spared_goes_back_to_work(pool: PgPool) {
+    use controller::backend::{Backend, PoolRef};
+    let q = Queue::new(pool);
+    let api = text_pool_on_a_deployment(2).await;
+    let pods = pod_names(&api, "worker");
+    for pod in &pods {
+        register_text_worker(&q, pod).await;
+    }
+    let (drained, other) = (pods[0].clone(), pods[1].clone());
+    // Idle but not ready: the ReplicaSet deletes it first, whatever the costs.
+    api.set_pod_ready(NS, &other, false);
+    let object = api.get("backlog.dev", "workerpools", NS, "text").unwrap();
+    let loaded = controller::manifest::LoadedPool {
+        location: controller::error::Location {
+            file: "workerpools.backlog.dev/default/text".into(),
+            line: 0,
+            document: 0,
+            name: Some("text".into()),
+        },
+        pool: serde_json::from_value(object).unwrap(),
+    };
+    let backend = KubernetesBackend::new(client(&api), q.clone());
+    let text = PoolRef::from(&loaded);
+    assert_eq!(backend.observe(text).await.unwrap().len(), 2);
+
+    let only = std::slice::from_ref(&drained);
+    assert_eq!(q.drain_idle(only).await.unwrap(), only);
+    backend.remove(text, only).await.unwrap();
+    eventually("the ReplicaSet to remove a pod", || {
+        (pod_names(&api, "worker").len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(pod_names(&api, "worker"), only, "the other pod went");
+
+    let replicas = backend.observe(text).await.unwrap();
+    let ids: Vec<&str> = replicas.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, [drained.as_str()], "the spared pod counts again");
+    let state = q
+        .workers(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|w| w.id == drained)
+        .unwrap()
+        .state;
+    assert_eq!(state, queue::WorkerState::Running, "and is back at work");
+}

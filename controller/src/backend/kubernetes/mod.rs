@@ -535,7 +535,7 @@ impl Backend for KubernetesBackend {
             _ => found,
         };
         let pods = self.pods(&namespace, &selector).await.map_err(error)?;
-        let leaving = {
+        let (leaving, spared) = {
             let mut targets = self.targets.lock().await;
             let memory = targets.entry(key).or_default();
             memory.replicas = Some(replicas);
@@ -543,8 +543,28 @@ impl Backend for KubernetesBackend {
             memory
                 .leaving
                 .retain(|uid| pods.iter().any(|p| pod_uid(p) == Some(uid.as_str())));
-            memory.leaving.clone()
+            // No more pods than the count: the scale-down is done, and a pod
+            // drained for it that is still here was spared (the ReplicaSet
+            // removed another: a pending replacement or a pod not ready ranks
+            // first, and the deletion cost is only a hint). It is one of the
+            // pods kept, so it counts again and goes back to work.
+            let spared: Vec<String> = if pods.len() <= replicas.max(0) as usize {
+                let spared = pods
+                    .iter()
+                    .filter(|p| pod_uid(p).is_some_and(|uid| memory.leaving.contains(uid)))
+                    .filter_map(|p| p.metadata.name.clone())
+                    .collect();
+                memory.leaving.clear();
+                spared
+            } else {
+                Vec::new()
+            };
+            (memory.leaving.clone(), spared)
         };
+        if !spared.is_empty() {
+            tracing::info!(pool = pool.name, pods = ?spared, "drained pods the scale-down did not remove go back to work");
+            self.undrain(pool.name, &spared).await;
+        }
         let mut out: Vec<Replica> = pods
             .iter()
             .filter(|p| pod_uid(p).is_none_or(|uid| !leaving.contains(uid)))
