@@ -201,6 +201,14 @@ def check_pod(where, pod):
     }
     for container in (pod.get("initContainers") or []) + (pod.get("containers") or []):
         cwhere = f"{where}: container {container.get('name')}"
+        # `command` replaces the image's ENTRYPOINT (tini): the binary would
+        # run as PID 1, which the kernel shields from SIGTERM until it
+        # installs a handler, so a pod stopped while starting would hang
+        # for its whole grace period. `args` replaces only CMD.
+        if "command" in container and (container.get("image") or "").startswith("backlog:"):
+            problems.append(
+                f"{cwhere}: use args, not command: command replaces the image's tini entrypoint"
+            )
         csc = container.get("securityContext") or {}
         seccomp = (csc.get("seccompProfile") or {}).get("type") or pod_seccomp
         if seccomp not in ("RuntimeDefault", "Localhost"):
@@ -243,6 +251,23 @@ for path in manifest_files:
                 f"{path.relative_to(ROOT)}: {name_of(doc)}: spec.replicas must be left out: a WorkerPool "
                 "scales it, and every `kubectl apply` would set it back"
             )
+
+# Something on the cluster must apply the schema: without it /readyz stays
+# 503 on a fresh database and the workers wait for it for good.
+def applies_migrations(pod):
+    for container in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+        argv = container.get("args") or container.get("command") or []
+        env = {e.get("name"): e.get("value") for e in container.get("env") or []}
+        if argv[:2] == ["api", "migrate"] or (argv[:1] == ["api"] and env.get("MIGRATE_ON_START") == "true"):
+            return True
+    return False
+
+
+if not any(applies_migrations(pod) for path in manifest_files for doc in documents(path) for pod in pod_specs(doc)):
+    problems.append(
+        "manifests/: no pod applies the migrations (`api migrate`, or `api` with MIGRATE_ON_START=true): "
+        "on a fresh database the API never becomes ready"
+    )
 
 # The namespace enforces what check_pod checks, so a pod spec that slips
 # past it is refused at admission rather than run.

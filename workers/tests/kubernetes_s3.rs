@@ -2,7 +2,7 @@
 //! container environment resolved from the shipped ConfigMap (pointed at an
 //! S3-compatible server as the README says: `s3-endpoint`, `s3-allow-http`),
 //! the Secrets the README has you create and the downward API, then the
-//! container's command run with it. A `reading` job completes and its
+//! container's args run with it. A `reading` job completes and its
 //! artifacts are in the bucket: the manifests' default store works across
 //! pods. moto's S3 server stands in for the bucket. One test function,
 //! because reading the bucket back sets the process environment.
@@ -42,7 +42,8 @@ fn container_env(
         .find(|d| d["metadata"]["name"] == deployment)
         .unwrap_or_else(|| panic!("no Deployment {deployment} in workers.yaml"));
     let container = &object["spec"]["template"]["spec"]["containers"][0];
-    let command: Vec<String> = serde_json::from_value(container["command"].clone()).unwrap();
+    // `args`: the image's entrypoint (tini) runs them.
+    let command: Vec<String> = serde_json::from_value(container["args"].clone()).unwrap();
     let mut env = Vec::new();
     for var in container["env"].as_array().unwrap() {
         let name = var["name"].as_str().unwrap().to_string();
@@ -194,3 +195,30 @@ async fn a_reading_job_ends_with_its_artifacts_in_the_bucket_of_the_shipped_mani
         .unwrap();
     assert!(String::from_utf8_lossy(&text).contains("Tides"));
 }
+
+/// The ConfigMap's LLM settings reach the text workers whole: switching
+/// `llm-provider` to a hosted one with its model (and the `backlog-llm`
+/// secret) configures the client, rather than leaving it without a model.
+#[test]
+fn a_hosted_llm_set_in_the_config_map_reaches_the_text_workers() {
+    let configmap = manifest("config.yaml").remove(0);
+    let mut config: BTreeMap<String, String> = serde_json::from_value(configmap["data"].clone()).unwrap();
+    config.insert("llm-provider".into(), "openai".into());
+    config.insert("llm-model".into(), "gpt-4o-mini".into());
+    config.insert("llm-base-url".into(), "https://llm.internal.example/v1".into());
+    let secrets = BTreeMap::from([
+        (("backlog-database", "url"), "postgres://db/backlog".to_string()),
+        (("backlog-llm", "api-key"), "sk-test".to_string()),
+    ]);
+    let (_, env) = container_env("worker", &config, &secrets, "worker-7d9f-abcde");
+    let env: BTreeMap<String, String> = env.into_iter().collect();
+    assert_eq!(env.get("LLM_MODEL").map(String::as_str), Some("gpt-4o-mini"));
+    assert_eq!(
+        env.get("LLM_BASE_URL").map(String::as_str),
+        Some("https://llm.internal.example/v1")
+    );
+    let provider = workers::pipelines::text::LlmProvider::from_lookup(|name| env.get(name).cloned())
+        .expect("the text worker starts with the shipped manifests' LLM settings");
+    assert_eq!(provider.name(), "openai");
+}
+
