@@ -22,8 +22,13 @@ emit() {
   exists() { [ -n "$(psql "$server/postgres$query" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$database'")" ]; }
   if [ "$database" != postgres ] && ! exists; then
     say "creating database $database"
-    # Another run may create it at the same moment: exists is fine.
-    psql "$server/postgres$query" -qc "CREATE DATABASE $database" >/dev/null 2>&1 || exists
+    # Another run may create it at the same moment: exists is fine. Any
+    # other failure (a role without CREATEDB, say) is the server's to tell.
+    local why
+    if ! why=$(psql "$server/postgres$query" -qc "CREATE DATABASE $database" 2>&1 >/dev/null) && ! exists; then
+      say "cannot create database $database: $why"
+      exit 1
+    fi
   fi
   echo "$server/$database$query"
 }

@@ -1,36 +1,60 @@
 #!/usr/bin/env bash
-# Install the programs the pipelines and their tests call, when missing:
-# espeak-ng (speech), poppler-utils (pdftotext/pdftoppm in tests),
-# fonts-noto-core (the PDFs' fonts for scripts typst's own lack: Arabic,
-# Devanagari, Thai, ...),
-# chromium and chromium-driver (the web console's browser test), moto
-# (an S3 server for the artifact store tests), schemathesis (the API
-# fuzzer of scripts/fuzz-api.sh), kubernetes-validate (the manifests'
-# schema check, scripts/validate-manifests.sh) and promtool (the alert rules'
-# check and unit tests, same script).
+# Install the programs the pipelines and their tests call, when missing.
+#   scripts/ensure-tools.sh run    what `make run` needs: espeak-ng (speech)
+#                                  and fonts-noto-core (the PDFs' fonts for
+#                                  scripts typst's own lack: Thai, Bengali, ...)
+#   scripts/ensure-tools.sh [test] that, and what the tests need:
+#                                  poppler-utils (pdftotext/pdftoppm),
+#                                  chromium and chromium-driver (the console's
+#                                  browser test), moto (an S3 server for the
+#                                  store tests), schemathesis (the API fuzzer
+#                                  of scripts/fuzz-api.sh), kubernetes-validate
+#                                  (scripts/validate-manifests.sh) and promtool
+#                                  (the alert rules' checks, same script).
+# Debian's packages go through apt-get, with sudo when not root.
 set -euo pipefail
+mode=${1:-test}
+case "$mode" in
+  run|test) ;;
+  *) echo "ensure-tools: unknown mode '$mode' (run or test)" >&2; exit 2 ;;
+esac
+
+# apt-get install "$@", as root or through sudo; without either, say what
+# to install instead of failing on apt's lock file.
+apt_install() {
+  local as=()
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+      as=(sudo)
+    else
+      echo "ensure-tools: missing $*: install them (apt-get install $*) or run as root" >&2
+      exit 1
+    fi
+  fi
+  echo "ensure-tools: installing $*" >&2
+  "${as[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  "${as[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
-command -v pdftotext >/dev/null 2>&1 || missing+=(poppler-utils)
 [ -e /usr/share/fonts/truetype/noto/NotoSansDevanagari-Regular.ttf ] || missing+=(fonts-noto-core)
+if [ "$mode" = run ]; then
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+  exit 0
+fi
+command -v pdftotext >/dev/null 2>&1 || missing+=(poppler-utils)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "ensure-tools: installing ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2
-  apt-get install -y -qq "${missing[@]}" >&2
-fi
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # promtool comes with Debian's `prometheus` package (the server too, which is
 # installed and not started): the release tarballs are on GitHub, which the
 # machines here cannot reach, and apt checks the package against the signed
 # archive. Without recommends: the rules' tests need nothing else.
 if ! command -v promtool >/dev/null 2>&1; then
-  echo "ensure-tools: installing prometheus (for promtool: alert rule checks and tests)" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2
-  apt-get install -y -qq --no-install-recommends prometheus >&2
+  echo "ensure-tools: prometheus is for promtool (alert rule checks and tests)" >&2
+  apt_install --no-install-recommends prometheus
 fi
 
 # moto's S3 server stands in for S3 in the artifact store's tests: the most

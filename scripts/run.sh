@@ -8,7 +8,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-"$root/scripts/ensure-tools.sh"
+"$root/scripts/ensure-tools.sh" run
 export DATABASE_URL="${DATABASE_URL:-$("$root/scripts/ensure-postgres.sh" backlog)}"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 cargo build --locked --bins

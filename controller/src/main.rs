@@ -93,8 +93,9 @@ struct RunArgs {
     #[arg(long, env = "CONTROLLER_LEADER_KEY", default_value_t = 0x6261_636b_6c6f_67)]
     leader_key: i64,
     /// Kubernetes: the namespace whose WorkerPools to run (default: the
-    /// kubeconfig's or the pod's namespace).
-    #[arg(long, env = "CONTROLLER_NAMESPACE", conflicts_with = "all_namespaces")]
+    /// kubeconfig's or the pod's namespace). With --all-namespaces it only
+    /// places the Lease (the shipped manifests set it from the pod).
+    #[arg(long, env = "CONTROLLER_NAMESPACE")]
     namespace: Option<String>,
     /// Kubernetes: run the WorkerPools of every namespace.
     #[arg(long, env = "CONTROLLER_ALL_NAMESPACES")]
@@ -448,5 +449,35 @@ fn validate(path: &Path) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// rbac.yaml says to add --all-namespaces to the shipped controller,
+    /// whose pod sets CONTROLLER_NAMESPACE: the two must go together.
+    #[test]
+    fn all_namespaces_goes_with_a_namespace_from_the_pod() {
+        let cli = Cli::try_parse_from([
+            "controller",
+            "run",
+            "--database-url",
+            "postgres://db/backlog",
+            "--backend",
+            "kubernetes",
+            "--namespace",
+            "backlog",
+            "--all-namespaces",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert!(args.all_namespaces);
+        assert_eq!(args.namespace.as_deref(), Some("backlog"));
     }
 }

@@ -1071,6 +1071,30 @@ fn fly_toml_runs_every_group_with_a_real_binary() {
         groups,
         HashSet::from(["worker".to_string(), "audiobook-worker".to_string()])
     );
+    // A machine runs as many tasks at once as its pool sizes it for: more,
+    // and the first machine up takes the work the others were started for.
+    for loaded in &loaded.pools {
+        let controller::spec::Target::Fly(fly) = &loaded.pool.spec.target else {
+            unreachable!("checked above")
+        };
+        let argv = command(&fly.process_group);
+        let concurrency = argv
+            .iter()
+            .skip_while(|a| *a != "--concurrency")
+            .nth(1)
+            .map(|n| n.parse::<i32>().unwrap())
+            .or_else(|| {
+                doc["env"]
+                    .get("WORKER_CONCURRENCY")
+                    .map(|v| v.as_str().unwrap().parse().unwrap())
+            })
+            .unwrap_or(4); // the workers' default
+        assert_eq!(
+            concurrency, loaded.pool.spec.tasks_per_replica,
+            "{}: --concurrency vs its pool's tasksPerReplica",
+            fly.process_group
+        );
+    }
 
     let service = doc["http_service"].as_table().expect("[http_service]");
     assert_eq!(service["internal_port"].as_integer(), Some(8787));

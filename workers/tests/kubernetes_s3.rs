@@ -221,4 +221,3 @@ fn a_hosted_llm_set_in_the_config_map_reaches_the_text_workers() {
         .expect("the text worker starts with the shipped manifests' LLM settings");
     assert_eq!(provider.name(), "openai");
 }
-
