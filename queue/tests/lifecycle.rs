@@ -272,9 +272,11 @@ async fn completing_and_claiming_in_one_call_fences_the_completions_and_starts_t
         "still held under its real lease"
     );
 
-    // The claim alone may skip the WAL flush; a call that completes may not.
+    // Neither skips the WAL flush: a completion must be on disk before the
+    // worker is told, and so must a claim, whose number is the lease
+    // (races.rs, a_claim_commits_only_once_it_is_on_disk).
     for (call, setting) in [
-        ("SELECT count(*) FROM claim_tasks('w2', ARRAY['text_generation'], 1)", "off"),
+        ("SELECT count(*) FROM claim_tasks('w2', ARRAY['text_generation'], 1)", "on"),
         (
             "SELECT count(*) FROM complete_and_claim_tasks('w2', '{}', '{}', '{}', ARRAY['text_generation'], 1)",
             "on",

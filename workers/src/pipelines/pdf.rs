@@ -7,7 +7,7 @@
 //! `@`, `<` and the rest appear in the PDF exactly as written.
 //!
 //! Fonts: the ones typst embeds set every Latin, Greek and Cyrillic text, the
-//! same on every machine; other scripts (Arabic, Devanagari, CJK, ...) fall
+//! same on every machine; other scripts (Thai, Bengali, CJK, ...) fall
 //! back to the machine's own fonts, which the image installs (Noto). A
 //! character no font has is named in [`TypesetPdf::uncovered`], not printed
 //! as a silent empty box.
