@@ -767,6 +767,21 @@ async fn a_hand_scaled_deployment_is_set_back_without_losing_a_busy_pod_that_is_
     controller.stop().await;
 }
 
+/// The WorkerPool `name` as the cluster holds it, loaded as the controller's
+/// pool source loads it, for driving a reconciler or a backend directly.
+fn loaded_from_the_cluster(api: &KubeApi, name: &str) -> controller::manifest::LoadedPool {
+    let object = api.get("backlog.dev", "workerpools", NS, name).unwrap();
+    controller::manifest::LoadedPool {
+        location: controller::error::Location {
+            file: format!("workerpools.backlog.dev/default/{name}").into(),
+            line: 0,
+            document: 0,
+            name: Some(name.into()),
+        },
+        pool: serde_json::from_value(object).unwrap(),
+    }
+}
+
 fn lease_holder(api: &KubeApi) -> Option<String> {
     api.get("coordination.k8s.io", "leases", NS, "backlog-controller")
         .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
@@ -1300,16 +1315,7 @@ async fn an_unreadable_queue_switches_to_the_fallback_with_an_event(pool: PgPool
     api.create(deployment("worker", 0));
     let spec = json!({"fallback": {"failureThreshold": 2, "replicas": 2}});
     api.create(worker_pool("text", "text_generation", "worker", spec));
-    let object = api.get("backlog.dev", "workerpools", NS, "text").unwrap();
-    let loaded = controller::manifest::LoadedPool {
-        location: controller::error::Location {
-            file: "workerpools.backlog.dev/default/text".into(),
-            line: 0,
-            document: 0,
-            name: Some("text".into()),
-        },
-        pool: serde_json::from_value(object).unwrap(),
-    };
+    let loaded = loaded_from_the_cluster(&api, "text");
     let mut reconciler = Reconciler::new(Context {
         queue: q.clone(),
         backend: KubernetesBackend::new(client(&api), q.clone()),
@@ -1696,16 +1702,7 @@ async fn a_drained_pod_the_replica_set_spared_goes_back_to_work(pool: PgPool) {
     let (drained, other) = (pods[0].clone(), pods[1].clone());
     // Idle but not ready: the ReplicaSet deletes it first, whatever the costs.
     api.set_pod_ready(NS, &other, false);
-    let object = api.get("backlog.dev", "workerpools", NS, "text").unwrap();
-    let loaded = controller::manifest::LoadedPool {
-        location: controller::error::Location {
-            file: "workerpools.backlog.dev/default/text".into(),
-            line: 0,
-            document: 0,
-            name: Some("text".into()),
-        },
-        pool: serde_json::from_value(object).unwrap(),
-    };
+    let loaded = loaded_from_the_cluster(&api, "text");
     let backend = KubernetesBackend::new(client(&api), q.clone());
     let text = PoolRef::from(&loaded);
     assert_eq!(backend.observe(text).await.unwrap().len(), 2);
