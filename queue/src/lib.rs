@@ -38,7 +38,7 @@ pub use model::{Job, JobStatus, JobType, Lease, NewJob, Task, TaskPlan, TaskStat
 pub use notify::{TaskNotifications, RUNNABLE_CHANNEL};
 pub use pools::{PoolStatus, PoolStatusRecord};
 pub use registry::{NewWorker, ReplicaLoad, WorkerRecord, WorkerState};
-pub use tasks::{is_transient, CompletedAndClaimed, Failure, FailureKind, RetryOutcome};
+pub use tasks::{is_transient, CompletedAndClaimed, Failure, FailureKind, RetryOutcome, MAX_RETRY_AFTER};
 
 /// The schema, applied with `queue.migrate()` or `api migrate`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

@@ -21,6 +21,11 @@ pub enum FailureKind {
     Permanent,
 }
 
+/// The longest wait a failure may ask for before its retry. Providers ask
+/// for seconds to minutes (a daily quota's reset at most hours); a larger
+/// figure is a malformed header, not a plan.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Why a task attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -50,9 +55,10 @@ impl Failure {
     }
 
     /// This failure, retried no earlier than `wait` from now.
+    /// A wait past [`MAX_RETRY_AFTER`] is held to it.
     pub fn with_retry_after(self, wait: Duration) -> Self {
         Failure {
-            retry_after: Some(wait),
+            retry_after: Some(wait.min(MAX_RETRY_AFTER)),
             ..self
         }
     }
@@ -225,7 +231,14 @@ impl Queue {
                 .bind(failure.kind == FailureKind::Retryable)
                 .bind(self.config.retry_base.as_secs_f64())
                 .bind(self.config.retry_cap.as_secs_f64())
-                .bind(failure.retry_after.map(|wait| wait.as_secs_f64()))
+                // Held to the bound here too, since the field is public: a
+                // wait past what an interval holds would fail the call and
+                // leave the lease to the sweeper.
+                .bind(
+                    failure
+                        .retry_after
+                        .map(|wait| wait.min(MAX_RETRY_AFTER).as_secs_f64()),
+                )
                 .fetch_optional(&self.pool)
         })
         .await?;

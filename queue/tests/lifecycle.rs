@@ -614,6 +614,36 @@ async fn a_retry_waits_as_long_as_the_failure_asked_when_that_is_longer_than_the
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_wait_past_what_an_interval_holds_is_recorded_at_the_bound(pool: PgPool) {
+    // The field is public, so a caller can skip with_retry_after's bound;
+    // unbounded, the database refused the interval, the failure was never
+    // recorded and the lease was left to the sweeper.
+    let q = queue(pool);
+    q.enqueue(text_job("x")).await.unwrap();
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    let failed_at = chrono::Utc::now();
+    let absurd = Failure {
+        retry_after: Some(std::time::Duration::MAX),
+        ..Failure::retryable("llm: HTTP 429")
+    };
+    let RetryOutcome::RetryAt(run_at) = q.fail("w1", task.lease(), &absurd).await.unwrap() else {
+        panic!("a retryable failure with attempts left is retried");
+    };
+    let delay = (run_at - failed_at).num_seconds();
+    let bound = queue::MAX_RETRY_AFTER.as_secs() as i64;
+    assert!(
+        (bound - 2..=bound + 2).contains(&delay),
+        "retried after {delay} s, not the bound's {bound} s"
+    );
+    assert_eq!(
+        Failure::retryable("x")
+            .with_retry_after(std::time::Duration::MAX)
+            .retry_after,
+        Some(queue::MAX_RETRY_AFTER)
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn the_default_backoff_starts_at_two_seconds_and_stops_growing_at_ten_minutes(pool: PgPool) {
     let defaults = queue::QueueConfig::default();
     for (attempt, full) in [(1, 2.0), (2, 4.0), (9, 512.0), (10, 600.0), (30, 600.0)] {

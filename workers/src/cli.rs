@@ -74,14 +74,21 @@ pub fn main(default_types: &[TaskType]) -> anyhow::Result<()> {
 }
 
 async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    // Signals first: a worker stopped while it still waits for the schema
+    // (a first deploy, rolled back) exits 0, not killed by the signal.
+    let shutdown = CancellationToken::new();
+    tokio::spawn(exit_on_signals(shutdown.clone()));
     let pipelines = Pipelines::from_env().context("configuring the pipelines")?;
     let queue = Queue::connect(&args.database_url, args.concurrency as u32 + 3)
         .await
         .context("connecting to PostgreSQL")?;
-    queue
-        .wait_for_schema(SCHEMA_POLL)
-        .await
-        .context("reading the schema's migrations")?;
+    tokio::select! {
+        waited = queue.wait_for_schema(SCHEMA_POLL) => waited.context("reading the schema's migrations")?,
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped before the schema was applied; nothing was claimed");
+            return Ok(());
+        }
+    }
     let metrics = Arc::new(WorkerMetrics::default());
     if let Some(addr) = args.metrics_addr {
         let metrics = metrics.clone();
@@ -103,8 +110,6 @@ async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let fonts = tokio::task::spawn_blocking(pdf::load_fonts).await?;
         tracing::info!(fonts, "PDF fonts found");
     }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(exit_on_signals(shutdown.clone()));
     runtime::run(queue, config, pipelines, shutdown).await?;
     Ok(())
 }

@@ -123,6 +123,9 @@ pub(crate) async fn send_with_retries(
         })
     };
     let mut attempt = 0;
+    // The last refusal and the wait it asked for: an attempt cut off at the
+    // deadline says why the ones before failed, and the retry keeps the wait.
+    let mut refused: Option<(String, Option<Duration>)> = None;
     loop {
         attempt += 1;
         let sent = match time_left() {
@@ -130,11 +133,15 @@ pub(crate) async fn send_with_retries(
             Some(left) => match tokio::time::timeout(left, build().send()).await {
                 Ok(sent) => sent,
                 Err(_) => {
-                    let message = format!(
+                    let cut = format!(
                         "no answer before the task's time ran out ({attempt} attempts, the last cut off after {:.1}s)",
                         left.as_secs_f64()
                     );
-                    return Err(Error::remote(service, message, true));
+                    let (message, retry_after) = match refused {
+                        Some((before, asked)) => (format!("{before}; then {cut}"), asked),
+                        None => (cut, None),
+                    };
+                    return Err(Error::remote(service, message, true).retry_after(retry_after));
                 }
             },
         };
@@ -163,6 +170,7 @@ pub(crate) async fn send_with_retries(
             return Err(Error::remote(service, message, true).retry_after(retry_after));
         }
         tracing::warn!(service, attempt, pause_ms = pause.as_millis() as u64, error = %message, "retrying");
+        refused = Some((message, retry_after));
         tokio::time::sleep(pause).await;
     }
 }
@@ -184,23 +192,52 @@ async fn classify(outcome: reqwest::Result<Response>) -> Result<Response, Attemp
         return Ok(response);
     }
     let retry_after = asked_wait(response.headers(), SystemTime::now());
-    let message = format!("HTTP {status}: {}", body_excerpt(response).await);
-    if is_retryable_status(status) {
+    let body = response.text().await.unwrap_or_default();
+    let message = format!("HTTP {status}: {}", excerpt(&body));
+    if is_retryable_status(status) && !is_out_of_quota(&body) {
         Err(AttemptError::Retryable { message, retry_after })
     } else {
         Err(AttemptError::Permanent(message))
     }
 }
 
+/// OpenAI answers 429 both to "too fast" and to "out of credit"
+/// (`"code": "insufficient_quota"` in its error body). The second does not
+/// pass with time: retrying spends every attempt of every task waiting for
+/// a bill to be paid.
+fn is_out_of_quota(body: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Detail,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        code: Option<serde_json::Value>,
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    serde_json::from_str::<Body>(body).is_ok_and(|b| {
+        b.error.code.as_ref().and_then(|c| c.as_str()) == Some("insufficient_quota")
+            || b.error.kind.as_deref() == Some("insufficient_quota")
+    })
+}
+
 /// The wait a refusal asks for: `retry-after-ms` (milliseconds, sent by
 /// OpenAI and Azure OpenAI) when present, else `Retry-After` in seconds or
 /// as an HTTP-date (RFC 9110 §10.2.3), a date already past being no wait.
-/// None when neither is there or readable.
+/// None when neither is there or readable. A wait past
+/// [`queue::MAX_RETRY_AFTER`] is held to it (a header is the provider's
+/// input: `retry-after-ms: 1e23` must not panic the worker).
 pub(crate) fn asked_wait(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    asked_wait_unbounded(headers, now).map(|wait| wait.min(queue::MAX_RETRY_AFTER))
+}
+
+fn asked_wait_unbounded(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+        if ms >= 0.0 {
+            // Past what a Duration holds (infinity included) is past the bound.
+            return Some(Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX));
         }
     }
     let value = header(RETRY_AFTER.as_str())?;
@@ -241,10 +278,6 @@ pub(crate) async fn read_body(service: &'static str, what: &str, response: Respo
 }
 
 /// The start of an error body, enough to say what the server objected to.
-async fn body_excerpt(response: Response) -> String {
-    excerpt(&response.text().await.unwrap_or_default())
-}
-
 /// The first 300 characters of `body`, trimmed, for an error message.
 pub(crate) fn excerpt(body: &str) -> String {
     const LIMIT: usize = 300;
@@ -273,6 +306,12 @@ mod tests {
     /// never answers when it is None. Each answer closes its connection, so
     /// every attempt is a request of its own.
     async fn counting_server(answer: Option<&'static str>) -> (String, Arc<AtomicUsize>) {
+        scripted_server(vec![answer]).await
+    }
+
+    /// [`counting_server`], the n-th request answered with `answers[n]` (the
+    /// last one for any after).
+    async fn scripted_server(answers: Vec<Option<&'static str>>) -> (String, Arc<AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1/chat/completions", listener.local_addr().unwrap());
@@ -282,11 +321,12 @@ mod tests {
             loop {
                 let (mut socket, _) = listener.accept().await.unwrap();
                 let counted = counted.clone();
+                let answers = answers.clone();
                 tokio::spawn(async move {
                     let mut request = [0u8; 4096];
                     let _ = socket.read(&mut request).await;
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    match answer {
+                    let n = counted.fetch_add(1, Ordering::SeqCst);
+                    match answers[n.min(answers.len() - 1)] {
                         Some(answer) => socket.write_all(answer.as_bytes()).await.unwrap(),
                         None => std::future::pending().await,
                     }
@@ -332,6 +372,51 @@ mod tests {
         // The queue is told to wait as the server asked.
         let failure = queue::Failure::from(error);
         assert_eq!(failure.retry_after, Some(Duration::from_secs(4)));
+    }
+
+    #[tokio::test]
+    async fn an_account_out_of_quota_is_not_retried() {
+        let (url, requests) = counting_server(Some(concat!(
+            "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: 130\r\n",
+            "connection: close\r\n\r\n",
+            r#"{"error":{"message":"You exceeded your current quota.","type":"insufficient_quota","#,
+            r#""param":null,"code":"insufficient_quota"}}     "#
+        )))
+        .await;
+        let error = send_with_time_left(&url, 60, &RetryPolicy::default())
+            .await
+            .unwrap_err();
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "one attempt");
+        assert!(!error.is_retryable(), "{error}");
+        assert!(
+            error.to_string().contains("exceeded your current quota"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_attempt_cut_off_keeps_the_refusal_before_it() {
+        let (url, requests) = scripted_server(vec![
+            Some("HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 8\r\nconnection: close\r\n\r\noverload"),
+            None,
+        ])
+        .await;
+        // 6 s left, less the margin: the 503, a 1 s pause, then an attempt
+        // that never answers, cut off.
+        let error = send_with_time_left(&url, 6, &RetryPolicy::default())
+            .await
+            .unwrap_err();
+        assert_eq!(requests.load(Ordering::SeqCst), 2);
+        let message = error.to_string();
+        assert!(
+            message.contains("HTTP 503") && message.contains("overload"),
+            "{message}"
+        );
+        assert!(message.contains("cut off"), "{message}");
+        assert_eq!(
+            queue::Failure::from(error).retry_after,
+            Some(Duration::from_secs(1))
+        );
     }
 
     #[tokio::test]
@@ -419,6 +504,15 @@ mod tests {
             Some(Duration::from_millis(1500)),
             "milliseconds win over seconds"
         );
+        let day = queue::MAX_RETRY_AFTER;
+        for absurd in ["1e23", "inf", "1e400"] {
+            assert_eq!(
+                asked(&[("retry-after-ms", absurd)]),
+                Some(day),
+                "retry-after-ms: {absurd}"
+            );
+        }
+        assert_eq!(asked(&[("retry-after", "99999999999999")]), Some(day));
         assert_eq!(asked(&[("retry-after", "soon")]), None);
         assert_eq!(asked(&[("retry-after-ms", "-5")]), None);
         assert_eq!(asked(&[]), None);

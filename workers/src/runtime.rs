@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use queue::{Failure, Lease, NewWorker, Queue, QueueError, Task, TaskType, WorkerState};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -341,13 +343,28 @@ async fn finished_together(
     }
 }
 
-/// Run the handler under the task's timeout; a lost lease cancels it.
+/// Run the handler under the task's timeout; a lost lease cancels it. A
+/// handler that panics fails its task for good (a bug does not go away on
+/// retry) and leaves the process and its other tasks running: unwinding
+/// through the join used to end the run loop, and every task the replica
+/// held waited for the sweeper.
 async fn run_one<H: TaskHandler>(handler: Arc<H>, ctx: TaskContext) -> Finished {
     let lease = ctx.lease();
+    let task_type = ctx.task.task_type;
     let timeout = Duration::from_secs(ctx.task.timeout_seconds.max(1) as u64);
     let cancelled = ctx.cancelled.clone();
     let started = Instant::now();
-    let run = TASK_DEADLINE.scope(started + timeout, handler.run(ctx));
+    let run =
+        TASK_DEADLINE.scope(started + timeout, async move {
+            AssertUnwindSafe(handler.run(ctx))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let what = panic_message(panic.as_ref());
+                tracing::error!(task_id = lease.task_id, %task_type, panic = what, "task handler panicked");
+                Err(Failure::permanent(format!("the {task_type} handler panicked: {what}")))
+            })
+        });
     tokio::select! {
         _ = cancelled.cancelled() => Finished::Cancelled(lease),
         result = tokio::time::timeout(timeout, run) => Finished::Done {
@@ -358,6 +375,15 @@ async fn run_one<H: TaskHandler>(handler: Arc<H>, ctx: TaskContext) -> Finished 
             seconds: started.elapsed().as_secs_f64(),
         },
     }
+}
+
+/// What a panic said, when it said it with a string (as `panic!` does).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 impl Replica<'_> {

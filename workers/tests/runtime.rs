@@ -371,6 +371,53 @@ async fn a_retryable_failure_is_stored_and_the_task_retried(pool: PgPool) {
     assert_eq!(task.last_error.as_deref(), Some("provider answered 503"));
 }
 
+/// Panics on the job whose prompt says so, succeeds on the others.
+struct PanicsOnRequest;
+
+impl TaskHandler for PanicsOnRequest {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutput, Failure> {
+        let job = ctx.queue.job_by_id(ctx.task.job_id).await.unwrap();
+        if job.input["prompt"] == "panic" {
+            panic!("index out of bounds: the len is 0 but the index is 0");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(json!({}))
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_panicking_handler_fails_its_task_and_the_worker_goes_on(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let doomed = q
+        .enqueue(NewJob::new("acme", JobType::Text, json!({ "prompt": "panic" })))
+        .await
+        .unwrap()
+        .job;
+    enqueue_text_jobs(&q, 3).await;
+    let worker = start(&q, config(4, Duration::from_secs(5)), PanicsOnRequest);
+    wait_until("every job finished", async || {
+        statuses(&pool)
+            .await
+            .iter()
+            .all(|(status, _)| status == "complete" || status == "failed")
+    })
+    .await;
+    // The run loop is still there to stop (it ended with the panic before).
+    let summary = worker.stop().await;
+    assert_eq!((summary.failed, summary.completed), (1, 3));
+    let task = &q.tasks_of(doomed.id).await.unwrap()[0];
+    assert_eq!(
+        (task.status, task.attempts),
+        (TaskStatus::Failed, 1),
+        "a bug is not retried"
+    );
+    let error = task.last_error.as_deref().unwrap();
+    assert!(
+        error.contains("text_generation handler panicked") && error.contains("index out of bounds"),
+        "{error}"
+    );
+}
+
 /// Forward connections from `listener` to the database the pool uses:
 /// the database "coming back" on the address a worker was given.
 async fn forward_to_database(listener: tokio::net::TcpListener, pool: &PgPool) {

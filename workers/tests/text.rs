@@ -133,6 +133,29 @@ async fn a_reply_cut_off_or_filtered_fails_the_task_instead_of_passing_as_whole(
         assert_eq!(failure.kind, FailureKind::Permanent, "{reason}");
         assert!(failure.message.contains(said), "{reason}: {}", failure.message);
     }
+    // A refusal: no content, the model's reason in `refusal`.
+    let server = FakeServer::start(|_, _| {
+        let mut declined = completion("");
+        declined["choices"][0]["message"] = json!({
+            "role": "assistant", "content": null, "refusal": "I can't help with that request."
+        });
+        json_response(StatusCode::OK, declined)
+    })
+    .await;
+    let error = provider(&server.base_url, 3)
+        .generate(&request("p", None))
+        .await
+        .unwrap_err();
+    let failure = Failure::from(error);
+    assert_eq!(failure.kind, FailureKind::Permanent);
+    assert!(
+        failure
+            .message
+            .contains("declined: I can't help with that request."),
+        "{}",
+        failure.message
+    );
+    assert_eq!(server.requests().len(), 1, "not asked again");
     // A reply without a finish_reason (some servers leave it null) is whole.
     let server = FakeServer::start(|_, _| {
         let mut whole = completion("the end");

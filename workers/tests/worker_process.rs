@@ -276,14 +276,14 @@ fn every_setting_of_a_worker_is_in_the_readme() {
     }
 }
 
-/// A worker started before the schema (a first deploy starts everything at
-/// once) waits for it, saying so, then registers and runs once migrated.
-#[sqlx::test(migrations = false)]
-async fn a_worker_started_before_the_schema_waits_for_it(pool: PgPool) {
+type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// A text worker `early` started on a database without the schema, once it
+/// has said it waits for it, with the rest of its log.
+async fn worker_waiting_for_the_schema(pool: &PgPool, store: &std::path::Path) -> (Child, LogLines) {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let url = test_support::database_url(&pool);
-    let store = tempfile::tempdir().unwrap();
-    let mut worker = worker_command("early", &url, "http://127.0.0.1:9", store.path())
+    let url = test_support::database_url(pool);
+    let mut worker = worker_command("early", &url, "http://127.0.0.1:9", store)
         .stderr(Stdio::piped())
         .spawn()
         .expect("start text-worker");
@@ -301,6 +301,15 @@ async fn a_worker_started_before_the_schema_waits_for_it(pool: PgPool) {
         seen.push(line);
     }
     assert!(worker.try_wait().unwrap().is_none(), "the worker exited");
+    (worker, log)
+}
+
+/// A worker started before the schema (a first deploy starts everything at
+/// once) waits for it, saying so, then registers and runs once migrated.
+#[sqlx::test(migrations = false)]
+async fn a_worker_started_before_the_schema_waits_for_it(pool: PgPool) {
+    let store = tempfile::tempdir().unwrap();
+    let (mut worker, mut log) = worker_waiting_for_the_schema(&pool, store.path()).await;
 
     queue::MIGRATOR.run(&pool).await.unwrap();
     eventually("the worker to register", 1, async || {
@@ -310,6 +319,21 @@ async fn a_worker_started_before_the_schema_waits_for_it(pool: PgPool) {
             .unwrap()
     })
     .await;
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    sigterm(worker.id().unwrap() as libc::pid_t);
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// Stopped while it waits for the schema (a first deploy rolled back), a
+/// worker exits 0 like any other stop; it used to die by the signal.
+#[sqlx::test(migrations = false)]
+async fn a_worker_stopped_while_waiting_for_the_schema_exits_cleanly(pool: PgPool) {
+    let store = tempfile::tempdir().unwrap();
+    let (mut worker, mut log) = worker_waiting_for_the_schema(&pool, store.path()).await;
     tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
     sigterm(worker.id().unwrap() as libc::pid_t);
     let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())

@@ -253,6 +253,9 @@ struct ChatChoice {
 #[derive(Deserialize)]
 struct ChatMessage {
     content: Option<String>,
+    /// Set, with no content, when the model declined (OpenAI's structured
+    /// refusals): its reason, for the task's error.
+    refusal: Option<String>,
 }
 
 impl ChatClient {
@@ -341,12 +344,22 @@ impl ChatClient {
             }
             _ => {}
         }
-        let content = choice
-            .message
-            .content
+        let ChatMessage { content, refusal } = choice.message;
+        let content = content
             .map(|content| content.trim().to_owned())
-            .filter(|content| !content.is_empty())
-            .ok_or_else(|| Error::malformed(service, "no message content in choices[0]"))?;
+            .filter(|content| !content.is_empty());
+        let content = match (content, refusal) {
+            (Some(content), _) => content,
+            // Asked again, the model declines again: the job fails now.
+            (None, Some(refusal)) => {
+                return Err(Error::remote(
+                    service,
+                    format!("the model declined: {}", refusal.trim()),
+                    false,
+                ))
+            }
+            (None, None) => return Err(Error::malformed(service, "no message content in choices[0]")),
+        };
         Ok((content, parsed.usage))
     }
 }
