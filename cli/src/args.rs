@@ -281,11 +281,15 @@ fn parse_since(s: &str) -> Result<Since, String> {
         "d" => 86_400,
         _ => return Err(expected()),
     };
+    // A hundred years is further back than any job; the bound keeps `now -
+    // span` inside what a date holds (past it, chrono panics).
+    const MOST_SECONDS: i64 = 100 * 366 * 86_400;
     count
         .checked_mul(seconds)
+        .filter(|total| *total <= MOST_SECONDS)
         .and_then(chrono::Duration::try_seconds)
         .map(Since::Ago)
-        .ok_or_else(|| format!("{s:?} reaches too far back"))
+        .ok_or_else(|| format!("{s:?} reaches too far back (at most 36600d)"))
 }
 
 fn parse_artifact_kind(s: &str) -> Result<ArtifactKind, String> {
@@ -314,7 +318,19 @@ mod tests {
             at("2026-12-01T09:30:00+01:00").unwrap(),
             "2026-12-01T08:30:00+00:00"
         );
-        for bad in ["", "h", "15", "15 m", "1w", "-5m", "99999999999999999d"] {
+        assert!(at("36600d").unwrap().starts_with("1926-"));
+        // Past the bound; 100000000d parsed and then panicked in `instant`.
+        for bad in [
+            "",
+            "h",
+            "15",
+            "15 m",
+            "1w",
+            "-5m",
+            "36601d",
+            "100000000d",
+            "99999999999999999d",
+        ] {
             let error = parse_since(bad).unwrap_err();
             assert!(error.contains(&format!("{bad:?}")), "{bad}: {error}");
         }

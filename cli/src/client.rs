@@ -71,6 +71,7 @@ impl Client {
         if status.is_success() {
             return Ok(response);
         }
+        let url = response.url().to_string();
         let text = response.text().await.unwrap_or_default();
         Err(match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => CliError::Api {
@@ -79,6 +80,17 @@ impl Client {
                 message: body.error.message,
                 field: body.error.field,
             },
+            // The API refuses a request with its error JSON, always; a page
+            // with a 4xx is another server's (a web app's 404), and its
+            // status must not read as "no such job" (exit 4). A gateway's
+            // 5xx or 429 page may stand in front of the API: those stay
+            // server errors.
+            Err(_) if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS => {
+                CliError::NotTheApi {
+                    url,
+                    message: format!("HTTP {status}; the body began: {}", body_start(&text)),
+                }
+            }
             Err(_) => CliError::Api {
                 status,
                 code: "unexpected".into(),
@@ -248,14 +260,17 @@ async fn decode<T: DeserializeOwned>(response: Response) -> Result<T> {
         url: url.clone(),
         source,
     })?;
-    serde_json::from_slice(&body).map_err(|e| {
-        let text = String::from_utf8_lossy(&body);
-        let start: String = text.trim().chars().take(120).collect();
-        CliError::NotTheApi {
-            url,
-            message: format!("{e}; the body began: {start}"),
-        }
+    serde_json::from_slice(&body).map_err(|e| CliError::NotTheApi {
+        url,
+        message: format!(
+            "{e}; the body began: {}",
+            body_start(&String::from_utf8_lossy(&body))
+        ),
     })
+}
+
+fn body_start(text: &str) -> String {
+    text.trim().chars().take(120).collect()
 }
 
 #[cfg(test)]

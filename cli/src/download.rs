@@ -172,7 +172,8 @@ fn default_name(kind: ArtifactKind) -> &'static str {
 }
 
 /// Stream the artifact to stdout, checking its sha256 as it passes: the
-/// bytes are out by then, so a mismatch is told by the exit code.
+/// bytes are out by then, so a mismatch is told by the exit code. A reader
+/// that goes (`| head -c 100`) ends the download, quietly.
 async fn to_stdout(client: &Client, download_path: &str, expected: &str) -> Result<()> {
     let response = client.download(download_path, 0).await?;
     let mut body = response.bytes_stream();
@@ -183,7 +184,9 @@ async fn to_stdout(client: &Client, download_path: &str, expected: &str) -> Resu
             source,
         })?;
         hasher.update(&chunk);
-        output::write_stdout(&chunk)?;
+        if output::write_stdout_for(&chunk)? == output::Reader::Gone {
+            return Ok(());
+        }
     }
     let sha256 = format!("{:x}", hasher.finalize());
     if sha256 != expected {

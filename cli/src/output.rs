@@ -55,15 +55,30 @@ pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T) -> 
     write_stdout(text.as_bytes())
 }
 
+/// Whether stdout's reader is still there after a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Reader {
+    Present,
+    Gone,
+}
+
 /// Write `bytes` to stdout. A reader that has gone (`backlog jobs list |
 /// head`) ends the output quietly, as it does for any Unix tool: `print!`
 /// would panic (Rust ignores SIGPIPE, so the write fails with EPIPE).
 pub fn write_stdout(bytes: &[u8]) -> Result<()> {
+    write_stdout_for(bytes).map(|_| ())
+}
+
+/// [`write_stdout`], telling whether the reader is still there: a stream
+/// stops producing what nobody reads.
+pub fn write_stdout_for(bytes: &[u8]) -> Result<Reader> {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::file("writing", "stdout")(e)),
-        _ => Ok(()),
+        Ok(()) => Ok(Reader::Present),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Reader::Gone),
+        Err(e) => Err(CliError::file("writing", "stdout")(e)),
     }
 }
 

@@ -64,6 +64,23 @@ async fn json_of(server: &TestServer, key: &str, args: &[&str]) -> Value {
 
 /// Do one task of `task_type` as a worker would, storing `artifact`.
 async fn do_task(server: &TestServer, task_type: TaskType, artifact: Option<(ArtifactKind, &[u8])>) {
+    let artifact = artifact.map(|(kind, bytes)| {
+        let write = move |path: &Path| {
+            std::fs::write(path, bytes).unwrap();
+            (bytes.len() as i64, store::sha256_hex(bytes))
+        };
+        (kind, write)
+    });
+    do_task_writing(server, task_type, artifact).await
+}
+
+/// [`do_task`], the artifact's file written by `write`, which returns its
+/// size and the sha256 to record.
+async fn do_task_writing(
+    server: &TestServer,
+    task_type: TaskType,
+    artifact: Option<(ArtifactKind, impl FnOnce(&Path) -> (i64, String))>,
+) {
     let mut claimed = Vec::new();
     for _ in 0..200 {
         claimed = server.queue.claim("test-worker", &[task_type], 1).await.unwrap();
@@ -75,11 +92,11 @@ async fn do_task(server: &TestServer, task_type: TaskType, artifact: Option<(Art
     let task = claimed
         .pop()
         .unwrap_or_else(|| panic!("a {task_type} task to claim"));
-    if let Some((kind, bytes)) = artifact {
+    if let Some((kind, write)) = artifact {
         let storage_key = format!("jobs/{}/{}-{}", task.job_id, kind.as_str(), task.id);
         let path = server.artifacts.path().join(&storage_key);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, bytes).unwrap();
+        let (bytes, sha256) = write(&path);
         let content_type = match kind {
             ArtifactKind::Text => "text/markdown",
             ArtifactKind::Pdf => "application/pdf",
@@ -95,8 +112,8 @@ async fn do_task(server: &TestServer, task_type: TaskType, artifact: Option<(Art
                     kind,
                     content_type: content_type.into(),
                     storage_key,
-                    bytes: bytes.len() as i64,
-                    sha256: store::sha256_hex(bytes),
+                    bytes,
+                    sha256,
                     metadata: json!({}),
                 },
             )
@@ -909,6 +926,49 @@ async fn a_reader_that_stops_early_ends_the_output_quietly(pool: sqlx::PgPool) {
     server.stop().await;
 }
 
+/// `artifacts get -o - | head -c …`: once the reader has gone, the
+/// download stops. The artifact is a GiB (a sparse file) recorded with a
+/// sha256 it does not have, so reading on to the end (as the CLI did)
+/// ends in the checksum's failure, not in a quiet exit.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_download_to_stdout_stops_when_its_reader_goes(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&key, "tides").await;
+    let huge = |path: &Path| {
+        std::fs::File::create(path).unwrap().set_len(1 << 30).unwrap();
+        (1 << 30, "0".repeat(64))
+    };
+    do_task_writing(
+        &server,
+        TaskType::TextGeneration,
+        Some((ArtifactKind::Text, huge)),
+    )
+    .await;
+
+    let mut child = backlog(&server, &key)
+        .args(["artifacts", "get", &id, "--kind", "text", "-o", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 4096];
+    tokio::io::AsyncReadExt::read_exact(&mut stdout, &mut first)
+        .await
+        .unwrap();
+    drop(stdout);
+    let Output { status, stderr, .. } =
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the CLI exits")
+            .unwrap();
+    let stderr = String::from_utf8(stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("sha256"), "read to the end: {stderr}");
+    server.stop().await;
+}
+
 /// No stream for this tenant (every GET /v1/jobs/{id}/events is a 429):
 /// `--wait` says so once and follows the job by polling.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -924,32 +984,49 @@ async fn wait_follows_by_polling_when_the_api_refuses_it_a_stream(pool: sqlx::Pg
     );
 }
 
-/// A `BACKLOG_URL` that names a web app, not the API, answers 200 with a
-/// page: the CLI says that, not that the API could not be reached.
+/// A `BACKLOG_URL` that names a web app, not the API, answers with a page:
+/// the CLI says that (exit 3), not that the API could not be reached, nor,
+/// when the page comes with a 404 or 409, that there is no such job (4) or
+/// a conflict (5).
 #[tokio::test]
 async fn a_url_that_is_not_the_api_is_named_as_such() {
-    let app = axum::Router::new()
-        .fallback(|| async { axum::response::Html("<!doctype html><title>Open WebUI</title>") });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    use axum::http::StatusCode;
+    for status in [
+        StatusCode::OK,
+        StatusCode::NOT_FOUND,
+        StatusCode::BAD_REQUEST,
+        StatusCode::CONFLICT,
+    ] {
+        let app = axum::Router::new().fallback(move || async move {
+            (
+                status,
+                axum::response::Html("<!doctype html><title>Open WebUI</title>"),
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
-    command
-        .env_clear()
-        .env("BACKLOG_URL", &url)
-        .env("BACKLOG_KEY", format!("bk_{}", "a".repeat(43)))
-        .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let (code, stdout, stderr) = run(&mut command, &["jobs", "list"]).await;
-    assert_eq!(code, 3, "{stderr}");
-    assert!(stdout.is_empty());
-    assert!(
-        stderr.contains("not the backlog API's JSON")
-            && stderr.contains("<!doctype html><title>Open WebUI")
-            && stderr.contains("BACKLOG_URL"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("could not reach"), "{stderr}");
+        let job = uuid::Uuid::now_v7().to_string();
+        for args in [&["jobs", "list"][..], &["jobs", "get", &job]] {
+            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
+            command
+                .env_clear()
+                .env("BACKLOG_URL", &url)
+                .env("BACKLOG_KEY", format!("bk_{}", "a".repeat(43)))
+                .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
+                .stdin(Stdio::null())
+                .kill_on_drop(true);
+            let (code, stdout, stderr) = run(&mut command, args).await;
+            assert_eq!(code, 3, "{status} {args:?}: {stderr}");
+            assert!(stdout.is_empty());
+            assert!(
+                stderr.contains("not the backlog API's JSON")
+                    && stderr.contains("<!doctype html><title>Open WebUI")
+                    && stderr.contains("BACKLOG_URL"),
+                "{status} {args:?}: {stderr}"
+            );
+            assert!(!stderr.contains("could not reach"), "{stderr}");
+        }
+    }
 }
