@@ -90,6 +90,21 @@ pub enum Error {
     RenderCrd(#[source] serde_yaml_ng::Error),
 }
 
+impl Error {
+    /// The document the error is about, when it is about one.
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            Error::Yaml { location, .. }
+            | Error::Field { location, .. }
+            | Error::ApiVersion { location, .. }
+            | Error::Kind { location, .. }
+            | Error::DuplicateName { location, .. }
+            | Error::SharedTaskType { location, .. } => Some(location),
+            Error::Read { .. } | Error::NoManifests { .. } | Error::RenderCrd(_) => None,
+        }
+    }
+}
+
 fn shown(found: &Option<String>) -> String {
     match found {
         Some(value) => format!("{value:?}"),

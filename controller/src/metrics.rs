@@ -257,6 +257,28 @@ impl Metrics {
         };
     }
 
+    /// A pool its source turned away: `Ready=False`, and none of the
+    /// figures a pass sets (no pass runs for it; the last ones would go
+    /// stale), nor the task types it would serve.
+    pub fn record_rejected(&self, pool: &str) {
+        let mut series = self.series.lock().expect("metrics series lock");
+        if let Some(known) = series.remove(pool) {
+            self.remove_pool(pool, &known);
+        }
+        for value in CONDITION_STATUSES {
+            self.pool_condition
+                .get_or_create(&condition_labels(pool, "Ready", value))
+                .set(i64::from(value == "False"));
+        }
+        series.insert(
+            pool.to_string(),
+            PoolSeries {
+                conditions: BTreeSet::from(["Ready".to_string()]),
+                task_types: BTreeSet::new(),
+            },
+        );
+    }
+
     /// Count a pass's decision by phase, and by direction when it changes
     /// the replicas.
     pub fn record_decision(&self, pool: &str, decision: &Decision) {

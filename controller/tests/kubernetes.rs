@@ -669,7 +669,8 @@ async fn an_invalid_spec_is_reported_on_the_pool(pool: PgPool) {
         "worker",
         json!({"minReplicas": 3, "maxReplicas": 2}),
     ));
-    let controller = start_controller(&api, &q, "a");
+    let metrics = Arc::new(Metrics::default());
+    let controller = start_controller_with_metrics(&api, &q, "a", metrics.clone());
     let ready = eventually("Ready=False, InvalidSpec", || {
         let ready = condition(&pool_status(&api, "text"), "Ready");
         (ready["reason"] == "InvalidSpec").then_some(ready)
@@ -683,6 +684,14 @@ async fn an_invalid_spec_is_reported_on_the_pool(pool: PgPool) {
     .await;
     assert_eq!(event["message"], ready["message"]);
     assert_eq!(replicas(&api, "worker"), 0, "an invalid pool is not scaled");
+    // And where the BacklogPoolNotReady alert looks.
+    eventually("Ready=False in /metrics", || {
+        metrics
+            .encode()
+            .contains(r#"backlog_controller_pool_condition{pool="text",type="Ready",status="False"} 1"#)
+            .then_some(())
+    })
+    .await;
     controller.stop().await;
 }
 
@@ -1728,4 +1737,34 @@ async fn a_drained_pod_the_replica_set_spared_goes_back_to_work(pool: PgPool) {
         .unwrap()
         .state;
     assert_eq!(state, queue::WorkerState::Running, "and is back at work");
+}
+
+/// Leadership lost and won back: what another leader set meanwhile is a
+/// leader's count, not a hand-scale. The count remembered from before was
+/// taken for the one to converge to: the other leader's scale-up was set
+/// back, with a ManualScaleReverted Warning.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_count_set_by_another_leader_is_not_reverted_on_winning_back(pool: PgPool) {
+    use controller::backend::{Backend, PoolRef};
+    let q = Queue::new(pool);
+    let api = text_pool_on_a_deployment(2).await;
+    let loaded = loaded_from_the_cluster(&api, "text");
+    let backend = KubernetesBackend::new(client(&api), q.clone());
+    let text = PoolRef::from(&loaded);
+    assert_eq!(backend.observe(text).await.unwrap().len(), 2);
+
+    // Another controller leads for a while and scales to 4.
+    api.scale("deployments", NS, "worker", 4);
+    backend.take_office().await;
+    backend.observe(text).await.unwrap();
+    assert_eq!(replicas(&api, "worker"), 4, "the other leader's count stands");
+    assert!(events(&api, "text", "ManualScaleReverted").is_empty());
+
+    // A hand-scale after that is still set back.
+    api.scale("deployments", NS, "worker", 6);
+    backend.observe(text).await.unwrap();
+    eventually("a ManualScaleReverted event", || {
+        events(&api, "text", "ManualScaleReverted").pop()
+    })
+    .await;
 }

@@ -602,6 +602,57 @@ async fn a_pool_of_one_whose_only_worker_was_left_draining_works_again(pool: PgP
     );
 }
 
+/// Scale-from-zero does not wait for the tick: the task's NOTIFY wakes the
+/// loop. The tick here is a minute, so only the wake-up can start the
+/// replica within the 20 s the test waits.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_runnable_task_wakes_a_pool_at_zero_without_waiting_for_the_tick(pool: PgPool) {
+    let q = Queue::new(pool);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pools.yaml");
+    std::fs::write(&manifest, TEXT_POOL).unwrap();
+    let backend = MemoryBackend::default();
+    let reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: backend.clone(),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let stop = CancellationToken::new();
+    let controller = tokio::spawn(reconcile::run(
+        reconciler,
+        ManifestSource::new(manifest),
+        LoopSettings {
+            tick: Duration::from_secs(60),
+            leader_key: 44,
+        },
+        stop.clone(),
+    ));
+    // The first pass (at start) found nothing to do.
+    for _ in 0..200 {
+        if !q.pool_statuses().await.unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(q.pool_statuses().await.unwrap().len(), 1, "the first pass ran");
+    assert!(backend.ids().is_empty());
+
+    enqueue_jobs(&q, JobType::Text, 1).await;
+    for _ in 0..200 {
+        if !backend.ids().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        backend.ids().len(),
+        1,
+        "woken by the task, not left to the next tick"
+    );
+    stop.cancel();
+    controller.await.unwrap().unwrap();
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_leader_whose_lock_session_dies_wins_again_instead_of_exiting(pool: PgPool) {
     let q = Queue::new(pool.clone());
@@ -831,6 +882,12 @@ async fn a_pass_that_outlives_its_leadership_starts_nothing(pool: PgPool) {
         ready_reason(&reconciler, "text"),
         Some(("False".into(), "LostLeadership".into()))
     );
+    // Nor does it publish: the status and the policy memory a successor
+    // decides from are the new leader's to write.
+    assert!(
+        q.pool_statuses().await.unwrap().is_empty(),
+        "a former leader wrote the pool's status"
+    );
 }
 
 /// Scale-down held by a five-minute window and a five-minute cooldown:
@@ -922,6 +979,65 @@ async fn the_plan_command_reads_the_local_backend_and_changes_nothing(pool: PgPo
         .await
         .unwrap();
     assert_eq!(unchanged, 0, "plan wrote a pool status");
+}
+
+/// A pool edited into an invalid spec stops scaling, and `/metrics` says
+/// so with `Ready=False`, the series the BacklogPoolNotReady alert watches.
+/// Its series used to vanish with it, so the alert could not fire.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_pool_edited_into_an_invalid_spec_is_reported_not_ready(pool: PgPool) {
+    let q = Queue::new(pool);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pools.yaml");
+    std::fs::write(&manifest, TEXT_POOL).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: MemoryBackend::default(),
+        metrics: metrics.clone(),
+    });
+    let settings = LoopSettings {
+        tick: Duration::from_millis(100),
+        leader_key: 7,
+    };
+    let shutdown = CancellationToken::new();
+    let controller = tokio::spawn(reconcile::run(
+        reconciler,
+        ManifestSource::new(manifest.clone()),
+        settings,
+        shutdown.clone(),
+    ));
+    let ready = |status: &str, value: u8| {
+        format!(r#"backlog_controller_pool_condition{{pool="text",type="Ready",status="{status}"}} {value}"#)
+    };
+    let scraped_with = async |series: &[String]| {
+        for _ in 0..100 {
+            let scraped = metrics.encode();
+            if series.iter().all(|s| scraped.contains(s.as_str())) {
+                return scraped;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{series:?} never in:\n{}", metrics.encode());
+    };
+    scraped_with(&[ready("True", 1)]).await;
+
+    let invalid = TEXT_POOL.replace("maxReplicas: 5", "maxReplicas: 5\n  minReplicas: 9");
+    std::fs::write(&manifest, invalid).unwrap();
+    let scraped = scraped_with(&[ready("False", 1), ready("True", 0)]).await;
+    for stale in [
+        r#"backlog_controller_desired_replicas{pool="text"}"#,
+        r#"backlog_controller_pool_task_type_info{pool="text""#,
+        r#"backlog_controller_pool_condition{pool="text",type="Active""#,
+    ] {
+        assert!(!scraped.contains(stale), "{stale} in:\n{scraped}");
+    }
+
+    // Fixed: Ready again.
+    std::fs::write(&manifest, TEXT_POOL).unwrap();
+    scraped_with(&[ready("True", 1), ready("False", 0)]).await;
+    shutdown.cancel();
+    controller.await.unwrap().unwrap();
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

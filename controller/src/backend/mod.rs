@@ -160,6 +160,13 @@ pub trait Backend: Send + Sync {
         async {}
     }
 
+    /// Leadership won (again): forget what was learnt of the targets while
+    /// another controller led. Its changes are a leader's, not someone's
+    /// by hand, and must not be set back.
+    fn take_office(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// The controller is stopping: release what the backend holds (the local
     /// backend stops its child processes; remote backends leave replicas be).
     fn shutdown(&self) -> impl Future<Output = ()> + Send;

@@ -29,7 +29,7 @@ pub use election::{AdvisoryLock, Election};
 pub use error::PassError;
 pub use plan::{plan, PlanReport};
 pub use run::{run, run_elected, LoopSettings};
-pub use source::{ManifestSource, PoolSource};
+pub use source::{ManifestSource, PoolSource, RejectedPool};
 
 use crate::backend::Backend;
 use crate::manifest::LoadedPool;
@@ -128,6 +128,8 @@ pub struct Reconciler<B> {
     leadership: Leadership,
     settings: PassSettings,
     permits: Arc<Semaphore>,
+    /// Names of the pools the source turned away, reported `Ready=False`.
+    rejected: Vec<String>,
 }
 
 impl<B: Backend + 'static> Reconciler<B> {
@@ -145,6 +147,7 @@ impl<B: Backend + 'static> Reconciler<B> {
             leadership: Leadership::held(),
             permits: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
             settings,
+            rejected: Vec::new(),
         }
     }
 
@@ -217,9 +220,30 @@ impl<B: Backend + 'static> Reconciler<B> {
         done.report
     }
 
+    /// The pools the source turned away: no pass runs for them, and
+    /// `/metrics` says `Ready=False` (the alert on a pool not Ready covers
+    /// a spec edited into an invalid one, which stops its scaling). A name
+    /// an admitted pool also has (another namespace's) stays that pool's.
+    pub fn set_rejected(&mut self, pools: &[LoadedPool], rejected: &[RejectedPool]) {
+        self.rejected = rejected
+            .iter()
+            .filter(|r| !pools.iter().any(|p| p.name() == r.name))
+            .map(|r| r.name.clone())
+            .collect();
+        if self.leadership.is_held() {
+            for name in &self.rejected {
+                self.ctx.metrics.record_rejected(name);
+            }
+        }
+    }
+
     /// Forget pools whose manifests were removed, here and in the database.
     async fn forget_removed(&mut self, pools: &[LoadedPool]) {
-        let names: Vec<&str> = pools.iter().map(|p| p.name()).collect();
+        let names: Vec<&str> = pools
+            .iter()
+            .map(|p| p.name())
+            .chain(self.rejected.iter().map(String::as_str))
+            .collect();
         self.ctx.metrics.forget_pools_except(&names);
         let live: HashSet<String> = pools.iter().map(pool_key).collect();
         self.state
@@ -254,6 +278,7 @@ impl<B: Backend + 'static> Reconciler<B> {
     /// or lost leadership between drain and stop). In the passes, not here:
     /// a hung backend must not keep the other pools from their first pass.
     pub async fn take_office(&mut self) {
+        self.ctx.backend.take_office().await;
         self.restore_memory().await;
         for state in self.state.values_mut() {
             state.marks_settled = false;

@@ -245,7 +245,14 @@ impl<B: Backend> Pass<B> {
     /// policy's memory where `GET /v1/pools`, `plan` and the next leader
     /// read them. Bounded by the deadline too: publishing never holds the
     /// pool past it.
+    /// Tell the platform (the WorkerPool's status, Events) and the database
+    /// (the pool's status, the policy memory a successor decides from) what
+    /// the pass did. Not once leadership is gone: a former leader's write
+    /// would replace the new leader's.
     async fn publish(&self, decision: Option<&Decision>, error: Option<&PassError>, removed: &[String]) {
+        if !self.leadership.is_held() {
+            return;
+        }
         let outcome = PassOutcome {
             status: &self.state.status,
             decision,

@@ -71,6 +71,7 @@ pub async fn run_elected<B: Backend + 'static, S: PoolSource, E: Election>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reconciler.take_office().await;
     let mut pools = source.load().await;
+    reconciler.set_rejected(&pools, &source.rejected());
     let mut passes = FuturesUnordered::new();
     // When a pool at zero has a retry falling due: a round then, not at
     // the next tick.
@@ -127,6 +128,7 @@ pub async fn run_elected<B: Backend + 'static, S: PoolSource, E: Election>(
             reconciler.take_office().await;
         }
         pools = source.load().await;
+        reconciler.set_rejected(&pools, &source.rejected());
         let snapshot = reconciler.read_queue().await;
         for pass in reconciler.begin(&pools, snapshot, Utc::now()) {
             passes.push(pass.run());

@@ -14,6 +14,16 @@ pub struct ManifestSource {
     path: PathBuf,
     stamp: Option<Vec<(PathBuf, SystemTime)>>,
     pools: Vec<LoadedPool>,
+    rejected: Vec<RejectedPool>,
+}
+
+/// A pool its source turned away (an invalid spec, a task type another
+/// pool serves), by name: no pass runs for it, and `/metrics` reports it
+/// `Ready=False` so the alert on that fires.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RejectedPool {
+    pub name: String,
+    pub message: String,
 }
 
 impl ManifestSource {
@@ -22,6 +32,7 @@ impl ManifestSource {
             path,
             stamp: None,
             pools: Vec::new(),
+            rejected: Vec::new(),
         }
     }
 
@@ -36,6 +47,19 @@ impl ManifestSource {
             }
             let names: Vec<&str> = loaded.pools.iter().map(|p| p.name()).collect();
             tracing::info!(path = %self.path.display(), pools = ?names, "loaded WorkerPools");
+            // A document without a name cannot be reported as a pool; one
+            // named like a loaded pool (a duplicate) is that pool's.
+            self.rejected = loaded
+                .errors
+                .iter()
+                .filter_map(|error| {
+                    let name = error.location()?.name.clone()?;
+                    (!names.contains(&name.as_str())).then(|| RejectedPool {
+                        name,
+                        message: error.to_string(),
+                    })
+                })
+                .collect();
             self.pools = loaded.pools;
             self.stamp = Some(stamp);
         }
@@ -65,6 +89,9 @@ pub trait PoolSource: Send {
     /// The pools to reconcile now.
     fn load(&mut self) -> impl Future<Output = Vec<LoadedPool>> + Send;
 
+    /// The pools the last `load` turned away.
+    fn rejected(&self) -> Vec<RejectedPool>;
+
     /// Resolves when the pools changed, so a pass should run now. Sources
     /// re-read on every pass never resolve.
     fn changed(&mut self) -> impl Future<Output = ()> + Send {
@@ -75,5 +102,9 @@ pub trait PoolSource: Send {
 impl PoolSource for ManifestSource {
     async fn load(&mut self) -> Vec<LoadedPool> {
         self.pools().to_vec()
+    }
+
+    fn rejected(&self) -> Vec<RejectedPool> {
+        self.rejected.clone()
     }
 }

@@ -510,6 +510,14 @@ impl Backend for KubernetesBackend {
         "kubernetes"
     }
 
+    /// As a controller just started: the counts found next are taken as
+    /// they are. A count remembered from before another leader's term read
+    /// that leader's scaling as a hand-scale, and converged it back, with
+    /// a `ManualScaleReverted` Warning.
+    async fn take_office(&self) {
+        self.targets.lock().await.clear();
+    }
+
     async fn observe(&self, pool: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
         let target = Self::target(pool)?;
         let namespace = self.namespace(pool).to_string();

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use super::Publisher;
 use crate::error::Location;
 use crate::manifest::LoadedPool;
-use crate::reconcile::PoolSource;
+use crate::reconcile::{PoolSource, RejectedPool};
 use crate::spec::WorkerPool;
 
 pub struct WorkerPoolSource {
@@ -24,6 +24,8 @@ pub struct WorkerPoolSource {
     publisher: Publisher,
     /// Pools already told why they are rejected: (uid, generation) → message.
     rejected: HashMap<(String, i64), String>,
+    /// The pools the last load turned away.
+    current_rejections: Vec<RejectedPool>,
     watch: tokio::task::JoinHandle<()>,
 }
 
@@ -84,6 +86,7 @@ impl WorkerPoolSource {
             changed,
             publisher: Publisher::new(client),
             rejected: HashMap::new(),
+            current_rejections: Vec::new(),
             watch,
         }
     }
@@ -180,6 +183,13 @@ impl PoolSource for WorkerPoolSource {
     /// task type keeps it. The others get `Ready=False, InvalidSpec`.
     async fn load(&mut self) -> Vec<LoadedPool> {
         let (admitted, rejections) = admit(self.store.state());
+        self.current_rejections = rejections
+            .iter()
+            .map(|(pool, message)| RejectedPool {
+                name: pool.metadata.name.clone().unwrap_or_default(),
+                message: message.clone(),
+            })
+            .collect();
         for (pool, message) in rejections {
             let key = (uid(&pool), pool.metadata.generation.unwrap_or_default());
             if self.rejected.get(&key) != Some(&message) {
@@ -189,6 +199,10 @@ impl PoolSource for WorkerPoolSource {
             }
         }
         admitted
+    }
+
+    fn rejected(&self) -> Vec<RejectedPool> {
+        self.current_rejections.clone()
     }
 
     async fn changed(&mut self) {
