@@ -1,6 +1,6 @@
 //! Jobs: enqueue (single and batch), read, list, cancel, retry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -101,11 +101,39 @@ impl Queue {
             })?;
         }
 
-        let lines: Vec<_> = jobs
-            .iter()
-            .map(|j| (j.tenant.as_str(), j.job_type.plan()[0].task_type, j.priority))
+        // A replay takes no place in line: a place given and left empty
+        // reads, to the tenant's next enqueue, as its line having been
+        // served (`place_in_line` probes the latest place), and that job
+        // would start at the head, ahead of the tenant's own waiting jobs.
+        let keyed = jobs.iter().any(|j| j.idempotency_key.is_some());
+        let replays = if keyed {
+            self.replays_among(&jobs).await?
+        } else {
+            HashSet::new()
+        };
+        let lines: Vec<_> = (0..jobs.len())
+            .filter(|i| !replays.contains(i))
+            .map(|i| {
+                (
+                    jobs[i].tenant.as_str(),
+                    jobs[i].job_type.plan()[0].task_type,
+                    jobs[i].priority,
+                )
+            })
             .collect();
-        let places = self.place_in_line(&lines).await?;
+        let mut placed = self.place_in_line(&lines).await?.into_iter();
+        // A replay's tasks are not inserted; the place it is given is unused.
+        let now = Utc::now();
+        let places: Vec<DateTime<Utc>> = (0..jobs.len())
+            .map(|i| {
+                if replays.contains(&i) {
+                    Some(now)
+                } else {
+                    placed.next()
+                }
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| sqlx::Error::Protocol("place_in_line answered fewer places than asked".into()))?;
         let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
         let mut task_job = Vec::new();
         let mut task_type = Vec::new();
@@ -145,7 +173,6 @@ impl Queue {
         // asked (and a conflicting replay must then undo the batch). Without
         // one the statement is its own transaction: no BEGIN and COMMIT
         // round trips on the path every enqueue → claim wake-up waits for.
-        let keyed = jobs.iter().any(|j| j.idempotency_key.is_some());
         let mut tx = if keyed {
             Some(self.pool.begin().await?)
         } else {
@@ -263,6 +290,33 @@ impl Queue {
             tx.commit().await?;
         }
         Ok(out)
+    }
+
+    /// The positions of jobs whose idempotency key names a job already
+    /// stored, or one earlier in the batch. A request racing this one with
+    /// the same key is not seen here; the insert still resolves it.
+    async fn replays_among(&self, jobs: &[NewJob]) -> Result<HashSet<usize>> {
+        let keys: Vec<(usize, &str, &str)> = jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| Some((i, j.tenant.as_str(), j.idempotency_key.as_deref()?)))
+            .collect();
+        let stored: Vec<i64> = sqlx::query_scalar(
+            "SELECT k.ord FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(tenant, key, ord)
+             WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.tenant = k.tenant AND j.idempotency_key = k.key)",
+        )
+        .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.2).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut replays: HashSet<usize> = stored.into_iter().map(|ord| keys[ord as usize - 1].0).collect();
+        let mut seen = HashSet::new();
+        for &(i, tenant, key) in &keys {
+            if !seen.insert((tenant, key)) {
+                replays.insert(i);
+            }
+        }
+        Ok(replays)
     }
 
     /// Each job's place in line among its tenant's and the other tenants'

@@ -128,3 +128,36 @@ async fn retried_jobs_take_their_place_in_line_instead_of_jumping_it(pool: PgPoo
         "the small tenant's jobs are interleaved with the retries, not behind all five: {order:?}"
     );
 }
+
+/// A replay (the same idempotency key again) takes no place in line: an
+/// empty place read as the tenant's line having been served, so its next
+/// job started at the head, and a tenant replaying as it enqueued kept two
+/// lines to everyone else's one.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_replayed_job_takes_no_place_in_line(pool: PgPool) {
+    let q = queue(pool.clone());
+    let keyed = |i: usize| NewJob {
+        idempotency_key: Some(format!("big-{i}")),
+        ..jobs_of("big", 1).remove(0)
+    };
+    q.enqueue_batch((0..100).map(keyed).collect()).await.unwrap();
+    q.enqueue_batch(jobs_of("small", 100)).await.unwrap();
+    for i in 0..100 {
+        let replayed = q.enqueue(keyed(i)).await.unwrap();
+        assert!(!replayed.created);
+        q.enqueue(NewJob::new(
+            "big",
+            JobType::Text,
+            json!({ "prompt": format!("more {i}") }),
+        ))
+        .await
+        .unwrap();
+    }
+
+    let order = next_claims(&q, &pool, 100).await;
+    let small = order.iter().filter(|t| *t == "small").count();
+    assert!(
+        (49..=51).contains(&small),
+        "two tenants waiting share the first claims half and half, not {small} of 100: {order:?}"
+    );
+}
