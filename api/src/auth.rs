@@ -154,8 +154,10 @@ impl Authenticator {
         if self.failed_recently(&hash) {
             return Err(ApiError::Unauthorized);
         }
-        let budget_left = lock(&self.failure_budget).has_one(Instant::now());
-        if !budget_left && !self.is_active_prefix(&secret[..PREFIX_LEN]).await? {
+        // Reserved before the lookup, not charged after it: requests in
+        // flight together would each see the last unit left and all look up.
+        let reserved = lock(&self.failure_budget).try_take(Instant::now());
+        if !reserved && !self.is_active_prefix(&secret[..PREFIX_LEN]).await? {
             return Err(ApiError::TooManyRequests {
                 what: "authentication attempts with unknown keys",
                 limit: "AUTH_FAILED_LOOKUPS_PER_SECOND",
@@ -164,8 +166,12 @@ impl Authenticator {
             });
         }
         self.lookups.fetch_add(1, Ordering::Relaxed);
-        let Some(key) = self.queue.verify_api_key(&hash).await? else {
-            lock(&self.failure_budget).take_one(Instant::now());
+        let found = self.queue.verify_api_key(&hash).await;
+        // Only a failed lookup spends the budget.
+        if reserved && !matches!(found, Ok(None)) {
+            lock(&self.failure_budget).give_back();
+        }
+        let Some(key) = found? else {
             self.remember_failure(hash);
             return Err(ApiError::Unauthorized);
         };
@@ -269,14 +275,18 @@ impl TokenBucket {
         self.updated = now;
     }
 
-    fn has_one(&mut self, now: Instant) -> bool {
+    /// Take a token if there is one.
+    fn try_take(&mut self, now: Instant) -> bool {
         self.refill(now);
-        self.tokens >= 1.0
+        let taken = self.tokens >= 1.0;
+        if taken {
+            self.tokens -= 1.0;
+        }
+        taken
     }
 
-    fn take_one(&mut self, now: Instant) {
-        self.refill(now);
-        self.tokens = (self.tokens - 1.0).max(0.0);
+    fn give_back(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.rate);
     }
 }
 
@@ -342,14 +352,22 @@ mod tests {
         let start = Instant::now();
         let mut bucket = TokenBucket::full(2.0);
         bucket.updated = start;
-        bucket.take_one(start);
-        bucket.take_one(start);
-        assert!(!bucket.has_one(start));
-        assert!(bucket.has_one(start + Duration::from_millis(500)));
-        assert!(bucket.has_one(start + Duration::from_secs(60)));
-        bucket.take_one(start + Duration::from_secs(60));
-        bucket.take_one(start + Duration::from_secs(60));
-        assert!(!bucket.has_one(start + Duration::from_secs(60)));
+        assert!(bucket.try_take(start));
+        assert!(bucket.try_take(start));
+        assert!(!bucket.try_take(start));
+        let later = start + Duration::from_millis(500);
+        assert!(bucket.try_take(later), "one back after half a second");
+        assert!(!bucket.try_take(later));
+        bucket.give_back();
+        assert!(bucket.try_take(later), "a unit given back is there again");
+        let much_later = start + Duration::from_secs(60);
+        assert!(bucket.try_take(much_later));
+        assert!(bucket.try_take(much_later));
+        assert!(!bucket.try_take(much_later), "refilled to its size, no more");
+        bucket.give_back();
+        bucket.give_back();
+        bucket.give_back();
+        assert_eq!(bucket.tokens, 2.0, "giving back stops at the size");
     }
 
     #[test]

@@ -126,7 +126,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SSE_MAX_STREAM_SECONDS", default_value_t = StreamLimits::default().max_duration.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub sse_max_stream_seconds: u64,
-    /// Seconds between sweeps for stuck tasks; 0 runs no sweeper here.
+    /// Seconds between sweeps for stuck tasks; 0 runs no maintenance here
+    /// (no sweeper, retention, repairer or artifact cleaner).
     #[arg(long, env = "SWEEPER_INTERVAL_SECONDS", default_value_t = 15)]
     pub sweeper_interval_seconds: u64,
     /// A task whose worker has not heartbeated for this long is taken back.

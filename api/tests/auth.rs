@@ -231,6 +231,54 @@ async fn the_cli_creates_keys_that_work_and_revokes_them(pool: sqlx::PgPool) {
     server.stop().await;
 }
 
+/// The budget holds for lookups in flight together: each reserves its
+/// unit before it queries. Charged after the query, every request that
+/// arrived while one unit was left looked up.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn concurrent_unknown_keys_stay_within_the_lookup_budget(pool: sqlx::PgPool) {
+    use api::auth::{AuthSettings, Authenticator};
+    use api::error::ApiError;
+    let queue = queue::Queue::new(pool.clone());
+    let auth = Authenticator::new(
+        queue,
+        AuthSettings {
+            ttl: std::time::Duration::ZERO,
+            failure_ttl: std::time::Duration::from_secs(60),
+            failed_lookups_per_second: 3,
+        },
+    );
+    // Every key lookup waits on this lock, so all the requests are in
+    // flight before the first lookup answers.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let tokens: Vec<String> = (0..50)
+        .map(|_| api::auth::generate_key("nobody", ApiKeyRole::Client).secret)
+        .collect();
+    let requests = futures::future::join_all(tokens.iter().map(|t| {
+        let auth = &auth;
+        async move { auth.authenticate(&bearer(t)).await }
+    }));
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        holder.commit().await.unwrap();
+    };
+    let (answers, ()) = tokio::join!(requests, release);
+    let unauthorized = answers
+        .iter()
+        .filter(|a| matches!(a, Err(ApiError::Unauthorized)))
+        .count();
+    let limited = answers
+        .iter()
+        .filter(|a| matches!(a, Err(ApiError::TooManyRequests { .. })))
+        .count();
+    assert_eq!((unauthorized, limited), (3, 47), "{answers:?}");
+    // Three key lookups and one read of the active prefixes.
+    assert!(auth.lookups() <= 4, "{} lookups", auth.lookups());
+}
+
 fn bearer(token: &str) -> reqwest::header::HeaderMap {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
