@@ -100,6 +100,10 @@ pub struct Authenticator {
     failure_budget: Mutex<TokenBucket>,
     failures_per_second: u32,
     known_prefixes: Mutex<KnownPrefixes>,
+    /// Held while the prefixes are read: requests that need them meanwhile
+    /// wait for that read instead of being refused (a burst of first
+    /// requests with a real key past the budget) or reading again.
+    refreshing: tokio::sync::Mutex<()>,
     lookups: AtomicU64,
 }
 
@@ -133,6 +137,7 @@ impl Authenticator {
             failure_budget: Mutex::new(TokenBucket::full(f64::from(rate))),
             failures_per_second: rate,
             known_prefixes: Mutex::default(),
+            refreshing: tokio::sync::Mutex::new(()),
             lookups: AtomicU64::new(0),
         }
     }
@@ -197,20 +202,25 @@ impl Authenticator {
     /// older than [`PREFIXES_REFRESH`], by one request at a time: a flood
     /// costs at most one query per interval.
     async fn is_active_prefix(&self, prefix: &str) -> ApiResult<bool> {
-        {
-            let mut known = lock(&self.known_prefixes);
-            if known.prefixes.contains(prefix) {
-                return Ok(true);
-            }
-            if known.read_at.is_some_and(|at| at.elapsed() < PREFIXES_REFRESH) {
-                return Ok(false);
-            }
-            known.read_at = Some(Instant::now());
+        let known_now = || {
+            let known = lock(&self.known_prefixes);
+            let fresh = known.read_at.is_some_and(|at| at.elapsed() < PREFIXES_REFRESH);
+            (known.prefixes.contains(prefix) || fresh).then(|| known.prefixes.contains(prefix))
+        };
+        if let Some(active) = known_now() {
+            return Ok(active);
+        }
+        let _refreshing = self.refreshing.lock().await;
+        // Read by whoever held the lock before.
+        if let Some(active) = known_now() {
+            return Ok(active);
         }
         self.lookups.fetch_add(1, Ordering::Relaxed);
         let prefixes = self.queue.active_api_key_prefixes().await?;
         let active = prefixes.contains(prefix);
-        lock(&self.known_prefixes).prefixes = prefixes;
+        let mut known = lock(&self.known_prefixes);
+        known.prefixes = prefixes;
+        known.read_at = Some(Instant::now());
         Ok(active)
     }
 

@@ -277,6 +277,23 @@ async fn concurrent_unknown_keys_stay_within_the_lookup_budget(pool: sqlx::PgPoo
     assert_eq!((unauthorized, limited), (3, 47), "{answers:?}");
     // Three key lookups and one read of the active prefixes.
     assert!(auth.lookups() <= 4, "{} lookups", auth.lookups());
+
+    // A real key's first requests, many at once with the budget spent,
+    // are all admitted: they wait for the prefixes' read, not refused.
+    let real = api::auth::generate_key("acme", ApiKeyRole::Client);
+    queue::Queue::new(pool)
+        .create_api_key(&real.record)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    let headers = bearer(&real.secret);
+    let answers = futures::future::join_all((0..40).map(|_| auth.authenticate(&headers))).await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|p| p.tenant == "acme")),
+        "{answers:?}"
+    );
 }
 
 fn bearer(token: &str) -> reqwest::header::HeaderMap {

@@ -102,7 +102,7 @@ async fn concurrent_creations_are_all_written_once(pool: sqlx::PgPool) {
     let answers = futures::future::join_all(requests).await;
     let created = answers.iter().filter(|(s, _)| *s == 201).count();
     let replayed: Vec<_> = answers.iter().filter(|(s, _)| *s == 200).collect();
-    assert_eq!(created, 31, "30 unkeyed and the first keyed one");
+    assert_eq!(created, 31, "30 unkeyed and the first keyed one: {answers:?}");
     assert_eq!(replayed.len(), 9);
     let shared_id = &replayed[0].1["id"];
     assert!(replayed.iter().all(|(_, job)| &job["id"] == shared_id));
