@@ -83,6 +83,18 @@ async fn write_group(queue: &Queue, group: Vec<(NewJob, Reply)>) {
                 }
                 return;
             }
+            // The group may have been written, its answer lost (the
+            // connection dropped at the commit): written again one by one,
+            // every job without an idempotency key would exist twice. Each
+            // request gets the error, as a request of its own would, and its
+            // client decides (a key makes the retry safe).
+            Err(error) if may_have_written(&error) => {
+                tracing::warn!(%error, jobs = jobs.len(), "group enqueue failed with its outcome unknown");
+                for reply in replies {
+                    let _ = reply.send(Err(same_error(&error)));
+                }
+                return;
+            }
             // One job's error (a reused idempotency key, say) fails the whole
             // transaction; write each on its own so only that request sees it.
             Err(error) => {
@@ -94,4 +106,30 @@ async fn write_group(queue: &Queue, group: Vec<(NewJob, Reply)>) {
         let _ = reply.send(queue.enqueue(job).await);
     });
     futures::future::join_all(each).await;
+}
+
+/// Whether a failed enqueue may still have written its jobs: a connection
+/// lost (or a pooled one broken) with the statement sent. The database's
+/// own refusals roll the statement back, and a connection never acquired
+/// sent nothing.
+fn may_have_written(error: &QueueError) -> bool {
+    match error {
+        QueueError::Database(e) => !matches!(
+            e,
+            sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+        ),
+        _ => false,
+    }
+}
+
+/// The group's error, for each of its requests (errors are not `Clone`).
+fn same_error(error: &QueueError) -> QueueError {
+    let QueueError::Database(e) = error else {
+        return QueueError::Database(sqlx::Error::Protocol(error.to_string()));
+    };
+    let kind = match e {
+        sqlx::Error::Io(io) => io.kind(),
+        _ => std::io::ErrorKind::ConnectionAborted,
+    };
+    QueueError::Database(sqlx::Error::Io(std::io::Error::new(kind, e.to_string())))
 }

@@ -110,6 +110,54 @@ async fn concurrent_creations_are_all_written_once(pool: sqlx::PgPool) {
     server.stop().await;
 }
 
+/// A group of creations whose insert committed but whose answer was lost
+/// (the connection cut at the commit) is not written again: each request
+/// gets the error (503), and each job exists once. Written again one by one,
+/// as any failed group was, every job of the group existed twice.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_group_whose_answer_was_lost_is_not_written_twice(pool: sqlx::PgPool) {
+    use api::enqueuer::Enqueuer;
+    use sqlx::postgres::PgPoolOptions;
+    use test_support::pg_proxy::AnswerLosingProxy;
+    let options = pool.connect_options();
+    let upstream = format!("{}:{}", options.get_host(), options.get_port());
+    let proxy = AnswerLosingProxy::start(upstream, b"INSERT INTO jobs").await;
+    let through_proxy = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(
+            (*options)
+                .clone()
+                .host("127.0.0.1")
+                .port(proxy.addr.port())
+                // The proxy reads the statements it loses the answers of.
+                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
+        )
+        .await
+        .unwrap();
+    let enqueuer = Enqueuer::start(queue::Queue::new(through_proxy));
+
+    // All in the channel before the first group is taken: groups of 128.
+    let answers = futures::future::join_all((0..200).map(|i| {
+        let job = queue::NewJob::new(
+            "acme",
+            queue::JobType::Text,
+            json!({"prompt": format!("job {i}")}),
+        );
+        enqueuer.enqueue(job)
+    }))
+    .await;
+    assert_eq!(proxy.cuts(), 1, "one group's answer was lost");
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    assert!(failed > 1, "a whole group failed: {failed}");
+    let (rows, prompts): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT input->>'prompt') FROM jobs")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, prompts, "a job was written twice");
+    assert_eq!(rows, 200, "the lost group was written, once");
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_batch_is_created_in_one_go_and_replays_with_its_key(pool: sqlx::PgPool) {
     let server = TestServer::start(pool).await;

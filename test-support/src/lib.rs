@@ -5,10 +5,12 @@
 //! `DATABASE_URL` (`make test` sets it). The helpers here hand that
 //! database to code under test that wants a URL (child processes, servers).
 //! [`kube_api`] is an emulator of the Kubernetes API server;
-//! [`worker_pool`] writes WorkerPool manifests of local text workers.
+//! [`worker_pool`] writes WorkerPool manifests of local text workers;
+//! [`pg_proxy`] stands between a client and PostgreSQL to lose an answer.
 
 pub mod fly;
 pub mod kube_api;
+pub mod pg_proxy;
 pub mod s3;
 pub mod worker_pool;
 
