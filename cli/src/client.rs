@@ -46,6 +46,11 @@ impl Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            // A server that takes the connection and never answers (a hung
+            // proxy) is an outage like any other, not a wait without end:
+            // `--wait` rides it out up to its limit and then gives up. Event
+            // streams send a keep-alive every 15 s, well inside it.
+            .read_timeout(read_timeout()?)
             .user_agent(concat!("backlog-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|source| CliError::Unreachable {
@@ -248,6 +253,26 @@ fn event_end(buffer: &[u8]) -> Option<usize> {
             None
         }
     })
+}
+
+/// How long the API may send nothing before a request fails:
+/// `BACKLOG_READ_TIMEOUT_SECONDS`, 60 by default.
+fn read_timeout() -> Result<Duration> {
+    const NAME: &str = "BACKLOG_READ_TIMEOUT_SECONDS";
+    match std::env::var(NAME) {
+        Err(_) => Ok(Duration::from_secs(60)),
+        Ok(value) => value
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|seconds| *seconds > 0)
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                CliError::Config(format!(
+                    "{NAME} must be a whole number of seconds above 0, got {value:?}"
+                ))
+            }),
+    }
 }
 
 /// The body of a successful answer, read as the JSON the API documents. A

@@ -926,6 +926,49 @@ async fn a_reader_that_stops_early_ends_the_output_quietly(pool: sqlx::PgPool) {
     server.stop().await;
 }
 
+/// A server that takes the connection and never answers (a hung proxy)
+/// fails the request after `BACKLOG_READ_TIMEOUT_SECONDS` as unreachable
+/// (exit 3), where the CLI waited for good; `--wait` rides such an outage
+/// out like any other, up to its limit.
+#[tokio::test]
+async fn a_server_that_never_answers_is_unreachable_after_the_read_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
+    command
+        .env_clear()
+        .env("BACKLOG_URL", &url)
+        .env("BACKLOG_KEY", format!("bk_{}", "a".repeat(43)))
+        .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
+        .env("BACKLOG_READ_TIMEOUT_SECONDS", "1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let (code, _, stderr) = run(&mut command, &["jobs", "list"]).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("could not reach the API"), "{stderr}");
+
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
+    command
+        .env_clear()
+        .env("BACKLOG_URL", &url)
+        .env("BACKLOG_KEY", format!("bk_{}", "a".repeat(43)))
+        .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
+        .env("BACKLOG_READ_TIMEOUT_SECONDS", "soon")
+        .stdin(Stdio::null());
+    let (code, _, stderr) = run(&mut command, &["jobs", "list"]).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("BACKLOG_READ_TIMEOUT_SECONDS must be a whole number"),
+        "{stderr}"
+    );
+}
+
 /// `artifacts get -o - | head -c …`: once the reader has gone, the
 /// download stops. The artifact is a GiB (a sparse file) recorded with a
 /// sha256 it does not have, so reading on to the end (as the CLI did)
