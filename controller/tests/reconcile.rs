@@ -608,76 +608,40 @@ async fn a_pool_of_one_whose_only_worker_was_left_draining_works_again(pool: PgP
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_runnable_task_wakes_a_pool_at_zero_without_waiting_for_the_tick(pool: PgPool) {
     let q = Queue::new(pool);
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("pools.yaml");
-    std::fs::write(&manifest, TEXT_POOL).unwrap();
     let backend = MemoryBackend::default();
-    let reconciler = Reconciler::new(Context {
-        queue: q.clone(),
-        backend: backend.clone(),
-        metrics: Arc::new(Metrics::default()),
-    });
-    let stop = CancellationToken::new();
-    let controller = tokio::spawn(reconcile::run(
-        reconciler,
-        ManifestSource::new(manifest),
-        LoopSettings {
-            tick: Duration::from_secs(60),
-            leader_key: 44,
-        },
-        stop.clone(),
-    ));
-    // The first pass (at start) found nothing to do.
-    for _ in 0..200 {
-        if !q.pool_statuses().await.unwrap().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(q.pool_statuses().await.unwrap().len(), 1, "the first pass ran");
-    assert!(backend.ids().is_empty());
+    let running = RunningLoop::start(
+        memory_reconciler(&q, &backend),
+        TEXT_POOL,
+        Duration::from_secs(60),
+        44,
+    );
+    assert!(
+        within_20s(async || !q.pool_statuses().await.unwrap().is_empty()).await,
+        "the first pass ran"
+    );
+    assert!(backend.ids().is_empty(), "the first pass found nothing to do");
 
     enqueue_jobs(&q, JobType::Text, 1).await;
-    for _ in 0..200 {
-        if !backend.ids().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        backend.ids().len(),
-        1,
+    assert!(
+        within_20s(async || backend.ids().len() == 1).await,
         "woken by the task, not left to the next tick"
     );
-    stop.cancel();
-    controller.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_leader_whose_lock_session_dies_wins_again_instead_of_exiting(pool: PgPool) {
     let q = Queue::new(pool.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("pools.yaml");
     // One scale-up step per 1 s period, so the second step below is not
     // held for the default 15 s after the first.
     let pool_yaml = format!("{TEXT_POOL}  scaleUp: {{periodSeconds: 1}}\n");
-    std::fs::write(&manifest, pool_yaml).unwrap();
     let backend = MemoryBackend::default();
-    let reconciler = Reconciler::new(Context {
-        queue: q.clone(),
-        backend: backend.clone(),
-        metrics: Arc::new(Metrics::default()),
-    });
-    let stop = CancellationToken::new();
-    let leader = tokio::spawn(reconcile::run(
-        reconciler,
-        ManifestSource::new(manifest.clone()),
-        LoopSettings {
-            tick: Duration::from_millis(200),
-            leader_key: 43,
-        },
-        stop.clone(),
-    ));
+    let leader = RunningLoop::start(
+        memory_reconciler(&q, &backend),
+        &pool_yaml,
+        Duration::from_millis(200),
+        43,
+    );
     enqueue_jobs(&q, JobType::Text, 2).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(backend.ids().len(), 1);
@@ -693,20 +657,17 @@ async fn a_leader_whose_lock_session_dies_wins_again_instead_of_exiting(pool: Pg
     assert_eq!(killed, [true]);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
-        !leader.is_finished(),
+        !leader.task.is_finished(),
         "the controller exited when its lock session died"
     );
 
     enqueue_jobs(&q, JobType::Text, 4).await;
-    for _ in 0..50 {
-        if backend.ids().len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(backend.ids().len(), 3, "it leads again and acts on the pools");
-    stop.cancel();
-    leader.await.unwrap().unwrap();
+    assert!(
+        within_20s(async || backend.ids().len() == 3).await,
+        "it leads again and acts on the pools: {:?}",
+        backend.ids()
+    );
+    leader.stop().await;
 }
 
 /// A pdf pool beside the text pool: the one whose backend hangs below.
@@ -744,6 +705,52 @@ async fn until_waiting(
     waiting
 }
 
+/// The run loop in the background over the pools of `yaml`, kept in a
+/// manifest file the test may rewrite.
+struct RunningLoop {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    manifest: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RunningLoop {
+    fn start(reconciler: Reconciler<MemoryBackend>, yaml: &str, tick: Duration, leader_key: i64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("pools.yaml");
+        std::fs::write(&manifest, yaml).unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(reconcile::run(
+            reconciler,
+            ManifestSource::new(manifest.clone()),
+            LoopSettings { tick, leader_key },
+            stop.clone(),
+        ));
+        RunningLoop {
+            stop,
+            task,
+            manifest,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Polls `check` every 100 ms until it holds, for up to 20 s; whether it did.
+async fn within_20s(mut check: impl AsyncFnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check().await
+}
+
 fn ready_reason(reconciler: &Reconciler<MemoryBackend>, pool: &str) -> Option<(String, String)> {
     let condition = reconciler.status(pool)?.condition(ConditionType::Ready)?;
     Some((condition.status.clone(), condition.reason.clone()))
@@ -754,36 +761,22 @@ async fn a_pool_at_zero_is_woken_while_another_pools_backend_hangs(pool: PgPool)
     let q = Queue::new(pool);
     let backend = MemoryBackend::default();
     backend.stall("pdf");
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("pools.yaml");
-    std::fs::write(&manifest, format!("{TEXT_POOL}---{}", pdf_pool())).unwrap();
-    let stop = CancellationToken::new();
-    let controller = tokio::spawn(reconcile::run(
+    let pools = format!("{TEXT_POOL}---{}", pdf_pool());
+    let running = RunningLoop::start(
         memory_reconciler(&q, &backend),
-        ManifestSource::new(manifest),
-        LoopSettings {
-            tick: Duration::from_millis(200),
-            leader_key: 44,
-        },
-        stop.clone(),
-    ));
+        &pools,
+        Duration::from_millis(200),
+        44,
+    );
     until_stalled(&backend).await;
 
     enqueue_jobs(&q, JobType::Text, 2).await;
-    for _ in 0..100 {
-        if !backend.pool_ids("text").is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        backend.pool_ids("text").len(),
-        1,
+    assert!(
+        within_20s(async || backend.pool_ids("text").len() == 1).await,
         "the text pool waited on the pdf pool's hung backend"
     );
     backend.unstall("pdf");
-    stop.cancel();
-    controller.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -987,43 +980,29 @@ async fn the_plan_command_reads_the_local_backend_and_changes_nothing(pool: PgPo
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_pool_edited_into_an_invalid_spec_is_reported_not_ready(pool: PgPool) {
     let q = Queue::new(pool);
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("pools.yaml");
-    std::fs::write(&manifest, TEXT_POOL).unwrap();
     let metrics = Arc::new(Metrics::default());
     let reconciler = Reconciler::new(Context {
         queue: q.clone(),
         backend: MemoryBackend::default(),
         metrics: metrics.clone(),
     });
-    let settings = LoopSettings {
-        tick: Duration::from_millis(100),
-        leader_key: 7,
-    };
-    let shutdown = CancellationToken::new();
-    let controller = tokio::spawn(reconcile::run(
-        reconciler,
-        ManifestSource::new(manifest.clone()),
-        settings,
-        shutdown.clone(),
-    ));
+    let running = RunningLoop::start(reconciler, TEXT_POOL, Duration::from_millis(100), 7);
     let ready = |status: &str, value: u8| {
         format!(r#"backlog_controller_pool_condition{{pool="text",type="Ready",status="{status}"}} {value}"#)
     };
     let scraped_with = async |series: &[String]| {
-        for _ in 0..100 {
+        let all_there = within_20s(async || {
             let scraped = metrics.encode();
-            if series.iter().all(|s| scraped.contains(s.as_str())) {
-                return scraped;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("{series:?} never in:\n{}", metrics.encode());
+            series.iter().all(|s| scraped.contains(s.as_str()))
+        })
+        .await;
+        assert!(all_there, "{series:?} never in:\n{}", metrics.encode());
+        metrics.encode()
     };
     scraped_with(&[ready("True", 1)]).await;
 
     let invalid = TEXT_POOL.replace("maxReplicas: 5", "maxReplicas: 5\n  minReplicas: 9");
-    std::fs::write(&manifest, invalid).unwrap();
+    std::fs::write(&running.manifest, invalid).unwrap();
     let scraped = scraped_with(&[ready("False", 1), ready("True", 0)]).await;
     for stale in [
         r#"backlog_controller_desired_replicas{pool="text"}"#,
@@ -1034,10 +1013,9 @@ async fn a_pool_edited_into_an_invalid_spec_is_reported_not_ready(pool: PgPool) 
     }
 
     // Fixed: Ready again.
-    std::fs::write(&manifest, TEXT_POOL).unwrap();
+    std::fs::write(&running.manifest, TEXT_POOL).unwrap();
     scraped_with(&[ready("True", 1), ready("False", 0)]).await;
-    shutdown.cancel();
-    controller.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
