@@ -118,6 +118,29 @@ async fn a_finished_job_reports_once_and_a_cancel_is_reported(pool: sqlx::PgPool
     server.stop().await;
 }
 
+/// A stream opened with a key that is then revoked says nothing more: the
+/// job's next change ends it instead of reaching the revoked key's holder.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_revoked_keys_stream_reports_no_more(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let revoked = server.key("acme", ApiKeyRole::Client).await;
+    let other = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&other, "a story").await;
+    let mut events = EventReader::new(open_stream(&server, &revoked, &id).await);
+    assert_eq!(events.next().await.unwrap().1["status"], "queued");
+
+    server.queue.revoke_api_key(&revoked[..11]).await.unwrap();
+    let (status, _) = server
+        .post_json(&other, &format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        events.next().await.is_none(),
+        "the cancel reached a revoked key's stream"
+    );
+    server.stop().await;
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn shutting_down_ends_open_streams(pool: sqlx::PgPool) {
     let server = TestServer::start(pool).await;

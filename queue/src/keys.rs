@@ -150,6 +150,16 @@ impl Queue {
 
     /// Revoke one key, named by its id or its prefix. A prefix that names
     /// several keys is refused rather than revoking them all.
+    /// Whether the key still admits its holder (not revoked, not gone).
+    pub async fn api_key_is_active(&self, id: Uuid) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys WHERE id = $1 AND revoked_at IS NULL)")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn revoke_api_key(&self, id_or_prefix: &str) -> Result<ApiKey> {
         refuse_nul("key", id_or_prefix)?;
         let id = Uuid::parse_str(id_or_prefix).ok();

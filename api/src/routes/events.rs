@@ -125,6 +125,7 @@ pub async fn job_events(
     renew.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let watch = JobWatch {
         queue: state.queue.clone(),
+        key_id: principal.key_id,
         tenant: principal.tenant,
         job_id: id,
         stream_id,
@@ -153,6 +154,10 @@ const WATCH_RENEW_EVERY: Duration = Duration::from_secs(30);
 
 struct JobWatch {
     queue: Queue,
+    /// The key the stream was opened with: once it is revoked, the stream
+    /// says nothing more and ends (at the next change, or the next renewal
+    /// of the watch, whichever comes first).
+    key_id: Uuid,
     tenant: String,
     job_id: Uuid,
     /// This stream's watch in `job_watches`.
@@ -188,6 +193,7 @@ impl JobWatch {
                 // which also reads the job.
                 Some(Ok(JobStatusEvent::Resync) | Err(RecvError::Lagged(_))) => self.rewatch().await,
                 Some(Err(RecvError::Closed)) => return None,
+                None if !self.key_is_active().await => return None,
                 None => match self
                     .queue
                     .renew_job_watch(self.job_id, self.stream_id, WATCH_TTL)
@@ -202,7 +208,12 @@ impl JobWatch {
                 },
             };
             match read {
-                Ok(job) if Some(job.status) != self.last_status => return Some(self.report(job)),
+                Ok(job) if Some(job.status) != self.last_status => {
+                    if !self.key_is_active().await {
+                        return None;
+                    }
+                    return Some(self.report(job));
+                }
                 Ok(_) => {}
                 // Removed by retention while watched: nothing more to say.
                 Err(QueueError::JobNotFound(_)) => return None,
@@ -210,6 +221,18 @@ impl JobWatch {
                     tracing::warn!(%error, job_id = %self.job_id, "job event stream stopped");
                     return None;
                 }
+            }
+        }
+    }
+
+    /// Whether the stream's key still admits it; a failed check counts as
+    /// no (the client reconnects, and is asked for its key again).
+    async fn key_is_active(&self) -> bool {
+        match self.queue.api_key_is_active(self.key_id).await {
+            Ok(active) => active,
+            Err(error) => {
+                tracing::warn!(%error, job_id = %self.job_id, "could not check a stream's key; ending it");
+                false
             }
         }
     }
