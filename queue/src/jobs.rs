@@ -391,7 +391,22 @@ impl Queue {
             JobType::Reading | JobType::Text => "prompt",
             JobType::Pdf | JobType::Audiobook => "text",
         };
+        // The markers the pipelines read as structure (headings, bullets):
+        // a text of nothing else typesets an empty page and reads aloud
+        // only the stand-in title.
+        let only_markers = |s: &str| {
+            s.chars()
+                .all(|c| c.is_whitespace() || matches!(c, '#' | '-' | '*' | '+'))
+        };
         match input.get(required) {
+            Some(serde_json::Value::String(s))
+                if required == "text" && !s.trim().is_empty() && only_markers(s) =>
+            {
+                return Err(QueueError::invalid(
+                    "input.text",
+                    "has nothing to typeset or read aloud, only Markdown markers",
+                ))
+            }
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => {}
             Some(serde_json::Value::String(_)) => {
                 return Err(QueueError::invalid(

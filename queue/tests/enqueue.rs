@@ -123,6 +123,19 @@ async fn bad_input_is_a_typed_error_naming_the_field_and_writes_nothing(pool: Pg
         invalid(q.enqueue(text_job("   ")).await.map(|_| ())),
         "input.prompt: must not be empty"
     );
+    // Headings and bullets with nothing in them: an empty page, an
+    // "Untitled." MP3.
+    for markers in ["##", "# \n- \n* ", "---"] {
+        assert_eq!(
+            invalid(
+                q.enqueue(NewJob::new(TENANT, JobType::Audiobook, json!({"text": markers})))
+                    .await
+                    .map(|_| ())
+            ),
+            "input.text: has nothing to typeset or read aloud, only Markdown markers",
+            "{markers:?}"
+        );
+    }
     assert_eq!(
         invalid(
             q.enqueue(NewJob::new(TENANT, JobType::Text, json!({"prompt": 7})))

@@ -272,4 +272,18 @@ fn a_word_longer_than_a_line_breaks_inside_the_margin() {
     );
     assert!(text.contains(&"x".repeat(40)), "{text}");
     assert!(text.contains(&digest[..48]), "{text}");
+
+    // The title is set at twice the size: a run of 58, short of the body's
+    // 61, is wider than the page there.
+    let title = &digest[..58];
+    let pdf = typeset_blocking(&Document::parse("Body.", Some(title)), None).unwrap();
+    let (_dir, path) = save(&pdf);
+    let words = word_right_edges(&path);
+    let past: Vec<_> = words
+        .iter()
+        .filter(|(x_max, _)| *x_max > right_margin + 4.0)
+        .collect();
+    assert!(past.is_empty(), "the title runs past the margin: {past:?}");
+    let text: String = text_of(&path, None).split_whitespace().collect();
+    assert!(text.contains(title), "{text}");
 }
