@@ -21,8 +21,9 @@ pub struct PromptInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub voice: Option<String>,
     /// The document's language, an ISO 639 code with an optional region
-    /// (`el`, `en-GB`): hyphenation and typesetting of its PDF. English
-    /// when absent.
+    /// (`el`, `en-GB`): the language the text is written in, its PDF's
+    /// hyphenation and typesetting, and (espeak-ng, no `voice`) the voice
+    /// that reads it. English when absent.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",

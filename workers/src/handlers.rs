@@ -106,7 +106,8 @@ impl Pipelines {
 
     async fn narrate(&self, ctx: &TaskContext, job: &Job, input: &JobInput) -> Result<TaskOutput, Failure> {
         let document = self.source_document(ctx, job, input).await?;
-        let narration = self.narrator.narrate(&document, input.voice()).await?;
+        let voice = self.narrator.voice_for(input.voice(), input.lang()).await;
+        let narration = self.narrator.narrate(&document, voice.as_deref()).await?;
         let metadata = json!({
             "duration_seconds": narration.duration_seconds,
             "sample_rate": narration.sample_rate,

@@ -317,3 +317,44 @@ async fn runpod_output_without_audio_is_malformed() {
         .unwrap_err();
     assert!(matches!(error, Error::MalformedResponse { .. }), "{error}");
 }
+
+/// A job that names no voice is read in its language's voice, where
+/// espeak-ng has one: a Greek text in the English voice came out as the
+/// names of its letters.
+#[tokio::test]
+async fn the_jobs_language_picks_the_voice_when_it_names_none() {
+    let narrator = espeak_narrator();
+    assert_eq!(narrator.voice_for(None, Some("el")).await.as_deref(), Some("el"));
+    assert_eq!(
+        narrator.voice_for(None, Some("en-GB")).await.as_deref(),
+        Some("en-gb")
+    );
+    assert_eq!(
+        narrator.voice_for(None, Some("pt_BR")).await.as_deref(),
+        Some("pt-br")
+    );
+    assert_eq!(
+        narrator.voice_for(None, Some("xx")).await,
+        None,
+        "no such voice: the default"
+    );
+    assert_eq!(
+        narrator.voice_for(Some("de"), Some("el")).await.as_deref(),
+        Some("de"),
+        "a named voice wins"
+    );
+    assert_eq!(narrator.voice_for(None, None).await, None);
+
+    // Read in Greek, the text is about as long as in its own voice, not the
+    // three times an English voice spelling it out takes.
+    let greek = Document::parse("Καλημέρα σας. Ο καιρός είναι καλός σήμερα.", Some("Καιρός"));
+    let voice = narrator.voice_for(None, Some("el")).await;
+    let in_greek = narrator.narrate(&greek, voice.as_deref()).await.unwrap();
+    let in_english = narrator.narrate(&greek, None).await.unwrap();
+    assert!(
+        in_english.duration_seconds > in_greek.duration_seconds * 1.5,
+        "Greek voice {:.1} s, English voice {:.1} s",
+        in_greek.duration_seconds,
+        in_english.duration_seconds
+    );
+}

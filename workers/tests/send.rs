@@ -21,6 +21,7 @@ fn pipeline_futures_are_send() {
         kind: PromptKind::Text,
         prompt: "p".into(),
         title: None,
+        lang: None,
     };
     assert_send(&LlmProvider::Offline.generate(&request));
 

@@ -45,6 +45,7 @@ fn request(prompt: &str, title: Option<&str>) -> TextRequest {
         kind: PromptKind::Reading,
         prompt: prompt.into(),
         title: title.map(Into::into),
+        lang: None,
     }
 }
 
@@ -86,6 +87,18 @@ async fn sends_model_messages_and_bearer_and_reads_usage() {
     // The prompt is substituted once: its own `{title}` stays as written.
     assert!(user.contains("Write about tea {title}"), "{user}");
     assert!(messages[0]["content"].as_str().unwrap().contains("read aloud"));
+    assert!(user.contains("Language: English"), "{user}");
+
+    // The job's language is the text's: its PDF is hyphenated and its audio
+    // spoken in it.
+    let greek = TextRequest {
+        lang: Some("el".into()),
+        ..request("the life of tides", None)
+    };
+    provider(&server.base_url, 3).generate(&greek).await.unwrap();
+    let body = server.requests()[1].json();
+    let user = body["messages"][1]["content"].as_str().unwrap().to_owned();
+    assert!(user.contains("ISO 639 code is `el`"), "{user}");
 }
 
 #[tokio::test]

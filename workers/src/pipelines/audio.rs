@@ -162,6 +162,24 @@ impl Narrator {
         &self.provider
     }
 
+    /// The voice for a job: the one it names, else (espeak-ng only: RunPod
+    /// voices are the endpoint's own) one that speaks its language, else
+    /// `None`, the provider's default. Without it a Greek text was read by
+    /// the English voice, letter name by letter name.
+    pub async fn voice_for(&self, voice: Option<&str>, lang: Option<&str>) -> Option<String> {
+        if let Some(voice) = voice {
+            return Some(voice.to_owned());
+        }
+        let (TtsProvider::Espeak(espeak), Some(lang)) = (&self.provider, lang) else {
+            return None;
+        };
+        let found = espeak.voice_for_language(lang).await;
+        if found.is_none() {
+            tracing::warn!(lang, voice = %espeak.default_voice, "espeak-ng has no voice for the job's language; the default voice reads it");
+        }
+        found
+    }
+
     /// Speaks `document` (title, headings, paragraphs, list items) in `voice`
     /// or the provider's default, and encodes the result as MP3.
     pub async fn narrate(&self, document: &Document, voice: Option<&str>) -> Result<Narration> {

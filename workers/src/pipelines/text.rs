@@ -68,6 +68,10 @@ pub struct TextRequest {
     pub kind: PromptKind,
     pub prompt: String,
     pub title: Option<String>,
+    /// The job's `lang` (an ISO 639 code, validated at creation): the
+    /// language the text is asked for in. The PDF is hyphenated and the
+    /// audio spoken in it, so a text in another would be set and read wrong.
+    pub lang: Option<String>,
 }
 
 impl TextRequest {
@@ -85,6 +89,7 @@ impl TextRequest {
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned),
+            lang: input.lang().map(str::to_owned),
         })
     }
 }
@@ -195,7 +200,15 @@ impl LlmProvider {
                     .title
                     .as_deref()
                     .unwrap_or("none given; choose a fitting one");
-                let values = [("title", title), ("prompt", request.prompt.as_str())];
+                let language = match &request.lang {
+                    Some(tag) => format!("the language whose ISO 639 code is `{tag}`; write all of it, title included, in that language"),
+                    None => "English, unless the request asks for another".to_owned(),
+                };
+                let values = [
+                    ("title", title),
+                    ("prompt", request.prompt.as_str()),
+                    ("language", language.as_str()),
+                ];
                 let system = fill_template(templates.system, &values);
                 let user = fill_template(templates.user, &values);
                 let (markdown, usage) = client.complete(&system, &user).await?;

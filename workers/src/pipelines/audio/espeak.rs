@@ -87,6 +87,29 @@ impl Espeak {
     }
 }
 
+impl Espeak {
+    /// The voice that speaks language `tag` (`el`, `en-GB`, `pt_BR`), when
+    /// espeak-ng has one: the tag is a voice name to it (and a region it
+    /// lacks falls back to the language: `fr-ca` speaks French).
+    pub async fn voice_for_language(&self, tag: &str) -> Option<String> {
+        let voice = tag.trim().to_ascii_lowercase().replace('_', "-");
+        (check_voice(&voice).is_ok() && self.has_voice(&voice).await).then_some(voice)
+    }
+
+    /// Whether espeak-ng knows `voice`: it speaks nothing in it without error.
+    async fn has_voice(&self, voice: &str) -> bool {
+        Command::new(&self.program)
+            .args(["-v", voice, "-q", "--stdin"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .status()
+            .await
+            .is_ok_and(|status| status.success())
+    }
+}
+
 /// Voice names are letters, digits and `-_+/.`, and may not start like an option.
 fn check_voice(voice: &str) -> Result<()> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || "-_+/.".contains(c);
