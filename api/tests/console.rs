@@ -448,6 +448,16 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
             json!([]),
         )
         .await;
+    assert_eq!(
+        browser
+            .eval(
+                "return document.getElementById('sign-in-error').getAttribute('role')",
+                json!([])
+            )
+            .await,
+        json!("alert"),
+        "the refusal is announced"
+    );
     browser.screenshot(&shots.join("01-sign-in-refused.png")).await;
     browser.type_into("#api-key", &key).await;
     browser.click("#sign-in").await;
@@ -794,6 +804,22 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
     browser
         .screenshot(&shots.join("06-jobs-failed-last-15-min.png"))
         .await;
+    // A link with an age that is no number is read as no age, not a list
+    // left empty for good (an invalid date threw before the first read).
+    browser
+        .eval(
+            "location.hash = '#/jobs?status=failed&age=abc'; return true",
+            json!([]),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the list under a malformed age",
+            "return location.hash.includes('age=abc') \
+             && document.querySelectorAll('#jobs-body tr[data-job]').length === 1",
+            json!([]),
+        )
+        .await;
 
     // The failed job's page: retried, then cancelled, with its buttons.
     let failed_uuid: uuid::Uuid = failed_id.parse().unwrap();
@@ -885,6 +911,20 @@ async fn a_browser_signs_in_submits_a_job_and_watches_it_complete_with_its_artif
             .await,
         json!(["Job cancelled"]),
         "one toast, the latest, not one over another"
+    );
+    // Said to screen readers (the status pill and the toasts are live
+    // regions from the start) and focus kept on the page, at its heading,
+    // where the Cancel button that had it went away.
+    assert_eq!(
+        browser
+            .eval(
+                "const t = document.getElementById('toasts'); \
+                 return [document.getElementById('job-live').getAttribute('role'), \
+                         t.getAttribute('aria-live'), t.textContent, document.activeElement.tagName]",
+                json!([])
+            )
+            .await,
+        json!(["status", "polite", "Job cancelled", "H1"])
     );
     browser
         .screenshot(&shots.join("07-job-retried-then-cancelled.png"))

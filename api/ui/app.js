@@ -170,10 +170,12 @@ function bytes(n) {
 
 function toast(message) {
   // One at a time: toasts share a corner, and a newer one would cover an
-  // older one's text.
-  for (const old of document.querySelectorAll(".toast")) old.remove();
-  const el = h("div", { class: "toast", role: "status" }, message);
-  document.body.append(el);
+  // older one's text. They go into a live region that is on the page from
+  // the start (index.html): one created with its text already in it is not
+  // announced reliably.
+  const region = document.getElementById("toasts");
+  const el = h("div", { class: "toast" }, message);
+  region.replaceChildren(el);
   setTimeout(() => el.remove(), 4000);
 }
 
@@ -287,7 +289,7 @@ function renderSignIn(main) {
     id: "api-key", type: "password", autocomplete: "off", spellcheck: "false",
     placeholder: "bk_…", required: true,
   });
-  const error = h("p", { class: "error-text", id: "sign-in-error", hidden: !reason }, reason || "");
+  const error = h("p", { class: "error-text", id: "sign-in-error", role: "alert", hidden: !reason }, reason || "");
   const button = h("button", { class: "btn primary", type: "submit", id: "sign-in" }, "Sign in");
   const form = h("form", { class: "card", onsubmit: (e) => { e.preventDefault(); signIn(); } },
     h("h1", {}, "Sign in"),
@@ -349,7 +351,7 @@ function renderJobs(main, params) {
   main.append(
     h("div", { class: "page-head" },
       h("div", {}, h("h1", {}, "Jobs"), h("p", { class: "subtitle" }, "Newest first; refreshed every few seconds.")),
-      h("span", { class: "live on", id: "list-live" }, "live")),
+      h("span", { class: "live on", id: "list-live", role: "status" }, "live")),
     newJobForm(),
   );
   const tbody = h("tbody", { id: "jobs-body" });
@@ -393,8 +395,11 @@ function renderJobs(main, params) {
     const query = new URLSearchParams({ limit: "25" });
     if (filter.status) query.set("status", filter.status);
     if (filter.type) query.set("type", filter.type);
-    if (filter.age) {
-      query.set("created_after", new Date(Date.now() - Number(filter.age) * 1000).toISOString());
+    // From the link: anything but a sensible number of seconds is ignored
+    // (an invalid date threw here, and the list stayed empty for good).
+    const age = Number(filter.age);
+    if (filter.age && Number.isFinite(age) && age > 0 && age < 1e9) {
+      query.set("created_after", new Date(Date.now() - age * 1000).toISOString());
     }
     if (cursors.length) query.set("cursor", cursors[cursors.length - 1]);
     const live = document.getElementById("list-live");
@@ -438,7 +443,7 @@ function newJobForm() {
   const body = h("textarea", { id: "new-input", rows: 1, required: true });
   const bodyLabel = h("label", { for: "new-input" }, "Prompt");
   const priority = h("input", { id: "new-priority", type: "number", min: -100, max: 100, value: 0 });
-  const error = h("p", { class: "error-text", hidden: true });
+  const error = h("p", { class: "error-text", id: "new-job-error", role: "alert", hidden: true });
   const submit = h("button", { class: "btn primary", type: "submit", id: "submit-job" }, "Submit job");
   const relabel = () => {
     const prompt = PROMPT_TYPES.has(type.value);
@@ -501,7 +506,7 @@ function renderJob(main, id) {
     for (const url of blobUrls.values()) URL.revokeObjectURL(url);
   });
 
-  const live = h("span", { class: "live", id: "job-live" }, "connecting");
+  const live = h("span", { class: "live", id: "job-live", role: "status" }, "connecting");
   const head = h("div", { class: "page-head" });
   const meta = h("section", { class: "card" });
   const graph = h("section", { class: "card" }, h("h2", {}, "Tasks"));
@@ -607,6 +612,12 @@ function renderJob(main, id) {
     }
     busy = false;
     await refresh();
+    // The button pressed may be gone (a cancelled job has no Cancel): keep
+    // keyboard focus on the page, at its heading, not lost to <body>.
+    if (!document.activeElement || document.activeElement === document.body) {
+      const heading = title.querySelector("h1");
+      if (heading) { heading.tabIndex = -1; heading.focus(); }
+    }
     if (!finished) follow();
   }
 
@@ -661,7 +672,7 @@ function renderJob(main, id) {
     } catch (e) {
       if (controller.signal.aborted) return;
       // A finished job's page reads nothing more: the user asks again.
-      body.replaceChildren(h("p", { class: "error-text" }, e.message),
+      body.replaceChildren(h("p", { class: "error-text", role: "alert" }, e.message),
         h("button", { class: "btn", type: "button", id: `reload-${artifact.kind}`, onclick: () => {
           body.replaceChildren(h("p", { class: "muted" }, "Loading…"));
           loadArtifact(artifact, body, download);
@@ -844,7 +855,7 @@ function renderQueue(main, admin) {
     h("div", { class: "page-head" },
       h("div", {}, h("h1", {}, "Queue"),
         h("p", { class: "subtitle" }, "Depth per task type and the worker pools the controller scales.")),
-      h("span", { class: "live on", id: "queue-live" }, "live")),
+      h("span", { class: "live on", id: "queue-live", role: "status" }, "live")),
     stats,
     h("section", { class: "card flush" }, h("h2", {}, "Depth now"),
       h("table", {}, h("thead", {}, h("tr", {},
