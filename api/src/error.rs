@@ -215,10 +215,31 @@ impl IntoResponse for ApiError {
             ApiError::TooManyRequests { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
+            // The database is out of reach or its pool full: a client (the
+            // console's streams, say) waits a moment instead of asking again
+            // at once, many times over.
+            ApiError::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(UNAVAILABLE_RETRY_AFTER));
+            }
             _ => {}
         }
         response
     }
 }
 
+/// Seconds a 503 asks clients to wait.
+const UNAVAILABLE_RETRY_AFTER: u32 = 2;
+
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_answers_say_when_to_come_back() {
+        let response = ApiError::Unavailable(QueueError::Database(sqlx::Error::PoolTimedOut)).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+}

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, Method, Request, Uri};
-use axum::middleware::from_fn_with_state;
-use axum::response::IntoResponse;
+use axum::extract::Request as AxumRequest;
+use axum::http::{header, HeaderName, HeaderValue, Method, Request, Uri};
+use axum::middleware::{from_fn, from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
 use queue::Queue;
 use tokio::net::TcpListener;
@@ -141,7 +142,11 @@ pub fn app(state: AppState) -> Router {
         }));
 
     Router::new()
-        .merge(authenticated.route_layer(from_fn_with_state(state.clone(), require_api_key)))
+        .merge(
+            authenticated
+                .route_layer(from_fn_with_state(state.clone(), require_api_key))
+                .layer(from_fn(not_stored)),
+        )
         .merge(public)
         .merge(ui::routes())
         .fallback(route_not_found)
@@ -151,6 +156,19 @@ pub fn app(state: AppState) -> Router {
         .layer(from_fn_with_state(state.metrics.clone(), track_requests))
         .layer(http)
         .with_state(state)
+}
+
+/// An authenticated answer is its tenant's alone: no cache may keep it (a
+/// proxy or CDN set to cache everything would hand prompts and artifacts
+/// to whoever asks next), refusals included. A route that allows a private
+/// cache (artifact downloads, revalidated by ETag) says so itself.
+async fn not_stored(request: AxumRequest, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    response
+        .headers_mut()
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
 }
 
 /// Method, path and request id; never headers (they carry the API key)

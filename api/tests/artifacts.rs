@@ -5,7 +5,8 @@ mod common;
 use common::{assert_error, read, TestServer};
 use queue::{ApiKeyRole, Artifact, ArtifactKind, NewArtifact, TaskType};
 use reqwest::header::{
-    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, IF_RANGE, RANGE,
+    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, IF_RANGE,
+    RANGE,
 };
 use reqwest::StatusCode;
 use serde_json::json;
@@ -81,6 +82,8 @@ async fn artifacts_download_whole_or_by_range(pool: sqlx::PgPool) {
     assert_eq!(whole.headers()[CONTENT_LENGTH], "100000");
     assert_eq!(whole.headers()[ACCEPT_RANGES], "bytes");
     assert_eq!(whole.headers()[ETAG], format!("\"{SHA}\""));
+    // The browser that fetched it may keep it, revalidated; no shared cache.
+    assert_eq!(whole.headers()[CACHE_CONTROL], "private, no-cache");
     assert_eq!(whole.bytes().await.unwrap(), content);
 
     for (range, start, end) in [
@@ -142,6 +145,7 @@ async fn artifacts_download_whole_or_by_range(pool: sqlx::PgPool) {
             .unwrap();
         assert_eq!(current.status(), StatusCode::NOT_MODIFIED, "{held}");
         assert_eq!(current.headers()[ETAG], format!("\"{SHA}\""));
+        assert_eq!(current.headers()[CACHE_CONTROL], "private, no-cache");
         assert!(current.bytes().await.unwrap().is_empty());
     }
     let changed = server
@@ -152,6 +156,17 @@ async fn artifacts_download_whole_or_by_range(pool: sqlx::PgPool) {
         .unwrap();
     assert_eq!(changed.status(), StatusCode::OK);
     assert_eq!(changed.bytes().await.unwrap(), content);
+
+    // Every other authenticated answer, a refusal included, is kept by no
+    // cache: it holds the tenant's prompts and errors.
+    for (path, key, what) in [
+        (format!("/v1/jobs/{job_id}"), key.as_str(), "a job"),
+        ("/v1/jobs".to_string(), key.as_str(), "the list"),
+        ("/v1/jobs".to_string(), "bk_wrong", "a refusal"),
+    ] {
+        let answer = server.get(key, &path).send().await.unwrap();
+        assert_eq!(answer.headers()[CACHE_CONTROL], "no-store", "{what}");
+    }
     server.stop().await;
 }
 

@@ -18,6 +18,10 @@ use crate::extract::{parse_uuid, PathParams};
 use crate::routes::jobs::ArtifactView;
 use crate::state::AppState;
 
+/// An artifact may stay in the browser that fetched it, checked again by
+/// its ETag before each use (RFC 9111 5.2.2.4), and in no shared cache.
+const PRIVATE_REVALIDATED: &str = "private, no-cache";
+
 /// A job's artifacts.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ArtifactList {
@@ -97,6 +101,7 @@ pub async fn download_artifact(
         return Response::builder()
             .status(StatusCode::NOT_MODIFIED)
             .header(header::ETAG, etag)
+            .header(header::CACHE_CONTROL, PRIVATE_REVALIDATED)
             .body(Body::empty())
             .map_err(ApiError::internal);
     }
@@ -139,6 +144,7 @@ pub async fn download_artifact(
         .header(header::CONTENT_LENGTH, length)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::ETAG, etag)
+        .header(header::CACHE_CONTROL, PRIVATE_REVALIDATED)
         // The content type is the worker's word; never let a browser guess.
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     if let Some(content_range) = content_range {
