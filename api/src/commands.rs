@@ -32,10 +32,7 @@ async fn connect(database: &DatabaseArgs) -> anyhow::Result<Queue> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let database = args
-        .database
-        .as_ref()
-        .context("DATABASE_URL (or --database-url) is required")?;
+    let database = args.database.as_ref().context("DATABASE_URL is required")?;
     let queue = connect(database).await?.with_config(args.queue_config());
     if args.migrate {
         queue.migrate().await.context("applying migrations")?;

@@ -64,6 +64,10 @@ pub enum KeysCommand {
     },
 }
 
+/// Arguments that carry a secret: taken from their environment variable
+/// only (see `telemetry::secrets`).
+pub const SECRETS: &[&str] = &["database_url"];
+
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL connection string.
@@ -209,6 +213,21 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_url_is_refused_on_the_command_line() {
+        for command in [&[][..], &["serve"], &["migrate"], &["keys", "list"]] {
+            let args = ["api"]
+                .iter()
+                .chain(command)
+                .chain(&["--database-url", "postgres://x"]);
+            let error = telemetry::secrets::try_parse_from::<Cli, _, _>(args, SECRETS).unwrap_err();
+            assert!(
+                error.to_string().contains("set DATABASE_URL in the environment"),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn serving_is_the_default_and_flags_reach_the_settings() {

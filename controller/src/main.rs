@@ -133,8 +133,12 @@ struct RunArgs {
     log_format: telemetry::LogFormat,
 }
 
+/// Arguments that carry a secret: taken from their environment variable
+/// only (see `telemetry::secrets`).
+const SECRETS: &[&str] = &["database_url", "fly_api_token"];
+
 fn main() -> anyhow::Result<ExitCode> {
-    match Cli::parse().command {
+    match telemetry::secrets::parse::<Cli>(SECRETS).command {
         Command::Crd => {
             print!("{}", spec::crd_yaml()?);
             Ok(ExitCode::SUCCESS)
@@ -456,7 +460,28 @@ fn validate(path: &Path) -> ExitCode {
 mod tests {
     use clap::Parser;
 
-    use super::{Cli, Command};
+    use super::{Cli, Command, SECRETS};
+
+    #[test]
+    fn secrets_are_refused_on_the_command_line() {
+        for (flag, variable) in [
+            ("--database-url", "DATABASE_URL"),
+            ("--fly-api-token", "FLY_API_TOKEN"),
+        ] {
+            for command in ["run", "plan"] {
+                let args = ["controller", command, flag, "secret", "-f", "pools.yaml"];
+                let Err(error) = telemetry::secrets::try_parse_from::<Cli, _, _>(args, SECRETS) else {
+                    panic!("{flag} accepted on the command line");
+                };
+                assert!(
+                    error
+                        .to_string()
+                        .contains(&format!("set {variable} in the environment")),
+                    "{error}"
+                );
+            }
+        }
+    }
 
     /// rbac.yaml says to add --all-namespaces to the shipped controller,
     /// whose pod sets CONTROLLER_NAMESPACE: the two must go together.

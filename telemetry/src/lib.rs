@@ -1,5 +1,8 @@
 //! Logging and metrics set-up shared by backlog's binaries, so the api, the
-//! workers and the controller log the same shape and serve `/metrics` alike.
+//! workers and the controller log the same shape and serve `/metrics` alike;
+//! [`secrets`] keeps their secrets off the command line.
+
+pub mod secrets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -15,6 +15,10 @@ use crate::metrics::WorkerMetrics;
 use crate::pipelines::pdf;
 use crate::runtime::{self, replica_identity, RuntimeConfig};
 
+/// Arguments that carry a secret: taken from their environment variable
+/// only (see `telemetry::secrets`).
+pub const SECRETS: &[&str] = &["database_url"];
+
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -57,7 +61,7 @@ pub struct WorkerArgs {
 const SCHEMA_POLL: Duration = Duration::from_secs(2);
 
 pub fn main(default_types: &[TaskType]) -> anyhow::Result<()> {
-    let mut args = WorkerArgs::parse();
+    let mut args: WorkerArgs = telemetry::secrets::parse(SECRETS);
     if args.task_types.is_empty() {
         args.task_types = default_types.to_vec();
     }
@@ -132,5 +136,20 @@ async fn exit_on_signals(shutdown: CancellationToken) {
             tracing::warn!("second signal: exiting without draining");
             std::process::exit(130);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_url_is_refused_on_the_command_line() {
+        let args = ["text-worker", "--database-url", "postgres://u:pw@db/x"];
+        let error = telemetry::secrets::try_parse_from::<WorkerArgs, _, _>(args, SECRETS).unwrap_err();
+        assert!(
+            error.to_string().contains("set DATABASE_URL in the environment"),
+            "{error}"
+        );
     }
 }
