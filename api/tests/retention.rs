@@ -51,6 +51,14 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
             q.complete("w", task.lease(), json!({})).await.unwrap();
         }
         keys.push(key);
+        // An earlier attempt stored bytes and stopped before recording
+        // them (killed, its lease lost): nothing names them but the job.
+        let orphan = format!("{}text-0.0.md", queue::artifact_prefix(job.id));
+        artifacts
+            .put(&orphan, Bytes::from_static(b"# earlier"), "text/markdown")
+            .await
+            .unwrap();
+        keys.push(orphan);
     }
 
     let pruned = q
@@ -74,7 +82,11 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
         "the pruned job's bytes are gone"
     );
     assert!(
-        dir.path().join(&keys[1]).exists(),
+        !dir.path().join(&keys[1]).exists(),
+        "and so are the bytes an attempt stored and never recorded"
+    );
+    assert!(
+        dir.path().join(&keys[2]).exists() && dir.path().join(&keys[3]).exists(),
         "the running job's bytes are kept"
     );
     assert!(

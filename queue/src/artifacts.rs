@@ -8,6 +8,14 @@ use crate::error::{QueueError, Result};
 use crate::model::Lease;
 use crate::Queue;
 
+/// Where every object of a job's artifacts is stored, whatever the attempt:
+/// the store puts them under it, and retention deletes all of it, bytes
+/// written and never recorded included (an attempt that stopped between
+/// storing and recording them).
+pub fn artifact_prefix(job_id: Uuid) -> String {
+    format!("jobs/{job_id}/")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactKind {

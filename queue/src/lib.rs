@@ -26,7 +26,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use artifacts::{Artifact, ArtifactKind, NewArtifact};
+pub use artifacts::{artifact_prefix, Artifact, ArtifactKind, NewArtifact};
 pub use depth::TaskDepth;
 pub use error::{QueueError, Result};
 pub use events::{JobStatusEvent, JobStatusNotifications, JOB_STATUS_CHANNEL};

@@ -181,8 +181,13 @@ impl Queue {
                            AND status IN ('complete', 'failed', 'cancelled')
                          LIMIT $2 FOR UPDATE SKIP LOCKED
                      ), bytes AS (
+                         -- The recorded objects, and the job's whole prefix
+                         -- (`artifact_prefix`): bytes stored by an attempt
+                         -- that stopped before recording them go too.
                          INSERT INTO artifact_deletions (storage_key)
                          SELECT a.storage_key FROM artifacts a JOIN doomed d ON d.id = a.job_id
+                         UNION ALL
+                         SELECT 'jobs/' || d.id::text || '/' FROM doomed d
                          ON CONFLICT (storage_key) DO NOTHING
                      ), tasks AS (
                          DELETE FROM job_tasks WHERE job_id IN (SELECT id FROM doomed)

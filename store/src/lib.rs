@@ -96,7 +96,8 @@ pub fn artifact_key(job_id: Uuid, kind: ArtifactKind, lease: Lease) -> String {
         ArtifactKind::Audio => "mp3",
     };
     format!(
-        "jobs/{job_id}/{}-{}.{}.{extension}",
+        "{}{}-{}.{}.{extension}",
+        queue::artifact_prefix(job_id),
         kind.as_str(),
         lease.task_id,
         lease.claim
@@ -280,10 +281,27 @@ impl ArtifactStore {
             .size)
     }
 
-    /// Remove the object; removing one that is already gone succeeds, so
-    /// retention can be re-run after a crash.
+    /// Remove the object, or with a key ending in `/` every object under
+    /// that prefix; removing what is already gone succeeds, so retention
+    /// can be re-run after a crash.
     pub async fn delete(&self, key: &str) -> Result<()> {
-        match self.inner.delete(&object_path(key)?).await {
+        if let Some(prefix) = key.strip_suffix('/') {
+            let prefix = object_path(prefix)?;
+            let mut listed = self.inner.list(Some(&prefix));
+            while let Some(object) = listed.next().await {
+                match object {
+                    Ok(object) => self.delete_object(&object.location).await?,
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            return Ok(());
+        }
+        self.delete_object(&object_path(key)?).await
+    }
+
+    async fn delete_object(&self, path: &Path) -> Result<()> {
+        match self.inner.delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
