@@ -551,7 +551,9 @@ function renderJob(main, id) {
   }
 
   // Drawn by patch(), so what a refresh did not change stays as it is.
-  const title = h("div", {});
+  // Focusable from script only: where focus goes when the button that had
+  // it is gone. The block stays; refreshes patch what is inside it.
+  const title = h("div", { id: "job-title", tabindex: "-1" });
   const actions = h("div", { class: "actions" });
   head.append(title, h("div", { class: "actions" }, live, actions));
 
@@ -613,11 +615,9 @@ function renderJob(main, id) {
     busy = false;
     await refresh();
     // The button pressed may be gone (a cancelled job has no Cancel): keep
-    // keyboard focus on the page, at its heading, not lost to <body>.
-    if (!document.activeElement || document.activeElement === document.body) {
-      const heading = title.querySelector("h1");
-      if (heading) { heading.tabIndex = -1; heading.focus(); }
-    }
+    // keyboard focus on the page, at its title, not lost to <body>. The
+    // title's block, not its heading: a later refresh may redraw that.
+    if (!document.activeElement || document.activeElement === document.body) title.focus();
     if (!finished) follow();
   }
 

@@ -17,6 +17,21 @@ use serde_json::{json, Value};
 
 /// The binary with the server's URL and a key in its environment, and no
 /// config file of the machine's.
+/// The CLI pointed at `url`, which is not a backlog API, with a key-shaped
+/// key, no config file and `env` besides.
+fn backlog_at(url: &str, env: &[(&str, &str)]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
+    command
+        .env_clear()
+        .env("BACKLOG_URL", url)
+        .env("BACKLOG_KEY", format!("bk_{}", "a".repeat(43)))
+        .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
 fn backlog(server: &TestServer, key: &str) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
     command
@@ -940,27 +955,12 @@ async fn a_server_that_never_answers_is_unreachable_after_the_read_timeout() {
             held.push(socket);
         }
     });
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
-    command
-        .env_clear()
-        .env("BACKLOG_URL", &url)
-        .env("BACKLOG_KEY", format!("bk_{}", "a".repeat(43)))
-        .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
-        .env("BACKLOG_READ_TIMEOUT_SECONDS", "1")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut command = backlog_at(&url, &[("BACKLOG_READ_TIMEOUT_SECONDS", "1")]);
     let (code, _, stderr) = run(&mut command, &["jobs", "list"]).await;
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("could not reach the API"), "{stderr}");
 
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
-    command
-        .env_clear()
-        .env("BACKLOG_URL", &url)
-        .env("BACKLOG_KEY", format!("bk_{}", "a".repeat(43)))
-        .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
-        .env("BACKLOG_READ_TIMEOUT_SECONDS", "soon")
-        .stdin(Stdio::null());
+    let mut command = backlog_at(&url, &[("BACKLOG_READ_TIMEOUT_SECONDS", "soon")]);
     let (code, _, stderr) = run(&mut command, &["jobs", "list"]).await;
     assert_eq!(code, 3, "{stderr}");
     assert!(
@@ -1052,15 +1052,7 @@ async fn a_url_that_is_not_the_api_is_named_as_such() {
 
         let job = uuid::Uuid::now_v7().to_string();
         for args in [&["jobs", "list"][..], &["jobs", "get", &job]] {
-            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backlog"));
-            command
-                .env_clear()
-                .env("BACKLOG_URL", &url)
-                .env("BACKLOG_KEY", format!("bk_{}", "a".repeat(43)))
-                .env("BACKLOG_CONFIG", "/nonexistent/backlog.toml")
-                .stdin(Stdio::null())
-                .kill_on_drop(true);
-            let (code, stdout, stderr) = run(&mut command, args).await;
+            let (code, stdout, stderr) = run(&mut backlog_at(&url, &[]), args).await;
             assert_eq!(code, 3, "{status} {args:?}: {stderr}");
             assert!(stdout.is_empty());
             assert!(

@@ -304,21 +304,8 @@ async fn worker_waiting_for_the_schema(pool: &PgPool, store: &std::path::Path) -
     (worker, log)
 }
 
-/// A worker started before the schema (a first deploy starts everything at
-/// once) waits for it, saying so, then registers and runs once migrated.
-#[sqlx::test(migrations = false)]
-async fn a_worker_started_before_the_schema_waits_for_it(pool: PgPool) {
-    let store = tempfile::tempdir().unwrap();
-    let (mut worker, mut log) = worker_waiting_for_the_schema(&pool, store.path()).await;
-
-    queue::MIGRATOR.run(&pool).await.unwrap();
-    eventually("the worker to register", 1, async || {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM workers WHERE id = 'early'")
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-    })
-    .await;
+/// SIGTERM `worker` (its log read to the end meanwhile): it exits 0 within 30 s.
+async fn stops_cleanly(mut worker: Child, mut log: LogLines) {
     tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
     sigterm(worker.id().unwrap() as libc::pid_t);
     let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
@@ -328,17 +315,29 @@ async fn a_worker_started_before_the_schema_waits_for_it(pool: PgPool) {
     assert!(status.success(), "{status}");
 }
 
+/// A worker started before the schema (a first deploy starts everything at
+/// once) waits for it, saying so, then registers and runs once migrated.
+#[sqlx::test(migrations = false)]
+async fn a_worker_started_before_the_schema_waits_for_it(pool: PgPool) {
+    let store = tempfile::tempdir().unwrap();
+    let (worker, log) = worker_waiting_for_the_schema(&pool, store.path()).await;
+
+    queue::MIGRATOR.run(&pool).await.unwrap();
+    eventually("the worker to register", 1, async || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM workers WHERE id = 'early'")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    stops_cleanly(worker, log).await;
+}
+
 /// Stopped while it waits for the schema (a first deploy rolled back), a
 /// worker exits 0 like any other stop; it used to die by the signal.
 #[sqlx::test(migrations = false)]
 async fn a_worker_stopped_while_waiting_for_the_schema_exits_cleanly(pool: PgPool) {
     let store = tempfile::tempdir().unwrap();
-    let (mut worker, mut log) = worker_waiting_for_the_schema(&pool, store.path()).await;
-    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
-    sigterm(worker.id().unwrap() as libc::pid_t);
-    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
-    assert!(status.success(), "{status}");
+    let (worker, log) = worker_waiting_for_the_schema(&pool, store.path()).await;
+    stops_cleanly(worker, log).await;
 }
