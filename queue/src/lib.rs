@@ -148,13 +148,27 @@ impl Queue {
     /// waits, saying why once, instead of failing on a missing table.
     pub async fn wait_for_schema(&self, interval: std::time::Duration) -> Result<()> {
         let mut said = false;
-        while !self.is_ready().await? {
-            if !said {
-                tracing::warn!(
-                    "the database lacks backlog's schema or some of its migrations: waiting for \
-                    `api migrate` (or `api serve --migrate`) to apply them"
-                );
-                said = true;
+        let mut said_unreachable = false;
+        loop {
+            match self.is_ready().await {
+                Ok(true) => break,
+                Ok(false) if !said => {
+                    tracing::warn!(
+                        "the database lacks backlog's schema or some of its migrations: waiting for \
+                        `api migrate` (or `api serve --migrate`) to apply them"
+                    );
+                    said = true;
+                }
+                Ok(false) => {}
+                // A restart ends the connection or refuses new ones for a
+                // moment: wait it out, as for the schema itself.
+                Err(QueueError::Database(e)) if is_transient(&e) => {
+                    if !said_unreachable {
+                        tracing::warn!(error = %e, "the database cannot be reached while waiting for the schema; retrying");
+                        said_unreachable = true;
+                    }
+                }
+                Err(e) => return Err(e),
             }
             tokio::time::sleep(interval).await;
         }

@@ -662,3 +662,45 @@ async fn the_default_backoff_starts_at_two_seconds_and_stops_growing_at_ten_minu
         );
     }
 }
+
+/// Waiting for the schema rides out a connection the server ends, as a
+/// database restart does ("terminating connection due to administrator
+/// command"): `make chaos` saw two workers started during a restart exit
+/// on it instead of waiting.
+#[sqlx::test(migrations = false)]
+async fn waiting_for_the_schema_outlasts_a_connection_the_server_ended(pool: PgPool) {
+    // One connection, reused without a check: the ended one is met.
+    let waiting_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect_with(
+            (*pool.connect_options())
+                .clone()
+                .application_name("schema-waiter"),
+        )
+        .await
+        .unwrap();
+    let q = queue::Queue::new(waiting_pool);
+    assert!(!q.is_ready().await.unwrap(), "no schema yet");
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'schema-waiter'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(ended, [true]);
+
+    let waiting = tokio::spawn(async move { q.wait_for_schema(std::time::Duration::from_millis(50)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "it gave up on the ended connection: {:?}",
+        waiting.await
+    );
+    queue::MIGRATOR.run(&pool).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("the schema was seen")
+        .unwrap()
+        .unwrap();
+}
