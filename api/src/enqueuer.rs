@@ -88,10 +88,10 @@ async fn write_group(queue: &Queue, group: Vec<(NewJob, Reply)>) {
             // every job without an idempotency key would exist twice. Each
             // request gets the error, as a request of its own would, and its
             // client decides (a key makes the retry safe).
-            Err(error) if may_have_written(&error) => {
+            Err(QueueError::Database(error)) if may_have_written(&error) => {
                 tracing::warn!(%error, jobs = jobs.len(), "group enqueue failed with its outcome unknown");
                 for reply in replies {
-                    let _ = reply.send(Err(same_error(&error)));
+                    let _ = reply.send(Err(outcome_unknown(&error)));
                 }
                 return;
             }
@@ -112,24 +112,19 @@ async fn write_group(queue: &Queue, group: Vec<(NewJob, Reply)>) {
 /// lost (or a pooled one broken) with the statement sent. The database's
 /// own refusals roll the statement back, and a connection never acquired
 /// sent nothing.
-fn may_have_written(error: &QueueError) -> bool {
-    match error {
-        QueueError::Database(e) => !matches!(
-            e,
-            sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-        ),
-        _ => false,
-    }
+fn may_have_written(error: &sqlx::Error) -> bool {
+    !matches!(
+        error,
+        sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+    )
 }
 
-/// The group's error, for each of its requests (errors are not `Clone`).
-fn same_error(error: &QueueError) -> QueueError {
-    let QueueError::Database(e) = error else {
-        return QueueError::Database(sqlx::Error::Protocol(error.to_string()));
-    };
-    let kind = match e {
+/// The group's error, for each of its requests (errors are not `Clone`): a
+/// connection error, which the API answers with 503.
+fn outcome_unknown(error: &sqlx::Error) -> QueueError {
+    let kind = match error {
         sqlx::Error::Io(io) => io.kind(),
         _ => std::io::ErrorKind::ConnectionAborted,
     };
-    QueueError::Database(sqlx::Error::Io(std::io::Error::new(kind, e.to_string())))
+    QueueError::Database(sqlx::Error::Io(std::io::Error::new(kind, error.to_string())))
 }

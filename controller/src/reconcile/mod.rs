@@ -29,7 +29,7 @@ pub use election::{AdvisoryLock, Election};
 pub use error::PassError;
 pub use plan::{plan, PlanReport};
 pub use run::{run, run_elected, LoopSettings};
-pub use source::{ManifestSource, PoolSource, RejectedPool};
+pub use source::{ManifestSource, PoolSource};
 
 use crate::backend::Backend;
 use crate::manifest::LoadedPool;
@@ -223,12 +223,13 @@ impl<B: Backend + 'static> Reconciler<B> {
     /// The pools the source turned away: no pass runs for them, and
     /// `/metrics` says `Ready=False` (the alert on a pool not Ready covers
     /// a spec edited into an invalid one, which stops its scaling). A name
-    /// an admitted pool also has (another namespace's) stays that pool's.
-    pub fn set_rejected(&mut self, pools: &[LoadedPool], rejected: &[RejectedPool]) {
+    /// an admitted pool also has (a duplicate document, another namespace's
+    /// pool) stays that pool's.
+    pub fn set_rejected(&mut self, pools: &[LoadedPool], rejected: &[String]) {
         self.rejected = rejected
             .iter()
-            .filter(|r| !pools.iter().any(|p| p.name() == r.name))
-            .map(|r| r.name.clone())
+            .filter(|name| !pools.iter().any(|p| p.name() == name.as_str()))
+            .cloned()
             .collect();
         if self.leadership.is_held() {
             for name in &self.rejected {

@@ -14,16 +14,8 @@ pub struct ManifestSource {
     path: PathBuf,
     stamp: Option<Vec<(PathBuf, SystemTime)>>,
     pools: Vec<LoadedPool>,
-    rejected: Vec<RejectedPool>,
-}
-
-/// A pool its source turned away (an invalid spec, a task type another
-/// pool serves), by name: no pass runs for it, and `/metrics` reports it
-/// `Ready=False` so the alert on that fires.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RejectedPool {
-    pub name: String,
-    pub message: String,
+    /// Names of the pools the last load turned away.
+    rejected: Vec<String>,
 }
 
 impl ManifestSource {
@@ -47,18 +39,11 @@ impl ManifestSource {
             }
             let names: Vec<&str> = loaded.pools.iter().map(|p| p.name()).collect();
             tracing::info!(path = %self.path.display(), pools = ?names, "loaded WorkerPools");
-            // A document without a name cannot be reported as a pool; one
-            // named like a loaded pool (a duplicate) is that pool's.
+            // A document without a name cannot be reported as a pool.
             self.rejected = loaded
                 .errors
                 .iter()
-                .filter_map(|error| {
-                    let name = error.location()?.name.clone()?;
-                    (!names.contains(&name.as_str())).then(|| RejectedPool {
-                        name,
-                        message: error.to_string(),
-                    })
-                })
+                .filter_map(|error| error.location()?.name.clone())
                 .collect();
             self.pools = loaded.pools;
             self.stamp = Some(stamp);
@@ -89,8 +74,10 @@ pub trait PoolSource: Send {
     /// The pools to reconcile now.
     fn load(&mut self) -> impl Future<Output = Vec<LoadedPool>> + Send;
 
-    /// The pools the last `load` turned away.
-    fn rejected(&self) -> Vec<RejectedPool>;
+    /// Names of the pools the last `load` turned away (an invalid spec, a
+    /// task type another pool serves): no pass runs for them, and
+    /// `/metrics` reports them `Ready=False` so the alert on that fires.
+    fn rejected(&self) -> Vec<String>;
 
     /// Resolves when the pools changed, so a pass should run now. Sources
     /// re-read on every pass never resolve.
@@ -104,7 +91,7 @@ impl PoolSource for ManifestSource {
         self.pools().to_vec()
     }
 
-    fn rejected(&self) -> Vec<RejectedPool> {
+    fn rejected(&self) -> Vec<String> {
         self.rejected.clone()
     }
 }
