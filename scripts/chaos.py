@@ -765,10 +765,10 @@ class Harness:
     def unfinished(self):
         """Open jobs, all jobs, and tasks that can still move."""
         rows = self.cluster.query(
-            f"SELECT (SELECT count(*) FILTER (WHERE status IN ('queued', 'processing')) FROM jobs "
+            f"SELECT (SELECT count(*) FILTER (WHERE status IN ('queued', 'processing')) FROM all_jobs "
             f"        WHERE tenant = '{TENANT}'), "
-            f"       (SELECT count(*) FROM jobs WHERE tenant = '{TENANT}'), "
-            f"       (SELECT count(*) FROM job_tasks WHERE status IN ('pending', 'claimed', 'processing'))")
+            f"       (SELECT count(*) FROM all_jobs WHERE tenant = '{TENANT}'), "
+            f"       (SELECT count(*) FROM all_tasks WHERE status IN ('pending', 'claimed', 'processing'))")
         return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
 
     def settle(self):
@@ -851,7 +851,7 @@ class Harness:
             bad("submit_failed", f"{idem}: {err}")
         # Jobs: one per key, every one complete.
         jobs = self.cluster.query(
-            f"SELECT id, idempotency_key, job_type, status FROM jobs WHERE tenant = '{TENANT}'")
+            f"SELECT id, idempotency_key, job_type, status FROM all_jobs WHERE tenant = '{TENANT}'")
         by_key = {}
         for job_id, idem, job_type, status in jobs:
             by_key.setdefault(idem, []).append((job_id, job_type, status))
@@ -875,7 +875,7 @@ class Harness:
         self.figures["job_status"] = status_counts
         span = self.cluster.query(
             f"SELECT coalesce(round(extract(epoch FROM max(finished_at) - min(created_at)))::int, 0) "
-            f"FROM jobs WHERE tenant = '{TENANT}'")
+            f"FROM all_jobs WHERE tenant = '{TENANT}'")
         self.figures["work_seconds"] = int(span[0][0])
         job_type = {row[0]: row[2] for row in jobs}
 
@@ -886,7 +886,7 @@ class Harness:
         # Tasks: the expected ones, complete.
         tasks = self.cluster.query(
             f"SELECT t.id, t.job_id, t.task_type, t.status, t.attempts, coalesce(t.claimed_by, ''), "
-            f"coalesce(t.last_error, '') FROM job_tasks t JOIN jobs j ON j.id = t.job_id "
+            f"coalesce(t.last_error, '') FROM all_tasks t JOIN all_jobs j ON j.id = t.job_id "
             f"WHERE j.tenant = '{TENANT}'")
         per_job = {}
         attempts = []
@@ -908,7 +908,7 @@ class Harness:
         # Artifacts: one per expected (job, kind), matching the store's bytes.
         arts = self.cluster.query(
             f"SELECT a.job_id, a.kind, a.storage_key, a.bytes, a.sha256 FROM artifacts a "
-            f"JOIN jobs j ON j.id = a.job_id WHERE j.tenant = '{TENANT}'")
+            f"JOIN all_jobs j ON j.id = a.job_id WHERE j.tenant = '{TENANT}'")
         have = {}
         for job_id, kind, key, size, sha in arts:
             have.setdefault(job_id, []).append(kind)

@@ -95,7 +95,7 @@ fuzz() {
 }
 
 counts() {
-  psql "$DATABASE_URL" -Atc "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM job_tasks),
+  psql "$DATABASE_URL" -Atc "SELECT (SELECT count(*) FROM all_jobs), (SELECT count(*) FROM all_tasks),
                                     (SELECT count(*) FROM artifacts), (SELECT count(*) FROM api_keys)"
 }
 
@@ -118,7 +118,7 @@ FUZZ_CONFIG="$work/invalid-only.toml" fuzz invalid-writes --mode negative --phas
 after=$(counts)
 if [ "$before" != "$after" ]; then
   say "invalid requests wrote rows: jobs|tasks|artifacts|keys $before -> $after; the jobs:"
-  psql "$DATABASE_URL" -Atc "SELECT job_type, priority, idempotency_key, input FROM jobs" >&2
+  psql "$DATABASE_URL" -Atc "SELECT job_type, priority, idempotency_key, input FROM all_jobs" >&2
   say "the requests answered 2xx (all exchanges: $reports/invalid-writes.har):"
   python3 - "$reports/invalid-writes.har" >&2 <<'PY' || true
 import json, sys

@@ -76,7 +76,7 @@ async fn main() -> Result<()> {
         creates.rate, creates.p50_ms, creates.p99_ms
     );
 
-    let ids: Vec<String> = sqlx::query_scalar("SELECT id::text FROM jobs ORDER BY random() LIMIT 10000")
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id::text FROM all_jobs ORDER BY random() LIMIT 10000")
         .fetch_all(queue.pool())
         .await?;
     if ids.is_empty() {

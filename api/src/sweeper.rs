@@ -1,7 +1,8 @@
 //! The maintenance services, each on its own clock: the sweeper takes
 //! tasks back from dead or overdue workers; the repairer puts right any job
 //! left unfinished after its tasks (it should find none); retention, when
-//! set, prunes old finished jobs; and the cleaner removes the bytes of
+//! set, prunes old finished jobs; the partitioner creates the coming days'
+//! history partitions; and the cleaner removes the bytes of
 //! artifacts nobody records any more (pruned, or replaced by a re-run).
 //! They run side by side, so a slow store (an S3 delete retries for
 //! minutes) never holds up the sweep that rescues tasks. Several API
@@ -46,6 +47,9 @@ pub async fn run(
         )),
         every(settings.repair_interval, &shutdown, || delete_pruned_artifacts(
             queue, &artifacts, metrics
+        )),
+        every(settings.repair_interval, &shutdown, || create_history_partitions(
+            queue, metrics
         )),
         retention,
     );
@@ -108,6 +112,24 @@ pub async fn repair_once(queue: &Queue, metrics: &Metrics) {
         Err(error) => {
             metrics.record_run("repair", false);
             tracing::error!(%error, "repairing stuck jobs failed");
+        }
+    }
+}
+
+/// Create the coming days' history partitions: a job finishing on a day
+/// without one goes to the DEFAULT partition, which retention can only
+/// empty row by row.
+pub async fn create_history_partitions(queue: &Queue, metrics: &Metrics) {
+    match queue.create_history_partitions().await {
+        Ok(created) => {
+            metrics.record_run("partitions", true);
+            if !created.is_empty() {
+                tracing::info!(days = ?created, "created history partitions");
+            }
+        }
+        Err(error) => {
+            metrics.record_run("partitions", false);
+            tracing::error!(%error, "creating history partitions failed");
         }
     }
 }

@@ -417,7 +417,7 @@ async fn the_queue_refuses_nul_characters_from_any_caller(pool: sqlx::PgPool) {
         queue.api_keys(Some("\u{0}")).await,
         Err(queue::QueueError::InvalidInput { ref field, .. }) if field == "tenant"
     ));
-    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM all_jobs")
         .fetch_one(queue.pool())
         .await
         .unwrap();

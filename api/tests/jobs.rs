@@ -150,7 +150,7 @@ async fn a_group_whose_answer_was_lost_is_not_written_twice(pool: sqlx::PgPool) 
     let failed = answers.iter().filter(|a| a.is_err()).count();
     assert!(failed > 1, "a whole group failed: {failed}");
     let (rows, prompts): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT input->>'prompt') FROM jobs")
+        sqlx::query_as("SELECT count(*), count(DISTINCT input->>'prompt') FROM all_jobs")
             .fetch_one(&pool)
             .await
             .unwrap();

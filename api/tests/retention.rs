@@ -111,6 +111,7 @@ async fn a_job_left_unfinished_after_its_tasks_is_repaired_and_counted(pool: PgP
     let task = claim_text_task(&q).await;
     q.complete("w", task.lease(), json!({})).await.unwrap();
     // The state a status race used to leave: every task final, the job not.
+    test_support::reopen_in_place(&pool, job.id).await;
     sqlx::query("UPDATE jobs SET status = 'processing', finished_at = NULL WHERE id = $1")
         .bind(job.id)
         .execute(&pool)

@@ -1234,7 +1234,7 @@ async fn fly_machines_running_real_workers_rise_finish_the_queue_and_stop(pool: 
 
     let mut done = false;
     for _ in 0..600 {
-        let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status <> 'complete'")
+        let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM all_tasks WHERE status <> 'complete'")
             .fetch_one(&pool)
             .await
             .unwrap();
@@ -1267,7 +1267,7 @@ async fn fly_machines_running_real_workers_rise_finish_the_queue_and_stop(pool: 
         "no task was interrupted by a scale-down"
     );
     assert!(in_state(&emu, "stopped").len() <= 1, "maxStopped=1");
-    let claimed_by: Vec<String> = sqlx::query_scalar("SELECT DISTINCT claimed_by FROM job_tasks")
+    let claimed_by: Vec<String> = sqlx::query_scalar("SELECT DISTINCT claimed_by FROM all_tasks")
         .fetch_all(&pool)
         .await
         .unwrap();

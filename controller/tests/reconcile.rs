@@ -283,7 +283,7 @@ async fn local_workers_rise_to_the_max_finish_everything_and_go_back_to_zero(poo
     let mut done = false;
     for _ in 0..600 {
         most_replicas = most_replicas.max(q.workers(Some("text")).await.unwrap().len());
-        let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status <> 'complete'")
+        let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM all_tasks WHERE status <> 'complete'")
             .fetch_one(&pool)
             .await
             .unwrap();
@@ -585,7 +585,7 @@ async fn a_pool_of_one_whose_only_worker_was_left_draining_works_again(pool: PgP
     enqueue_jobs(&q, JobType::Text, 5).await;
     let mut unfinished: i64 = -1;
     for _ in 0..600 {
-        unfinished = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status <> 'complete'")
+        unfinished = sqlx::query_scalar("SELECT count(*) FROM all_tasks WHERE status <> 'complete'")
             .fetch_one(&pool)
             .await
             .unwrap();

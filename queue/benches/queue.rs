@@ -156,6 +156,22 @@ async fn main() -> Result<()> {
         }),
     );
 
+    // Retention of a day of history, a small day and a large one.
+    let days = time_day_retention(&admin, &q).await?;
+    for day in &days {
+        println!(
+            "retention of a day of history ({} jobs, each with a task and an artifact record): {:.0} ms",
+            day.jobs, day.ms
+        );
+    }
+    report.insert(
+        "retention_day_ms".into(),
+        json!(days
+            .iter()
+            .map(|d| json!({"jobs": d.jobs, "ms": d.ms.round()}))
+            .collect::<Vec<_>>()),
+    );
+
     // Reference 1: pgbench running the same batched claim+complete in raw SQL.
     reset(&admin).await?;
     let ceiling = pgbench_ceiling(&url, &admin).await?;
@@ -212,13 +228,15 @@ fn round2(x: f64) -> f64 {
 
 /// Empty the tables and reclaim space, so each phase starts alike.
 async fn reset(pool: &PgPool) -> Result<()> {
-    sqlx::query("TRUNCATE jobs, job_tasks, artifacts, workers, jobs_archive")
+    sqlx::query(
+        "TRUNCATE jobs, job_tasks, job_history, task_history, job_keys, artifacts, artifact_deletions, workers, jobs_archive",
+    )
         .execute(pool)
         .await?;
     sqlx::query("DROP TABLE IF EXISTS bench_raw")
         .execute(pool)
         .await?;
-    sqlx::query("VACUUM ANALYZE jobs, job_tasks")
+    sqlx::query("VACUUM ANALYZE jobs, job_tasks, job_history, task_history")
         .execute(pool)
         .await?;
     Ok(())
@@ -454,7 +472,7 @@ async fn with_and_without_history(
         .bind(Rows::Backlog.tenant())
         .execute(admin)
         .await?;
-    sqlx::query("VACUUM ANALYZE jobs, job_tasks")
+    sqlx::query("VACUUM ANALYZE jobs, job_tasks, job_history, task_history")
         .execute(admin)
         .await?;
     // Each round's finished tasks join the history.
@@ -474,9 +492,19 @@ async fn with_and_without_history(
 /// `count` jobs of one task each, ids UUIDv7 as the queue's own, created
 /// `offset` milliseconds on from their kind's start so steps do not overlap.
 async fn add_rows(admin: &PgPool, rows: Rows, count: u64, offset: u64) -> Result<()> {
-    sqlx::query(
+    // Finished jobs live in history; the task ids come from the tasks' own
+    // sequence, as a finished task's did.
+    let (jobs, tasks, task_id) = match rows {
+        Rows::History => (
+            "job_history",
+            "task_history (id, ",
+            "nextval(pg_get_serial_sequence('job_tasks', 'id')), ",
+        ),
+        Rows::Backlog => ("jobs", "job_tasks (", ""),
+    };
+    sqlx::query(&format!(
         "WITH j AS (
-             INSERT INTO jobs (id, tenant, job_type, status, input, finished_at)
+             INSERT INTO {jobs} (id, tenant, job_type, status, input, finished_at)
              SELECT overlay(uuid_v7_floor(s.at + g * interval '1 millisecond')::text
                             PLACING substr(md5(random()::text), 1, 12) FROM 25)::uuid,
                     $1, 'text', s.status, '{}', CASE WHEN s.status = 'complete' THEN s.at END
@@ -486,12 +514,12 @@ async fn add_rows(admin: &PgPool, rows: Rows, count: u64, offset: u64) -> Result
                   generate_series(1, $2) g
              RETURNING id, status, finished_at
          )
-         INSERT INTO job_tasks (job_id, task_type, status, finished_at, run_at)
-         SELECT id, (ARRAY['text_generation','pdf_generation','audio_generation'])[1 + (random() * 2)::int],
+         INSERT INTO {tasks}job_id, task_type, status, finished_at, run_at)
+         SELECT {task_id}id, (ARRAY['text_generation','pdf_generation','audio_generation'])[1 + (random() * 2)::int],
                 CASE WHEN status = 'complete' THEN 'complete' ELSE 'pending' END,
                 finished_at, now() - random() * interval '10 minutes'
-         FROM j",
-    )
+         FROM j"
+    ))
     .bind(rows.tenant())
     .bind(count as i64)
     .bind(offset as i64)
@@ -501,8 +529,86 @@ async fn add_rows(admin: &PgPool, rows: Rows, count: u64, offset: u64) -> Result
     Ok(())
 }
 
+struct DayRetention {
+    jobs: u64,
+    ms: f64,
+}
+
+/// Jobs in each timed day of history: the second ten times the first, so
+/// the two times show whether a day's removal grows with its size.
+const RETENTION_DAYS_JOBS: [u64; 2] = [50_000, 500_000];
+
+/// Retention of whole days of history: history laid out as a database
+/// migrated twenty days ago has it (a partition per day since), a day ten
+/// and one nine days back filled with finished jobs (a task and an artifact
+/// record each), and `Queue::prune` timed as each day passes the age.
+async fn time_day_retention(admin: &PgPool, q: &Queue) -> Result<Vec<DayRetention>> {
+    reset(admin).await?;
+    for sql in [
+        "ALTER TABLE job_history DETACH PARTITION job_history_before",
+        "ALTER TABLE task_history DETACH PARTITION task_history_before",
+        "DROP TABLE job_history_before, task_history_before",
+        "CREATE TABLE job_history_before PARTITION OF job_history
+         FOR VALUES FROM (MINVALUE) TO (uuid_v7_floor((current_date - 20)::timestamp AT TIME ZONE 'UTC'))",
+        "CREATE TABLE task_history_before PARTITION OF task_history
+         FOR VALUES FROM (MINVALUE) TO (uuid_v7_floor((current_date - 20)::timestamp AT TIME ZONE 'UTC'))",
+        "SELECT create_history_partitions(current_date - 20, 20)",
+    ] {
+        sqlx::query(sql).execute(admin).await?;
+    }
+    for (days_back, jobs) in [10, 9].into_iter().zip(RETENTION_DAYS_JOBS) {
+        sqlx::query(
+            "WITH j AS (
+                 INSERT INTO job_history (id, tenant, job_type, status, input, finished_at)
+                 SELECT overlay(uuid_v7_floor(d.at + g * d.step)::text
+                                PLACING substr(md5(random()::text), 1, 12) FROM 25)::uuid,
+                        'bench-retention', 'text', 'complete', '{}', d.at + g * d.step
+                 FROM (SELECT (current_date - $1)::timestamp AT TIME ZONE 'UTC' AS at,
+                              interval '1 day' / ($2 + 1) AS step) d,
+                      generate_series(1, $2) g
+                 RETURNING id, finished_at
+             ), t AS (
+                 INSERT INTO task_history (id, job_id, task_type, status, finished_at)
+                 SELECT nextval(pg_get_serial_sequence('job_tasks', 'id')), id, 'text_generation', 'complete',
+                        finished_at
+                 FROM j
+                 RETURNING id, job_id
+             )
+             INSERT INTO artifacts (id, job_id, task_id, kind, content_type, storage_key, bytes, sha256)
+             SELECT gen_random_uuid(), job_id, id, 'text', 'text/markdown',
+                    'jobs/' || job_id || '/text.md', 1, repeat('0', 64)
+             FROM t",
+        )
+        .bind(days_back)
+        .bind(jobs as i64)
+        .execute(admin)
+        .await?;
+    }
+    sqlx::query("VACUUM ANALYZE job_history, task_history, artifacts")
+        .execute(admin)
+        .await?;
+    let mut figures = Vec::new();
+    // The ten-day-old day passes an age of nine days, the other one of eight.
+    for (age_days, jobs) in [9, 8].into_iter().zip(RETENTION_DAYS_JOBS) {
+        let started = Instant::now();
+        let removed = q
+            .prune(queue::Retention {
+                older_than: Duration::from_secs(age_days * 86_400),
+                mode: queue::RetentionMode::Delete,
+                batch: 1_000,
+            })
+            .await?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        if removed != jobs {
+            bail!("retention at {age_days} days removed {removed} jobs, expected the day's {jobs}");
+        }
+        figures.push(DayRetention { jobs, ms });
+    }
+    Ok(figures)
+}
+
 async fn time_depth(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
-    sqlx::query("VACUUM ANALYZE jobs, job_tasks")
+    sqlx::query("VACUUM ANALYZE jobs, job_tasks, job_history, task_history")
         .execute(admin)
         .await?;
     let mut times = Vec::new();

@@ -154,7 +154,7 @@ impl Queue {
     /// the text task's). `None` until that task completed.
     pub async fn completed_artifact(&self, job_id: Uuid, kind: ArtifactKind) -> Result<Option<Artifact>> {
         Ok(sqlx::query_as(
-            "SELECT a.* FROM artifacts a JOIN job_tasks t ON t.id = a.task_id
+            "SELECT a.* FROM artifacts a JOIN all_tasks t ON t.job_id = a.job_id AND t.id = a.task_id
              WHERE a.job_id = $1 AND a.kind = $2 AND t.status = 'complete'",
         )
         .bind(job_id)
@@ -167,7 +167,7 @@ impl Queue {
     /// retried task's artifact may still be replaced).
     pub async fn artifacts_of(&self, job_id: Uuid) -> Result<Vec<Artifact>> {
         Ok(sqlx::query_as(
-            "SELECT a.* FROM artifacts a JOIN job_tasks t ON t.id = a.task_id
+            "SELECT a.* FROM artifacts a JOIN all_tasks t ON t.job_id = a.job_id AND t.id = a.task_id
              WHERE a.job_id = $1 AND t.status = 'complete' ORDER BY a.kind",
         )
         .bind(job_id)
@@ -179,8 +179,8 @@ impl Queue {
     /// tenant's, or one whose task has not completed) is not found.
     pub async fn artifact(&self, tenant: &str, job_id: Uuid, artifact_id: Uuid) -> Result<Option<Artifact>> {
         Ok(sqlx::query_as(
-            "SELECT a.* FROM artifacts a JOIN jobs j ON j.id = a.job_id
-             JOIN job_tasks t ON t.id = a.task_id
+            "SELECT a.* FROM artifacts a JOIN all_jobs j ON j.id = a.job_id
+             JOIN all_tasks t ON t.job_id = a.job_id AND t.id = a.task_id
              WHERE a.id = $1 AND a.job_id = $2 AND j.tenant = $3 AND t.status = 'complete'",
         )
         .bind(artifact_id)

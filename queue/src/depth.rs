@@ -48,7 +48,8 @@ impl TaskDepth {
 }
 
 /// One statement; per task type, each figure is an index range of the
-/// partial indexes over active tasks (and recent completions), read up to
+/// partial indexes over open tasks (and, for the last minute's completions,
+/// of the completed-task index of each history partition), read up to
 /// `$2` rows. Its cost follows the active set, never the history, and is
 /// bounded even when the backlog is huge: counting 100,000 pending rows
 /// exactly cost ~17 ms here, counting to the cap a few ms.
@@ -69,7 +70,7 @@ SELECT tt.task_type,
     coalesce((SELECT extract(epoch FROM now() - min(t.run_at)) FROM job_tasks t
         WHERE t.task_type = tt.task_type AND t.status = 'pending' AND t.waiting_on = 0 AND t.run_at <= now()),
         0)::float8 AS oldest,
-    (SELECT count(*) FROM (SELECT FROM job_tasks t
+    (SELECT count(*) FROM (SELECT FROM all_tasks t
         WHERE t.task_type = tt.task_type AND t.status = 'complete' AND t.finished_at > now() - interval '1 minute'
         LIMIT $2) c) AS completed,
     (SELECT extract(epoch FROM min(t.run_at) - now()) FROM job_tasks t

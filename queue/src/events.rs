@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
-use crate::error::{QueueError, Result};
+use crate::error::Result;
 use crate::model::Job;
 use crate::Queue;
 
@@ -44,12 +44,7 @@ impl Queue {
     /// read, and every later one sees the watch and notifies.
     pub async fn watch_job(&self, tenant: &str, job_id: Uuid, stream: Uuid, ttl: Duration) -> Result<Job> {
         let mut tx = self.pool.begin().await?;
-        let job: Job = sqlx::query_as("SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR SHARE")
-            .bind(job_id)
-            .bind(tenant)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(QueueError::JobNotFound(job_id))?;
+        let job = crate::jobs::locked_job(&mut tx, tenant, job_id, crate::jobs::RowLock::Share).await?;
         sqlx::query(
             "INSERT INTO job_watches (job_id, stream, expires_at)
              VALUES ($1, $2, now() + make_interval(secs => $3))

@@ -180,10 +180,19 @@ impl Queue {
         };
         let insert = sqlx::query_as(
             r#"
-            WITH inserted AS (
+            WITH keyed AS (
+                -- A key is held in job_keys, across open and finished jobs;
+                -- a job whose key is taken is not inserted.
+                INSERT INTO job_keys (tenant, idempotency_key, job_id)
+                SELECT k.tenant, k.key, k.id FROM unnest($1::uuid[], $2::text[], $6::text[]) AS k(id, tenant, key)
+                WHERE k.key IS NOT NULL
+                ON CONFLICT (tenant, idempotency_key) DO NOTHING
+                RETURNING job_id
+            ), inserted AS (
                 INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key, tasks_total)
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::text[], $13::int[])
-                ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                              AS n(id, tenant, job_type, input, priority, idempotency_key, tasks_total)
+                WHERE n.idempotency_key IS NULL OR n.id IN (SELECT job_id FROM keyed)
                 RETURNING *
             ), tasks AS (
                 INSERT INTO job_tasks (job_id, task_type, dependencies, waiting_on, priority, max_attempts,
@@ -232,10 +241,11 @@ impl Queue {
             // asking for other attempts is a different job.
             let rows: Vec<Existing> = sqlx::query_as(
                 "SELECT j.*,
-                        (SELECT t.max_attempts FROM job_tasks t WHERE t.job_id = j.id
+                        (SELECT t.max_attempts FROM all_tasks t WHERE t.job_id = j.id
                          ORDER BY t.id LIMIT 1) AS task_max_attempts
-                 FROM jobs j JOIN unnest($1::text[], $2::text[]) AS k(tenant, key)
-                 ON j.tenant = k.tenant AND j.idempotency_key = k.key",
+                 FROM job_keys k JOIN unnest($1::text[], $2::text[]) AS u(tenant, key)
+                      ON k.tenant = u.tenant AND k.idempotency_key = u.key
+                 JOIN all_jobs j ON j.id = k.job_id",
             )
             .bind(
                 missing
@@ -303,7 +313,7 @@ impl Queue {
             .collect();
         let stored: Vec<i64> = sqlx::query_scalar(
             "SELECT k.ord FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(tenant, key, ord)
-             WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.tenant = k.tenant AND j.idempotency_key = k.key)",
+             WHERE EXISTS (SELECT 1 FROM job_keys j WHERE j.tenant = k.tenant AND j.idempotency_key = k.key)",
         )
         .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
         .bind(keys.iter().map(|k| k.2).collect::<Vec<_>>())
@@ -462,7 +472,7 @@ impl Queue {
 
     /// A tenant's job; another tenant's job is not found.
     pub async fn job(&self, tenant: &str, id: Uuid) -> Result<Job> {
-        sqlx::query_as("SELECT * FROM jobs WHERE id = $1 AND tenant = $2")
+        sqlx::query_as("SELECT * FROM all_jobs WHERE id = $1 AND tenant = $2")
             .bind(id)
             .bind(tenant)
             .fetch_optional(&self.pool)
@@ -472,7 +482,7 @@ impl Queue {
 
     /// A job with its tasks, regardless of tenant (workers and operators).
     pub async fn job_by_id(&self, id: Uuid) -> Result<Job> {
-        sqlx::query_as("SELECT * FROM jobs WHERE id = $1")
+        sqlx::query_as("SELECT * FROM all_jobs WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -488,7 +498,7 @@ impl Queue {
 
     pub async fn tasks_of(&self, job_id: Uuid) -> Result<Vec<Task>> {
         Ok(
-            sqlx::query_as("SELECT * FROM job_tasks WHERE job_id = $1 ORDER BY id")
+            sqlx::query_as("SELECT * FROM all_tasks WHERE job_id = $1 ORDER BY id")
                 .bind(job_id)
                 .fetch_all(&self.pool)
                 .await?,
@@ -504,7 +514,7 @@ impl Queue {
             ));
         }
         let mut jobs: Vec<Job> = sqlx::query_as(
-            "SELECT * FROM jobs
+            "SELECT * FROM all_jobs
              WHERE tenant = $1
                AND ($2::text IS NULL OR status = $2)
                AND ($3::text IS NULL OR job_type = $3)
@@ -541,12 +551,7 @@ impl Queue {
     /// before its tasks, the order every task change follows.
     pub async fn cancel_job(&self, tenant: &str, id: Uuid) -> Result<Job> {
         let mut tx = self.pool.begin().await?;
-        let job: Job = sqlx::query_as("SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR NO KEY UPDATE")
-            .bind(id)
-            .bind(tenant)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(QueueError::JobNotFound(id))?;
+        let job = locked_job(&mut tx, tenant, id, RowLock::NoKeyUpdate).await?;
         match job.status {
             JobStatus::Cancelled => return Ok(job),
             JobStatus::Complete | JobStatus::Failed => {
@@ -573,6 +578,10 @@ impl Queue {
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
+        sqlx::query("SELECT retire_jobs(ARRAY[$1::uuid])")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(job)
     }
@@ -586,7 +595,7 @@ impl Queue {
         // The first task to run again names the line. A retry refused below
         // (the job changed meanwhile) leaves a harmless gap in it.
         let first: Option<(String, i32)> = sqlx::query_as(
-            "SELECT t.task_type, t.priority FROM jobs j JOIN job_tasks t ON t.job_id = j.id
+            "SELECT t.task_type, t.priority FROM all_jobs j JOIN all_tasks t ON t.job_id = j.id
              WHERE j.id = $1 AND j.tenant = $2 AND j.status = 'failed'
                AND t.status IN ('failed', 'cancelled')
              ORDER BY t.id LIMIT 1",
@@ -603,12 +612,7 @@ impl Queue {
             None => None,
         };
         let mut tx = self.pool.begin().await?;
-        let job: Job = sqlx::query_as("SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR NO KEY UPDATE")
-            .bind(id)
-            .bind(tenant)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(QueueError::JobNotFound(id))?;
+        let job = locked_job(&mut tx, tenant, id, RowLock::Update).await?;
         if job.status != JobStatus::Failed {
             return Err(QueueError::InvalidState {
                 job_id: id,
@@ -616,6 +620,20 @@ impl Queue {
                 message: "only a failed job can be retried".into(),
             });
         }
+        // Open again: back from history, with its tasks.
+        sqlx::query(
+            "WITH job AS (
+                 DELETE FROM job_history WHERE id = $1 RETURNING *
+             ), reopened AS (
+                 INSERT INTO jobs SELECT * FROM job
+             ), tasks AS (
+                 DELETE FROM task_history WHERE job_id = $1 RETURNING *
+             )
+             INSERT INTO job_tasks OVERRIDING SYSTEM VALUE SELECT * FROM tasks",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "UPDATE job_tasks d
              SET status = 'pending', attempts = 0, run_at = now(), finished_at = NULL,
@@ -645,6 +663,54 @@ impl Queue {
         tx.commit().await?;
         Ok(job)
     }
+}
+
+/// A row lock taken on a job read with [`locked_job`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RowLock {
+    Share,
+    NoKeyUpdate,
+    Update,
+}
+
+/// A tenant's job, open (`jobs`) or finished (`job_history`), read under a
+/// row lock in `conn`'s transaction; another tenant's job is not found. A
+/// job that moved between the two while this waited for its lock (it
+/// finished, or was retried) is looked for again where it went.
+pub(crate) async fn locked_job(
+    conn: &mut sqlx::PgConnection,
+    tenant: &str,
+    id: Uuid,
+    lock: RowLock,
+) -> Result<Job> {
+    let (open, finished) = match lock {
+        RowLock::Share => (
+            "SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR SHARE",
+            "SELECT * FROM job_history WHERE id = $1 AND tenant = $2 FOR SHARE",
+        ),
+        RowLock::NoKeyUpdate => (
+            "SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR NO KEY UPDATE",
+            "SELECT * FROM job_history WHERE id = $1 AND tenant = $2 FOR NO KEY UPDATE",
+        ),
+        RowLock::Update => (
+            "SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR UPDATE",
+            "SELECT * FROM job_history WHERE id = $1 AND tenant = $2 FOR UPDATE",
+        ),
+    };
+    // Each move is one transaction, so three looks see it settle.
+    for _ in 0..3 {
+        for sql in [open, finished] {
+            let job: Option<Job> = sqlx::query_as(sql)
+                .bind(id)
+                .bind(tenant)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(job) = job {
+                return Ok(job);
+            }
+        }
+    }
+    Err(QueueError::JobNotFound(id))
 }
 
 /// PostgreSQL stores no NUL character in `text` (nor `\u0000` in `jsonb`):

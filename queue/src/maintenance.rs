@@ -78,6 +78,37 @@ pub struct Retention {
     pub batch: i64,
 }
 
+/// The statement queueing the bytes of the jobs in `doomed` (a table or
+/// CTE of their ids) for the cleaner: the recorded objects, and each job's
+/// whole prefix (`artifact_prefix`), so bytes stored by an attempt that
+/// stopped before recording them go too. Archived jobs keep their bytes,
+/// where the archived records point.
+fn queue_artifact_bytes(doomed: &str, mode: RetentionMode) -> String {
+    match mode {
+        RetentionMode::Delete => format!(
+            "INSERT INTO artifact_deletions (storage_key)
+             SELECT a.storage_key FROM artifacts a JOIN {doomed} d ON d.id = a.job_id
+             UNION ALL
+             SELECT 'jobs/' || d.id::text || '/' FROM {doomed} d
+             ON CONFLICT (storage_key) DO NOTHING"
+        ),
+        RetentionMode::Archive => "SELECT 1".to_string(),
+    }
+}
+
+/// The statement copying the jobs in `doomed` (ids), read from `jobs` and
+/// `tasks`, with their artifact records, into `jobs_archive`.
+fn archive_statement(jobs: &str, tasks: &str, doomed: &str) -> String {
+    format!(
+        "INSERT INTO jobs_archive (id, tenant, job_type, status, finished_at, job, tasks, artifacts)
+         SELECT j.id, j.tenant, j.job_type, j.status, j.finished_at, to_jsonb(j),
+                coalesce((SELECT jsonb_agg(to_jsonb(t) ORDER BY t.id) FROM {tasks} t WHERE t.job_id = j.id), '[]'),
+                coalesce((SELECT jsonb_agg(to_jsonb(a)) FROM artifacts a WHERE a.job_id = j.id), '[]')
+         FROM {jobs} j JOIN {doomed} d ON d.id = j.id
+         ON CONFLICT (id) DO NOTHING"
+    )
+}
+
 impl Queue {
     /// Return tasks whose heartbeat is older than `stale_after` or whose
     /// timeout passed to pending (with backoff), or to failed once attempts
@@ -161,8 +192,18 @@ impl Queue {
     }
 
     /// Remove (or archive) finished jobs older than the retention age, with
-    /// their tasks (no foreign key cascades from a job to its tasks) and
-    /// artifact records. Returns how many jobs were removed.
+    /// their tasks, idempotency keys and artifact records, and queue their
+    /// bytes for the cleaner. Returns how many jobs were removed.
+    ///
+    /// History is partitioned by the day jobs were created. With a
+    /// retention of a day or more, a day goes at once, its partitions
+    /// dropped, when all of it is older than the age; jobs of that day that
+    /// finished later are kept. So a job is kept at least the retention age
+    /// and at most a day longer, and removing a day costs the same however
+    /// many tasks it held. Only the partitions that are not a day (what
+    /// history held before it was partitioned, and jobs that finished after
+    /// their day was dropped) and retention shorter than a day delete row
+    /// by row, `batch` jobs per statement.
     pub async fn prune(&self, retention: Retention) -> Result<u64> {
         if retention.batch < 1 {
             return Err(QueueError::invalid("batch", "must be at least 1"));
@@ -170,55 +211,155 @@ impl Queue {
         if chrono::Duration::from_std(retention.older_than).is_err() {
             return Err(QueueError::invalid("older_than", "is too large"));
         }
+        if retention.older_than < Duration::from_secs(86_400) {
+            return self.prune_rows("job_history", retention).await;
+        }
+        let mut total = self.drop_history_days(retention).await?;
+        for table in ["job_history_before", "job_history_default"] {
+            total += self.prune_rows(table, retention).await?;
+        }
+        Ok(total)
+    }
+
+    /// Create the history partitions of today and the next two days, where
+    /// missing (the API's maintenance does it every minute; the migration
+    /// did the first). Returns the days created, as `YYYYMMDD`.
+    pub async fn create_history_partitions(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT create_history_partitions(current_date, 3)")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Whole days of history older than the retention age, each dropped in
+    /// two transactions. Returns how many jobs went.
+    async fn drop_history_days(&self, retention: Retention) -> Result<u64> {
+        // A day detached by a run that stopped before dropping it is no
+        // partition any more, and is finished first.
+        let days: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT substr(c.relname, length('job_history_') + 1), c.relispartition FROM pg_class c
+             WHERE c.relkind = 'r' AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'job_history'::regclass)
+               AND c.relname ~ '^job_history_[0-9]{8}$'
+               AND (NOT c.relispartition
+                    OR (to_date(substr(c.relname, length('job_history_') + 1), 'YYYYMMDD') + 1)::timestamp
+                       AT TIME ZONE 'UTC' <= now() - make_interval(secs => $1))
+             ORDER BY c.relispartition, c.relname",
+        )
+        .bind(retention.older_than.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut total = 0;
+        for (day, attached) in days {
+            if attached {
+                self.detach_history_day(&day, retention).await?;
+            }
+            total += self.drop_detached_history_day(&day, retention.mode).await?;
+        }
+        Ok(total)
+    }
+
+    /// Detach a day's partitions, moving out the jobs of that day that
+    /// finished after the retention age (they go to DEFAULT). Detaching
+    /// locks history whole, so this transaction does nothing else: those
+    /// jobs are few.
+    async fn detach_history_day(&self, day: &str, retention: Retention) -> Result<()> {
+        // `day` is eight digits read from the catalogue; a table name
+        // cannot be bound.
+        let (jobs, tasks) = (format!("job_history_{day}"), format!("task_history_{day}"));
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "CREATE TEMPORARY TABLE kept_jobs ON COMMIT DROP AS
+                 SELECT * FROM {jobs} WHERE finished_at >= now() - make_interval(secs => $1)"
+        ))
+        .bind(retention.older_than.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        for sql in [
+            format!(
+                "CREATE TEMPORARY TABLE kept_tasks ON COMMIT DROP AS
+                         SELECT t.* FROM {tasks} t WHERE t.job_id IN (SELECT id FROM kept_jobs)"
+            ),
+            format!("ALTER TABLE job_history DETACH PARTITION {jobs}"),
+            format!("ALTER TABLE task_history DETACH PARTITION {tasks}"),
+            format!("DELETE FROM {jobs} WHERE id IN (SELECT id FROM kept_jobs)"),
+            format!("DELETE FROM {tasks} WHERE job_id IN (SELECT id FROM kept_jobs)"),
+            "INSERT INTO job_history SELECT * FROM kept_jobs".to_string(),
+            "INSERT INTO task_history SELECT * FROM kept_tasks".to_string(),
+        ] {
+            sqlx::query(&sql).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Remove what refers to a detached day's jobs (artifact records,
+    /// idempotency keys; their bytes queued for the cleaner, or everything
+    /// copied to `jobs_archive`), then drop its tables.
+    async fn drop_detached_history_day(&self, day: &str, mode: RetentionMode) -> Result<u64> {
+        let (jobs, tasks) = (format!("job_history_{day}"), format!("task_history_{day}"));
+        let mut tx = self.pool.begin().await?;
+        if mode == RetentionMode::Archive {
+            sqlx::query(&archive_statement(&jobs, &tasks, &jobs))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let removed: i64 = sqlx::query_scalar(&format!(
+            "WITH bytes AS (
+                 {queue_bytes}
+             ), records AS (
+                 DELETE FROM artifacts a USING {jobs} d WHERE a.job_id = d.id
+             ), keys AS (
+                 DELETE FROM job_keys k USING {jobs} d WHERE k.job_id = d.id
+             )
+             SELECT count(*) FROM {jobs}",
+            queue_bytes = queue_artifact_bytes(&jobs, mode),
+        ))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(&format!("DROP TABLE {jobs}, {tasks}"))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(removed as u64)
+    }
+
+    /// Remove old finished jobs from `table` (history or one of its
+    /// partitions) row by row, `batch` per statement.
+    async fn prune_rows(&self, table: &str, retention: Retention) -> Result<u64> {
+        let archive = match retention.mode {
+            RetentionMode::Delete => String::new(),
+            RetentionMode::Archive => format!(
+                "archived AS ({}),",
+                archive_statement("job_history", "task_history", "doomed")
+            ),
+        };
+        let sql = format!(
+            "WITH doomed AS (
+                 SELECT id FROM {table}
+                 WHERE id < uuid_v7_floor(now() - make_interval(secs => $1))
+                   AND finished_at < now() - make_interval(secs => $1)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), {archive} bytes AS (
+                 {queue_bytes}
+             ), records AS (
+                 DELETE FROM artifacts WHERE job_id IN (SELECT id FROM doomed)
+             ), keys AS (
+                 DELETE FROM job_keys WHERE job_id IN (SELECT id FROM doomed)
+             ), tasks AS (
+                 DELETE FROM task_history WHERE job_id IN (SELECT id FROM doomed)
+             )
+             DELETE FROM job_history WHERE id IN (SELECT id FROM doomed)",
+            queue_bytes = queue_artifact_bytes("doomed", retention.mode),
+        );
         let mut total = 0;
         loop {
-            let removed = match retention.mode {
-                RetentionMode::Delete => sqlx::query(
-                    "WITH doomed AS (
-                         SELECT id FROM jobs
-                         WHERE id < uuid_v7_floor(now() - make_interval(secs => $1))
-                           AND finished_at < now() - make_interval(secs => $1)
-                           AND status IN ('complete', 'failed', 'cancelled')
-                         LIMIT $2 FOR UPDATE SKIP LOCKED
-                     ), bytes AS (
-                         -- The recorded objects, and the job's whole prefix
-                         -- (`artifact_prefix`): bytes stored by an attempt
-                         -- that stopped before recording them go too.
-                         INSERT INTO artifact_deletions (storage_key)
-                         SELECT a.storage_key FROM artifacts a JOIN doomed d ON d.id = a.job_id
-                         UNION ALL
-                         SELECT 'jobs/' || d.id::text || '/' FROM doomed d
-                         ON CONFLICT (storage_key) DO NOTHING
-                     ), tasks AS (
-                         DELETE FROM job_tasks WHERE job_id IN (SELECT id FROM doomed)
-                     )
-                     DELETE FROM jobs WHERE id IN (SELECT id FROM doomed)",
-                ),
-                RetentionMode::Archive => sqlx::query(
-                    "WITH doomed AS (
-                         SELECT id FROM jobs
-                         WHERE id < uuid_v7_floor(now() - make_interval(secs => $1))
-                           AND finished_at < now() - make_interval(secs => $1)
-                           AND status IN ('complete', 'failed', 'cancelled')
-                         LIMIT $2 FOR UPDATE SKIP LOCKED
-                     ), archived AS (
-                         INSERT INTO jobs_archive (id, tenant, job_type, status, finished_at, job, tasks, artifacts)
-                         SELECT j.id, j.tenant, j.job_type, j.status, j.finished_at, to_jsonb(j),
-                                coalesce((SELECT jsonb_agg(to_jsonb(t) ORDER BY t.id) FROM job_tasks t WHERE t.job_id = j.id), '[]'),
-                                coalesce((SELECT jsonb_agg(to_jsonb(a)) FROM artifacts a WHERE a.job_id = j.id), '[]')
-                         FROM jobs j JOIN doomed d ON d.id = j.id
-                         ON CONFLICT (id) DO NOTHING
-                     ), tasks AS (
-                         DELETE FROM job_tasks WHERE job_id IN (SELECT id FROM doomed)
-                     )
-                     DELETE FROM jobs WHERE id IN (SELECT id FROM doomed)",
-                ),
-            }
-            .bind(retention.older_than.as_secs_f64())
-            .bind(retention.batch)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+            let removed = sqlx::query(&sql)
+                .bind(retention.older_than.as_secs_f64())
+                .bind(retention.batch)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
             total += removed;
             if removed < retention.batch as u64 {
                 return Ok(total);

@@ -277,7 +277,7 @@ impl Queue {
         task_type: TaskType,
     ) -> Result<Option<serde_json::Value>> {
         Ok(sqlx::query_scalar(
-            "SELECT output FROM job_tasks WHERE job_id = $1 AND task_type = $2 AND status = 'complete'",
+            "SELECT output FROM all_tasks WHERE job_id = $1 AND task_type = $2 AND status = 'complete'",
         )
         .bind(job_id)
         .bind(task_type.as_str())

@@ -56,13 +56,13 @@ async fn eight_claimers_claim_and_complete_twenty_thousand_tasks_exactly_once(po
     );
 
     let (complete, attempts_over_one): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'complete'), count(*) FILTER (WHERE attempts <> 1) FROM job_tasks",
+        "SELECT count(*) FILTER (WHERE status = 'complete'), count(*) FILTER (WHERE attempts <> 1) FROM all_tasks",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
     assert_eq!((complete, attempts_over_one), (TASKS as i64, 0));
-    let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status <> 'complete'")
+    let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM all_jobs WHERE status <> 'complete'")
         .fetch_one(&pool)
         .await
         .unwrap();

@@ -155,8 +155,8 @@ async fn retention_deletes_or_archives_only_old_finished_jobs(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(archive, (3, 3), "jobs archived with their tasks");
-    assert_eq!(count(&pool, "jobs").await, 4);
-    assert_eq!(count(&pool, "job_tasks").await, 4);
+    assert_eq!(count(&pool, "all_jobs").await, 4);
+    assert_eq!(count(&pool, "all_tasks").await, 4);
     assert_eq!(
         q.prune(Retention {
             older_than: week,
@@ -208,7 +208,7 @@ async fn deleting_old_jobs_queues_their_artifact_bytes_for_the_cleaner(pool: PgP
     };
     assert_eq!(q.prune(retention).await.unwrap(), 1);
     assert_eq!(
-        count(&pool, "job_tasks").await,
+        count(&pool, "all_tasks").await,
         1,
         "the old job's task goes with it"
     );
@@ -239,19 +239,21 @@ async fn deleting_old_jobs_queues_their_artifact_bytes_for_the_cleaner(pool: PgP
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn a_deleted_task_finds_its_artifacts_through_an_index(pool: PgPool) {
-    // Retention deletes tasks, and each delete cascades to the task's
-    // artifacts: without an index on artifacts.task_id, every one of those
-    // cascades read the whole artifacts table.
+async fn retention_finds_a_jobs_artifacts_through_an_index(pool: PgPool) {
+    // No foreign key cascades from a job to its artifact records (the job
+    // moves to history); retention deletes them by job id, and without an
+    // index each of those deletes would read the whole artifacts table.
     sqlx::query(
         "WITH j AS (
-             INSERT INTO jobs (id, tenant, job_type, status, input, finished_at)
-             SELECT gen_random_uuid(), 'acme', 'text', 'complete', '{}', now()
-             FROM generate_series(1, 5000)
+             INSERT INTO job_history (id, tenant, job_type, status, input, finished_at)
+             SELECT uuid_v7_floor(now() - interval '1 day' + g * interval '1 millisecond'),
+                    'acme', 'text', 'complete', '{}', now()
+             FROM generate_series(1, 5000) g
              RETURNING id
          ), t AS (
-             INSERT INTO job_tasks (job_id, task_type, status, finished_at)
-             SELECT id, 'text_generation', 'complete', now() FROM j
+             INSERT INTO task_history (id, job_id, task_type, status, finished_at)
+             SELECT nextval(pg_get_serial_sequence('job_tasks', 'id')), id, 'text_generation', 'complete', now()
+             FROM j
              RETURNING id, job_id
          )
          INSERT INTO artifacts (id, job_id, task_id, kind, content_type, storage_key, bytes, sha256)
@@ -263,38 +265,49 @@ async fn a_deleted_task_finds_its_artifacts_through_an_index(pool: PgPool) {
     .await
     .unwrap();
     sqlx::query("ANALYZE artifacts").execute(&pool).await.unwrap();
-    // The statement the foreign key's cascade runs for each deleted task.
-    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN DELETE FROM ONLY artifacts WHERE task_id = 42")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN DELETE FROM artifacts WHERE job_id = (SELECT id FROM job_history LIMIT 1)",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     let plan = plan.join("\n");
-    assert!(plan.contains("artifacts_task_id"), "{plan}");
-    assert!(!plan.contains("Seq Scan"), "{plan}");
+    assert!(plan.contains("artifacts_one_per_kind"), "{plan}");
+    assert!(!plan.contains("Seq Scan on artifacts"), "{plan}");
 }
 
 /// Make a job `days` old as if it had been created then: a UUIDv7 id from
-/// that time, and its timestamps moved back.
-async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) {
+/// that time, and its timestamps moved back. An open job stays open, a
+/// finished one lands in the history partition of its new day.
+async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) -> uuid::Uuid {
     let then = chrono::Utc::now() - chrono::Duration::days(days);
     // The job's own random bits keep two jobs backdated in one millisecond apart.
     let random: [u8; 10] = id.as_bytes()[6..].try_into().expect("16 - 6 bytes");
     let old_id =
         uuid::Builder::from_unix_timestamp_millis(then.timestamp_millis() as u64, &random).into_uuid();
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO jobs SELECT $2, tenant, job_type, status, input, priority, idempotency_key, error,
-                created_at - make_interval(days => $3), updated_at, started_at,
-                finished_at - make_interval(days => $3), tasks_total, tasks_complete
-         FROM jobs WHERE id = $1",
-    )
-    .bind(id)
-    .bind(old_id)
-    .bind(days as i32)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    for table in ["job_tasks", "artifacts"] {
+    for (jobs, tasks) in [("jobs", "job_tasks"), ("job_history", "task_history")] {
+        let statements = [
+            format!(
+                "INSERT INTO {jobs} SELECT $2, tenant, job_type, status, input, priority, idempotency_key, error,
+                        created_at - make_interval(days => $3), updated_at, started_at,
+                        finished_at - make_interval(days => $3), tasks_total, tasks_complete
+                 FROM {jobs} WHERE id = $1"
+            ),
+            format!("UPDATE {tasks} SET job_id = $2 WHERE job_id = $1"),
+            format!("DELETE FROM {jobs} WHERE id = $1"),
+        ];
+        for sql in statements {
+            sqlx::query(&sql)
+                .bind(id)
+                .bind(old_id)
+                .bind(days as i32)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+    }
+    for table in ["artifacts", "job_keys"] {
         sqlx::query(&format!("UPDATE {table} SET job_id = $2 WHERE job_id = $1"))
             .bind(id)
             .bind(old_id)
@@ -302,12 +315,8 @@ async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) {
             .await
             .unwrap();
     }
-    sqlx::query("DELETE FROM jobs WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
     tx.commit().await.unwrap();
+    old_id
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -347,4 +356,156 @@ async fn silent_idle_replicas_are_forgotten_busy_ones_kept(pool: PgPool) {
         vec![("busy".to_string(), 1)],
         "a replica holding a task is kept"
     );
+}
+
+/// History as a database migrated `days` days ago has it: what was moved
+/// then in the partition of everything before, and a partition for each
+/// day since.
+async fn history_partitioned_since(pool: &PgPool, days: i32) {
+    for sql in [
+        "ALTER TABLE job_history DETACH PARTITION job_history_before",
+        "ALTER TABLE task_history DETACH PARTITION task_history_before",
+        "DROP TABLE job_history_before, task_history_before",
+    ] {
+        sqlx::query(sql).execute(pool).await.unwrap();
+    }
+    for parent in ["job_history", "task_history"] {
+        // A partition bound takes no parameter; `days` is the test's own.
+        sqlx::query(&format!(
+            "CREATE TABLE {parent}_before PARTITION OF {parent}
+             FOR VALUES FROM (MINVALUE) TO (uuid_v7_floor((current_date - {days})::timestamp AT TIME ZONE 'UTC'))"
+        ))
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("SELECT create_history_partitions(current_date - $1, $1)")
+        .bind(days)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The partition of history a job's row is in.
+async fn partition_of(pool: &PgPool, id: uuid::Uuid) -> Option<String> {
+    sqlx::query_scalar("SELECT tableoid::regclass::text FROM job_history WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+async fn finished_job(q: &queue::Queue, prompt: &str, key: &str) -> uuid::Uuid {
+    let job = q
+        .enqueue(text_job(prompt).idempotency_key(key))
+        .await
+        .unwrap()
+        .job;
+    let task = claim_one(q, "w", TaskType::TextGeneration).await;
+    q.complete("w", task.lease(), json!({})).await.unwrap();
+    job.id
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn retention_drops_a_whole_day_and_keeps_its_jobs_that_finished_late(pool: PgPool) {
+    history_partitioned_since(&pool, 20).await;
+    let q = queue(pool.clone());
+    let old = finished_job(&q, "old", "k-old").await;
+    let late = finished_job(&q, "late", "k-late").await;
+    let recent = finished_job(&q, "recent", "k-recent").await;
+    let open = q.enqueue(text_job("open")).await.unwrap().job.id;
+    let old = backdate(&pool, old, 10).await;
+    let late = backdate(&pool, late, 10).await;
+    let open = backdate(&pool, open, 10).await;
+    let day = partition_of(&pool, old).await.expect("the old job is in history");
+    assert!(day.starts_with("job_history_2"), "a day's partition: {day}");
+    // Created ten days ago, finished just now: younger than the age.
+    sqlx::query("UPDATE job_history SET finished_at = now() WHERE id = $1")
+        .bind(late)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let week = Duration::from_secs(7 * 86400);
+    let removed = q
+        .prune(Retention {
+            older_than: week,
+            mode: RetentionMode::Delete,
+            batch: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "only the old job");
+    let gone: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(&day)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(gone, None, "the day's partition was dropped, not emptied");
+    assert!(matches!(
+        q.job(TENANT, old).await,
+        Err(queue::QueueError::JobNotFound(_))
+    ));
+    assert_eq!(
+        partition_of(&pool, late).await.as_deref(),
+        Some("job_history_default"),
+        "the job that finished late is kept, with its task"
+    );
+    assert_eq!(q.tasks_of(late).await.unwrap().len(), 1);
+    assert_eq!(q.job(TENANT, open).await.unwrap().status, JobStatus::Queued);
+    assert!(q.job(TENANT, recent).await.is_ok());
+    let waiting = q.artifact_deletions(10).await.unwrap();
+    assert_eq!(waiting, [format!("jobs/{old}/")], "the old job's bytes go");
+    // Its key went with it: the same key makes a new job; the kept one's
+    // still replays.
+    let again = q.enqueue(text_job("old").idempotency_key("k-old")).await.unwrap();
+    assert!(again.created && again.job.id != old);
+    let replay = q
+        .enqueue(text_job("late").idempotency_key("k-late"))
+        .await
+        .unwrap();
+    assert_eq!((replay.created, replay.job.id), (false, late));
+
+    // The open job of that day finishes after its day was dropped: its
+    // row goes to DEFAULT, and row-by-row retention takes it later.
+    let task = claim_one(&q, "w", TaskType::TextGeneration).await;
+    assert_eq!(task.job_id, open);
+    q.complete("w", task.lease(), json!({})).await.unwrap();
+    assert_eq!(
+        partition_of(&pool, open).await.as_deref(),
+        Some("job_history_default")
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_day_detached_by_a_run_that_stopped_is_dropped_by_the_next(pool: PgPool) {
+    history_partitioned_since(&pool, 20).await;
+    let q = queue(pool.clone());
+    let old = finished_job(&q, "old", "k-old").await;
+    let old = backdate(&pool, old, 10).await;
+    let day = partition_of(&pool, old).await.unwrap();
+    let task_day = day.replace("job_history_", "task_history_");
+    // The first of the two transactions committed; the second never ran.
+    for sql in [
+        format!("ALTER TABLE job_history DETACH PARTITION {day}"),
+        format!("ALTER TABLE task_history DETACH PARTITION {task_day}"),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.unwrap();
+    }
+    let removed = q
+        .prune(Retention {
+            older_than: Duration::from_secs(30 * 86400),
+            mode: RetentionMode::Delete,
+            batch: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the detached day is finished, whatever its age");
+    let left: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(&task_day)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, None);
+    assert_eq!(q.artifact_deletions(10).await.unwrap(), [format!("jobs/{old}/")]);
 }

@@ -354,6 +354,7 @@ async fn a_job_left_unfinished_after_its_tasks_is_repaired_once(pool: PgPool) {
     );
 
     // The state the old race left behind.
+    test_support::reopen_in_place(&pool, job).await;
     sqlx::query("UPDATE jobs SET status = 'processing', finished_at = NULL, error = NULL WHERE id = $1")
         .bind(job)
         .execute(&pool)
@@ -469,4 +470,83 @@ async fn a_claim_commits_only_once_it_is_on_disk(pool: PgPool) {
         assert_eq!(after, before, "{claim} changed synchronous_commit");
     }
     tx.commit().await.unwrap();
+}
+
+/// A completion that finishes its job, open in another transaction: the
+/// job row is deleted there and its history row written, neither visible.
+async fn text_job_finishing_in(q: &Queue, pool: &PgPool) -> (uuid::Uuid, Transaction<'static, Postgres>) {
+    let job = q.enqueue(text_job("x")).await.unwrap().job.id;
+    let task = claim_one(q, "w1", TaskType::TextGeneration).await;
+    (job, complete_and_hold(pool, "w1", task.lease()).await)
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_watch_waiting_on_a_job_that_finishes_finds_it_in_history(pool: PgPool) {
+    let q = queue(pool.clone());
+    let (job, finishing) = text_job_finishing_in(&q, &pool).await;
+    let watching = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            q.watch_job(TENANT, job, uuid::Uuid::now_v7(), Duration::from_secs(60))
+                .await
+        })
+    };
+    until_done_or_blocked(&pool, &watching, 1).await;
+    finishing.commit().await.unwrap();
+    let seen = watching.await.unwrap().expect("the job moved, it did not vanish");
+    assert_eq!(seen.status, JobStatus::Complete);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_cancel_waiting_on_a_job_that_finishes_is_refused_as_finished(pool: PgPool) {
+    let q = queue(pool.clone());
+    let (job, finishing) = text_job_finishing_in(&q, &pool).await;
+    let cancelling = cancel(&q, job);
+    until_done_or_blocked(&pool, &cancelling, 1).await;
+    finishing.commit().await.unwrap();
+    assert!(
+        matches!(
+            cancelling.await.unwrap(),
+            Err(QueueError::InvalidState { ref status, .. }) if status == "complete"
+        ),
+        "a finished job cannot be cancelled, and it is found"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn two_retries_of_one_failed_job_reopen_it_once(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("x").max_attempts(1)).await.unwrap().job.id;
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.fail("w1", task.lease(), &Failure::permanent("bad"))
+        .await
+        .unwrap();
+    // The first retry holds the history row it is moving back.
+    let mut first = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM job_history WHERE id = $1 FOR UPDATE")
+        .bind(job)
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    let second = {
+        let q = q.clone();
+        tokio::spawn(async move { q.retry_job(TENANT, job).await })
+    };
+    until_done_or_blocked(&pool, &second, 1).await;
+    let reopened = test_support::reopen_in_place(&mut *first, job).await;
+    assert_eq!(reopened, 1);
+    sqlx::query("UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL WHERE id = $1")
+        .bind(job)
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    first.commit().await.unwrap();
+    assert!(
+        matches!(
+            second.await.unwrap(),
+            Err(QueueError::InvalidState { ref status, .. }) if status == "queued"
+        ),
+        "the second retry finds the job reopened, not gone"
+    );
+    assert_eq!(count(&pool, "all_tasks").await, 1, "its task once");
 }

@@ -90,6 +90,8 @@ UPDATE job_tasks SET status = 'cancelled', finished_at = now(), updated_at = now
 WHERE job_id = '00000000-0000-7000-8000-000000000008';
 UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now()
 WHERE id = '00000000-0000-7000-8000-000000000008';
+-- Created with an idempotency key.
+UPDATE jobs SET idempotency_key = 'the-complete-one' WHERE id = '00000000-0000-7000-8000-000000000003';
 "#;
 
 type TaskRow = (
@@ -102,14 +104,24 @@ type TaskRow = (
     Option<String>,
 );
 
+/// Every job and task, open or (once history exists) finished.
 async fn jobs_and_tasks(pool: &PgPool) -> (Vec<(Uuid, String, String)>, Vec<TaskRow>) {
-    let jobs = sqlx::query_as("SELECT id, tenant, status FROM jobs ORDER BY id")
+    let history: bool = sqlx::query_scalar("SELECT to_regclass('all_jobs') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let (jobs, tasks) = if history {
+        ("all_jobs", "all_tasks")
+    } else {
+        ("jobs", "job_tasks")
+    };
+    let jobs = sqlx::query_as(&format!("SELECT id, tenant, status FROM {jobs} ORDER BY id"))
         .fetch_all(pool)
         .await
         .unwrap();
-    let tasks = sqlx::query_as(
-        "SELECT id, job_id, task_type, status, attempts, output, claimed_by FROM job_tasks ORDER BY id",
-    )
+    let tasks = sqlx::query_as(&format!(
+        "SELECT id, job_id, task_type, status, attempts, output, claimed_by FROM {tasks} ORDER BY id"
+    ))
     .fetch_all(pool)
     .await
     .unwrap();
@@ -162,7 +174,7 @@ async fn complete_held_task(q: &queue::Queue, pool: &PgPool) -> queue::Result<()
 }
 
 async fn task_of(pool: &PgPool, job_id: &str, task_type: TaskType) -> i64 {
-    sqlx::query_scalar("SELECT id FROM job_tasks WHERE job_id = $1 AND task_type = $2")
+    sqlx::query_scalar("SELECT id FROM all_tasks WHERE job_id = $1 AND task_type = $2")
         .bind(job(job_id))
         .bind(task_type.as_str())
         .fetch_one(pool)
@@ -175,6 +187,45 @@ async fn an_upgrade_keeps_every_job_task_output_and_artifact(pool: PgPool) {
     let before = upgraded_database(&pool).await;
     let after = jobs_and_tasks(&pool).await;
     assert_eq!(after, before, "jobs and tasks as the first release left them");
+
+    // Finished jobs moved to history with all their tasks; open ones, and
+    // their tasks however many finished, stayed.
+    let finished: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM job_history ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(finished, [job(COMPLETE), job(FAILED), job(CANCELLED)]);
+    let moved: Vec<Uuid> = sqlx::query_scalar("SELECT job_id FROM task_history ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        moved,
+        [
+            job(COMPLETE),
+            job(FAILED),
+            job(CANCELLED),
+            job(CANCELLED),
+            job(CANCELLED)
+        ]
+    );
+    assert_eq!(count(&pool, "jobs").await, 6);
+    assert_eq!(
+        count(&pool, "job_tasks").await,
+        8,
+        "the half-read job keeps its finished text task"
+    );
+    // The key moved to job_keys: a replay finds the finished job.
+    let q = queue(pool.clone());
+    let replay = q
+        .enqueue(
+            text_job("complete")
+                .priority(8)
+                .idempotency_key("the-complete-one"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((replay.job.id, replay.created), (job(COMPLETE), false));
     let statuses: Vec<&str> = before.0.iter().map(|(_, _, s)| s.as_str()).collect();
     assert_eq!(
         statuses,
@@ -194,7 +245,7 @@ async fn an_upgrade_keeps_every_job_task_output_and_artifact(pool: PgPool) {
 
     // The completion's fast path trusts these counters.
     let counters: Vec<(i32, i32)> =
-        sqlx::query_as("SELECT tasks_total, tasks_complete FROM jobs ORDER BY id")
+        sqlx::query_as("SELECT tasks_total, tasks_complete FROM all_jobs ORDER BY id")
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -213,7 +264,7 @@ async fn an_upgrade_keeps_every_job_task_output_and_artifact(pool: PgPool) {
         ]
     );
     let with_dependents: Vec<(Uuid, String)> =
-        sqlx::query_as("SELECT job_id, task_type FROM job_tasks WHERE has_dependents ORDER BY job_id")
+        sqlx::query_as("SELECT job_id, task_type FROM all_tasks WHERE has_dependents ORDER BY job_id")
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -370,7 +421,7 @@ async fn after_an_upgrade_every_open_job_runs_to_the_end(pool: PgPool) {
         }
     }
 
-    let statuses: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM jobs ORDER BY id")
+    let statuses: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM all_jobs ORDER BY id")
         .fetch_all(&pool)
         .await
         .unwrap();

@@ -95,11 +95,29 @@ pub async fn register_text_worker(q: &queue::Queue, id: &str) {
 /// (0, 0) when no scale-down interrupted, released or retried anything.
 pub async fn retried_and_errored_tasks(pool: &PgPool) -> (i64, i64) {
     sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE attempts <> 1), count(*) FILTER (WHERE last_error IS NOT NULL) FROM job_tasks",
+        "SELECT count(*) FILTER (WHERE attempts <> 1), count(*) FILTER (WHERE last_error IS NOT NULL) FROM all_tasks",
     )
     .fetch_one(pool)
     .await
     .expect("counting retried tasks")
+}
+
+/// Put a finished job back among the open ones, with its tasks as they
+/// are, as if it had never been moved to history: the state a job left
+/// unfinished after its tasks (an old race, a hand edit) is in, or what a
+/// retry does first. Returns how many tasks moved.
+pub async fn reopen_in_place<'e>(executor: impl sqlx::PgExecutor<'e>, job: uuid::Uuid) -> u64 {
+    sqlx::query(
+        "WITH j AS (DELETE FROM job_history WHERE id = $1 RETURNING *),
+              reopened AS (INSERT INTO jobs SELECT * FROM j),
+              t AS (DELETE FROM task_history WHERE job_id = $1 RETURNING *)
+         INSERT INTO job_tasks OVERRIDING SYSTEM VALUE SELECT * FROM t",
+    )
+    .bind(job)
+    .execute(executor)
+    .await
+    .expect("reopening a finished job")
+    .rows_affected()
 }
 
 /// The path of one of the workspace's binaries, built first if needed, so a

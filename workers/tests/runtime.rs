@@ -97,7 +97,7 @@ async fn enqueue_text_job(q: &Queue) -> queue::Job {
 }
 
 async fn statuses(pool: &PgPool) -> Vec<(String, i64)> {
-    sqlx::query_as("SELECT status, count(*) FROM job_tasks GROUP BY status ORDER BY status")
+    sqlx::query_as("SELECT status, count(*) FROM all_tasks GROUP BY status ORDER BY status")
         .fetch_all(pool)
         .await
         .unwrap()
@@ -200,7 +200,7 @@ async fn a_finished_task_is_completed_in_the_call_that_claims_the_next(pool: PgP
     // now() is the transaction's start, so a task claimed in the call that
     // completed another was claimed at the instant that one finished.
     let claimed_as_one_finished: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM job_tasks done JOIN job_tasks next
+        "SELECT count(*) FROM all_tasks done JOIN all_tasks next
            ON next.claimed_at = done.finished_at AND next.id <> done.id",
     )
     .fetch_one(&pool)
@@ -283,7 +283,7 @@ async fn tasks_still_running_after_the_grace_are_released_without_spending_an_at
     .await;
     let summary = worker.stop().await;
     assert_eq!(summary.released, 2);
-    let attempts: Vec<(String, i32)> = sqlx::query_as("SELECT status, attempts FROM job_tasks ORDER BY id")
+    let attempts: Vec<(String, i32)> = sqlx::query_as("SELECT status, attempts FROM all_tasks ORDER BY id")
         .fetch_all(&pool)
         .await
         .unwrap();
@@ -465,7 +465,7 @@ async fn a_replica_started_while_the_database_is_down_waits_for_it_then_works(po
     enqueue_text_jobs(&q, 1).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM job_tasks WHERE status = 'complete'")
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM all_tasks WHERE status = 'complete'")
             .fetch_one(&pool)
             .await
             .unwrap();

@@ -70,7 +70,7 @@ fn sigterm(pid: libc::pid_t) {
 }
 
 async fn task_state(pool: &PgPool) -> (String, Option<String>, i32) {
-    sqlx::query_as("SELECT status, claimed_by, attempts FROM job_tasks")
+    sqlx::query_as("SELECT status, claimed_by, attempts FROM all_tasks")
         .fetch_one(pool)
         .await
         .unwrap()

@@ -152,7 +152,7 @@ impl TestServer {
         let mut counts = [0; 4];
         for (count, table) in counts
             .iter_mut()
-            .zip(["jobs", "job_tasks", "artifacts", "api_keys"])
+            .zip(["all_jobs", "all_tasks", "artifacts", "api_keys"])
         {
             // Table names come from the fixed list above.
             *count = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))

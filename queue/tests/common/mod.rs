@@ -61,6 +61,9 @@ pub async fn count(pool: &PgPool, table: &str) -> i64 {
     let sql = match table {
         "jobs" => "SELECT count(*) FROM jobs",
         "job_tasks" => "SELECT count(*) FROM job_tasks",
+        "all_jobs" => "SELECT count(*) FROM all_jobs",
+        "all_tasks" => "SELECT count(*) FROM all_tasks",
+        "job_history" => "SELECT count(*) FROM job_history",
         "artifacts" => "SELECT count(*) FROM artifacts",
         "workers" => "SELECT count(*) FROM workers",
         "job_watches" => "SELECT count(*) FROM job_watches",
