@@ -507,7 +507,7 @@ async fn add_rows(admin: &PgPool, rows: Rows, count: u64, offset: u64) -> Result
              INSERT INTO {jobs} (id, tenant, job_type, status, input, finished_at)
              SELECT overlay(uuid_v7_floor(s.at + g * interval '1 millisecond')::text
                             PLACING substr(md5(random()::text), 1, 12) FROM 25)::uuid,
-                    $1, 'text', s.status, '{}', CASE WHEN s.status = 'complete' THEN s.at END
+                    $1, 'text', s.status, '{{}}', CASE WHEN s.status = 'complete' THEN s.at END
              FROM (SELECT CASE WHEN $4 THEN 'complete' ELSE 'queued' END AS status,
                           CASE WHEN $4 THEN now() - interval '1 day' ELSE now() - interval '1 hour' END
                           + $3 * interval '1 millisecond' AS at) s,
