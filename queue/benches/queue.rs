@@ -560,12 +560,12 @@ async fn time_day_retention(admin: &PgPool, q: &Queue) -> Result<Vec<DayRetentio
         sqlx::query(
             "WITH j AS (
                  INSERT INTO job_history (id, tenant, job_type, status, input, finished_at)
-                 SELECT overlay(uuid_v7_floor(d.at + g * d.step)::text
-                                PLACING substr(md5(random()::text), 1, 12) FROM 25)::uuid,
-                        'bench-retention', 'text', 'complete', '{}', d.at + g * d.step
-                 FROM (SELECT (current_date - $1)::timestamp AT TIME ZONE 'UTC' AS at,
-                              interval '1 day' / ($2 + 1) AS step) d,
-                      generate_series(1, $2) g
+                 SELECT overlay(uuid_v7_floor(d.at)::text PLACING substr(md5(random()::text), 1, 12) FROM 25)::uuid,
+                        'bench-retention', 'text', 'complete', '{}', d.at
+                 -- Multiplied before divided: a step rounded to the
+                 -- microsecond, times 500,000, can reach the next day.
+                 FROM (SELECT (current_date - $1)::timestamp AT TIME ZONE 'UTC' + g * interval '1 day' / ($2 + 1) AS at
+                       FROM generate_series(1, $2) g) d
                  RETURNING id, finished_at
              ), t AS (
                  INSERT INTO task_history (id, job_id, task_type, status, finished_at)

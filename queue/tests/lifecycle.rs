@@ -704,3 +704,54 @@ async fn waiting_for_the_schema_outlasts_a_connection_the_server_ended(pool: PgP
         .unwrap()
         .unwrap();
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn one_call_completing_a_jobs_last_two_tasks_moves_it_to_history_with_both_outputs(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(reading_job("x")).await.unwrap().job;
+    let text = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.complete("w1", text.lease(), json!({"text": "t"}))
+        .await
+        .unwrap();
+    let both = q
+        .claim("w2", &[TaskType::PdfGeneration, TaskType::AudioGeneration], 10)
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 2);
+    // A lease of the first round of the text task rides along: not this
+    // worker's, it is neither completed nor counted.
+    let mut results: Vec<_> = both
+        .iter()
+        .map(|t| (t.lease(), json!({ "kind": t.task_type.as_str() })))
+        .collect();
+    results.push((text.lease(), json!({"text": "stale"})));
+    let done = q.complete_batch("w2", &results).await.unwrap();
+    assert_eq!(done.len(), 2, "{done:?}");
+
+    let finished = q.job(TENANT, job.id).await.unwrap();
+    assert_eq!((finished.status, finished.error), (JobStatus::Complete, None));
+    let counted: i32 = sqlx::query_scalar("SELECT tasks_complete FROM job_history WHERE id = $1")
+        .bind(job.id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(counted, 3);
+    assert_eq!(count(&pool, "jobs").await, 0, "moved out of the open table");
+    assert_eq!(count(&pool, "job_tasks").await, 0);
+    for task in q.tasks_of(job.id).await.unwrap() {
+        assert_eq!(task.status, TaskStatus::Complete, "{task:?}");
+        assert!(task.finished_at.is_some());
+    }
+    assert_eq!(
+        q.task_output(job.id, TaskType::PdfGeneration).await.unwrap(),
+        Some(json!({"kind": "pdf_generation"}))
+    );
+    assert_eq!(
+        q.task_output(job.id, TaskType::TextGeneration).await.unwrap(),
+        Some(json!({"text": "t"})),
+        "the stale lease's output was not written"
+    );
+    // Repeated after a lost answer: reported as done again, nothing changes.
+    let again = q.complete_batch("w2", &results[..2]).await.unwrap();
+    assert_eq!(again.len(), 2);
+}
