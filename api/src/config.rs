@@ -146,7 +146,8 @@ pub struct ServeArgs {
     #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 3600)]
     pub retention_interval_seconds: u64,
     /// How often to look for jobs left unfinished after their tasks (it
-    /// reads every unfinished job) and remove replaced artifacts' bytes.
+    /// reads every unfinished job), remove replaced artifacts' bytes and
+    /// create the coming days' history partitions.
     #[arg(long, env = "REPAIR_INTERVAL_SECONDS", default_value_t = 60)]
     pub repair_interval_seconds: u64,
     /// Seconds between samples of the queue depth kept for the console's

@@ -544,18 +544,7 @@ const RETENTION_DAYS_JOBS: [u64; 2] = [50_000, 500_000];
 /// record each), and `Queue::prune` timed as each day passes the age.
 async fn time_day_retention(admin: &PgPool, q: &Queue) -> Result<Vec<DayRetention>> {
     reset(admin).await?;
-    for sql in [
-        "ALTER TABLE job_history DETACH PARTITION job_history_before",
-        "ALTER TABLE task_history DETACH PARTITION task_history_before",
-        "DROP TABLE job_history_before, task_history_before",
-        "CREATE TABLE job_history_before PARTITION OF job_history
-         FOR VALUES FROM (MINVALUE) TO (uuid_v7_floor((current_date - 20)::timestamp AT TIME ZONE 'UTC'))",
-        "CREATE TABLE task_history_before PARTITION OF task_history
-         FOR VALUES FROM (MINVALUE) TO (uuid_v7_floor((current_date - 20)::timestamp AT TIME ZONE 'UTC'))",
-        "SELECT create_history_partitions(current_date - 20, 20)",
-    ] {
-        sqlx::query(sql).execute(admin).await?;
-    }
+    test_support::history_partitioned_since(admin, 20).await;
     for (days_back, jobs) in [10, 9].into_iter().zip(RETENTION_DAYS_JOBS) {
         sqlx::query(
             "WITH j AS (

@@ -621,19 +621,10 @@ impl Queue {
             });
         }
         // Open again: back from history, with its tasks.
-        sqlx::query(
-            "WITH job AS (
-                 DELETE FROM job_history WHERE id = $1 RETURNING *
-             ), reopened AS (
-                 INSERT INTO jobs SELECT * FROM job
-             ), tasks AS (
-                 DELETE FROM task_history WHERE job_id = $1 RETURNING *
-             )
-             INSERT INTO job_tasks OVERRIDING SYSTEM VALUE SELECT * FROM tasks",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("SELECT reopen_job($1)")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "UPDATE job_tasks d
              SET status = 'pending', attempts = 0, run_at = now(), finished_at = NULL,
@@ -683,23 +674,16 @@ pub(crate) async fn locked_job(
     id: Uuid,
     lock: RowLock,
 ) -> Result<Job> {
-    let (open, finished) = match lock {
-        RowLock::Share => (
-            "SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR SHARE",
-            "SELECT * FROM job_history WHERE id = $1 AND tenant = $2 FOR SHARE",
-        ),
-        RowLock::NoKeyUpdate => (
-            "SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR NO KEY UPDATE",
-            "SELECT * FROM job_history WHERE id = $1 AND tenant = $2 FOR NO KEY UPDATE",
-        ),
-        RowLock::Update => (
-            "SELECT * FROM jobs WHERE id = $1 AND tenant = $2 FOR UPDATE",
-            "SELECT * FROM job_history WHERE id = $1 AND tenant = $2 FOR UPDATE",
-        ),
+    let lock = match lock {
+        RowLock::Share => "FOR SHARE",
+        RowLock::NoKeyUpdate => "FOR NO KEY UPDATE",
+        RowLock::Update => "FOR UPDATE",
     };
+    let open = format!("SELECT * FROM jobs WHERE id = $1 AND tenant = $2 {lock}");
+    let finished = format!("SELECT * FROM job_history WHERE id = $1 AND tenant = $2 {lock}");
     // Each move is one transaction, so three looks see it settle.
     for _ in 0..3 {
-        for sql in [open, finished] {
+        for sql in [&open, &finished] {
             let job: Option<Job> = sqlx::query_as(sql)
                 .bind(id)
                 .bind(tenant)

@@ -358,34 +358,6 @@ async fn silent_idle_replicas_are_forgotten_busy_ones_kept(pool: PgPool) {
     );
 }
 
-/// History as a database migrated `days` days ago has it: what was moved
-/// then in the partition of everything before, and a partition for each
-/// day since.
-async fn history_partitioned_since(pool: &PgPool, days: i32) {
-    for sql in [
-        "ALTER TABLE job_history DETACH PARTITION job_history_before",
-        "ALTER TABLE task_history DETACH PARTITION task_history_before",
-        "DROP TABLE job_history_before, task_history_before",
-    ] {
-        sqlx::query(sql).execute(pool).await.unwrap();
-    }
-    for parent in ["job_history", "task_history"] {
-        // A partition bound takes no parameter; `days` is the test's own.
-        sqlx::query(&format!(
-            "CREATE TABLE {parent}_before PARTITION OF {parent}
-             FOR VALUES FROM (MINVALUE) TO (uuid_v7_floor((current_date - {days})::timestamp AT TIME ZONE 'UTC'))"
-        ))
-        .execute(pool)
-        .await
-        .unwrap();
-    }
-    sqlx::query("SELECT create_history_partitions(current_date - $1, $1)")
-        .bind(days)
-        .execute(pool)
-        .await
-        .unwrap();
-}
-
 /// The partition of history a job's row is in.
 async fn partition_of(pool: &PgPool, id: uuid::Uuid) -> Option<String> {
     sqlx::query_scalar("SELECT tableoid::regclass::text FROM job_history WHERE id = $1")
@@ -408,7 +380,7 @@ async fn finished_job(q: &queue::Queue, prompt: &str, key: &str) -> uuid::Uuid {
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn retention_drops_a_whole_day_and_keeps_its_jobs_that_finished_late(pool: PgPool) {
-    history_partitioned_since(&pool, 20).await;
+    test_support::history_partitioned_since(&pool, 20).await;
     let q = queue(pool.clone());
     let old = finished_job(&q, "old", "k-old").await;
     let late = finished_job(&q, "late", "k-late").await;
@@ -479,7 +451,7 @@ async fn retention_drops_a_whole_day_and_keeps_its_jobs_that_finished_late(pool:
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_day_detached_by_a_run_that_stopped_is_dropped_by_the_next(pool: PgPool) {
-    history_partitioned_since(&pool, 20).await;
+    test_support::history_partitioned_since(&pool, 20).await;
     let q = queue(pool.clone());
     let old = finished_job(&q, "old", "k-old").await;
     let old = backdate(&pool, old, 10).await;

@@ -107,17 +107,33 @@ pub async fn retried_and_errored_tasks(pool: &PgPool) -> (i64, i64) {
 /// unfinished after its tasks (an old race, a hand edit) is in, or what a
 /// retry does first. Returns how many tasks moved.
 pub async fn reopen_in_place<'e>(executor: impl sqlx::PgExecutor<'e>, job: uuid::Uuid) -> u64 {
-    sqlx::query(
-        "WITH j AS (DELETE FROM job_history WHERE id = $1 RETURNING *),
-              reopened AS (INSERT INTO jobs SELECT * FROM j),
-              t AS (DELETE FROM task_history WHERE job_id = $1 RETURNING *)
-         INSERT INTO job_tasks OVERRIDING SYSTEM VALUE SELECT * FROM t",
-    )
-    .bind(job)
-    .execute(executor)
-    .await
-    .expect("reopening a finished job")
-    .rows_affected()
+    let moved: i32 = sqlx::query_scalar("SELECT reopen_job($1)")
+        .bind(job)
+        .fetch_one(executor)
+        .await
+        .expect("reopening a finished job");
+    moved as u64
+}
+
+/// History as a database migrated `days` days ago has it: what was moved
+/// then in the partition of everything before, and a partition for each
+/// day since. The partitions of everything before must be empty.
+pub async fn history_partitioned_since(pool: &PgPool, days: i32) {
+    let before = format!("uuid_v7_floor((current_date - {days})::timestamp AT TIME ZONE 'UTC')");
+    for sql in [
+        "ALTER TABLE job_history DETACH PARTITION job_history_before".to_string(),
+        "ALTER TABLE task_history DETACH PARTITION task_history_before".to_string(),
+        "DROP TABLE job_history_before, task_history_before".to_string(),
+        // A partition bound takes no parameter; `days` is the caller's own.
+        format!("CREATE TABLE job_history_before PARTITION OF job_history FOR VALUES FROM (MINVALUE) TO ({before})"),
+        format!("CREATE TABLE task_history_before PARTITION OF task_history FOR VALUES FROM (MINVALUE) TO ({before})"),
+        format!("SELECT create_history_partitions(current_date - {days}, {days})"),
+    ] {
+        sqlx::query(&sql)
+            .execute(pool)
+            .await
+            .expect("laying out history by day");
+    }
 }
 
 /// The path of one of the workspace's binaries, built first if needed, so a
