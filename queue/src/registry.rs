@@ -185,8 +185,8 @@ impl Queue {
     /// The drain step of a scale-down: mark these replicas draining, but only
     /// those that hold no task at that moment. Returns the ones marked; the
     /// others picked up work and must be kept. Taking the registry rows
-    /// FOR UPDATE first waits out any claim in progress (claims hold them
-    /// FOR SHARE), and the idle check then sees every committed claim.
+    /// FOR UPDATE first waits out any claim in progress (claims lock them
+    /// too), and the idle check then sees every committed claim.
     ///
     /// A replica not registered yet (a pod still starting) gets a draining
     /// placeholder row, so when it registers it claims nothing; one that

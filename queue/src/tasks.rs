@@ -79,7 +79,7 @@ impl Queue {
     /// first heartbeat marks them `processing`.
     pub async fn claim(&self, worker_id: &str, task_types: &[TaskType], limit: i32) -> Result<Vec<Task>> {
         self.take(
-            "SELECT * FROM claim_tasks($1, $2, $3)",
+            "SELECT * FROM claim_tasks($1, $2, $3, $4)",
             worker_id,
             task_types,
             limit,
@@ -97,7 +97,7 @@ impl Queue {
         limit: i32,
     ) -> Result<Vec<Task>> {
         self.take(
-            "SELECT * FROM claim_and_start_tasks($1, $2, $3)",
+            "SELECT * FROM claim_and_start_tasks($1, $2, $3, $4)",
             worker_id,
             task_types,
             limit,
@@ -113,13 +113,15 @@ impl Queue {
         limit: i32,
     ) -> Result<Vec<Task>> {
         let types = claim_arguments(worker_id, task_types, limit)?;
-        // Safe to repeat: a claim whose answer was lost holds its tasks
-        // until the sweeper returns them.
+        // Safe to repeat: a repeat with the nonce of a call that committed
+        // (its answer lost) returns that call's tasks, not more.
+        let nonce = uuid::Uuid::now_v7();
         Ok(retry_transient(|| {
             sqlx::query_as(sql)
                 .bind(worker_id)
                 .bind(&types)
                 .bind(limit)
+                .bind(nonce)
                 .fetch_all(&self.pool)
         })
         .await?)

@@ -571,6 +571,101 @@ async fn calls_safe_to_repeat_survive_a_connection_the_server_killed(pool: PgPoo
     );
 }
 
+/// A claim whose answer was lost (it committed; the connection was cut
+/// before the reply) is repeated with its nonce and gets the tasks it took.
+/// Repeated as a new claim, it took the next tasks instead, and the first
+/// stayed with a worker that never heard of them until the sweeper.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_claim_whose_answer_was_lost_returns_the_tasks_it_took(pool: PgPool) {
+    use test_support::pg_proxy::AnswerLosingProxy;
+    let options = pool.connect_options();
+    let upstream = format!("{}:{}", options.get_host(), options.get_port());
+    let proxy = AnswerLosingProxy::start(upstream, b"claim_and_start_tasks").await;
+    let through_proxy = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(
+            (*options)
+                .clone()
+                .host("127.0.0.1")
+                .port(proxy.addr.port())
+                // The proxy reads the statements it loses the answers of.
+                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
+        )
+        .await
+        .unwrap();
+    let q = queue(pool.clone());
+    q.enqueue_batch((0..4).map(|i| text_job(&format!("{i}"))).collect())
+        .await
+        .unwrap();
+
+    let got = queue(through_proxy)
+        .claim_and_start("w", &[TaskType::TextGeneration], 2)
+        .await
+        .expect("the claim is repeated on a new connection");
+    assert_eq!(proxy.cuts(), 1, "the first answer was lost");
+    let held: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM job_tasks WHERE claimed_by = 'w' AND status = 'processing' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut returned: Vec<i64> = got.iter().map(|t| t.id).collect();
+    returned.sort();
+    assert_eq!(
+        returned, held,
+        "the repeat returned what the worker holds, and took nothing more"
+    );
+    assert_eq!(held.len(), 2);
+    assert!(got.iter().all(|t| t.attempts == 1), "{got:?}");
+}
+
+/// The nonce from plain SQL: the same nonce again returns the same tasks
+/// (those still held), a new one claims the next.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_claim_repeated_with_its_nonce_returns_its_tasks_still_held(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue_batch((0..5).map(|i| text_job(&format!("{i}"))).collect())
+        .await
+        .unwrap();
+    let claim = |nonce: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT id FROM claim_tasks('w', '{text_generation}', 2, $1::uuid) ORDER BY id",
+            )
+            .bind(nonce)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    const FIRST: &str = "01890000-0000-7000-8000-000000000001";
+    const SECOND: &str = "01890000-0000-7000-8000-000000000002";
+    let first = claim(FIRST).await;
+    assert_eq!(first.len(), 2);
+    assert_eq!(claim(FIRST).await, first, "a repeat claims nothing new");
+
+    let second = claim(SECOND).await;
+    assert_eq!(second.len(), 2);
+    assert!(
+        second.iter().all(|id| !first.contains(id)),
+        "{first:?} {second:?}"
+    );
+    // One of the second batch finishes: a repeat returns the one still held.
+    let lease = queue::Lease {
+        task_id: second[0],
+        claim: 1,
+    };
+    q.complete("w", lease, json!({ "text": "done" })).await.unwrap();
+    assert_eq!(claim(SECOND).await, vec![second[1]]);
+    // Without a nonce a claim is a new claim, as before.
+    let plain: Vec<i64> = sqlx::query_scalar("SELECT id FROM claim_tasks('w', '{text_generation}', 2)")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(plain.len(), 1, "the fifth task");
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_retry_waits_as_long_as_the_failure_asked_when_that_is_longer_than_the_backoff(pool: PgPool) {
     // Base 10 s: the first retry would come back in 5 to 10 s.

@@ -1,3 +1,7 @@
+-- Claims, in two parts: they read the claim index whatever the planner's
+-- statistics say, and a claim repeated after a lost answer gets the tasks
+-- of the call that was not heard, instead of more.
+--
 -- Queries for runnable tasks (the claim, and place_in_line's head of the
 -- line and fair-restart probe) read the claim index whatever the planner's
 -- statistics say. Until `job_tasks` is first analyzed with rows in it (a
@@ -29,12 +33,31 @@ DROP INDEX job_tasks_runnable;
 CREATE INDEX job_tasks_runnable ON job_tasks (task_type, priority DESC, fair_at, id)
     WHERE task_phase(status, waiting_on) = 'runnable';
 
--- As in the durable-claims migration, naming the phase.
-CREATE OR REPLACE FUNCTION take_tasks(p_worker_id text, p_task_types text[], p_limit int, p_status text)
+-- A claim repeated with the nonce of a call that committed (its answer
+-- was lost: the connection cut at the commit) returns that call's tasks,
+-- still held, instead of claiming more: before, the first batch stayed
+-- with a worker that never heard of it until the sweeper took it back (a
+-- lease's expiry and an attempt later). A claim that took tasks records
+-- its nonce and time on the claimer's registry row, which it already
+-- locks; its tasks are those of the claimer claimed at that time (one
+-- transaction's now()). The repeat reads them without an index on
+-- claimed_by: it is rare, and a claim stays one write lighter.
+ALTER TABLE workers ADD COLUMN last_claim_nonce uuid, ADD COLUMN last_claim_at timestamptz;
+
+-- As in the durable-claims migration, naming the phase, with the nonce.
+-- The wrappers take it too; a caller that gives none claims as before.
+DROP FUNCTION claim_tasks(text, text[], int);
+DROP FUNCTION claim_and_start_tasks(text, text[], int);
+DROP FUNCTION take_tasks(text, text[], int, text);
+CREATE FUNCTION take_tasks(p_worker_id text, p_task_types text[], p_limit int, p_status text,
+                           p_nonce uuid DEFAULT NULL)
 RETURNS SETOF job_tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     v_state text;
+    v_nonce uuid;
+    v_claimed_at timestamptz;
+    v_claimed int;
 BEGIN
     IF p_worker_id IS NULL OR p_worker_id = '' THEN
         RAISE EXCEPTION 'claim_tasks: p_worker_id must not be empty' USING ERRCODE = '22023';
@@ -49,15 +72,28 @@ BEGIN
         RAISE EXCEPTION 'take_tasks: p_status must be claimed or processing, got %', p_status USING ERRCODE = '22023';
     END IF;
 
-    -- FOR SHARE on the claimer's registry row orders this claim against the
+    -- The lock on the claimer's registry row orders this claim against the
     -- drain step (which takes it FOR UPDATE); an unknown claimer is
-    -- registered first (see the reliability migration).
-    SELECT w.state INTO v_state FROM workers w WHERE w.id = p_worker_id FOR SHARE;
+    -- registered first (see the reliability migration). It was FOR SHARE;
+    -- a claim now writes the row, so two claims of one claimer take turns
+    -- here rather than deadlock on that write.
+    SELECT w.state, w.last_claim_nonce, w.last_claim_at INTO v_state, v_nonce, v_claimed_at
+    FROM workers w WHERE w.id = p_worker_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         INSERT INTO workers (id, task_types, concurrency)
         VALUES (p_worker_id, p_task_types, p_limit)
         ON CONFLICT (id) DO NOTHING;
-        SELECT w.state INTO v_state FROM workers w WHERE w.id = p_worker_id FOR SHARE;
+        SELECT w.state, w.last_claim_nonce, w.last_claim_at INTO v_state, v_nonce, v_claimed_at
+        FROM workers w WHERE w.id = p_worker_id FOR NO KEY UPDATE;
+    END IF;
+    -- A repeat: the tasks are this claimer's whatever its state is now.
+    IF p_nonce IS NOT NULL AND p_nonce = v_nonce THEN
+        RETURN QUERY
+        SELECT t.* FROM job_tasks t
+        WHERE t.claimed_by = p_worker_id AND t.claimed_at = v_claimed_at
+          AND t.status IN ('claimed', 'processing')
+        ORDER BY t.priority DESC, t.fair_at, t.id;
+        RETURN;
     END IF;
     IF v_state IS DISTINCT FROM 'running' THEN
         RETURN;
@@ -102,7 +138,24 @@ BEGIN
                        FOR NO KEY UPDATE SKIP LOCKED)
     )
     SELECT * FROM claimed;
+    GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    IF p_nonce IS NOT NULL AND v_claimed > 0 THEN
+        UPDATE workers SET last_claim_nonce = p_nonce, last_claim_at = now() WHERE id = p_worker_id;
+    END IF;
 END
+$$;
+
+CREATE FUNCTION claim_tasks(p_worker_id text, p_task_types text[], p_limit int, p_nonce uuid DEFAULT NULL)
+RETURNS SETOF job_tasks
+LANGUAGE sql AS $$
+    SELECT * FROM take_tasks(p_worker_id, p_task_types, p_limit, 'claimed', p_nonce);
+$$;
+
+CREATE FUNCTION claim_and_start_tasks(p_worker_id text, p_task_types text[], p_limit int,
+                                      p_nonce uuid DEFAULT NULL)
+RETURNS SETOF job_tasks
+LANGUAGE sql AS $$
+    SELECT * FROM take_tasks(p_worker_id, p_task_types, p_limit, 'processing', p_nonce);
 $$;
 
 -- As in the fair-restart migration, naming the phase, and with the probe a
