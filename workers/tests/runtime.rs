@@ -227,7 +227,8 @@ async fn a_claim_that_fails_after_a_task_finished_does_not_cost_its_result(pool:
     .await;
     // From now on every claim fails (as a bug or a full disk might make it).
     sqlx::query(
-        "CREATE OR REPLACE FUNCTION take_tasks(p_worker_id text, p_task_types text[], p_limit int, p_status text)
+        "CREATE OR REPLACE FUNCTION take_tasks(p_worker_id text, p_task_types text[], p_limit int, p_status text,
+         p_nonce uuid DEFAULT NULL)
          RETURNS SETOF job_tasks LANGUAGE plpgsql AS $$
          BEGIN RAISE EXCEPTION 'claims are broken'; END $$",
     )
