@@ -117,23 +117,9 @@ async fn concurrent_creations_are_all_written_once(pool: sqlx::PgPool) {
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_group_whose_answer_was_lost_is_not_written_twice(pool: sqlx::PgPool) {
     use api::enqueuer::Enqueuer;
-    use sqlx::postgres::PgPoolOptions;
     use test_support::pg_proxy::AnswerLosingProxy;
-    let options = pool.connect_options();
-    let upstream = format!("{}:{}", options.get_host(), options.get_port());
-    let proxy = AnswerLosingProxy::start(upstream, b"INSERT INTO jobs").await;
-    let through_proxy = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(
-            (*options)
-                .clone()
-                .host("127.0.0.1")
-                .port(proxy.addr.port())
-                // The proxy reads the statements it loses the answers of.
-                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
-        )
-        .await
-        .unwrap();
+    let proxy = AnswerLosingProxy::in_front_of(&pool, b"INSERT INTO jobs").await;
+    let through_proxy = proxy.pool(&pool, 4).await;
     let enqueuer = Enqueuer::start(queue::Queue::new(through_proxy));
 
     // All in the channel before the first group is taken: groups of 128.

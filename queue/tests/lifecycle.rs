@@ -578,21 +578,8 @@ async fn calls_safe_to_repeat_survive_a_connection_the_server_killed(pool: PgPoo
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_claim_whose_answer_was_lost_returns_the_tasks_it_took(pool: PgPool) {
     use test_support::pg_proxy::AnswerLosingProxy;
-    let options = pool.connect_options();
-    let upstream = format!("{}:{}", options.get_host(), options.get_port());
-    let proxy = AnswerLosingProxy::start(upstream, b"claim_and_start_tasks").await;
-    let through_proxy = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(
-            (*options)
-                .clone()
-                .host("127.0.0.1")
-                .port(proxy.addr.port())
-                // The proxy reads the statements it loses the answers of.
-                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
-        )
-        .await
-        .unwrap();
+    let proxy = AnswerLosingProxy::in_front_of(&pool, b"claim_and_start_tasks").await;
+    let through_proxy = proxy.pool(&pool, 2).await;
     let q = queue(pool.clone());
     q.enqueue_batch((0..4).map(|i| text_job(&format!("{i}"))).collect())
         .await

@@ -43,6 +43,28 @@ impl AnswerLosingProxy {
         AnswerLosingProxy { addr, cuts }
     }
 
+    /// In front of the server `pool` connects to.
+    pub async fn in_front_of(pool: &sqlx::PgPool, marker: &'static [u8]) -> Self {
+        let options = pool.connect_options();
+        Self::start(format!("{}:{}", options.get_host(), options.get_port()), marker).await
+    }
+
+    /// A pool of up to `max_connections` to `pool`'s database, through
+    /// this proxy.
+    pub async fn pool(&self, pool: &sqlx::PgPool, max_connections: u32) -> sqlx::PgPool {
+        let options = (*pool.connect_options())
+            .clone()
+            .host("127.0.0.1")
+            .port(self.addr.port())
+            // The proxy reads the statements it loses the answers of.
+            .ssl_mode(sqlx::postgres::PgSslMode::Disable);
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await
+            .expect("connecting through the proxy")
+    }
+
     /// Answers lost so far (0 or 1).
     pub fn cuts(&self) -> usize {
         self.cuts.load(Ordering::SeqCst)
