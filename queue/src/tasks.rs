@@ -198,15 +198,18 @@ impl Queue {
         let types = claim_arguments(worker_id, task_types, limit)?;
         let (ids, claims, outputs) = completion_arrays(results);
         // Safe to repeat, as each half is: a completion whose answer was
-        // lost is reported again, a lost claim is swept back.
+        // lost is reported again, and a claim repeated with its nonce
+        // returns the tasks it took.
+        let nonce = uuid::Uuid::now_v7();
         let rows: Vec<Task> = retry_transient(|| {
-            sqlx::query_as("SELECT * FROM complete_and_claim_tasks($1, $2, $3, $4, $5, $6)")
+            sqlx::query_as("SELECT * FROM complete_and_claim_tasks($1, $2, $3, $4, $5, $6, $7)")
                 .bind(worker_id)
                 .bind(&ids)
                 .bind(&claims)
                 .bind(&outputs)
                 .bind(&types)
                 .bind(limit)
+                .bind(nonce)
                 .fetch_all(&self.pool)
         })
         .await?;

@@ -606,6 +606,48 @@ async fn a_claim_whose_answer_was_lost_returns_the_tasks_it_took(pool: PgPool) {
     assert!(got.iter().all(|t| t.attempts == 1), "{got:?}");
 }
 
+/// The call a worker makes after every batch: its completions and its next
+/// claim in one transaction. When the answer is lost, the repeat reports the
+/// completions again and returns the batch the lost call claimed. Before,
+/// it claimed afresh (here: nothing was left) and the batch stayed with
+/// the worker, unknown to it, until the sweeper.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_completion_and_claim_whose_answer_was_lost_returns_the_tasks_it_took(pool: PgPool) {
+    use test_support::pg_proxy::AnswerLosingProxy;
+    let proxy = AnswerLosingProxy::in_front_of(&pool, b"complete_and_claim_tasks").await;
+    let q = queue(pool.clone());
+    q.enqueue_batch((0..4).map(|i| text_job(&format!("{i}"))).collect())
+        .await
+        .unwrap();
+    let first = q
+        .claim_and_start("w", &[TaskType::TextGeneration], 2)
+        .await
+        .unwrap();
+    let results: Vec<_> = first.iter().map(|t| (t.lease(), json!({ "n": t.id }))).collect();
+
+    let done = queue(proxy.pool(&pool, 2).await)
+        .complete_and_claim("w", &results, &[TaskType::TextGeneration], 2)
+        .await
+        .expect("the call is repeated on a new connection");
+    assert_eq!(proxy.cuts(), 1, "the first answer was lost");
+    let mut completed: Vec<i64> = done.completed.iter().map(|l| l.task_id).collect();
+    completed.sort();
+    let mut finished: Vec<i64> = first.iter().map(|t| t.id).collect();
+    finished.sort();
+    assert_eq!(completed, finished, "the completions are reported done");
+    let held: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM job_tasks WHERE claimed_by = 'w' AND status = 'processing' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut claimed: Vec<i64> = done.claimed.iter().map(|t| t.id).collect();
+    claimed.sort();
+    assert_eq!(claimed, held, "the repeat returned the batch the worker holds");
+    assert_eq!(held.len(), 2);
+    assert!(done.claimed.iter().all(|t| t.attempts == 1), "{:?}", done.claimed);
+}
+
 /// The nonce from plain SQL: the same nonce again returns the same tasks
 /// (those still held), a new one claims the next.
 #[sqlx::test(migrator = "queue::MIGRATOR")]

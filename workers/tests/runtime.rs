@@ -212,6 +212,34 @@ async fn a_finished_task_is_completed_in_the_call_that_claims_the_next(pool: PgP
     );
 }
 
+/// The answer to the call that stores a batch's results and claims the
+/// next is lost once (the connection cut after the commit). The runtime's
+/// repeat gets the batch that call claimed, and runs it: every task runs
+/// once. Before, the repeat claimed afresh and the lost call's batch stayed
+/// `processing` with this replica, which never heard of it, until a
+/// sweeper took it back a lease's expiry and an attempt later.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_batch_claimed_in_a_call_whose_answer_was_lost_is_still_run(pool: PgPool) {
+    use test_support::pg_proxy::AnswerLosingProxy;
+    let proxy = AnswerLosingProxy::in_front_of(&pool, b"complete_and_claim_tasks").await;
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 6).await;
+    let handler = SlowHandler {
+        sleep: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let through_proxy = Queue::new(proxy.pool(&pool, 4).await);
+    let worker = start(&through_proxy, config(2, Duration::from_secs(5)), handler.clone());
+    wait_until("all tasks complete", async || {
+        statuses(&pool).await == [("complete".to_string(), 6)]
+    })
+    .await;
+    assert_eq!(proxy.cuts(), 1, "an answer was lost");
+    let summary = worker.stop().await;
+    assert_eq!((summary.completed, summary.lost), (6, 0));
+    assert_eq!(handler.started.load(Ordering::SeqCst), 6, "each task ran once");
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_claim_that_fails_after_a_task_finished_does_not_cost_its_result(pool: PgPool) {
     let q = Queue::new(pool.clone());
