@@ -6,7 +6,8 @@
 #   scripts/ensure-tools.sh [test] that, and what the tests need:
 #                                  poppler-utils (pdftotext/pdftoppm),
 #                                  chromium and chromium-driver (the console's
-#                                  browser test), moto (an S3 server for the
+#                                  browser test), strace (the file store's
+#                                  flush test), moto (an S3 server for the
 #                                  store tests), schemathesis (the API fuzzer
 #                                  of scripts/fuzz-api.sh), kubernetes-validate
 #                                  (scripts/validate-manifests.sh) and promtool
@@ -46,6 +47,7 @@ fi
 command -v pdftotext >/dev/null 2>&1 || missing+=(poppler-utils)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # promtool comes with Debian's `prometheus` package (the server too, which is

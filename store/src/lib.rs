@@ -185,7 +185,11 @@ impl ArtifactStore {
     /// A store in a local folder, created when missing.
     pub fn local(dir: &FsPath) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let store = LocalFileSystem::new_with_prefix(dir)?;
+        // A put returns once the file and the folder entries naming it are
+        // flushed, as S3 answers once the object is durable: the worker
+        // records the artifact right after, and without the flush a crash
+        // then left the record pointing at an empty file or none.
+        let store = LocalFileSystem::new_with_prefix(dir)?.with_fsync(true);
         Ok(ArtifactStore {
             inner: Arc::new(store),
             keeps_content_type: false,
