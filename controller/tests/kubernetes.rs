@@ -1314,6 +1314,19 @@ async fn two_pools_for_one_task_type_leave_the_newer_one_invalid(pool: PgPool) {
         (condition(&pool_status(&api, "first"), "Ready")["status"] == "True").then_some(())
     })
     .await;
+    // GET /v1/pools lists it too, under its namespaced key, saying why.
+    let mut listed = None;
+    for _ in 0..100 {
+        let rows = q.pool_statuses().await.unwrap();
+        listed = rows.into_iter().find(|r| r.status.pool == "default/second");
+        if listed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listed = listed.expect("the rejected pool in GET /v1/pools").status;
+    assert_eq!(listed.conditions[0]["reason"], "InvalidSpec");
+    assert_eq!(listed.conditions[0]["message"], ready["message"]);
     controller.stop().await;
 }
 

@@ -976,10 +976,22 @@ async fn the_plan_command_reads_the_local_backend_and_changes_nothing(pool: PgPo
 
 /// A pool edited into an invalid spec stops scaling, and `/metrics` says
 /// so with `Ready=False`, the series the BacklogPoolNotReady alert watches.
-/// Its series used to vanish with it, so the alert could not fire.
+/// Its series used to vanish with it, so the alert could not fire. So does
+/// its row in `GET /v1/pools`, which went on saying `Ready=True`.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_pool_edited_into_an_invalid_spec_is_reported_not_ready(pool: PgPool) {
     let q = Queue::new(pool);
+    // The Ready condition of the pool's row in GET /v1/pools.
+    let api_ready = async || {
+        let rows = q.pool_statuses().await.unwrap();
+        let row = rows.iter().find(|r| r.status.pool == "text")?;
+        row.status
+            .conditions
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .cloned()
+    };
     let metrics = Arc::new(Metrics::default());
     let reconciler = Reconciler::new(Context {
         queue: q.clone(),
@@ -1004,6 +1016,14 @@ async fn a_pool_edited_into_an_invalid_spec_is_reported_not_ready(pool: PgPool) 
     let invalid = TEXT_POOL.replace("maxReplicas: 5", "maxReplicas: 5\n  minReplicas: 9");
     std::fs::write(&running.manifest, invalid).unwrap();
     let scraped = scraped_with(&[ready("False", 1), ready("True", 0)]).await;
+    let said_not_ready = within_20s(async || api_ready().await.is_some_and(|c| c["status"] == "False")).await;
+    let condition = api_ready().await.unwrap();
+    assert!(said_not_ready, "GET /v1/pools still says {condition}");
+    assert_eq!(condition["reason"], "InvalidSpec");
+    assert!(
+        condition["message"].as_str().unwrap().contains("minReplicas"),
+        "names what is wrong: {condition}"
+    );
     for stale in [
         r#"backlog_controller_desired_replicas{pool="text"}"#,
         r#"backlog_controller_pool_task_type_info{pool="text""#,
@@ -1015,6 +1035,46 @@ async fn a_pool_edited_into_an_invalid_spec_is_reported_not_ready(pool: PgPool) 
     // Fixed: Ready again.
     std::fs::write(&running.manifest, TEXT_POOL).unwrap();
     scraped_with(&[ready("True", 1), ready("False", 0)]).await;
+    let ready_again = within_20s(async || api_ready().await.is_some_and(|c| c["status"] == "True")).await;
+    assert!(ready_again, "GET /v1/pools: {:?}", api_ready().await);
+    running.stop().await;
+}
+
+/// A pool rejected from its first load (here: a task type another pool
+/// serves) has a row in `GET /v1/pools` that says why; it had none, so
+/// the operator saw no trace of the pool they had applied.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_pool_rejected_from_the_start_is_listed_with_why(pool: PgPool) {
+    let q = Queue::new(pool);
+    let reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: MemoryBackend::default(),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let second = TEXT_POOL.replace("name: text", "name: text-again");
+    let manifests = format!("{TEXT_POOL}\n---\n{second}");
+    let running = RunningLoop::start(reconciler, &manifests, Duration::from_millis(100), 7);
+    let listed = within_20s(async || q.pool_statuses().await.unwrap().len() == 2).await;
+    let rows = q.pool_statuses().await.unwrap();
+    assert!(listed, "{rows:?}");
+    let rejected = &rows
+        .iter()
+        .find(|r| r.status.pool == "text-again")
+        .unwrap()
+        .status;
+    let ready = &rejected.conditions[0];
+    assert_eq!(
+        (ready["type"].as_str(), ready["status"].as_str()),
+        (Some("Ready"), Some("False"))
+    );
+    assert!(
+        ready["message"].as_str().unwrap().contains("text_generation"),
+        "names the task type: {ready}"
+    );
+    assert_eq!(
+        (rejected.current_replicas, rejected.backend.as_str()),
+        (0, "memory")
+    );
     running.stop().await;
 }
 

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use queue::Queue;
 use tokio::sync::Semaphore;
 
@@ -29,13 +30,13 @@ pub use election::{AdvisoryLock, Election};
 pub use error::PassError;
 pub use plan::{plan, PlanReport};
 pub use run::{run, run_elected, LoopSettings};
-pub use source::{ManifestSource, PoolSource};
+pub use source::{ManifestSource, PoolSource, RejectedPool};
 
 use crate::backend::Backend;
 use crate::manifest::LoadedPool;
 use crate::metrics::Metrics;
 use crate::policy::{Decision, History};
-use crate::spec::WorkerPoolStatus;
+use crate::spec::{ConditionType, WorkerPoolStatus};
 use pass::{Pass, PassDone, PoolState, QueueSnapshot, SharedSnapshot};
 
 /// What `reconcile` needs, handed in once.
@@ -48,9 +49,15 @@ pub struct Context<B> {
 /// The key a pool's state is kept under: `namespace/name` for WorkerPool
 /// objects (names repeat across namespaces), the name for pools from files.
 pub fn pool_key(pool: &LoadedPool) -> String {
-    match &pool.pool.metadata.namespace {
-        Some(namespace) => format!("{namespace}/{}", pool.name()),
-        None => pool.name().to_string(),
+    key_of(&pool.pool.metadata)
+}
+
+/// [`pool_key`] from a WorkerPool's metadata.
+pub fn key_of(metadata: &kube::api::ObjectMeta) -> String {
+    let name = metadata.name.as_deref().unwrap_or_default();
+    match &metadata.namespace {
+        Some(namespace) => format!("{namespace}/{name}"),
+        None => name.to_string(),
     }
 }
 
@@ -128,8 +135,8 @@ pub struct Reconciler<B> {
     leadership: Leadership,
     settings: PassSettings,
     permits: Arc<Semaphore>,
-    /// Names of the pools the source turned away, reported `Ready=False`.
-    rejected: Vec<String>,
+    /// The pools the source turned away, reported `Ready=False`.
+    rejected: Vec<RejectedPool>,
 }
 
 impl<B: Backend + 'static> Reconciler<B> {
@@ -225,34 +232,69 @@ impl<B: Backend + 'static> Reconciler<B> {
     /// a spec edited into an invalid one, which stops its scaling). A name
     /// an admitted pool also has (a duplicate document, another namespace's
     /// pool) stays that pool's.
-    pub fn set_rejected(&mut self, pools: &[LoadedPool], rejected: &[String]) {
+    pub fn set_rejected(&mut self, pools: &[LoadedPool], rejected: &[RejectedPool]) {
         self.rejected = rejected
             .iter()
-            .filter(|name| !pools.iter().any(|p| p.name() == name.as_str()))
+            .filter(|r| !pools.iter().any(|p| p.name() == r.name))
             .cloned()
             .collect();
         if self.leadership.is_held() {
-            for name in &self.rejected {
-                self.ctx.metrics.record_rejected(name);
+            for rejected in &self.rejected {
+                self.ctx.metrics.record_rejected(&rejected.name);
             }
         }
     }
 
-    /// Forget pools whose manifests were removed, here and in the database.
+    /// Forget pools whose manifests were removed, here and in the database,
+    /// and report the rejected ones where `GET /v1/pools` reads.
     async fn forget_removed(&mut self, pools: &[LoadedPool]) {
         let names: Vec<&str> = pools
             .iter()
             .map(|p| p.name())
-            .chain(self.rejected.iter().map(String::as_str))
+            .chain(self.rejected.iter().map(|r| r.name.as_str()))
             .collect();
         self.ctx.metrics.forget_pools_except(&names);
         let live: HashSet<String> = pools.iter().map(pool_key).collect();
         self.state
             .retain(|key, _| live.contains(key) || self.in_flight.contains(key));
         let backend = self.ctx.backend.name();
-        let live: Vec<String> = live.into_iter().collect();
-        if let Err(e) = self.ctx.queue.forget_pool_statuses(backend, &live).await {
+        let defined: Vec<String> = live
+            .into_iter()
+            .chain(self.rejected.iter().map(|r| r.key.clone()))
+            .collect();
+        if let Err(e) = self.ctx.queue.forget_pool_statuses(backend, &defined).await {
             tracing::warn!(error = %e, "could not prune the status of removed pools");
+        }
+        self.report_rejected().await;
+    }
+
+    /// Write `Ready=False, InvalidSpec` and why into each rejected pool's
+    /// status row, keeping the rest of what its last pass wrote (its
+    /// replicas may still run; nothing scales them now). Without it, a pool
+    /// edited into an invalid spec went on showing `Ready=True` in
+    /// `GET /v1/pools`, and a new one that never ran was missing there.
+    async fn report_rejected(&self) {
+        if self.rejected.is_empty() || !self.leadership.is_held() {
+            return;
+        }
+        let stored = match self.ctx.queue.pool_statuses().await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read pool statuses to report rejected pools");
+                return;
+            }
+        };
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        for rejected in &self.rejected {
+            let last = stored
+                .iter()
+                .find(|r| r.status.pool == rejected.key)
+                .map(|r| &r.status);
+            let row = rejected_status(last, rejected, self.ctx.backend.name(), &now);
+            if let Err(e) = self.ctx.queue.put_pool_status(&row).await {
+                tracing::warn!(pool = %rejected.key, error = %e, "could not report the rejected pool's status");
+                self.ctx.count_error(&rejected.name, "status");
+            }
         }
     }
 
@@ -308,5 +350,124 @@ impl<B: Backend + 'static> Reconciler<B> {
     /// its task types should wake the loop at once.
     pub fn is_at_zero(&self, key: &str) -> bool {
         self.state.get(key).is_none_or(|s| s.status.current_replicas == 0)
+    }
+}
+
+/// A rejected pool's status row: the last one written for it (or an empty
+/// one) with `Ready=False, InvalidSpec` and why; `lastTransitionTime` stays
+/// when it was already not ready, the Kubernetes way.
+fn rejected_status(
+    last: Option<&queue::PoolStatus>,
+    rejected: &RejectedPool,
+    backend: &str,
+    now: &Time,
+) -> queue::PoolStatus {
+    let mut row = last.cloned().unwrap_or_else(|| queue::PoolStatus {
+        pool: rejected.key.clone(),
+        backend: backend.to_string(),
+        desired_replicas: 0,
+        current_replicas: 0,
+        ready_replicas: 0,
+        busy_replicas: 0,
+        pending: 0,
+        in_flight: 0,
+        conditions: serde_json::json!([]),
+        last_decision: None,
+        last_scale_at: None,
+        task_types: Vec::new(),
+        created_at: None,
+    });
+    let mut status = WorkerPoolStatus {
+        conditions: serde_json::from_value(row.conditions.clone()).unwrap_or_default(),
+        ..Default::default()
+    };
+    status.set_condition(ConditionType::Ready, false, "InvalidSpec", &rejected.message, now);
+    row.conditions = serde_json::to_value(&status.conditions).unwrap_or_else(|_| serde_json::json!([]));
+    row.backend = backend.to_string();
+    row.created_at = None;
+    row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(message: &str) -> RejectedPool {
+        RejectedPool {
+            key: "text".into(),
+            name: "text".into(),
+            message: message.into(),
+        }
+    }
+
+    fn at(seconds: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + seconds).unwrap())
+    }
+
+    fn ready(row: &queue::PoolStatus) -> serde_json::Value {
+        row.conditions
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .cloned()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_pool_rejected_before_it_ever_ran_gets_a_row_saying_why() {
+        let row = rejected_status(
+            None,
+            &rejected("spec.minReplicas: 9 is above maxReplicas 5"),
+            "local",
+            &at(0),
+        );
+        assert_eq!((row.pool.as_str(), row.backend.as_str()), ("text", "local"));
+        assert_eq!((row.desired_replicas, row.current_replicas), (0, 0));
+        let ready = ready(&row);
+        assert_eq!(
+            (ready["status"].as_str(), ready["reason"].as_str()),
+            (Some("False"), Some("InvalidSpec"))
+        );
+        assert_eq!(ready["message"], "spec.minReplicas: 9 is above maxReplicas 5");
+    }
+
+    #[test]
+    fn a_running_pool_edited_into_an_invalid_spec_keeps_its_figures_and_turns_not_ready() {
+        let mut running = WorkerPoolStatus::default();
+        running.set_condition(ConditionType::Ready, true, "Reconciled", "", &at(0));
+        running.set_condition(ConditionType::Active, true, "Pending", "", &at(0));
+        let last = queue::PoolStatus {
+            pool: "text".into(),
+            backend: "local".into(),
+            desired_replicas: 3,
+            current_replicas: 3,
+            ready_replicas: 3,
+            busy_replicas: 2,
+            pending: 7,
+            in_flight: 2,
+            conditions: serde_json::to_value(&running.conditions).unwrap(),
+            last_decision: Some("scale up".into()),
+            last_scale_at: None,
+            task_types: vec!["text_generation".into()],
+            created_at: None,
+        };
+        let row = rejected_status(Some(&last), &rejected("bad"), "local", &at(60));
+        assert_eq!((row.current_replicas, row.busy_replicas, row.pending), (3, 2, 7));
+        assert_eq!(row.task_types, ["text_generation"]);
+        let ready = ready(&row);
+        assert_eq!(
+            (ready["status"].as_str(), ready["message"].as_str()),
+            (Some("False"), Some("bad"))
+        );
+        assert_eq!(ready["lastTransitionTime"], serde_json::to_value(at(60)).unwrap());
+        assert_eq!(row.conditions.as_array().unwrap().len(), 2, "Active is kept");
+
+        // Still rejected a pass later, for another reason: the time it
+        // turned not ready stays.
+        let again = rejected_status(Some(&row), &rejected("worse"), "local", &at(120));
+        let ready = self::ready(&again);
+        assert_eq!(ready["message"], "worse");
+        assert_eq!(ready["lastTransitionTime"], serde_json::to_value(at(60)).unwrap());
     }
 }

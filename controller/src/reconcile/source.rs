@@ -14,8 +14,19 @@ pub struct ManifestSource {
     path: PathBuf,
     stamp: Option<Vec<(PathBuf, SystemTime)>>,
     pools: Vec<LoadedPool>,
-    /// Names of the pools the last load turned away.
-    rejected: Vec<String>,
+    /// The pools the last load turned away.
+    rejected: Vec<RejectedPool>,
+}
+
+/// A pool its source turned away, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedPool {
+    /// Its key as an admitted pool's ([`super::pool_key`]): `namespace/name`
+    /// on Kubernetes, the name elsewhere.
+    pub key: String,
+    pub name: String,
+    /// What is wrong with it, in the words of the error.
+    pub message: String,
 }
 
 impl ManifestSource {
@@ -43,7 +54,14 @@ impl ManifestSource {
             self.rejected = loaded
                 .errors
                 .iter()
-                .filter_map(|error| error.location()?.name.clone())
+                .filter_map(|error| {
+                    let name = error.location()?.name.clone()?;
+                    Some(RejectedPool {
+                        key: name.clone(),
+                        name,
+                        message: error.to_string(),
+                    })
+                })
                 .collect();
             self.pools = loaded.pools;
             self.stamp = Some(stamp);
@@ -74,10 +92,10 @@ pub trait PoolSource: Send {
     /// The pools to reconcile now.
     fn load(&mut self) -> impl Future<Output = Vec<LoadedPool>> + Send;
 
-    /// Names of the pools the last `load` turned away (an invalid spec, a
-    /// task type another pool serves): no pass runs for them, and
-    /// `/metrics` reports them `Ready=False` so the alert on that fires.
-    fn rejected(&self) -> Vec<String>;
+    /// The pools the last `load` turned away (an invalid spec, a task type
+    /// another pool serves): no pass runs for them; `/metrics` and
+    /// `GET /v1/pools` report them `Ready=False`, so the alert on that fires.
+    fn rejected(&self) -> Vec<RejectedPool>;
 
     /// Resolves when the pools changed, so a pass should run now. Sources
     /// re-read on every pass never resolve.
@@ -91,7 +109,7 @@ impl PoolSource for ManifestSource {
         self.pools().to_vec()
     }
 
-    fn rejected(&self) -> Vec<String> {
+    fn rejected(&self) -> Vec<RejectedPool> {
         self.rejected.clone()
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use super::Publisher;
 use crate::error::Location;
 use crate::manifest::LoadedPool;
-use crate::reconcile::PoolSource;
+use crate::reconcile::{key_of, PoolSource, RejectedPool};
 use crate::spec::WorkerPool;
 
 pub struct WorkerPoolSource {
@@ -25,7 +25,7 @@ pub struct WorkerPoolSource {
     /// Pools already told why they are rejected: (uid, generation) → message.
     rejected: HashMap<(String, i64), String>,
     /// The pools the last load turned away.
-    current_rejections: Vec<String>,
+    current_rejections: Vec<RejectedPool>,
     watch: tokio::task::JoinHandle<()>,
 }
 
@@ -185,7 +185,11 @@ impl PoolSource for WorkerPoolSource {
         let (admitted, rejections) = admit(self.store.state());
         self.current_rejections = rejections
             .iter()
-            .map(|(pool, _)| pool.metadata.name.clone().unwrap_or_default())
+            .map(|(pool, message)| RejectedPool {
+                key: key_of(&pool.metadata),
+                name: pool.metadata.name.clone().unwrap_or_default(),
+                message: message.clone(),
+            })
             .collect();
         for (pool, message) in rejections {
             let key = (uid(&pool), pool.metadata.generation.unwrap_or_default());
@@ -198,7 +202,7 @@ impl PoolSource for WorkerPoolSource {
         admitted
     }
 
-    fn rejected(&self) -> Vec<String> {
+    fn rejected(&self) -> Vec<RejectedPool> {
         self.current_rejections.clone()
     }
 
