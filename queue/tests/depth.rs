@@ -180,6 +180,28 @@ async fn claiming_uses_the_runnable_index(pool: PgPool) {
     );
 }
 
+/// Pending text tasks in the statistics tests: enough that reading them
+/// all is unmistakable beside reading a claim's worth.
+const BACKLOG: i64 = 5_000;
+
+/// Enqueue [`BACKLOG`] text jobs (named after `round`) with autovacuum off
+/// for `job_tasks`, so its statistics stay what the test makes them.
+async fn enqueue_backlog_without_autovacuum(pool: &PgPool, q: &queue::Queue, round: &str) {
+    sqlx::query("ALTER TABLE job_tasks SET (autovacuum_enabled = false)")
+        .execute(pool)
+        .await
+        .unwrap();
+    for batch in 0..BACKLOG / 1_000 {
+        q.enqueue_batch(
+            (0..1_000)
+                .map(|i| text_job(&format!("{round}-{batch}-{i}")))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
 /// A new database's first burst: `job_tasks` has never been analyzed with
 /// rows in it, so the planner gives every filter its default selectivity and
 /// takes every plan for one row. The claim, and place_in_line's head of the
@@ -188,17 +210,8 @@ async fn claiming_uses_the_runnable_index(pool: PgPool) {
 /// active-task index looked cheaper (and a hashed subplan did the same).
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn runnable_reads_stay_at_the_head_of_the_line_before_any_statistics(pool: PgPool) {
-    const BACKLOG: i64 = 5_000;
-    sqlx::query("ALTER TABLE job_tasks SET (autovacuum_enabled = false)")
-        .execute(&pool)
-        .await
-        .unwrap();
     let q = queue(pool.clone());
-    for batch in 0..BACKLOG / 1_000 {
-        q.enqueue_batch((0..1_000).map(|i| text_job(&format!("{batch}-{i}"))).collect())
-            .await
-            .unwrap();
-    }
+    enqueue_backlog_without_autovacuum(&pool, &q, "now").await;
     let analyzed: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stats WHERE tablename = 'job_tasks'")
         .fetch_one(&pool)
         .await
@@ -247,31 +260,15 @@ async fn runnable_reads_stay_at_the_head_of_the_line_before_any_statistics(pool:
 /// claim of 32 here, 20 ms.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn claims_stay_at_the_head_of_the_line_when_statistics_say_the_table_is_empty(pool: PgPool) {
-    const BACKLOG: i64 = 5_000;
-    sqlx::query("ALTER TABLE job_tasks SET (autovacuum_enabled = false)")
-        .execute(&pool)
-        .await
-        .unwrap();
     let q = queue(pool.clone());
-    let fill = async |round: &str| {
-        for batch in 0..BACKLOG / 1_000 {
-            q.enqueue_batch(
-                (0..1_000)
-                    .map(|i| text_job(&format!("{round}-{batch}-{i}")))
-                    .collect(),
-            )
-            .await
-            .unwrap();
-        }
-    };
     // The last burst, gone (its rows dead, their pages still there), and
     // the table analyzed then: the planner's density is near zero rows a page.
-    fill("before").await;
+    enqueue_backlog_without_autovacuum(&pool, &q, "before").await;
     sqlx::raw_sql("DELETE FROM job_tasks; DELETE FROM jobs; ANALYZE job_tasks")
         .execute(&pool)
         .await
         .unwrap();
-    fill("now").await;
+    enqueue_backlog_without_autovacuum(&pool, &q, "now").await;
     let mut worker = pool.acquire().await.unwrap();
     let claim = "SELECT count(*) FROM claim_and_start_tasks('w-1', '{text_generation}', 32)";
     // From the sixth call on, a function's statements may run a generic plan.
@@ -315,17 +312,8 @@ async fn claims_stay_at_the_head_of_the_line_when_statistics_say_the_table_is_em
 /// a completion of 32 in `make bench-workers`).
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn completions_read_their_tasks_by_key_in_a_working_queue(pool: PgPool) {
-    const BACKLOG: i64 = 5_000;
-    sqlx::query("ALTER TABLE job_tasks SET (autovacuum_enabled = false)")
-        .execute(&pool)
-        .await
-        .unwrap();
     let q = queue(pool.clone());
-    for batch in 0..BACKLOG / 1_000 {
-        q.enqueue_batch((0..1_000).map(|i| text_job(&format!("{batch}-{i}"))).collect())
-            .await
-            .unwrap();
-    }
+    enqueue_backlog_without_autovacuum(&pool, &q, "now").await;
     // Analyzed with a batch in flight, as autovacuum finds a working queue.
     sqlx::raw_sql(
         "SELECT count(*) FROM claim_and_start_tasks('w-0', '{text_generation}', 32); ANALYZE job_tasks",
