@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::Queue;
 
 /// One pool's status as the controller reports it after a pass.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PoolStatus {
     pub pool: String,
     pub backend: String,

@@ -571,6 +571,15 @@ async fn calls_safe_to_repeat_survive_a_connection_the_server_killed(pool: PgPoo
     );
 }
 
+/// The ids of the tasks `worker` holds `processing`, in order.
+async fn processing_by(pool: &PgPool, worker: &str) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM job_tasks WHERE claimed_by = $1 AND status = 'processing' ORDER BY id")
+        .bind(worker)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// A claim whose answer was lost (it committed; the connection was cut
 /// before the reply) is repeated with its nonce and gets the tasks it took.
 /// Repeated as a new claim, it took the next tasks instead, and the first
@@ -590,12 +599,7 @@ async fn a_claim_whose_answer_was_lost_returns_the_tasks_it_took(pool: PgPool) {
         .await
         .expect("the claim is repeated on a new connection");
     assert_eq!(proxy.cuts(), 1, "the first answer was lost");
-    let held: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM job_tasks WHERE claimed_by = 'w' AND status = 'processing' ORDER BY id",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let held = processing_by(&pool, "w").await;
     let mut returned: Vec<i64> = got.iter().map(|t| t.id).collect();
     returned.sort();
     assert_eq!(
@@ -635,12 +639,7 @@ async fn a_completion_and_claim_whose_answer_was_lost_returns_the_tasks_it_took(
     let mut finished: Vec<i64> = first.iter().map(|t| t.id).collect();
     finished.sort();
     assert_eq!(completed, finished, "the completions are reported done");
-    let held: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM job_tasks WHERE claimed_by = 'w' AND status = 'processing' ORDER BY id",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let held = processing_by(&pool, "w").await;
     let mut claimed: Vec<i64> = done.claimed.iter().map(|t| t.id).collect();
     claimed.sort();
     assert_eq!(claimed, held, "the repeat returned the batch the worker holds");

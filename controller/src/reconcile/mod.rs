@@ -364,18 +364,7 @@ fn rejected_status(
 ) -> queue::PoolStatus {
     let mut row = last.cloned().unwrap_or_else(|| queue::PoolStatus {
         pool: rejected.key.clone(),
-        backend: backend.to_string(),
-        desired_replicas: 0,
-        current_replicas: 0,
-        ready_replicas: 0,
-        busy_replicas: 0,
-        pending: 0,
-        in_flight: 0,
-        conditions: serde_json::json!([]),
-        last_decision: None,
-        last_scale_at: None,
-        task_types: Vec::new(),
-        created_at: None,
+        ..Default::default()
     });
     let mut status = WorkerPoolStatus {
         conditions: serde_json::from_value(row.conditions.clone()).unwrap_or_default(),
@@ -384,7 +373,6 @@ fn rejected_status(
     status.set_condition(ConditionType::Ready, false, "InvalidSpec", &rejected.message, now);
     row.conditions = serde_json::to_value(&status.conditions).unwrap_or_else(|_| serde_json::json!([]));
     row.backend = backend.to_string();
-    row.created_at = None;
     row
 }
 
@@ -447,10 +435,8 @@ mod tests {
             pending: 7,
             in_flight: 2,
             conditions: serde_json::to_value(&running.conditions).unwrap(),
-            last_decision: Some("scale up".into()),
-            last_scale_at: None,
             task_types: vec!["text_generation".into()],
-            created_at: None,
+            ..Default::default()
         };
         let row = rejected_status(Some(&last), &rejected("bad"), "local", &at(60));
         assert_eq!((row.current_replicas, row.busy_replicas, row.pending), (3, 2, 7));
