@@ -303,6 +303,56 @@ async fn claims_stay_at_the_head_of_the_line_when_statistics_say_the_table_is_em
     );
 }
 
+/// A new database's first bursts, drained before autovacuum first came:
+/// `job_tasks` has no statistics and its pages hold their dead rows. The
+/// planner sizes the runnable set from the pages at a default selectivity,
+/// two or three rows, and at some table sizes a bitmap scan of the claim
+/// index and a sort looked as cheap as the ordered scan: every runnable
+/// task read and sorted for a claim of 32 (5,000 entries here).
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn claims_take_the_head_of_the_line_in_index_order_on_a_table_without_statistics(pool: PgPool) {
+    let q = queue(pool.clone());
+    enqueue_backlog_without_autovacuum(&pool, &q, "now").await;
+    // Where the plan tips depends on the table's size, so the claim runs at
+    // several: each step leaves the pages of 10,000 more finished tasks.
+    let mut reads = Vec::new();
+    for _ in 0..8 {
+        sqlx::raw_sql(
+            "INSERT INTO job_tasks (job_id, task_type, status)
+             SELECT gen_random_uuid(), 'text_generation', 'complete' FROM generate_series(1, 10000);
+             DELETE FROM job_tasks WHERE status = 'complete'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        // A delta: counts this backend has not reported yet carry over
+        // from its earlier transactions.
+        let read = "SELECT pg_stat_get_xact_tuples_returned('job_tasks_runnable'::regclass)";
+        let mut tx = pool.begin().await.unwrap();
+        let before: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+        let claimed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM claim_and_start_tasks('w-1', '{text_generation}', 32)")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        let after: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(claimed, 32);
+        reads.push(after - before);
+    }
+    let analyzed: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stats WHERE tablename = 'job_tasks'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(analyzed, 0, "the table must not have statistics yet");
+    // The head of the line: this claim's 32 and the entries of the claims
+    // before it that the scan steps over (dead to it, not yet vacuumed).
+    assert!(
+        reads.iter().all(|&read| read <= 32 * 9),
+        "claim-index entries read by each claim of 32 from a {BACKLOG}-task backlog: {reads:?}"
+    );
+}
+
 /// Completions at work: statistics that put a few dozen tasks in flight,
 /// as they are in a working queue. A completion named its tasks by id and
 /// by status, and the planner read the active-task index (keyed by status)

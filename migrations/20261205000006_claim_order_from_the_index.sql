@@ -1,0 +1,15 @@
+-- A claim takes its candidates in the claim index's order, never by
+-- reading every runnable task and sorting them. A new database's first
+-- bursts drain before autovacuum first analyzes `job_tasks`: the table has
+-- no statistics, its pages hold the dead rows of those bursts, and the
+-- planner, sizing the runnable set from the pages at a default selectivity,
+-- expects two or three rows. For that many, a bitmap scan of the claim
+-- index and a sort cost about what the ordered index scan does, and some
+-- table sizes tip it to the bitmap: all 20,000 runnable tasks read and
+-- sorted for a claim of 32 in `make bench-workers` (8 ms a claim, logged
+-- with auto_explain), all 5,000 in queue/tests/depth.rs.
+--
+-- No statement of the claim gains from a bitmap: the candidates come in
+-- index order under a LIMIT, and the claimed tasks and their jobs are read
+-- by primary key from an array of ids. So the claim plans without them.
+ALTER FUNCTION take_tasks(text, text[], int, text, uuid) SET enable_bitmapscan = off;
