@@ -1,8 +1,12 @@
-//! A TCP proxy in front of PostgreSQL that loses one answer: the first
-//! statement whose text carries a marker runs to its end (it commits), and
-//! the client sees its connection cut instead of the reply. That is the
-//! ambiguous failure a dropped network or a restarted pooler gives: the
-//! client cannot tell whether its write happened.
+//! TCP proxies in front of PostgreSQL, for the faults a client meets on
+//! the network.
+//!
+//! [`AnswerLosingProxy`] loses one answer: the first statement whose text
+//! carries a marker runs to its end (it commits), and the client sees its
+//! connection cut instead of the reply. That is the ambiguous failure a
+//! dropped network or a restarted pooler gives: the client cannot tell
+//! whether its write happened. [`OutageProxy`] takes the database away for
+//! as long as a test wants.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -132,4 +136,74 @@ async fn forward(
         }
     }
     upstream.abort();
+}
+
+/// A TCP proxy in front of PostgreSQL that can be cut off: an outage as a
+/// client sees one (a failover, a network partition) for as long as a test
+/// wants, then the database back on the same address.
+pub struct OutageProxy {
+    pub addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl OutageProxy {
+    /// Forward to the server `pool` connects to, up until [`Self::cut`].
+    pub async fn in_front_of(pool: &sqlx::PgPool) -> Self {
+        let options = pool.connect_options();
+        let upstream = format!("{}:{}", options.get_host(), options.get_port());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let links = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (refusing, linked) = (down.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                // Closed at once while the database is away.
+                if refusing.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let link = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                linked.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        OutageProxy { addr, down, links }
+    }
+
+    /// A pool of up to `max_connections` through this proxy, each wait for
+    /// a connection ending after `acquire_timeout`.
+    pub fn pool(
+        &self,
+        pool: &sqlx::PgPool,
+        max_connections: u32,
+        acquire_timeout: std::time::Duration,
+    ) -> sqlx::PgPool {
+        let options = (*pool.connect_options())
+            .clone()
+            .host("127.0.0.1")
+            .port(self.addr.port());
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(acquire_timeout)
+            .connect_lazy_with(options)
+    }
+
+    /// The database goes away: every connection through the proxy is
+    /// closed, and new ones are closed as they come.
+    pub fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    /// The database is back on the same address.
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
 }

@@ -39,6 +39,8 @@ pub struct OutcomeLabels {
 pub struct WorkerMetrics {
     pub tasks: Family<OutcomeLabels, Counter>,
     pub in_flight: Gauge,
+    /// Finished tasks whose result waits for the database to take it.
+    pub results_waiting: Gauge,
     pub task_seconds: Family<TaskLabels, Histogram>,
     pub claim_batches: Counter,
     /// When this replica started (Unix seconds): a value that changes under
@@ -54,6 +56,7 @@ impl Default for WorkerMetrics {
         let m = WorkerMetrics {
             tasks: Family::default(),
             in_flight: Gauge::default(),
+            results_waiting: Gauge::default(),
             // 10 ms .. ~20 min: no-op tasks to long LLM calls and audiobooks.
             task_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 2.0, 17))),
             claim_batches: Counter::default(),
@@ -71,6 +74,11 @@ impl Default for WorkerMetrics {
             m.tasks.clone(),
         );
         registry.register("tasks_in_flight", "Tasks this replica holds", m.in_flight.clone());
+        registry.register(
+            "results_waiting",
+            "Finished tasks whose result or failure is not stored yet: the database could not be reached",
+            m.results_waiting.clone(),
+        );
         registry.register(
             "task_duration_seconds",
             "How long the pipeline ran for one task",

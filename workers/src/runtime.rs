@@ -125,6 +125,9 @@ struct Held {
     lease: Lease,
     task_type: TaskType,
     cancelled: CancellationToken,
+    /// What the handler came to, while the database cannot take it: the
+    /// task stays held (its lease renewed, its slot taken) until it can.
+    unstored: Option<Result<TaskOutput, Failure>>,
 }
 
 /// The runtime's bookkeeping, shared by the claim loop and the drain.
@@ -239,7 +242,9 @@ pub async fn run<H: TaskHandler>(
                 }
             }
             _ = heartbeat.tick() => {
-                replica.renew().await;
+                if replica.renew().await {
+                    claim_now_tx.send_replace(());
+                }
                 match queue.worker_heartbeat(&worker_id).await {
                     Ok(Some(WorkerState::Draining)) if !draining => {
                         tracing::info!(worker_id = %worker_id, in_flight = replica.held.len(),
@@ -273,11 +278,13 @@ pub async fn run<H: TaskHandler>(
         "shutting down: finishing running tasks");
     let deadline = Instant::now() + config.shutdown_grace;
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
-    while !running.is_empty() {
+    while !running.is_empty() || replica.waiting() > 0 {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
-            _ = heartbeat.tick() => replica.renew().await,
-            Some(finished) = running.join_next() => {
+            _ = heartbeat.tick() => {
+                replica.renew().await;
+            }
+            Some(finished) = running.join_next(), if !running.is_empty() => {
                 replica.settle(finished_together(finished, &mut running).await, false).await;
             }
         }
@@ -408,6 +415,7 @@ impl Replica<'_> {
                     lease,
                     task_type: task.task_type,
                     cancelled: cancelled.clone(),
+                    unstored: None,
                 },
             );
             tracing::debug!(task_id = lease.task_id, job_id = %task.job_id, task_type = %task.task_type,
@@ -424,51 +432,90 @@ impl Replica<'_> {
         filled
     }
 
-    /// Store the results of finished tasks: every completion in one call,
-    /// failures one by one (each has its own error and backoff). With
-    /// `claim_next`, the completions' call also claims tasks (started) for
-    /// the free slots, saving the claim's round trip; those are returned,
-    /// `None` when no such claim was made.
+    /// Store the results of finished tasks, and those the database could
+    /// not take before: every completion in one call, failures one by one
+    /// (each has its own error and backoff). With `claim_next`, the
+    /// completions' call also claims tasks (started) for the free slots,
+    /// saving the claim's round trip; those are returned, `None` when no
+    /// such claim was made.
+    ///
+    /// A result the database cannot take (unreachable past the queue's own
+    /// retries, a few seconds) stays with its task, whose lease the
+    /// heartbeat keeps renewing, and is stored at a later heartbeat or
+    /// settle. Dropping it left the task to the sweeper, to be run again.
     async fn settle(&mut self, finished: Vec<Finished>, claim_next: bool) -> Option<Vec<Task>> {
-        let mut completions = Vec::new();
         for finished in finished {
-            let (lease, result, seconds) = match finished {
+            match finished {
                 Finished::Cancelled(lease) => {
                     self.held.remove(&lease.task_id);
-                    continue;
                 }
                 Finished::Done {
                     lease,
                     result,
                     seconds,
-                } => (lease, result, seconds),
-            };
-            let Some(held) = self.held.remove(&lease.task_id) else {
-                continue;
-            };
-            self.metrics.observe_duration(held.task_type, seconds);
-            match result {
-                Ok(output) => completions.push((lease, output, held.task_type)),
-                Err(failure) => self.fail(lease, held.task_type, &failure).await,
+                } => {
+                    if let Some(held) = self.held.get_mut(&lease.task_id) {
+                        self.metrics.observe_duration(held.task_type, seconds);
+                        held.unstored = Some(result);
+                    }
+                }
             }
         }
-        self.metrics.in_flight.set(self.held.len() as i64);
-        if completions.is_empty() {
-            return None;
+        let mut failures = Vec::new();
+        let mut completions = Vec::new();
+        for held in self.held.values() {
+            match &held.unstored {
+                Some(Ok(output)) => completions.push((held.lease, output.clone(), held.task_type)),
+                Some(Err(failure)) => failures.push((held.lease, held.task_type, failure.clone())),
+                None => {}
+            }
         }
-        let results: Vec<(Lease, TaskOutput)> = completions.iter().map(|(l, o, _)| (*l, o.clone())).collect();
-        let free = self.concurrency.saturating_sub(self.held.len());
+        for (lease, task_type, failure) in failures {
+            if self.fail(lease, task_type, &failure).await {
+                self.held.remove(&lease.task_id);
+            }
+        }
+        let claimed = if completions.is_empty() {
+            None
+        } else {
+            self.complete(completions, claim_next).await
+        };
+        self.metrics.in_flight.set(self.held.len() as i64);
+        self.metrics.results_waiting.set(self.waiting() as i64);
+        claimed
+    }
+
+    /// Finished tasks whose result is not stored yet.
+    fn waiting(&self) -> usize {
+        self.held.values().filter(|h| h.unstored.is_some()).count()
+    }
+
+    /// Store completions (see [`Self::settle`]).
+    async fn complete(
+        &mut self,
+        mut completions: Vec<(Lease, TaskOutput, TaskType)>,
+        claim_next: bool,
+    ) -> Option<Vec<Task>> {
+        completions.sort_by_key(|(lease, _, _)| lease.task_id);
+        let free = self
+            .concurrency
+            .saturating_sub(self.held.len() - completions.len());
         let claim_for = (claim_next && free > 0).then_some(free as i32);
+        let (types, results): (Vec<TaskType>, Vec<(Lease, TaskOutput)>) = completions
+            .into_iter()
+            .map(|(lease, output, task_type)| (task_type, (lease, output)))
+            .unzip();
         match self.store(&results, claim_for).await {
             Ok((done, claimed)) => {
-                for (lease, _, task_type) in &completions {
+                for ((lease, _), task_type) in results.iter().zip(types) {
+                    self.held.remove(&lease.task_id);
                     if done.contains(lease) {
                         self.summary.completed += 1;
-                        self.metrics.count(*task_type, Outcome::completed, 1);
+                        self.metrics.count(task_type, Outcome::completed, 1);
                         tracing::info!(task_id = lease.task_id, "task complete");
                     } else {
                         self.summary.lost += 1;
-                        self.metrics.count(*task_type, Outcome::lost, 1);
+                        self.metrics.count(task_type, Outcome::lost, 1);
                         tracing::warn!(
                             task_id = lease.task_id,
                             "lease lost before the result was stored; result dropped"
@@ -477,10 +524,18 @@ impl Replica<'_> {
                 }
                 claimed
             }
-            // The leases stay with this worker until they expire; the
-            // sweeper then hands the tasks to another replica.
+            Err(QueueError::Database(e)) if queue::is_transient(&e) => {
+                tracing::warn!(tasks = results.len(), error = %e,
+                    "database unreachable: the tasks' results are kept and stored when it is back");
+                None
+            }
+            // Refused for good: the leases stay with this worker until they
+            // expire, and the sweeper then hands the tasks to another replica.
             Err(e) => {
-                tracing::error!(tasks = completions.len(), error = %e, "could not store the tasks' results");
+                tracing::error!(tasks = results.len(), error = %e, "could not store the tasks' results");
+                for (lease, _) in &results {
+                    self.held.remove(&lease.task_id);
+                }
                 None
             }
         }
@@ -512,7 +567,9 @@ impl Replica<'_> {
         Ok((done, None))
     }
 
-    async fn fail(&mut self, lease: Lease, task_type: TaskType, failure: &Failure) {
+    /// Store a failed attempt; false when the database could not be
+    /// reached, and the failure is kept to be stored later.
+    async fn fail(&mut self, lease: Lease, task_type: TaskType, failure: &Failure) -> bool {
         match self.queue.fail(self.worker_id, lease, failure).await {
             Ok(retry) => {
                 self.summary.failed += 1;
@@ -528,16 +585,24 @@ impl Replica<'_> {
                     "lease lost before the failure was stored; result dropped"
                 );
             }
+            Err(QueueError::Database(e)) if queue::is_transient(&e) => {
+                tracing::warn!(task_id = lease.task_id, error = %e,
+                    "database unreachable: the task's failure is kept and stored when it is back");
+                return false;
+            }
             Err(e) => {
                 tracing::error!(task_id = lease.task_id, error = %e, "could not store the task's failure")
             }
         }
+        true
     }
 
-    /// Renew every held lease; cancel the handlers of leases that were lost.
-    async fn renew(&mut self) {
+    /// Renew every held lease; cancel the handlers of leases that were
+    /// lost. Once the database answers, store the results an outage kept;
+    /// returns whether it did (their slots are free).
+    async fn renew(&mut self) -> bool {
         if self.held.is_empty() {
-            return;
+            return false;
         }
         let leases: Vec<Lease> = self.held.values().map(|h| h.lease).collect();
         match self.queue.heartbeat(self.worker_id, &leases).await {
@@ -555,16 +620,39 @@ impl Replica<'_> {
                 }
                 self.metrics.in_flight.set(self.held.len() as i64);
             }
-            Err(e) => tracing::warn!(error = %e, "lease heartbeat failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "lease heartbeat failed");
+                return false;
+            }
         }
+        let waiting = self.waiting();
+        if waiting > 0 {
+            self.settle(Vec::new(), false).await;
+        }
+        self.waiting() < waiting
     }
 
     /// Hand what is still held back to the queue without spending attempts.
+    /// Finished tasks whose results still could not be stored are not
+    /// released (that would run them again at once): their leases expire
+    /// and the sweeper hands them on.
     async fn release_all(&mut self) -> Result<(), QueueError> {
-        if self.held.is_empty() {
+        let waiting = self.waiting();
+        if waiting > 0 {
+            tracing::error!(
+                tasks = waiting,
+                "stopping with results the database could not take; the sweeper hands their tasks on"
+            );
+        }
+        let unfinished: Vec<Lease> = self
+            .held
+            .values()
+            .filter(|h| h.unstored.is_none())
+            .map(|h| h.lease)
+            .collect();
+        if unfinished.is_empty() {
             return Ok(());
         }
-        let unfinished: Vec<Lease> = self.held.values().map(|h| h.lease).collect();
         let released = self.queue.release(self.worker_id, &unfinished).await?;
         for lease in &released {
             if let Some(held) = self.held.remove(&lease.task_id) {

@@ -240,6 +240,110 @@ async fn a_batch_claimed_in_a_call_whose_answer_was_lost_is_still_run(pool: PgPo
     assert_eq!(handler.started.load(Ordering::SeqCst), 6, "each task ran once");
 }
 
+/// Holds every task until the test opens the gate; fails the tasks whose
+/// prompt says `fail`.
+#[derive(Clone)]
+struct GatedHandler {
+    gate: Arc<tokio::sync::Semaphore>,
+    started: Arc<AtomicUsize>,
+}
+
+impl GatedHandler {
+    fn closed() -> Self {
+        GatedHandler {
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            started: Arc::default(),
+        }
+    }
+
+    fn open(&self) {
+        self.gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS);
+    }
+}
+
+impl TaskHandler for GatedHandler {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutput, Failure> {
+        let job = ctx.queue.job("acme", ctx.task.job_id).await.unwrap();
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let _pass = self.gate.acquire().await.unwrap();
+        if job.input["prompt"] == "fail" {
+            return Err(Failure::retryable("the provider said no"));
+        }
+        Ok(json!({ "task": ctx.task.id }))
+    }
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn results_finished_while_the_database_is_away_are_stored_when_it_is_back(pool: PgPool) {
+    use test_support::pg_proxy::OutageProxy;
+    let q = queue_retrying_after(&pool, Duration::from_secs(60), Duration::from_secs(60));
+    for prompt in ["write", "fail"] {
+        q.enqueue(NewJob::new("acme", JobType::Text, json!({ "prompt": prompt })))
+            .await
+            .unwrap();
+    }
+    let proxy = OutageProxy::in_front_of(&pool).await;
+    let through_proxy =
+        Queue::new(proxy.pool(&pool, 4, Duration::from_millis(200))).with_config(queue::QueueConfig {
+            retry_base: Duration::from_secs(60),
+            retry_cap: Duration::from_secs(60),
+            ..Default::default()
+        });
+    let config = config(2, Duration::from_secs(5));
+    let metrics = config.metrics.clone();
+    let handler = GatedHandler::closed();
+    let worker = start(&through_proxy, config, handler.clone());
+    wait_until("both tasks run", async || {
+        handler.started.load(Ordering::SeqCst) == 2
+    })
+    .await;
+
+    // The database goes away, the handlers finish, and the worker's own
+    // retries of their results (a few seconds) run out.
+    proxy.cut();
+    handler.open();
+    for _ in 0..300 {
+        if metrics.results_waiting.get() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metrics.results_waiting.get(),
+        2,
+        "both results wait for the database"
+    );
+    assert_eq!(
+        statuses(&pool).await,
+        [("processing".to_string(), 2)],
+        "nothing reached the database"
+    );
+
+    proxy.restore();
+    wait_until("the results are stored", async || {
+        statuses(&pool).await == [("complete".to_string(), 1), ("pending".to_string(), 1)]
+    })
+    .await;
+    let (output, error, attempts): (serde_json::Value, Option<String>, i32) = sqlx::query_as(
+        "SELECT coalesce(max(output::text) FILTER (WHERE status = 'complete'), 'null')::jsonb,
+                max(last_error) FILTER (WHERE status = 'pending'), max(attempts)::int
+         FROM all_tasks",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        output["task"].is_i64(),
+        "the handler's output was stored: {output}"
+    );
+    assert_eq!(error.as_deref(), Some("the provider said no"));
+    assert_eq!(attempts, 1, "no task was run twice");
+    assert_eq!(metrics.results_waiting.get(), 0);
+    let summary = worker.stop().await;
+    assert_eq!((summary.completed, summary.failed, summary.lost), (1, 1, 0));
+    assert_eq!(handler.started.load(Ordering::SeqCst), 2, "each task ran once");
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_claim_that_fails_after_a_task_finished_does_not_cost_its_result(pool: PgPool) {
     let q = Queue::new(pool.clone());
