@@ -345,6 +345,50 @@ async fn results_finished_while_the_database_is_away_are_stored_when_it_is_back(
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_result_waiting_at_shutdown_is_stored_within_the_grace_not_released(pool: PgPool) {
+    use test_support::pg_proxy::OutageProxy;
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 1).await;
+    let proxy = OutageProxy::in_front_of(&pool).await;
+    let through_proxy = Queue::new(proxy.pool(&pool, 4, Duration::from_millis(200)));
+    // No heartbeat until the shutdown's own first one: the result waits
+    // for the shutdown, not for a heartbeat of the run loop.
+    let config = RuntimeConfig {
+        heartbeat_interval: Duration::from_secs(60),
+        ..config(1, Duration::from_secs(20))
+    };
+    let metrics = config.metrics.clone();
+    let handler = GatedHandler::closed();
+    let worker = start(&through_proxy, config, handler.clone());
+    wait_until("the task runs", async || {
+        handler.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    proxy.cut();
+    handler.open();
+    for _ in 0..300 {
+        if metrics.results_waiting.get() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metrics.results_waiting.get(),
+        1,
+        "the result waits for the database"
+    );
+
+    // SIGTERM with nothing running: the finished task is not handed back
+    // to run again; its result is stored once the database is back.
+    worker.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    let summary = worker.handle.await.unwrap().unwrap();
+    assert_eq!((summary.completed, summary.released, summary.lost), (1, 0, 0));
+    assert_eq!(statuses(&pool).await, [("complete".to_string(), 1)]);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_claim_that_fails_after_a_task_finished_does_not_cost_its_result(pool: PgPool) {
     let q = Queue::new(pool.clone());
     enqueue_text_jobs(&q, 2).await;
