@@ -10,8 +10,9 @@
 //!
 //! Unset, it is the folder `artifacts` under the working directory.
 
+use std::collections::BTreeSet;
 use std::ops::Range;
-use std::path::Path as FsPath;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Once};
 
 use bytes::Bytes;
@@ -137,6 +138,9 @@ impl StoredArtifact {
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
     inner: Arc<dyn ObjectStore>,
+    /// The same store when it is a local folder, whose deletes need their
+    /// folders flushed (S3 answers a DELETE once it is durable).
+    local: Option<Arc<LocalFileSystem>>,
     /// The local backend refuses object attributes, so the content type is
     /// only sent where it can be kept (S3). The queue records it either way.
     keeps_content_type: bool,
@@ -189,9 +193,10 @@ impl ArtifactStore {
         // flushed, as S3 answers once the object is durable: the worker
         // records the artifact right after, and without the flush a crash
         // then left the record pointing at an empty file or none.
-        let store = LocalFileSystem::new_with_prefix(dir)?.with_fsync(true);
+        let store = Arc::new(LocalFileSystem::new_with_prefix(dir)?.with_fsync(true));
         Ok(ArtifactStore {
-            inner: Arc::new(store),
+            inner: store.clone(),
+            local: Some(store),
             keeps_content_type: false,
             location: format!("file://{}", dir.display()),
         })
@@ -207,6 +212,7 @@ impl ArtifactStore {
         };
         Ok(ArtifactStore {
             inner,
+            local: None,
             keeps_content_type: true,
             location: format!("s3://{bucket}/{prefix}"),
         })
@@ -288,20 +294,51 @@ impl ArtifactStore {
     /// Remove the object, or with a key ending in `/` every object under
     /// that prefix; removing what is already gone succeeds, so retention
     /// can be re-run after a crash.
+    ///
+    /// Like a put, a delete returns once it is durable: on a local store the
+    /// folders that named the files are flushed, or a crash could bring a
+    /// file back after retention forgot it, never to be deleted again.
     pub async fn delete(&self, key: &str) -> Result<()> {
+        let mut deleted = Vec::new();
         if let Some(prefix) = key.strip_suffix('/') {
             let prefix = object_path(prefix)?;
             let mut listed = self.inner.list(Some(&prefix));
             while let Some(object) = listed.next().await {
                 match object {
-                    Ok(object) => self.delete_object(&object.location).await?,
+                    Ok(object) => {
+                        self.delete_object(&object.location).await?;
+                        deleted.push(object.location);
+                    }
                     Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
+        } else {
+            let path = object_path(key)?;
+            self.delete_object(&path).await?;
+            deleted.push(path);
+        }
+        self.flush_folders_of(&deleted).await
+    }
+
+    /// On a local store, flush the folders that held `paths`, each once.
+    async fn flush_folders_of(&self, paths: &[Path]) -> Result<()> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        let mut folders = BTreeSet::new();
+        for path in paths {
+            if let Some(folder) = local.path_to_filesystem(path)?.parent() {
+                folders.insert(folder.to_path_buf());
+            }
+        }
+        if folders.is_empty() {
             return Ok(());
         }
-        self.delete_object(&object_path(key)?).await
+        tokio::task::spawn_blocking(move || flush_folders(folders))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(())
     }
 
     async fn delete_object(&self, path: &Path) -> Result<()> {
@@ -310,6 +347,18 @@ impl ArtifactStore {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+fn flush_folders(folders: BTreeSet<PathBuf>) -> std::io::Result<()> {
+    for folder in folders {
+        match std::fs::File::open(&folder) {
+            Ok(handle) => handle.sync_all()?,
+            // Gone with what it held: nothing left to flush there.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Keys are relative paths of plain segments; `..`, empty segments and the

@@ -88,8 +88,34 @@ async fn delete_removes_the_object_and_is_idempotent() {
     store.delete(&key).await.expect("deleting twice succeeds");
 }
 
-/// The folder the half of the test below that runs under strace writes to.
-const PUT_DIR_VAR: &str = "BACKLOG_STORE_TEST_PUT_DIR";
+/// The folder the halves of the tests below that run under strace use.
+const TRACED_DIR_VAR: &str = "BACKLOG_STORE_TEST_DIR";
+
+/// Run the ignored test `name` of this binary again under strace, on the
+/// store folder `root`, and return the calls traced (`-y`: each file
+/// descriptor shown with its path), one a line.
+fn traced_calls(name: &str, root: &std::path::Path, calls: &str) -> Vec<String> {
+    let trace = root.with_extension("strace");
+    let status = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e", &format!("trace={calls}"), "-o"])
+        .arg(&trace)
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--ignored", "--nocapture"])
+        .env(TRACED_DIR_VAR, root)
+        .status()
+        .expect("strace runs (scripts/ensure-tools.sh test installs it)");
+    assert!(status.success(), "the traced half failed: {status}");
+    std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The store folder of a traced half; `None` when run by hand.
+fn traced_root() -> Option<std::path::PathBuf> {
+    std::env::var_os(TRACED_DIR_VAR).map(std::path::PathBuf::from)
+}
 
 /// A put returns only once its bytes and the folder entries that name them
 /// are on disk, not just in the page cache: object_store's local backend
@@ -101,19 +127,9 @@ const PUT_DIR_VAR: &str = "BACKLOG_STORE_TEST_PUT_DIR";
 fn a_put_returns_only_once_the_file_and_its_folders_are_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("artifacts");
-    let trace = dir.path().join("strace.txt");
-    let status = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"])
-        .arg(&trace)
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "put_for_the_strace_test", "--ignored", "--nocapture"])
-        .env(PUT_DIR_VAR, &root)
-        .status()
-        .expect("strace runs (scripts/ensure-tools.sh test installs it)");
-    assert!(status.success(), "the traced put failed: {status}");
-    let trace = std::fs::read_to_string(&trace).unwrap();
+    let trace = traced_calls("put_for_the_strace_test", &root, "fsync,fdatasync");
     let flushed: Vec<&str> = trace
-        .lines()
+        .iter()
         .filter_map(|line| line.split_once('<')?.1.split_once('>').map(|(path, _)| path))
         .collect();
     // The key is jobs/{job}/{file}; both folders are new with the job.
@@ -142,7 +158,7 @@ fn a_put_returns_only_once_the_file_and_its_folders_are_on_disk() {
 #[tokio::test]
 #[ignore = "run under strace by a_put_returns_only_once_the_file_and_its_folders_are_on_disk"]
 async fn put_for_the_strace_test() {
-    let Some(root) = std::env::var_os(PUT_DIR_VAR).map(std::path::PathBuf::from) else {
+    let Some(root) = traced_root() else {
         return; // run by hand: there is nothing to trace
     };
     let store = ArtifactStore::from_url(&format!("file://{}", root.display())).unwrap();
@@ -152,4 +168,63 @@ async fn put_for_the_strace_test() {
         .put(&key, Bytes::from_static(b"bytes"), "text/markdown")
         .await
         .unwrap();
+}
+
+/// A delete returns only once the folder that named the file is flushed:
+/// otherwise a crash right after retention deleted a job's artifacts (and
+/// forgot them) could bring the files back, where nothing would delete
+/// them again. Both ways of deleting: one key, and a job's prefix.
+#[test]
+fn a_delete_returns_only_once_the_folder_that_named_the_file_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("artifacts");
+    let trace = traced_calls("delete_for_the_strace_test", &root, "fsync,unlink,unlinkat");
+    let keys = std::fs::read_to_string(root.join("KEYS")).unwrap();
+    let keys: Vec<&str> = keys.lines().collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for key in keys {
+        let file = root.join(key);
+        let folder = format!("<{}>", file.parent().unwrap().display());
+        let unlinked = trace
+            .iter()
+            .position(|line| {
+                line.starts_with(|c: char| c.is_ascii_digit())
+                    && line.contains("unlink")
+                    && line.contains(key)
+            })
+            .unwrap_or_else(|| panic!("{key} was never unlinked: {trace:#?}"));
+        assert!(
+            trace[unlinked..]
+                .iter()
+                .any(|line| line.contains("fsync(") && line.contains(&folder)),
+            "{} not flushed after {key} was deleted: {trace:#?}",
+            file.parent().unwrap().display()
+        );
+    }
+}
+
+/// The half that runs under strace; skipped on its own.
+#[tokio::test]
+#[ignore = "run under strace by a_delete_returns_only_once_the_folder_that_named_the_file_is_on_disk"]
+async fn delete_for_the_strace_test() {
+    let Some(root) = traced_root() else {
+        return; // run by hand: there is nothing to trace
+    };
+    let store = ArtifactStore::from_url(&format!("file://{}", root.display())).unwrap();
+    let (one, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let lease = Lease { task_id: 1, claim: 1 };
+    let keys = [
+        artifact_key(one, ArtifactKind::Text, lease),
+        artifact_key(other, ArtifactKind::Text, lease),
+        artifact_key(other, ArtifactKind::Pdf, lease),
+    ];
+    for key in &keys {
+        store
+            .put(key, Bytes::from_static(b"bytes"), "text/plain")
+            .await
+            .unwrap();
+    }
+    std::fs::write(root.join("KEYS"), keys.join("\n")).unwrap();
+    store.delete(&keys[0]).await.unwrap();
+    store.delete(&queue::artifact_prefix(other)).await.unwrap();
 }
