@@ -112,9 +112,12 @@ fn traced_calls(name: &str, root: &std::path::Path, calls: &str) -> Vec<String> 
         .collect()
 }
 
-/// The store folder of a traced half; `None` when run by hand.
-fn traced_root() -> Option<std::path::PathBuf> {
-    std::env::var_os(TRACED_DIR_VAR).map(std::path::PathBuf::from)
+/// The store folder of a traced half and a store on it; `None` when run by
+/// hand, with nothing to trace.
+fn traced_store() -> Option<(std::path::PathBuf, ArtifactStore)> {
+    let root = std::path::PathBuf::from(std::env::var_os(TRACED_DIR_VAR)?);
+    let store = ArtifactStore::from_url(&format!("file://{}", root.display())).unwrap();
+    Some((root, store))
 }
 
 /// A put returns only once its bytes and the folder entries that name them
@@ -158,10 +161,9 @@ fn a_put_returns_only_once_the_file_and_its_folders_are_on_disk() {
 #[tokio::test]
 #[ignore = "run under strace by a_put_returns_only_once_the_file_and_its_folders_are_on_disk"]
 async fn put_for_the_strace_test() {
-    let Some(root) = traced_root() else {
-        return; // run by hand: there is nothing to trace
+    let Some((root, store)) = traced_store() else {
+        return;
     };
-    let store = ArtifactStore::from_url(&format!("file://{}", root.display())).unwrap();
     let key = artifact_key(Uuid::now_v7(), ArtifactKind::Text, Lease { task_id: 1, claim: 1 });
     std::fs::write(root.join("KEY"), &key).unwrap();
     store
@@ -207,10 +209,9 @@ fn a_delete_returns_only_once_the_folder_that_named_the_file_is_on_disk() {
 #[tokio::test]
 #[ignore = "run under strace by a_delete_returns_only_once_the_folder_that_named_the_file_is_on_disk"]
 async fn delete_for_the_strace_test() {
-    let Some(root) = traced_root() else {
-        return; // run by hand: there is nothing to trace
+    let Some((root, store)) = traced_store() else {
+        return;
     };
-    let store = ArtifactStore::from_url(&format!("file://{}", root.display())).unwrap();
     let (one, other) = (Uuid::now_v7(), Uuid::now_v7());
     let lease = Lease { task_id: 1, claim: 1 };
     let keys = [

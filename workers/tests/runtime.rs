@@ -8,7 +8,9 @@ use std::time::Duration;
 use queue::{Failure, JobStatus, JobType, NewJob, Queue, TaskStatus, TaskType};
 use serde_json::json;
 use sqlx::PgPool;
+use test_support::pg_proxy::OutageProxy;
 use tokio_util::sync::CancellationToken;
+use workers::metrics::WorkerMetrics;
 use workers::runtime::{self, RunSummary, RuntimeConfig, TaskContext, TaskHandler, TaskOutput};
 
 /// Sleeps for a while, counting how many run at once.
@@ -273,9 +275,36 @@ impl TaskHandler for GatedHandler {
     }
 }
 
+/// Once `tasks` tasks run, take the database away and let their handlers
+/// finish; return when the worker's own retries of their results (a few
+/// seconds) have run out and the results wait for the database.
+async fn finish_during_an_outage(
+    proxy: &OutageProxy,
+    handler: &GatedHandler,
+    metrics: &WorkerMetrics,
+    tasks: i64,
+) {
+    wait_until("the tasks run", async || {
+        handler.started.load(Ordering::SeqCst) == tasks as usize
+    })
+    .await;
+    proxy.cut();
+    handler.open();
+    // Longer than wait_until waits: the retries take up to ten seconds.
+    for _ in 0..300 {
+        if metrics.results_waiting.get() == tasks {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{} results wait for the database, not {tasks}",
+        metrics.results_waiting.get()
+    );
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn results_finished_while_the_database_is_away_are_stored_when_it_is_back(pool: PgPool) {
-    use test_support::pg_proxy::OutageProxy;
     let q = queue_retrying_after(&pool, Duration::from_secs(60), Duration::from_secs(60));
     for prompt in ["write", "fail"] {
         q.enqueue(NewJob::new("acme", JobType::Text, json!({ "prompt": prompt })))
@@ -293,26 +322,7 @@ async fn results_finished_while_the_database_is_away_are_stored_when_it_is_back(
     let metrics = config.metrics.clone();
     let handler = GatedHandler::closed();
     let worker = start(&through_proxy, config, handler.clone());
-    wait_until("both tasks run", async || {
-        handler.started.load(Ordering::SeqCst) == 2
-    })
-    .await;
-
-    // The database goes away, the handlers finish, and the worker's own
-    // retries of their results (a few seconds) run out.
-    proxy.cut();
-    handler.open();
-    for _ in 0..300 {
-        if metrics.results_waiting.get() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        metrics.results_waiting.get(),
-        2,
-        "both results wait for the database"
-    );
+    finish_during_an_outage(&proxy, &handler, &metrics, 2).await;
     assert_eq!(
         statuses(&pool).await,
         [("processing".to_string(), 2)],
@@ -346,7 +356,6 @@ async fn results_finished_while_the_database_is_away_are_stored_when_it_is_back(
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_result_waiting_at_shutdown_is_stored_within_the_grace_not_released(pool: PgPool) {
-    use test_support::pg_proxy::OutageProxy;
     let q = Queue::new(pool.clone());
     enqueue_text_jobs(&q, 1).await;
     let proxy = OutageProxy::in_front_of(&pool).await;
@@ -360,23 +369,7 @@ async fn a_result_waiting_at_shutdown_is_stored_within_the_grace_not_released(po
     let metrics = config.metrics.clone();
     let handler = GatedHandler::closed();
     let worker = start(&through_proxy, config, handler.clone());
-    wait_until("the task runs", async || {
-        handler.started.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    proxy.cut();
-    handler.open();
-    for _ in 0..300 {
-        if metrics.results_waiting.get() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        metrics.results_waiting.get(),
-        1,
-        "the result waits for the database"
-    );
+    finish_during_an_outage(&proxy, &handler, &metrics, 1).await;
 
     // SIGTERM with nothing running: the finished task is not handed back
     // to run again; its result is stored once the database is back.
