@@ -19,6 +19,20 @@ use tokio::net::{TcpListener, TcpStream};
 /// Sync (or a simple query), sent once the statement has committed.
 const READY_FOR_QUERY: [u8; 5] = [b'Z', 0, 0, 0, 5];
 
+/// host:port of the server `pool` connects to.
+fn server_of(pool: &sqlx::PgPool) -> String {
+    let options = pool.connect_options();
+    format!("{}:{}", options.get_host(), options.get_port())
+}
+
+/// `pool`'s connection options (database, user), pointed at a proxy.
+fn options_through(pool: &sqlx::PgPool, proxy: SocketAddr) -> sqlx::postgres::PgConnectOptions {
+    (*pool.connect_options())
+        .clone()
+        .host("127.0.0.1")
+        .port(proxy.port())
+}
+
 pub struct AnswerLosingProxy {
     pub addr: SocketAddr,
     cuts: Arc<AtomicUsize>,
@@ -49,19 +63,14 @@ impl AnswerLosingProxy {
 
     /// In front of the server `pool` connects to.
     pub async fn in_front_of(pool: &sqlx::PgPool, marker: &'static [u8]) -> Self {
-        let options = pool.connect_options();
-        Self::start(format!("{}:{}", options.get_host(), options.get_port()), marker).await
+        Self::start(server_of(pool), marker).await
     }
 
     /// A pool of up to `max_connections` to `pool`'s database, through
     /// this proxy.
     pub async fn pool(&self, pool: &sqlx::PgPool, max_connections: u32) -> sqlx::PgPool {
-        let options = (*pool.connect_options())
-            .clone()
-            .host("127.0.0.1")
-            .port(self.addr.port())
-            // The proxy reads the statements it loses the answers of.
-            .ssl_mode(sqlx::postgres::PgSslMode::Disable);
+        // The proxy reads the statements it loses the answers of.
+        let options = options_through(pool, self.addr).ssl_mode(sqlx::postgres::PgSslMode::Disable);
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
             .connect_with(options)
@@ -150,8 +159,7 @@ pub struct OutageProxy {
 impl OutageProxy {
     /// Forward to the server `pool` connects to, up until [`Self::cut`].
     pub async fn in_front_of(pool: &sqlx::PgPool) -> Self {
-        let options = pool.connect_options();
-        let upstream = format!("{}:{}", options.get_host(), options.get_port());
+        let upstream = server_of(pool);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let down = Arc::new(AtomicBool::new(false));
@@ -183,14 +191,10 @@ impl OutageProxy {
         max_connections: u32,
         acquire_timeout: std::time::Duration,
     ) -> sqlx::PgPool {
-        let options = (*pool.connect_options())
-            .clone()
-            .host("127.0.0.1")
-            .port(self.addr.port());
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(acquire_timeout)
-            .connect_lazy_with(options)
+            .connect_lazy_with(options_through(pool, self.addr))
     }
 
     /// The database goes away: every connection through the proxy is
