@@ -235,7 +235,8 @@ impl Metrics {
             .inc_by(n);
     }
 
-    /// `maintenance` is `sweep`, `repair`, `partitions`, `retention` or `artifact_cleanup`.
+    /// `maintenance` is `sweep`, `repair`, `partitions`, `retention`,
+    /// `artifact_cleanup` or `day_cleanup`.
     pub fn record_run(&self, maintenance: &'static str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.maintenance_runs

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use queue::Queue;
+use queue::{Queue, RetiredDay};
 use store::ArtifactStore;
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::metrics::Metrics;
 use crate::state::SweeperSettings;
@@ -45,7 +46,7 @@ pub async fn run(
         every(settings.repair_interval, &shutdown, || repair_once(
             queue, metrics
         )),
-        every(settings.repair_interval, &shutdown, || delete_pruned_artifacts(
+        every(settings.repair_interval, &shutdown, || clean_store(
             queue, &artifacts, metrics
         )),
         every(settings.repair_interval, &shutdown, || create_history_partitions(
@@ -153,6 +154,12 @@ async fn prune_once(queue: &Queue, settings: &SweeperSettings, metrics: &Metrics
     }
 }
 
+/// The cleaner: bytes queued key by key, then the folders of retired days.
+async fn clean_store(queue: &Queue, artifacts: &ArtifactStore, metrics: &Metrics) {
+    delete_pruned_artifacts(queue, artifacts, metrics).await;
+    clean_retired_days(queue, artifacts, metrics).await;
+}
+
 /// Keys taken from the queue per round of the cleaner.
 const DELETION_BATCH: i64 = 500;
 /// Objects deleted at once: S3 deletes are round trips.
@@ -215,4 +222,72 @@ pub async fn delete_pruned_artifacts(queue: &Queue, artifacts: &ArtifactStore, m
             return;
         }
     }
+}
+
+/// Idempotency keys forgotten per statement for a retired day.
+const KEY_BATCH: i64 = 5_000;
+
+/// Finish what retention left for each day of history it dropped: forget
+/// the keys of the day's jobs and remove their bytes from the day's folder,
+/// sparing the jobs of that day still kept. A day is forgotten only once
+/// both are done, so a run stopped halfway is finished by the next.
+pub async fn clean_retired_days(queue: &Queue, artifacts: &ArtifactStore, metrics: &Metrics) {
+    let days = match queue.retired_days().await {
+        Ok(days) => days,
+        Err(error) => {
+            metrics.record_run("day_cleanup", false);
+            tracing::error!(%error, "reading the retired days failed");
+            return;
+        }
+    };
+    for day in days {
+        match clean_retired_day(queue, artifacts, &day).await {
+            Ok(removed) => {
+                metrics.record_run("day_cleanup", true);
+                tracing::info!(day = %day.day, objects = removed, "cleaned up a retired day of history");
+            }
+            Err(error) => {
+                metrics.record_run("day_cleanup", false);
+                tracing::warn!(day = %day.day, error = format!("{error:#}"), "cleaning up a retired day failed; retrying later");
+                return;
+            }
+        }
+    }
+}
+
+/// Returns how many objects went.
+async fn clean_retired_day(
+    queue: &Queue,
+    artifacts: &ArtifactStore,
+    day: &RetiredDay,
+) -> anyhow::Result<usize> {
+    while queue.forget_keys_of_retired_day(day, KEY_BATCH).await? == KEY_BATCH as u64 {}
+    let mut removed = 0;
+    if day.delete_bytes {
+        let folder = day.folder();
+        let mut listed = artifacts.list(&folder).chunks(DELETION_BATCH as usize);
+        while let Some(chunk) = listed.next().await {
+            let keys = chunk.into_iter().collect::<Result<Vec<String>, _>>()?;
+            // `jobs/YYYYMMDD/ID/…`: what is not under a job's folder is
+            // no job's, and stays.
+            let owned: Vec<(String, Uuid)> = keys
+                .into_iter()
+                .filter_map(|key| {
+                    let job = key.strip_prefix(&folder)?.split_once('/')?.0.parse().ok()?;
+                    Some((key, job))
+                })
+                .collect();
+            let ids: Vec<Uuid> = owned.iter().map(|(_, job)| *job).collect();
+            let kept = queue.jobs_kept(&ids).await?;
+            let doomed: Vec<String> = owned
+                .into_iter()
+                .filter(|(_, job)| !kept.contains(job))
+                .map(|(key, _)| key)
+                .collect();
+            artifacts.delete_objects(&doomed).await?;
+            removed += doomed.len();
+        }
+    }
+    queue.forget_retired_day(day).await?;
+    Ok(removed)
 }

@@ -104,6 +104,121 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
     );
 }
 
+/// Store bytes for a job's held task under its folder, as a worker does,
+/// and record them under the lease.
+async fn store_and_record(
+    q: &Queue,
+    artifacts: &ArtifactStore,
+    job: uuid::Uuid,
+    task: &queue::Task,
+) -> String {
+    let key = artifact_key(job, ArtifactKind::Text, task.lease());
+    let stored = artifacts
+        .put(&key, Bytes::from_static(b"# text"), "text/markdown")
+        .await
+        .unwrap();
+    q.record_artifact(
+        "w",
+        task.lease(),
+        &stored.to_new_artifact(job, ArtifactKind::Text, json!({})),
+    )
+    .await
+    .unwrap();
+    key
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_dropped_day_loses_its_bytes_and_keys_and_its_kept_jobs_keep_theirs(pool: PgPool) {
+    test_support::history_partitioned_since(&pool, 20).await;
+    let q = Queue::new(pool.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let artifacts = ArtifactStore::local(dir.path()).unwrap();
+    // Three jobs of ten days ago: one finished then, one finished just now,
+    // one still running. Each has recorded bytes and bytes of an attempt
+    // that never recorded them.
+    let mut jobs = Vec::new();
+    let mut keys = Vec::new();
+    for name in ["pruned", "late", "running"] {
+        let job = q
+            .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": name})).idempotency_key(name))
+            .await
+            .unwrap()
+            .job;
+        let task = claim_text_task(&q).await;
+        let job = test_support::backdate(&pool, job.id, 10).await;
+        let recorded = store_and_record(&q, &artifacts, job, &task).await;
+        let orphan = format!("{}text-0.0.md", queue::artifact_prefix(job));
+        artifacts
+            .put(&orphan, Bytes::from_static(b"# earlier"), "text/markdown")
+            .await
+            .unwrap();
+        if name != "running" {
+            q.complete("w", task.lease(), json!({})).await.unwrap();
+        }
+        jobs.push(job);
+        keys.push([recorded, orphan]);
+    }
+    // Both finished just now; the first as if ten days ago.
+    sqlx::query("UPDATE job_history SET finished_at = now() - interval '10 days' WHERE id = $1")
+        .bind(jobs[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    let day_folder = queue::artifact_prefix(jobs[0])
+        .rsplitn(3, '/')
+        .nth(2)
+        .unwrap()
+        .to_string();
+    // Not under a job's folder: no job's, and left alone.
+    let stray = format!("{day_folder}/README");
+    artifacts
+        .put(&stray, Bytes::from_static(b"?"), "text/plain")
+        .await
+        .unwrap();
+
+    let pruned = q
+        .prune(Retention {
+            older_than: Duration::from_secs(7 * 86400),
+            mode: RetentionMode::Delete,
+            batch: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1, "the day is dropped, its late and running jobs kept");
+    assert!(
+        keys[0].iter().all(|k| dir.path().join(k).exists()),
+        "bytes wait for the cleaner"
+    );
+
+    let metrics = Metrics::new();
+    api::sweeper::clean_retired_days(&q, &artifacts, &metrics).await;
+    assert!(
+        keys[0].iter().all(|k| !dir.path().join(k).exists()),
+        "the dropped job's bytes are gone, recorded or not"
+    );
+    assert!(
+        keys[1..].iter().flatten().all(|k| dir.path().join(k).exists()),
+        "the kept jobs of the day keep theirs"
+    );
+    assert!(dir.path().join(&stray).exists());
+    assert!(q.retired_days().await.unwrap().is_empty(), "the day is done");
+    let named: Vec<String> = sqlx::query_scalar("SELECT idempotency_key FROM job_keys ORDER BY 1")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(named, ["late", "running"], "the dropped job's key is forgotten");
+    assert_eq!(q.artifacts_of(jobs[1]).await.unwrap().len(), 1);
+    let exposition = metrics.encode();
+    assert!(
+        exposition
+            .lines()
+            .any(|l| l.contains("maintenance=\"day_cleanup\"")
+                && l.contains("result=\"ok\"")
+                && l.ends_with(" 1")),
+        "{exposition}"
+    );
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_job_left_unfinished_after_its_tasks_is_repaired_and_counted(pool: PgPool) {
     let q = Queue::new(pool.clone());

@@ -1,6 +1,6 @@
 //! Artifact records: what a task produced and where the bytes are stored.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -12,8 +12,31 @@ use crate::Queue;
 /// the store puts them under it, and retention deletes all of it, bytes
 /// written and never recorded included (an attempt that stopped between
 /// storing and recording them).
+///
+/// The folder is inside the job's day folder (`jobs/YYYYMMDD/ID/`, the UTC
+/// day of its UUIDv7 id), so when retention drops a day of history the
+/// cleaner finds the day's bytes by listing one folder. The SQL function
+/// `artifact_prefix` says the same. An id that is no UUIDv7 has no day.
 pub fn artifact_prefix(job_id: Uuid) -> String {
-    format!("jobs/{job_id}/")
+    match day_of(job_id) {
+        Some(day) => format!("{}{job_id}/", day_folder(day)),
+        None => format!("jobs/{job_id}/"),
+    }
+}
+
+/// The folder of the artifacts of every job created on `day` (UTC).
+pub fn day_folder(day: NaiveDate) -> String {
+    format!("jobs/{}/", day.format("%Y%m%d"))
+}
+
+/// The UTC day a UUIDv7 was made, from its 48-bit millisecond timestamp.
+fn day_of(id: Uuid) -> Option<NaiveDate> {
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let b = id.as_bytes();
+    let millis = u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
+    DateTime::from_timestamp_millis(i64::try_from(millis).ok()?).map(|at| at.date_naive())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

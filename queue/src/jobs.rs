@@ -182,11 +182,20 @@ impl Queue {
             r#"
             WITH keyed AS (
                 -- A key is held in job_keys, across open and finished jobs;
-                -- a job whose key is taken is not inserted.
+                -- a job whose key is taken is not inserted, and of a key
+                -- twice in the batch the first takes it.
                 INSERT INTO job_keys (tenant, idempotency_key, job_id)
-                SELECT k.tenant, k.key, k.id FROM unnest($1::uuid[], $2::text[], $6::text[]) AS k(id, tenant, key)
+                SELECT DISTINCT ON (k.tenant, k.key) k.tenant, k.key, k.id
+                FROM unnest($1::uuid[], $2::text[], $6::text[]) WITH ORDINALITY AS k(id, tenant, key, ord)
                 WHERE k.key IS NOT NULL
-                ON CONFLICT (tenant, idempotency_key) DO NOTHING
+                ORDER BY k.tenant, k.key, k.ord
+                -- A key whose job retention dropped with its day is free
+                -- until the cleaner forgets it. Only a key of a job older
+                -- than a day can be (no shorter age drops a day), so a key
+                -- just taken over is never taken again by a racing request.
+                ON CONFLICT (tenant, idempotency_key) DO UPDATE SET job_id = EXCLUDED.job_id
+                WHERE job_keys.job_id < uuid_v7_floor(now() - interval '1 day')
+                  AND NOT EXISTS (SELECT 1 FROM all_jobs j WHERE j.id = job_keys.job_id)
                 RETURNING job_id
             ), inserted AS (
                 INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key, tasks_total)
@@ -313,7 +322,8 @@ impl Queue {
             .collect();
         let stored: Vec<i64> = sqlx::query_scalar(
             "SELECT k.ord FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(tenant, key, ord)
-             WHERE EXISTS (SELECT 1 FROM job_keys j WHERE j.tenant = k.tenant AND j.idempotency_key = k.key)",
+             WHERE EXISTS (SELECT 1 FROM job_keys j JOIN all_jobs a ON a.id = j.job_id
+                           WHERE j.tenant = k.tenant AND j.idempotency_key = k.key)",
         )
         .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
         .bind(keys.iter().map(|k| k.2).collect::<Vec<_>>())

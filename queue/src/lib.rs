@@ -26,14 +26,14 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use artifacts::{artifact_prefix, Artifact, ArtifactKind, NewArtifact};
+pub use artifacts::{artifact_prefix, day_folder, Artifact, ArtifactKind, NewArtifact};
 pub use depth::TaskDepth;
 pub use error::{QueueError, Result};
 pub use events::{JobStatusEvent, JobStatusNotifications, JOB_STATUS_CHANNEL};
 pub use jobs::{Enqueued, JobFilter, JobPage, JobWithTasks, PRIORITY_RANGE};
 pub use keys::{ApiKey, ApiKeyRole, NewApiKey};
 pub use leader::Leadership;
-pub use maintenance::{RepairedJob, Retention, RetentionMode, SweepOutcome, SweptTask};
+pub use maintenance::{RepairedJob, Retention, RetentionMode, RetiredDay, SweepOutcome, SweptTask};
 pub use model::{Job, JobStatus, JobType, Lease, NewJob, Task, TaskPlan, TaskStatus, TaskType};
 pub use notify::{TaskNotifications, RUNNABLE_CHANNEL};
 pub use pools::{PoolStatus, PoolStatusRecord};

@@ -2,11 +2,14 @@
 //! keeps the hot tables small. Both are safe to run from several processes
 //! at once.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
+use chrono::NaiveDate;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::artifacts::day_folder;
 use crate::error::{QueueError, Result};
 use crate::model::TaskStatus;
 use crate::tasks::retry_transient;
@@ -79,35 +82,87 @@ pub struct Retention {
 }
 
 /// The statement queueing the bytes of the jobs in `doomed` (a table or
-/// CTE of their ids) for the cleaner: the recorded objects, and each job's
-/// whole prefix (`artifact_prefix`), so bytes stored by an attempt that
-/// stopped before recording them go too. Archived jobs keep their bytes,
-/// where the archived records point.
-fn queue_artifact_bytes(doomed: &str, mode: RetentionMode) -> String {
+/// CTE of their ids), with their artifact records in `artifacts`, for the
+/// cleaner: the recorded objects, and each job's whole folder
+/// (`artifact_prefix`), so bytes stored by an attempt that stopped before
+/// recording them go too; a job created before bytes went into day folders
+/// also its old folder. Archived jobs keep their bytes, where the archived
+/// records point.
+fn queue_artifact_bytes(doomed: &str, artifacts: &str, mode: RetentionMode) -> String {
     match mode {
         RetentionMode::Delete => format!(
             "INSERT INTO artifact_deletions (storage_key)
-             SELECT a.storage_key FROM artifacts a JOIN {doomed} d ON d.id = a.job_id
+             SELECT a.storage_key FROM {artifacts} a JOIN {doomed} d ON d.id = a.job_id
              UNION ALL
-             SELECT 'jobs/' || d.id::text || '/' FROM {doomed} d
+             SELECT artifact_prefix(d.id) FROM {doomed} d
+             UNION ALL
+             SELECT 'jobs/' || d.id::text || '/' FROM {doomed} d, artifact_layout l
+             WHERE d.id < uuid_v7_floor(l.day_folders_from::timestamp AT TIME ZONE 'UTC')
              ON CONFLICT (storage_key) DO NOTHING"
         ),
         RetentionMode::Archive => "SELECT 1".to_string(),
     }
 }
 
-/// The statement copying the jobs in `doomed` (ids), read from `jobs` and
-/// `tasks`, with their artifact records, into `jobs_archive`.
-fn archive_statement(jobs: &str, tasks: &str, doomed: &str) -> String {
+/// The statement copying the jobs in `doomed` (ids), read from `jobs`,
+/// `tasks` and `artifacts`, into `jobs_archive`.
+fn archive_statement(jobs: &str, tasks: &str, artifacts: &str, doomed: &str) -> String {
     format!(
         "INSERT INTO jobs_archive (id, tenant, job_type, status, finished_at, job, tasks, artifacts)
          SELECT j.id, j.tenant, j.job_type, j.status, j.finished_at, to_jsonb(j),
                 coalesce((SELECT jsonb_agg(to_jsonb(t) ORDER BY t.id) FROM {tasks} t WHERE t.job_id = j.id), '[]'),
-                coalesce((SELECT jsonb_agg(to_jsonb(a)) FROM artifacts a WHERE a.job_id = j.id), '[]')
+                coalesce((SELECT jsonb_agg(to_jsonb(a)) FROM {artifacts} a WHERE a.job_id = j.id), '[]')
          FROM {jobs} j JOIN {doomed} d ON d.id = j.id
          ON CONFLICT (id) DO NOTHING"
     )
 }
+
+/// A day of history that retention dropped, and what the cleaner still
+/// has to do for it: forget the idempotency keys of its jobs and, unless
+/// they were archived, remove their bytes from the day's folder. Jobs of
+/// the day that are still kept (open, or finished late) keep both.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RetiredDay {
+    pub day: NaiveDate,
+    jobs_from: Uuid,
+    jobs_to: Uuid,
+    pub delete_bytes: bool,
+}
+
+impl RetiredDay {
+    /// The store folder its jobs' bytes are under.
+    pub fn folder(&self) -> String {
+        day_folder(self.day)
+    }
+}
+
+/// A day's history tables, named `{table}_YYYYMMDD`.
+struct DayTables {
+    day: NaiveDate,
+    jobs: String,
+    tasks: String,
+    artifacts: String,
+}
+
+impl DayTables {
+    /// `suffix` is eight digits read from the catalogue: a table name
+    /// cannot be bound.
+    fn of(suffix: &str) -> Result<Self> {
+        let day = NaiveDate::parse_from_str(suffix, "%Y%m%d")
+            .map_err(|e| QueueError::invalid("day", format!("{suffix:?}: {e}")))?;
+        Ok(Self {
+            day,
+            jobs: format!("job_history_{suffix}"),
+            tasks: format!("task_history_{suffix}"),
+            artifacts: format!("artifacts_{suffix}"),
+        })
+    }
+}
+
+/// The first id of a day's jobs, and of the next day's, as SQL of `$1`
+/// (the day, a date): the day's range in every table keyed by job id.
+const DAY_RANGE_FROM: &str = "uuid_v7_floor($1::timestamp AT TIME ZONE 'UTC')";
+const DAY_RANGE_TO: &str = "uuid_v7_floor(($1 + 1)::timestamp AT TIME ZONE 'UTC')";
 
 impl Queue {
     /// Return tasks whose heartbeat is older than `stale_after` or whose
@@ -260,14 +315,34 @@ impl Queue {
     }
 
     /// Detach a day's partitions, moving out the jobs of that day that
-    /// finished after the retention age (they go to DEFAULT). Detaching
+    /// finished after the retention age (they go to DEFAULT) and the
+    /// artifact records of those and of the day's jobs still open. Detaching
     /// locks history whole, so this transaction does nothing else: those
     /// jobs are few.
     async fn detach_history_day(&self, day: &str, retention: Retention) -> Result<()> {
-        // `day` is eight digits read from the catalogue; a table name
-        // cannot be bound.
-        let (jobs, tasks) = (format!("job_history_{day}"), format!("task_history_{day}"));
+        let DayTables {
+            day,
+            jobs,
+            tasks,
+            artifacts,
+        } = DayTables::of(day)?;
         let mut tx = self.pool.begin().await?;
+        // Writers are shut out before reading what to keep: a job of this
+        // day finishing meanwhile is then among the kept ones. The detaches
+        // alone would lock only after that read, and drop such a job with
+        // its day. Readers wait only for the detaches themselves.
+        sqlx::query("LOCK TABLE job_history, task_history, artifacts IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        // Every day since 20261205000007 has a partition of artifact
+        // records beside its history; a day made by hand may not.
+        let records_by_day: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass($1)
+                            AND inhparent = 'artifacts'::regclass)",
+        )
+        .bind(&artifacts)
+        .fetch_one(&mut *tx)
+        .await?;
         sqlx::query(&format!(
             "CREATE TEMPORARY TABLE kept_jobs ON COMMIT DROP AS
                  SELECT * FROM {jobs} WHERE finished_at >= now() - make_interval(secs => $1)"
@@ -275,10 +350,12 @@ impl Queue {
         .bind(retention.older_than.as_secs_f64())
         .execute(&mut *tx)
         .await?;
-        for sql in [
+        let mut statements = vec![
+            // So the reads by kept job below go through the day's indexes.
+            "ANALYZE kept_jobs".to_string(),
             format!(
                 "CREATE TEMPORARY TABLE kept_tasks ON COMMIT DROP AS
-                         SELECT t.* FROM {tasks} t WHERE t.job_id IN (SELECT id FROM kept_jobs)"
+                     SELECT t.* FROM kept_jobs k JOIN {tasks} t ON t.job_id = k.id"
             ),
             format!("ALTER TABLE job_history DETACH PARTITION {jobs}"),
             format!("ALTER TABLE task_history DETACH PARTITION {tasks}"),
@@ -286,38 +363,101 @@ impl Queue {
             format!("DELETE FROM {tasks} WHERE job_id IN (SELECT id FROM kept_jobs)"),
             "INSERT INTO job_history SELECT * FROM kept_jobs".to_string(),
             "INSERT INTO task_history SELECT * FROM kept_tasks".to_string(),
-        ] {
-            sqlx::query(&sql).execute(&mut *tx).await?;
+        ];
+        if records_by_day {
+            statements.extend([
+                format!(
+                    "CREATE TEMPORARY TABLE kept_artifacts ON COMMIT DROP AS
+                         SELECT a.* FROM kept_jobs k JOIN {artifacts} a ON a.job_id = k.id
+                         UNION ALL
+                         SELECT a.* FROM jobs j JOIN {artifacts} a ON a.job_id = j.id
+                         WHERE (j.id >= ({DAY_RANGE_FROM}) AND j.id < ({DAY_RANGE_TO}))"
+                ),
+                format!("ALTER TABLE artifacts DETACH PARTITION {artifacts}"),
+                "INSERT INTO artifacts SELECT * FROM kept_artifacts".to_string(),
+            ]);
+        }
+        for sql in statements {
+            let query = sqlx::query(&sql);
+            let query = if sql.contains("$1") {
+                query.bind(day)
+            } else {
+                query
+            };
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    /// Remove what refers to a detached day's jobs (artifact records,
-    /// idempotency keys; their bytes queued for the cleaner, or everything
-    /// copied to `jobs_archive`), then drop its tables.
+    /// Finish a detached day: copy its jobs to `jobs_archive` in archive
+    /// mode, queue what the cleaner still has to do for it (its jobs'
+    /// idempotency keys, and their bytes unless archived), then drop its
+    /// tables. Costs the same however many jobs the day held; only a day
+    /// from before bytes went into day folders queues its jobs' old folders
+    /// one by one.
     async fn drop_detached_history_day(&self, day: &str, mode: RetentionMode) -> Result<u64> {
-        let (jobs, tasks) = (format!("job_history_{day}"), format!("task_history_{day}"));
+        let DayTables {
+            day,
+            jobs,
+            tasks,
+            artifacts,
+        } = DayTables::of(day)?;
         let mut tx = self.pool.begin().await?;
+        let (records_by_day, before_day_folders): (bool, bool) = sqlx::query_as(
+            "SELECT to_regclass($1) IS NOT NULL, $2 < (SELECT day_folders_from FROM artifact_layout)",
+        )
+        .bind(&artifacts)
+        .bind(day)
+        .fetch_one(&mut *tx)
+        .await?;
+        // A day detached before artifact records had days left its records
+        // in the DEFAULT partition.
+        let records = if records_by_day {
+            artifacts.as_str()
+        } else {
+            "artifacts"
+        };
         if mode == RetentionMode::Archive {
-            sqlx::query(&archive_statement(&jobs, &tasks, &jobs))
+            sqlx::query(&archive_statement(&jobs, &tasks, records, &jobs))
                 .execute(&mut *tx)
                 .await?;
         }
-        let removed: i64 = sqlx::query_scalar(&format!(
-            "WITH bytes AS (
-                 {queue_bytes}
-             ), records AS (
-                 DELETE FROM artifacts a USING {jobs} d WHERE a.job_id = d.id
-             ), keys AS (
-                 DELETE FROM job_keys k USING {jobs} d WHERE k.job_id = d.id
-             )
-             SELECT count(*) FROM {jobs}",
-            queue_bytes = queue_artifact_bytes(&jobs, mode),
-        ))
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query(&format!("DROP TABLE {jobs}, {tasks}"))
+        if mode == RetentionMode::Delete && before_day_folders {
+            sqlx::query(&queue_artifact_bytes(&jobs, records, mode))
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !records_by_day {
+            sqlx::query(&format!(
+                "DELETE FROM artifacts a USING {jobs} d WHERE a.job_id = d.id"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let removed: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {jobs}"))
+            .fetch_one(&mut *tx)
+            .await?;
+        // A day that kept no job has no keys or bytes left either: jobs
+        // leave history only with their day or row by row, which removes
+        // both itself.
+        if removed > 0 {
+            sqlx::query(&format!(
+                "INSERT INTO retired_days (day, jobs_from, jobs_to, delete_bytes)
+                 VALUES ($1, {DAY_RANGE_FROM}, {DAY_RANGE_TO}, $2)
+                 ON CONFLICT (day) DO UPDATE SET delete_bytes = retired_days.delete_bytes OR EXCLUDED.delete_bytes"
+            ))
+            .bind(day)
+            .bind(mode == RetentionMode::Delete)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let tables = if records_by_day {
+            format!("{jobs}, {tasks}, {artifacts}")
+        } else {
+            format!("{jobs}, {tasks}")
+        };
+        sqlx::query(&format!("DROP TABLE {tables}"))
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -331,7 +471,7 @@ impl Queue {
             RetentionMode::Delete => String::new(),
             RetentionMode::Archive => format!(
                 "archived AS ({}),",
-                archive_statement("job_history", "task_history", "doomed")
+                archive_statement("job_history", "task_history", "artifacts", "doomed")
             ),
         };
         let sql = format!(
@@ -350,7 +490,7 @@ impl Queue {
                  DELETE FROM task_history WHERE job_id IN (SELECT id FROM doomed)
              )
              DELETE FROM job_history WHERE id IN (SELECT id FROM doomed)",
-            queue_bytes = queue_artifact_bytes("doomed", retention.mode),
+            queue_bytes = queue_artifact_bytes("doomed", "artifacts", retention.mode),
         );
         let mut total = 0;
         loop {
@@ -385,6 +525,58 @@ impl Queue {
     pub async fn forget_artifact_deletions(&self, storage_keys: &[String]) -> Result<()> {
         sqlx::query("DELETE FROM artifact_deletions WHERE storage_key = ANY($1)")
             .bind(storage_keys)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Days of history retention dropped whose keys or bytes the cleaner
+    /// has still to remove, oldest first.
+    pub async fn retired_days(&self) -> Result<Vec<RetiredDay>> {
+        Ok(
+            sqlx::query_as("SELECT day, jobs_from, jobs_to, delete_bytes FROM retired_days ORDER BY day")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Forget up to `batch` idempotency keys of a retired day's jobs that
+    /// are gone (a kept job keeps its key). Returns how many went; fewer
+    /// than `batch` means none are left.
+    pub async fn forget_keys_of_retired_day(&self, day: &RetiredDay, batch: i64) -> Result<u64> {
+        if batch < 1 {
+            return Err(QueueError::invalid("batch", "must be at least 1"));
+        }
+        Ok(sqlx::query(
+            "DELETE FROM job_keys k
+             WHERE (k.tenant, k.idempotency_key) IN (
+                 SELECT tenant, idempotency_key FROM job_keys g
+                 WHERE g.job_id >= $1 AND g.job_id < $2
+                   AND NOT EXISTS (SELECT 1 FROM all_jobs j WHERE j.id = g.job_id)
+                 LIMIT $3 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(day.jobs_from)
+        .bind(day.jobs_to)
+        .bind(batch)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Which of these jobs are still stored, open or finished: the cleaner
+    /// leaves their bytes in a retired day's folder.
+    pub async fn jobs_kept(&self, job_ids: &[Uuid]) -> Result<HashSet<Uuid>> {
+        let kept: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM all_jobs WHERE id = ANY($1)")
+            .bind(job_ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(kept.into_iter().collect())
+    }
+
+    /// The cleaner is done with a retired day.
+    pub async fn forget_retired_day(&self, day: &RetiredDay) -> Result<()> {
+        sqlx::query("DELETE FROM retired_days WHERE day = $1")
+            .bind(day.day)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -137,7 +137,7 @@ async fn retention_deletes_or_archives_only_old_finished_jobs(pool: PgPool) {
     claim_one(&q, "w", TaskType::TextGeneration).await;
     // Three finished jobs and the two unfinished ones are ten days old.
     for id in finished[..3].iter().chain([&recent.id, &running.id]) {
-        backdate(&pool, *id, 10).await;
+        test_support::backdate(&pool, *id, 10).await;
     }
     let week = Duration::from_secs(7 * 86400);
     let archived = q
@@ -173,6 +173,7 @@ async fn retention_deletes_or_archives_only_old_finished_jobs(pool: PgPool) {
 async fn deleting_old_jobs_queues_their_artifact_bytes_for_the_cleaner(pool: PgPool) {
     let q = queue(pool.clone());
     let mut keys = Vec::new();
+    let mut old = None;
     for name in ["old", "new"] {
         let job = q.enqueue(text_job(name)).await.unwrap().job;
         let task = claim_one(&q, "w", TaskType::TextGeneration).await;
@@ -194,7 +195,7 @@ async fn deleting_old_jobs_queues_their_artifact_bytes_for_the_cleaner(pool: PgP
         .unwrap();
         q.complete("w", task.lease(), json!({})).await.unwrap();
         if name == "old" {
-            backdate(&pool, job.id, 10).await;
+            old = Some(test_support::backdate(&pool, job.id, 10).await);
         }
         keys.push(key);
     }
@@ -217,18 +218,21 @@ async fn deleting_old_jobs_queues_their_artifact_bytes_for_the_cleaner(pool: PgP
         1,
         "the recent job keeps its artifact"
     );
-    // Its recorded object, and its whole prefix: bytes an attempt stored
-    // and never recorded go too. (backdate gave the job an older id.)
-    let waiting = q.artifact_deletions(10).await.unwrap();
-    let prefixes: Vec<&String> = waiting.iter().filter(|k| k.ends_with('/')).collect();
-    assert_eq!(waiting.len(), 2, "{waiting:?}");
-    assert!(
-        waiting.contains(&keys[0]),
-        "the old job's bytes wait for the cleaner: {waiting:?}"
-    );
-    assert!(
-        prefixes.len() == 1 && prefixes[0].starts_with("jobs/") && !keys[1].starts_with(prefixes[0].as_str()),
-        "the old job's prefix, not the recent one's: {waiting:?}"
+    // Its recorded object, and its whole folder: bytes an attempt stored
+    // and never recorded go too. A job from before bytes went into day
+    // folders also has its old folder. (backdate gave the job an older id.)
+    let mut waiting = q.artifact_deletions(10).await.unwrap();
+    waiting.sort();
+    let old = old.unwrap();
+    let mut expected = [
+        format!("jobs/{old}/"),
+        keys[0].clone(),
+        queue::artifact_prefix(old),
+    ];
+    expected.sort();
+    assert_eq!(
+        waiting, expected,
+        "the old job's bytes wait for the cleaner, not the recent one's"
     );
     q.forget_artifact_deletions(&waiting).await.unwrap();
     assert!(q.artifact_deletions(10).await.unwrap().is_empty());
@@ -272,51 +276,9 @@ async fn retention_finds_a_jobs_artifacts_through_an_index(pool: PgPool) {
     .await
     .unwrap();
     let plan = plan.join("\n");
-    assert!(plan.contains("artifacts_one_per_kind"), "{plan}");
-    assert!(!plan.contains("Seq Scan on artifacts"), "{plan}");
-}
-
-/// Make a job `days` old as if it had been created then: a UUIDv7 id from
-/// that time, and its timestamps moved back. An open job stays open, a
-/// finished one lands in the history partition of its new day.
-async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) -> uuid::Uuid {
-    let then = chrono::Utc::now() - chrono::Duration::days(days);
-    // The job's own random bits keep two jobs backdated in one millisecond apart.
-    let random: [u8; 10] = id.as_bytes()[6..].try_into().expect("16 - 6 bytes");
-    let old_id =
-        uuid::Builder::from_unix_timestamp_millis(then.timestamp_millis() as u64, &random).into_uuid();
-    let mut tx = pool.begin().await.unwrap();
-    for (jobs, tasks) in [("jobs", "job_tasks"), ("job_history", "task_history")] {
-        let statements = [
-            format!(
-                "INSERT INTO {jobs} SELECT $2, tenant, job_type, status, input, priority, idempotency_key, error,
-                        created_at - make_interval(days => $3), updated_at, started_at,
-                        finished_at - make_interval(days => $3), tasks_total, tasks_complete
-                 FROM {jobs} WHERE id = $1"
-            ),
-            format!("UPDATE {tasks} SET job_id = $2 WHERE job_id = $1"),
-            format!("DELETE FROM {jobs} WHERE id = $1"),
-        ];
-        for sql in statements {
-            sqlx::query(&sql)
-                .bind(id)
-                .bind(old_id)
-                .bind(days as i32)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-        }
-    }
-    for table in ["artifacts", "job_keys"] {
-        sqlx::query(&format!("UPDATE {table} SET job_id = $2 WHERE job_id = $1"))
-            .bind(id)
-            .bind(old_id)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
-    old_id
+    // The partition holding them (the others are empty).
+    assert!(plan.contains("Index Scan using artifacts_before_"), "{plan}");
+    assert!(!plan.contains("Seq Scan on artifacts_before"), "{plan}");
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -367,6 +329,30 @@ async fn partition_of(pool: &PgPool, id: uuid::Uuid) -> Option<String> {
         .unwrap()
 }
 
+/// An artifact record for each of these jobs' tasks, in the job's folder.
+async fn record_artifacts_of(pool: &PgPool, jobs: &[uuid::Uuid]) {
+    sqlx::query(
+        "INSERT INTO artifacts (id, job_id, task_id, kind, content_type, storage_key, bytes, sha256)
+         SELECT gen_random_uuid(), job_id, id, 'text', 'text/markdown', artifact_prefix(job_id) || 'text.md',
+                5, repeat('0', 64)
+         FROM all_tasks WHERE job_id = ANY ($1)",
+    )
+    .bind(jobs)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The jobs that have artifact records.
+async fn artifact_records(pool: &PgPool) -> std::collections::HashSet<uuid::Uuid> {
+    sqlx::query_scalar::<_, uuid::Uuid>("SELECT job_id FROM artifacts")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 async fn finished_job(q: &queue::Queue, prompt: &str, key: &str) -> uuid::Uuid {
     let job = q
         .enqueue(text_job(prompt).idempotency_key(key))
@@ -383,14 +369,18 @@ async fn retention_drops_a_whole_day_and_keeps_its_jobs_that_finished_late(pool:
     test_support::history_partitioned_since(&pool, 20).await;
     let q = queue(pool.clone());
     let old = finished_job(&q, "old", "k-old").await;
+    let forgotten = finished_job(&q, "forgotten", "k-forgotten").await;
     let late = finished_job(&q, "late", "k-late").await;
     let recent = finished_job(&q, "recent", "k-recent").await;
     let open = q.enqueue(text_job("open")).await.unwrap().job.id;
-    let old = backdate(&pool, old, 10).await;
-    let late = backdate(&pool, late, 10).await;
-    let open = backdate(&pool, open, 10).await;
+    let old = test_support::backdate(&pool, old, 10).await;
+    let forgotten = test_support::backdate(&pool, forgotten, 10).await;
+    let late = test_support::backdate(&pool, late, 10).await;
+    let open = test_support::backdate(&pool, open, 10).await;
+    record_artifacts_of(&pool, &[old, forgotten, late, open, recent]).await;
     let day = partition_of(&pool, old).await.expect("the old job is in history");
     assert!(day.starts_with("job_history_2"), "a day's partition: {day}");
+    let artifacts_of_day = day.replace("job_history_", "artifacts_");
     // Created ten days ago, finished just now: younger than the age.
     sqlx::query("UPDATE job_history SET finished_at = now() WHERE id = $1")
         .bind(late)
@@ -407,13 +397,15 @@ async fn retention_drops_a_whole_day_and_keeps_its_jobs_that_finished_late(pool:
         })
         .await
         .unwrap();
-    assert_eq!(removed, 1, "only the old job");
-    let gone: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-        .bind(&day)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(gone, None, "the day's partition was dropped, not emptied");
+    assert_eq!(removed, 2, "only the old jobs");
+    for table in [&day, &artifacts_of_day] {
+        let gone: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(gone, None, "the day's partition was dropped, not emptied");
+    }
     assert!(matches!(
         q.job(TENANT, old).await,
         Err(queue::QueueError::JobNotFound(_))
@@ -426,10 +418,23 @@ async fn retention_drops_a_whole_day_and_keeps_its_jobs_that_finished_late(pool:
     assert_eq!(q.tasks_of(late).await.unwrap().len(), 1);
     assert_eq!(q.job(TENANT, open).await.unwrap().status, JobStatus::Queued);
     assert!(q.job(TENANT, recent).await.is_ok());
-    let waiting = q.artifact_deletions(10).await.unwrap();
-    assert_eq!(waiting, [format!("jobs/{old}/")], "the old job's bytes go");
-    // Its key went with it: the same key makes a new job; the kept one's
-    // still replays.
+    assert_eq!(
+        artifact_records(&pool).await,
+        [late, open, recent].into_iter().collect(),
+        "the kept jobs of the day keep their artifact records"
+    );
+    // Nothing was queued job by job: the cleaner has the day.
+    assert!(q.artifact_deletions(10).await.unwrap().is_empty());
+    let retired = q.retired_days().await.unwrap();
+    assert_eq!(retired.len(), 1);
+    assert!(retired[0].delete_bytes);
+    assert_eq!(
+        retired[0].folder(),
+        format!("jobs/{}/", &day["job_history_".len()..])
+    );
+    assert!(queue::artifact_prefix(old).starts_with(&retired[0].folder()));
+    // Its jobs' keys are free before the cleaner forgets them: the same key
+    // makes a new job; the kept job's key still replays.
     let again = q.enqueue(text_job("old").idempotency_key("k-old")).await.unwrap();
     assert!(again.created && again.job.id != old);
     let replay = q
@@ -437,6 +442,19 @@ async fn retention_drops_a_whole_day_and_keeps_its_jobs_that_finished_late(pool:
         .await
         .unwrap();
     assert_eq!((replay.created, replay.job.id), (false, late));
+    // The cleaner forgets the one key still naming a gone job.
+    assert_eq!(q.forget_keys_of_retired_day(&retired[0], 10).await.unwrap(), 1);
+    let keys: Vec<String> = sqlx::query_scalar("SELECT idempotency_key FROM job_keys ORDER BY 1")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, ["k-late", "k-old", "k-recent"]);
+    assert_eq!(
+        q.jobs_kept(&[old, forgotten, late, open]).await.unwrap(),
+        [late, open].into_iter().collect()
+    );
+    q.forget_retired_day(&retired[0]).await.unwrap();
+    assert!(q.retired_days().await.unwrap().is_empty());
 
     // The open job of that day finishes after its day was dropped: its
     // row goes to DEFAULT, and row-by-row retention takes it later.
@@ -454,13 +472,15 @@ async fn a_day_detached_by_a_run_that_stopped_is_dropped_by_the_next(pool: PgPoo
     test_support::history_partitioned_since(&pool, 20).await;
     let q = queue(pool.clone());
     let old = finished_job(&q, "old", "k-old").await;
-    let old = backdate(&pool, old, 10).await;
+    let old = test_support::backdate(&pool, old, 10).await;
     let day = partition_of(&pool, old).await.unwrap();
     let task_day = day.replace("job_history_", "task_history_");
+    let artifacts_day = day.replace("job_history_", "artifacts_");
     // The first of the two transactions committed; the second never ran.
     for sql in [
         format!("ALTER TABLE job_history DETACH PARTITION {day}"),
         format!("ALTER TABLE task_history DETACH PARTITION {task_day}"),
+        format!("ALTER TABLE artifacts DETACH PARTITION {artifacts_day}"),
     ] {
         sqlx::query(&sql).execute(&pool).await.unwrap();
     }
@@ -473,11 +493,41 @@ async fn a_day_detached_by_a_run_that_stopped_is_dropped_by_the_next(pool: PgPoo
         .await
         .unwrap();
     assert_eq!(removed, 1, "the detached day is finished, whatever its age");
-    let left: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-        .bind(&task_day)
-        .fetch_one(&pool)
+    for table in [&task_day, &artifacts_day] {
+        let left: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(left, None);
+    }
+    assert!(q.artifact_deletions(10).await.unwrap().is_empty());
+    let retired = q.retired_days().await.unwrap();
+    assert!(retired.len() == 1 && queue::artifact_prefix(old).starts_with(&retired[0].folder()));
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_jobs_folder_is_the_same_in_rust_and_in_sql(pool: PgPool) {
+    let at = |rfc3339: &str| {
+        let millis = chrono::DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .timestamp_millis();
+        uuid::Builder::from_unix_timestamp_millis(millis as u64, &[0xab; 10]).into_uuid()
+    };
+    let ids = [
+        at("2026-12-04T23:59:59.999Z"),
+        at("2026-12-05T00:00:00.000Z"),
+        uuid::Uuid::now_v7(),
+        // A UUIDv1: no day of its own.
+        "6ba7b810-9dad-11d1-80b4-00c04fd430c8".parse().unwrap(),
+    ];
+    let in_sql: Vec<String> = sqlx::query_scalar("SELECT artifact_prefix(id) FROM unnest($1::uuid[]) AS id")
+        .bind(&ids[..])
+        .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(left, None);
-    assert_eq!(q.artifact_deletions(10).await.unwrap(), [format!("jobs/{old}/")]);
+    let in_rust: Vec<String> = ids.iter().map(|id| queue::artifact_prefix(*id)).collect();
+    assert_eq!(in_sql, in_rust);
+    assert!(in_rust[0].starts_with("jobs/20261204/") && in_rust[1].starts_with("jobs/20261205/"));
+    assert_eq!(in_rust[3], "jobs/6ba7b810-9dad-11d1-80b4-00c04fd430c8/");
 }

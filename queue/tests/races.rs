@@ -550,3 +550,87 @@ async fn two_retries_of_one_failed_job_reopen_it_once(pool: PgPool) {
     );
     assert_eq!(count(&pool, "all_tasks").await, 1, "its task once");
 }
+
+/// Drop the days of history older than a week, which
+/// `history_partitioned_since` gave partitions.
+async fn prune_a_week(q: &Queue) -> JoinHandle<Result<u64, QueueError>> {
+    let q = q.clone();
+    tokio::spawn(async move {
+        q.prune(queue::Retention {
+            older_than: Duration::from_secs(7 * 86400),
+            mode: queue::RetentionMode::Delete,
+            batch: 100,
+        })
+        .await
+    })
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_job_of_a_dropped_day_finishing_while_retention_runs_is_kept(pool: PgPool) {
+    test_support::history_partitioned_since(&pool, 20).await;
+    let q = queue(pool.clone());
+    q.enqueue(text_job("x")).await.unwrap();
+    let held = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    // Open for twenty days, and finishing now: younger than the age once
+    // done. Its day is the oldest, the first retention detaches.
+    let job = test_support::backdate(&pool, held.job_id, 20).await;
+    let finishing = complete_and_hold(&pool, "w1", held.lease()).await;
+    let pruning = prune_a_week(&q).await;
+    until_done_or_blocked(&pool, &pruning, 1).await;
+    finishing.commit().await.unwrap();
+    assert_eq!(
+        pruning.await.unwrap().unwrap(),
+        0,
+        "the day held no job past the age"
+    );
+    assert_eq!(
+        job_status(&q, job).await,
+        JobStatus::Complete,
+        "the job that finished during the run is kept, not dropped with its day"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_freed_key_taken_over_by_one_request_is_replayed_to_a_racing_one(pool: PgPool) {
+    test_support::history_partitioned_since(&pool, 20).await;
+    let q = queue(pool.clone());
+    // A keyed job of a day retention dropped: its key names a job gone.
+    let old = q
+        .enqueue(text_job("x").idempotency_key("k"))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.complete("w1", task.lease(), json!({})).await.unwrap();
+    test_support::backdate(&pool, old, 10).await;
+    assert_eq!(prune_a_week(&q).await.await.unwrap().unwrap(), 1);
+    // One request takes the key over and has not committed yet.
+    let template = q.enqueue(text_job("x")).await.unwrap().job.id;
+    let first = uuid::Uuid::now_v7();
+    let mut taking = pool.begin().await.unwrap();
+    for sql in [
+        "INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key, tasks_total)
+         SELECT $1, tenant, job_type, input, priority, 'k', tasks_total FROM jobs WHERE id = $2",
+        "UPDATE job_keys SET job_id = $1 WHERE idempotency_key = 'k'",
+    ] {
+        sqlx::query(sql)
+            .bind(first)
+            .bind(template)
+            .execute(&mut *taking)
+            .await
+            .unwrap();
+    }
+    let racing = {
+        let q = q.clone();
+        tokio::spawn(async move { q.enqueue(text_job("x").idempotency_key("k")).await })
+    };
+    until_done_or_blocked(&pool, &racing, 1).await;
+    taking.commit().await.unwrap();
+    let second = racing.await.unwrap().unwrap();
+    assert_eq!(
+        (second.created, second.job.id),
+        (false, first),
+        "the racing request replays the job that took the key, it does not take it again"
+    );
+}

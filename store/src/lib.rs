@@ -26,6 +26,10 @@ use queue::{ArtifactKind, Lease, NewArtifact};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+/// Objects [`ArtifactStore::delete_objects`] deletes at once: on S3 each
+/// is a round trip.
+const DELETE_CONCURRENCY: usize = 8;
+
 /// The variable naming the store.
 pub const ARTIFACT_STORE_VAR: &str = "ARTIFACT_STORE";
 /// The folder used when `ARTIFACT_STORE` is unset, relative to the working directory.
@@ -321,6 +325,49 @@ impl ArtifactStore {
         self.flush_folders_of(&deleted).await
     }
 
+    /// The keys of the objects under `folder` (a key ending in `/`), in no
+    /// particular order. A folder that is not there lists nothing.
+    pub fn list(&self, folder: &str) -> BoxStream<'_, Result<String>> {
+        let prefix = match folder.strip_suffix('/').map(object_path) {
+            Some(Ok(prefix)) => prefix,
+            Some(Err(e)) => return futures::stream::once(async { Err(e) }).boxed(),
+            None => {
+                return futures::stream::once(futures::future::ready(Err(StoreError::InvalidKey {
+                    key: folder.to_owned(),
+                    reason: "a folder ends in `/`".into(),
+                })))
+                .boxed()
+            }
+        };
+        self.inner
+            .list(Some(&prefix))
+            .filter_map(|object| async move {
+                match object {
+                    Ok(object) => Some(Ok(object.location.to_string())),
+                    Err(object_store::Error::NotFound { .. }) => None,
+                    Err(e) => Some(Err(e.into())),
+                }
+            })
+            .boxed()
+    }
+
+    /// Remove these objects, a few at a time, as [`ArtifactStore::delete`]
+    /// removes one: gone already is fine, and on a local store the folders
+    /// that named them are flushed (each once) before this returns.
+    pub async fn delete_objects(&self, keys: &[String]) -> Result<()> {
+        let paths = keys
+            .iter()
+            .map(|key| object_path(key))
+            .collect::<Result<Vec<_>>>()?;
+        let deleted: Vec<Result<()>> = futures::stream::iter(paths.iter().cloned())
+            .map(|path| async move { self.delete_object(&path).await })
+            .buffer_unordered(DELETE_CONCURRENCY)
+            .collect()
+            .await;
+        deleted.into_iter().collect::<Result<()>>()?;
+        self.flush_folders_of(&paths).await
+    }
+
     /// On a local store, flush the folders that held `paths`, each once.
     async fn flush_folders_of(&self, paths: &[Path]) -> Result<()> {
         let Some(local) = &self.local else {
@@ -396,12 +443,13 @@ mod tests {
 
     #[test]
     fn keys_are_unique_per_claim() {
-        let job = Uuid::nil();
+        let job: Uuid = "019af0a0-0000-7000-8000-000000000000".parse().unwrap();
         let first = Lease { task_id: 7, claim: 1 };
         let second = Lease { task_id: 7, claim: 2 };
         assert_eq!(
             artifact_key(job, ArtifactKind::Pdf, first),
-            "jobs/00000000-0000-0000-0000-000000000000/pdf-7.1.pdf"
+            "jobs/20251205/019af0a0-0000-7000-8000-000000000000/pdf-7.1.pdf",
+            "in the folder of the job's day"
         );
         assert_ne!(
             artifact_key(job, ArtifactKind::Audio, first),

@@ -58,6 +58,34 @@ async fn put_get_range_and_overwrite() {
 }
 
 #[tokio::test]
+async fn a_folder_lists_the_keys_under_it_at_any_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ArtifactStore::local(dir.path()).unwrap();
+    let job = Uuid::now_v7();
+    let lease = Lease { task_id: 1, claim: 1 };
+    let mut keys = vec![
+        artifact_key(job, ArtifactKind::Text, lease),
+        artifact_key(job, ArtifactKind::Pdf, lease),
+    ];
+    for key in &keys {
+        store
+            .put(key, Bytes::from_static(b"x"), "text/plain")
+            .await
+            .unwrap();
+    }
+    let prefix = queue::artifact_prefix(job);
+    let day = prefix.strip_suffix(&format!("{job}/")).unwrap();
+    let mut listed: Vec<String> = store.list(day).try_collect().await.unwrap();
+    listed.sort();
+    keys.sort();
+    assert_eq!(listed, keys, "under {day}");
+    let none: Vec<String> = store.list("jobs/19700101/").try_collect().await.unwrap();
+    assert!(none.is_empty(), "a folder that is not there lists nothing");
+    let error = store.list("jobs").try_collect::<Vec<String>>().await.unwrap_err();
+    assert!(error.to_string().contains("ends in `/`"), "{error}");
+}
+
+#[tokio::test]
 async fn missing_objects_and_bad_keys_are_permanent() {
     let dir = tempfile::tempdir().unwrap();
     let store = ArtifactStore::local(dir.path()).unwrap();
@@ -135,23 +163,19 @@ fn a_put_returns_only_once_the_file_and_its_folders_are_on_disk() {
         .iter()
         .filter_map(|line| line.split_once('<')?.1.split_once('>').map(|(path, _)| path))
         .collect();
-    // The key is jobs/{job}/{file}; both folders are new with the job.
+    // The key is jobs/{day}/{job}/{file}; every folder is new with the job.
     let key = std::fs::read_to_string(root.join("KEY")).unwrap();
     let file = root.join(&key);
-    let job_dir = file.parent().unwrap();
-    let jobs_dir = job_dir.parent().unwrap();
+    assert_eq!(key.split('/').count(), 4, "{key}");
     assert!(
         flushed.iter().any(|p| p.starts_with(file.to_str().unwrap())),
         "the file's bytes (written under a staging name): {flushed:?}"
     );
-    for (folder, what) in [
-        (job_dir, "the file's entry in the job's folder"),
-        (jobs_dir, "the job folder's entry"),
-        (root.as_path(), "the jobs folder's entry"),
-    ] {
+    // The job's folder (naming the file), the day's, `jobs`, the root.
+    for folder in file.ancestors().skip(1).take(4) {
         assert!(
             flushed.contains(&folder.to_str().unwrap()),
-            "{what} ({}): {flushed:?}",
+            "the entry in {}: {flushed:?}",
             folder.display()
         );
     }
@@ -175,7 +199,8 @@ async fn put_for_the_strace_test() {
 /// A delete returns only once the folder that named the file is flushed:
 /// otherwise a crash right after retention deleted a job's artifacts (and
 /// forgot them) could bring the files back, where nothing would delete
-/// them again. Both ways of deleting: one key, and a job's prefix.
+/// them again. Every way of deleting: one key, a job's prefix, and a list of
+/// keys (the cleaner's, for a retired day's folder).
 #[test]
 fn a_delete_returns_only_once_the_folder_that_named_the_file_is_on_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,7 +208,7 @@ fn a_delete_returns_only_once_the_folder_that_named_the_file_is_on_disk() {
     let trace = traced_calls("delete_for_the_strace_test", &root, "fsync,unlink,unlinkat");
     let keys = std::fs::read_to_string(root.join("KEYS")).unwrap();
     let keys: Vec<&str> = keys.lines().collect();
-    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert_eq!(keys.len(), 4, "{keys:?}");
     for key in keys {
         let file = root.join(key);
         let folder = format!("<{}>", file.parent().unwrap().display());
@@ -212,12 +237,13 @@ async fn delete_for_the_strace_test() {
     let Some((root, store)) = traced_store() else {
         return;
     };
-    let (one, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let (one, other, third) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let lease = Lease { task_id: 1, claim: 1 };
     let keys = [
         artifact_key(one, ArtifactKind::Text, lease),
         artifact_key(other, ArtifactKind::Text, lease),
         artifact_key(other, ArtifactKind::Pdf, lease),
+        artifact_key(third, ArtifactKind::Audio, lease),
     ];
     for key in &keys {
         store
@@ -228,4 +254,5 @@ async fn delete_for_the_strace_test() {
     std::fs::write(root.join("KEYS"), keys.join("\n")).unwrap();
     store.delete(&keys[0]).await.unwrap();
     store.delete(&queue::artifact_prefix(other)).await.unwrap();
+    store.delete_objects(&keys[3..]).await.unwrap();
 }

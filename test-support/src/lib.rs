@@ -117,23 +117,72 @@ pub async fn reopen_in_place<'e>(executor: impl sqlx::PgExecutor<'e>, job: uuid:
 
 /// History as a database migrated `days` days ago has it: what was moved
 /// then in the partition of everything before, and a partition for each
-/// day since. The partitions of everything before must be empty.
+/// day since (of jobs, tasks and artifact records), with artifact bytes in
+/// day folders since then. The partitions of everything before must be
+/// empty.
 pub async fn history_partitioned_since(pool: &PgPool, days: i32) {
     let before = format!("uuid_v7_floor((current_date - {days})::timestamp AT TIME ZONE 'UTC')");
     for sql in [
         "ALTER TABLE job_history DETACH PARTITION job_history_before".to_string(),
         "ALTER TABLE task_history DETACH PARTITION task_history_before".to_string(),
-        "DROP TABLE job_history_before, task_history_before".to_string(),
+        "ALTER TABLE artifacts DETACH PARTITION artifacts_before".to_string(),
+        "DROP TABLE job_history_before, task_history_before, artifacts_before".to_string(),
         // A partition bound takes no parameter; `days` is the caller's own.
         format!("CREATE TABLE job_history_before PARTITION OF job_history FOR VALUES FROM (MINVALUE) TO ({before})"),
         format!("CREATE TABLE task_history_before PARTITION OF task_history FOR VALUES FROM (MINVALUE) TO ({before})"),
+        format!("CREATE TABLE artifacts_before PARTITION OF artifacts FOR VALUES FROM (MINVALUE) TO ({before})"),
         format!("SELECT create_history_partitions(current_date - {days}, {days})"),
+        // Its jobs' bytes have been in day folders since then too.
+        format!("UPDATE artifact_layout SET day_folders_from = current_date - {days}"),
     ] {
         sqlx::query(&sql)
             .execute(pool)
             .await
             .expect("laying out history by day");
     }
+}
+
+/// Make a job `days` old as if it had been created then: a UUIDv7 id from
+/// that time, and its timestamps moved back. An open job stays open, a
+/// finished one lands in the history partition of its new day.
+pub async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) -> uuid::Uuid {
+    let then = chrono::Utc::now() - chrono::Duration::days(days);
+    // The job's own random bits keep two jobs backdated in one millisecond apart.
+    let random: [u8; 10] = id.as_bytes()[6..].try_into().expect("16 - 6 bytes");
+    let old_id =
+        uuid::Builder::from_unix_timestamp_millis(then.timestamp_millis() as u64, &random).into_uuid();
+    let mut tx = pool.begin().await.unwrap();
+    for (jobs, tasks) in [("jobs", "job_tasks"), ("job_history", "task_history")] {
+        let statements = [
+            format!(
+                "INSERT INTO {jobs} SELECT $2, tenant, job_type, status, input, priority, idempotency_key, error,
+                        created_at - make_interval(days => $3), updated_at, started_at,
+                        finished_at - make_interval(days => $3), tasks_total, tasks_complete
+                 FROM {jobs} WHERE id = $1"
+            ),
+            format!("UPDATE {tasks} SET job_id = $2 WHERE job_id = $1"),
+            format!("DELETE FROM {jobs} WHERE id = $1"),
+        ];
+        for sql in statements {
+            sqlx::query(&sql)
+                .bind(id)
+                .bind(old_id)
+                .bind(days as i32)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+    }
+    for table in ["artifacts", "job_keys"] {
+        sqlx::query(&format!("UPDATE {table} SET job_id = $2 WHERE job_id = $1"))
+            .bind(id)
+            .bind(old_id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    old_id
 }
 
 /// The path of one of the workspace's binaries, built first if needed, so a
