@@ -26,6 +26,19 @@ async fn claim_text_task(q: &Queue) -> queue::Task {
         .remove(0)
 }
 
+/// `/metrics` counts one run of this maintenance service, and it went well.
+fn assert_ran_once_and_well(metrics: &Metrics, maintenance: &str) {
+    let exposition = metrics.encode();
+    assert!(
+        exposition
+            .lines()
+            .any(|l| l.contains(&format!("maintenance=\"{maintenance}\""))
+                && l.contains("result=\"ok\"")
+                && l.ends_with(" 1")),
+        "{exposition}"
+    );
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
     let q = Queue::new(pool.clone());
@@ -93,15 +106,7 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
         q.artifact_deletions(10).await.unwrap().is_empty(),
         "nothing left to delete"
     );
-    let exposition = metrics.encode();
-    assert!(
-        exposition
-            .lines()
-            .any(|l| l.contains("maintenance=\"artifact_cleanup\"")
-                && l.contains("result=\"ok\"")
-                && l.ends_with(" 1")),
-        "{exposition}"
-    );
+    assert_ran_once_and_well(&metrics, "artifact_cleanup");
 }
 
 /// Store bytes for a job's held task under its folder, as a worker does,
@@ -208,15 +213,7 @@ async fn a_dropped_day_loses_its_bytes_and_keys_and_its_kept_jobs_keep_theirs(po
         .unwrap();
     assert_eq!(named, ["late", "running"], "the dropped job's key is forgotten");
     assert_eq!(q.artifacts_of(jobs[1]).await.unwrap().len(), 1);
-    let exposition = metrics.encode();
-    assert!(
-        exposition
-            .lines()
-            .any(|l| l.contains("maintenance=\"day_cleanup\"")
-                && l.contains("result=\"ok\"")
-                && l.ends_with(" 1")),
-        "{exposition}"
-    );
+    assert_ran_once_and_well(&metrics, "day_cleanup");
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
