@@ -3,7 +3,8 @@
 //! left unfinished after its tasks (it should find none); retention, when
 //! set, prunes old finished jobs; the partitioner creates the coming days'
 //! history partitions; and the cleaner removes the bytes of
-//! artifacts nobody records any more (pruned, or replaced by a re-run).
+//! artifacts nobody records any more (pruned, or replaced by a re-run),
+//! and the bytes and idempotency keys of the days retention dropped.
 //! They run side by side, so a slow store (an S3 delete retries for
 //! minutes) never holds up the sweep that rescues tasks. Several API
 //! replicas may run them at once; the queue makes concurrent sweeps safe,

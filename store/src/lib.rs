@@ -328,16 +328,16 @@ impl ArtifactStore {
     /// The keys of the objects under `folder` (a key ending in `/`), in no
     /// particular order. A folder that is not there lists nothing.
     pub fn list(&self, folder: &str) -> BoxStream<'_, Result<String>> {
-        let prefix = match folder.strip_suffix('/').map(object_path) {
-            Some(Ok(prefix)) => prefix,
-            Some(Err(e)) => return futures::stream::once(async { Err(e) }).boxed(),
-            None => {
-                return futures::stream::once(futures::future::ready(Err(StoreError::InvalidKey {
-                    key: folder.to_owned(),
-                    reason: "a folder ends in `/`".into(),
-                })))
-                .boxed()
-            }
+        let prefix = folder
+            .strip_suffix('/')
+            .ok_or_else(|| StoreError::InvalidKey {
+                key: folder.to_owned(),
+                reason: "a folder ends in `/`".into(),
+            })
+            .and_then(object_path);
+        let prefix = match prefix {
+            Ok(prefix) => prefix,
+            Err(e) => return futures::stream::once(futures::future::ready(Err(e))).boxed(),
         };
         self.inner
             .list(Some(&prefix))
