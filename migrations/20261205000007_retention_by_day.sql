@@ -107,11 +107,9 @@ $$;
 -- What the cleaner still has to do for a day whose partitions retention
 -- dropped: forget the idempotency keys of its jobs that are gone and, when
 -- retention deleted rather than archived, remove their bytes from the
--- day's folder. Its jobs' ids are [jobs_from, jobs_to).
+-- day's folder.
 CREATE TABLE retired_days (
     day          date        PRIMARY KEY,
-    jobs_from    uuid        NOT NULL,
-    jobs_to      uuid        NOT NULL,
     delete_bytes boolean     NOT NULL,
     queued_at    timestamptz NOT NULL DEFAULT now()
 );

@@ -262,7 +262,7 @@ async fn clean_retired_day(
     artifacts: &ArtifactStore,
     day: &RetiredDay,
 ) -> anyhow::Result<usize> {
-    while queue.forget_keys_of_retired_day(day, KEY_BATCH).await? == KEY_BATCH as u64 {}
+    queue.forget_keys_of_retired_day(day, KEY_BATCH).await?;
     let mut removed = 0;
     if day.delete_bytes {
         let folder = day.folder();

@@ -48,18 +48,7 @@ async fn pruned_jobs_lose_their_bytes_and_kept_jobs_keep_theirs(pool: PgPool) {
     for finish in [true, false] {
         let job = enqueue_text_job(&q).await;
         let task = claim_text_task(&q).await;
-        let key = artifact_key(job.id, ArtifactKind::Text, task.lease());
-        let stored = artifacts
-            .put(&key, Bytes::from_static(b"# text"), "text/markdown")
-            .await
-            .unwrap();
-        q.record_artifact(
-            "w",
-            task.lease(),
-            &stored.to_new_artifact(job.id, ArtifactKind::Text, json!({})),
-        )
-        .await
-        .unwrap();
+        let key = store_and_record(&q, &artifacts, job.id, &task).await;
         if finish {
             q.complete("w", task.lease(), json!({})).await.unwrap();
         }

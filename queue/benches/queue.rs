@@ -603,13 +603,7 @@ async fn time_day_retention(admin: &PgPool, q: &Queue) -> Result<Vec<DayRetentio
         let started = Instant::now();
         let mut forgotten = 0;
         for day in q.retired_days().await? {
-            loop {
-                let n = q.forget_keys_of_retired_day(&day, 5_000).await?;
-                forgotten += n;
-                if n < 5_000 {
-                    break;
-                }
-            }
+            forgotten += q.forget_keys_of_retired_day(&day, 5_000).await?;
             q.forget_retired_day(&day).await?;
         }
         let keys_ms = started.elapsed().as_secs_f64() * 1000.0;

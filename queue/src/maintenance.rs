@@ -124,8 +124,6 @@ fn archive_statement(jobs: &str, tasks: &str, artifacts: &str, doomed: &str) -> 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RetiredDay {
     pub day: NaiveDate,
-    jobs_from: Uuid,
-    jobs_to: Uuid,
     pub delete_bytes: bool,
 }
 
@@ -350,7 +348,7 @@ impl Queue {
         .bind(retention.older_than.as_secs_f64())
         .execute(&mut *tx)
         .await?;
-        let mut statements = vec![
+        let statements = [
             // So the reads by kept job below go through the day's indexes.
             "ANALYZE kept_jobs".to_string(),
             format!(
@@ -364,27 +362,26 @@ impl Queue {
             "INSERT INTO job_history SELECT * FROM kept_jobs".to_string(),
             "INSERT INTO task_history SELECT * FROM kept_tasks".to_string(),
         ];
+        for sql in statements {
+            sqlx::query(&sql).execute(&mut *tx).await?;
+        }
         if records_by_day {
-            statements.extend([
-                format!(
-                    "CREATE TEMPORARY TABLE kept_artifacts ON COMMIT DROP AS
-                         SELECT a.* FROM kept_jobs k JOIN {artifacts} a ON a.job_id = k.id
-                         UNION ALL
-                         SELECT a.* FROM jobs j JOIN {artifacts} a ON a.job_id = j.id
-                         WHERE (j.id >= ({DAY_RANGE_FROM}) AND j.id < ({DAY_RANGE_TO}))"
-                ),
+            sqlx::query(&format!(
+                "CREATE TEMPORARY TABLE kept_artifacts ON COMMIT DROP AS
+                     SELECT a.* FROM kept_jobs k JOIN {artifacts} a ON a.job_id = k.id
+                     UNION ALL
+                     SELECT a.* FROM jobs j JOIN {artifacts} a ON a.job_id = j.id
+                     WHERE j.id >= {DAY_RANGE_FROM} AND j.id < {DAY_RANGE_TO}"
+            ))
+            .bind(day)
+            .execute(&mut *tx)
+            .await?;
+            for sql in [
                 format!("ALTER TABLE artifacts DETACH PARTITION {artifacts}"),
                 "INSERT INTO artifacts SELECT * FROM kept_artifacts".to_string(),
-            ]);
-        }
-        for sql in statements {
-            let query = sqlx::query(&sql);
-            let query = if sql.contains("$1") {
-                query.bind(day)
-            } else {
-                query
-            };
-            query.execute(&mut *tx).await?;
+            ] {
+                sqlx::query(&sql).execute(&mut *tx).await?;
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -442,11 +439,10 @@ impl Queue {
         // leave history only with their day or row by row, which removes
         // both itself.
         if removed > 0 {
-            sqlx::query(&format!(
-                "INSERT INTO retired_days (day, jobs_from, jobs_to, delete_bytes)
-                 VALUES ($1, {DAY_RANGE_FROM}, {DAY_RANGE_TO}, $2)
-                 ON CONFLICT (day) DO UPDATE SET delete_bytes = retired_days.delete_bytes OR EXCLUDED.delete_bytes"
-            ))
+            sqlx::query(
+                "INSERT INTO retired_days (day, delete_bytes) VALUES ($1, $2)
+                 ON CONFLICT (day) DO UPDATE SET delete_bytes = retired_days.delete_bytes OR EXCLUDED.delete_bytes",
+            )
             .bind(day)
             .bind(mode == RetentionMode::Delete)
             .execute(&mut *tx)
@@ -534,33 +530,40 @@ impl Queue {
     /// has still to remove, oldest first.
     pub async fn retired_days(&self) -> Result<Vec<RetiredDay>> {
         Ok(
-            sqlx::query_as("SELECT day, jobs_from, jobs_to, delete_bytes FROM retired_days ORDER BY day")
+            sqlx::query_as("SELECT day, delete_bytes FROM retired_days ORDER BY day")
                 .fetch_all(&self.pool)
                 .await?,
         )
     }
 
-    /// Forget up to `batch` idempotency keys of a retired day's jobs that
-    /// are gone (a kept job keeps its key). Returns how many went; fewer
-    /// than `batch` means none are left.
+    /// Forget the idempotency keys of a retired day's jobs that are gone
+    /// (a kept job keeps its key), `batch` per statement so no statement
+    /// holds many rows. Returns how many went.
     pub async fn forget_keys_of_retired_day(&self, day: &RetiredDay, batch: i64) -> Result<u64> {
         if batch < 1 {
             return Err(QueueError::invalid("batch", "must be at least 1"));
         }
-        Ok(sqlx::query(
+        let sql = format!(
             "DELETE FROM job_keys k
              WHERE (k.tenant, k.idempotency_key) IN (
                  SELECT tenant, idempotency_key FROM job_keys g
-                 WHERE g.job_id >= $1 AND g.job_id < $2
+                 WHERE g.job_id >= {DAY_RANGE_FROM} AND g.job_id < {DAY_RANGE_TO}
                    AND NOT EXISTS (SELECT 1 FROM all_jobs j WHERE j.id = g.job_id)
-                 LIMIT $3 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(day.jobs_from)
-        .bind(day.jobs_to)
-        .bind(batch)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)"
+        );
+        let mut total = 0;
+        loop {
+            let forgotten = sqlx::query(&sql)
+                .bind(day.day)
+                .bind(batch)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            total += forgotten;
+            if forgotten < batch as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Which of these jobs are still stored, open or finished: the cleaner

@@ -443,7 +443,7 @@ async fn retention_drops_a_whole_day_and_keeps_its_jobs_that_finished_late(pool:
         .unwrap();
     assert_eq!((replay.created, replay.job.id), (false, late));
     // The cleaner forgets the one key still naming a gone job.
-    assert_eq!(q.forget_keys_of_retired_day(&retired[0], 10).await.unwrap(), 1);
+    assert_eq!(q.forget_keys_of_retired_day(&retired[0], 1).await.unwrap(), 1);
     let keys: Vec<String> = sqlx::query_scalar("SELECT idempotency_key FROM job_keys ORDER BY 1")
         .fetch_all(&pool)
         .await

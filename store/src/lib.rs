@@ -16,7 +16,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Once};
 
 use bytes::Bytes;
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
@@ -303,26 +303,12 @@ impl ArtifactStore {
     /// folders that named the files are flushed, or a crash could bring a
     /// file back after retention forgot it, never to be deleted again.
     pub async fn delete(&self, key: &str) -> Result<()> {
-        let mut deleted = Vec::new();
-        if let Some(prefix) = key.strip_suffix('/') {
-            let prefix = object_path(prefix)?;
-            let mut listed = self.inner.list(Some(&prefix));
-            while let Some(object) = listed.next().await {
-                match object {
-                    Ok(object) => {
-                        self.delete_object(&object.location).await?;
-                        deleted.push(object.location);
-                    }
-                    Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+        let keys = if key.ends_with('/') {
+            self.list(key).try_collect().await?
         } else {
-            let path = object_path(key)?;
-            self.delete_object(&path).await?;
-            deleted.push(path);
-        }
-        self.flush_folders_of(&deleted).await
+            vec![key.to_owned()]
+        };
+        self.delete_objects(&keys).await
     }
 
     /// The keys of the objects under `folder` (a key ending in `/`), in no
