@@ -34,6 +34,13 @@ pub enum QueueError {
 }
 
 impl QueueError {
+    /// Whether the same call may succeed if made again: the database aborted
+    /// it or could not be reached (see [`crate::is_transient`]). The caller's
+    /// input was not at fault.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, QueueError::Database(e) if crate::is_transient(e))
+    }
+
     pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         QueueError::InvalidInput {
             field: field.into(),
@@ -43,3 +50,16 @@ impl QueueError {
 }
 
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_database_that_failed_the_call_is_worth_another_try() {
+        assert!(QueueError::Database(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(!QueueError::Database(sqlx::Error::RowNotFound).is_transient());
+        assert!(!QueueError::invalid("tenant", "must not be empty").is_transient());
+        assert!(!QueueError::JobNotFound(uuid::Uuid::nil()).is_transient());
+    }
+}

@@ -162,7 +162,7 @@ impl Queue {
                 Ok(false) => {}
                 // A restart ends the connection or refuses new ones for a
                 // moment: wait it out, as for the schema itself.
-                Err(QueueError::Database(e)) if is_transient(&e) => {
+                Err(e) if e.is_transient() => {
                     if !said_unreachable {
                         tracing::warn!(error = %e, "the database cannot be reached while waiting for the schema; retrying");
                         said_unreachable = true;

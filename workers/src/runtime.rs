@@ -313,7 +313,7 @@ where
     loop {
         match f().await {
             Ok(value) => return Ok(Some(value)),
-            Err(QueueError::Database(e)) if queue::is_transient(&e) => {
+            Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "{what} failed: database unreachable");
             }
             Err(e) => return Err(e),
@@ -524,7 +524,7 @@ impl Replica<'_> {
                 }
                 claimed
             }
-            Err(QueueError::Database(e)) if queue::is_transient(&e) => {
+            Err(e) if e.is_transient() => {
                 tracing::warn!(tasks = results.len(), error = %e,
                     "database unreachable: the tasks' results are kept and stored when it is back");
                 None
@@ -555,9 +555,7 @@ impl Replica<'_> {
                 .await
             {
                 Ok(c) => return Ok((c.completed, Some(c.claimed))),
-                Err(QueueError::Database(e)) if queue::is_transient(&e) => {
-                    return Err(QueueError::Database(e))
-                }
+                Err(e) if e.is_transient() => return Err(e),
                 // The call changed nothing; a claim that fails must not
                 // cost the results, so they are stored on their own.
                 Err(e) => tracing::warn!(error = %e, "completing and claiming failed; completing alone"),
@@ -585,7 +583,7 @@ impl Replica<'_> {
                     "lease lost before the failure was stored; result dropped"
                 );
             }
-            Err(QueueError::Database(e)) if queue::is_transient(&e) => {
+            Err(e) if e.is_transient() => {
                 tracing::warn!(task_id = lease.task_id, error = %e,
                     "database unreachable: the task's failure is kept and stored when it is back");
                 return false;

@@ -50,7 +50,7 @@ impl Election for AdvisoryLock {
                 }
                 Ok(None) => tracing::info!("standby: another controller is the leader; waiting"),
                 // A database restarting: try again rather than exit.
-                Err(queue::QueueError::Database(e)) if queue::is_transient(&e) => {
+                Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "standby: the database cannot be reached; waiting")
                 }
                 Err(e) => return Err(e.into()),

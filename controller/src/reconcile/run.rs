@@ -57,7 +57,7 @@ pub async fn run_elected<B: Backend + 'static, S: PoolSource, E: Election>(
     let mut wake = loop {
         match queue.listen().await {
             Ok(wake) => break wake,
-            Err(queue::QueueError::Database(e)) if queue::is_transient(&e) => {
+            Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "listening failed: the database cannot be reached; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
