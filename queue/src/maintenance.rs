@@ -305,11 +305,28 @@ impl Queue {
         let mut total = 0;
         for (day, attached) in days {
             if attached {
-                self.detach_history_day(&day, retention).await?;
+                self.detach_history_day_patiently(&day, retention).await?;
             }
             total += self.drop_detached_history_day(&day, retention.mode).await?;
         }
         Ok(total)
+    }
+
+    /// [`Self::detach_history_day`], tried again while it gives way to
+    /// other transactions' locks (a second apart, five tries).
+    async fn detach_history_day_patiently(&self, day: &str, retention: Retention) -> Result<()> {
+        const TRIES: u32 = 5;
+        let mut tries = 1;
+        loop {
+            match self.detach_history_day(day, retention).await {
+                Err(e) if e.is_transient() && tries < TRIES => {
+                    tracing::info!(day, tries, error = %e, "retention gave way to other transactions' locks; trying again");
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Detach a day's partitions, moving out the jobs of that day that
@@ -325,11 +342,22 @@ impl Queue {
             artifacts,
         } = DayTables::of(day)?;
         let mut tx = self.pool.begin().await?;
-        // Writers are shut out before reading what to keep: a job of this
-        // day finishing meanwhile is then among the kept ones. The detaches
-        // alone would lock only after that read, and drop such a job with
-        // its day. Readers wait only for the detaches themselves.
-        sqlx::query("LOCK TABLE job_history, task_history, artifacts IN SHARE ROW EXCLUSIVE MODE")
+        // Every lock the detaches need, taken before reading what to keep: a
+        // job of this day finishing meanwhile is then among the kept ones
+        // (the detaches alone would lock only after that read, and drop such
+        // a job with its day). Exclusive from the start, never raised later:
+        // holding a weaker lock while waiting for the exclusive one
+        // deadlocked a transaction that had read history or artifacts and
+        // then wrote them (a worker recording an artifact, a retry). Readers
+        // wait behind it, so it waits for a lock half the deadlock timeout
+        // at most: in any cycle retention gives way, and retries.
+        sqlx::query(
+            "SELECT set_config('lock_timeout', (setting::int / 2)::text || 'ms', true)
+             FROM pg_settings WHERE name = 'deadlock_timeout'",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("LOCK TABLE job_history, task_history, artifacts IN ACCESS EXCLUSIVE MODE")
             .execute(&mut *tx)
             .await?;
         // Every day since 20261205000007 has a partition of artifact

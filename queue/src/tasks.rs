@@ -388,9 +388,10 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => matches!(
             db.code().as_deref(),
-            // deadlock, serialization failure, admin/crash shutdown, cannot
-            // connect now, and the connection-exception class.
-            Some("40P01" | "40001" | "57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006")
+            // deadlock, serialization failure, a lock not had within the
+            // call's own lock_timeout, admin/crash shutdown, cannot connect
+            // now, and the connection-exception class.
+            Some("40P01" | "40001" | "55P03" | "57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006")
         ),
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
         _ => false,

@@ -634,3 +634,94 @@ async fn a_freed_key_taken_over_by_one_request_is_replayed_to_a_racing_one(pool:
         "the racing request replays the job that took the key, it does not take it again"
     );
 }
+
+/// A text job of ten days ago that finished then: the day retention drops.
+async fn a_finished_job_of_ten_days_ago(pool: &PgPool, q: &Queue) -> uuid::Uuid {
+    q.enqueue(text_job("old")).await.unwrap();
+    let old = claim_one(q, "w0", TaskType::TextGeneration).await;
+    let job = test_support::backdate(pool, old.job_id, 10).await;
+    q.complete("w0", old.lease(), json!({})).await.unwrap();
+    sqlx::query("UPDATE job_history SET finished_at = now() - interval '10 days' WHERE id = $1")
+        .bind(job)
+        .execute(pool)
+        .await
+        .unwrap();
+    job
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_transaction_that_read_history_and_artifacts_writes_them_while_retention_waits(pool: PgPool) {
+    test_support::history_partitioned_since(&pool, 20).await;
+    let q = queue(pool.clone());
+    a_finished_job_of_ten_days_ago(&pool, &q).await;
+    let done = q.enqueue(text_job("done")).await.unwrap().job.id;
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.complete("w1", task.lease(), json!({})).await.unwrap();
+    q.enqueue(text_job("running")).await.unwrap();
+    let running = claim_one(&q, "w2", TaskType::TextGeneration).await;
+
+    // Reads first, as a retry (the job locked in history) and a worker
+    // recording an artifact (the records of its kind read) do.
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT status FROM job_history WHERE id = $1 FOR UPDATE")
+        .bind(done)
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    sqlx::query("SELECT count(*) FROM artifacts WHERE job_id = $1")
+        .bind(running.job_id)
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let pruning = prune_a_week(&q).await;
+    until_done_or_blocked(&pool, &pruning, 1).await;
+    // Then its writes, which must not wait for retention: it waited for
+    // this transaction, a deadlock.
+    sqlx::query("SET LOCAL lock_timeout = '100ms'")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    sqlx::query("SELECT reopen_job($1)")
+        .bind(done)
+        .execute(&mut *reader)
+        .await
+        .expect("reopening a job does not wait for retention");
+    sqlx::query(
+        "INSERT INTO artifacts (id, job_id, task_id, kind, content_type, storage_key, bytes, sha256)
+         VALUES (gen_random_uuid(), $1, $2, 'text', 'text/markdown', artifact_prefix($1) || 'text.md', 5, repeat('0', 64))",
+    )
+    .bind(running.job_id)
+    .bind(running.id)
+    .execute(&mut *reader)
+    .await
+    .expect("recording an artifact does not wait for retention");
+    reader.commit().await.unwrap();
+    assert_eq!(pruning.await.unwrap().unwrap(), 1, "the old day is dropped");
+    assert_eq!(count(&pool, "artifacts").await, 1, "the record stays");
+    assert_eq!(
+        job_status(&q, done).await,
+        JobStatus::Complete,
+        "and the reopened job"
+    );
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn retention_gives_way_to_a_long_transaction_and_drops_the_day_after_it(pool: PgPool) {
+    test_support::history_partitioned_since(&pool, 20).await;
+    let q = queue(pool.clone());
+    let old = a_finished_job_of_ten_days_ago(&pool, &q).await;
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM artifacts")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let pruning = prune_a_week(&q).await;
+    until_done_or_blocked(&pool, &pruning, 1).await;
+    // Longer than retention waits for a lock (half the deadlock timeout):
+    // it gives up, readers queued behind it go on, and it tries again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!pruning.is_finished(), "retention waits its turn");
+    reader.commit().await.unwrap();
+    assert_eq!(pruning.await.unwrap().unwrap(), 1, "the day is dropped once free");
+    assert!(q.job_by_id(old).await.is_err());
+}
