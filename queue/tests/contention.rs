@@ -1,4 +1,5 @@
-//! Exactly-once under contention, and fencing after a sweep.
+//! Exactly-once under contention, fencing after a sweep, and claims that
+//! lock only what they take.
 
 mod common;
 
@@ -6,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use queue::{JobStatus, NewJob, QueueError, TaskType};
+use queue::{JobStatus, JobType, NewJob, QueueError, TaskType};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -94,4 +95,42 @@ async fn a_worker_whose_lease_was_swept_cannot_complete(pool: PgPool) {
     let tasks = q.tasks_of(job.id).await.unwrap();
     assert_eq!(tasks[0].output, Some(json!({"from": "healthy"})));
     assert_eq!(q.job(TENANT, job.id).await.unwrap().status, JobStatus::Complete);
+}
+
+/// A claimer of several types, holding its claim open, has locked only the
+/// task it takes: a claimer of the other type finds that type's task. It
+/// used to lock its limit of every type, so the other claimer, woken by the
+/// same notification, found nothing and slept until its next poll.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_claim_of_several_types_leaves_the_tasks_it_does_not_take_to_others(pool: PgPool) {
+    let q = queue(pool.clone());
+    let first = q.enqueue(text_job("first").priority(10)).await.unwrap().job;
+    let other = q
+        .enqueue(NewJob::new(TENANT, JobType::Pdf, json!({"text": "# Other"})))
+        .await
+        .unwrap()
+        .job;
+
+    let mut both = pool.begin().await.unwrap();
+    let taken: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT job_id FROM claim_and_start_tasks('both', '{text_generation,pdf_generation,text_generation}', 1)",
+    )
+    .fetch_all(&mut *both)
+    .await
+    .unwrap();
+    assert_eq!(taken, [first.id], "the first in line of either type");
+
+    let pdf = tokio::time::timeout(
+        Duration::from_secs(10),
+        q.claim("pdf-only", &[TaskType::PdfGeneration], 1),
+    )
+    .await
+    .expect("a claim never waits for another")
+    .unwrap();
+    assert_eq!(
+        pdf.iter().map(|t| t.job_id).collect::<Vec<_>>(),
+        [other.id],
+        "the pdf task is free for its own claimer"
+    );
+    both.commit().await.unwrap();
 }
