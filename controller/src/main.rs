@@ -154,18 +154,9 @@ fn main() -> anyhow::Result<ExitCode> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let queue = Queue::connect(&args.database_url, 4)
-        .await
-        .context("connecting to PostgreSQL")?;
-    queue
-        .wait_for_schema(Duration::from_secs(2))
-        .await
-        .context("reading the schema's migrations")?;
-    let metrics = Arc::new(Metrics::default());
-    if let Some(addr) = args.metrics_addr {
-        let metrics = metrics.clone();
-        telemetry::serve_metrics(addr, move || metrics.encode()).await?;
-    }
+    // Signals first: a controller stopped while it still waits for the
+    // database or the schema (a first deploy, rolled back) exits 0, as the
+    // workers do, rather than dying by the signal.
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -175,6 +166,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
+    let ready = async {
+        let queue = Queue::connect(&args.database_url, 4)
+            .await
+            .context("connecting to PostgreSQL")?;
+        queue
+            .wait_for_schema(Duration::from_secs(2))
+            .await
+            .context("reading the schema's migrations")?;
+        anyhow::Ok(queue)
+    };
+    let queue = tokio::select! {
+        queue = ready => queue?,
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped before the database and its schema were ready; nothing was scaled");
+            return Ok(());
+        }
+    };
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = args.metrics_addr {
+        let metrics = metrics.clone();
+        telemetry::serve_metrics(addr, move || metrics.encode()).await?;
+    }
     let settings = LoopSettings {
         tick: Duration::from_secs_f64(args.tick_seconds),
         leader_key: args.leader_key,

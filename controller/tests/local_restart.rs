@@ -320,3 +320,83 @@ async fn ctrl_c_stops_the_controller_and_its_workers_drain_once(pool: PgPool) {
         "the workers deregistered as they drained"
     );
 }
+
+/// A controller started on a database without the schema (a first deploy
+/// starts everything at once), once it has said it waits for it.
+async fn controller_waiting_for_the_schema(pool: &PgPool, dir: &Path, cleanup: &mut Cleanup) {
+    let controller = test_support::workspace_binary("controller", "controller");
+    let worker = test_support::workspace_binary("workers", "text-worker");
+    let database_url = test_support::database_url(pool);
+    let manifest = write_manifest(dir, &worker, &database_url);
+    let log = dir.join("controller.log");
+    cleanup.logs.push(log.clone());
+    cleanup.controllers.push(start_controller(
+        &controller,
+        &manifest,
+        &dir.join("state"),
+        &database_url,
+        &log,
+    ));
+    let waits = eventually(Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("lacks backlog's schema"))
+    })
+    .await;
+    assert!(waits, "the controller says it waits for the schema");
+    assert!(
+        matches!(cleanup.controllers[0].try_wait(), Ok(None)),
+        "the controller is still running"
+    );
+    assert!(
+        live_workers(&database_url).is_empty(),
+        "nothing scaled before the schema"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_controller_started_before_the_schema_waits_for_it_then_scales(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup {
+        database_url: test_support::database_url(&pool),
+        controllers: Vec::new(),
+        logs: Vec::new(),
+    };
+    controller_waiting_for_the_schema(&pool, dir.path(), &mut cleanup).await;
+
+    queue::MIGRATOR.run(&pool).await.unwrap();
+    let q = queue::Queue::new(pool);
+    let mut registered = 0;
+    for _ in 0..600 {
+        registered = q.workers(Some("text")).await.unwrap().len();
+        if registered == MAX_REPLICAS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(registered, MAX_REPLICAS, "the pool was scaled once migrated");
+}
+
+/// Stopped while it waits for the schema (a first deploy rolled back), the
+/// controller exits 0 like any other stop; it used to die by the signal.
+#[sqlx::test(migrations = false)]
+async fn a_controller_stopped_while_waiting_for_the_schema_exits_cleanly(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup {
+        database_url: test_support::database_url(&pool),
+        controllers: Vec::new(),
+        logs: Vec::new(),
+    };
+    controller_waiting_for_the_schema(&pool, dir.path(), &mut cleanup).await;
+
+    let controller = &mut cleanup.controllers[0];
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(controller.id() as libc::pid_t, libc::SIGTERM) };
+    let mut status = None;
+    let exited = eventually(Duration::from_secs(30), || {
+        status = controller.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    assert!(exited, "the controller stopped on SIGTERM");
+    let status = status.unwrap();
+    assert!(status.success(), "{status}");
+}
