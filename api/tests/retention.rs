@@ -296,3 +296,69 @@ async fn a_rerun_records_its_own_bytes_and_the_replaced_ones_are_removed(pool: P
     );
     assert!(dir.path().join(&keys[1]).exists(), "the recorded bytes stay");
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_archived_day_keeps_the_bytes_its_archive_names(pool: PgPool) {
+    test_support::history_partitioned_since(&pool, 20).await;
+    let q = Queue::new(pool.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let artifacts = ArtifactStore::local(dir.path()).unwrap();
+    let job = q
+        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "p"})).idempotency_key("old"))
+        .await
+        .unwrap()
+        .job;
+    let task = claim_text_task(&q).await;
+    let job = test_support::backdate(&pool, job.id, 10).await;
+    let key = store_and_record(&q, &artifacts, job, &task).await;
+    q.complete("w", task.lease(), json!({})).await.unwrap();
+    sqlx::query("UPDATE job_history SET finished_at = now() - interval '10 days' WHERE id = $1")
+        .bind(job)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let pruned = q
+        .prune(Retention {
+            older_than: Duration::from_secs(7 * 86400),
+            mode: RetentionMode::Archive,
+            batch: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+    let day_partitions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE c.relname = 'job_history_' || to_char(now() - interval '10 days', 'YYYYMMDD')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(day_partitions, 0, "the whole day went at once, not row by row");
+    let archived: Vec<String> = sqlx::query_scalar(
+        "SELECT a ->> 'storage_key' FROM jobs_archive, jsonb_array_elements(artifacts) a WHERE id = $1",
+    )
+    .bind(job)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        archived,
+        std::slice::from_ref(&key),
+        "the archive names the job's bytes"
+    );
+
+    let metrics = Metrics::new();
+    api::sweeper::clean_retired_days(&q, &artifacts, &metrics).await;
+    assert!(dir.path().join(&key).exists(), "an archived day keeps its bytes");
+    assert!(q.retired_days().await.unwrap().is_empty(), "the day is done");
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM job_keys")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys, 0,
+        "its idempotency key is forgotten: the job left the queue"
+    );
+    assert_ran_once_and_well(&metrics, "day_cleanup");
+}

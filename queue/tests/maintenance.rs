@@ -531,3 +531,71 @@ async fn a_jobs_folder_is_the_same_in_rust_and_in_sql(pool: PgPool) {
     assert!(in_rust[0].starts_with("jobs/20261204/") && in_rust[1].starts_with("jobs/20261205/"));
     assert_eq!(in_rust[3], "jobs/6ba7b810-9dad-11d1-80b4-00c04fd430c8/");
 }
+
+/// Today's and the next two days' suffixes, `YYYYMMDD`, by the database's
+/// clock.
+async fn coming_days(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT to_char(current_date + i, 'YYYYMMDD') FROM generate_series(0, 2) i ORDER BY i")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_coming_days_get_their_partitions_and_a_day_already_in_default_is_left_there(pool: PgPool) {
+    let q = queue(pool.clone());
+    let days = coming_days(&pool).await;
+    // A database whose partitions ran out: none for today or after.
+    for day in &days {
+        for table in ["job_history", "task_history", "artifacts"] {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {table}_{day}"))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+    // Meanwhile a job of today finished into the DEFAULT partition.
+    let early = finished_job(&q, "early", "early").await;
+    assert_eq!(
+        partition_of(&pool, early).await.as_deref(),
+        Some("job_history_default")
+    );
+
+    let created = q.create_history_partitions().await.unwrap();
+    assert_eq!(
+        created,
+        days[1..],
+        "today's rows stay in DEFAULT; the next days get theirs"
+    );
+    for table in ["job_history", "task_history", "artifacts"] {
+        for day in &days[1..] {
+            let partition: Option<String> = sqlx::query_scalar(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = $1::regclass AND c.relname = $2",
+            )
+            .bind(table)
+            .bind(format!("{table}_{day}"))
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+            assert!(partition.is_some(), "{table}_{day}");
+        }
+    }
+    assert!(
+        q.create_history_partitions().await.unwrap().is_empty(),
+        "a second run creates nothing"
+    );
+
+    // Once today's DEFAULT rows are gone, today gets its partition too and
+    // today's next finished job lands in it.
+    sqlx::raw_sql("DELETE FROM artifacts; DELETE FROM task_history; DELETE FROM job_history")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(q.create_history_partitions().await.unwrap(), days[..1]);
+    let later = finished_job(&q, "later", "later").await;
+    assert_eq!(
+        partition_of(&pool, later).await,
+        Some(format!("job_history_{}", days[0]))
+    );
+}

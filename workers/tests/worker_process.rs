@@ -341,3 +341,33 @@ async fn a_worker_stopped_while_waiting_for_the_schema_exits_cleanly(pool: PgPoo
     let (worker, log) = worker_waiting_for_the_schema(&pool, store.path()).await;
     stops_cleanly(worker, log).await;
 }
+
+/// Without `WORKER_ID`, a worker on Kubernetes registers under its pod's
+/// name (`POD_NAME`, from the downward API in workers.yaml): the drain and
+/// the pod-deletion cost match registry rows to pods by it.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_worker_without_an_id_registers_under_its_pod_name(pool: PgPool) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let store = tempfile::tempdir().unwrap();
+    let url = test_support::database_url(&pool);
+    let mut worker = worker_command("unused", &url, "http://127.0.0.1:9", store.path())
+        .env_remove("WORKER_ID")
+        .env_remove("FLY_MACHINE_ID")
+        .env("POD_NAME", "text-workers-5d8c7-x2x9q")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start text-worker");
+    let log = BufReader::new(worker.stderr.take().unwrap()).lines();
+    eventually(
+        "the worker to register",
+        vec!["text-workers-5d8c7-x2x9q".to_string()],
+        async || {
+            sqlx::query_scalar::<_, String>("SELECT id FROM workers")
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        },
+    )
+    .await;
+    stops_cleanly(worker, log).await;
+}
