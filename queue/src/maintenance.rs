@@ -188,9 +188,14 @@ impl Queue {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // A claim holds its claimer's row while it takes tasks, and writes
+        // the time of the claim there: re-checked once the claim commits,
+        // that time keeps the row. The NOT EXISTS alone, read on this
+        // statement's snapshot, would not see the tasks just claimed.
         let workers_removed = sqlx::query(
             "DELETE FROM workers w
              WHERE w.heartbeat_at < now() - make_interval(secs => $1)
+               AND (w.last_claim_at IS NULL OR w.last_claim_at < now() - make_interval(secs => $1))
                AND NOT EXISTS (SELECT 1 FROM job_tasks t
                                WHERE t.claimed_by = w.id AND t.status IN ('claimed', 'processing'))",
         )

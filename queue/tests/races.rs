@@ -725,3 +725,36 @@ async fn retention_gives_way_to_a_long_transaction_and_drops_the_day_after_it(po
     assert_eq!(pruning.await.unwrap().unwrap(), 1, "the day is dropped once free");
     assert!(q.job_by_id(old).await.is_err());
 }
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_silent_claimer_claiming_while_the_sweeper_runs_keeps_its_registry_row(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue(text_job("x")).await.unwrap();
+    q.enqueue(text_job("y")).await.unwrap();
+    let first = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.complete("w1", first.lease(), json!({})).await.unwrap();
+    // Registered long ago and silent since (a script claiming through SQL,
+    // a worker stalled), with nothing in flight: the sweeper's to forget.
+    sqlx::query("UPDATE workers SET heartbeat_at = now() - interval '1 hour', last_claim_at = now() - interval '1 hour'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // It claims again, and the sweep runs before that claim commits.
+    let mut claiming = pool.begin().await.unwrap();
+    let claimed: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM claim_tasks('w1', '{text_generation}', 1, gen_random_uuid())")
+            .fetch_all(&mut *claiming)
+            .await
+            .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let sweeping = {
+        let q = q.clone();
+        tokio::spawn(async move { q.sweep(Duration::from_secs(60)).await })
+    };
+    until_done_or_blocked(&pool, &sweeping, 1).await;
+    claiming.commit().await.unwrap();
+    sweeping.await.unwrap().unwrap();
+    let registered: Vec<String> = q.workers(None).await.unwrap().into_iter().map(|w| w.id).collect();
+    assert_eq!(registered, ["w1"], "a claimer holding a task stays registered");
+}
