@@ -22,6 +22,11 @@
 #   archived  a finished job and its tasks moved into history tables,
 #             partitioned by the job's creation day, by a statement trigger
 #             on jobs (layout-archived.sql)
+# and two variations of today's claim (also named in LAYOUTS):
+#   lazystart    a claim leaves its jobs' rows alone, not setting them
+#             processing (layout-lazystart.sql)
+#   stmttrigger  a job's status change announced by one trigger call per
+#             statement, not per row (layout-stmttrigger.sql)
 # Two workloads: text jobs (one task each) and reading jobs (a text task,
 # then a PDF and an audio task that wait on it); after the rounds with
 # history, the time retention takes to remove its oldest day. Rounds
@@ -52,9 +57,10 @@ sql() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1
 
 for layout in "${layouts[@]}"; do
   psql -X -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS proto_hot_$layout" -c "CREATE DATABASE proto_hot_$layout"
-  if [ "$layout" = today ] || [ "$layout" = partitioned ] || [ "$layout" = archived ]; then
-    for m in "$root"/migrations/*.sql; do sql "$layout" -1 -f "$m" >/dev/null; done
-  fi
+  case $layout in
+    today | lazystart | stmttrigger | partitioned | archived)
+      for m in "$root"/migrations/*.sql; do sql "$layout" -1 -f "$m" >/dev/null; done ;;
+  esac
   sql "$layout" -f "$here/common.sql"
   sql "$layout" -f "$here/layout-$layout.sql" >/dev/null
 done
