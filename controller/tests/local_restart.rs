@@ -117,6 +117,20 @@ fn start_controller(
         .expect("starting the controller")
 }
 
+/// The pool's registered workers once they are `MAX_REPLICAS`, or after a
+/// minute.
+async fn registered_workers(q: &queue::Queue) -> usize {
+    let mut registered = 0;
+    for _ in 0..600 {
+        registered = q.workers(Some("text")).await.unwrap().len();
+        if registered == MAX_REPLICAS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    registered
+}
+
 /// Poll `check` every 100 ms, up to `limit`; true once it holds.
 async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
@@ -152,16 +166,9 @@ async fn a_controller_killed_with_sigkill_leaves_its_workers_to_the_next_one(poo
         &database_url,
         &first_log,
     ));
-    let mut registered = 0;
-    for _ in 0..600 {
-        registered = q.workers(Some("text")).await.unwrap().len();
-        if registered == MAX_REPLICAS {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert_eq!(
-        registered, MAX_REPLICAS,
+        registered_workers(&q).await,
+        MAX_REPLICAS,
         "the first controller's workers registered"
     );
     let first_workers = live_workers(&database_url);
@@ -322,14 +329,19 @@ async fn ctrl_c_stops_the_controller_and_its_workers_drain_once(pool: PgPool) {
 }
 
 /// A controller started on a database without the schema (a first deploy
-/// starts everything at once), once it has said it waits for it.
-async fn controller_waiting_for_the_schema(pool: &PgPool, dir: &Path, cleanup: &mut Cleanup) {
+/// starts everything at once), once it has said it waits for it; the
+/// controller is `controllers[0]` of what is returned.
+async fn controller_waiting_for_the_schema(pool: &PgPool, dir: &Path) -> Cleanup {
     let controller = test_support::workspace_binary("controller", "controller");
     let worker = test_support::workspace_binary("workers", "text-worker");
     let database_url = test_support::database_url(pool);
     let manifest = write_manifest(dir, &worker, &database_url);
     let log = dir.join("controller.log");
-    cleanup.logs.push(log.clone());
+    let mut cleanup = Cleanup {
+        database_url: database_url.clone(),
+        controllers: Vec::new(),
+        logs: vec![log.clone()],
+    };
     cleanup.controllers.push(start_controller(
         &controller,
         &manifest,
@@ -350,29 +362,21 @@ async fn controller_waiting_for_the_schema(pool: &PgPool, dir: &Path, cleanup: &
         live_workers(&database_url).is_empty(),
         "nothing scaled before the schema"
     );
+    cleanup
 }
 
 #[sqlx::test(migrations = false)]
 async fn a_controller_started_before_the_schema_waits_for_it_then_scales(pool: PgPool) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cleanup = Cleanup {
-        database_url: test_support::database_url(&pool),
-        controllers: Vec::new(),
-        logs: Vec::new(),
-    };
-    controller_waiting_for_the_schema(&pool, dir.path(), &mut cleanup).await;
+    let _cleanup = controller_waiting_for_the_schema(&pool, dir.path()).await;
 
     queue::MIGRATOR.run(&pool).await.unwrap();
     let q = queue::Queue::new(pool);
-    let mut registered = 0;
-    for _ in 0..600 {
-        registered = q.workers(Some("text")).await.unwrap().len();
-        if registered == MAX_REPLICAS {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(registered, MAX_REPLICAS, "the pool was scaled once migrated");
+    assert_eq!(
+        registered_workers(&q).await,
+        MAX_REPLICAS,
+        "the pool was scaled once migrated"
+    );
 }
 
 /// Stopped while it waits for the schema (a first deploy rolled back), the
@@ -380,12 +384,7 @@ async fn a_controller_started_before_the_schema_waits_for_it_then_scales(pool: P
 #[sqlx::test(migrations = false)]
 async fn a_controller_stopped_while_waiting_for_the_schema_exits_cleanly(pool: PgPool) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cleanup = Cleanup {
-        database_url: test_support::database_url(&pool),
-        controllers: Vec::new(),
-        logs: Vec::new(),
-    };
-    controller_waiting_for_the_schema(&pool, dir.path(), &mut cleanup).await;
+    let mut cleanup = controller_waiting_for_the_schema(&pool, dir.path()).await;
 
     let controller = &mut cleanup.controllers[0];
     // SAFETY: kill(2) on our own child.
