@@ -1,6 +1,6 @@
 //! The `api` binary itself: serves with JSON logs (on stderr) carrying
-//! request ids, exits cleanly on SIGTERM, and `keys create` prints only the
-//! secret on stdout.
+//! request ids, exits cleanly on SIGTERM, `keys create` prints only the
+//! secret on stdout, and replicas migrating on start take turns.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -120,4 +120,72 @@ async fn keys_create_prints_only_the_secret_on_stdout(pool: sqlx::PgPool) {
         .collect();
     assert!(!logged.is_empty(), "the logs went to stderr: {stderr}");
     assert!(!stderr.contains(secret), "the secret is never logged");
+}
+
+/// `api serve` with `MIGRATE_ON_START=true` (the shipped api.yaml), started
+/// on an empty database, once it logs that it listens: its address.
+fn serve_migrating(database_url: &str, artifacts: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_api"))
+        .args(["serve", "--bind", "127.0.0.1", "--port", "0"])
+        .arg("--artifact-store")
+        .arg(format!("file://{}", artifacts.display()))
+        .env("DATABASE_URL", database_url)
+        .env("MIGRATE_ON_START", "true")
+        .env("SWEEPER_INTERVAL_SECONDS", "0")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read to the end, so the replica never blocks on a full pipe.
+    let stderr = child.stderr.take().unwrap();
+    let (address_tx, address) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let value: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if value["message"] == "listening" {
+                let _ = address_tx.send(Ok(value["address"].as_str().unwrap_or_default().to_string()));
+            }
+            seen.push(line);
+        }
+        let _ = address_tx.send(Err(seen));
+    });
+    match address.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(address)) => (child, address),
+        Ok(Err(seen)) => panic!("the api exited before listening; it logged: {seen:#?}"),
+        Err(_) => panic!("the api did not listen within 60 s"),
+    }
+}
+
+/// Two replicas migrating on start at once take turns (the migrator's
+/// advisory lock): both serve, ready, on a database migrated once.
+#[sqlx::test(migrations = false)]
+async fn replicas_migrating_on_start_at_once_both_serve_a_database_migrated_once(pool: sqlx::PgPool) {
+    let url = test_support::database_url(&pool);
+    let artifacts = tempfile::tempdir().unwrap();
+    let starting: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, dir) = (url.clone(), artifacts.path().to_path_buf());
+            std::thread::spawn(move || serve_migrating(&url, &dir))
+        })
+        .collect();
+    let replicas: Vec<_> = starting.into_iter().map(|s| s.join().unwrap()).collect();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    for (_, address) in &replicas {
+        let response = reqwest::get(format!("http://{address}/readyz")).await.unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied as usize,
+        queue::MIGRATOR.iter().count(),
+        "each migration once"
+    );
+    for (mut child, _) in replicas {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }
