@@ -296,6 +296,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_request_timeout_a_rate_limit_and_server_errors_are_retried_and_nothing_else() {
+        for code in [408, 429, 500, 502, 503, 504] {
+            assert!(is_retryable_status(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [400, 401, 403, 404, 409, 413, 422] {
+            assert!(
+                !is_retryable_status(StatusCode::from_u16(code).unwrap()),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let secret = Secret::new("sk-very-secret");
         assert!(!format!("{secret:?}").contains("sk-"));
