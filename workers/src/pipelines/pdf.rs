@@ -242,6 +242,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn at_most_twenty_uncovered_characters_are_named() {
+        let pdf = TypesetPdf {
+            bytes: Vec::new(),
+            pages: 1,
+            uncovered: ('\u{0F00}'..='\u{0F1F}').collect(),
+        };
+        let named = pdf.uncovered_code_points();
+        assert_eq!(named.len(), 20, "the README promises twenty at most");
+        assert_eq!(named.first().map(String::as_str), Some("U+0F00"));
+        assert_eq!(named.last().map(String::as_str), Some("U+0F13"));
+    }
+
+    #[test]
     fn language_codes() {
         assert_eq!(language_code(None).unwrap(), "en");
         assert_eq!(language_code(Some("en-GB")).unwrap(), "en");
