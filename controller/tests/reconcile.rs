@@ -850,6 +850,54 @@ async fn a_pass_past_its_deadline_fails_its_pool_and_the_others_go_on(pool: PgPo
     backend.unstall("pdf");
 }
 
+/// A failing pool waits out its backoff, unless its spec changes: a fix
+/// to the manifest is tried at the next pass, not a minute later.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_failing_pool_waits_out_its_backoff_unless_its_spec_changes(pool: PgPool) {
+    let q = Queue::new(pool);
+    let backend = MemoryBackend::default();
+    backend.stall("pdf");
+    let mut reconciler = memory_reconciler_with(
+        &q,
+        &backend,
+        PassSettings {
+            deadline: Duration::from_millis(300),
+            ..PassSettings::default()
+        },
+    );
+    let now = chrono::Utc::now();
+    reconciler.reconcile(&text_and_pdf_pools(), now).await;
+    assert_eq!(
+        ready_reason(&reconciler, "pdf"),
+        Some(("False".into(), "DeadlineExceeded".into()))
+    );
+    backend.unstall("pdf");
+    let reconciled = |reports: Vec<controller::reconcile::PoolReport>| -> BTreeSet<String> {
+        reports.into_iter().map(|r| r.pool).collect()
+    };
+
+    // The same spec, the same instant: still within the backoff.
+    let reports = reconciler.reconcile(&text_and_pdf_pools(), now).await;
+    assert_eq!(
+        reconciled(reports),
+        BTreeSet::from(["text".into()]),
+        "the failing pool waits"
+    );
+
+    // Its manifest fixed: tried at once.
+    let fixed = pools(&format!(
+        "{TEXT_POOL}---{}",
+        pdf_pool().replace("maxReplicas: 5", "maxReplicas: 4")
+    ));
+    let reports = reconciler.reconcile(&fixed, now).await;
+    assert_eq!(
+        reconciled(reports),
+        BTreeSet::from(["pdf".into(), "text".into()]),
+        "a changed spec is tried at once"
+    );
+    assert_eq!(ready_reason(&reconciler, "pdf").map(|r| r.0), Some("True".into()));
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_pass_that_outlives_its_leadership_starts_nothing(pool: PgPool) {
     let q = Queue::new(pool);
