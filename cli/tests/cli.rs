@@ -1065,3 +1065,92 @@ async fn a_url_that_is_not_the_api_is_named_as_such() {
         }
     }
 }
+
+/// A proxy in front of `upstream`, streams included, that answers 503 (as
+/// a platform does while the API restarts) whenever `down` holds.
+async fn restarting_proxy(upstream: &str, down: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+    use axum::body::Body;
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    use std::sync::atomic::Ordering;
+    let client = reqwest::Client::new();
+    let upstream = upstream.trim_end_matches('/').to_string();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (client, upstream, down) = (client.clone(), upstream.clone(), down.clone());
+        async move {
+            if down.load(Ordering::SeqCst) {
+                return (StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
+            }
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut forward = client
+                .request(parts.method, format!("{upstream}{path}"))
+                .body(body);
+            for (name, value) in parts.headers.iter().filter(|(n, _)| *n != header::HOST) {
+                forward = forward.header(name, value);
+            }
+            match forward.send().await {
+                Ok(answer) => {
+                    let mut response = axum::http::Response::builder().status(answer.status());
+                    for (name, value) in answer.headers() {
+                        response = response.header(name, value);
+                    }
+                    response.body(Body::from_stream(answer.bytes_stream())).unwrap()
+                }
+                Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// `jobs wait` goes on through an API answering 503 for seconds (one line
+/// says so) and ends once the job does; a key revoked meanwhile ends it at
+/// once with exit 3, not after the five minutes an outage is given.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn wait_rides_out_a_restarting_api_and_a_revoked_key_ends_it(pool: sqlx::PgPool) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let down = std::sync::Arc::new(AtomicBool::new(false));
+    let proxy = restarting_proxy(&server.base, down.clone()).await;
+    let wait = |id: String| {
+        let mut waiting = backlog_at(&proxy, &[("BACKLOG_KEY", key.as_str())]);
+        waiting.args(["jobs", "wait", id.as_str()]);
+        tokio::spawn(async move { run(&mut waiting, &[] as &[&str]).await })
+    };
+
+    let waiting = wait(server.create_text_job(&key, "tides").await);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!waiting.is_finished(), "--wait gave up on a restarting API");
+    down.store(false, Ordering::SeqCst);
+    do_task(
+        &server,
+        TaskType::TextGeneration,
+        Some((ArtifactKind::Text, b"tides")),
+    )
+    .await;
+    let (code, _, stderr) = waiting.await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("503") && stderr.matches("still following job").count() == 1,
+        "{stderr}"
+    );
+
+    let waiting = wait(server.create_text_job(&key, "more tides").await);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM api_keys")
+        .fetch_one(&server.pool)
+        .await
+        .unwrap();
+    server.queue.revoke_api_key(&id.to_string()).await.unwrap();
+    let (code, _, stderr) = waiting.await.unwrap();
+    assert_eq!(code, 3, "a refused key ends it: {stderr}");
+    server.stop().await;
+}
