@@ -122,14 +122,58 @@ async fn keys_create_prints_only_the_secret_on_stdout(pool: sqlx::PgPool) {
     assert!(!stderr.contains(secret), "the secret is never logged");
 }
 
-/// `api serve` with `MIGRATE_ON_START=true` (the shipped api.yaml), started
-/// on an empty database, once it logs that it listens: its address.
-fn serve_migrating(database_url: &str, artifacts: &std::path::Path) -> (std::process::Child, String) {
+/// The `application_name` of the replicas [`serve_migrating`] starts.
+const REPLICA: &str = "backlog-test-replica";
+
+/// An `api` process, killed if the test ends (or fails) before stopping it.
+struct Replica(Option<std::process::Child>);
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut process) = self.0.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
+/// Once `replica` has exited, wait until PostgreSQL has ended its sessions:
+/// the test's database is dropped after the test, which fails while any
+/// session is still on it (a backend notices its client gone a moment
+/// later).
+async fn stopped(pool: &sqlx::PgPool, mut replica: Replica) -> std::process::ExitStatus {
+    let mut process = replica.0.take().expect("a running replica");
+    let status = tokio::task::spawn_blocking(move || process.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    for _ in 0..100 {
+        let sessions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(REPLICA)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if sessions == 0 {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the replica's sessions outlived it by 5 s");
+}
+
+/// `api serve` with `MIGRATE_ON_START=true` (as the shipped api.yaml runs
+/// it), once it logs that it listens: the process and its address.
+fn serve_migrating(database_url: &str, artifacts: &std::path::Path) -> (Replica, String) {
+    // Named, so the test can wait for its sessions to end (see `stopped`).
+    let separator = if database_url.contains('?') { '&' } else { '?' };
+    let database_url = format!("{database_url}{separator}application_name={REPLICA}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_api"))
         .args(["serve", "--bind", "127.0.0.1", "--port", "0"])
         .arg("--artifact-store")
         .arg(format!("file://{}", artifacts.display()))
-        .env("DATABASE_URL", database_url)
+        .env("DATABASE_URL", &database_url)
         .env("MIGRATE_ON_START", "true")
         .env("SWEEPER_INTERVAL_SECONDS", "0")
         .env("RUST_LOG", "info")
@@ -138,6 +182,7 @@ fn serve_migrating(database_url: &str, artifacts: &std::path::Path) -> (std::pro
         .unwrap();
     // Read to the end, so the replica never blocks on a full pipe.
     let stderr = child.stderr.take().unwrap();
+    let replica = Replica(Some(child));
     let (address_tx, address) = mpsc::channel();
     std::thread::spawn(move || {
         let mut seen = Vec::new();
@@ -151,7 +196,7 @@ fn serve_migrating(database_url: &str, artifacts: &std::path::Path) -> (std::pro
         let _ = address_tx.send(Err(seen));
     });
     match address.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(address)) => (child, address),
+        Ok(Ok(address)) => (replica, address),
         Ok(Err(seen)) => panic!("the api exited before listening; it logged: {seen:#?}"),
         Err(_) => panic!("the api did not listen within 60 s"),
     }
@@ -184,8 +229,87 @@ async fn replicas_migrating_on_start_at_once_both_serve_a_database_migrated_once
         queue::MIGRATOR.iter().count(),
         "each migration once"
     );
-    for (mut child, _) in replicas {
-        child.kill().unwrap();
-        child.wait().unwrap();
+    for (mut replica, _) in replicas {
+        if let Some(process) = replica.0.as_mut() {
+            process.kill().unwrap();
+        }
+        stopped(&pool, replica).await;
     }
+}
+
+/// SIGTERM with a download in flight (`SHUTDOWN_GRACE_SECONDS`): no new
+/// connections, but the download ends whole, and then the process exits 0.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_download_in_flight_at_sigterm_ends_whole(pool: sqlx::PgPool) {
+    use futures::StreamExt as _;
+    let artifacts = tempfile::tempdir().unwrap();
+    let store = store::ArtifactStore::local(artifacts.path()).unwrap();
+    let q = queue::Queue::new(pool.clone());
+    let key = api::auth::generate_key("acme", queue::ApiKeyRole::Client);
+    q.create_api_key(&key.record).await.unwrap();
+    let job = q
+        .enqueue(queue::NewJob::new(
+            "acme",
+            queue::JobType::Text,
+            serde_json::json!({"prompt": "p"}),
+        ))
+        .await
+        .unwrap()
+        .job;
+    let task = q
+        .claim("w", &[queue::TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0);
+    // Far more than the socket buffers hold: the server is still sending.
+    let bytes: Vec<u8> = (0..32 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let storage_key = store::artifact_key(job.id, queue::ArtifactKind::Text, task.lease());
+    let stored = store
+        .put(&storage_key, bytes.clone().into(), "text/markdown")
+        .await
+        .unwrap();
+    let artifact = q
+        .record_artifact(
+            "w",
+            task.lease(),
+            &stored.to_new_artifact(job.id, queue::ArtifactKind::Text, serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    q.complete("w", task.lease(), serde_json::json!({}))
+        .await
+        .unwrap();
+
+    let (api, address) = serve_migrating(&test_support::database_url(&pool), artifacts.path());
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::Client::new()
+        .get(format!(
+            "http://{address}/v1/jobs/{}/artifacts/{}",
+            job.id, artifact.id
+        ))
+        .bearer_auth(&key.secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut received = body.next().await.unwrap().unwrap().to_vec();
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &api.0.as_ref().unwrap().id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Some(chunk) = body.next().await {
+        received.extend_from_slice(&chunk.expect("the download goes on after SIGTERM"));
+    }
+    assert!(
+        received == bytes,
+        "{} of {} bytes, or other bytes",
+        received.len(),
+        bytes.len()
+    );
+    let status = stopped(&pool, api).await;
+    assert!(status.success(), "exit status {status}");
 }
