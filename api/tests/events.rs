@@ -253,3 +253,37 @@ async fn a_stream_ends_after_its_maximum_duration(pool: sqlx::PgPool) {
     }
     server.stop().await;
 }
+
+/// A quiet stream sends a keep-alive comment every 15 s, inside the CLI's
+/// 60 s read timeout and the idle timeouts of the proxies in between.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_quiet_stream_sends_a_keep_alive_within_16_seconds(pool: sqlx::PgPool) {
+    use futures::StreamExt as _;
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let id = server.create_text_job(&key, "a quiet story").await;
+    let response = server
+        .get(&key, &format!("/v1/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut received = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(16);
+    // The job's first status, then nothing happens to it.
+    while !received.lines().any(|l| l.starts_with(':')) {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .unwrap_or_else(|_| panic!("no keep-alive within 16 s; received {received:?}"))
+            .expect("the stream stays open")
+            .unwrap();
+        received.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert_eq!(
+        received.matches("event:").count(),
+        1,
+        "only the first status before it: {received:?}"
+    );
+    drop(body);
+    server.stop().await;
+}
