@@ -1096,6 +1096,14 @@ fn fly_toml_runs_every_group_with_a_real_binary() {
         );
     }
 
+    // Inside Fly the controller reaches the Machines API on the private
+    // network (Fly's documented endpoint); the binary's default is the
+    // public one, for a controller run from elsewhere.
+    assert_eq!(
+        doc["env"].get("FLY_API_BASE_URL").and_then(|v| v.as_str()),
+        Some("http://_api.internal:4280")
+    );
+
     let service = doc["http_service"].as_table().expect("[http_service]");
     assert_eq!(service["internal_port"].as_integer(), Some(8787));
     assert_eq!(
