@@ -117,6 +117,14 @@ fn start_controller(
         .expect("starting the controller")
 }
 
+/// Whether the log at `log` says `what` within a minute.
+async fn logs_within_a_minute(log: &Path, what: &str) -> bool {
+    eventually(Duration::from_secs(60), || {
+        std::fs::read_to_string(log).is_ok_and(|text| text.contains(what))
+    })
+    .await
+}
+
 /// The pool's registered workers once they are `MAX_REPLICAS`, or after a
 /// minute.
 async fn registered_workers(q: &queue::Queue) -> usize {
@@ -191,11 +199,10 @@ async fn a_controller_killed_with_sigkill_leaves_its_workers_to_the_next_one(poo
         &database_url,
         &second_log,
     ));
-    let leads = eventually(Duration::from_secs(60), || {
-        std::fs::read_to_string(&second_log).is_ok_and(|log| log.contains("leader: this controller acts"))
-    })
-    .await;
-    assert!(leads, "the second controller became the leader");
+    assert!(
+        logs_within_a_minute(&second_log, "leader: this controller acts").await,
+        "the second controller became the leader"
+    );
     // Many passes (0.3 s apart): the count never goes over maxReplicas.
     let mut most = 0;
     let mut seen = BTreeSet::new();
@@ -349,11 +356,10 @@ async fn controller_waiting_for_the_schema(pool: &PgPool, dir: &Path) -> Cleanup
         &database_url,
         &log,
     ));
-    let waits = eventually(Duration::from_secs(60), || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("lacks backlog's schema"))
-    })
-    .await;
-    assert!(waits, "the controller says it waits for the schema");
+    assert!(
+        logs_within_a_minute(&log, "lacks backlog's schema").await,
+        "the controller says it waits for the schema"
+    );
     assert!(
         matches!(cleanup.controllers[0].try_wait(), Ok(None)),
         "the controller is still running"

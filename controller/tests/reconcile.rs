@@ -821,19 +821,25 @@ async fn no_more_passes_run_at_once_than_the_bound(pool: PgPool) {
     assert_eq!(reports.len(), 3, "{reports:?}");
 }
 
+/// A reconciler whose passes give a pool 300 ms: a stalled backend fails
+/// its pool with `DeadlineExceeded` at once.
+fn memory_reconciler_with_a_short_deadline(q: &Queue, backend: &MemoryBackend) -> Reconciler<MemoryBackend> {
+    memory_reconciler_with(
+        q,
+        backend,
+        PassSettings {
+            deadline: Duration::from_millis(300),
+            ..PassSettings::default()
+        },
+    )
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_pass_past_its_deadline_fails_its_pool_and_the_others_go_on(pool: PgPool) {
     let q = Queue::new(pool);
     let backend = MemoryBackend::default();
     backend.stall("pdf");
-    let mut reconciler = memory_reconciler_with(
-        &q,
-        &backend,
-        PassSettings {
-            deadline: Duration::from_millis(300),
-            ..PassSettings::default()
-        },
-    );
+    let mut reconciler = memory_reconciler_with_a_short_deadline(&q, &backend);
     enqueue_jobs(&q, JobType::Text, 2).await;
     let reports = reconciler
         .reconcile(&text_and_pdf_pools(), chrono::Utc::now())
@@ -857,14 +863,7 @@ async fn a_failing_pool_waits_out_its_backoff_unless_its_spec_changes(pool: PgPo
     let q = Queue::new(pool);
     let backend = MemoryBackend::default();
     backend.stall("pdf");
-    let mut reconciler = memory_reconciler_with(
-        &q,
-        &backend,
-        PassSettings {
-            deadline: Duration::from_millis(300),
-            ..PassSettings::default()
-        },
-    );
+    let mut reconciler = memory_reconciler_with_a_short_deadline(&q, &backend);
     let now = chrono::Utc::now();
     reconciler.reconcile(&text_and_pdf_pools(), now).await;
     assert_eq!(
