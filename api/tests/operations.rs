@@ -509,10 +509,7 @@ async fn without_sampling_the_queue_history_is_empty(pool: sqlx::PgPool) {
 }
 
 #[test]
-fn every_setting_of_api_serve_is_in_the_readme() {
-    let missing = test_support::undocumented_settings(env!("CARGO_BIN_EXE_api"), &["serve"]);
-    assert!(
-        missing.is_empty(),
-        "README, Configuration: no row for {missing:?}"
-    );
+fn every_setting_of_api_serve_is_in_the_readme_with_its_default() {
+    let wrong = test_support::settings_the_readme_misstates(env!("CARGO_BIN_EXE_api"), &["serve"]);
+    assert!(wrong.is_empty(), "README, Configuration: {wrong:#?}");
 }

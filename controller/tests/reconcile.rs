@@ -1196,10 +1196,7 @@ async fn the_metrics_follow_the_pools_and_a_standby_reports_none(pool: PgPool) {
 }
 
 #[test]
-fn every_setting_of_controller_run_is_in_the_readme() {
-    let missing = test_support::undocumented_settings(env!("CARGO_BIN_EXE_controller"), &["run"]);
-    assert!(
-        missing.is_empty(),
-        "README, Configuration: no row for {missing:?}"
-    );
+fn every_setting_of_controller_run_is_in_the_readme_with_its_default() {
+    let wrong = test_support::settings_the_readme_misstates(env!("CARGO_BIN_EXE_controller"), &["run"]);
+    assert!(wrong.is_empty(), "README, Configuration: {wrong:#?}");
 }

@@ -205,10 +205,11 @@ pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
     path
 }
 
-/// The environment variables `binary ARGS --help` names (clap's
-/// `[env: NAME=]`) that the README's Configuration section does not: each
-/// one a setting a user cannot find.
-pub fn undocumented_settings(binary: &str, args: &[&str]) -> Vec<String> {
+/// What the README's Configuration section says wrong about the settings
+/// `binary ARGS --help` names (clap's `[env: NAME=]`): each variable with
+/// no row (a setting a user cannot find), and each whose row does not
+/// state the default `--help` shows (`[default: D]`).
+pub fn settings_the_readme_misstates(binary: &str, args: &[&str]) -> Vec<String> {
     let help = std::process::Command::new(binary)
         .args(args)
         .arg("--help")
@@ -225,24 +226,127 @@ pub fn undocumented_settings(binary: &str, args: &[&str]) -> Vec<String> {
         .split("\n## ")
         .next()
         .unwrap();
-    let mut named: Vec<String> = help
+    let settings = help_settings(&help);
+    assert!(!settings.is_empty(), "{binary} {args:?} --help names no variable");
+    let mut wrong = Vec::new();
+    for (name, default) in settings {
+        let Some(row) = configuration
+            .lines()
+            .find(|line| line.starts_with('|') && line.contains(&format!("`{name}`")))
+        else {
+            wrong.push(format!("{name}: no row"));
+            continue;
+        };
+        if let Some(default) = default {
+            if !default_spellings(&default).iter().any(|s| mentions(row, s)) {
+                wrong.push(format!("{name}: its row does not say the default, {default}"));
+            }
+        }
+    }
+    wrong
+}
+
+/// Each `[env: NAME=]` of a `--help` text, with the `[default: D]` shown
+/// for the same argument, if any (clap prints the default after the env).
+fn help_settings(help: &str) -> Vec<(String, Option<String>)> {
+    let mut settings: Vec<(String, Option<String>)> = help
         .split("[env: ")
         .skip(1)
-        .filter_map(|rest| rest.split(['=', ']']).next())
-        .map(str::to_string)
+        .filter_map(|rest| {
+            let name = rest.split(['=', ']']).next()?.to_string();
+            // This argument's text ends where the next argument starts (a
+            // line that starts with `-` once indented).
+            let own = rest
+                .split('\n')
+                .take_while(|line| !line.trim_start().starts_with('-'))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let default = own
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split(']').next())
+                .map(str::to_string);
+            Some((name, default))
+        })
         .collect();
-    named.sort();
-    named.dedup();
-    assert!(!named.is_empty(), "{binary} {args:?} --help names no variable");
-    named
-        .into_iter()
-        .filter(|name| !configuration.contains(&format!("`{name}`")))
-        .collect()
+    settings.sort();
+    settings.dedup();
+    settings
+}
+
+/// How the README may write a default: as `--help` does, with thousands
+/// separators, or in KiB/MiB. A boolean's `false` goes without saying.
+fn default_spellings(default: &str) -> Vec<String> {
+    if default == "false" {
+        return vec![String::new()];
+    }
+    let mut spellings = vec![default.to_string()];
+    if let Ok(n) = default.parse::<u64>() {
+        let digits = n.to_string();
+        let mut grouped = String::new();
+        for (i, digit) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                grouped.push(',');
+            }
+            grouped.push(digit);
+        }
+        spellings.push(grouped);
+        for (unit, size) in [("MiB", 1u64 << 20), ("KiB", 1 << 10)] {
+            if n >= size && n % size == 0 {
+                spellings.push(format!("{} {unit}", n / size));
+            }
+        }
+    }
+    spellings
+}
+
+/// Whether `row` holds `word` on its own: `60` is not mentioned by `600`.
+fn mentions(row: &str, word: &str) -> bool {
+    if word.is_empty() {
+        return true;
+    }
+    row.match_indices(word).any(|(at, _)| {
+        let before = row[..at].chars().next_back();
+        let after = row[at + word.len()..].chars().next();
+        let joins = |c: Option<char>| {
+            c.is_some_and(|c| {
+                c.is_ascii_alphanumeric() || c == '.' && word.chars().all(|w| w.is_ascii_digit())
+            })
+        };
+        !joins(before) && !joins(after)
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use super::{default_spellings, help_settings, mentions, with_database};
+
+    #[test]
+    fn reads_each_variable_and_its_own_default_from_a_help_text() {
+        // clap's long help: env and default on lines of their own.
+        let help = "Options:\n      --port <PORT>\n          listen port\n          \n          [env: PORT=]\n          [default: 8787]\n\n      --migrate\n          apply migrations first [env: MIGRATE_ON_START=]\n\n      --store <S>\n          [env: ARTIFACT_STORE=]\n\n      --mode <MODE>\n          [default: fast]\n  -h, --help\n          Print help [default: nothing]\n";
+        assert_eq!(
+            help_settings(help),
+            vec![
+                ("ARTIFACT_STORE".to_string(), None),
+                ("MIGRATE_ON_START".to_string(), None),
+                ("PORT".to_string(), Some("8787".to_string())),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_default_may_be_written_grouped_or_in_binary_units_but_not_as_part_of_a_number() {
+        let row = "| `BODY_LIMIT_BYTES` | api | 1 MiB; batches of 1,000; every 600 s; 0.5 s |";
+        let said = |default: &str| default_spellings(default).iter().any(|s| mentions(row, s));
+        assert!(said("1048576"));
+        assert!(said("1000"));
+        assert!(said("600"));
+        assert!(said("false"));
+        assert!(!said("60"), "60 is not said by 600");
+        assert!(!said("5"), "5 is not said by 0.5");
+        assert!(!said("1024"));
+    }
 
     #[test]
     fn replaces_the_database_and_keeps_the_query() {

@@ -261,18 +261,15 @@ async fn a_second_signal_during_the_drain_exits_at_once_and_leaves_the_task_to_t
 }
 
 #[test]
-fn every_setting_of_a_worker_is_in_the_readme() {
+fn every_setting_of_a_worker_is_in_the_readme_with_its_default() {
     for binary in [
         env!("CARGO_BIN_EXE_worker"),
         env!("CARGO_BIN_EXE_text-worker"),
         env!("CARGO_BIN_EXE_pdf-worker"),
         env!("CARGO_BIN_EXE_audio-worker"),
     ] {
-        let missing = test_support::undocumented_settings(binary, &[]);
-        assert!(
-            missing.is_empty(),
-            "README, Configuration: no row for {missing:?} ({binary})"
-        );
+        let wrong = test_support::settings_the_readme_misstates(binary, &[]);
+        assert!(wrong.is_empty(), "README, Configuration: {wrong:#?} ({binary})");
     }
 }
 
