@@ -166,6 +166,15 @@ async fn stopped(pool: &sqlx::PgPool, mut replica: Replica) -> std::process::Exi
 /// `api serve` with `MIGRATE_ON_START=true` (as the shipped api.yaml runs
 /// it), once it logs that it listens: the process and its address.
 fn serve_migrating(database_url: &str, artifacts: &std::path::Path) -> (Replica, String) {
+    serve_migrating_with(database_url, artifacts, &[])
+}
+
+/// [`serve_migrating`] with more settings in its environment.
+fn serve_migrating_with(
+    database_url: &str,
+    artifacts: &std::path::Path,
+    settings: &[(&str, &str)],
+) -> (Replica, String) {
     // Named, so the test can wait for its sessions to end (see `stopped`).
     let separator = if database_url.contains('?') { '&' } else { '?' };
     let database_url = format!("{database_url}{separator}application_name={REPLICA}");
@@ -177,6 +186,7 @@ fn serve_migrating(database_url: &str, artifacts: &std::path::Path) -> (Replica,
         .env("MIGRATE_ON_START", "true")
         .env("SWEEPER_INTERVAL_SECONDS", "0")
         .env("RUST_LOG", "info")
+        .envs(settings.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -237,13 +247,15 @@ async fn replicas_migrating_on_start_at_once_both_serve_a_database_migrated_once
     }
 }
 
-/// SIGTERM with a download in flight (`SHUTDOWN_GRACE_SECONDS`): no new
-/// connections, but the download ends whole, and then the process exits 0.
-#[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn a_download_in_flight_at_sigterm_ends_whole(pool: sqlx::PgPool) {
-    use futures::StreamExt as _;
-    let artifacts = tempfile::tempdir().unwrap();
-    let store = store::ArtifactStore::local(artifacts.path()).unwrap();
+/// A finished job of tenant `acme` with a 32 MiB artifact in `artifacts`:
+/// far more than the socket buffers hold, so a server is still sending it
+/// when a test stops the process. The key's secret, the artifact's path
+/// and its bytes.
+async fn a_job_with_a_large_artifact(
+    pool: &sqlx::PgPool,
+    artifacts: &std::path::Path,
+) -> (String, String, Vec<u8>) {
+    let store = store::ArtifactStore::local(artifacts).unwrap();
     let q = queue::Queue::new(pool.clone());
     let key = api::auth::generate_key("acme", queue::ApiKeyRole::Client);
     q.create_api_key(&key.record).await.unwrap();
@@ -261,7 +273,6 @@ async fn a_download_in_flight_at_sigterm_ends_whole(pool: sqlx::PgPool) {
         .await
         .unwrap()
         .remove(0);
-    // Far more than the socket buffers hold: the server is still sending.
     let bytes: Vec<u8> = (0..32 << 20).map(|i: u32| (i % 251) as u8).collect();
     let storage_key = store::artifact_key(job.id, queue::ArtifactKind::Text, task.lease());
     let stored = store
@@ -279,27 +290,53 @@ async fn a_download_in_flight_at_sigterm_ends_whole(pool: sqlx::PgPool) {
     q.complete("w", task.lease(), serde_json::json!({}))
         .await
         .unwrap();
+    let path = format!("/v1/jobs/{}/artifacts/{}", job.id, artifact.id);
+    (key.secret, path, bytes)
+}
 
-    let (api, address) = serve_migrating(&test_support::database_url(&pool), artifacts.path());
+/// GET `path` from `address` and read the body's first chunk: the
+/// download is under way. The rest of the body and the chunk.
+async fn a_download_under_way(
+    address: &str,
+    path: &str,
+    secret: &str,
+) -> (
+    impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>>,
+    Vec<u8>,
+) {
+    use futures::StreamExt as _;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let response = reqwest::Client::new()
-        .get(format!(
-            "http://{address}/v1/jobs/{}/artifacts/{}",
-            job.id, artifact.id
-        ))
-        .bearer_auth(&key.secret)
+        .get(format!("http://{address}{path}"))
+        .bearer_auth(secret)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let mut body = response.bytes_stream();
-    let mut received = body.next().await.unwrap().unwrap().to_vec();
+    let mut body = Box::pin(response.bytes_stream());
+    let first = body.next().await.unwrap().unwrap().to_vec();
+    (body, first)
+}
 
+fn terminate(replica: &Replica) {
     let kill = Command::new("kill")
-        .args(["-TERM", &api.0.as_ref().unwrap().id().to_string()])
+        .args(["-TERM", &replica.0.as_ref().unwrap().id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
+}
+
+/// SIGTERM with a download in flight (`SHUTDOWN_GRACE_SECONDS`): no new
+/// connections, but the download ends whole, and then the process exits 0.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_download_in_flight_at_sigterm_ends_whole(pool: sqlx::PgPool) {
+    use futures::StreamExt as _;
+    let artifacts = tempfile::tempdir().unwrap();
+    let (secret, path, bytes) = a_job_with_a_large_artifact(&pool, artifacts.path()).await;
+    let (api, address) = serve_migrating(&test_support::database_url(&pool), artifacts.path());
+    let (mut body, mut received) = a_download_under_way(&address, &path, &secret).await;
+
+    terminate(&api);
     tokio::time::sleep(Duration::from_millis(300)).await;
     while let Some(chunk) = body.next().await {
         received.extend_from_slice(&chunk.expect("the download goes on after SIGTERM"));
@@ -307,6 +344,46 @@ async fn a_download_in_flight_at_sigterm_ends_whole(pool: sqlx::PgPool) {
     assert!(
         received == bytes,
         "{} of {} bytes, or other bytes",
+        received.len(),
+        bytes.len()
+    );
+    let status = stopped(&pool, api).await;
+    assert!(status.success(), "exit status {status}");
+}
+
+/// The grace is a limit: a request still in flight when it ends (here a
+/// client that stopped reading) does not hold the process, which exits 0
+/// and cuts the download.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_download_still_in_flight_after_the_grace_is_cut_and_the_api_exits(pool: sqlx::PgPool) {
+    use futures::StreamExt as _;
+    let artifacts = tempfile::tempdir().unwrap();
+    let (secret, path, bytes) = a_job_with_a_large_artifact(&pool, artifacts.path()).await;
+    let (mut api, address) = serve_migrating_with(
+        &test_support::database_url(&pool),
+        artifacts.path(),
+        &[("SHUTDOWN_GRACE_SECONDS", "1")],
+    );
+    let (mut body, mut received) = a_download_under_way(&address, &path, &secret).await;
+
+    terminate(&api);
+    // Far past the grace; without it the process would wait on this
+    // client for good.
+    let mut exited = false;
+    for _ in 0..300 {
+        if api.0.as_mut().unwrap().try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(exited, "the api still runs 30 s after SIGTERM with a 1 s grace");
+    while let Some(Ok(chunk)) = body.next().await {
+        received.extend_from_slice(&chunk);
+    }
+    assert!(
+        received.len() < bytes.len(),
+        "the download was cut ({} of {} bytes)",
         received.len(),
         bytes.len()
     );
