@@ -77,7 +77,12 @@ type WorkerRow = (
 
 impl Queue {
     /// Register (or re-register after a restart) a replica as running, or as
-    /// draining when the controller already chose it for removal.
+    /// draining when the controller already chose it for removal: a drain
+    /// mark is the controller's to lift (its pass puts back to work every
+    /// replica it marked and did not stop), never a registration's. A
+    /// replica restarted between its drain and its stop, or a registration
+    /// repeated because its answer was lost, must not claim work that the
+    /// stop would then cut short.
     pub async fn register_worker(&self, worker: &NewWorker) -> Result<()> {
         if worker.id.is_empty() {
             return Err(QueueError::invalid("id", "worker identity must not be empty"));
@@ -101,9 +106,7 @@ impl Queue {
              SET pool = EXCLUDED.pool, task_types = EXCLUDED.task_types,
                  concurrency = EXCLUDED.concurrency, hostname = EXCLUDED.hostname,
                  pid = EXCLUDED.pid, started_at = now(), heartbeat_at = now(),
-                 -- A replica drained before it registered stays draining.
-                 state = CASE WHEN workers.state = 'draining' AND cardinality(workers.task_types) = 0
-                              THEN 'draining' ELSE 'running' END",
+                 state = CASE WHEN workers.state = 'draining' THEN 'draining' ELSE 'running' END",
         )
         .bind(&worker.id)
         .bind(&worker.pool)

@@ -439,11 +439,62 @@ async fn a_replica_drained_before_it_registers_claims_nothing_once_it_does(pool:
         q.worker_heartbeat(&starting).await.unwrap(),
         Some(queue::WorkerState::Running)
     );
-    // A registered replica drained, then restarted, registers as running.
-    q.drain_idle(std::slice::from_ref(&worker.id)).await.unwrap();
+}
+
+/// A registered replica drained, then registering again (restarted under
+/// the same id before the controller stopped it, or repeating a
+/// registration whose answer was lost), stays draining: it would otherwise
+/// claim work the stop then cuts short. Only the controller puts it back.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_drained_replica_registering_again_stays_draining_until_the_controller_releases_it(pool: PgPool) {
+    let q = queue(pool);
+    q.enqueue(text_job("x")).await.unwrap();
+    let worker = queue::NewWorker {
+        id: "m-1".into(),
+        pool: Some("text".into()),
+        task_types: vec![TaskType::TextGeneration],
+        concurrency: 1,
+        hostname: None,
+        pid: None,
+    };
     q.register_worker(&worker).await.unwrap();
     assert_eq!(
-        q.worker_heartbeat(&starting).await.unwrap(),
+        q.drain_idle(std::slice::from_ref(&worker.id)).await.unwrap(),
+        vec![worker.id.clone()]
+    );
+    q.register_worker(&worker).await.unwrap();
+    assert_eq!(
+        q.worker_heartbeat(&worker.id).await.unwrap(),
+        Some(queue::WorkerState::Draining)
+    );
+    assert!(q
+        .claim_and_start(&worker.id, &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Not stopped after all: the controller's pass releases the mark.
+    assert_eq!(
+        q.undrain_marked(std::slice::from_ref(&worker.id)).await.unwrap(),
+        vec![worker.id.clone()]
+    );
+    let claimed = q
+        .claim_and_start(&worker.id, &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    q.complete(&worker.id, claimed[0].lease(), serde_json::json!({}))
+        .await
+        .unwrap();
+    // Drained and removed (recorded stopped), then started again: running.
+    q.drain_idle(std::slice::from_ref(&worker.id)).await.unwrap();
+    assert_eq!(
+        q.mark_stopped(std::slice::from_ref(&worker.id)).await.unwrap(),
+        vec![worker.id.clone()]
+    );
+    q.register_worker(&worker).await.unwrap();
+    assert_eq!(
+        q.worker_heartbeat(&worker.id).await.unwrap(),
         Some(queue::WorkerState::Running)
     );
 }
