@@ -670,6 +670,60 @@ async fn a_leader_whose_lock_session_dies_wins_again_instead_of_exiting(pool: Pg
     leader.stop().await;
 }
 
+/// Waiting for leadership (a standby, or a leader whose lock session died)
+/// outlasts any refusal of the database, not only a transient one: an
+/// error here ended the run loop, and the local backend's workers, busy or
+/// not, went with the process. Here the database does not exist (3D000)
+/// until it is created.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn waiting_for_leadership_outlasts_a_database_that_refuses_the_connection(pool: PgPool) {
+    use controller::reconcile::{AdvisoryLock, Election};
+    let name = format!(
+        "backlog_election_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let url = test_support::with_database(&test_support::database_url(&pool), &name);
+    let refusing = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy(&url)
+        .unwrap();
+    let mut election = AdvisoryLock::new(Queue::new(refusing), 44, Duration::from_millis(100));
+    let shutdown = CancellationToken::new();
+    let waiting = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let won = election.acquire(&shutdown).await;
+            (won, election)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !waiting.is_finished(),
+        "acquire gave up on a refused connection: {:?}",
+        waiting.await.unwrap().0
+    );
+
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (won, election) = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("leading once the database accepts the connection")
+        .unwrap();
+    assert!(won.unwrap(), "won, not shut down");
+    election.release().await.unwrap();
+    shutdown.cancel();
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
 /// A pdf pool beside the text pool: the one whose backend hangs below.
 fn pdf_pool() -> String {
     TEXT_POOL

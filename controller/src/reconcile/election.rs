@@ -53,7 +53,14 @@ impl Election for AdvisoryLock {
                 Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "standby: the database cannot be reached; waiting")
                 }
-                Err(e) => return Err(e.into()),
+                // Any other refusal too (too many connections for the
+                // role, a database being recreated, a password rotated):
+                // a leader whose lock session died waits here, and exiting
+                // would take the local backend's workers down with it,
+                // busy or not. The error says what to fix.
+                Err(e) => {
+                    tracing::error!(error = %e, "standby: the database refuses the leader election; waiting")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(false),
