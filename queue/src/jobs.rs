@@ -649,7 +649,7 @@ impl Queue {
         .bind(place)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL WHERE id = $1")
+        sqlx::query("UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL, updated_at = now() WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;

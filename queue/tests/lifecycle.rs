@@ -331,8 +331,17 @@ async fn a_failed_job_can_be_retried_from_its_failed_task(pool: PgPool) {
         .await
         .unwrap();
 
+    let failed = q.job(TENANT, job.id).await.unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
     let retried = q.retry_job(TENANT, job.id).await.unwrap();
     assert_eq!(retried.status, JobStatus::Queued);
+    assert!(
+        retried.updated_at > failed.updated_at,
+        "a retry is a change: updated_at {} after the failure's {}",
+        retried.updated_at,
+        failed.updated_at
+    );
+    assert_eq!(retried.finished_at, None);
     assert!(matches!(
         q.retry_job(TENANT, job.id).await,
         Err(QueueError::InvalidState { .. })
