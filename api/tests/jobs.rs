@@ -187,6 +187,41 @@ async fn a_batch_is_created_in_one_go_and_replays_with_its_key(pool: sqlx::PgPoo
     server.stop().await;
 }
 
+/// A batch replays whole: a replay that adds a job or leaves one out is a
+/// different request (409, nothing written), as one that changes a job is.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_batch_replayed_with_a_job_added_or_left_out_is_refused(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let text = |prompt: &str| json!({"type": "text", "input": {"prompt": prompt}});
+    let send = |jobs: Vec<serde_json::Value>| {
+        let request = server
+            .post(&key, "/v1/jobs:batch")
+            .header("Idempotency-Key", "import-7")
+            .json(&json!({ "jobs": jobs }));
+        async move { common::read(request.send().await.unwrap()).await }
+    };
+    let (status, batch) = send(vec![text("one"), text("two")]).await;
+    assert_eq!(status, 201, "{batch}");
+    let first = batch["jobs"][0]["job"]["id"].clone();
+
+    for (what, jobs) in [
+        ("a job added", vec![text("one"), text("two"), text("three")]),
+        ("a job left out", vec![text("one")]),
+        ("a job changed", vec![text("one"), text("2")]),
+    ] {
+        let (status, error) = send(jobs).await;
+        assert_eq!(status, 409, "{what}: {error}");
+        assert_eq!(error["error"]["code"], "idempotency_conflict", "{what}: {error}");
+        assert_eq!(server.row_counts().await[..2], [2, 2], "{what}: nothing written");
+    }
+
+    let (status, replay) = send(vec![text("one"), text("two")]).await;
+    assert_eq!(status, 200, "the same batch still replays: {replay}");
+    assert_eq!(replay["jobs"][0]["job"]["id"], first);
+    server.stop().await;
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn listing_pages_newest_first_with_filters(pool: sqlx::PgPool) {
     let server = TestServer::start(pool).await;

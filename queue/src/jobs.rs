@@ -78,6 +78,22 @@ impl Queue {
     /// transaction. Nothing is written unless every job is valid. Results are
     /// in input order.
     pub async fn enqueue_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
+        self.enqueue_jobs(jobs, None).await
+    }
+
+    /// [`Queue::enqueue_batch`] as one request replayable under `key`: job
+    /// `i` is keyed [`batch_item_key`]`(key, i)`. A replay must be the same
+    /// batch, job for job and as many jobs: one that changes a job, adds
+    /// one or leaves one out is refused with
+    /// [`QueueError::IdempotencyConflict`] and writes nothing.
+    pub async fn enqueue_batch_once(&self, key: &str, mut jobs: Vec<NewJob>) -> Result<Vec<Enqueued>> {
+        for (i, job) in jobs.iter_mut().enumerate() {
+            job.idempotency_key = Some(batch_item_key(key, i));
+        }
+        self.enqueue_jobs(jobs, Some(key)).await
+    }
+
+    async fn enqueue_jobs(&self, jobs: Vec<NewJob>, batch_key: Option<&str>) -> Result<Vec<Enqueued>> {
         if jobs.is_empty() {
             return Err(QueueError::invalid("jobs", "at least one job is required"));
         }
@@ -305,7 +321,10 @@ impl Queue {
             }
             out.push(Enqueued { job, created: false });
         }
-        if let Some(tx) = tx {
+        if let Some(mut tx) = tx {
+            if let Some(key) = batch_key {
+                same_batch_or_new(&mut tx, key, &jobs[0].tenant, &out).await?;
+            }
             tx.commit().await?;
         }
         Ok(out)
@@ -663,6 +682,51 @@ impl Queue {
             .await?;
         tx.commit().await?;
         Ok(job)
+    }
+}
+
+/// Separates a batch's idempotency key from a job's index in the batch.
+/// `№` (U+2116) is not ASCII, so an HTTP header cannot carry it as part of
+/// a key, and no single job's key can equal a batch job's.
+pub const BATCH_KEY_SEPARATOR: char = '№';
+
+/// The key of job `i` of a batch sent with idempotency key `key`.
+pub fn batch_item_key(key: &str, i: usize) -> String {
+    format!("{key}{BATCH_KEY_SEPARATOR}{i}")
+}
+
+/// A batch enqueued under `key` (its jobs' results in `out`, in the same
+/// transaction) is either new or a replay of the same batch: not some of
+/// each (jobs added to the batch), and not a replay of a longer batch
+/// (jobs left out; a batch is written whole, so its job past the replay's
+/// last tells).
+async fn same_batch_or_new(
+    tx: &mut sqlx::PgConnection,
+    key: &str,
+    tenant: &str,
+    out: &[Enqueued],
+) -> Result<()> {
+    let Some(replayed) = out.iter().find(|e| !e.created) else {
+        return Ok(());
+    };
+    let conflict = |existing| QueueError::IdempotencyConflict {
+        key: key.to_string(),
+        existing,
+    };
+    if out.iter().any(|e| e.created) {
+        return Err(conflict(replayed.job.id));
+    }
+    let longer: Option<Uuid> = sqlx::query_scalar(
+        "SELECT k.job_id FROM job_keys k JOIN all_jobs j ON j.id = k.job_id
+         WHERE k.tenant = $1 AND k.idempotency_key = $2",
+    )
+    .bind(tenant)
+    .bind(batch_item_key(key, out.len()))
+    .fetch_optional(&mut *tx)
+    .await?;
+    match longer {
+        Some(existing) => Err(conflict(existing)),
+        None => Ok(()),
     }
 }
 

@@ -30,7 +30,9 @@ pub use artifacts::{artifact_prefix, day_folder, Artifact, ArtifactKind, NewArti
 pub use depth::TaskDepth;
 pub use error::{QueueError, Result};
 pub use events::{JobStatusEvent, JobStatusNotifications, JOB_STATUS_CHANNEL};
-pub use jobs::{Enqueued, JobFilter, JobPage, JobWithTasks, PRIORITY_RANGE};
+pub use jobs::{
+    batch_item_key, Enqueued, JobFilter, JobPage, JobWithTasks, BATCH_KEY_SEPARATOR, PRIORITY_RANGE,
+};
 pub use keys::{ApiKey, ApiKeyRole, NewApiKey};
 pub use leader::Leadership;
 pub use maintenance::{RepairedJob, Retention, RetentionMode, RetiredDay, SweepOutcome, SweptTask};

@@ -28,9 +28,6 @@ use crate::openapi::{
 use crate::state::AppState;
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
-/// Separates a batch's key from the job's index in the batch: not ASCII,
-/// so it never occurs in a key read from a header.
-const BATCH_KEY_SEPARATOR: char = '№';
 /// Shorter than the queue's 255 bytes so that a batch's per-job keys
 /// (`<key>№<index>`) still fit.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
@@ -122,14 +119,6 @@ impl CreateJobRequest {
         let input = serde_json::to_value(input).map_err(ApiError::internal)?;
         Ok(NewJob::new(tenant, self.job_type, input).priority(self.priority))
     }
-}
-
-/// The key of job `i` of a batch sent with Idempotency-Key `key`. The
-/// separator is `№` (U+2116), which an HTTP header cannot carry (its value
-/// must be visible ASCII to be read as a key), so no single job's key can
-/// ever equal a batch job's.
-fn batch_item_key(key: &str, i: usize) -> String {
-    format!("{key}{BATCH_KEY_SEPARATOR}{i}")
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
@@ -396,12 +385,13 @@ pub async fn create_job(
     request_body = CreateJobsRequest,
     params(("Idempotency-Key" = Option<String>, Header,
         description = "Makes the whole batch replayable: job `i` is keyed `<key>№<i>` (`№` is U+2116, \
-                       which no Idempotency-Key header can contain, so batch and single-job keys never collide).")),
+                       which no Idempotency-Key header can contain, so batch and single-job keys never collide). \
+                       A replay must send the same jobs, as many and in the same order, else 409.")),
     responses(
         (status = 201, description = "Created (at least one job is new)", body = BatchResponse),
         (status = 200, description = "Every job was created earlier with this Idempotency-Key", body = BatchResponse),
         (status = 400, description = "Malformed JSON or Idempotency-Key", body = ErrorBody),
-        (status = 409, description = "Idempotency-Key already used for different jobs", body = ErrorBody),
+        (status = 409, description = "Idempotency-Key already used for a different batch (a job changed, added or left out)", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "An invalid job (`field` says which) or too many", body = ErrorBody),
@@ -418,13 +408,12 @@ pub async fn create_jobs_batch(
         .jobs
         .into_iter()
         .enumerate()
-        .map(|(i, job)| {
-            let mut job = job.into_new_job(&principal.tenant, &format!("jobs[{i}]"))?;
-            job.idempotency_key = key.as_ref().map(|key| batch_item_key(key, i));
-            Ok(job)
-        })
+        .map(|(i, job)| job.into_new_job(&principal.tenant, &format!("jobs[{i}]")))
         .collect::<ApiResult<Vec<_>>>()?;
-    let written = state.queue.enqueue_batch(jobs).await?;
+    let written = match key {
+        Some(key) => state.queue.enqueue_batch_once(&key, jobs).await?,
+        None => state.queue.enqueue_batch(jobs).await?,
+    };
     state.metrics.record_created(&written);
     let status = if written.iter().any(|e| e.created) {
         StatusCode::CREATED
