@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use queue::{Failure, JobStatus, QueueError, RetryOutcome, TaskStatus, TaskType};
 use serde_json::json;
@@ -290,6 +292,49 @@ async fn completing_and_claiming_in_one_call_fences_the_completions_and_starts_t
             .unwrap();
         assert_eq!(now, setting, "after {call}");
     }
+}
+
+/// A completion that names a task twice, under a claim the sweeper took
+/// back and under the claim the same worker took next, completes it under
+/// the current claim with that claim's output. With the stale entry first,
+/// the job was recorded complete while its task went to history still
+/// `processing`, its output lost, and the worker was told its lease was
+/// gone.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_task_named_under_a_swept_claim_and_its_current_one_completes_under_the_current_one(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("x")).await.unwrap().job;
+    let old = claim_one(&q, "w", TaskType::TextGeneration).await;
+    sqlx::query("UPDATE job_tasks SET heartbeat_at = now() - interval '1 hour'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    q.sweep(Duration::from_secs(60)).await.unwrap();
+    sqlx::query("UPDATE job_tasks SET run_at = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let current = claim_one(&q, "w", TaskType::TextGeneration).await;
+    assert_eq!(current.id, old.id);
+
+    let done = q
+        .complete_batch(
+            "w",
+            &[
+                (old.lease(), json!({"run": "old"})),
+                (current.lease(), json!({"run": "current"})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(done.contains(&current.lease()), "{done:?}");
+    let (job, tasks) = {
+        let found = q.job_with_tasks(TENANT, job.id).await.unwrap();
+        (found.job, found.tasks)
+    };
+    assert_eq!(job.status, JobStatus::Complete);
+    assert_eq!(tasks[0].status, TaskStatus::Complete);
+    assert_eq!(tasks[0].output, Some(json!({"run": "current"})));
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

@@ -728,6 +728,27 @@ async fn retention_gives_way_to_a_long_transaction_and_drops_the_day_after_it(po
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_silent_claimer_claiming_while_the_sweeper_runs_keeps_its_registry_row(pool: PgPool) {
+    silent_claimer_claims_while_the_sweeper_runs(
+        pool,
+        "SELECT id FROM claim_tasks('w1', '{text_generation}', 1, gen_random_uuid())",
+    )
+    .await;
+}
+
+/// The same through the three-argument `claim_tasks`, as from psql: a
+/// claim without a nonce kept no time of its own, and lost the row.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_silent_claimer_claiming_without_a_nonce_while_the_sweeper_runs_keeps_its_registry_row(
+    pool: PgPool,
+) {
+    silent_claimer_claims_while_the_sweeper_runs(
+        pool,
+        "SELECT id FROM claim_tasks('w1', '{text_generation}', 1)",
+    )
+    .await;
+}
+
+async fn silent_claimer_claims_while_the_sweeper_runs(pool: PgPool, claim: &str) {
     let q = queue(pool.clone());
     q.enqueue(text_job("x")).await.unwrap();
     q.enqueue(text_job("y")).await.unwrap();
@@ -742,11 +763,7 @@ async fn a_silent_claimer_claiming_while_the_sweeper_runs_keeps_its_registry_row
 
     // It claims again, and the sweep runs before that claim commits.
     let mut claiming = pool.begin().await.unwrap();
-    let claimed: Vec<i64> =
-        sqlx::query_scalar("SELECT id FROM claim_tasks('w1', '{text_generation}', 1, gen_random_uuid())")
-            .fetch_all(&mut *claiming)
-            .await
-            .unwrap();
+    let claimed: Vec<i64> = sqlx::query_scalar(claim).fetch_all(&mut *claiming).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let sweeping = {
         let q = q.clone();
