@@ -409,7 +409,7 @@ impl Replica<'_> {
         for task in tasks {
             let lease = task.lease();
             let cancelled = CancellationToken::new();
-            self.held.insert(
+            let earlier = self.held.insert(
                 lease.task_id,
                 Held {
                     lease,
@@ -418,6 +418,22 @@ impl Replica<'_> {
                     unstored: None,
                 },
             );
+            if let Some(earlier) = earlier {
+                // Swept back from this replica (it was silent past the
+                // stale limit) and claimed by it again before a heartbeat
+                // told it: the earlier run's lease is dead. Stop that run;
+                // what it comes to is not this claim's (`settle` matches
+                // leases).
+                tracing::warn!(
+                    task_id = lease.task_id,
+                    earlier_claim = earlier.lease.claim,
+                    claim = lease.claim,
+                    "task claimed again after its lease was lost: abandoning the earlier run"
+                );
+                earlier.cancelled.cancel();
+                self.summary.lost += 1;
+                self.metrics.count(earlier.task_type, Outcome::lost, 1);
+            }
             tracing::debug!(task_id = lease.task_id, job_id = %task.job_id, task_type = %task.task_type,
                 attempt = task.attempts, claim = lease.claim, "task claimed");
             let ctx = TaskContext {
@@ -446,15 +462,19 @@ impl Replica<'_> {
     async fn settle(&mut self, finished: Vec<Finished>, claim_next: bool) -> Option<Vec<Task>> {
         for finished in finished {
             match finished {
+                // A run of an earlier claim of a task held again finds
+                // another lease there, and leaves it alone.
                 Finished::Cancelled(lease) => {
-                    self.held.remove(&lease.task_id);
+                    if self.holds(lease) {
+                        self.held.remove(&lease.task_id);
+                    }
                 }
                 Finished::Done {
                     lease,
                     result,
                     seconds,
                 } => {
-                    if let Some(held) = self.held.get_mut(&lease.task_id) {
+                    if let Some(held) = self.held.get_mut(&lease.task_id).filter(|h| h.lease == lease) {
                         self.metrics.observe_duration(held.task_type, seconds);
                         held.unstored = Some(result);
                     }
@@ -598,6 +618,11 @@ impl Replica<'_> {
     /// Renew every held lease; cancel the handlers of leases that were
     /// lost. Once the database answers, store the results an outage kept;
     /// returns whether it did (their slots are free).
+    /// Whether `lease` is the one this replica holds its task under.
+    fn holds(&self, lease: Lease) -> bool {
+        self.held.get(&lease.task_id).is_some_and(|h| h.lease == lease)
+    }
+
     async fn renew(&mut self) -> bool {
         if self.held.is_empty() {
             return false;
@@ -606,7 +631,11 @@ impl Replica<'_> {
         match self.queue.heartbeat(self.worker_id, &leases).await {
             Ok(lost) => {
                 for lease in lost {
-                    if let Some(held) = self.held.remove(&lease.task_id) {
+                    if let Some(held) = self
+                        .holds(lease)
+                        .then(|| self.held.remove(&lease.task_id))
+                        .flatten()
+                    {
                         tracing::warn!(
                             task_id = lease.task_id,
                             "lease lost (cancelled or swept): abandoning the task"

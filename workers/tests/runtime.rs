@@ -685,3 +685,90 @@ async fn a_task_past_its_timeout_is_stopped_and_failed_for_a_retry(pool: PgPool)
     let summary = worker.stop().await;
     assert_eq!((summary.failed, summary.completed), (1, 0));
 }
+
+/// Each run waits until the test lets it go; a first claim's run that is
+/// let go ends as a run whose lease is gone does when it meets the fence
+/// (a permanent failure). Tells when a run is dropped unfinished.
+#[derive(Clone, Default)]
+struct RunsUntilLetGo {
+    let_go: Arc<tokio::sync::Notify>,
+    first_run_dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct FlagOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for FlagOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl TaskHandler for RunsUntilLetGo {
+    async fn run(&self, ctx: TaskContext) -> Result<TaskOutput, Failure> {
+        if ctx.task.claims == 1 {
+            let _dropped = FlagOnDrop(self.first_run_dropped.clone());
+            std::future::pending::<()>().await;
+        }
+        self.let_go.notified().await;
+        Ok(json!({ "claim": ctx.task.claims }))
+    }
+}
+
+async fn claim_of_the_task(pool: &PgPool) -> (i32, String) {
+    sqlx::query_as("SELECT claims, status FROM all_tasks")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// A replica silent past the stale limit (a stall) has its task swept back
+/// and may claim it again before a heartbeat tells it the lease is gone.
+/// The earlier run is stopped, and the task is finished by the new run:
+/// the earlier run's end (it would fail at the fence) was stored under the
+/// new lease, failing the task for good, and its cancellation dropped the
+/// new run's bookkeeping, leaving the task to the sweeper.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_task_swept_back_and_claimed_again_by_its_replica_is_finished_by_the_new_run(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let job = enqueue_text_job(&q).await;
+    let handler = RunsUntilLetGo::default();
+    let mut config = config(2, Duration::from_secs(5));
+    // No heartbeat within the test: the sweep and the new claim come first.
+    config.heartbeat_interval = Duration::from_secs(3600);
+    config.poll_interval = Duration::from_millis(100);
+    let worker = start(&q, config, handler.clone());
+    wait_until("the first claim runs", async || {
+        claim_of_the_task(&pool).await == (1, "processing".to_string())
+    })
+    .await;
+
+    sqlx::query("UPDATE job_tasks SET heartbeat_at = now() - interval '1 hour'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let swept = q.sweep(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(swept.tasks.len(), 1);
+    sqlx::query("UPDATE job_tasks SET run_at = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_until("the same replica claims the task again", async || {
+        claim_of_the_task(&pool).await == (2, "processing".to_string())
+    })
+    .await;
+    wait_until("the earlier run is stopped", async || {
+        handler.first_run_dropped.load(Ordering::SeqCst)
+    })
+    .await;
+
+    handler.let_go.notify_one();
+    wait_until("the job completes", async || {
+        q.job("acme", job.id).await.unwrap().status == JobStatus::Complete
+    })
+    .await;
+    let tasks = q.job_with_tasks("acme", job.id).await.unwrap().tasks;
+    assert_eq!(tasks[0].status, TaskStatus::Complete);
+    assert_eq!(tasks[0].output, Some(json!({ "claim": 2 })));
+    let summary = worker.stop().await;
+    assert_eq!((summary.completed, summary.lost), (1, 1), "{summary:?}");
+}
