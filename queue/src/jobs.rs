@@ -592,10 +592,18 @@ impl Queue {
             }
             JobStatus::Queued | JobStatus::Processing => {}
         }
+        // The tasks are locked in id order, as a heartbeat locks them (it
+        // takes no job lock): in the order of the job's index, a task the
+        // heartbeat held could be the one this waited for while it held the
+        // heartbeat's next.
         sqlx::query(
-            "UPDATE job_tasks SET status = 'cancelled', finished_at = now(), updated_at = now(),
-                    last_error = coalesce(last_error, 'cancelled')
-             WHERE job_id = $1 AND status IN ('pending', 'claimed', 'processing')",
+            "UPDATE job_tasks t SET status = 'cancelled', finished_at = now(), updated_at = now(),
+                    last_error = coalesce(t.last_error, 'cancelled')
+             FROM (SELECT o.id FROM job_tasks o
+                   WHERE o.job_id = $1 AND o.status IN ('pending', 'claimed', 'processing')
+                   ORDER BY o.id
+                   FOR NO KEY UPDATE) l
+             WHERE t.id = l.id",
         )
         .bind(id)
         .execute(&mut *tx)

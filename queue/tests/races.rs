@@ -775,3 +775,74 @@ async fn silent_claimer_claims_while_the_sweeper_runs(pool: PgPool, claim: &str)
     let registered: Vec<String> = q.workers(None).await.unwrap().into_iter().map(|w| w.id).collect();
     assert_eq!(registered, ["w1"], "a claimer holding a task stays registered");
 }
+
+/// A heartbeat and a cancel of one job with two tasks in flight on one
+/// worker (a reading job's pdf and audio) take those tasks in one order.
+/// Each took them in the order its plan met them (the heartbeat in its
+/// list's or the table's, the cancel in the order of the index it read),
+/// and each could hold the task the other wanted next (40P01). Here a
+/// trigger pauses the heartbeat on each task it renews, longer than
+/// `deadlock_timeout`, and the cancel comes during the first pause.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_heartbeat_and_a_cancel_of_one_job_lock_its_tasks_in_one_order(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(reading_job("tides")).await.unwrap().job;
+    let text = claim_one(&q, "w0", TaskType::TextGeneration).await;
+    q.complete("w0", text.lease(), json!({})).await.unwrap();
+    let pdf = claim_one(&q, "w1", TaskType::PdfGeneration).await;
+    let audio = claim_one(&q, "w1", TaskType::AudioGeneration).await;
+    // Listed from the highest id down: the list does not set the order.
+    let mut leases = [pdf.lease(), audio.lease()];
+    leases.sort_by_key(|l| std::cmp::Reverse(l.task_id));
+
+    for statement in [
+        "CREATE FUNCTION pause_renewal() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$",
+        "CREATE TRIGGER pause_renewal BEFORE UPDATE ON job_tasks FOR EACH ROW
+         WHEN (current_setting('backlog.pause_renewal', true) = 'on') EXECUTE FUNCTION pause_renewal()",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let heartbeating = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            sqlx::query("SET backlog.pause_renewal = on")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            // As a worker sends it, without the library's retry.
+            sqlx::query_scalar::<_, i64>("SELECT task_id FROM heartbeat_tasks('w1', $1, $2)")
+                .bind(leases.iter().map(|l| l.task_id).collect::<Vec<_>>())
+                .bind(leases.iter().map(|l| l.claim).collect::<Vec<_>>())
+                .fetch_all(&mut *conn)
+                .await
+        })
+    };
+    let mut paused = false;
+    for _ in 0..500 {
+        paused = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                            WHERE datname = current_database() AND wait_event = 'PgSleep')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if paused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(paused, "the heartbeat paused on its first task");
+
+    let cancelled = q
+        .cancel_job(TENANT, job.id)
+        .await
+        .expect("the cancel must not deadlock");
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+    let renewed = heartbeating
+        .await
+        .unwrap()
+        .expect("the heartbeat must not deadlock");
+    assert_eq!(renewed.len(), 2, "renewed, then cancelled");
+}
