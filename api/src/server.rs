@@ -142,15 +142,12 @@ pub fn app(state: AppState) -> Router {
         }));
 
     Router::new()
-        .merge(
-            authenticated
-                .route_layer(from_fn_with_state(state.clone(), require_api_key))
-                .layer(from_fn(not_stored)),
-        )
+        .merge(authenticated.route_layer(from_fn_with_state(state.clone(), require_api_key)))
         .merge(public)
         .merge(ui::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(from_fn(not_stored))
         .layer(Extension(doc))
         .layer(DefaultBodyLimit::max(state.settings.body_limit_bytes))
         .layer(from_fn_with_state(state.metrics.clone(), track_requests))
@@ -158,12 +155,18 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// An authenticated answer is its tenant's alone: no cache may keep it (a
+/// An answer under `/v1` is its tenant's alone: no cache may keep it (a
 /// proxy or CDN set to cache everything would hand prompts and artifacts
-/// to whoever asks next), refusals included. A route that allows a private
-/// cache (artifact downloads, revalidated by ETag) says so itself.
+/// to whoever asks next), refusals included, those of paths and methods no
+/// route serves too (a fallback answers them outside any route's layers,
+/// so this wraps the whole router). A route that allows a private cache
+/// (artifact downloads, revalidated by ETag) says so itself.
 async fn not_stored(request: AxumRequest, next: Next) -> Response {
+    let under_v1 = request.uri().path() == "/v1" || request.uri().path().starts_with("/v1/");
     let mut response = next.run(request).await;
+    if !under_v1 {
+        return response;
+    }
     response
         .headers_mut()
         .entry(header::CACHE_CONTROL)

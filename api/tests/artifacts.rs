@@ -167,6 +167,26 @@ async fn artifacts_download_whole_or_by_range(pool: sqlx::PgPool) {
         let answer = server.get(key, &path).send().await.unwrap();
         assert_eq!(answer.headers()[CACHE_CONTROL], "no-store", "{what}");
     }
+    // So are the refusals of paths and methods no route serves, which a
+    // fallback answers outside the routes' layers.
+    let client = reqwest::Client::new();
+    for (request, what) in [
+        (client.get(server.url("/v1/nope")), "an unknown path"),
+        (
+            client.put(server.url("/v1/jobs")),
+            "a method the path does not serve",
+        ),
+    ] {
+        let answer = request.bearer_auth(&key).send().await.unwrap();
+        assert!(answer.status().is_client_error(), "{what}: {}", answer.status());
+        assert_eq!(answer.headers()[CACHE_CONTROL], "no-store", "{what}");
+    }
+    // The console and the public documents are not a tenant's.
+    let console = client.get(server.url("/openapi.json")).send().await.unwrap();
+    assert_ne!(
+        console.headers().get(CACHE_CONTROL).map(|v| v.to_str().unwrap()),
+        Some("no-store")
+    );
     server.stop().await;
 }
 
