@@ -3,6 +3,7 @@
 //! job-input contract before anything is sent, so a mistake is named here,
 //! with its line and field.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
@@ -126,13 +127,27 @@ async fn submit_batch(client: &Client, path: &Path, key: Option<&str>, args: &Su
     // Every line is read and checked first: a mistake on line 90 creates
     // none of the 89 before it.
     let mut requests = Vec::new();
+    // Which line holds each key: a key twice in the file would make the
+    // second line a replay of the first (or a conflict halfway through).
+    let mut keyed_lines: HashMap<String, usize> = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let number = i + 1;
         if line.trim().is_empty() {
             continue;
         }
         let at = |e: &dyn std::fmt::Display| CliError::Usage(format!("{}:{number}: {e}", path.display()));
-        let parsed: BatchLine = serde_json::from_str(line).map_err(|e| at(&e))?;
+        // Each line is parsed alone, so serde_json's own "line 1" is left
+        // out; the path names the field.
+        let parsed: BatchLine =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(line)).map_err(|e| {
+                let (path, inner) = (e.path().to_string(), e.into_inner());
+                let what = format!("{inner}");
+                let what = what.split(" at line ").next().unwrap_or(&what).to_string();
+                match path.as_str() {
+                    "." => at(&format!("{what} (column {})", inner.column())),
+                    _ => at(&format!("{path}: {what}")),
+                }
+            })?;
         let input =
             JobInput::parse(parsed.job_type, &parsed.input).map_err(|e| at(&format!("input: {e}")))?;
         check_priority(parsed.priority).map_err(|e| at(&format!("priority: {e}")))?;
@@ -141,7 +156,23 @@ async fn submit_batch(client: &Client, path: &Path, key: Option<&str>, args: &Su
             .or_else(|| key.map(|key| format!("{key}-{number}")));
         if let Some(key) = &idempotency_key {
             check_idempotency_key(key).map_err(|e| at(&format!("idempotency_key {key:?}: {e}")))?;
+            if let Some(first) = keyed_lines.insert(key.clone(), number) {
+                return Err(at(&format!(
+                    "idempotency_key {key:?} is line {first}'s too: each job of a file needs its own"
+                )));
+            }
         }
+        // What the API would refuse only once the lines before were
+        // created (a blank text, one of only Markdown markers, NUL): the
+        // queue's own check. The input's size limit is the server's, so
+        // it is left to the API.
+        let mut job =
+            queue::NewJob::new("-", parsed.job_type, parsed.input.clone()).priority(parsed.priority);
+        job.idempotency_key = idempotency_key.clone();
+        queue::validate_new_job(&job, usize::MAX).map_err(|e| match e {
+            queue::QueueError::InvalidInput { field, message } => at(&format!("{field}: {message}")),
+            e => at(&e),
+        })?;
         let request = CreateJob {
             job_type: parsed.job_type,
             input: serde_json::to_value(input).map_err(|e| at(&e))?,

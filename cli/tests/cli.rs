@@ -643,6 +643,32 @@ async fn a_batch_file_is_checked_whole_and_is_safe_to_run_again(pool: sqlx::PgPo
             "{\"type\": \"text\", \"input\": {\"prompt\": \"p\"}, \"idempotency_key\": \"tab\\there\"}",
             "jobs.jsonl:2: idempotency_key \"tab\\there\": must be 1 to 200 visible ASCII characters",
         ),
+        // What the API refuses in a job's text: once only line by line,
+        // after the lines before it were created.
+        (
+            "{\"type\": \"text\", \"input\": {\"prompt\": \"   \"}}",
+            "jobs.jsonl:2: input.prompt: must not be empty",
+        ),
+        (
+            "{\"type\": \"pdf\", \"input\": {\"text\": \"## \"}}",
+            "jobs.jsonl:2: input.text: has nothing to typeset or read aloud, only Markdown markers",
+        ),
+        (
+            "{\"type\": \"text\", \"input\": {\"prompt\": \"a\\u0000b\"}}",
+            "jobs.jsonl:2: input.prompt: must not contain a NUL character",
+        ),
+        // A field of the wrong type is named, at the file's line.
+        (
+            "{\"type\": \"text\", \"input\": {\"prompt\": \"p\"}, \"priority\": \"5\"}",
+            "jobs.jsonl:2: priority: invalid type: string \"5\", expected i32",
+        ),
+        // Two lines of one file under one key: the second would only
+        // replay the first.
+        (
+            "{\"type\": \"text\", \"input\": {\"prompt\": \"p\"}, \"idempotency_key\": \"dup\"}\n\
+             {\"type\": \"text\", \"input\": {\"prompt\": \"q\"}, \"idempotency_key\": \"dup\"}",
+            "jobs.jsonl:3: idempotency_key \"dup\" is line 2's too",
+        ),
     ] {
         std::fs::write(
             &batch,

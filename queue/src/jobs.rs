@@ -376,129 +376,135 @@ impl Queue {
     }
 
     fn validate(&self, job: &NewJob) -> Result<()> {
-        if job.tenant.trim().is_empty() || job.tenant.len() > MAX_TENANT_LEN {
+        validate_new_job(job, self.config.max_input_bytes)
+    }
+}
+
+/// What [`Queue::enqueue`] checks before it writes anything, for a client
+/// that checks first (the CLI reads a whole batch file before it sends a
+/// job): the fields, the input's shape and text, NUL characters, and the
+/// input's size up to `max_input_bytes`.
+pub fn validate_new_job(job: &NewJob, max_input_bytes: usize) -> Result<()> {
+    if job.tenant.trim().is_empty() || job.tenant.len() > MAX_TENANT_LEN {
+        return Err(QueueError::invalid(
+            "tenant",
+            format!("must be 1 to {MAX_TENANT_LEN} characters"),
+        ));
+    }
+    refuse_nul("tenant", &job.tenant)?;
+    if let Some(key) = &job.idempotency_key {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
             return Err(QueueError::invalid(
-                "tenant",
-                format!("must be 1 to {MAX_TENANT_LEN} characters"),
+                "idempotency_key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
             ));
         }
-        refuse_nul("tenant", &job.tenant)?;
-        if let Some(key) = &job.idempotency_key {
-            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-                return Err(QueueError::invalid(
-                    "idempotency_key",
-                    format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
-                ));
-            }
-            refuse_nul("idempotency_key", key)?;
-        }
-        if !PRIORITY_RANGE.contains(&job.priority) {
-            return Err(QueueError::invalid(
-                "priority",
-                format!(
-                    "must be between {} and {}, got {}",
-                    PRIORITY_RANGE.start(),
-                    PRIORITY_RANGE.end(),
-                    job.priority
-                ),
-            ));
-        }
-        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&job.max_attempts) {
-            return Err(QueueError::invalid(
-                "max_attempts",
-                format!(
-                    "must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}",
-                    job.max_attempts
-                ),
-            ));
-        }
-        let Some(input) = job.input.as_object() else {
-            return Err(QueueError::invalid("input", "must be a JSON object"));
-        };
-        refuse_nul_in_json("input", &job.input)?;
-        let size = job.input.to_string().len();
-        if size > self.config.max_input_bytes {
-            return Err(QueueError::invalid(
-                "input",
-                format!(
-                    "is {size} bytes; the limit is {} bytes",
-                    self.config.max_input_bytes
-                ),
-            ));
-        }
-        let required = match job.job_type {
-            JobType::Reading | JobType::Text => "prompt",
-            JobType::Pdf | JobType::Audiobook => "text",
-        };
-        // The markers the pipelines read as structure (headings, bullets):
-        // a text of nothing else typesets an empty page and reads aloud
-        // only the stand-in title.
-        let only_markers = |s: &str| {
-            s.chars()
-                .all(|c| c.is_whitespace() || matches!(c, '#' | '-' | '*' | '+'))
-        };
-        match input.get(required) {
-            Some(serde_json::Value::String(s))
-                if required == "text" && !s.trim().is_empty() && only_markers(s) =>
-            {
-                return Err(QueueError::invalid(
-                    "input.text",
-                    "has nothing to typeset or read aloud, only Markdown markers",
-                ))
-            }
-            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => {}
-            Some(serde_json::Value::String(_)) => {
-                return Err(QueueError::invalid(
-                    format!("input.{required}"),
-                    "must not be empty",
-                ))
-            }
-            Some(_) => {
-                return Err(QueueError::invalid(
-                    format!("input.{required}"),
-                    "must be a string",
-                ))
-            }
-            None => {
-                return Err(QueueError::invalid(
-                    format!("input.{required}"),
-                    format!("is required for {} jobs", job.job_type),
-                ))
-            }
-        }
-        for optional in ["title", "voice", "lang"] {
-            if let Some(v) = input.get(optional) {
-                if !v.is_string() {
-                    return Err(QueueError::invalid(
-                        format!("input.{optional}"),
-                        "must be a string",
-                    ));
-                }
-            }
-        }
-        if let Some(unknown) = input
-            .keys()
-            .find(|k| ![required, "title", "voice", "lang"].contains(&k.as_str()))
+        refuse_nul("idempotency_key", key)?;
+    }
+    if !PRIORITY_RANGE.contains(&job.priority) {
+        return Err(QueueError::invalid(
+            "priority",
+            format!(
+                "must be between {} and {}, got {}",
+                PRIORITY_RANGE.start(),
+                PRIORITY_RANGE.end(),
+                job.priority
+            ),
+        ));
+    }
+    if !(1..=MAX_ATTEMPTS_LIMIT).contains(&job.max_attempts) {
+        return Err(QueueError::invalid(
+            "max_attempts",
+            format!(
+                "must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}",
+                job.max_attempts
+            ),
+        ));
+    }
+    let Some(input) = job.input.as_object() else {
+        return Err(QueueError::invalid("input", "must be a JSON object"));
+    };
+    refuse_nul_in_json("input", &job.input)?;
+    let size = job.input.to_string().len();
+    if size > max_input_bytes {
+        return Err(QueueError::invalid(
+            "input",
+            format!("is {size} bytes; the limit is {max_input_bytes} bytes"),
+        ));
+    }
+    let required = match job.job_type {
+        JobType::Reading | JobType::Text => "prompt",
+        JobType::Pdf | JobType::Audiobook => "text",
+    };
+    // The markers the pipelines read as structure (headings, bullets):
+    // a text of nothing else typesets an empty page and reads aloud
+    // only the stand-in title.
+    let only_markers = |s: &str| {
+        s.chars()
+            .all(|c| c.is_whitespace() || matches!(c, '#' | '-' | '*' | '+'))
+    };
+    match input.get(required) {
+        Some(serde_json::Value::String(s))
+            if required == "text" && !s.trim().is_empty() && only_markers(s) =>
         {
             return Err(QueueError::invalid(
-                format!("input.{unknown}"),
-                format!(
-                    "is not a field of {} jobs' input (expected {required}, title, voice, lang)",
-                    job.job_type
-                ),
-            ));
+                "input.text",
+                "has nothing to typeset or read aloud, only Markdown markers",
+            ))
         }
-        // Last, the contract the workers read (`crate::input`) has the final
-        // word, whoever enqueues: what passes here is what they accept.
-        if let Some(serde_json::Value::String(tag)) = input.get("lang") {
-            crate::input::primary_language(tag)
-                .map_err(|message| QueueError::invalid("input.lang", message))?;
+        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => {}
+        Some(serde_json::Value::String(_)) => {
+            return Err(QueueError::invalid(
+                format!("input.{required}"),
+                "must not be empty",
+            ))
         }
-        crate::input::JobInput::parse(job.job_type, &job.input)
-            .map_err(|e| QueueError::invalid("input", e.to_string()))?;
-        Ok(())
+        Some(_) => {
+            return Err(QueueError::invalid(
+                format!("input.{required}"),
+                "must be a string",
+            ))
+        }
+        None => {
+            return Err(QueueError::invalid(
+                format!("input.{required}"),
+                format!("is required for {} jobs", job.job_type),
+            ))
+        }
     }
+    for optional in ["title", "voice", "lang"] {
+        if let Some(v) = input.get(optional) {
+            if !v.is_string() {
+                return Err(QueueError::invalid(
+                    format!("input.{optional}"),
+                    "must be a string",
+                ));
+            }
+        }
+    }
+    if let Some(unknown) = input
+        .keys()
+        .find(|k| ![required, "title", "voice", "lang"].contains(&k.as_str()))
+    {
+        return Err(QueueError::invalid(
+            format!("input.{unknown}"),
+            format!(
+                "is not a field of {} jobs' input (expected {required}, title, voice, lang)",
+                job.job_type
+            ),
+        ));
+    }
+    // Last, the contract the workers read (`crate::input`) has the final
+    // word, whoever enqueues: what passes here is what they accept.
+    if let Some(serde_json::Value::String(tag)) = input.get("lang") {
+        crate::input::primary_language(tag).map_err(|message| QueueError::invalid("input.lang", message))?;
+    }
+    crate::input::JobInput::parse(job.job_type, &job.input)
+        .map_err(|e| QueueError::invalid("input", e.to_string()))?;
+    Ok(())
+}
 
+impl Queue {
     /// A tenant's job; another tenant's job is not found.
     pub async fn job(&self, tenant: &str, id: Uuid) -> Result<Job> {
         sqlx::query_as("SELECT * FROM all_jobs WHERE id = $1 AND tenant = $2")

@@ -31,7 +31,8 @@ pub use depth::TaskDepth;
 pub use error::{QueueError, Result};
 pub use events::{JobStatusEvent, JobStatusNotifications, JOB_STATUS_CHANNEL};
 pub use jobs::{
-    batch_item_key, Enqueued, JobFilter, JobPage, JobWithTasks, BATCH_KEY_SEPARATOR, PRIORITY_RANGE,
+    batch_item_key, validate_new_job, Enqueued, JobFilter, JobPage, JobWithTasks, BATCH_KEY_SEPARATOR,
+    PRIORITY_RANGE,
 };
 pub use keys::{ApiKey, ApiKeyRole, NewApiKey};
 pub use leader::Leadership;
