@@ -111,13 +111,28 @@ impl Settings {
             .as_ref()
             .ok_or_else(|| CliError::Config(format!("no API URL: set BACKLOG_URL {hint}")))
             .and_then(|(u, _)| api_url(u))?;
-        let key = self
-            .key
-            .as_ref()
-            .map(|(k, _)| k.clone())
-            .ok_or_else(|| CliError::Config(format!("no API key: set BACKLOG_KEY {hint}")))?;
+        let key = match &self.key {
+            Some((key, source)) => usable_key(key, source)?,
+            None => return Err(CliError::Config(format!("no API key: set BACKLOG_KEY {hint}"))),
+        };
         Ok((url, key))
     }
+}
+
+/// The key as a header can carry it: without the line ends and spaces a
+/// file or an `--env-file` saved with CRLF leaves around it (as `login`
+/// trims what is pasted), and refused, naming where it came from, if it
+/// holds any other character a header cannot carry: sent as it was, the
+/// request failed before it left, reported as the API unreachable.
+fn usable_key(key: &ApiKey, source: &Source) -> Result<ApiKey> {
+    let trimmed = key.expose().trim();
+    if trimmed.is_empty() || !trimmed.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(CliError::Config(format!(
+            "the API key in {source} is empty or holds a character other than visible ASCII \
+             (keys are `bk_` and letters and digits); set it again"
+        )));
+    }
+    Ok(ApiKey::new(trimmed.to_string()))
 }
 
 /// What `login` and `logout` change in the config file.

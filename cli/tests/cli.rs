@@ -1180,3 +1180,24 @@ async fn wait_rides_out_a_restarting_api_and_a_revoked_key_ends_it(pool: sqlx::P
     assert_eq!(code, 3, "a refused key ends it: {stderr}");
     server.stop().await;
 }
+
+/// A key read with the line end a CRLF env file or a secret file leaves
+/// on it works; one with another character a header cannot carry is
+/// refused, naming where it came from and not the key: sent as it was,
+/// the request failed before it left and was reported as the API
+/// unreachable.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_key_with_a_line_end_works_and_one_with_a_control_character_is_named(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let (code, _, stderr) = run(&mut backlog(&server, &format!("{key}\r\n")), &["jobs", "list"]).await;
+    assert_eq!(code, 0, "{stderr}");
+
+    let broken = format!("{}\t{}", &key[..6], &key[6..]);
+    let (code, _, stderr) = run(&mut backlog(&server, &broken), &["jobs", "list"]).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("the API key in $BACKLOG_KEY"), "{stderr}");
+    assert!(!stderr.contains("could not reach"), "{stderr}");
+    assert!(!stderr.contains(&key[6..]), "the key is never printed: {stderr}");
+    server.stop().await;
+}
