@@ -83,7 +83,12 @@ impl Settings {
 
     pub fn load_from(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings> {
         let file = config_path(env);
+        let set = |name: &str| env(name).is_some_and(|v| !v.is_empty());
         let from_file = match &file {
+            // The environment gives both: the file has nothing to add, and
+            // one that does not parse must not stop a command configured
+            // without it (`backlog config` included).
+            Some(_) if set("BACKLOG_URL") && set("BACKLOG_KEY") => ConfigFile::default(),
             Some(path) => read_file(path)?,
             None => ConfigFile::default(),
         };
@@ -148,7 +153,13 @@ pub enum Change<'a> {
 /// key), so a crash leaves the old file or the new one, never half of one.
 /// Returns whether a key was removed, for `logout`.
 pub fn save(path: &Path, change: Change<'_>) -> Result<bool> {
-    let mut config = read_file(path)?;
+    let mut config = match (read_file(path), &change) {
+        (Ok(config), _) => config,
+        // A login replaces both settings: a file that does not parse is
+        // written afresh rather than left in the way.
+        (Err(CliError::Config(_)), Change::Login { .. }) => ConfigFile::default(),
+        (Err(e), _) => return Err(e),
+    };
     let mut removed = false;
     match change {
         Change::Login { url, key } => {
@@ -221,6 +232,42 @@ mod tests {
         assert_eq!((url.as_str(), key.expose()), ("http://env:2", "from-file"));
         assert_eq!(s.url.unwrap().1, Source::Env("BACKLOG_URL"));
         assert_eq!(s.key.unwrap().1, Source::File(path.clone()));
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_stops_nothing_the_environment_configures_and_a_login_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "url = \"http://a\"\ntoken = \"x\"\n").unwrap();
+        let path_str = path.to_str().unwrap();
+        let s = settings(&[
+            ("BACKLOG_CONFIG", path_str),
+            ("BACKLOG_URL", "http://env:2"),
+            ("BACKLOG_KEY", "bk_env"),
+        ])
+        .unwrap();
+        let (url, key) = s.require().unwrap();
+        assert_eq!((url.as_str(), key.expose()), ("http://env:2", "bk_env"));
+        // A setting the file would give: its error is the answer.
+        let err = settings(&[("BACKLOG_CONFIG", path_str), ("BACKLOG_URL", "http://env:2")]).unwrap_err();
+        assert!(err.to_string().contains("unknown field `token`"), "{err}");
+
+        assert!(
+            save(&path, Change::Logout).is_err(),
+            "logout keeps the URL: it must read the file"
+        );
+        let key = ApiKey::new("bk_new".into());
+        save(
+            &path,
+            Change::Login {
+                url: "http://b",
+                key: &key,
+            },
+        )
+        .unwrap();
+        let s = settings(&[("BACKLOG_CONFIG", path_str)]).unwrap();
+        let (url, key) = s.require().unwrap();
+        assert_eq!((url.as_str(), key.expose()), ("http://b", "bk_new"));
     }
 
     #[test]
