@@ -147,7 +147,7 @@ pub fn app(state: AppState) -> Router {
         .merge(ui::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(from_fn(not_stored))
+        .layer(from_fn(headers_by_area))
         .layer(Extension(doc))
         .layer(DefaultBodyLimit::max(state.settings.body_limit_bytes))
         .layer(from_fn_with_state(state.metrics.clone(), track_requests))
@@ -161,16 +161,22 @@ pub fn app(state: AppState) -> Router {
 /// route serves too (a fallback answers them outside any route's layers,
 /// so this wraps the whole router). A route that allows a private cache
 /// (artifact downloads, revalidated by ETag) says so itself.
-async fn not_stored(request: AxumRequest, next: Next) -> Response {
-    let under_v1 = request.uri().path() == "/v1" || request.uri().path().starts_with("/v1/");
+/// The console's answers under `/ui`, refusals included, carry its
+/// security headers ([`ui::insert_security_headers`]).
+async fn headers_by_area(request: AxumRequest, next: Next) -> Response {
+    let path = request.uri().path();
+    let under = |area: &str| path == area || path.starts_with(&format!("{area}/"));
+    let (api, console) = (under("/v1"), under("/ui"));
     let mut response = next.run(request).await;
-    if !under_v1 {
-        return response;
+    if api {
+        response
+            .headers_mut()
+            .entry(header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
     }
-    response
-        .headers_mut()
-        .entry(header::CACHE_CONTROL)
-        .or_insert(HeaderValue::from_static("no-store"));
+    if console {
+        ui::insert_security_headers(response.headers_mut());
+    }
     response
 }
 

@@ -95,10 +95,21 @@ async fn the_console_is_served_without_a_key_under_a_strict_content_security_pol
     assert_eq!(html.matches("<script").count(), 1, "{html}");
     assert!(!html.contains("style="), "no inline styles: {html}");
 
+    // The redirect and the refusals carry the same headers as the files.
     let unknown = client.get(server.url("/ui/secrets.txt")).send().await.unwrap();
     assert_eq!(unknown.status(), 404);
     let post = client.post(server.url("/ui/")).send().await.unwrap();
     assert_eq!(post.status(), 405);
+    for (response, what) in [(&bare, "the redirect"), (&unknown, "a 404"), (&post, "a 405")] {
+        let headers = response.headers();
+        assert_eq!(
+            headers.get(CONTENT_SECURITY_POLICY).map(|v| v.to_str().unwrap()),
+            Some(api::ui::CONTENT_SECURITY_POLICY),
+            "{what}"
+        );
+        assert_eq!(headers[X_CONTENT_TYPE_OPTIONS], "nosniff", "{what}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{what}");
+    }
     server.stop().await;
 }
 
