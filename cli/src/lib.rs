@@ -14,6 +14,7 @@ mod watch;
 
 pub use args::Cli;
 pub use error::{exit, CliError};
+pub use output::printable;
 
 use args::{ArtifactsCommand, Command, JobsCommand};
 use client::{Client, ListFilter};

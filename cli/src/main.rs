@@ -17,7 +17,11 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::from(cli::exit::OK),
         Err(e) => {
-            eprintln!("backlog: {e}");
+            // An error quotes what the API sent (a job's error included):
+            // its lines are kept, its other control characters written out.
+            let message = e.to_string();
+            let lines: Vec<_> = message.lines().map(cli::printable).collect();
+            eprintln!("backlog: {}", lines.join("\n"));
             ExitCode::from(e.exit_code())
         }
     }

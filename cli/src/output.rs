@@ -14,10 +14,38 @@ pub enum Format {
     Yaml,
 }
 
+/// `text` with its control characters written out (`\u{1b}`, `\n`), for a
+/// terminal: a job's error or a task's `last_error` quotes what a provider
+/// or a client sent, and an escape sequence in it would otherwise act on
+/// the terminal of whoever lists the jobs (kubectl had the same hole:
+/// CVE-2021-25743). A line break would also break a table's row.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 /// Columns aligned on the widest cell, separated by three spaces, headers
 /// in capitals: the layout of `kubectl get`. (Our tables are a few short
 /// columns; a table crate would bring borders and wrapping we don't use.)
+/// Cells are [`printable`].
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| printable(cell).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -146,6 +174,17 @@ mod tests {
              text_generation   3\n\
              pdf               12        x\n"
         );
+    }
+
+    #[test]
+    fn control_characters_are_written_out_not_sent_to_the_terminal() {
+        assert_eq!(printable("plain ünïcode"), "plain ünïcode");
+        assert_eq!(
+            printable("HTTP 500: \u{1b}]0;owned\u{7}\u{1b}[2Jgone\r\nnext"),
+            "HTTP 500: \\u{1b}]0;owned\\u{7}\\u{1b}[2Jgone\\r\\nnext"
+        );
+        let rows = vec![vec!["a\nb".to_string(), "\u{1b}[31mred".to_string()]];
+        assert_eq!(table(&["x", "y"], &rows), "X      Y\na\\nb   \\u{1b}[31mred\n");
     }
 
     #[test]

@@ -215,6 +215,7 @@ impl Display {
 
     /// A line on stderr that is not the job's state, above the bars.
     fn note(&self, line: &str) {
+        let line = output::printable(line);
         match self {
             Display::Live { bars, .. } => {
                 let _ = bars.println(format!("backlog: {line}"));
@@ -244,7 +245,7 @@ fn task_line(task: &Task, now: chrono::DateTime<Utc>) -> String {
         or_dash(task.elapsed(now).map(output::elapsed)),
     );
     if let (Some(error), false) = (&task.last_error, task.status == TaskStatus::Complete) {
-        line.push_str(&format!("   {error}"));
+        line.push_str(&format!("   {}", output::printable(error)));
     }
     line
 }

@@ -1201,3 +1201,47 @@ async fn a_key_with_a_line_end_works_and_one_with_a_control_character_is_named(p
     assert!(!stderr.contains(&key[6..]), "the key is never printed: {stderr}");
     server.stop().await;
 }
+
+/// A job's error quotes what a provider sent: an escape sequence in it is
+/// written out wherever the CLI prints it (a table, `jobs wait`'s lines and
+/// its final error), never sent to the terminal.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_escape_sequence_in_a_jobs_error_never_reaches_the_terminal(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let job = json_of(&server, &key, &["submit", "text", "--prompt", "y"]).await;
+    let id = job["id"].as_str().unwrap();
+    let task = server
+        .queue
+        .claim("w", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0);
+    let error = "HTTP 500: \u{1b}]0;pwned\u{7}\u{1b}[2Jcleared";
+    server
+        .queue
+        .fail("w", task.lease(), &Failure::permanent(error))
+        .await
+        .unwrap();
+    for args in [
+        vec!["jobs", "list"],
+        vec!["jobs", "get", id],
+        vec!["jobs", "wait", id],
+    ] {
+        let (_, stdout, stderr) = run(&mut backlog(&server, &key), &args).await;
+        let shown = format!("{stdout}{stderr}");
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+            "{args:?}: {shown:?}"
+        );
+        assert!(
+            shown.contains("\\u{1b}[2Jcleared"),
+            "{args:?}: written out: {shown}"
+        );
+    }
+    // As the API sent it, for scripts.
+    let (_, stdout, _) = run(&mut backlog(&server, &key), &["jobs", "get", id, "-o", "json"]).await;
+    let job: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(job["error"].as_str().unwrap().contains(error), "{job}");
+    server.stop().await;
+}
