@@ -105,6 +105,7 @@ async fn watch(client: &Client, id: Uuid, display: &mut Display, last_ok: &mut I
         if detail.job.status.is_finished() {
             return Ok(detail);
         }
+        let opened = Instant::now();
         let events = client.job_events(id).await?;
         let mut events = pin!(events);
         let mut tick = tokio::time::interval(REFRESH);
@@ -123,6 +124,11 @@ async fn watch(client: &Client, id: Uuid, display: &mut Display, last_ok: &mut I
             if detail.job.status.is_finished() {
                 return Ok(detail);
             }
+        }
+        // A stream that ended at once (a proxy that cuts every stream):
+        // the next is asked for a refresh later, not in a busy loop.
+        if let Some(rest) = REFRESH.checked_sub(opened.elapsed()) {
+            tokio::time::sleep(rest).await;
         }
     }
 }

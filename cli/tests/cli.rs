@@ -1092,9 +1092,20 @@ async fn a_url_that_is_not_the_api_is_named_as_such() {
     }
 }
 
-/// A proxy in front of `upstream`, streams included, that answers 503 (as
-/// a platform does while the API restarts) whenever `down` holds.
-async fn restarting_proxy(upstream: &str, down: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+/// What a [`faulty_proxy`] does to the requests it passes.
+#[derive(Default)]
+struct ProxyFaults {
+    /// Answer 503, as a platform does while the API restarts.
+    down: std::sync::atomic::AtomicBool,
+    /// End every event stream at once, as a proxy with a short idle
+    /// timeout does.
+    cut_streams: std::sync::atomic::AtomicBool,
+    /// Event streams asked for.
+    streams: std::sync::atomic::AtomicUsize,
+}
+
+/// A proxy in front of `upstream`, streams included, with `faults`.
+async fn faulty_proxy(upstream: &str, faults: std::sync::Arc<ProxyFaults>) -> String {
     use axum::body::Body;
     use axum::http::{header, StatusCode};
     use axum::response::IntoResponse;
@@ -1102,10 +1113,16 @@ async fn restarting_proxy(upstream: &str, down: std::sync::Arc<std::sync::atomic
     let client = reqwest::Client::new();
     let upstream = upstream.trim_end_matches('/').to_string();
     let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-        let (client, upstream, down) = (client.clone(), upstream.clone(), down.clone());
+        let (client, upstream, faults) = (client.clone(), upstream.clone(), faults.clone());
         async move {
-            if down.load(Ordering::SeqCst) {
+            if faults.down.load(Ordering::SeqCst) {
                 return (StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
+            }
+            if request.uri().path().ends_with("/events") {
+                faults.streams.fetch_add(1, Ordering::SeqCst);
+                if faults.cut_streams.load(Ordering::SeqCst) {
+                    return ([(header::CONTENT_TYPE, "text/event-stream")], "").into_response();
+                }
             }
             let (parts, body) = request.into_parts();
             let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
@@ -1139,11 +1156,12 @@ async fn restarting_proxy(upstream: &str, down: std::sync::Arc<std::sync::atomic
 /// once with exit 3, not after the five minutes an outage is given.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn wait_rides_out_a_restarting_api_and_a_revoked_key_ends_it(pool: sqlx::PgPool) {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     let server = TestServer::start(pool).await;
     let key = server.key("acme", ApiKeyRole::Client).await;
-    let down = std::sync::Arc::new(AtomicBool::new(false));
-    let proxy = restarting_proxy(&server.base, down.clone()).await;
+    let faults = std::sync::Arc::new(ProxyFaults::default());
+    let proxy = faulty_proxy(&server.base, faults.clone()).await;
+    let down = &faults.down;
     let wait = |id: String| {
         let mut waiting = backlog_at(&proxy, &[("BACKLOG_KEY", key.as_str())]);
         waiting.args(["jobs", "wait", id.as_str()]);
@@ -1243,5 +1261,35 @@ async fn an_escape_sequence_in_a_jobs_error_never_reaches_the_terminal(pool: sql
     let (_, stdout, _) = run(&mut backlog(&server, &key), &["jobs", "get", id, "-o", "json"]).await;
     let job: Value = serde_json::from_str(&stdout).unwrap();
     assert!(job["error"].as_str().unwrap().contains(error), "{job}");
+    server.stop().await;
+}
+
+/// A proxy that ends every event stream at once: `jobs wait` asks for the
+/// next one a refresh later, not in a busy loop, and still ends with the
+/// job.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn wait_asks_again_for_a_stream_cut_at_once_no_more_than_each_refresh(pool: sqlx::PgPool) {
+    use std::sync::atomic::Ordering;
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let faults = std::sync::Arc::new(ProxyFaults::default());
+    faults.cut_streams.store(true, Ordering::SeqCst);
+    let proxy = faulty_proxy(&server.base, faults.clone()).await;
+    let id = server.create_text_job(&key, "tides").await;
+    let waiting = {
+        let mut waiting = backlog_at(&proxy, &[("BACKLOG_KEY", key.as_str())]);
+        waiting.args(["jobs", "wait", id.as_str()]);
+        tokio::spawn(async move { run(&mut waiting, &[] as &[&str]).await })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let asked = faults.streams.load(Ordering::SeqCst);
+    // About one a second; a busy loop asks thousands of times.
+    assert!((1..=10).contains(&asked), "{asked} streams asked for in 3 s");
+    do_task(&server, TaskType::TextGeneration, None).await;
+    let (code, _, stderr) = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("jobs wait ends with the job")
+        .unwrap();
+    assert_eq!(code, 0, "{stderr}");
     server.stop().await;
 }
