@@ -473,6 +473,21 @@ async fn queue_and_pools_print_tables_with_kubectls_columns(pool: sqlx::PgPool) 
     server.stop().await;
 }
 
+/// Claim the queue's text task and fail it for good with `error`.
+async fn fail_the_text_task(server: &TestServer, error: &str) {
+    let task = server
+        .queue
+        .claim("w", &[TaskType::TextGeneration], 1)
+        .await
+        .unwrap()
+        .remove(0);
+    server
+        .queue
+        .fail("w", task.lease(), &Failure::permanent(error))
+        .await
+        .unwrap();
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn cancel_retry_and_failures_end_with_their_exit_codes(pool: sqlx::PgPool) {
     let server = TestServer::start(pool).await;
@@ -491,17 +506,7 @@ async fn cancel_retry_and_failures_end_with_their_exit_codes(pool: sqlx::PgPool)
     // A job that fails: waiting exits 1 and names the error; retry queues it.
     let job = json_of(&server, &key, &["submit", "text", "--prompt", "y"]).await;
     let id = job["id"].as_str().unwrap();
-    let task = server
-        .queue
-        .claim("w", &[TaskType::TextGeneration], 1)
-        .await
-        .unwrap()
-        .remove(0);
-    server
-        .queue
-        .fail("w", task.lease(), &Failure::permanent("the model refused"))
-        .await
-        .unwrap();
+    fail_the_text_task(&server, "the model refused").await;
     let (code, _, stderr) = run(&mut backlog(&server, &key), &["jobs", "wait", id]).await;
     assert_eq!(code, 1, "{stderr}");
     assert!(
@@ -1229,18 +1234,8 @@ async fn an_escape_sequence_in_a_jobs_error_never_reaches_the_terminal(pool: sql
     let key = server.key("acme", ApiKeyRole::Client).await;
     let job = json_of(&server, &key, &["submit", "text", "--prompt", "y"]).await;
     let id = job["id"].as_str().unwrap();
-    let task = server
-        .queue
-        .claim("w", &[TaskType::TextGeneration], 1)
-        .await
-        .unwrap()
-        .remove(0);
     let error = "HTTP 500: \u{1b}]0;pwned\u{7}\u{1b}[2Jcleared";
-    server
-        .queue
-        .fail("w", task.lease(), &Failure::permanent(error))
-        .await
-        .unwrap();
+    fail_the_text_task(&server, error).await;
     for args in [
         vec!["jobs", "list"],
         vec!["jobs", "get", id],
