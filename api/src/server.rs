@@ -161,6 +161,7 @@ pub fn app(state: AppState) -> Router {
 /// route serves too (a fallback answers them outside any route's layers,
 /// so this wraps the whole router). A route that allows a private cache
 /// (artifact downloads, revalidated by ETag) says so itself.
+///
 /// The console's answers under `/ui`, refusals included, carry its
 /// security headers ([`ui::insert_security_headers`]).
 async fn headers_by_area(request: AxumRequest, next: Next) -> Response {

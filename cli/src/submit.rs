@@ -150,7 +150,6 @@ async fn submit_batch(client: &Client, path: &Path, key: Option<&str>, args: &Su
             })?;
         let input =
             JobInput::parse(parsed.job_type, &parsed.input).map_err(|e| at(&format!("input: {e}")))?;
-        check_priority(parsed.priority).map_err(|e| at(&format!("priority: {e}")))?;
         let idempotency_key = parsed
             .idempotency_key
             .or_else(|| key.map(|key| format!("{key}-{number}")));
@@ -162,12 +161,11 @@ async fn submit_batch(client: &Client, path: &Path, key: Option<&str>, args: &Su
                 )));
             }
         }
-        // What the API would refuse only once the lines before were
-        // created (a blank text, one of only Markdown markers, NUL): the
-        // queue's own check. The input's size limit is the server's, so
-        // it is left to the API.
-        let mut job =
-            queue::NewJob::new("-", parsed.job_type, parsed.input.clone()).priority(parsed.priority);
+        // The queue's own check (the priority's range, and what the API
+        // would refuse only once the lines before were created: a blank
+        // text, one of only Markdown markers, NUL). The input's size limit
+        // is the server's, so it is left to the API.
+        let mut job = queue::NewJob::new("-", parsed.job_type, parsed.input).priority(parsed.priority);
         job.idempotency_key = idempotency_key.clone();
         queue::validate_new_job(&job, usize::MAX).map_err(|e| match e {
             queue::QueueError::InvalidInput { field, message } => at(&format!("{field}: {message}")),

@@ -465,9 +465,7 @@ impl Replica<'_> {
                 // A run of an earlier claim of a task held again finds
                 // another lease there, and leaves it alone.
                 Finished::Cancelled(lease) => {
-                    if self.holds(lease) {
-                        self.held.remove(&lease.task_id);
-                    }
+                    self.take_held(lease);
                 }
                 Finished::Done {
                     lease,
@@ -615,14 +613,18 @@ impl Replica<'_> {
         true
     }
 
+    /// Stop holding `lease`'s task, if it is held under that lease (not
+    /// under a later claim of the same task).
+    fn take_held(&mut self, lease: Lease) -> Option<Held> {
+        let held = self.held.get(&lease.task_id)?;
+        (held.lease == lease)
+            .then(|| self.held.remove(&lease.task_id))
+            .flatten()
+    }
+
     /// Renew every held lease; cancel the handlers of leases that were
     /// lost. Once the database answers, store the results an outage kept;
     /// returns whether it did (their slots are free).
-    /// Whether `lease` is the one this replica holds its task under.
-    fn holds(&self, lease: Lease) -> bool {
-        self.held.get(&lease.task_id).is_some_and(|h| h.lease == lease)
-    }
-
     async fn renew(&mut self) -> bool {
         if self.held.is_empty() {
             return false;
@@ -631,11 +633,7 @@ impl Replica<'_> {
         match self.queue.heartbeat(self.worker_id, &leases).await {
             Ok(lost) => {
                 for lease in lost {
-                    if let Some(held) = self
-                        .holds(lease)
-                        .then(|| self.held.remove(&lease.task_id))
-                        .flatten()
-                    {
+                    if let Some(held) = self.take_held(lease) {
                         tracing::warn!(
                             task_id = lease.task_id,
                             "lease lost (cancelled or swept): abandoning the task"
