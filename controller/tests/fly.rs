@@ -13,7 +13,7 @@ use controller::backend::fly::{FlyBackend, FlyClient, FlyError, FlySettings, Ret
 use controller::backend::{Backend, BackendError, PoolRef};
 use controller::manifest::{self, LoadedPool};
 use controller::metrics::Metrics;
-use controller::reconcile::{Context, PoolReport, Reconciler};
+use controller::reconcile::{Context, Leadership, PoolReport, Reconciler};
 use queue::{JobType, Queue, TaskType};
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -69,7 +69,7 @@ fn backend(emu: &FlyEmulator) -> FlyBackend {
 
 /// `count` more replicas for the first pool, straight through the backend.
 async fn add(emu: &FlyEmulator, pools: &[LoadedPool], count: u32) -> Result<Vec<String>, BackendError> {
-    backend(emu).add(PoolRef::from(&pools[0]), count).await
+    backend(emu).add(PoolRef::new(&pools[0], &Leadership::held()), count).await
 }
 
 /// A machine of the `worker` group as `fly deploy` leaves it.
@@ -243,7 +243,7 @@ async fn a_group_at_zero_starts_its_stopped_machines_before_creating_any(pool: P
 
     let b = backend(&emu);
     wait_until("four ready machines", || in_state(&emu, "started").len() == 4).await;
-    let replicas = b.observe(PoolRef::from(&pools[0])).await.unwrap();
+    let replicas = b.observe(PoolRef::new(&pools[0], &Leadership::held())).await.unwrap();
     assert_eq!(
         (replicas.len(), replicas.iter().filter(|r| r.ready).count()),
         (4, 4)
@@ -285,6 +285,40 @@ async fn created_machines_clone_the_group_config_with_the_metadata_flyctl_needs(
         assert_eq!(config["guest"]["memory_mb"], 512);
         assert_eq!(machine["region"], "ord");
     }
+}
+
+/// The pass checks leadership before it scales, but one scale-up is many
+/// writes. A controller that loses leadership after its first start starts
+/// and creates nothing more, and leases nothing more: the new leader
+/// decides from then on.
+#[tokio::test]
+async fn a_controller_that_loses_leadership_mid_scale_up_starts_and_creates_nothing_more() {
+    let emu = emulator().await;
+    for _ in 0..3 {
+        seed(&emu, "stopped", "ord");
+    }
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+    let leadership = Leadership::held();
+    emu.on_machine_event(Arc::new({
+        let leadership = leadership.clone();
+        move |event| {
+            if event.state == "starting" {
+                leadership.set(false);
+            }
+        }
+    }));
+
+    let err = backend(&emu)
+        .add(PoolRef::new(&pools[0], &leadership), 4)
+        .await
+        .unwrap_err();
+
+    assert!(matches!(err, BackendError::LostLeadership { .. }), "{err}");
+    let log = emu.requests();
+    assert_eq!(of(&log, "start").len(), 1, "one start, then nothing: {log:?}");
+    assert_eq!(of(&log, "lease").len(), 1, "no lease for a start not made");
+    assert!(of(&log, "create").is_empty(), "no machine created");
+    assert_eq!(in_state(&emu, "stopped").len(), 2);
 }
 
 #[tokio::test]
@@ -690,7 +724,7 @@ async fn a_rejected_token_is_reported_and_nothing_else_is_attempted(pool: PgPool
     for (token, status) in [("fm2_revoked", 401), ("other-app-token", 403)] {
         emu.clear_requests();
         let b = backend_with_token(&emu, token);
-        let err = b.observe(PoolRef::from(&pools[0])).await.unwrap_err();
+        let err = b.observe(PoolRef::new(&pools[0], &Leadership::held())).await.unwrap_err();
         assert!(matches!(err, BackendError::Unauthorized { .. }), "{err}");
         let message = err.to_string();
         assert!(

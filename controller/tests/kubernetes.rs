@@ -842,6 +842,52 @@ async fn of_two_controllers_one_leads_and_the_other_takes_over_when_it_dies(pool
     assert_eq!(lease_holder(&api), None, "a clean stop releases the Lease");
 }
 
+/// A Lease not renewed within its deadline ends the term for passes and
+/// backends at once, not at the loop's next round: with a long tick, the
+/// standby took over when the Lease expired while passes in flight went
+/// on acting as leader until that round.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_lease_not_renewed_in_time_ends_the_term_before_the_next_round(pool: PgPool) {
+    let q = Queue::new(pool);
+    let api = emulator().await;
+    let client = client(&api);
+    let reconciler = Reconciler::new(Context {
+        queue: q.clone(),
+        backend: KubernetesBackend::new(client.clone(), q.clone()),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let leadership = reconciler.leadership().clone();
+    let lease = LeaseSettings::new(NS, "backlog-controller", "first", Duration::from_secs(3));
+    let settings = LoopSettings {
+        tick: Duration::from_secs(3600),
+        leader_key: 0,
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(reconcile::run_elected(
+        reconciler,
+        WorkerPoolSource::new(client.clone(), Some(NS)),
+        LeaseElection::new(client, lease),
+        settings,
+        stop.clone(),
+    ));
+    eventually("the controller to lead", || {
+        (lease_holder(&api).as_deref() == Some("first")).then_some(())
+    })
+    .await;
+    assert!(leadership.is_held());
+
+    api.inject(Fault {
+        method: Some(Method::PUT),
+        path_contains: "/leases/backlog-controller".into(),
+        code: 500,
+        times: u32::MAX,
+    });
+    // The renew deadline is 2 s; the next round is an hour away.
+    eventually("the term to end", || (!leadership.is_held()).then_some(())).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn racing_standbys_cannot_both_take_a_lease() {
     let api = emulator().await;
@@ -1715,6 +1761,7 @@ async fn the_plan_command_reads_the_clusters_pools_and_changes_nothing(pool: PgP
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_drained_pod_the_replica_set_spared_goes_back_to_work(pool: PgPool) {
     use controller::backend::{Backend, PoolRef};
+    use controller::reconcile::Leadership;
     let q = Queue::new(pool);
     let api = text_pool_on_a_deployment(2).await;
     let pods = pod_names(&api, "worker");
@@ -1726,7 +1773,8 @@ async fn a_drained_pod_the_replica_set_spared_goes_back_to_work(pool: PgPool) {
     api.set_pod_ready(NS, &other, false);
     let loaded = loaded_from_the_cluster(&api, "text");
     let backend = KubernetesBackend::new(client(&api), q.clone());
-    let text = PoolRef::from(&loaded);
+    let leading = Leadership::held();
+    let text = PoolRef::new(&loaded, &leading);
     assert_eq!(backend.observe(text).await.unwrap().len(), 2);
 
     let only = std::slice::from_ref(&drained);
@@ -1752,6 +1800,47 @@ async fn a_drained_pod_the_replica_set_spared_goes_back_to_work(pool: PgPool) {
     assert_eq!(state, queue::WorkerState::Running, "and is back at work");
 }
 
+/// A pass checks leadership before it scales, but observing a target
+/// scaled by hand converges it (a drain, deletion costs, `/scale`) inside
+/// the backend. A controller whose leadership is gone leaves a hand-scaled
+/// target to the new leader: no count set back, no pod drained, no Event.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_former_leader_leaves_a_hand_scaled_target_as_it_is(pool: PgPool) {
+    use controller::backend::{Backend, BackendError, PoolRef};
+    use controller::reconcile::Leadership;
+    let q = Queue::new(pool);
+    let api = text_pool_on_a_deployment(2).await;
+    let pods = pod_names(&api, "worker");
+    for pod in &pods {
+        register_text_worker(&q, pod).await;
+    }
+    let loaded = loaded_from_the_cluster(&api, "text");
+    let backend = KubernetesBackend::new(client(&api), q.clone());
+    let leadership = Leadership::held();
+    let text = PoolRef::new(&loaded, &leadership);
+    assert_eq!(backend.observe(text).await.unwrap().len(), 2);
+
+    api.scale("deployments", NS, "worker", 1);
+    leadership.set(false);
+    let err = backend.observe(text).await.unwrap_err();
+
+    assert!(matches!(err, BackendError::LostLeadership { .. }), "{err}");
+    assert_eq!(replicas(&api, "worker"), 1, "the count is not set back");
+    assert!(events(&api, "text", "ManualScaleReverted").is_empty());
+    api.scale("deployments", NS, "worker", 3);
+    backend.observe(text).await.unwrap_err();
+    assert_eq!(replicas(&api, "worker"), 3, "nor lowered again");
+    let draining: Vec<String> = q
+        .workers(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|w| w.state == queue::WorkerState::Draining)
+        .map(|w| w.id)
+        .collect();
+    assert!(draining.is_empty(), "no pod drained: {draining:?}");
+}
+
 /// Leadership lost and won back: what another leader set meanwhile is a
 /// leader's count, not a hand-scale. The count remembered from before was
 /// taken for the one to converge to: the other leader's scale-up was set
@@ -1759,11 +1848,13 @@ async fn a_drained_pod_the_replica_set_spared_goes_back_to_work(pool: PgPool) {
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_count_set_by_another_leader_is_not_reverted_on_winning_back(pool: PgPool) {
     use controller::backend::{Backend, PoolRef};
+    use controller::reconcile::Leadership;
     let q = Queue::new(pool);
     let api = text_pool_on_a_deployment(2).await;
     let loaded = loaded_from_the_cluster(&api, "text");
     let backend = KubernetesBackend::new(client(&api), q.clone());
-    let text = PoolRef::from(&loaded);
+    let leading = Leadership::held();
+    let text = PoolRef::new(&loaded, &leading);
     assert_eq!(backend.observe(text).await.unwrap().len(), 2);
 
     // Another controller leads for a while and scales to 4.

@@ -12,7 +12,9 @@ use controller::backend::local::LocalBackend;
 use controller::backend::{Backend, BackendError, PoolRef, Replica};
 use controller::manifest::{self, LoadedPool};
 use controller::metrics::Metrics;
-use controller::reconcile::{self, Context, LoopSettings, ManifestSource, PassSettings, Reconciler};
+use controller::reconcile::{
+    self, Context, Leadership, LoopSettings, ManifestSource, PassSettings, Reconciler,
+};
 use controller::spec::ConditionType;
 use queue::{JobType, Queue, TaskType, WorkerState};
 use serde_json::json;
@@ -35,6 +37,8 @@ struct MemoryBackend {
     unstalled: Arc<tokio::sync::Notify>,
     /// The pools whose stalled `observe` is waiting right now.
     waiting: Arc<Mutex<BTreeSet<String>>>,
+    /// The next `observe` panics, as a bug would.
+    panic_once: Arc<AtomicBool>,
 }
 
 impl MemoryBackend {
@@ -78,6 +82,9 @@ impl Backend for MemoryBackend {
         "memory"
     }
     async fn observe(&self, pool: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
+        if self.panic_once.swap(false, Ordering::SeqCst) {
+            panic!("observe broke");
+        }
         self.hang_while_stalled(pool.name).await;
         Ok(self
             .pool_ids(pool.name)
@@ -508,7 +515,7 @@ async fn a_local_replica_started_under_a_name_that_carries_a_mark_is_not_left_dr
         let replicas = first
             .context()
             .backend
-            .observe(PoolRef::from(&pools[0]))
+            .observe(PoolRef::new(&pools[0], &Leadership::held()))
             .await
             .unwrap();
         replicas.into_iter().map(|r| r.id).collect()
@@ -522,7 +529,7 @@ async fn a_local_replica_started_under_a_name_that_carries_a_mark_is_not_left_dr
     let replicas = second
         .context()
         .backend
-        .observe(PoolRef::from(&pools[0]))
+        .observe(PoolRef::new(&pools[0], &Leadership::held()))
         .await
         .unwrap();
     assert_eq!(replicas.len(), 1);
@@ -982,6 +989,32 @@ async fn a_pass_that_outlives_its_leadership_starts_nothing(pool: PgPool) {
         q.pool_statuses().await.unwrap().is_empty(),
         "a former leader wrote the pool's status"
     );
+}
+
+/// A bug that panics in a pool's pass fails that pass like any error, and
+/// the pool is retried. The panic used to unwind out of the loop, dropping
+/// the backend: the local backend's workers, busy or not, were killed.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_pass_that_panics_fails_its_pool_and_the_controller_goes_on(pool: PgPool) {
+    let q = Queue::new(pool);
+    let backend = MemoryBackend::default();
+    let mut reconciler = memory_reconciler(&q, &backend);
+    let pools = pools(TEXT_POOL);
+    enqueue_jobs(&q, JobType::Text, 4).await;
+    backend.panic_once.store(true, Ordering::SeqCst);
+    let now = chrono::Utc::now();
+
+    let reports = reconciler.reconcile(&pools, now).await;
+
+    assert!(reports.is_empty(), "{reports:?}");
+    assert_eq!(
+        ready_reason(&reconciler, "text"),
+        Some(("False".into(), "Panicked".into()))
+    );
+    let later = now + chrono::Duration::minutes(5);
+    let reports = reconciler.reconcile(&pools, later).await;
+    assert_eq!(reports.len(), 1, "retried after its backoff");
+    assert!(!backend.pool_ids("text").is_empty(), "and scaled up");
 }
 
 /// Scale-down held by a five-minute window and a five-minute cooldown:

@@ -10,8 +10,9 @@ use std::future::Future;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
+use crate::manifest::LoadedPool;
 use crate::policy::Decision;
-use crate::reconcile::PassError;
+use crate::reconcile::{Leadership, PassError};
 use crate::spec::{WorkerPoolSpec, WorkerPoolStatus};
 
 /// One worker replica as its backend sees it. `id` is the identity the
@@ -41,6 +42,9 @@ pub enum BackendError {
     /// The workload the pool scales does not exist (yet).
     #[error("pool {pool}: target {target} not found")]
     TargetNotFound { pool: String, target: String },
+    /// Another controller may lead now: this one acts on nothing more.
+    #[error("pool {pool}: leadership lost before {action}; left to the new leader")]
+    LostLeadership { pool: String, action: &'static str },
 }
 
 impl BackendError {
@@ -51,11 +55,13 @@ impl BackendError {
             BackendError::WrongTarget { .. } => "WrongTarget",
             BackendError::TargetNotFound { .. } => "TargetNotFound",
             BackendError::Unauthorized { .. } => "Unauthorized",
+            BackendError::LostLeadership { .. } => "LostLeadership",
         }
     }
 }
 
-/// A pool, as handed to a backend.
+/// A pool, as handed to a backend, with the leadership it is acted on
+/// under.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolRef<'a> {
     pub name: &'a str,
@@ -63,20 +69,37 @@ pub struct PoolRef<'a> {
     /// Kubernetes; only the name for pools from files.
     pub metadata: &'a ObjectMeta,
     pub spec: &'a WorkerPoolSpec,
+    /// Whether this controller still leads. A backend asks before each
+    /// write it makes ([`PoolRef::check_leading`]), not once per call: one
+    /// call can make many (a Fly scale-up starts machines one by one), and
+    /// a former leader's later writes would undo the new leader's.
+    pub leadership: &'a Leadership,
 }
 
 impl<'a> PoolRef<'a> {
-    pub fn namespace(&self) -> Option<&'a str> {
-        self.metadata.namespace.as_deref()
-    }
-}
-
-impl<'a> From<&'a crate::manifest::LoadedPool> for PoolRef<'a> {
-    fn from(loaded: &'a crate::manifest::LoadedPool) -> Self {
+    pub fn new(loaded: &'a LoadedPool, leadership: &'a Leadership) -> Self {
         PoolRef {
             name: loaded.name(),
             metadata: &loaded.pool.metadata,
             spec: &loaded.pool.spec,
+            leadership,
+        }
+    }
+
+    pub fn namespace(&self) -> Option<&'a str> {
+        self.metadata.namespace.as_deref()
+    }
+
+    /// `Err(LostLeadership)` once this controller no longer leads: the
+    /// write about to be made (`action`) is left to the new leader.
+    pub fn check_leading(&self, action: &'static str) -> Result<(), BackendError> {
+        if self.leadership.is_held() {
+            Ok(())
+        } else {
+            Err(BackendError::LostLeadership {
+                pool: self.name.to_string(),
+                action,
+            })
         }
     }
 }
@@ -104,7 +127,8 @@ pub trait Backend: Send + Sync {
 
     /// The pool's replicas as [`Backend::observe`] would find them, changing
     /// nothing: no restarts, no writes, nothing remembered. `controller
-    /// plan` uses it. The default is `observe`, for backends whose
+    /// plan` uses it, under a leadership never held, so a write `observe`
+    /// would make is refused. The default is `observe`, for backends whose
     /// observation only reads.
     fn inspect(&self, pool: PoolRef<'_>) -> impl Future<Output = Result<Vec<Replica>, BackendError>> + Send {
         self.observe(pool)

@@ -6,6 +6,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use queue::Queue;
+
+use super::Leadership;
 use tokio_util::sync::CancellationToken;
 
 /// How one controller of several becomes the one that acts.
@@ -15,6 +17,13 @@ pub trait Election: Send {
 
     /// Whether this controller still leads; asked before every pass.
     fn still_held(&mut self) -> impl Future<Output = bool> + Send;
+
+    /// The flag passes and backends check before each write. An election
+    /// that learns of its loss on its own, between rounds (a Lease not
+    /// renewed within its deadline), clears it then, so a pass in flight
+    /// stops before a standby can take over, however long the tick. The
+    /// default keeps nothing: the run loop clears it at its next round.
+    fn share(&mut self, _leadership: Leadership) {}
 
     /// Step down so a standby can take over at once.
     fn release(self) -> impl Future<Output = anyhow::Result<()>> + Send;

@@ -23,9 +23,9 @@ pub enum PassError {
         source: queue::QueueError,
     },
 
-    /// Another controller may lead now: this one acts on nothing more.
-    #[error("pool {pool}: leadership lost before {action}; left to the new leader")]
-    LostLeadership { pool: String, action: &'static str },
+    /// A bug: the pass panicked. The pool is retried like any failed pass.
+    #[error("pool {pool}: the pass panicked: {message}")]
+    Panicked { pool: String, message: String },
 
     /// The backend (or the database) did not answer in time. The pass was
     /// abandoned; the next one observes again and settles any mark it left.
@@ -40,7 +40,7 @@ impl PassError {
             PassError::Backend(e) => e.reason(),
             PassError::QueueUnreadable { .. } => "QueueUnreadable",
             PassError::Drain { .. } => "DrainFailed",
-            PassError::LostLeadership { .. } => "LostLeadership",
+            PassError::Panicked { .. } => "Panicked",
             PassError::DeadlineExceeded { .. } => "DeadlineExceeded",
         }
     }

@@ -76,14 +76,21 @@ pub struct PoolReport {
 }
 
 /// Whether this controller leads, as the run loop last learned it. Passes
-/// check it before every action (start, drain, stop), so a pass that
-/// outlives its controller's leadership acts on nothing more.
+/// and backends check it before every write (a start, a drain, a stop, a
+/// scale), so a pass that outlives its controller's leadership acts on
+/// nothing more.
 #[derive(Clone, Debug)]
 pub struct Leadership(Arc<AtomicBool>);
 
 impl Leadership {
-    fn held() -> Self {
+    /// Leading, until [`Leadership::set`] says otherwise.
+    pub fn held() -> Self {
         Leadership(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// Never leading: for looking without acting (`controller plan`).
+    pub fn never() -> Self {
+        Leadership(Arc::new(AtomicBool::new(false)))
     }
 
     pub fn is_held(&self) -> bool {
@@ -92,17 +99,6 @@ impl Leadership {
 
     pub fn set(&self, held: bool) {
         self.0.store(held, Ordering::SeqCst);
-    }
-
-    fn check(&self, pool: &str, action: &'static str) -> Result<(), PassError> {
-        if self.is_held() {
-            Ok(())
-        } else {
-            Err(PassError::LostLeadership {
-                pool: pool.to_string(),
-                action,
-            })
-        }
     }
 }
 

@@ -5,10 +5,12 @@
 //! own pool.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use queue::{TaskDepth, TaskType};
 use tokio::sync::Semaphore;
@@ -150,6 +152,17 @@ impl<B: Backend> Pass<B> {
             &self.snapshot,
             self.now,
         );
+        // A bug that panics in one pool's pass fails that pass like any
+        // error. Unwinding further would end the loop and drop the backend,
+        // and the local backend's workers, busy or not, with it.
+        let acting = AssertUnwindSafe(acting).catch_unwind().map(|caught| {
+            caught.unwrap_or_else(|panic| {
+                Err(Failure::from(PassError::Panicked {
+                    pool: name.clone(),
+                    message: panic_message(panic.as_ref()),
+                }))
+            })
+        });
         let result = tokio::time::timeout(self.deadline, acting)
             .await
             .unwrap_or_else(|_| {
@@ -200,7 +213,7 @@ impl<B: Backend> Pass<B> {
             self.now,
         );
         self.ctx.backend.amend_status(
-            PoolRef::from(&self.loaded),
+            PoolRef::new(&self.loaded, &self.leadership),
             &mut self.state.status,
             &Time(now_k8s(self.now)),
         );
@@ -262,7 +275,7 @@ impl<B: Backend> Pass<B> {
         let publishing = async {
             self.ctx
                 .backend
-                .pass_finished(PoolRef::from(&self.loaded), outcome)
+                .pass_finished(PoolRef::new(&self.loaded, &self.leadership), outcome)
                 .await;
             self.ctx
                 .publish_status(&self.key, &self.loaded, &self.state.status, &self.state.history)
@@ -289,6 +302,15 @@ impl<B: Backend> Pass<B> {
     }
 }
 
+/// What a panic said, as far as it can be read.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => message.to_string(),
+        (_, Some(message)) => message.clone(),
+        _ => "a panic without a message".to_string(),
+    }
+}
+
 /// Observe, decide, scale, and settle the draining marks.
 async fn act<B: Backend>(
     ctx: &Context<B>,
@@ -299,7 +321,7 @@ async fn act<B: Backend>(
     snapshot: &Result<QueueSnapshot, String>,
     now: DateTime<Utc>,
 ) -> Result<Acted, Failure> {
-    let pool = PoolRef::from(loaded);
+    let pool = PoolRef::new(loaded, leadership);
     let replicas = ctx.backend.observe(pool).await?;
     if !*marks_settled && leadership.is_held() {
         // Marks an earlier leader left (it crashed or lost leadership
@@ -312,7 +334,7 @@ async fn act<B: Backend>(
     let decision = policy::decide(pool.spec, &observation, history, now);
     history.record(&decision, now);
 
-    let scaled = scale(ctx, leadership, pool, &decision, &replicas, snapshot).await;
+    let scaled = scale(ctx, pool, &decision, &replicas, snapshot).await;
     // Whatever the scaling did or failed to do, no mark outlives the pass:
     // every replica the backend runs (or just started) that is marked
     // draining and was not removed goes back to work — unless leadership
@@ -357,11 +379,11 @@ struct Scaled {
 }
 
 /// Carry out the decision: start replicas, or drain idle ones and stop
-/// those drained. Leadership is checked before every action. A failure
-/// leaves its marks to the caller's sweep.
+/// those drained. Leadership is checked before every action, and the
+/// backend checks it again before each of its writes. A failure leaves its
+/// marks to the caller's sweep.
 async fn scale<B: Backend>(
     ctx: &Context<B>,
-    leadership: &Leadership,
     pool: PoolRef<'_>,
     decision: &Decision,
     replicas: &[Replica],
@@ -369,7 +391,7 @@ async fn scale<B: Backend>(
 ) -> Result<Scaled, PassError> {
     let mut scaled = Scaled::default();
     if decision.replicas > decision.from {
-        leadership.check(pool.name, "starting replicas")?;
+        pool.check_leading("starting replicas")?;
         scaled.started = ctx.backend.add(pool, decision.replicas - decision.from).await?;
     } else if decision.replicas < decision.from {
         // The policy holds on a failed read, so this is unreachable in
@@ -379,7 +401,7 @@ async fn scale<B: Backend>(
                 pool: pool.name.to_string(),
             });
         };
-        leadership.check(pool.name, "draining replicas")?;
+        pool.check_leading("draining replicas")?;
         if let Some(why) = ctx.backend.removal_blocked(pool).await? {
             tracing::info!(pool = pool.name, %why, "scale-down held back: no replica is drained");
             return Ok(scaled);
@@ -401,7 +423,7 @@ async fn scale<B: Backend>(
             .collect();
         // Drained but not removed (or not removed at all): the sweep after
         // this puts them back to work.
-        leadership.check(pool.name, "stopping replicas")?;
+        pool.check_leading("stopping replicas")?;
         let gone = ctx.backend.remove(pool, &drained).await?;
         // A replica stopped by the backend deregisters itself as it exits,
         // but one that had died already never will: record it stopped, so

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::pass::{self, QueueSnapshot};
-use super::{pool_key, Context};
+use super::{pool_key, Context, Leadership};
 use crate::backend::{Backend, PoolRef};
 use crate::manifest::LoadedPool;
 use crate::policy::{self, Decision, History};
@@ -45,6 +45,8 @@ pub async fn plan<B: Backend>(
         .into_iter()
         .filter_map(|(key, document)| Some((key, pass::history_from_document(&document)?)))
         .collect();
+    // Never leading: a write the backend's inspection would make is refused.
+    let looking = Leadership::never();
     let mut reports = Vec::with_capacity(pools.len());
     for loaded in pools {
         let key = pool_key(loaded);
@@ -57,7 +59,7 @@ pub async fn plan<B: Backend>(
             from_stored_memory: stored.is_some(),
             error: None,
         };
-        let replicas = match ctx.backend.inspect(PoolRef::from(loaded)).await {
+        let replicas = match ctx.backend.inspect(PoolRef::new(loaded, &looking)).await {
             Ok(replicas) => replicas,
             Err(e) => {
                 report.error = Some(e.to_string());

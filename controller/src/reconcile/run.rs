@@ -48,6 +48,7 @@ pub async fn run_elected<B: Backend + 'static, S: PoolSource, E: Election>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     reconciler.set_leading(false);
+    election.share(reconciler.leadership().clone());
     if !election.acquire(&shutdown).await? {
         return Ok(());
     }

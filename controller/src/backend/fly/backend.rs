@@ -123,20 +123,30 @@ impl FlyBackend {
         Ok(machines)
     }
 
+    /// Lease the machine for `why` (`start`, `stop`, `destroy`), the write
+    /// made under it next. Leadership is checked before the lease and again
+    /// once it is held, right before that write.
     async fn lease(
         &self,
         pool: PoolRef<'_>,
         app: &str,
         machine: &str,
-        why: &str,
+        why: &'static str,
     ) -> Result<Leased, BackendError> {
+        pool.check_leading(why)?;
         let description = format!("backlog controller: {why} for pool {}", pool.name);
         match self
             .client
             .acquire_lease(app, machine, self.settings.lease_ttl, &description)
             .await
         {
-            Ok(lease) => Ok(Leased::Held(lease.nonce)),
+            Ok(lease) => match pool.check_leading(why) {
+                Ok(()) => Ok(Leased::Held(lease.nonce)),
+                Err(lost) => {
+                    self.release(pool, app, machine, &lease.nonce).await;
+                    Err(lost)
+                }
+            },
             Err(FlyError::LeaseHeld { message, .. }) => {
                 tracing::warn!(pool = pool.name, machine, holder = %message,
                     "machine is leased by someone else (a deploy?); skipping it this pass");
@@ -351,6 +361,7 @@ impl FlyBackend {
                 name: None,
                 skip_launch: false,
             };
+            pool.check_leading("create")?;
             match self.client.create(&target.app, &request).await {
                 Ok(machine) => return Ok((machine, index)),
                 Err(e) if e.is_insufficient_capacity() => {

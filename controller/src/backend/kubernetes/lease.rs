@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::reconcile::Election;
+use crate::reconcile::{Election, Leadership};
 
 #[derive(Debug, Clone)]
 pub struct LeaseSettings {
@@ -174,6 +174,8 @@ impl LeaseLock {
 pub struct LeaseElection {
     lock: Arc<Mutex<LeaseLock>>,
     held: Arc<AtomicBool>,
+    /// The passes' flag, cleared the moment renewing fails.
+    passes: Option<Leadership>,
     renewing: Option<tokio::task::JoinHandle<()>>,
     retry_period: Duration,
 }
@@ -189,6 +191,7 @@ impl LeaseElection {
                 observed: None,
             })),
             held: Arc::new(AtomicBool::new(false)),
+            passes: None,
             renewing: None,
         }
     }
@@ -222,6 +225,7 @@ impl Election for LeaseElection {
         }
         self.held.store(true, Ordering::SeqCst);
         let (lock, held, period) = (self.lock.clone(), self.held.clone(), self.retry_period);
+        let passes = self.passes.clone();
         self.renewing = Some(tokio::spawn(async move {
             let deadline = lock.lock().await.settings.renew_deadline;
             let mut renewed = Instant::now();
@@ -256,12 +260,19 @@ impl Election for LeaseElection {
                 }
             }
             held.store(false, Ordering::SeqCst);
+            if let Some(passes) = passes {
+                passes.set(false);
+            }
         }));
         Ok(true)
     }
 
     async fn still_held(&mut self) -> bool {
         self.held.load(Ordering::SeqCst)
+    }
+
+    fn share(&mut self, leadership: Leadership) {
+        self.passes = Some(leadership);
     }
 
     async fn release(mut self) -> anyhow::Result<()> {

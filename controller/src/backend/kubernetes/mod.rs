@@ -275,22 +275,27 @@ impl KubernetesBackend {
         Ok((replicas, selector))
     }
 
-    async fn set_scale(&self, namespace: &str, target: &KubernetesTarget, replicas: i32) -> kube::Result<()> {
+    async fn set_scale(
+        &self,
+        pool: PoolRef<'_>,
+        namespace: &str,
+        target: &KubernetesTarget,
+        replicas: i32,
+    ) -> Result<(), BackendError> {
+        pool.check_leading("setting the target's replica count")?;
         let patch = Patch::Merge(json!({"spec": {"replicas": replicas}}));
         let params = PatchParams::default();
-        match target.kind {
-            WorkloadKind::Deployment => {
-                Api::<Deployment>::namespaced(self.client.clone(), namespace)
-                    .patch_scale(&target.name, &params, &patch)
-                    .await?;
-            }
-            WorkloadKind::StatefulSet => {
-                Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
-                    .patch_scale(&target.name, &params, &patch)
-                    .await?;
-            }
-        }
-        Ok(())
+        let patched = match target.kind {
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(self.client.clone(), namespace)
+                .patch_scale(&target.name, &params, &patch)
+                .await
+                .map(drop),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
+                .patch_scale(&target.name, &params, &patch)
+                .await
+                .map(drop),
+        };
+        patched.map_err(|e| target_error(pool.name, target, namespace, e))
     }
 
     /// `Some(why)` when the target is a Deployment mid-rollout.
@@ -325,9 +330,11 @@ impl KubernetesBackend {
             .entry(key.to_string())
             .or_default()
             .deferred = Some(message.clone());
-        self.publisher
-            .event(pool, "Normal", "ScaleDownDeferred", &message)
-            .await;
+        if pool.leadership.is_held() {
+            self.publisher
+                .event(pool, "Normal", "ScaleDownDeferred", &message)
+                .await;
+        }
     }
 
     /// The target's live pods (not terminating), by name.
@@ -348,11 +355,13 @@ impl KubernetesBackend {
     /// expensive, and a stale cost of ours on any other pod cleared.
     async fn mark_deletion_costs(
         &self,
+        pool: PoolRef<'_>,
         namespace: &str,
+        target: &KubernetesTarget,
         pods: &[Pod],
         remove: &HashSet<&str>,
         busy: &HashSet<String>,
-    ) -> kube::Result<()> {
+    ) -> Result<(), BackendError> {
         let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
         for pod in pods {
             let name = pod.metadata.name.as_deref().unwrap_or_default();
@@ -373,9 +382,11 @@ impl KubernetesBackend {
             if current == wanted.as_ref() || (wanted.is_none() && !stale_ours) {
                 continue;
             }
+            pool.check_leading("ranking pods for deletion")?;
             let patch = json!({"metadata": {"annotations": {POD_DELETION_COST: wanted}}});
             api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
-                .await?;
+                .await
+                .map_err(|e| target_error(pool.name, target, namespace, e))?;
         }
         Ok(())
     }
@@ -393,10 +404,15 @@ impl KubernetesBackend {
     }
 
     /// Put drained pods that stay back to work. A failure is logged: the
-    /// reconciler's sweep after the pass puts every listed pod back.
-    async fn undrain(&self, pool: &str, ids: &[String]) {
+    /// reconciler's sweep after the pass puts every listed pod back. Not
+    /// once leadership is gone: the marks are the new leader's, which may
+    /// have drained those pods itself.
+    async fn undrain(&self, pool: PoolRef<'_>, ids: &[String]) {
+        if !pool.leadership.is_held() {
+            return;
+        }
         if let Err(e) = self.queue.undrain(ids).await {
-            tracing::warn!(pool, pods = ?ids, error = %e, "could not put drained pods back to work; retrying after the pass");
+            tracing::warn!(pool = pool.name, pods = ?ids, error = %e, "could not put drained pods back to work; retrying after the pass");
         }
     }
 
@@ -442,6 +458,7 @@ impl KubernetesBackend {
                 .filter(|n| !busy.contains(n))
                 .take((found - wanted) as usize)
                 .collect();
+            pool.check_leading("draining pods of a target scaled by hand")?;
             let drained = self
                 .queue
                 .drain_idle(&candidates)
@@ -457,9 +474,12 @@ impl KubernetesBackend {
                         .cloned()
                         .collect();
                     let remove: HashSet<&str> = safe.iter().map(String::as_str).collect();
-                    if let Err(e) = self.mark_deletion_costs(namespace, &pods, &remove, &busy).await {
-                        self.undrain(pool.name, &drained).await;
-                        return Err(error(e));
+                    if let Err(e) = self
+                        .mark_deletion_costs(pool, namespace, target, &pods, &remove, &busy)
+                        .await
+                    {
+                        self.undrain(pool, &drained).await;
+                        return Err(e);
                     }
                     safe
                 }
@@ -475,17 +495,17 @@ impl KubernetesBackend {
                 .cloned()
                 .collect();
             if !kept.is_empty() {
-                self.undrain(pool.name, &kept).await;
+                self.undrain(pool, &kept).await;
             }
             result = found - removing.len() as i32;
-            if let Err(e) = self.set_scale(namespace, target, result).await {
-                self.undrain(pool.name, &removing).await;
-                return Err(error(e));
+            if let Err(e) = self.set_scale(pool, namespace, target, result).await {
+                self.undrain(pool, &removing).await;
+                return Err(e);
             }
             self.mark_leaving(&Self::key(namespace, target), uids_of(&pods, &removing))
                 .await;
         } else {
-            self.set_scale(namespace, target, result).await.map_err(error)?;
+            self.set_scale(pool, namespace, target, result).await?;
         }
         let message = format!(
             "{:?} {} was scaled to {found} outside the controller; set back to {result} (pause the WorkerPool to scale by hand)",
@@ -571,7 +591,7 @@ impl Backend for KubernetesBackend {
         };
         if !spared.is_empty() {
             tracing::info!(pool = pool.name, pods = ?spared, "drained pods the scale-down did not remove go back to work");
-            self.undrain(pool.name, &spared).await;
+            self.undrain(pool, &spared).await;
         }
         let mut out: Vec<Replica> = pods
             .iter()
@@ -606,9 +626,7 @@ impl Backend for KubernetesBackend {
             .and_then(|m| m.replicas)
             .unwrap_or(0);
         let wanted = current + count as i32;
-        self.set_scale(&namespace, target, wanted)
-            .await
-            .map_err(|e| target_error(pool.name, target, &namespace, e))?;
+        self.set_scale(pool, &namespace, target, wanted).await?;
         self.targets.lock().await.entry(key).or_default().replicas = Some(wanted);
         // StatefulSet pods come back under their ordinal's name, maybe with
         // the draining mark they were removed under; Deployment pods get
@@ -682,16 +700,15 @@ impl Backend for KubernetesBackend {
                 );
             }
             let remove: HashSet<&str> = removing.iter().map(|id| id.as_str()).collect();
-            self.mark_deletion_costs(&namespace, &pods, &remove, &busy)
-                .await
-                .map_err(error)?;
+            self.mark_deletion_costs(pool, &namespace, target, &pods, &remove, &busy)
+                .await?;
         }
         let removed: Vec<String> = removing.into_iter().cloned().collect();
         let wanted = (current - removed.len() as i32).max(0);
         if wanted == current {
             return Ok(removed);
         }
-        self.set_scale(&namespace, target, wanted).await.map_err(error)?;
+        self.set_scale(pool, &namespace, target, wanted).await?;
         self.targets.lock().await.entry(key.clone()).or_default().replicas = Some(wanted);
         self.mark_leaving(&key, uids_of(&pods, &removed)).await;
         Ok(removed)

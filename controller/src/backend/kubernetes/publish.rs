@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 use super::FIELD_MANAGER;
 use crate::backend::{PassOutcome, PoolRef};
 use crate::policy::Phase;
-use crate::reconcile::PassError;
+use crate::reconcile::{Leadership, PassError};
 use crate::spec::{ConditionType, WorkerPool, WorkerPoolStatus};
 
 #[derive(Default)]
@@ -122,10 +122,13 @@ impl Publisher {
     /// A WorkerPool the controller will not run: `Ready=False, InvalidSpec`
     /// and a Warning Event.
     pub async fn invalid_spec(&self, pool: &WorkerPool, message: &str) {
+        // The source loads pools only while this controller leads.
+        let leading = Leadership::held();
         let pool_ref = PoolRef {
             name: pool.metadata.name.as_deref().unwrap_or_default(),
             metadata: &pool.metadata,
             spec: &pool.spec,
+            leadership: &leading,
         };
         let mut status = pool.status.clone().unwrap_or_default();
         status.observed_generation = pool.metadata.generation;

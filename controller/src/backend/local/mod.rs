@@ -378,7 +378,10 @@ impl Backend for LocalBackend {
                 replica.restart_at = Some(now + delay);
                 changed = true;
             }
-            if replica.process.is_none() && replica.restart_at.is_some_and(|at| at <= now) {
+            if replica.process.is_none()
+                && replica.restart_at.is_some_and(|at| at <= now)
+                && pool.leadership.is_held()
+            {
                 match Self::spawn(pool, target, id) {
                     Ok(process) => {
                         replica.process = Some(process);
@@ -426,6 +429,10 @@ impl Backend for LocalBackend {
         let mut started = Vec::with_capacity(count as usize);
         let mut result = Ok(());
         for _ in 0..count {
+            if let Err(lost) = pool.check_leading("starting a replica") {
+                result = Err(lost);
+                break;
+            }
             let id = self.new_id(pool.name, state);
             match Self::spawn(pool, target, &id) {
                 Ok(process) => {
@@ -453,6 +460,9 @@ impl Backend for LocalBackend {
         let state = self.pool(&mut pools, pool.name)?;
         let mut removed = Vec::with_capacity(ids.len());
         for id in ids {
+            if pool.check_leading("stopping a replica").is_err() {
+                break;
+            }
             if let Some(replica) = state.replicas.remove(id) {
                 if let Some(process) = replica.process {
                     self.stop(pool.name, state, id.clone(), process);
