@@ -22,6 +22,11 @@ use crate::metrics::{Outcome, WorkerMetrics};
 /// the loop interrupt it (the listener is cancel-safe).
 const NOTIFY_WAIT: Duration = Duration::from_secs(60);
 
+/// How long a stopping replica waits for an unreachable database (a
+/// restart, a failover) to take its unfinished tasks back and its registry
+/// row away. Past it, lease expiry and the sweeper do both, later.
+const HAND_BACK_WINDOW: Duration = Duration::from_secs(10);
+
 tokio::task_local! {
     /// When the running task's time is up: its `timeout_seconds` after the
     /// handler started. Set around every handler, so a client deep in a
@@ -290,8 +295,25 @@ pub async fn run<H: TaskHandler>(
         }
     }
     running.abort_all();
-    replica.release_all().await?;
-    queue.deregister_worker(&worker_id).await?;
+    // Both are tried whatever the other did: a replica that released
+    // nothing still leaves the registry, so the controller does not count
+    // it.
+    let window = CancellationToken::new();
+    tokio::spawn({
+        let window = window.clone();
+        async move {
+            tokio::time::sleep(HAND_BACK_WINDOW).await;
+            window.cancel();
+        }
+    });
+    let released = replica.release_all(&window).await;
+    let deregistered =
+        until_reachable("deregistering", &window, || queue.deregister_worker(&worker_id)).await;
+    if let Ok(None) = deregistered {
+        tracing::error!(worker_id = %worker_id, "the database stayed unreachable: the sweeper removes this replica's registry row");
+    }
+    released?;
+    deregistered?;
     let summary = replica.summary;
     tracing::info!(worker_id = %worker_id, ?summary, "worker stopped");
     Ok(summary)
@@ -657,11 +679,12 @@ impl Replica<'_> {
         self.waiting() < waiting
     }
 
-    /// Hand what is still held back to the queue without spending attempts.
-    /// Finished tasks whose results still could not be stored are not
-    /// released (that would run them again at once): their leases expire
-    /// and the sweeper hands them on.
-    async fn release_all(&mut self) -> Result<(), QueueError> {
+    /// Hand what is still held back to the queue without spending attempts,
+    /// waiting out an unreachable database until `window` ends. Finished
+    /// tasks whose results still could not be stored are not released
+    /// (that would run them again at once): their leases expire and the
+    /// sweeper hands them on, as it does for all of them past the window.
+    async fn release_all(&mut self, window: &CancellationToken) -> Result<(), QueueError> {
         let waiting = self.waiting();
         if waiting > 0 {
             tracing::error!(
@@ -678,7 +701,18 @@ impl Replica<'_> {
         if unfinished.is_empty() {
             return Ok(());
         }
-        let released = self.queue.release(self.worker_id, &unfinished).await?;
+        let (queue, worker_id) = (self.queue, self.worker_id);
+        let Some(released) = until_reachable("releasing unfinished tasks", window, || {
+            queue.release(worker_id, &unfinished)
+        })
+        .await?
+        else {
+            tracing::error!(
+                tasks = unfinished.len(),
+                "the database stayed unreachable: the sweeper hands the unfinished tasks on when their leases expire"
+            );
+            return Ok(());
+        };
         for lease in &released {
             if let Some(held) = self.held.remove(&lease.task_id) {
                 self.metrics.count(held.task_type, Outcome::released, 1);

@@ -381,6 +381,70 @@ async fn a_result_waiting_at_shutdown_is_stored_within_the_grace_not_released(po
     assert_eq!(statuses(&pool).await, [("complete".to_string(), 1)]);
 }
 
+/// SIGTERM while the database restarts: the unfinished task goes back to
+/// pending and the replica leaves the registry once the database is back.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_replica_stopped_while_the_database_restarts_hands_its_task_back_once_it_is_back(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 1).await;
+    let proxy = OutageProxy::in_front_of(&pool).await;
+    let through_proxy = Queue::new(proxy.pool(&pool, 4, Duration::from_millis(200)));
+    let handler = GatedHandler::closed();
+    let worker = start(
+        &through_proxy,
+        config(1, Duration::from_millis(200)),
+        handler.clone(),
+    );
+    wait_until("the task runs", async || {
+        handler.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    proxy.cut();
+    worker.shutdown.cancel();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.restore();
+
+    let summary = worker.handle.await.unwrap().unwrap();
+    assert_eq!((summary.released, summary.completed), (1, 0));
+    assert_eq!(statuses(&pool).await, [("pending".to_string(), 1)]);
+    assert!(q.workers(None).await.unwrap().is_empty(), "deregistered");
+}
+
+/// A stop whose release the database refuses still leaves the registry,
+/// so the controller does not count the replica among the running ones.
+/// The failed release used to skip the deregistration. The stop reports
+/// the error, and the task's lease expires for the sweeper to hand on.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_replica_whose_release_is_refused_still_leaves_the_registry(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    enqueue_text_jobs(&q, 1).await;
+    let handler = GatedHandler::closed();
+    let worker = start(&q, config(1, Duration::from_millis(100)), handler.clone());
+    wait_until("the task runs", async || {
+        handler.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    sqlx::query(
+        "CREATE OR REPLACE FUNCTION release_tasks(p_worker_id text, p_task_ids bigint[], p_claims int[])
+         RETURNS TABLE (task_id bigint) LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'release refused'; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    worker.shutdown.cancel();
+    let stopped = worker.handle.await.unwrap();
+
+    assert!(stopped.is_err(), "the refusal is reported");
+    assert!(
+        q.workers(None).await.unwrap().is_empty(),
+        "deregistered all the same"
+    );
+    assert_eq!(statuses(&pool).await, [("processing".to_string(), 1)]);
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_claim_that_fails_after_a_task_finished_does_not_cost_its_result(pool: PgPool) {
     let q = Queue::new(pool.clone());
