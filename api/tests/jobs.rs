@@ -403,6 +403,38 @@ async fn every_job_type_accepts_its_documented_input(pool: sqlx::PgPool) {
     server.stop().await;
 }
 
+/// A voice name that would lead a TTS engine out of its voices folder
+/// (espeak-ng read `gmw/../../../../etc/passwd` and printed the file into
+/// the job's error) is refused when the job is sent, naming the field.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_voice_that_is_a_path_out_of_the_voices_folder_is_refused(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    for (job_type, voice) in [
+        ("audiobook", "gmw/../../../../etc/passwd"),
+        ("reading", "/proc/self/environ"),
+    ] {
+        let field = if job_type == "reading" { "prompt" } else { "text" };
+        let refused = server
+            .post_json(
+                &key,
+                "/v1/jobs",
+                &json!({"type": job_type, "input": {field: "p", "voice": voice}}),
+            )
+            .await;
+        assert_error(&refused, 422, "invalid_input", Some("input.voice"));
+    }
+    let (status, _) = server
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &json!({"type": "audiobook", "input": {"text": "p", "voice": "gmw/en-GB-x-rp"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "a voice in a folder is a voice");
+    server.stop().await;
+}
+
 /// `lang` is part of the one input contract the workers read: a tag is
 /// taken, a word is refused naming the field, nothing is written.
 #[sqlx::test(migrator = "queue::MIGRATOR")]

@@ -17,8 +17,19 @@ pub struct PromptInput {
     pub prompt: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
-    /// Voice for the audio of a `reading` job.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Voice for the audio of a `reading` job: see [`check_voice`].
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "voice_name"
+    )]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = r"^[A-Za-z0-9][A-Za-z0-9_+.-]*(/[A-Za-z0-9][A-Za-z0-9_+.-]*)*$",
+            max_length = 64
+        )
+    )]
     pub voice: Option<String>,
     /// The document's language, an ISO 639 code with an optional region
     /// (`el`, `en-GB`): the language the text is written in, its PDF's
@@ -46,7 +57,19 @@ pub struct TextInput {
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// As [`PromptInput::voice`].
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "voice_name"
+    )]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = r"^[A-Za-z0-9][A-Za-z0-9_+.-]*(/[A-Za-z0-9][A-Za-z0-9_+.-]*)*$",
+            max_length = 64
+        )
+    )]
     pub voice: Option<String>,
     /// As [`PromptInput::lang`].
     #[serde(
@@ -148,6 +171,35 @@ pub fn primary_language(tag: &str) -> Result<String, String> {
             "{tag:?} is not an ISO 639 language code (two or three letters, optionally with a region: el, en-GB)"
         ))
     }
+}
+
+/// Whether `voice` can name a voice, or why not: up to 64 characters,
+/// `/`-separated parts of letters, digits and `-_+.`, each starting with a
+/// letter or digit (`en-us`, `gmw/en-GB-x-rp`, `en+f3`, `alloy`). A voice
+/// name reaches a TTS engine that may read it as a path under its voices
+/// folder (espeak-ng does), so no part may be `..` or start like an option.
+pub fn check_voice(voice: &str) -> Result<(), String> {
+    let part_ok = |part: &str| {
+        part.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_+.".contains(c))
+    };
+    if voice.len() <= 64 && voice.split('/').all(part_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{voice:?} is not a voice name (up to 64 letters, digits and -_+. in /-separated parts, each starting with a letter or digit: en-us, gmw/en-GB-x-rp)"
+        ))
+    }
+}
+
+fn voice_name<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let voice = Option::<String>::deserialize(deserializer)?;
+    if let Some(voice) = &voice {
+        check_voice(voice).map_err(serde::de::Error::custom)?;
+    }
+    Ok(voice)
 }
 
 fn language_tag<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {

@@ -499,6 +499,9 @@ pub fn validate_new_job(job: &NewJob, max_input_bytes: usize) -> Result<()> {
     if let Some(serde_json::Value::String(tag)) = input.get("lang") {
         crate::input::primary_language(tag).map_err(|message| QueueError::invalid("input.lang", message))?;
     }
+    if let Some(serde_json::Value::String(voice)) = input.get("voice") {
+        crate::input::check_voice(voice).map_err(|message| QueueError::invalid("input.voice", message))?;
+    }
     crate::input::JobInput::parse(job.job_type, &job.input)
         .map_err(|e| QueueError::invalid("input", e.to_string()))?;
     Ok(())
