@@ -5,8 +5,8 @@ mod common;
 use common::{assert_error, read, TestServer};
 use queue::{ApiKeyRole, Artifact, ArtifactKind, NewArtifact, TaskType};
 use reqwest::header::{
-    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, IF_RANGE,
-    RANGE,
+    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
+    IF_NONE_MATCH, IF_RANGE, RANGE,
 };
 use reqwest::StatusCode;
 use serde_json::json;
@@ -84,6 +84,11 @@ async fn artifacts_download_whole_or_by_range(pool: sqlx::PgPool) {
     assert_eq!(whole.headers()[ETAG], format!("\"{SHA}\""));
     // The browser that fetched it may keep it, revalidated; no shared cache.
     assert_eq!(whole.headers()[CACHE_CONTROL], "private, no-cache");
+    assert_eq!(
+        whole.headers()[CONTENT_DISPOSITION],
+        format!("inline; filename=\"{job_id}-audio.mp3\""),
+        "saved under a name that says what it is"
+    );
     assert_eq!(whole.bytes().await.unwrap(), content);
 
     for (range, start, end) in [

@@ -67,7 +67,8 @@ pub async fn list_artifacts(
     ),
     responses(
         (status = 200, description = "The whole artifact, in the content type it was recorded with",
-            content((Vec<u8> = "text/markdown"), (Vec<u8> = "application/pdf"), (Vec<u8> = "audio/mpeg"))),
+            content((Vec<u8> = "text/markdown"), (Vec<u8> = "application/pdf"), (Vec<u8> = "audio/mpeg")),
+            headers(("Content-Disposition" = String, description = "`inline; filename=\"<job>-<kind>.<ext>\"`: the name to save it under"))),
         (status = 304, description = "`If-None-Match` names the artifact's ETag (its SHA-256): the copy the client holds is current"),
         (status = 206, description = "The requested range, in the artifact's content type",
             content((Vec<u8> = "text/markdown"), (Vec<u8> = "application/pdf"), (Vec<u8> = "audio/mpeg"))),
@@ -146,11 +147,28 @@ pub async fn download_artifact(
         .header(header::ETAG, etag)
         .header(header::CACHE_CONTROL, PRIVATE_REVALIDATED)
         // The content type is the worker's word; never let a browser guess.
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::CONTENT_DISPOSITION, content_disposition(&artifact));
     if let Some(content_range) = content_range {
         response = response.header(header::CONTENT_RANGE, content_range);
     }
     response.body(body).map_err(ApiError::internal)
+}
+
+/// Shown in the browser where it can be, saved under a name that says what
+/// it is (`<job>-audio.mp3`), not under the artifact's id (RFC 6266). The
+/// extension is the one the worker stored it under.
+fn content_disposition(artifact: &queue::Artifact) -> String {
+    let extension = artifact
+        .storage_key
+        .rsplit_once('.')
+        .map(|(_, ext)| ext)
+        .filter(|ext| (1..=8).contains(&ext.len()) && ext.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let name = format!("{}-{}", artifact.job_id, artifact.kind.as_str());
+    match extension {
+        Some(ext) => format!("inline; filename=\"{name}.{ext}\""),
+        None => format!("inline; filename=\"{name}\""),
+    }
 }
 
 /// Whether an `If-None-Match` list (`*`, or entity tags separated by
