@@ -116,7 +116,8 @@ struct RunArgs {
     /// Fly Machines API token (`fly tokens create deploy`); Bearer, or FlyV1 for macaroons.
     #[arg(long, env = "FLY_API_TOKEN", hide_env_values = true, hide = true)]
     fly_api_token: Option<String>,
-    /// The Fly app this controller runs in; pools that name another app are warned about.
+    /// The Fly app this controller runs in (Fly sets it): the app of pools
+    /// that name none; pools that name another app are warned about.
     #[arg(long, env = "FLY_APP_NAME")]
     fly_app_name: Option<String>,
     /// The Machines API; inside Fly, `http://_api.internal:4280`.
@@ -308,6 +309,7 @@ fn fly_backend(args: &RunArgs) -> anyhow::Result<FlyBackend> {
         client,
         FlySettings {
             stop_timeout: Duration::from_secs_f64(args.stop_grace_seconds),
+            own_app: args.fly_app_name.clone().filter(|app| !app.trim().is_empty()),
             ..FlySettings::default()
         },
     ))
@@ -317,7 +319,7 @@ fn fly_backend(args: &RunArgs) -> anyhow::Result<FlyBackend> {
 fn warn_about_other_apps(path: &Path, app: &str) {
     for pool in manifest::load(path).pools {
         if let spec::Target::Fly(fly) = &pool.pool.spec.target {
-            if fly.app != app {
+            if !fly.app.is_empty() && fly.app != app {
                 tracing::warn!(pool = pool.name(), target_app = %fly.app, this_app = %app,
                     "pool scales another Fly app than the one this controller runs in; its token needs access to it");
             }

@@ -216,7 +216,10 @@ pub enum WorkloadKind {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FlyTarget {
-    /// The Fly app.
+    /// The Fly app. Default: the app the controller runs in (Fly sets
+    /// `FLY_APP_NAME` on every machine), so pools shipped with the app
+    /// follow it when it is launched under another name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub app: String,
     /// The process group (`fly_process_group` machine metadata), e.g. `worker`.
     pub process_group: String,
@@ -468,7 +471,6 @@ impl WorkerPoolSpec {
         match &self.target {
             Target::Kubernetes(k8s) => problems.not_blank("spec.target.kubernetes.name", &k8s.name),
             Target::Fly(fly) => {
-                problems.not_blank("spec.target.fly.app", &fly.app);
                 problems.not_blank("spec.target.fly.processGroup", &fly.process_group);
                 if let Some(region) = &fly.region {
                     problems.not_blank("spec.target.fly.region", region);
@@ -951,7 +953,6 @@ mod tests {
         assert_eq!(
             problems(&fly),
             [
-                "spec.target.fly.app: must not be empty",
                 "spec.target.fly.region: must not be empty",
                 "spec.target.fly.maxStopped: must be >= 0, got -1",
                 "spec.target.fly.template.image: must not be empty",

@@ -47,6 +47,11 @@ fn backend_with_token(emu: &FlyEmulator, token: &str) -> FlyBackend {
 
 /// A backend that watches a machine boot for at most `wait_timeout`.
 fn backend_waiting(emu: &FlyEmulator, token: &str, wait_timeout: Duration) -> FlyBackend {
+    backend_in(emu, token, wait_timeout, None)
+}
+
+/// A backend whose controller runs in `own_app` (`FLY_APP_NAME`).
+fn backend_in(emu: &FlyEmulator, token: &str, wait_timeout: Duration, own_app: Option<&str>) -> FlyBackend {
     let retry = RetryPolicy {
         attempts: 10,
         base: Duration::from_millis(20),
@@ -59,6 +64,7 @@ fn backend_waiting(emu: &FlyEmulator, token: &str, wait_timeout: Duration) -> Fl
             stop_timeout: Duration::from_secs(5),
             wait_timeout,
             lease_ttl: Duration::from_secs(30),
+            own_app: own_app.map(str::to_string),
         },
     )
 }
@@ -69,7 +75,9 @@ fn backend(emu: &FlyEmulator) -> FlyBackend {
 
 /// `count` more replicas for the first pool, straight through the backend.
 async fn add(emu: &FlyEmulator, pools: &[LoadedPool], count: u32) -> Result<Vec<String>, BackendError> {
-    backend(emu).add(PoolRef::new(&pools[0], &Leadership::held()), count).await
+    backend(emu)
+        .add(PoolRef::new(&pools[0], &Leadership::held()), count)
+        .await
 }
 
 /// A machine of the `worker` group as `fly deploy` leaves it.
@@ -243,7 +251,10 @@ async fn a_group_at_zero_starts_its_stopped_machines_before_creating_any(pool: P
 
     let b = backend(&emu);
     wait_until("four ready machines", || in_state(&emu, "started").len() == 4).await;
-    let replicas = b.observe(PoolRef::new(&pools[0], &Leadership::held())).await.unwrap();
+    let replicas = b
+        .observe(PoolRef::new(&pools[0], &Leadership::held()))
+        .await
+        .unwrap();
     assert_eq!(
         (replicas.len(), replicas.iter().filter(|r| r.ready).count()),
         (4, 4)
@@ -319,6 +330,26 @@ async fn a_controller_that_loses_leadership_mid_scale_up_starts_and_creates_noth
     assert_eq!(of(&log, "lease").len(), 1, "no lease for a start not made");
     assert!(of(&log, "create").is_empty(), "no machine created");
     assert_eq!(in_state(&emu, "stopped").len(), 2);
+}
+
+/// Fly app names are global, so the app is rarely called `backlog`. A pool
+/// that names no app (as the shipped `manifests/fly/pools.yaml` does)
+/// scales the app its controller runs in; outside Fly, it says what to set.
+#[tokio::test]
+async fn a_pool_naming_no_app_scales_the_app_its_controller_runs_in() {
+    let emu = emulator().await;
+    seed(&emu, "stopped", "ord");
+    let pools = pools(&pool_yaml("{processGroup: worker}"));
+    let leading = Leadership::held();
+    let text = PoolRef::new(&pools[0], &leading);
+
+    let nowhere = backend_in(&emu, TOKEN, Duration::from_secs(10), None);
+    let err = nowhere.add(text, 1).await.unwrap_err();
+    assert!(err.to_string().contains("FLY_APP_NAME"), "{err}");
+
+    let inside = backend_in(&emu, TOKEN, Duration::from_secs(10), Some(APP));
+    assert_eq!(inside.add(text, 1).await.unwrap().len(), 1);
+    assert_eq!(in_state(&emu, "started").len(), 1);
 }
 
 #[tokio::test]
@@ -724,7 +755,10 @@ async fn a_rejected_token_is_reported_and_nothing_else_is_attempted(pool: PgPool
     for (token, status) in [("fm2_revoked", 401), ("other-app-token", 403)] {
         emu.clear_requests();
         let b = backend_with_token(&emu, token);
-        let err = b.observe(PoolRef::new(&pools[0], &Leadership::held())).await.unwrap_err();
+        let err = b
+            .observe(PoolRef::new(&pools[0], &Leadership::held()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, BackendError::Unauthorized { .. }), "{err}");
         let message = err.to_string();
         assert!(
@@ -1438,7 +1472,9 @@ async fn the_readme_sequence_on_a_fresh_app_deploys_scales_to_zero_and_back(pool
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let pools = loaded.pools;
     let q = Queue::new(pool);
-    let mut r = reconciler(&q, backend(&emu));
+    // Inside the app, as Fly runs it: FLY_APP_NAME names the pools' app.
+    let inside = backend_in(&emu, TOKEN, Duration::from_secs(10), doc["app"].as_str());
+    let mut r = reconciler(&q, inside);
 
     // An empty queue: after the cooldown both worker groups go to zero.
     for at in [0, 150, 310, 450] {

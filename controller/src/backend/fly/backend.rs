@@ -1,5 +1,6 @@
 //! The `Backend` impl over [`FlyClient`].
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -50,6 +51,9 @@ pub struct FlySettings {
     pub wait_timeout: Duration,
     /// Lease TTL for each mutation.
     pub lease_ttl: Duration,
+    /// The app of pools that name none: the one this controller runs in
+    /// (`FLY_APP_NAME`).
+    pub own_app: Option<String>,
 }
 
 impl Default for FlySettings {
@@ -58,6 +62,7 @@ impl Default for FlySettings {
             stop_timeout: Duration::from_secs(60),
             wait_timeout: Duration::from_secs(60),
             lease_ttl: Duration::from_secs(120),
+            own_app: None,
         }
     }
 }
@@ -96,13 +101,31 @@ impl FlyBackend {
         }
     }
 
-    fn target<'a>(pool: PoolRef<'a>) -> Result<&'a FlyTarget, BackendError> {
-        match &pool.spec.target {
-            Target::Fly(fly) => Ok(fly),
-            other => Err(BackendError::WrongTarget {
+    /// The pool's target, its app filled in when it names none.
+    fn target<'a>(&self, pool: PoolRef<'a>) -> Result<Cow<'a, FlyTarget>, BackendError> {
+        let fly = match &pool.spec.target {
+            Target::Fly(fly) => fly,
+            other => {
+                return Err(BackendError::WrongTarget {
+                    pool: pool.name.to_string(),
+                    target: other.backend(),
+                    backend: "fly",
+                })
+            }
+        };
+        if !fly.app.is_empty() {
+            return Ok(Cow::Borrowed(fly));
+        }
+        match &self.settings.own_app {
+            Some(app) => Ok(Cow::Owned(FlyTarget {
+                app: app.clone(),
+                ..fly.clone()
+            })),
+            None => Err(BackendError::Failed {
                 pool: pool.name.to_string(),
-                target: other.backend(),
-                backend: "fly",
+                message: "spec.target.fly.app names no app, and this controller does not run on Fly \
+                          (FLY_APP_NAME is not set): name the app in the pool"
+                    .into(),
             }),
         }
     }
@@ -491,9 +514,9 @@ impl Backend for FlyBackend {
     }
 
     async fn observe(&self, pool: PoolRef<'_>) -> Result<Vec<Replica>, BackendError> {
-        let target = Self::target(pool)?;
+        let target = self.target(pool)?;
         Ok(self
-            .group(pool, target)
+            .group(pool, &target)
             .await?
             .into_iter()
             .filter(|m| ACTIVE_STATES.contains(&m.state.as_str()))
@@ -505,11 +528,11 @@ impl Backend for FlyBackend {
     }
 
     async fn add(&self, pool: PoolRef<'_>, count: u32) -> Result<Vec<String>, BackendError> {
-        let target = Self::target(pool)?;
-        let group = self.group(pool, target).await?;
+        let target = self.target(pool)?;
+        let group = self.group(pool, &target).await?;
         // Failed machines go first; clones may still copy their config
         // below when nothing else is left to copy.
-        self.destroy_failed(pool, target, &group).await?;
+        self.destroy_failed(pool, &target, &group).await?;
         let mut needed = count as usize;
 
         // Stopped machines first: they boot in well under a second. The most
@@ -530,7 +553,7 @@ impl Backend for FlyBackend {
             }
         }
         if needed > 0 {
-            self.create(pool, target, &group, needed, &mut booting).await?;
+            self.create(pool, &target, &group, needed, &mut booting).await?;
         }
         // All boot at once; the waits only bound how long this pass watches.
         let waits = booting
@@ -546,7 +569,7 @@ impl Backend for FlyBackend {
     }
 
     async fn remove(&self, pool: PoolRef<'_>, ids: &[String]) -> Result<Vec<String>, BackendError> {
-        let target = Self::target(pool)?;
+        let target = self.target(pool)?;
         let stop = StopMachine {
             signal: "SIGTERM".into(),
             timeout: format!("{}s", self.settings.stop_timeout.as_secs().max(1)),
@@ -556,7 +579,7 @@ impl Backend for FlyBackend {
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
-        self.prune_stopped(pool, target).await?;
+        self.prune_stopped(pool, &target).await?;
         Ok(ids
             .iter()
             .zip(stopped)
