@@ -1504,6 +1504,15 @@ async fn reapplying_the_kustomization_keeps_the_count_the_controller_set() {
     if kubectl(&api, home.path(), &apply_crd).await.is_none() {
         return;
     }
+    let established = [
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=10s",
+        "crd/workerpools.backlog.dev",
+    ];
+    let out = kubectl(&api, home.path(), &established).await.unwrap();
+    assert!(out.contains("condition met"), "{out}");
     let apply = ["apply", "--validate=false", "-k", manifests.to_str().unwrap()];
     let out = kubectl(&api, home.path(), &apply).await.unwrap();
     assert!(out.contains("deployment.apps/worker created"), "{out}");

@@ -139,9 +139,33 @@ impl Queue {
         &self.pool
     }
 
-    /// Apply pending migrations.
+    /// Apply pending migrations. A database that a later build migrated
+    /// further (this build is a rollback) is left as it is, with a warning:
+    /// refusing, as sqlx does by default, would crash-loop the rolled-back
+    /// API and abort a Fly release command, and the later migrations would
+    /// still be there.
     pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+        let unknown: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE version <> ALL($1) ORDER BY version",
+        )
+        .bind(&known)
+        .fetch_all(&self.pool)
+        .await
+        .or_else(|e| match e {
+            // No migrations table yet: a new database.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+            e => Err(e),
+        })?;
+        if !unknown.is_empty() {
+            tracing::warn!(
+                ?unknown,
+                "the database has migrations this build does not know (a rollback?): they stay, and this build runs on the newer schema"
+            );
+        }
+        let mut migrator = sqlx::migrate!("../migrations");
+        migrator.set_ignore_missing(true);
+        migrator.run(&self.pool).await?;
         Ok(())
     }
 

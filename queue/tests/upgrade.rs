@@ -442,3 +442,32 @@ async fn after_an_upgrade_every_open_job_runs_to_the_end(pool: PgPool) {
     assert_eq!(open, 0);
     assert!(q.repair_stuck_jobs().await.unwrap().is_empty());
 }
+
+/// A rollback: the database carries a migration of a later build that this
+/// one does not know. `api migrate` (a Fly release command, an API pod with
+/// `MIGRATE_ON_START`) goes on instead of refusing, which crash-looped the
+/// rolled-back API, and the later migration stays recorded.
+#[sqlx::test(migrations = false)]
+async fn a_rolled_back_build_migrates_a_database_a_later_build_migrated(pool: PgPool) {
+    let q = queue::Queue::new(pool.clone());
+    q.migrate().await.unwrap();
+    const LATER: i64 = 29991231000000;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, 'a later build', true, '\\x00', 0)",
+    )
+    .bind(LATER)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    q.migrate().await.expect("a rolled-back build starts");
+
+    assert!(q.is_ready().await.unwrap(), "its own migrations are all there");
+    let kept: bool = sqlx::query_scalar("SELECT exists (SELECT FROM _sqlx_migrations WHERE version = $1)")
+        .bind(LATER)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(kept);
+}
