@@ -93,6 +93,24 @@ async fn espeak_speech_decodes_and_lasts_as_long_as_the_text() {
     assert!(durations[1] > durations[0] * 5.0, "{durations:?}");
 }
 
+/// Wiki-style links are spoken as words: espeak-ng reads `[[...]]` as
+/// phoneme codes, and the bracketed words went missing from the audio (a
+/// third of the plain text's length).
+#[tokio::test]
+async fn words_in_double_brackets_are_spoken() {
+    let narrate = async |text: &str| {
+        let document = Document::parse(text, None);
+        espeak_narrator()
+            .narrate(&document, None)
+            .await
+            .unwrap()
+            .duration_seconds
+    };
+    let bracketed = narrate("[[Main Page]], [[Main Page]] and [[Main Page]].").await;
+    let plain = narrate("Main Page, Main Page and Main Page.").await;
+    assert!(bracketed > plain * 0.8, "{bracketed:.2}s against {plain:.2}s");
+}
+
 #[tokio::test]
 async fn espeak_voices_from_the_job() {
     let greek = Document::parse("Καλημέρα σας. Πώς είστε σήμερα;", Some("Ελληνικά"));

@@ -60,7 +60,7 @@ impl Espeak {
                 }
             })?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
-        let input = text.as_bytes().to_vec();
+        let input = spoken_literally(text).into_bytes();
         // Written while the output is read: a long text would otherwise fill
         // both pipes and stall the two processes on each other.
         let writer = tokio::spawn(async move {
@@ -110,6 +110,17 @@ impl Espeak {
     }
 }
 
+/// `text` with no `[[`: espeak-ng reads `[[...]]` as phoneme codes, so
+/// `See [[Main Page]]` was spoken as "see" and noise, the link's words
+/// lost. A single bracket is read as punctuation.
+fn spoken_literally(text: &str) -> String {
+    let mut text = text.to_owned();
+    while text.contains("[[") {
+        text = text.replace("[[", "[");
+    }
+    text
+}
+
 /// A voice name by the queue's rule, which keeps espeak-ng (it reads the
 /// name as a path under its voices folder) inside that folder.
 fn check_voice(voice: &str) -> Result<()> {
@@ -119,6 +130,13 @@ fn check_voice(voice: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn double_brackets_are_spoken_as_text_not_phonemes() {
+        assert_eq!(spoken_literally("See [[Main Page]] now"), "See [Main Page]] now");
+        assert_eq!(spoken_literally("a [[[[b]]"), "a [b]]");
+        assert_eq!(spoken_literally("plain [text]"), "plain [text]");
+    }
 
     #[test]
     fn voice_names() {
