@@ -47,7 +47,10 @@ pub enum StoreError {
     InvalidKey { key: String, reason: String },
     #[error("no artifact stored under {key:?}")]
     NotFound { key: String },
-    #[error("artifact store: {0}")]
+    /// The store's own words with its request URLs left out: they name the
+    /// endpoint, bucket and key, and the message reaches the job's
+    /// `last_error`, which its tenant reads.
+    #[error("artifact store: {}", without_urls(&.0.to_string()))]
     Backend(object_store::Error),
     #[error("artifact store: {0}")]
     Io(#[from] std::io::Error),
@@ -66,6 +69,26 @@ fn read_error(key: &str) -> impl FnOnce(object_store::Error) -> StoreError + '_ 
         object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.to_owned() },
         e => StoreError::Backend(e),
     }
+}
+
+/// `text` with every `http://` or `https://` URL written `<url>`.
+fn without_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = ["http://", "https://"]
+        .iter()
+        .filter_map(|scheme| rest.find(scheme))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        out.push_str("<url>");
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || "\"'<>()[]{},".contains(c))
+            .map_or(rest.len(), |len| at + len);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl StoreError {
@@ -426,6 +449,25 @@ pub fn install_tls_provider() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_error_names_no_url() {
+        let failed = StoreError::Backend(object_store::Error::Generic {
+            store: "S3",
+            source: "Error performing PUT https://media.s3.eu-west-1.amazonaws.com/jobs/x/audio.mp3 in 1.2s \
+                     - Server returned non-success status code 503 (\"http://10.0.0.7:9000/media\")"
+                .into(),
+        });
+        let shown = failed.to_string();
+        assert!(
+            !shown.contains("amazonaws") && !shown.contains("10.0.0.7"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("PUT <url> in 1.2s") && shown.contains("503"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn keys_are_unique_per_claim() {
