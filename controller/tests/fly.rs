@@ -261,6 +261,54 @@ async fn a_group_at_zero_starts_its_stopped_machines_before_creating_any(pool: P
     );
 }
 
+/// A start refused for room on the machine's host (409, "insufficient
+/// memory") passes that machine over: the scale-up creates one instead.
+/// It failed the whole pass, and since the most recently stopped machine is
+/// tried first, every pass after it too.
+#[tokio::test]
+async fn a_stopped_machine_whose_host_is_full_is_passed_over() {
+    let emu = emulator().await;
+    let full = seed(&emu, "stopped", "ord");
+    emu.set_faults(Faults {
+        full_hosts: HashSet::from([full.clone()]),
+        ..Faults::default()
+    });
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker}"));
+
+    let booted = add(&emu, &pools, 1).await.unwrap();
+
+    assert_eq!(booted.len(), 1, "{booted:?}");
+    assert_ne!(booted[0], full, "a new machine in its place");
+    assert_eq!(in_state(&emu, "stopped"), [full]);
+}
+
+/// Fly asks for the instance when waiting for `stopped`; without it the
+/// wait is refused (400), the lease was let go while the worker still
+/// drained, and every stop logged a warning.
+#[tokio::test]
+async fn a_stop_is_watched_to_the_end_under_its_lease() {
+    let emu = emulator().await;
+    let machine = seed(&emu, "started", "ord");
+    let pools = pools(&pool_yaml("{app: backlog, processGroup: worker, maxStopped: 1}"));
+    let leading = Leadership::held();
+
+    let stopped = backend(&emu)
+        .remove(PoolRef::new(&pools[0], &leading), std::slice::from_ref(&machine))
+        .await
+        .unwrap();
+
+    assert_eq!(stopped, [machine.clone()]);
+    let log = emu.requests();
+    let waited = of(&log, "wait")
+        .into_iter()
+        .find(|w| w.query.iter().any(|(k, v)| k == "state" && v == "stopped"))
+        .map(|w| w.at);
+    let released = of(&log, "release_lease").last().map(|r| r.at);
+    assert!(waited.is_some(), "the wait for stopped was answered: {log:?}");
+    assert!(waited < released, "the lease is held until the machine stopped");
+    assert_eq!(in_state(&emu, "stopped"), [machine]);
+}
+
 #[tokio::test]
 async fn created_machines_clone_the_group_config_with_the_metadata_flyctl_needs() {
     let emu = emulator().await;
@@ -896,7 +944,9 @@ async fn client_and_emulator_speak_the_published_schemas_and_the_emulator_keeps_
             image_ref: None,
         },
     );
-    let client = FlyClient::new(&emu.base_url(), Token::new(TOKEN), RetryPolicy::default(), 4).unwrap();
+    // The OpenAPI document's server URL, `/v1` and all, works as the base.
+    let spec_style = format!("{}/v1/", emu.base_url());
+    let client = FlyClient::new(&spec_style, Token::new(TOKEN), RetryPolicy::default(), 4).unwrap();
     let filter = ListFilter {
         metadata: vec![("fly_process_group".into(), "worker".into())],
         ..ListFilter::default()
@@ -965,8 +1015,17 @@ async fn client_and_emulator_speak_the_published_schemas_and_the_emulator_keeps_
         matches!(no_nonce, FlyError::Api { status: 409, .. }),
         "a leased machine needs the nonce: {no_nonce}"
     );
-    let timed_out = client
+    let instance = created["instance_id"].as_str();
+    let no_instance = client
         .wait(APP, &id, "stopped", None, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(no_instance, FlyError::Api { status: 400, .. }),
+        "waiting for stopped names the instance: {no_instance}"
+    );
+    let timed_out = client
+        .wait(APP, &id, "stopped", instance, Duration::from_secs(1))
         .await
         .unwrap_err();
     assert!(
@@ -975,7 +1034,7 @@ async fn client_and_emulator_speak_the_published_schemas_and_the_emulator_keeps_
     );
     client.stop(APP, &id, &stop, Some(&lease.nonce)).await.unwrap();
     client
-        .wait(APP, &id, "stopped", None, Duration::from_secs(10))
+        .wait(APP, &id, "stopped", instance, Duration::from_secs(10))
         .await
         .unwrap();
     let machine = client.get(APP, &id).await.unwrap();

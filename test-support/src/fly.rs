@@ -59,6 +59,9 @@ pub struct Faults {
     pub slow: Option<Duration>,
     /// Creating a machine here fails with 422 `insufficient_capacity`.
     pub no_capacity_regions: HashSet<String>,
+    /// Starting these machines fails with 409: their host has no room left
+    /// for them ("insufficient memory available to fulfill request").
+    pub full_hosts: HashSet<String>,
     /// The next this many requests of these actions (`stop`, `start`, ...)
     /// take effect, then are answered 503: an answer lost on its way back,
     /// after which a client's retry meets the new state.
@@ -627,6 +630,7 @@ impl Shared {
         let id = r.machine.clone().expect("machine routes name one");
         let now = Utc::now();
         let key = (r.app.clone(), id.clone());
+        let host_full = state.faults.full_hosts.contains(&id);
         let Some(machine) = state.machines.get_mut(&key) else {
             return error(StatusCode::NOT_FOUND, format!("machine {id} not found"));
         };
@@ -725,6 +729,12 @@ impl Shared {
                 ok(state.machines[&key].to_json(false))
             }
             "start" => {
+                if host_full {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "could not reserve resource for machine: insufficient memory available to fulfill request",
+                    );
+                }
                 if !matches!(machine.state.as_str(), "stopped" | "suspended" | "created") {
                     return error(
                         StatusCode::PRECONDITION_FAILED,
@@ -983,6 +993,13 @@ impl Shared {
                 )
             }
         };
+        // Fly's docs: required when waiting for a machine to be `stopped`.
+        if wanted == "stopped" && query_value(query, "instance_id").is_none_or(str::is_empty) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "instance_id is required when waiting for a machine to be stopped",
+            );
+        }
         let deadline = Instant::now() + Duration::from_secs(timeout);
         loop {
             {

@@ -19,8 +19,16 @@ use crate::spec::{ConditionType, FlyTarget, Target, WorkerPoolStatus};
 pub const PROCESS_GROUP_KEY: &str = "fly_process_group";
 pub const PLATFORM_VERSION_KEY: &str = "fly_platform_version";
 
-/// States that count as a replica: running or on the way there.
-const ACTIVE_STATES: &[&str] = &["starting", "started", "restarting", "updating", "replacing"];
+/// States that count as a replica: running or on the way there
+/// (`creating`: a new machine being initialised, before `created`).
+const ACTIVE_STATES: &[&str] = &[
+    "creating",
+    "starting",
+    "started",
+    "restarting",
+    "updating",
+    "replacing",
+];
 /// States a machine can be started from. `created` is one: Fly keeps a
 /// machine there until someone starts it (created with `skip_launch`, or a
 /// launch that never began), so counting it as a replica would hold the
@@ -186,8 +194,10 @@ impl FlyBackend {
         }
     }
 
-    /// Start one stopped machine under its lease. Ok(false): skipped because
-    /// someone else holds the lease.
+    /// Start one stopped machine under its lease. Ok(false): skipped, because
+    /// someone else holds the lease or the machine cannot start now (its
+    /// host has no room for it, or it is in a state it cannot start from):
+    /// the scale-up goes on with the next machine, or creates one.
     async fn start_one(&self, pool: PoolRef<'_>, app: &str, machine: &Machine) -> Result<bool, BackendError> {
         let Leased::Held(nonce) = self.lease(pool, app, &machine.id, "start").await? else {
             return Ok(false);
@@ -202,9 +212,27 @@ impl FlyBackend {
             other => other.map(|_| ()),
         };
         self.release(pool, app, &machine.id, &nonce).await;
-        started.map_err(|e| to_backend(pool, e))?;
-        tracing::info!(pool = pool.name, machine = %machine.id, region = %machine.region, "started stopped machine");
-        Ok(true)
+        match started {
+            Ok(()) => {
+                tracing::info!(pool = pool.name, machine = %machine.id, region = %machine.region, "started stopped machine");
+                Ok(true)
+            }
+            Err(e)
+                if e.is_insufficient_capacity()
+                    || matches!(
+                        e,
+                        FlyError::Api {
+                            status: 409 | 412,
+                            ..
+                        }
+                    ) =>
+            {
+                tracing::warn!(pool = pool.name, machine = %machine.id, region = %machine.region, error = %e,
+                    "machine cannot start now; scaling up with others");
+                Ok(false)
+            }
+            Err(e) => Err(to_backend(pool, e)),
+        }
     }
 
     /// Stop one drained machine with SIGTERM under its lease, and wait (still
@@ -214,9 +242,10 @@ impl FlyBackend {
         &self,
         pool: PoolRef<'_>,
         app: &str,
-        id: &str,
+        machine: &Machine,
         stop: &StopMachine,
     ) -> Result<bool, BackendError> {
+        let id = machine.id.as_str();
         let Leased::Held(nonce) = self.lease(pool, app, id, "stop").await? else {
             return Ok(false);
         };
@@ -228,7 +257,9 @@ impl FlyBackend {
         };
         if stopped.is_ok() {
             // The stop is under way whatever the wait says: not an error of the pass.
-            if let Err(e) = self.wait_for(pool, app, id, "stopped").await {
+            // Fly asks for the instance to wait on when the state is `stopped`.
+            let instance = Some(machine.instance_id.as_str());
+            if let Err(e) = self.wait_for(pool, app, id, "stopped", instance).await {
                 tracing::warn!(pool = pool.name, machine = %id, error = %e, "could not watch the machine stop");
             }
         }
@@ -258,10 +289,11 @@ impl FlyBackend {
         app: &str,
         machine: &str,
         state: &str,
+        instance_id: Option<&str>,
     ) -> Result<(), BackendError> {
         match self
             .client
-            .wait(app, machine, state, None, self.settings.wait_timeout)
+            .wait(app, machine, state, instance_id, self.settings.wait_timeout)
             .await
         {
             Ok(()) => Ok(()),
@@ -558,7 +590,7 @@ impl Backend for FlyBackend {
         // All boot at once; the waits only bound how long this pass watches.
         let waits = booting
             .iter()
-            .map(|id| self.wait_for(pool, &target.app, id, "started"));
+            .map(|id| self.wait_for(pool, &target.app, id, "started", None));
         futures::future::join_all(waits)
             .await
             .into_iter()
@@ -574,7 +606,15 @@ impl Backend for FlyBackend {
             signal: "SIGTERM".into(),
             timeout: format!("{}s", self.settings.stop_timeout.as_secs().max(1)),
         };
-        let stops = ids.iter().map(|id| self.stop_one(pool, &target.app, id, &stop));
+        let group = self.group(pool, &target).await?;
+        let (group, app, stop) = (&group, target.app.as_str(), &stop);
+        let stops = ids.iter().map(|id| async move {
+            match group.iter().find(|m| &m.id == id) {
+                Some(machine) => self.stop_one(pool, app, machine, stop).await,
+                // Destroyed meanwhile (by hand, by `fly deploy`): gone is stopped.
+                None => Ok(true),
+            }
+        });
         let stopped: Vec<bool> = futures::future::join_all(stops)
             .await
             .into_iter()

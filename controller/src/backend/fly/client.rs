@@ -58,9 +58,18 @@ pub enum FlyError {
 }
 
 impl FlyError {
+    /// No room for the machine where it was asked for. Fly says so with
+    /// the body's `insufficient_capacity` status or an "insufficient
+    /// memory/resources" message, under 422, 409, 412 or 503 depending on
+    /// the action and the host: the body decides, not the code.
     pub fn is_insufficient_capacity(&self) -> bool {
-        matches!(self, FlyError::Api { status: 422, code: Some(c), .. } if c == "insufficient_capacity")
-            || matches!(self, FlyError::Api { status: 422, message, .. } if message.contains("insufficient"))
+        match self {
+            FlyError::Api { code: Some(c), .. } if c == "insufficient_capacity" => true,
+            FlyError::Api { status, message, .. } => {
+                matches!(status, 409 | 412 | 422 | 503) && message.contains("insufficient")
+            }
+            _ => false,
+        }
     }
 }
 
@@ -365,7 +374,10 @@ impl FlyClient {
         TLS.call_once(|| {
             let _ = rustls::crypto::ring::default_provider().install_default();
         });
+        // The OpenAPI document's server URL carries `/v1`, which every path
+        // here adds again.
         let base = base.trim_end_matches('/');
+        let base = base.strip_suffix("/v1").unwrap_or(base);
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(FlyError::Config(format!(
                 "FLY_API_BASE_URL must be an http(s) URL, got {base:?}"
@@ -803,6 +815,24 @@ fn encode(segment: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_capacity_is_read_from_the_body_whatever_the_status() {
+        let answer = |status: u16, message: &str, code: Option<&str>| FlyError::Api {
+            action: "create",
+            status,
+            message: message.into(),
+            code: code.map(str::to_string),
+        };
+        assert!(answer(503, "no room", Some("insufficient_capacity")).is_insufficient_capacity());
+        assert!(answer(422, "x", Some("insufficient_capacity")).is_insufficient_capacity());
+        assert!(answer(412, "insufficient resources to create new machine", None).is_insufficient_capacity());
+        assert!(
+            answer(409, "insufficient memory available to fulfill request", None).is_insufficient_capacity()
+        );
+        assert!(!answer(503, "service unavailable", None).is_insufficient_capacity());
+        assert!(!answer(422, "name already taken", Some("name_taken")).is_insufficient_capacity());
+    }
 
     #[test]
     fn macaroons_use_the_flyv1_scheme_and_others_bearer() {
