@@ -241,11 +241,11 @@ fn random_hex(n: usize) -> String {
         .collect()
 }
 
-/// Fly's documented limits: per action and machine 1/s with bursts of 3;
-/// reads 5/s with bursts of 10.
+/// Fly's documented limits: per action and machine 1/s with bursts of 3,
+/// list and wait included; Get Machine 5/s with bursts of 10.
 fn rate_for(action: &str) -> (f64, f64) {
     match action {
-        "get" | "list" | "wait" | "get_lease" => (5.0, 10.0),
+        "get" => (5.0, 10.0),
         _ => (1.0, 3.0),
     }
 }

@@ -250,13 +250,14 @@ pub struct Rate {
     pub burst: f64,
 }
 
-/// Mutations: 1 request/s, bursts of 3.
-pub const MUTATION_RATE: Rate = Rate {
+/// Every action but Get Machine, reads (list, wait, get lease) too: 1
+/// request/s, bursts of 3 ("Working with the Machines API", Rate Limits).
+pub const ACTION_RATE: Rate = Rate {
     per_second: 1.0,
     burst: 3.0,
 };
-/// Reads (get, list, wait): 5 requests/s, bursts of 10.
-pub const READ_RATE: Rate = Rate {
+/// Get Machine: 5 requests/s, bursts of 10.
+pub const GET_RATE: Rate = Rate {
     per_second: 5.0,
     burst: 10.0,
 };
@@ -446,7 +447,7 @@ impl FlyClient {
                     query,
                     body: None,
                     nonce: None,
-                    rate: READ_RATE,
+                    rate: ACTION_RATE,
                     idempotent: true,
                     long_poll: false,
                 })
@@ -467,7 +468,7 @@ impl FlyClient {
 
     pub async fn get(&self, app: &str, machine: &str) -> Result<Machine, FlyError> {
         let (_, body) = self
-            .send(self.simple("get", Method::GET, app, machine, "", None, READ_RATE))
+            .send(self.simple("get", Method::GET, app, machine, "", None, GET_RATE))
             .await?;
         decode("get", body)
     }
@@ -484,7 +485,7 @@ impl FlyClient {
                 query: vec![],
                 body: Some(body),
                 nonce: None,
-                rate: MUTATION_RATE,
+                rate: ACTION_RATE,
                 idempotent: false,
                 long_poll: false,
             })
@@ -502,7 +503,7 @@ impl FlyClient {
         current_version: Option<&str>,
         nonce: Option<&str>,
     ) -> Result<Machine, FlyError> {
-        let mut call = self.simple("update", Method::POST, app, machine, "", nonce, MUTATION_RATE);
+        let mut call = self.simple("update", Method::POST, app, machine, "", nonce, ACTION_RATE);
         let mut body = serde_json::json!({ "config": config });
         if let Some(version) = current_version {
             body["current_version"] = Value::String(version.into());
@@ -513,17 +514,9 @@ impl FlyClient {
     }
 
     pub async fn start(&self, app: &str, machine: &str, nonce: Option<&str>) -> Result<(), FlyError> {
-        self.send(self.simple(
-            "start",
-            Method::POST,
-            app,
-            machine,
-            "/start",
-            nonce,
-            MUTATION_RATE,
-        ))
-        .await
-        .map(drop)
+        self.send(self.simple("start", Method::POST, app, machine, "/start", nonce, ACTION_RATE))
+            .await
+            .map(drop)
     }
 
     pub async fn stop(
@@ -533,7 +526,7 @@ impl FlyClient {
         stop: &StopMachine,
         nonce: Option<&str>,
     ) -> Result<(), FlyError> {
-        let mut call = self.simple("stop", Method::POST, app, machine, "/stop", nonce, MUTATION_RATE);
+        let mut call = self.simple("stop", Method::POST, app, machine, "/stop", nonce, ACTION_RATE);
         call.body = Some(serde_json::to_value(stop).map_err(|e| FlyError::Config(e.to_string()))?);
         self.send(call).await.map(drop)
     }
@@ -546,7 +539,7 @@ impl FlyClient {
             machine,
             "/suspend",
             nonce,
-            MUTATION_RATE,
+            ACTION_RATE,
         ))
         .await
         .map(drop)
@@ -560,7 +553,7 @@ impl FlyClient {
         force: bool,
         nonce: Option<&str>,
     ) -> Result<(), FlyError> {
-        let mut call = self.simple("destroy", Method::DELETE, app, machine, "", nonce, MUTATION_RATE);
+        let mut call = self.simple("destroy", Method::DELETE, app, machine, "", nonce, ACTION_RATE);
         if force {
             call.query.push(("force".into(), "true".into()));
         }
@@ -576,7 +569,7 @@ impl FlyClient {
         instance_id: Option<&str>,
         timeout: Duration,
     ) -> Result<(), FlyError> {
-        let mut call = self.simple("wait", Method::GET, app, machine, "/wait", None, READ_RATE);
+        let mut call = self.simple("wait", Method::GET, app, machine, "/wait", None, ACTION_RATE);
         call.long_poll = true;
         call.query.push(("state".into(), state.into()));
         call.query
@@ -603,7 +596,7 @@ impl FlyClient {
         ttl: Duration,
         description: &str,
     ) -> Result<Lease, FlyError> {
-        let mut call = self.simple("lease", Method::POST, app, machine, "/lease", None, MUTATION_RATE);
+        let mut call = self.simple("lease", Method::POST, app, machine, "/lease", None, ACTION_RATE);
         call.body = Some(serde_json::json!({"ttl": ttl.as_secs().max(1), "description": description}));
         // Retried like a read: if a lost answer had granted it, the retry
         // sees a 409 and the machine is skipped until the TTL ends, which
@@ -628,7 +621,7 @@ impl FlyClient {
             machine,
             "/lease",
             Some(nonce),
-            MUTATION_RATE,
+            ACTION_RATE,
         ))
         .await
         .map(drop)
@@ -854,10 +847,10 @@ mod tests {
         let now = Instant::now();
         let key = || ("start", "app/m1".to_string());
         for _ in 0..3 {
-            assert_eq!(b.reserve(key(), MUTATION_RATE, now), Duration::ZERO);
+            assert_eq!(b.reserve(key(), ACTION_RATE, now), Duration::ZERO);
         }
-        let fourth = b.reserve(key(), MUTATION_RATE, now);
-        let fifth = b.reserve(key(), MUTATION_RATE, now);
+        let fourth = b.reserve(key(), ACTION_RATE, now);
+        let fifth = b.reserve(key(), ACTION_RATE, now);
         assert!(
             fourth > Duration::from_secs(1) && fourth < Duration::from_millis(1200),
             "{fourth:?}"
@@ -868,12 +861,12 @@ mod tests {
         );
         // Time refills the bucket: 3 s later the burst is back, minus the queue.
         assert_eq!(
-            b.reserve(key(), MUTATION_RATE, now + Duration::from_secs(10)),
+            b.reserve(key(), ACTION_RATE, now + Duration::from_secs(10)),
             Duration::ZERO
         );
         // Another machine has its own bucket.
         assert_eq!(
-            b.reserve(("start", "app/m2".into()), MUTATION_RATE, now),
+            b.reserve(("start", "app/m2".into()), ACTION_RATE, now),
             Duration::ZERO
         );
     }
