@@ -20,7 +20,7 @@ mod runpod;
 
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use mp3lame_encoder::{Bitrate, Builder, FlushGap, Mode, MonoPcm, Quality};
 
 pub use self::chunks::{spoken_chunks, SpokenChunk, BLOCK_PAUSE, SENTENCE_PAUSE};
@@ -193,19 +193,44 @@ impl Narrator {
         // future fail the `Send` bound the worker runtime needs.
         let pieces: Vec<(String, Duration)> =
             chunks.iter().map(|c| (c.text.clone(), c.pause_after)).collect();
-        let spoken: Vec<(Pcm, Duration)> = futures::stream::iter(pieces)
+        let mut spoken = futures::stream::iter(pieces)
             .map(|(text, pause_after)| async move {
                 let pcm = self.provider.synthesize(&text, voice).await?;
                 Ok::<_, Error>((pcm, pause_after))
             })
-            .buffered(self.concurrency)
-            .try_collect()
-            .await?;
-        let joined = join_with_pauses(spoken)?;
-        let sample_rate = joined.sample_rate;
-        let duration_seconds = joined.duration().as_secs_f64();
-        // Encoding is CPU-bound: off the async threads.
-        let bytes = tokio::task::spawn_blocking(move || encode_mp3(&joined))
+            .buffered(self.concurrency);
+        // Each piece is encoded as it arrives, in order, and dropped: a long
+        // text's samples (about 2.5 kB a character with espeak-ng) are never
+        // held whole, only the MP3 (a tenth of that) and the pieces in flight.
+        let mut writer: Option<Mp3Writer> = None;
+        let mut pause_before = Duration::ZERO;
+        while let Some(piece) = spoken.next().await {
+            let (pcm, pause_after) = piece?;
+            let mut current = match writer.take() {
+                Some(writer) => writer,
+                None => Mp3Writer::new(pcm.sample_rate)?,
+            };
+            if pcm.sample_rate != current.sample_rate {
+                return Err(Error::Audio(format!(
+                    "the provider returned chunks at {} Hz and {} Hz",
+                    current.sample_rate, pcm.sample_rate
+                )));
+            }
+            // Encoding is CPU-bound: off the async threads.
+            current = tokio::task::spawn_blocking(move || {
+                current.silence(pause_before)?;
+                current.push(&pcm.samples)?;
+                Ok::<_, Error>(current)
+            })
+            .await
+            .map_err(|e| Error::Audio(format!("encoding thread failed: {e}")))??;
+            writer = Some(current);
+            pause_before = pause_after;
+        }
+        let writer = writer.ok_or_else(|| Error::Audio("the provider returned no speech".into()))?;
+        let sample_rate = writer.sample_rate;
+        let duration_seconds = writer.duration().as_secs_f64();
+        let bytes = tokio::task::spawn_blocking(move || writer.finish())
             .await
             .map_err(|e| Error::Audio(format!("encoding thread failed: {e}")))??;
         Ok(Narration {
@@ -218,67 +243,91 @@ impl Narrator {
     }
 }
 
-/// One signal from the pieces in order, each followed by its pause except
-/// the last. All pieces must share a sample rate: they come from one voice.
-fn join_with_pauses(pieces: Vec<(Pcm, Duration)>) -> Result<Pcm> {
-    let sample_rate = pieces.first().map_or(0, |(pcm, _)| pcm.sample_rate);
-    if let Some((odd, _)) = pieces.iter().find(|(pcm, _)| pcm.sample_rate != sample_rate) {
-        return Err(Error::Audio(format!(
-            "the provider returned chunks at {sample_rate} Hz and {} Hz",
-            odd.sample_rate
-        )));
-    }
-    let count = pieces.len();
-    let mut samples = Vec::with_capacity(pieces.iter().map(|(pcm, _)| pcm.samples.len()).sum());
-    for (i, (pcm, pause)) in pieces.into_iter().enumerate() {
-        samples.extend_from_slice(&pcm.samples);
-        if i + 1 < count {
-            let silence = (pause.as_secs_f64() * f64::from(sample_rate)).round() as usize;
-            samples.resize(samples.len() + silence, 0);
-        }
-    }
-    Ok(Pcm { sample_rate, samples })
+/// MP3 written as speech arrives, piece by piece. MP3 because every
+/// player, browser and phone opens it. LAME is compiled from the source the
+/// `mp3lame-sys` crate vendors (a C compiler and `make` are all it needs),
+/// so the binary carries its encoder and the machines need no extra
+/// package. Constant 64 kbit/s mono is ample for speech, and the LAME tag
+/// at the front lets players show the exact duration.
+struct Mp3Writer {
+    encoder: mp3lame_encoder::Encoder,
+    mp3: Vec<u8>,
+    sample_rate: u32,
+    samples: u64,
 }
 
-/// MP3 because every player, browser and phone opens it. LAME is compiled
-/// from the source the `mp3lame-sys` crate vendors (a C compiler and `make`
-/// are all it needs), so the binary carries its encoder and the machines
-/// need no extra package. Constant 64 kbit/s mono is ample for speech, and
-/// the LAME tag at the front lets players show the exact duration.
-fn encode_mp3(pcm: &Pcm) -> Result<Vec<u8>> {
-    let fail = |what: &str, e: &dyn std::fmt::Debug| Error::Audio(format!("MP3 {what}: {e:?}"));
-    let mut builder = Builder::new().ok_or_else(|| Error::Audio("MP3 encoder: out of memory".into()))?;
-    builder.set_num_channels(1).map_err(|e| fail("channels", &e))?;
-    builder
-        .set_sample_rate(pcm.sample_rate)
-        .map_err(|e| fail("sample rate", &e))?;
-    builder.set_mode(Mode::Mono).map_err(|e| fail("mode", &e))?;
-    builder
-        .set_brate(Bitrate::Kbps64)
-        .map_err(|e| fail("bitrate", &e))?;
-    builder
-        .set_quality(Quality::Good)
-        .map_err(|e| fail("quality", &e))?;
-    let mut encoder = builder.build().map_err(|e| fail("setup", &e))?;
-
-    let mut mp3 = Vec::with_capacity(mp3lame_encoder::max_required_buffer_size(pcm.samples.len()));
-    encoder
-        .encode_to_vec(MonoPcm(&pcm.samples), &mut mp3)
-        .map_err(|e| fail("encoding", &e))?;
-    // LAME asks for up to 7200 bytes of room to flush into. The flush pads
-    // and encodes the samples LAME still holds (its "no gap" flush only
-    // empties the bitstream, for files played back to back, and cut the
-    // end off every file) and records the padding in the LAME tag.
-    mp3.reserve(7200);
-    encoder
-        .flush_to_vec::<FlushGap>(&mut mp3)
-        .map_err(|e| fail("flush", &e))?;
-    // LAME reserved the first frame for this tag; fill it in now the length is known.
-    let mut tag = Vec::with_capacity(encoder.lame_tag_size());
-    if encoder.lame_tag_encode_to_vec(&mut tag).is_some() && tag.len() <= mp3.len() {
-        mp3[..tag.len()].copy_from_slice(&tag);
+impl Mp3Writer {
+    fn new(sample_rate: u32) -> Result<Self> {
+        let mut builder = Builder::new().ok_or_else(|| Error::Audio("MP3 encoder: out of memory".into()))?;
+        builder
+            .set_num_channels(1)
+            .map_err(|e| mp3_error("channels", &e))?;
+        builder
+            .set_sample_rate(sample_rate)
+            .map_err(|e| mp3_error("sample rate", &e))?;
+        builder.set_mode(Mode::Mono).map_err(|e| mp3_error("mode", &e))?;
+        builder
+            .set_brate(Bitrate::Kbps64)
+            .map_err(|e| mp3_error("bitrate", &e))?;
+        builder
+            .set_quality(Quality::Good)
+            .map_err(|e| mp3_error("quality", &e))?;
+        let encoder = builder.build().map_err(|e| mp3_error("setup", &e))?;
+        Ok(Mp3Writer {
+            encoder,
+            mp3: Vec::new(),
+            sample_rate,
+            samples: 0,
+        })
     }
-    Ok(mp3)
+
+    fn push(&mut self, samples: &[i16]) -> Result<()> {
+        self.mp3
+            .reserve(mp3lame_encoder::max_required_buffer_size(samples.len()));
+        self.encoder
+            .encode_to_vec(MonoPcm(samples), &mut self.mp3)
+            .map_err(|e| mp3_error("encoding", &e))?;
+        self.samples += samples.len() as u64;
+        Ok(())
+    }
+
+    /// `pause` of silence, in blocks: a long pause allocates no more than one.
+    fn silence(&mut self, pause: Duration) -> Result<()> {
+        const BLOCK: usize = 8192;
+        let mut left = (pause.as_secs_f64() * f64::from(self.sample_rate)).round() as usize;
+        let zeros = [0i16; BLOCK];
+        while left > 0 {
+            let n = left.min(BLOCK);
+            self.push(&zeros[..n])?;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.samples as f64 / f64::from(self.sample_rate.max(1)))
+    }
+
+    fn finish(mut self) -> Result<Vec<u8>> {
+        // LAME asks for up to 7200 bytes of room to flush into. The flush pads
+        // and encodes the samples LAME still holds (its "no gap" flush only
+        // empties the bitstream, for files played back to back, and cut the
+        // end off every file) and records the padding in the LAME tag.
+        self.mp3.reserve(7200);
+        self.encoder
+            .flush_to_vec::<FlushGap>(&mut self.mp3)
+            .map_err(|e| mp3_error("flush", &e))?;
+        // LAME reserved the first frame for this tag; fill it in now the length is known.
+        let mut tag = Vec::with_capacity(self.encoder.lame_tag_size());
+        if self.encoder.lame_tag_encode_to_vec(&mut tag).is_some() && tag.len() <= self.mp3.len() {
+            self.mp3[..tag.len()].copy_from_slice(&tag);
+        }
+        Ok(self.mp3)
+    }
+}
+
+fn mp3_error(what: &str, e: &dyn std::fmt::Debug) -> Error {
+    Error::Audio(format!("MP3 {what}: {e:?}"))
 }
 
 #[cfg(test)]
@@ -294,19 +343,26 @@ mod tests {
         }
     }
 
+    fn encode_mp3(pcm: &Pcm) -> Result<Vec<u8>> {
+        let mut writer = Mp3Writer::new(pcm.sample_rate)?;
+        writer.push(&pcm.samples)?;
+        writer.finish()
+    }
+
     #[test]
-    fn pauses_go_between_pieces_only() {
-        let joined = join_with_pauses(vec![
-            (tone(1000, 100), Duration::from_millis(500)),
-            (tone(1000, 100), Duration::from_millis(300)),
-        ])
-        .unwrap();
-        assert_eq!(joined.samples.len(), 100 + 500 + 100);
-        assert!(join_with_pauses(vec![
-            (tone(1000, 1), Duration::ZERO),
-            (tone(2000, 1), Duration::ZERO)
-        ])
-        .is_err());
+    fn the_writer_counts_speech_and_pauses_as_they_are_written() {
+        let mut writer = Mp3Writer::new(22050).unwrap();
+        writer.push(&tone(22050, 100).samples).unwrap();
+        writer.silence(Duration::from_millis(500)).unwrap();
+        writer.push(&tone(22050, 100).samples).unwrap();
+        assert_eq!(writer.samples, 100 + 11025 + 100);
+        assert!((writer.duration().as_secs_f64() - 11225.0 / 22050.0).abs() < 1e-9);
+        let decoded = decoded_samples(&writer.finish().unwrap());
+        assert!(
+            (decoded.len() as i64 - 11225).abs() < 22050 * 3 / 100,
+            "{}",
+            decoded.len()
+        );
     }
 
     #[test]
