@@ -82,6 +82,29 @@ impl Settings {
     }
 
     pub fn load_from(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings> {
+        Settings::assemble(env, &mut |path| read_file(path))
+    }
+
+    /// As [`Settings::load`], for `login`, which writes the file afresh: a
+    /// file that cannot be read or parsed counts as empty, and why is
+    /// returned to be shown.
+    pub fn load_for_login() -> (Settings, Option<CliError>) {
+        let mut broken = None;
+        let mut lenient = |path: &Path| {
+            Ok(read_file(path).unwrap_or_else(|e| {
+                broken = Some(e);
+                ConfigFile::default()
+            }))
+        };
+        let settings = Settings::assemble(&|name| std::env::var(name).ok(), &mut lenient)
+            .expect("a lenient read never fails");
+        (settings, broken)
+    }
+
+    fn assemble(
+        env: &dyn Fn(&str) -> Option<String>,
+        read: &mut dyn FnMut(&Path) -> Result<ConfigFile>,
+    ) -> Result<Settings> {
         let file = config_path(env);
         let set = |name: &str| env(name).is_some_and(|v| !v.is_empty());
         let from_file = match &file {
@@ -89,7 +112,7 @@ impl Settings {
             // one that does not parse must not stop a command configured
             // without it (`backlog config` included).
             Some(_) if set("BACKLOG_URL") && set("BACKLOG_KEY") => ConfigFile::default(),
-            Some(path) => read_file(path)?,
+            Some(path) => read(path)?,
             None => ConfigFile::default(),
         };
         let pick = |name: &'static str, in_file: Option<String>| {
@@ -155,9 +178,9 @@ pub enum Change<'a> {
 pub fn save(path: &Path, change: Change<'_>) -> Result<bool> {
     let mut config = match (read_file(path), &change) {
         (Ok(config), _) => config,
-        // A login replaces both settings: a file that does not parse is
-        // written afresh rather than left in the way.
-        (Err(CliError::Config(_)), Change::Login { .. }) => ConfigFile::default(),
+        // A login replaces both settings: a file that cannot be read or
+        // parsed is written afresh rather than left in the way.
+        (Err(_), Change::Login { .. }) => ConfigFile::default(),
         (Err(e), _) => return Err(e),
     };
     let mut removed = false;
@@ -207,7 +230,13 @@ fn read_file(path: &Path) -> Result<ConfigFile> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ConfigFile::default()),
         Err(e) => return Err(CliError::file("reading the config file", path)(e)),
     };
-    toml::from_str(&text).map_err(|e| CliError::Config(format!("config file {}: {e}", path.display())))
+    toml::from_str(&text).map_err(|e| {
+        CliError::Config(format!(
+            "config file {}: {}\n(fix it, or `backlog login` writes it afresh)",
+            path.display(),
+            e.to_string().trim_end()
+        ))
+    })
 }
 
 #[cfg(test)]

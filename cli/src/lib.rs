@@ -182,20 +182,30 @@ pub const POOL_COLUMNS: [&str; 13] = [
 /// `backlog login`: the key from stdin, checked with a request the API
 /// answers for any valid key, then saved. A refused key changes nothing.
 async fn login(url: Option<String>) -> Result<()> {
-    let settings = Settings::load()?;
+    let (settings, broken) = Settings::load_for_login();
+    if let Some(why) = broken {
+        eprintln!("backlog: {why}; this login replaces it");
+    }
     let path = settings.file.clone().ok_or_else(|| {
         CliError::Config("no config file to write: set BACKLOG_CONFIG, XDG_CONFIG_HOME or HOME".into())
     })?;
     let url = url
         .or_else(|| settings.url.as_ref().map(|(u, _)| u.clone()))
         .ok_or_else(|| CliError::Usage("no API URL: pass --url https://…".into()))?;
-    if std::io::stdin().is_terminal() {
-        eprint!("API key for {url} (read from stdin): ");
-    }
     let mut line = String::new();
-    std::io::stdin()
-        .read_line(&mut line)
-        .map_err(CliError::file("reading the key from", "stdin"))?;
+    let terminal = console::Term::stderr();
+    if std::io::stdin().is_terminal() && terminal.is_term() {
+        // Typed or pasted at a terminal: not echoed, so the key stays out of
+        // the scrollback, a screen share and a recorded session.
+        eprint!("API key for {url} (not shown): ");
+        line = terminal
+            .read_secure_line()
+            .map_err(CliError::file("reading the key from", "the terminal"))?;
+    } else {
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(CliError::file("reading the key from", "stdin"))?;
+    }
     let key = config::ApiKey::new(line.trim().to_string());
     if key.expose().is_empty() {
         return Err(CliError::Usage(

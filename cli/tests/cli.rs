@@ -838,6 +838,95 @@ async fn run_with_stdin(
 
 /// `login` keeps a key the API accepts, in a file only its owner reads; a
 /// refused key changes nothing; `logout` forgets the key and keeps the URL.
+/// The README: a config file that does not parse "stops only a command that
+/// needs a setting from it, and `backlog login` writes it afresh". Login
+/// read the file first and stopped at it, the one command that fixes it.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn login_writes_afresh_a_config_file_that_does_not_parse(pool: sqlx::PgPool) {
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let login = ["login", "--url", server.base.as_str()];
+    for broken in [&b"url = \"http://old\"\nbogus\n"[..], &[0xff, 0xfe, b'\n'][..]] {
+        std::fs::write(&config, broken).unwrap();
+        let mut command = backlog(&server, "");
+        command
+            .env_remove("BACKLOG_URL")
+            .env_remove("BACKLOG_KEY")
+            .env("BACKLOG_CONFIG", &config);
+        let (code, stdout, stderr) = run_with_stdin(&mut command, &login, &format!("{key}\n")).await;
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("Logged in to"), "{stdout}");
+        assert!(stderr.contains("this login replaces it"), "{stderr}");
+        let written = std::fs::read_to_string(&config).unwrap();
+        assert!(
+            written.contains(&server.base) && written.contains(&key),
+            "{written}"
+        );
+    }
+    server.stop().await;
+}
+
+/// A key typed or pasted at `backlog login` is not echoed: the terminal
+/// (util-linux `script` gives the command one) showed it in the scrollback.
+/// Sent after the prompt, as a person would.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn login_at_a_terminal_does_not_echo_the_key(pool: sqlx::PgPool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: util-linux `script` is not installed; it gives the CLI a terminal");
+        return;
+    }
+    let server = TestServer::start(pool).await;
+    let key = server.key("acme", ApiKeyRole::Client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let line = format!(
+        "'{}' login --url '{}'",
+        env!("CARGO_BIN_EXE_backlog"),
+        server.base
+    );
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BACKLOG_CONFIG", dir.path().join("config.toml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut transcript = Vec::new();
+    let prompted = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&transcript).contains("(not shown)") {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "no prompt: {}", String::from_utf8_lossy(&transcript));
+            transcript.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(
+        prompted.is_ok(),
+        "no prompt: {}",
+        String::from_utf8_lossy(&transcript)
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{key}\n").as_bytes()).await.unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(20), stdout.read_to_end(&mut transcript)).await;
+    assert!(rest.is_ok(), "login did not finish");
+    drop(stdin);
+    let transcript = String::from_utf8_lossy(&transcript).into_owned();
+    assert!(transcript.contains("Logged in to"), "{transcript}");
+    assert!(!transcript.contains(&key), "the key was echoed: {transcript}");
+    server.stop().await;
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn login_keeps_an_accepted_key_and_logout_forgets_it(pool: sqlx::PgPool) {
     use std::os::unix::fs::PermissionsExt;
