@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{EventReader, TestServer};
 use queue::{ApiKeyRole, TaskType};
-use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use serde_json::json;
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -23,6 +23,9 @@ async fn the_stream_reports_queued_processing_complete_and_ends(pool: sqlx::PgPo
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()[CONTENT_TYPE], "text/event-stream");
+    // The job's error and status are the tenant's: kept by no cache, as
+    // every answer under /v1 (axum's SSE said `no-cache`).
+    assert_eq!(response.headers()[CACHE_CONTROL], "no-store");
     let mut events = EventReader::new(response);
 
     let (name, data) = events.next().await.unwrap();

@@ -25,15 +25,32 @@ pub async fn run(client: &Client, args: SubmitArgs) -> Result<()> {
     let job_type = args
         .job_type
         .ok_or_else(|| CliError::Usage("a job type is required (reading, text, pdf, audiobook)".into()))?;
-    let input = input_from_args(job_type, &args)?;
+    let input = serde_json::to_value(input_from_args(job_type, &args)?)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let priority = args.priority.unwrap_or(0);
-    check_priority(priority).map_err(|e| CliError::Usage(format!("--priority: {e}")))?;
     if let Some(key) = &args.idempotency_key {
         check_idempotency_key(key).map_err(|e| CliError::Usage(format!("--idempotency-key: {e}")))?;
     }
+    // The queue's own check, as the API makes it (the priority's range, a
+    // blank prompt or text, one of only Markdown markers, NUL), named by
+    // the flag that set it.
+    let job = queue::NewJob::new("-", job_type, input.clone()).priority(priority);
+    queue::validate_new_job(&job, usize::MAX).map_err(|e| match e {
+        queue::QueueError::InvalidInput { field, message } => {
+            let named = match (field.as_str(), &args.input) {
+                ("priority", _) => "--priority".to_string(),
+                (field, None) => field
+                    .strip_prefix("input.")
+                    .map_or(field.to_string(), |f| format!("--{f}")),
+                (field, Some(path)) => format!("{}: {field}", path.display()),
+            };
+            CliError::Usage(format!("{named}: {message}"))
+        }
+        e => CliError::Usage(e.to_string()),
+    })?;
     let request = CreateJob {
         job_type,
-        input: serde_json::to_value(input).map_err(|e| CliError::Usage(e.to_string()))?,
+        input,
         priority,
     };
     let (job, _created) = client
@@ -217,19 +234,6 @@ async fn submit_batch(client: &Client, path: &Path, key: Option<&str>, args: &Su
         results.push(BatchResult { line, created, job });
     }
     print_batch(args, &results)
-}
-
-/// The priority range the queue takes, checked before anything is sent.
-fn check_priority(priority: i32) -> std::result::Result<(), String> {
-    if queue::PRIORITY_RANGE.contains(&priority) {
-        Ok(())
-    } else {
-        Err(format!(
-            "must be between {} and {}, got {priority}",
-            queue::PRIORITY_RANGE.start(),
-            queue::PRIORITY_RANGE.end()
-        ))
-    }
 }
 
 /// What the API takes in an `Idempotency-Key` header: 1 to 200 visible

@@ -566,6 +566,28 @@ async fn cancel_retry_and_failures_end_with_their_exit_codes(pool: sqlx::PgPool)
     );
     let (code, _, stderr) = run(&mut backlog(&server, &key), &["submit", "video"]).await;
     assert_eq!((code, stderr.contains("unknown job type")), (2, true), "{stderr}");
+    // What the API would refuse is named by its flag before anything is
+    // sent: a blank prompt, a text of only Markdown markers, a priority
+    // out of range.
+    let count_jobs = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM all_jobs")
+            .fetch_one(&server.pool)
+            .await
+            .unwrap()
+    };
+    let before = count_jobs().await;
+    for (args, named) in [
+        (&["submit", "reading", "--prompt", " "][..], "--prompt: "),
+        (&["submit", "pdf", "--text", "## "][..], "--text: "),
+        (
+            &["submit", "text", "--prompt", "x", "--priority", "200"][..],
+            "--priority: ",
+        ),
+    ] {
+        let (code, _, stderr) = run(&mut backlog(&server, &key), args).await;
+        assert_eq!((code, stderr.contains(named)), (2, true), "{args:?}: {stderr}");
+    }
+    assert_eq!(count_jobs().await, before, "nothing reached the API");
     server.stop().await;
 }
 

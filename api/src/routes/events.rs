@@ -11,9 +11,10 @@
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
-use futures::Stream;
 use queue::{Job, JobStatus, JobStatusEvent, Queue, QueueError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -105,7 +106,7 @@ pub async fn job_events(
     State(state): State<AppState>,
     principal: Principal,
     PathParams(id): PathParams<String>,
-) -> ApiResult<Sse<impl Stream<Item = Result<Event, axum::Error>>>> {
+) -> ApiResult<impl IntoResponse> {
     let id = parse_uuid("id", &id)?;
     // Counted from here until the stream is dropped, whatever ends it.
     let slot = state.open_streams.open(&principal.tenant)?;
@@ -144,7 +145,10 @@ pub async fn job_events(
         };
         Some((event, (watch, None)))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    // axum's SSE says `no-cache`, which lets a cache keep the job's status
+    // and error; `no-store`, as every answer under /v1.
+    let no_store = [(header::CACHE_CONTROL, "no-store")];
+    Ok((no_store, Sse::new(stream).keep_alive(KeepAlive::default())))
 }
 
 /// How long a watch lives without renewal: a stream whose API process died
