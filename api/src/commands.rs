@@ -36,6 +36,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let queue = connect(database).await?.with_config(args.queue_config());
     if args.migrate {
         queue.migrate().await.context("applying migrations")?;
+    } else {
+        // As the workers and the controller do: served without the schema,
+        // every request was a 500 and the log a list of missing relations.
+        tokio::select! {
+            waited = queue.wait_for_schema(Duration::from_secs(2)) => waited.context("waiting for the schema")?,
+            () = termination_signal() => return Ok(()),
+        }
     }
     let artifacts = store::ArtifactStore::open(args.artifact_store.as_deref())
         .context("opening the artifact store (ARTIFACT_STORE)")?;
@@ -105,6 +112,18 @@ async fn termination_signal() {
     }
 }
 
+/// The database, once it has the schema: key commands on one without it
+/// failed on a missing relation, with no word of what to do.
+async fn migrated(database: &DatabaseArgs) -> anyhow::Result<Queue> {
+    let queue = connect(database).await?;
+    if !queue.is_ready().await? {
+        anyhow::bail!(
+            "the database lacks backlog's schema or some of its migrations: run `api migrate` first"
+        );
+    }
+    Ok(queue)
+}
+
 async fn keys(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create {
@@ -118,7 +137,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 ApiKeyRole::Client
             };
             let key = generate_key(&tenant, role);
-            let record = connect(&database).await?.create_api_key(&key.record).await?;
+            let record = migrated(&database).await?.create_api_key(&key.record).await?;
             eprintln!(
                 "created {role} key {} (prefix {}) for tenant {:?}; it is printed once, below:",
                 record.id, record.prefix, record.tenant
@@ -128,7 +147,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             Ok(())
         }
         KeysCommand::Revoke { key, database } => {
-            let record = connect(&database).await?.revoke_api_key(&key).await?;
+            let record = migrated(&database).await?.revoke_api_key(&key).await?;
             eprintln!(
                 "revoked key {} (prefix {}) of tenant {:?}",
                 record.id, record.prefix, record.tenant
@@ -136,7 +155,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             Ok(())
         }
         KeysCommand::List { tenant, database } => {
-            let keys = connect(&database).await?.api_keys(tenant.as_deref()).await?;
+            let keys = migrated(&database).await?.api_keys(tenant.as_deref()).await?;
             let mut out = std::io::stdout().lock();
             for key in keys {
                 writeln!(out, "{}", serde_json::to_string(&key)?)?;

@@ -247,6 +247,45 @@ async fn replicas_migrating_on_start_at_once_both_serve_a_database_migrated_once
     }
 }
 
+/// Started before `api migrate` (a first deploy starts everything at once),
+/// `api serve` waits for the schema, as the workers do, and serves once it
+/// is there; it used to listen at once and answer every request 500. Key
+/// commands say to run `api migrate` instead of naming a missing relation.
+#[sqlx::test(migrations = false)]
+async fn an_api_started_before_the_schema_waits_for_it(pool: sqlx::PgPool) {
+    let url = test_support::database_url(&pool);
+    let keys = Command::new(env!("CARGO_BIN_EXE_api"))
+        .args(["keys", "create", "--tenant", "ops"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&keys.stderr);
+    assert!(
+        !keys.status.success() && said.contains("run `api migrate` first"),
+        "{said}"
+    );
+
+    let artifacts = tempfile::tempdir().unwrap();
+    let starting = std::thread::spawn({
+        let (url, dir) = (url.clone(), artifacts.path().to_path_buf());
+        move || serve_migrating_with(&url, &dir, &[("MIGRATE_ON_START", "false")])
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !starting.is_finished(),
+        "it listened on a database without the schema"
+    );
+    queue::Queue::new(pool.clone()).migrate().await.unwrap();
+    let (mut replica, address) = starting.join().unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::get(format!("http://{address}/readyz")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    if let Some(process) = replica.0.as_mut() {
+        process.kill().unwrap();
+    }
+    stopped(&pool, replica).await;
+}
+
 /// A finished job of tenant `acme` with a 32 MiB artifact in `artifacts`:
 /// far more than the socket buffers hold, so a server is still sending it
 /// when a test stops the process. The key's secret, the artifact's path

@@ -109,7 +109,10 @@ impl Queue {
             match attempt {
                 Ok(pool) => return Ok(Queue::new(pool)),
                 Err(e) if is_transient(&e) && started.elapsed() + delay < CONNECT_PATIENCE => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    // Where it looked, so a wrong host or port is told apart
+                    // from a database still starting (no user or password).
+                    tracing::warn!(error = %e, host = options.get_host(), port = options.get_port(),
+                        retry_in_ms = delay.as_millis() as u64, gives_up_in_s = CONNECT_PATIENCE.saturating_sub(started.elapsed()).as_secs(),
                         "PostgreSQL cannot be reached yet; waiting for it");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
