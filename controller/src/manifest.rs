@@ -278,10 +278,17 @@ fn parse_document(file: &Path, document: &Document<'_>) -> Result<LoadedPool, Ve
                     None
                 }
                 Err(_) => {
+                    // A field misspelt or renamed hides no rule: read the
+                    // spec without the unknown fields and check the rest.
+                    let rules = without_unknown_fields(spec, &broken)
+                        .and_then(|known| serde_json::from_value::<WorkerPoolSpec>(known).ok())
+                        .map(|spec| spec.validate())
+                        .unwrap_or_default();
                     errors.extend(
                         broken
-                            .into_iter()
-                            .map(|p| field_error(&location, &p.path, p.message)),
+                            .iter()
+                            .chain(rules.iter().filter(|r| !broken.iter().any(|b| b.path == r.path)))
+                            .map(|p| field_error(&location, &p.path, p.message.clone())),
                     );
                     None
                 }
@@ -297,6 +304,26 @@ fn parse_document(file: &Path, document: &Document<'_>) -> Result<LoadedPool, Ve
         }
         _ => Err(errors),
     }
+}
+
+/// `spec` without the fields `broken` names as unknown, when those are all
+/// it breaks (`None` otherwise: a field of the wrong type, read as a
+/// default, would make the rules report on a value nobody wrote).
+fn without_unknown_fields(spec: &serde_json::Value, broken: &[FieldError]) -> Option<serde_json::Value> {
+    let mut known = spec.clone();
+    for problem in broken {
+        if !problem.message.starts_with("unknown field") {
+            return None;
+        }
+        let mut keys: Vec<&str> = problem.path.strip_prefix("spec.")?.split('.').collect();
+        let last = keys.pop()?;
+        let mut object = &mut known;
+        for key in keys {
+            object = object.get_mut(key)?;
+        }
+        object.as_object_mut()?.remove(last);
+    }
+    Some(known)
 }
 
 /// `serde_path_to_error`'s path of a part, as a path in the document.

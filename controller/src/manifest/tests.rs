@@ -119,6 +119,26 @@ fn a_field_renamed_to_the_hpa_or_keda_name_says_its_new_name() {
     );
 }
 
+/// A renamed field hides no other problem: the spec's own rules still run
+/// over the fields it knows (they waited for the rename to be fixed).
+#[test]
+fn an_unknown_field_and_a_broken_rule_are_both_reported() {
+    let manifests = parse(&text_pool_with("cooldownSeconds: 30\n  minReplicas: 5"));
+    let errors = messages(&manifests);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("spec.cooldownSeconds: unknown field"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("spec.maxReplicas: must be >= minReplicas (5)"),
+        "{errors:?}"
+    );
+    // A field of the wrong type is not read as its default for the rules.
+    let manifests = parse(&text_pool_with("minReplicas: many\n  cooldownSeconds: 30"));
+    assert_eq!(messages(&manifests).len(), 2, "{:?}", messages(&manifests));
+}
+
 #[test]
 fn an_unknown_nested_field_is_named_with_its_path() {
     let manifests = parse(&text_pool_with("scaleUp: {windowSeconds: 30}"));
