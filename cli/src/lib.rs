@@ -144,7 +144,7 @@ async fn run_api_command(client: &Client, command: Command) -> Result<()> {
                             p.ready_replicas.to_string(),
                             or_dash(p.condition("Active")),
                             p.busy_replicas.to_string(),
-                            or_dash(p.last_decision.as_deref()),
+                            or_dash(p.decision_or_failure().as_deref()),
                             age(p.created_at),
                             p.backend.clone(),
                             age(p.updated_at),

@@ -137,6 +137,25 @@ impl PoolStatus {
             .get("status")?
             .as_str()
     }
+
+    /// What the DECISION column shows: the last decision, or, while the
+    /// pool's passes fail (`Ready=False`), why. The figures are then those
+    /// of the last pass that succeeded, and the decision alone read as a
+    /// healthy, idle pool.
+    pub fn decision_or_failure(&self) -> Option<String> {
+        let not_ready = self.conditions.as_array().and_then(|all| {
+            all.iter()
+                .find(|c| c["type"] == "Ready" && c["status"] == "False")
+        });
+        match not_ready {
+            Some(c) => Some(format!(
+                "not ready: {}: {}",
+                c["reason"].as_str().unwrap_or("Unknown"),
+                c["message"].as_str().unwrap_or_default()
+            )),
+            None => self.last_decision.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

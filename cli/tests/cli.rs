@@ -470,6 +470,36 @@ async fn queue_and_pools_print_tables_with_kubectls_columns(pool: sqlx::PgPool) 
         "{stdout}"
     );
     assert!(lines[1][12].ends_with('s'), "written seconds ago: {stdout}");
+
+    // A pool whose passes fail keeps the figures of its last good pass;
+    // its decision column says why it fails instead of "nothing pending".
+    server
+        .queue
+        .put_pool_status(&PoolStatus {
+            pool: "pdf".into(),
+            backend: "local".into(),
+            desired_replicas: 0,
+            current_replicas: 0,
+            ready_replicas: 0,
+            busy_replicas: 0,
+            pending: 0,
+            in_flight: 0,
+            conditions: json!([{"type": "Ready", "status": "False", "reason": "BackendError",
+                "message": "pool pdf: cannot start \"wroker\""}]),
+            last_decision: Some("hold 0: nothing pending".into()),
+            last_scale_at: None,
+            task_types: vec!["pdf_generation".into()],
+            created_at: None,
+        })
+        .await
+        .unwrap();
+    let (_, stdout, _) = run(&mut backlog(&server, &admin), &["pools"]).await;
+    let failing = stdout.lines().find(|l| l.starts_with("pdf ")).expect("a pdf row");
+    assert!(
+        failing.contains("not ready: BackendError: pool pdf: cannot start \"wroker\"")
+            && !failing.contains("nothing pending"),
+        "{stdout}"
+    );
     server.stop().await;
 }
 
