@@ -297,7 +297,7 @@ async fn a_stop_is_watched_to_the_end_under_its_lease() {
         .await
         .unwrap();
 
-    assert_eq!(stopped, [machine.clone()]);
+    assert_eq!(stopped, std::slice::from_ref(&machine));
     let log = emu.requests();
     let waited = of(&log, "wait")
         .into_iter()
