@@ -34,7 +34,7 @@ pub async fn run(client: &Client, args: SubmitArgs) -> Result<()> {
     // The queue's own check, as the API makes it (the priority's range, a
     // blank prompt or text, one of only Markdown markers, NUL), named by
     // the flag that set it.
-    let job = queue::NewJob::new("-", job_type, input.clone()).priority(priority);
+    let job = queue::NewJob::new("-", job_type, input).priority(priority);
     queue::validate_new_job(&job, usize::MAX).map_err(|e| match e {
         queue::QueueError::InvalidInput { field, message } => {
             let named = match (field.as_str(), &args.input) {
@@ -50,7 +50,7 @@ pub async fn run(client: &Client, args: SubmitArgs) -> Result<()> {
     })?;
     let request = CreateJob {
         job_type,
-        input,
+        input: job.input,
         priority,
     };
     let (job, _created) = client

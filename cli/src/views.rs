@@ -130,12 +130,12 @@ impl PoolStatus {
     /// The status of the condition of `kind` (`True`, `False`, `Unknown`),
     /// as `kubectl get wp` reads `.status.conditions[?(@.type=="Active")]`.
     pub fn condition(&self, kind: &str) -> Option<&str> {
-        self.conditions
-            .as_array()?
-            .iter()
-            .find(|c| c["type"] == kind)?
-            .get("status")?
-            .as_str()
+        self.condition_of(kind)?.get("status")?.as_str()
+    }
+
+    /// The whole condition of `kind` (`type`, `status`, `reason`, `message`).
+    fn condition_of(&self, kind: &str) -> Option<&serde_json::Value> {
+        self.conditions.as_array()?.iter().find(|c| c["type"] == kind)
     }
 
     /// What the DECISION column shows: the last decision, or, while the
@@ -143,10 +143,7 @@ impl PoolStatus {
     /// of the last pass that succeeded, and the decision alone read as a
     /// healthy, idle pool.
     pub fn decision_or_failure(&self) -> Option<String> {
-        let not_ready = self.conditions.as_array().and_then(|all| {
-            all.iter()
-                .find(|c| c["type"] == "Ready" && c["status"] == "False")
-        });
+        let not_ready = self.condition_of("Ready").filter(|c| c["status"] == "False");
         match not_ready {
             Some(c) => Some(format!(
                 "not ready: {}: {}",

@@ -200,8 +200,9 @@ impl Narrator {
             })
             .buffered(self.concurrency);
         // Each piece is encoded as it arrives, in order, and dropped: a long
-        // text's samples (about 2.5 kB a character with espeak-ng) are never
-        // held whole, only the MP3 (a tenth of that) and the pieces in flight.
+        // text's samples (about 2.7 kB a character with espeak-ng, pauses
+        // included) are never held whole, only the MP3 (about a fifth of
+        // that) and the pieces in flight.
         let mut writer: Option<Mp3Writer> = None;
         let mut pause_before = Duration::ZERO;
         while let Some(piece) = spoken.next().await {
