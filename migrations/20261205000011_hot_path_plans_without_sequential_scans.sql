@@ -93,7 +93,8 @@ END
 $$;
 
 
--- As in the migration before, with each task looked up by its key.
+-- lock_jobs_of_tasks as in the reliability migration, and complete_tasks
+-- as in the one-claim-per-completion migration, each task looked up by key.
 CREATE OR REPLACE FUNCTION lock_jobs_of_tasks(p_task_ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
