@@ -10,8 +10,8 @@
 -- analyze invalidated them:
 --
 -- - place_in_line read every task twice per enqueue (the head of the line
---   and the fair-restart probe): 50 ms a call at 99,000 tasks, which
---   halved `make bench-queue`'s enqueue rate in the runs where it struck;
+--   and the fair-restart probe): 50 ms a call at 99,000 tasks, in a run
+--   of `make bench-queue`'s enqueue phase, whose rate it about halved;
 -- - a claim of 32 read 100,000 rows and entries at 50,000 tasks (63 ms);
 -- - a completion of 32 (lock_jobs_of_tasks, a join of jobs and tasks
 --   planned as loops over sequential scans) ran for more than ten minutes

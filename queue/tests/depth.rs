@@ -191,6 +191,11 @@ async fn enqueue_backlog_without_autovacuum(pool: &PgPool, q: &queue::Queue, rou
         .execute(pool)
         .await
         .unwrap();
+    enqueue_backlog(q, round).await;
+}
+
+/// Enqueue [`BACKLOG`] text jobs (named after `round`), in batches of 1,000.
+async fn enqueue_backlog(q: &queue::Queue, round: &str) {
     for batch in 0..BACKLOG / 1_000 {
         q.enqueue_batch(
             (0..1_000)
@@ -200,6 +205,22 @@ async fn enqueue_backlog_without_autovacuum(pool: &PgPool, q: &queue::Queue, rou
         .await
         .unwrap();
     }
+}
+
+/// Rows sequential scans returned and index entries read so far, of
+/// `tables` and their indexes, by this backend's transaction (counts not
+/// yet reported carry over from its earlier transactions: take deltas).
+async fn rows_and_entries_read(conn: &mut sqlx::PgConnection, tables: &[&str]) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(pg_stat_get_xact_tuples_returned(r)), 0)::bigint
+         FROM (SELECT t::regclass AS r FROM unnest($1::text[]) AS t
+               UNION ALL
+               SELECT i.indexrelid FROM pg_index i WHERE i.indrelid = ANY ($1::text[]::regclass[])) rels",
+    )
+    .bind(tables)
+    .fetch_one(conn)
+    .await
+    .unwrap()
 }
 
 /// A new database's first burst: `job_tasks` has never been analyzed with
@@ -308,9 +329,10 @@ async fn claims_stay_at_the_head_of_the_line_when_statistics_say_the_table_is_em
 /// caches for place_in_line are made for a table where a sequential scan
 /// costs nothing, and until the next analyze every enqueue read every task
 /// twice, for the head of the line and for the fair-restart probe (50 ms a
-/// call at 99,000 tasks in `make bench-queue`, which halved its enqueue
-/// rate). Ruling out the sequential scan was not enough: the probe, an
-/// equality on the place, then walked another index of the type.
+/// call at 99,000 tasks in a run of `make bench-queue`'s enqueue phase,
+/// which about halved its rate). Ruling out the sequential scan was not
+/// enough: the probe, an equality on the place, then walked another index
+/// of the type.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn place_in_line_stays_at_the_head_of_the_line_when_the_queue_drained_empty(pool: PgPool) {
     let q = queue(pool.clone());
@@ -330,27 +352,17 @@ async fn place_in_line_stays_at_the_head_of_the_line_when_the_queue_drained_empt
     }
     // The burst; the tenant's clock is then past the head, so the call
     // below probes.
-    for batch in 0..BACKLOG / 1_000 {
-        q.enqueue_batch((0..1_000).map(|i| text_job(&format!("{batch}-{i}"))).collect())
-            .await
-            .unwrap();
-    }
+    enqueue_backlog(&q, "now").await;
     let relpages: i32 = sqlx::query_scalar("SELECT relpages FROM pg_class WHERE relname = 'job_tasks'")
         .fetch_one(&mut *producer)
         .await
         .unwrap();
     assert_eq!(relpages, 0, "the statistics must still say no pages");
 
-    // Rows a sequential scan returned and index entries read, by this
-    // backend in this transaction (a delta: counts not yet reported carry
-    // over from its earlier transactions).
-    let read = "SELECT (pg_stat_get_xact_tuples_returned('job_tasks'::regclass)
-                        + coalesce(sum(pg_stat_get_xact_tuples_returned(i.indexrelid)), 0))::bigint
-                FROM pg_index i WHERE i.indrelid = 'job_tasks'::regclass";
     let mut tx = sqlx::Connection::begin(&mut *producer).await.unwrap();
-    let before: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+    let before = rows_and_entries_read(&mut tx, &["job_tasks"]).await;
     sqlx::query(place).fetch_all(&mut *tx).await.unwrap();
-    let after: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+    let after = rows_and_entries_read(&mut tx, &["job_tasks"]).await;
     assert!(
         after - before <= 10,
         "a place in line read {} rows and index entries of a {BACKLOG}-task backlog",
@@ -398,21 +410,11 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
             .unwrap();
         assert_eq!(done, 1, "the quiet job's task completes");
     }
-    for batch in 0..BACKLOG / 1_000 {
-        q.enqueue_batch((0..1_000).map(|i| text_job(&format!("{batch}-{i}"))).collect())
-            .await
-            .unwrap();
-    }
+    enqueue_backlog(&q, "now").await;
 
-    // Rows sequential scans returned and index entries read, of tasks and
-    // of jobs, by this transaction (a delta, as above).
-    let read = "SELECT sum(pg_stat_get_xact_tuples_returned(r))::bigint
-                FROM (SELECT unnest(ARRAY['job_tasks'::regclass, 'jobs'::regclass]) AS r
-                      UNION ALL
-                      SELECT i.indexrelid FROM pg_index i
-                      WHERE i.indrelid IN ('job_tasks'::regclass, 'jobs'::regclass)) t";
+    let tables = ["job_tasks", "jobs"];
     let mut tx = sqlx::Connection::begin(&mut *worker).await.unwrap();
-    let before: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+    let before = rows_and_entries_read(&mut tx, &tables).await;
     let (ids, claims): (Vec<i64>, Vec<i32>) = sqlx::query_as::<_, (i64, i32)>(claim)
         .fetch_all(&mut *tx)
         .await
@@ -420,7 +422,7 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
         .into_iter()
         .unzip();
     assert_eq!(ids.len(), 32);
-    let after_claim: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+    let after_claim = rows_and_entries_read(&mut tx, &tables).await;
     let touched: i64 = sqlx::query_scalar(complete_and_claim)
         .bind(&ids)
         .bind(&claims)
@@ -428,7 +430,7 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
         .await
         .unwrap();
     assert_eq!(touched, 64, "32 completed and 32 claimed");
-    let after_completion: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+    let after_completion = rows_and_entries_read(&mut tx, &tables).await;
     let (claim_read, completion_read) = (after_claim - before, after_completion - after_claim);
     // The claim reads its 32 at the head of the line (and their jobs), the
     // completion its tasks and jobs by key. With sequential scans ruled out

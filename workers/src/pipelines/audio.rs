@@ -211,16 +211,10 @@ impl Narrator {
                 Some(writer) => writer,
                 None => Mp3Writer::new(pcm.sample_rate)?,
             };
-            if pcm.sample_rate != current.sample_rate {
-                return Err(Error::Audio(format!(
-                    "the provider returned chunks at {} Hz and {} Hz",
-                    current.sample_rate, pcm.sample_rate
-                )));
-            }
             // Encoding is CPU-bound: off the async threads.
             current = tokio::task::spawn_blocking(move || {
                 current.silence(pause_before)?;
-                current.push(&pcm.samples)?;
+                current.push_piece(&pcm)?;
                 Ok::<_, Error>(current)
             })
             .await
@@ -292,6 +286,18 @@ impl Mp3Writer {
         Ok(())
     }
 
+    /// A piece of speech. All pieces share the writer's sample rate: they
+    /// come from one voice.
+    fn push_piece(&mut self, pcm: &Pcm) -> Result<()> {
+        if pcm.sample_rate != self.sample_rate {
+            return Err(Error::Audio(format!(
+                "the provider returned chunks at {} Hz and {} Hz",
+                self.sample_rate, pcm.sample_rate
+            )));
+        }
+        self.push(&pcm.samples)
+    }
+
     /// `pause` of silence, in blocks: a long pause allocates no more than one.
     fn silence(&mut self, pause: Duration) -> Result<()> {
         const BLOCK: usize = 8192;
@@ -353,9 +359,13 @@ mod tests {
     #[test]
     fn the_writer_counts_speech_and_pauses_as_they_are_written() {
         let mut writer = Mp3Writer::new(22050).unwrap();
-        writer.push(&tone(22050, 100).samples).unwrap();
+        writer.push_piece(&tone(22050, 100)).unwrap();
         writer.silence(Duration::from_millis(500)).unwrap();
-        writer.push(&tone(22050, 100).samples).unwrap();
+        writer.push_piece(&tone(22050, 100)).unwrap();
+        assert!(
+            writer.push_piece(&tone(44100, 1)).is_err(),
+            "a piece at another sample rate"
+        );
         assert_eq!(writer.samples, 100 + 11025 + 100);
         assert!((writer.duration().as_secs_f64() - 11225.0 / 22050.0).abs() < 1e-9);
         let decoded = decoded_samples(&writer.finish().unwrap());
