@@ -443,6 +443,46 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
     );
 }
 
+/// The hot path's functions plan without sequential scans (migration 11)
+/// and keep one generic plan per statement (migration 12): the tests above
+/// hold only while both settings do. `CREATE OR REPLACE FUNCTION` drops a
+/// function's settings, so a migration that restates one of these must set
+/// them again.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_hot_path_keeps_its_plan_settings(pool: PgPool) {
+    let hot_path = [
+        "complete_and_claim_tasks",
+        "complete_tasks",
+        "fail_task",
+        "lock_jobs_of_tasks",
+        "place_in_line",
+        "release_tasks",
+        "take_tasks",
+    ];
+    let settings: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT p.proname::text, coalesce(p.proconfig, '{}') FROM pg_proc p
+         WHERE p.pronamespace = 'public'::regnamespace AND p.proname = ANY ($1)
+         ORDER BY p.proname",
+    )
+    .bind(hot_path)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        settings.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(),
+        hot_path,
+        "one function of each name"
+    );
+    for (name, config) in &settings {
+        for wanted in ["enable_seqscan=off", "plan_cache_mode=force_generic_plan"] {
+            assert!(
+                config.iter().any(|c| c == wanted),
+                "{name} must be set {wanted}; its settings: {config:?}"
+            );
+        }
+    }
+}
+
 /// A new database's first bursts, drained before autovacuum first came:
 /// `job_tasks` has no statistics and its pages hold their dead rows. The
 /// planner sizes the runnable set from the pages at a default selectivity,
