@@ -292,10 +292,7 @@ async fn drain(
     tasks: usize,
 ) -> Result<f64> {
     fill(admin, tasks).await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(workers as u32)
-        .connect(url)
-        .await?;
+    let pool = queue::pool_options(workers as u32).connect(url).await?;
     let q = Queue::new(pool);
     let started = Instant::now();
     let loops: Vec<_> = (0..workers)
@@ -344,7 +341,7 @@ struct Latency {
 /// One worker waits on LISTEN; each task is enqueued only after the previous
 /// one was claimed, so every sample is a cold wake-up.
 async fn enqueue_to_claim_latency(url: &str) -> Result<Latency> {
-    let pool = PgPoolOptions::new().max_connections(4).connect(url).await?;
+    let pool = queue::pool_options(4).connect(url).await?;
     let q = Queue::new(pool);
     let (claimed_tx, mut claimed_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let mut wake = q.listen().await?;

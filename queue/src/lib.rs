@@ -24,7 +24,7 @@ mod tasks;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 
 pub use artifacts::{artifact_prefix, day_folder, Artifact, ArtifactKind, NewArtifact};
 pub use depth::TaskDepth;
@@ -48,6 +48,35 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// How long [`Queue::connect`] waits for a database that cannot be reached.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// A pooled connection taken again within this long of its return is not
+/// pinged first (see [`pool_options`]).
+pub const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// The pool [`Queue::connect`] makes, for up to `max_connections`.
+///
+/// sqlx pings a connection as it returns to the pool (dropping one that
+/// broke) and, by default, again as it is taken: a round trip before every
+/// statement, about 0.15 ms of the 2 ms from enqueue to claim on a
+/// 2-core machine, twice on an enqueue. A connection taken again within
+/// [`PING_WHEN_IDLE_FOR`] of the ping on its return is used as it is; one
+/// idle for longer is pinged, as before, so a pool that sat through a
+/// database restart finds its connections gone without failing a call.
+/// (HikariCP skips its check the same way, for 500 ms.)
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
 
 /// Limits and retry settings. The defaults work without tuning.
 #[derive(Debug, Clone)]
@@ -101,11 +130,7 @@ impl Queue {
         let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(250);
         loop {
-            let attempt = PgPoolOptions::new()
-                .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options.clone())
-                .await;
+            let attempt = pool_options(max_connections).connect_with(options.clone()).await;
             match attempt {
                 Ok(pool) => return Ok(Queue::new(pool)),
                 Err(e) if is_transient(&e) && started.elapsed() + delay < CONNECT_PATIENCE => {

@@ -676,6 +676,28 @@ async fn calls_safe_to_repeat_survive_a_connection_the_server_killed(pool: PgPoo
     );
 }
 
+/// The pool `Queue::connect` makes skips sqlx's ping before a statement on
+/// a connection just returned (and pinged then), but still pings one that
+/// sat idle: a connection the server killed meanwhile is replaced before a
+/// call takes it, even a call that is not repeated on an error (a read).
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_pool_replaces_a_connection_the_server_killed_while_it_sat_idle(pool: PgPool) {
+    let one = queue::pool_options(1)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let q = queue(one);
+    let job = q.enqueue(text_job("x")).await.unwrap().job;
+
+    kill_the_connection_of(&q, &pool).await;
+    tokio::time::sleep(queue::PING_WHEN_IDLE_FOR).await;
+    let read = q
+        .job_by_id(job.id)
+        .await
+        .expect("the read runs on a new connection");
+    assert_eq!(read.status, JobStatus::Queued);
+}
+
 /// The ids of the tasks `worker` holds `processing`, in order.
 async fn processing_by(pool: &PgPool, worker: &str) -> Vec<i64> {
     sqlx::query_scalar("SELECT id FROM job_tasks WHERE claimed_by = $1 AND status = 'processing' ORDER BY id")
