@@ -62,7 +62,11 @@ pub const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 /// [`PING_WHEN_IDLE_FOR`] of the ping on its return is used as it is; one
 /// idle for longer is pinged, as before, so a pool that sat through a
 /// database restart finds its connections gone without failing a call.
-/// (HikariCP skips its check the same way, for 500 ms.)
+/// (HikariCP skips its check the same way, for 500 ms.) One gap: sqlx's
+/// maintenance pass, every 10 minutes, puts each idle connection back
+/// without a ping, which restarts its idle time; a restart that
+/// connection missed then fails one call taken within the second after.
+/// The calls safe to repeat repeat it.
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)

@@ -443,9 +443,10 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
     );
 }
 
-/// The hot path's functions plan without sequential scans (migration 11)
-/// and keep one generic plan per statement (migration 12): the tests above
-/// hold only while both settings do. `CREATE OR REPLACE FUNCTION` drops a
+/// The hot path's functions plan without sequential scans (`20261205000011`),
+/// and keep one generic plan per statement (`20261206000001`); the claim
+/// also plans without bitmap scans (`20261205000006`): the tests above hold
+/// only while these settings do. `CREATE OR REPLACE FUNCTION` drops a
 /// function's settings, so a migration that restates one of these must set
 /// them again.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -474,7 +475,11 @@ async fn the_hot_path_keeps_its_plan_settings(pool: PgPool) {
         "one function of each name"
     );
     for (name, config) in &settings {
-        for wanted in ["enable_seqscan=off", "plan_cache_mode=force_generic_plan"] {
+        let mut wanted = vec!["enable_seqscan=off", "plan_cache_mode=force_generic_plan"];
+        if name == "take_tasks" {
+            wanted.push("enable_bitmapscan=off");
+        }
+        for wanted in wanted {
             assert!(
                 config.iter().any(|c| c == wanted),
                 "{name} must be set {wanted}; its settings: {config:?}"
