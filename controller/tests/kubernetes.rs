@@ -582,7 +582,11 @@ async fn a_missing_target_fails_only_its_pool_and_recovers_once_created(pool: Pg
     })
     .await;
     assert_eq!(warning["type"], "Warning");
-    assert_eq!(condition(&pool_status(&api, "audio"), "Ready")["status"], "True");
+    // The audio pool's status is written after its scale, on its own pass.
+    eventually("Ready=True on the audio pool beside the failing one", || {
+        (condition(&pool_status(&api, "audio"), "Ready")["status"] == "True").then_some(())
+    })
+    .await;
 
     // Retried with backoff: a few attempts in the first seconds, not one a tick.
     tokio::time::sleep(Duration::from_secs(3)).await;
