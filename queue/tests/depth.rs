@@ -329,8 +329,8 @@ async fn claims_stay_at_the_head_of_the_line_when_statistics_say_the_table_is_em
 /// caches for place_in_line are made for a table where a sequential scan
 /// costs nothing, and until the next analyze every enqueue read every task
 /// twice, for the head of the line and for the fair-restart probe (50 ms a
-/// call at 99,000 tasks in a run of `make bench-queue`'s enqueue phase,
-/// which about halved its rate). Ruling out the sequential scan was not
+/// call at 99,000 tasks, in a scratch program running `make bench-queue`'s
+/// enqueue phase, whose rate it about halved). Ruling out the sequential scan was not
 /// enough: the probe, an equality on the place, then walked another index
 /// of the type.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -343,8 +343,10 @@ async fn place_in_line_stays_at_the_head_of_the_line_when_the_queue_drained_empt
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }
-    // A producer's first enqueues: from the sixth call on, a function's
-    // statements may keep a generic plan, made while the table is empty.
+    // A producer's first enqueues. The hot path's functions keep a generic
+    // plan from the first call (`20261206000001`); without that setting,
+    // from the sixth call on they may. Either way it is made while the
+    // table is empty.
     let mut producer = pool.acquire().await.unwrap();
     let place = "SELECT place FROM place_in_line('{acme}', '{text_generation}', '{0}', 0.001)";
     for _ in 0..8 {
