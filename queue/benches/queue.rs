@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use queue::{JobType, NewJob, Queue, TaskType};
 use serde_json::{json, Value};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 const ENQUEUE_JOBS: usize = 200_000;
@@ -32,7 +31,8 @@ const PGBENCH_BATCH: usize = 50;
 #[tokio::main]
 async fn main() -> Result<()> {
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL must name the bench database")?;
-    let admin = PgPoolOptions::new().max_connections(2).connect(&url).await?;
+    // The pool a user's `Queue::connect` gets: the enqueue phase runs on it.
+    let admin = queue::pool_options(2).connect(&url).await?;
     let q = Queue::new(admin.clone());
     q.migrate().await?;
     let mut report = serde_json::Map::new();

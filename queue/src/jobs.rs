@@ -4,6 +4,8 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, Postgres};
 use uuid::Uuid;
 
 use crate::error::{QueueError, Result};
@@ -137,7 +139,10 @@ impl Queue {
                 )
             })
             .collect();
-        let mut placed = self.place_in_line(&lines).await?.into_iter();
+        // The place and the insert share one connection: a second checkout
+        // costs the ping sqlx sends as each connection goes back to the pool.
+        let (placed, mut conn) = self.place_in_line(&lines).await?;
+        let mut placed = placed.into_iter();
         // A replay's tasks are not inserted; the place it is given is unused.
         let now = Utc::now();
         let places: Vec<DateTime<Utc>> = (0..jobs.len())
@@ -189,11 +194,6 @@ impl Queue {
         // asked (and a conflicting replay must then undo the batch). Without
         // one the statement is its own transaction: no BEGIN and COMMIT
         // round trips on the path every enqueue → claim wake-up waits for.
-        let mut tx = if keyed {
-            Some(self.pool.begin().await?)
-        } else {
-            None
-        };
         let insert = sqlx::query_as(
             r#"
             WITH keyed AS (
@@ -249,9 +249,12 @@ impl Queue {
         .bind(&tasks_total)
         .bind(&task_has_dependents)
         .bind(&task_fair_at);
-        let inserted: Vec<Job> = match tx.as_mut() {
-            Some(tx) => insert.fetch_all(&mut **tx).await?,
-            None => insert.fetch_all(&self.pool).await?,
+        let mut tx = None;
+        let inserted: Vec<Job> = if keyed {
+            let tx = tx.insert(conn.begin().await?);
+            insert.fetch_all(&mut **tx).await?
+        } else {
+            insert.fetch_all(&mut *conn).await?
         };
 
         let mut created: HashMap<Uuid, Job> = inserted.into_iter().map(|j| (j.id, j)).collect();
@@ -361,18 +364,27 @@ impl Queue {
     /// Each job's place in line among its tenant's and the other tenants'
     /// (see `place_in_line` in the migrations), per job its tenant, first
     /// task type and priority; taken in its own short statement so the
-    /// tenants' clocks are not held through the enqueue or retry.
-    async fn place_in_line(&self, lines: &[(&str, TaskType, i32)]) -> Result<Vec<DateTime<Utc>>> {
-        let places: Vec<DateTime<Utc>> = retry_transient(|| {
-            sqlx::query_scalar("SELECT place FROM place_in_line($1, $2, $3, $4) ORDER BY job_ord")
-                .bind(lines.iter().map(|l| l.0).collect::<Vec<_>>())
-                .bind(lines.iter().map(|l| l.1.as_str()).collect::<Vec<_>>())
-                .bind(lines.iter().map(|l| l.2).collect::<Vec<_>>())
-                .bind(self.config.fair_share_interval.as_secs_f64())
-                .fetch_all(&self.pool)
+    /// tenants' clocks are not held through the enqueue or retry. Returns
+    /// the connection that took them, for the caller's next statement; a
+    /// retry takes a fresh one.
+    async fn place_in_line(
+        &self,
+        lines: &[(&str, TaskType, i32)],
+    ) -> Result<(Vec<DateTime<Utc>>, PoolConnection<Postgres>)> {
+        let taken = retry_transient(|| async {
+            let mut conn = self.pool.acquire().await?;
+            let places: Vec<DateTime<Utc>> =
+                sqlx::query_scalar("SELECT place FROM place_in_line($1, $2, $3, $4) ORDER BY job_ord")
+                    .bind(lines.iter().map(|l| l.0).collect::<Vec<_>>())
+                    .bind(lines.iter().map(|l| l.1.as_str()).collect::<Vec<_>>())
+                    .bind(lines.iter().map(|l| l.2).collect::<Vec<_>>())
+                    .bind(self.config.fair_share_interval.as_secs_f64())
+                    .fetch_all(&mut *conn)
+                    .await?;
+            Ok((places, conn))
         })
         .await?;
-        Ok(places)
+        Ok(taken)
     }
 
     fn validate(&self, job: &NewJob) -> Result<()> {
@@ -654,6 +666,7 @@ impl Queue {
             Some((task_type, priority)) => self
                 .place_in_line(&[(tenant, task_type.parse()?, priority)])
                 .await?
+                .0
                 .pop(),
             None => None,
         };

@@ -357,3 +357,44 @@ async fn created_after_lists_a_job_whose_id_is_behind_its_clock(pool: PgPool) {
     assert_eq!(recent.jobs.len(), 1, "{:?}", recent.jobs);
     assert!(recent.jobs[0].created_at > chrono::Utc::now() - chrono::Duration::minutes(1));
 }
+
+/// sqlx pings every connection as it goes back to the pool, so each
+/// checkout is a round trip more: an enqueue takes its place in line and
+/// inserts on one connection (the latency bench-queue measures).
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_enqueue_checks_out_one_connection(pool: PgPool) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let released = Arc::new(AtomicUsize::new(0));
+    let counted = {
+        let released = released.clone();
+        queue::pool_options(4).after_release(move |_, _| {
+            released.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(true) })
+        })
+    };
+    let counted = counted
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let q = queue(counted.clone());
+    // A connection goes back to the pool in a task of its own, after the
+    // call has returned.
+    let checkouts = || async {
+        for _ in 0..500 {
+            if counted.num_idle() == counted.size() as usize {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        released.swap(0, Ordering::SeqCst)
+    };
+
+    q.enqueue(text_job("one")).await.unwrap();
+    assert_eq!(checkouts().await, 1, "one job");
+    q.enqueue_batch((0..3).map(|i| text_job(&format!("{i}"))).collect())
+        .await
+        .unwrap();
+    assert_eq!(checkouts().await, 1, "a batch");
+    assert_eq!(count(&pool, "job_tasks").await, 4);
+}
