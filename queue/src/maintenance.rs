@@ -197,7 +197,8 @@ impl Queue {
              WHERE w.heartbeat_at < now() - make_interval(secs => $1)
                AND (w.last_claim_at IS NULL OR w.last_claim_at < now() - make_interval(secs => $1))
                AND NOT EXISTS (SELECT 1 FROM job_tasks t
-                               WHERE t.claimed_by = w.id AND t.status IN ('claimed', 'processing'))",
+                               WHERE t.claimed_by = w.id AND t.task_type = ANY (task_types())
+                                 AND t.status IN ('claimed', 'processing'))",
         )
         .bind(stale_after.as_secs_f64() * 10.0)
         .execute(&self.pool)

@@ -143,7 +143,8 @@ impl Queue {
         let rows: Vec<WorkerRow> = sqlx::query_as(
             "SELECT w.id, w.pool, w.task_types, w.concurrency, w.state, w.started_at, w.heartbeat_at,
                     (SELECT count(*) FROM job_tasks t
-                     WHERE t.claimed_by = w.id AND t.status IN ('claimed', 'processing')) AS in_flight
+                     WHERE t.claimed_by = w.id AND t.task_type = ANY (task_types())
+                       AND t.status IN ('claimed', 'processing')) AS in_flight
              FROM workers w
              WHERE $1::text IS NULL OR w.pool = $1
              ORDER BY w.id",
@@ -174,7 +175,8 @@ impl Queue {
     pub async fn busy_replicas(&self) -> Result<Vec<ReplicaLoad>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT claimed_by, count(*) FROM job_tasks
-             WHERE status IN ('claimed', 'processing') AND claimed_by IS NOT NULL
+             WHERE task_type = ANY (task_types()) AND status IN ('claimed', 'processing')
+               AND claimed_by IS NOT NULL
              GROUP BY claimed_by ORDER BY claimed_by",
         )
         .fetch_all(&self.pool)
@@ -210,7 +212,8 @@ impl Queue {
             "UPDATE workers w SET state = 'draining'
              WHERE w.id = ANY($1)
                AND NOT EXISTS (SELECT 1 FROM job_tasks t
-                               WHERE t.claimed_by = w.id AND t.status IN ('claimed', 'processing'))
+                               WHERE t.claimed_by = w.id AND t.task_type = ANY (task_types())
+                                 AND t.status IN ('claimed', 'processing'))
              RETURNING w.id",
         )
         .bind(&locked)
@@ -223,7 +226,8 @@ impl Queue {
                 "INSERT INTO workers (id, task_types, concurrency, state)
                  SELECT u.id, '{}', 1, 'draining' FROM unnest($1::text[]) AS u(id)
                  WHERE NOT EXISTS (SELECT 1 FROM job_tasks t
-                                   WHERE t.claimed_by = u.id AND t.status IN ('claimed', 'processing'))
+                                   WHERE t.claimed_by = u.id AND t.task_type = ANY (task_types())
+                                     AND t.status IN ('claimed', 'processing'))
                  ON CONFLICT (id) DO NOTHING
                  RETURNING id",
             )

@@ -599,3 +599,111 @@ async fn the_coming_days_get_their_partitions_and_a_day_already_in_default_is_le
         Some(format!("job_history_{}", days[0]))
     );
 }
+
+/// `task_types()` (what the in-flight reads name so they skip the backlog)
+/// must hold every task type: a type left out would never be swept, and a
+/// replica holding only such tasks would look idle to the drain step.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn task_types_in_sql_are_the_task_types_and_the_check_allows_only_those(pool: PgPool) {
+    let in_sql: Vec<String> = sqlx::query_scalar("SELECT unnest(task_types())")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let known: Vec<String> = TaskType::ALL.iter().map(|t| t.as_str().to_string()).collect();
+    assert_eq!(in_sql, known);
+    for task_type in ["text_generation", "not_a_type"] {
+        let allowed: bool = sqlx::query_scalar(
+            "SELECT $1 = ANY (task_types()) AND NOT EXISTS (
+                 SELECT 1 FROM pg_constraint
+                 WHERE conname = 'job_tasks_task_type_check'
+                   AND pg_get_constraintdef(oid) NOT LIKE '%' || quote_literal($1) || '%')",
+        )
+        .bind(task_type)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(allowed, task_type == "text_generation", "{task_type}");
+    }
+}
+
+/// The sweeper, the controller's read of busy replicas, the registry's list
+/// and the drain step read the tasks in flight, not the backlog: with
+/// 40,000 pending tasks and two in flight, each touches a few pages of the
+/// open-task index (a few per type and status, for each replica asked
+/// about), where naming only the status walked all of it.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn reads_of_in_flight_tasks_skip_the_backlog(pool: PgPool) {
+    sqlx::query("ALTER TABLE job_tasks SET (autovacuum_enabled = off)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let q = queue(pool.clone());
+    q.enqueue_batch(vec![text_job("a"), text_job("b")]).await.unwrap();
+    claim_one(&q, "busy-1", TaskType::TextGeneration).await;
+    claim_one(&q, "busy-2", TaskType::TextGeneration).await;
+    // The backlog straight in SQL, each task due at a time of its own (as
+    // retries are), so the index cannot fold their entries together.
+    sqlx::query(
+        "WITH j AS (INSERT INTO jobs (id, tenant, job_type, input, tasks_total)
+                    SELECT gen_random_uuid(), 'acme', 'text', '{}', 1 FROM generate_series(1, 40000)
+                    RETURNING id)
+         INSERT INTO job_tasks (job_id, task_type, run_at)
+         SELECT id, 'text_generation', now() - random() * interval '10 minutes' FROM j",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE job_tasks").execute(&pool).await.unwrap();
+    let index_pages: i64 = sqlx::query_scalar("SELECT pg_relation_size('job_tasks_active') / 8192")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        index_pages >= 200,
+        "the backlog's index holds {index_pages} pages"
+    );
+
+    // One connection, so the statistics read are this backend's own,
+    // flushed when it goes idle after asking for it.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let measured = queue(one.clone());
+    let pages_read = || async {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&one)
+            .await
+            .unwrap();
+        sqlx::query_scalar::<_, i64>(
+            "SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes
+             WHERE indexrelname = 'job_tasks_active'",
+        )
+        .fetch_one(&one)
+        .await
+        .unwrap()
+    };
+
+    let mut before = pages_read().await;
+    let mut read = |what: &str, after: i64| {
+        let pages = after - before;
+        before = after;
+        assert!(
+            pages * 4 < index_pages,
+            "{what} read {pages} of the open-task index's {index_pages} pages"
+        );
+    };
+    assert!(measured.sweep(STALE).await.unwrap().tasks.is_empty());
+    read("the sweep", pages_read().await);
+    assert_eq!(measured.busy_replicas().await.unwrap().len(), 2);
+    read("busy replicas", pages_read().await);
+    assert_eq!(measured.workers(None).await.unwrap().len(), 2);
+    read("the registry's list", pages_read().await);
+    assert!(measured
+        .drain_idle(&["busy-1".to_string(), "busy-2".to_string()])
+        .await
+        .unwrap()
+        .is_empty());
+    read("the drain step", pages_read().await);
+}
