@@ -366,7 +366,7 @@ impl Queue {
     /// task type and priority; taken in its own short statement so the
     /// tenants' clocks are not held through the enqueue or retry. Returns
     /// the connection that took them, for the caller's next statement; a
-    /// retry takes a fresh one.
+    /// retry checks one out afresh.
     async fn place_in_line(
         &self,
         lines: &[(&str, TaskType, i32)],
