@@ -311,12 +311,14 @@ impl Scrape {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` ports free now and distinct: each listener is held until all are
+/// bound, or the system may hand one port out twice (it did, and the
+/// worker could not bind the metrics port the API already served).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
 /// Stops what the test started, pass or fail: SIGTERM first (the
@@ -430,8 +432,7 @@ async fn every_metric_of_the_dashboard_and_the_rules_is_exported_by_the_binaries
     let database_url = test_support::database_url(&pool);
     let dir = tempfile::tempdir().unwrap();
     let store = format!("file://{}", dir.path().join("artifacts").display());
-    let (api_port, api_metrics, worker_metrics, controller_metrics) =
-        (free_port(), free_port(), free_port(), free_port());
+    let [api_port, api_metrics, worker_metrics, controller_metrics] = free_ports();
     let mut running = Running {
         database_url: database_url.clone(),
         children: Vec::new(),
