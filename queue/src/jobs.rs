@@ -371,7 +371,7 @@ impl Queue {
         &self,
         lines: &[(&str, TaskType, i32)],
     ) -> Result<(Vec<DateTime<Utc>>, PoolConnection<Postgres>)> {
-        let taken = retry_transient(|| async {
+        Ok(retry_transient(|| async {
             let mut conn = self.pool.acquire().await?;
             let places: Vec<DateTime<Utc>> =
                 sqlx::query_scalar("SELECT place FROM place_in_line($1, $2, $3, $4) ORDER BY job_ord")
@@ -383,8 +383,7 @@ impl Queue {
                     .await?;
             Ok((places, conn))
         })
-        .await?;
-        Ok(taken)
+        .await?)
     }
 
     fn validate(&self, job: &NewJob) -> Result<()> {
