@@ -398,3 +398,51 @@ async fn an_enqueue_checks_out_one_connection(pool: PgPool) {
     assert_eq!(checkouts().await, 1, "a batch");
     assert_eq!(count(&pool, "job_tasks").await, 4);
 }
+
+/// A tenant's job indexes stay about as dense as the primary key while its
+/// jobs arrive and finish. Ids rise with time; an index that put each new
+/// job at the left end of its tenant's range (`id DESC`) split its pages in
+/// half and stood at 2.3 times the key's pages, in the open jobs and again
+/// in history.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_tenants_job_indexes_stay_dense_as_its_jobs_arrive_and_finish(pool: PgPool) {
+    // Pages of an index, over all its partitions when it has them.
+    async fn pages(pool: &PgPool, index: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT coalesce((SELECT sum(pg_relation_size(relid)) FROM pg_partition_tree($1::regclass)),
+                             pg_relation_size($1::regclass))::bigint / 8192",
+        )
+        .bind(index)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+    // A tenant entry (a short tenant and the id) is about 1.3 times a key
+    // entry (the id) at the same density.
+    async fn assert_dense(pool: &PgPool, tenant_index: &str, key_index: &str) {
+        let (tenant, key) = (pages(pool, tenant_index).await, pages(pool, key_index).await);
+        assert!(
+            key >= 30 && (tenant as f64) < key as f64 * 1.6,
+            "{tenant_index}: {tenant} pages against {key_index}'s {key}"
+        );
+    }
+
+    let q = queue(pool.clone());
+    for batch in 0..10 {
+        q.enqueue_batch((0..1000).map(|i| text_job(&format!("{batch}-{i}"))).collect())
+            .await
+            .unwrap();
+    }
+    assert_dense(&pool, "jobs_tenant_id", "jobs_pkey").await;
+
+    loop {
+        let held = q.claim("w", &[TaskType::TextGeneration], 500).await.unwrap();
+        if held.is_empty() {
+            break;
+        }
+        let results: Vec<_> = held.iter().map(|t| (t.lease(), json!(null))).collect();
+        assert_eq!(q.complete_batch("w", &results).await.unwrap().len(), held.len());
+    }
+    assert_eq!(count(&pool, "jobs").await, 0);
+    assert_dense(&pool, "job_history_tenant_id", "job_history_pkey").await;
+}
