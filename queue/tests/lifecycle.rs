@@ -1005,3 +1005,64 @@ async fn one_call_completing_a_jobs_last_two_tasks_moves_it_to_history_with_both
     let again = q.complete_batch("w2", &results[..2]).await.unwrap();
     assert_eq!(again.len(), 2);
 }
+
+/// A completion that finishes every job it names (one-task jobs, the
+/// common batch) looks each task up twice in the task key: to lock its job
+/// and to check its claim. The update of the tasks left open, which has
+/// none to update then, is skipped; it looked each one up a third time.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn completing_one_task_jobs_looks_each_task_up_twice(pool: PgPool) {
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    if version < 150000 {
+        eprintln!("skipped: pg_stat_force_next_flush() needs PostgreSQL 15, the server is {version}");
+        return;
+    }
+    // One connection: the statistics read are all this backend's.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let q = queue(one.clone());
+    const TASKS: i64 = 50;
+    q.enqueue_batch((0..TASKS).map(|i| text_job(&i.to_string())).collect())
+        .await
+        .unwrap();
+    let held = q
+        .claim("w", &[TaskType::TextGeneration], TASKS as i32)
+        .await
+        .unwrap();
+    assert_eq!(held.len() as i64, TASKS);
+    let lookups = || async {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&one)
+            .await
+            .unwrap();
+        sqlx::query_scalar::<_, i64>(
+            "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'job_tasks_pkey'",
+        )
+        .fetch_one(&one)
+        .await
+        .unwrap()
+    };
+    let before = lookups().await;
+    let results: Vec<_> = held.iter().map(|t| (t.lease(), json!({"ok": true}))).collect();
+    assert_eq!(q.complete_batch("w", &results).await.unwrap().len() as i64, TASKS);
+    let looked_up = lookups().await - before;
+    assert!(
+        looked_up <= 2 * TASKS + 5,
+        "completing {TASKS} one-task jobs looked tasks up {looked_up} times"
+    );
+    // And each finished as it should: complete, with its output, in history.
+    let finished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM task_history WHERE status = 'complete' AND output = '{\"ok\": true}'",
+    )
+    .fetch_one(&one)
+    .await
+    .unwrap();
+    assert_eq!(finished, TASKS);
+    assert_eq!(count(&pool, "jobs").await, 0);
+}
