@@ -150,6 +150,14 @@ pub struct ServeArgs {
     /// create the coming days' history partitions.
     #[arg(long, env = "REPAIR_INTERVAL_SECONDS", default_value_t = 60)]
     pub repair_interval_seconds: u64,
+    /// How often to look at the open-task table's dead rows (the entries
+    /// of tasks already taken, which every claim walks past until a
+    /// vacuum); 0 leaves the table to autovacuum.
+    #[arg(long, env = "VACUUM_INTERVAL_SECONDS", default_value_t = 2)]
+    pub vacuum_interval_seconds: u64,
+    /// Dead rows of the open-task table that start a vacuum.
+    #[arg(long, env = "VACUUM_MIN_DEAD_ROWS", default_value_t = 10_000)]
+    pub vacuum_min_dead_rows: i64,
     /// Seconds between samples of the queue depth kept for the console's
     /// last-hour chart (`/v1/queue/history`); 0 keeps none.
     #[arg(long, env = "DEPTH_SAMPLE_SECONDS", default_value_t = 15)]
@@ -183,6 +191,9 @@ impl ServeArgs {
             }),
             retention_interval: Duration::from_secs(self.retention_interval_seconds.max(1)),
             repair_interval: Duration::from_secs(self.repair_interval_seconds.max(1)),
+            vacuum_interval: (self.vacuum_interval_seconds > 0)
+                .then(|| Duration::from_secs(self.vacuum_interval_seconds)),
+            vacuum_min_dead_rows: self.vacuum_min_dead_rows,
         });
         Settings {
             body_limit_bytes: self.body_limit_bytes,

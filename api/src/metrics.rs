@@ -157,7 +157,7 @@ impl Metrics {
         );
         r.register(
             "sweeper_actions",
-            "What the sweeper and retention did: tasks retried or failed, workers removed, jobs pruned",
+            "What the sweeper and retention did: tasks retried or failed, workers removed, jobs pruned, vacuums of the open-task table",
             self.sweeper_actions.clone(),
         );
         r.register(
@@ -225,6 +225,11 @@ impl Metrics {
         self.count_action("jobs_repaired", jobs);
     }
 
+    /// A vacuum of the open-task table the vacuumer ran.
+    pub fn record_vacuum(&self) {
+        self.count_action("vacuums", 1);
+    }
+
     pub fn record_pruned(&self, jobs: u64) {
         self.count_action("pruned", jobs);
     }
@@ -236,7 +241,7 @@ impl Metrics {
     }
 
     /// `maintenance` is `sweep`, `repair`, `partitions`, `retention`,
-    /// `artifact_cleanup` or `day_cleanup`.
+    /// `artifact_cleanup`, `day_cleanup` or `vacuum`.
     pub fn record_run(&self, maintenance: &'static str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.maintenance_runs

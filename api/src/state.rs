@@ -59,6 +59,11 @@ pub struct SweeperSettings {
     /// How often jobs left unfinished after their tasks are looked for (a
     /// read of every unfinished job) and replaced artifacts' bytes removed.
     pub repair_interval: Duration,
+    /// How often the vacuumer looks at the open-task table's dead rows;
+    /// `None` leaves the table to autovacuum.
+    pub vacuum_interval: Option<Duration>,
+    /// Dead rows of the open-task table that make the vacuumer vacuum it.
+    pub vacuum_min_dead_rows: i64,
 }
 
 impl Default for SweeperSettings {
@@ -69,6 +74,8 @@ impl Default for SweeperSettings {
             retention: None,
             retention_interval: Duration::from_secs(3600),
             repair_interval: Duration::from_secs(60),
+            vacuum_interval: Some(Duration::from_secs(2)),
+            vacuum_min_dead_rows: 10_000,
         }
     }
 }

@@ -4,7 +4,9 @@
 //! set, prunes old finished jobs; the partitioner creates the coming days'
 //! history partitions; and the cleaner removes the bytes of
 //! artifacts nobody records any more (pruned, or replaced by a re-run),
-//! and the bytes and idempotency keys of the days retention dropped.
+//! and the bytes and idempotency keys of the days retention dropped; the
+//! vacuumer clears the entries claims leave at the head of the open-task
+//! table's indexes.
 //! They run side by side, so a slow store (an S3 delete retries for
 //! minutes) never holds up the sweep that rescues tasks. Several API
 //! replicas may run them at once; the queue makes concurrent sweeps safe,
@@ -40,6 +42,11 @@ pub async fn run(
             .await;
         }
     };
+    let vacuum = async {
+        if let Some(period) = settings.vacuum_interval {
+            every(period, &shutdown, || vacuum_once(queue, settings, metrics)).await;
+        }
+    };
     tokio::join!(
         every(settings.interval, &shutdown, || sweep_once(
             queue, settings, metrics
@@ -54,6 +61,7 @@ pub async fn run(
             queue, metrics
         )),
         retention,
+        vacuum,
     );
 }
 
@@ -95,6 +103,24 @@ pub async fn sweep_once(queue: &Queue, settings: &SweeperSettings, metrics: &Met
         Err(error) => {
             metrics.record_run("sweep", false);
             tracing::error!(%error, "sweep failed");
+        }
+    }
+}
+
+/// Vacuum the open-task table once enough of its rows are dead (see
+/// `queue::TaskVacuum`); autovacuum looks at most once a minute.
+pub async fn vacuum_once(queue: &Queue, settings: &SweeperSettings, metrics: &Metrics) {
+    match queue.vacuum_tasks(settings.vacuum_min_dead_rows).await {
+        Ok(outcome) => {
+            metrics.record_run("vacuum", true);
+            if outcome.vacuumed {
+                metrics.record_vacuum();
+                tracing::debug!(dead_rows = outcome.dead_rows, "vacuumed the open-task table");
+            }
+        }
+        Err(error) => {
+            metrics.record_run("vacuum", false);
+            tracing::error!(%error, "vacuuming the open-task table failed");
         }
     }
 }

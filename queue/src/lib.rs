@@ -20,6 +20,7 @@ mod notify;
 mod pools;
 mod registry;
 mod tasks;
+mod vacuum;
 
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ pub use notify::{TaskNotifications, RUNNABLE_CHANNEL};
 pub use pools::{PoolStatus, PoolStatusRecord};
 pub use registry::{NewWorker, ReplicaLoad, WorkerRecord, WorkerState};
 pub use tasks::{is_transient, CompletedAndClaimed, Failure, FailureKind, RetryOutcome, MAX_RETRY_AFTER};
+pub use vacuum::TaskVacuum;
 
 /// The schema, applied with `queue.migrate()` or `api migrate`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
