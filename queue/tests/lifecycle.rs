@@ -1012,20 +1012,9 @@ async fn one_call_completing_a_jobs_last_two_tasks_moves_it_to_history_with_both
 /// none to update then, is skipped; it looked each one up a third time.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn completing_one_task_jobs_looks_each_task_up_twice(pool: PgPool) {
-    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    if version < 150000 {
-        eprintln!("skipped: pg_stat_force_next_flush() needs PostgreSQL 15, the server is {version}");
+    let Some(one) = one_connection_with_statistics(&pool).await else {
         return;
-    }
-    // One connection: the statistics read are all this backend's.
-    let one = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(pool.connect_options().as_ref().clone())
-        .await
-        .unwrap();
+    };
     let q = queue(one.clone());
     const TASKS: i64 = 50;
     q.enqueue_batch((0..TASKS).map(|i| text_job(&i.to_string())).collect())
@@ -1037,10 +1026,7 @@ async fn completing_one_task_jobs_looks_each_task_up_twice(pool: PgPool) {
         .unwrap();
     assert_eq!(held.len() as i64, TASKS);
     let lookups = || async {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(&one)
-            .await
-            .unwrap();
+        flush_statistics(&one).await;
         sqlx::query_scalar::<_, i64>(
             "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'job_tasks_pkey'",
         )

@@ -639,26 +639,13 @@ async fn task_types_in_sql_are_the_task_types_the_check_allows(pool: PgPool) {
 /// of it.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn reads_of_in_flight_tasks_skip_the_backlog(pool: PgPool) {
-    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    if version < 150000 {
-        eprintln!("skipped: pg_stat_force_next_flush() needs PostgreSQL 15, the server is {version}");
-        return;
-    }
     sqlx::query("ALTER TABLE job_tasks SET (autovacuum_enabled = off)")
         .execute(&pool)
         .await
         .unwrap();
-    // Everything on one connection: the statistics read are then all this
-    // backend's, flushed when it goes idle after asking for it, with none
-    // of another backend's arriving late in the middle.
-    let one = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(pool.connect_options().as_ref().clone())
-        .await
-        .unwrap();
+    let Some(one) = one_connection_with_statistics(&pool).await else {
+        return;
+    };
     let q = queue(one.clone());
     q.enqueue_batch(vec![text_job("a"), text_job("b")]).await.unwrap();
     // Processing, as the worker runtime's claims are: that status sorts
@@ -703,10 +690,7 @@ async fn reads_of_in_flight_tasks_skip_the_backlog(pool: PgPool) {
     );
 
     let pages_read = || async {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(&one)
-            .await
-            .unwrap();
+        flush_statistics(&one).await;
         sqlx::query_scalar::<_, i64>(
             "SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes
              WHERE indexrelname = 'job_tasks_active'",
@@ -754,25 +738,13 @@ async fn reads_of_in_flight_tasks_skip_the_backlog(pool: PgPool) {
 /// one more for every 150 or so tasks taken since the last vacuum.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn the_vacuumer_clears_what_claims_left_at_the_head_of_the_line(pool: PgPool) {
-    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    if version < 150000 {
-        eprintln!("skipped: pg_stat_force_next_flush() needs PostgreSQL 15, the server is {version}");
-        return;
-    }
     sqlx::query("ALTER TABLE job_tasks SET (autovacuum_enabled = off)")
         .execute(&pool)
         .await
         .unwrap();
-    // One connection: the statistics read, the dead rows counted, are all
-    // this backend's and flushed when asked.
-    let one = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(pool.connect_options().as_ref().clone())
-        .await
-        .unwrap();
+    let Some(one) = one_connection_with_statistics(&pool).await else {
+        return;
+    };
     let q = queue(one.clone());
     for batch in 0..21 {
         q.enqueue_batch((0..1000).map(|i| text_job(&format!("{batch}-{i}"))).collect())
@@ -784,14 +756,8 @@ async fn the_vacuumer_clears_what_claims_left_at_the_head_of_the_line(pool: PgPo
         let results: Vec<_> = held.iter().map(|t| (t.lease(), json!(null))).collect();
         assert_eq!(q.complete_batch("w", &results).await.unwrap().len(), 500);
     }
-    let flush = || async {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(&one)
-            .await
-            .unwrap();
-    };
     let pages_read_by_a_claim = || async {
-        flush().await;
+        flush_statistics(&one).await;
         let read = "SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes
                     WHERE indexrelname = 'job_tasks_runnable'";
         let before: i64 = sqlx::query_scalar(read).fetch_one(&one).await.unwrap();
@@ -799,7 +765,7 @@ async fn the_vacuumer_clears_what_claims_left_at_the_head_of_the_line(pool: PgPo
         assert_eq!(held.len(), 1);
         let results = [(held[0].lease(), json!(null))];
         q.complete_batch("w", &results).await.unwrap();
-        flush().await;
+        flush_statistics(&one).await;
         let after: i64 = sqlx::query_scalar(read).fetch_one(&one).await.unwrap();
         after - before
     };
@@ -810,12 +776,10 @@ async fn the_vacuumer_clears_what_claims_left_at_the_head_of_the_line(pool: PgPo
         "a claim behind 20,000 taken tasks read {walked} pages"
     );
 
-    flush().await;
     let too_few = q.vacuum_tasks(1_000_000).await.unwrap();
     assert!(!too_few.vacuumed && too_few.dead_rows >= 20_000, "{too_few:?}");
     assert!(pages_read_by_a_claim().await > 50, "nothing vacuumed yet");
 
-    flush().await;
     let vacuumed = q.vacuum_tasks(10_000).await.unwrap();
     assert!(vacuumed.vacuumed, "{vacuumed:?}");
     let read = pages_read_by_a_claim().await;

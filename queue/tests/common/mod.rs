@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use queue::{JobType, Lease, NewJob, Queue, QueueConfig, Task, TaskType};
 use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 pub const TENANT: &str = "acme";
@@ -70,4 +71,34 @@ pub async fn count(pool: &PgPool, table: &str) -> i64 {
         other => panic!("unknown table {other}"),
     };
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// A pool of one connection to the test's database, for a test that reads
+/// PostgreSQL's statistics: they are then all that backend's, flushed when
+/// it asks (`flush_statistics`), with none of another backend's arriving
+/// late in the middle. `None`, saying so, before PostgreSQL 15, which has
+/// no way to ask.
+pub async fn one_connection_with_statistics(pool: &PgPool) -> Option<PgPool> {
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    if version < 150000 {
+        eprintln!("skipped: pg_stat_force_next_flush() needs PostgreSQL 15, the server is {version}");
+        return None;
+    }
+    let one = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    Some(one)
+}
+
+/// Make the statistics of `one`'s connection visible in the views.
+pub async fn flush_statistics(one: &PgPool) {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(one)
+        .await
+        .unwrap();
 }
