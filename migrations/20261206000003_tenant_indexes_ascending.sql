@@ -10,8 +10,11 @@
 -- range. The listing (newest first) reads the same index backward, at the
 -- same cost. queue/tests/enqueue.rs checks the sizes.
 --
--- On an existing database each index is rebuilt while the migration holds
--- its table: enqueues wait for jobs' build, completions for history's.
+-- On an existing database both indexes are rebuilt in the migration's one
+-- transaction, and dropping an index locks its table against reads as
+-- well as writes until the transaction ends: jobs and job_history are
+-- both unreadable until history's index is built, a few seconds per
+-- million finished jobs. Upgrade a large history in a quiet moment.
 
 DROP INDEX jobs_tenant_id;
 CREATE INDEX jobs_tenant_id ON jobs (tenant, id);

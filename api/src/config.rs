@@ -155,7 +155,8 @@ pub struct ServeArgs {
     /// vacuum); 0 leaves the table to autovacuum.
     #[arg(long, env = "VACUUM_INTERVAL_SECONDS", default_value_t = 2)]
     pub vacuum_interval_seconds: u64,
-    /// Dead rows of the open-task table that start a vacuum.
+    /// Dead rows of the open-task table, beyond those the last vacuum
+    /// left, that start a vacuum.
     #[arg(long, env = "VACUUM_MIN_DEAD_ROWS", default_value_t = 10_000)]
     pub vacuum_min_dead_rows: i64,
     /// Seconds between samples of the queue depth kept for the console's

@@ -62,7 +62,8 @@ pub struct SweeperSettings {
     /// How often the vacuumer looks at the open-task table's dead rows;
     /// `None` leaves the table to autovacuum.
     pub vacuum_interval: Option<Duration>,
-    /// Dead rows of the open-task table that make the vacuumer vacuum it.
+    /// Dead rows of the open-task table, beyond those the last vacuum
+    /// left, that make the vacuumer vacuum it.
     pub vacuum_min_dead_rows: i64,
 }
 

@@ -13,11 +13,12 @@
 //! and deleting an object twice is harmless.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use queue::{Queue, RetiredDay};
+use queue::{Queue, RetiredDay, VacuumOutcome};
 use store::ArtifactStore;
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -44,7 +45,11 @@ pub async fn run(
     };
     let vacuum = async {
         if let Some(period) = settings.vacuum_interval {
-            every(period, &shutdown, || vacuum_once(queue, settings, metrics)).await;
+            let vacuumer = Vacuumer::default();
+            every(period, &shutdown, || {
+                vacuum_once(queue, settings, metrics, &vacuumer)
+            })
+            .await;
         }
     };
     tokio::join!(
@@ -107,15 +112,35 @@ pub async fn sweep_once(queue: &Queue, settings: &SweeperSettings, metrics: &Met
     }
 }
 
-/// Vacuum the open-task table once enough of its rows are dead (see
-/// `queue::TaskVacuum`); autovacuum looks at most once a minute.
-pub async fn vacuum_once(queue: &Queue, settings: &SweeperSettings, metrics: &Metrics) {
-    match queue.vacuum_tasks(settings.vacuum_min_dead_rows).await {
-        Ok(outcome) => {
+/// What the vacuumer carries from one look to the next.
+#[derive(Default)]
+struct Vacuumer {
+    /// Dead rows the last vacuum left: those a long transaction holds do
+    /// not make every look vacuum again.
+    left_last_time: AtomicI64,
+    /// Whether the role's lack of the right to vacuum was logged.
+    refusal_logged: AtomicBool,
+}
+
+/// Vacuum the open-task table once enough of its rows died since the last
+/// vacuum (see `queue::TaskVacuum`); autovacuum looks at most once a minute.
+async fn vacuum_once(queue: &Queue, settings: &SweeperSettings, metrics: &Metrics, vacuumer: &Vacuumer) {
+    let left = vacuumer.left_last_time.load(Ordering::Relaxed);
+    match queue.vacuum_tasks(settings.vacuum_min_dead_rows, left).await {
+        Ok(look) => {
             metrics.record_run("vacuum", true);
-            if outcome.vacuumed {
-                metrics.record_vacuum();
-                tracing::debug!(dead_rows = outcome.dead_rows, "vacuumed the open-task table");
+            match look.outcome {
+                VacuumOutcome::Vacuumed => {
+                    vacuumer.left_last_time.store(look.dead_rows, Ordering::Relaxed);
+                    metrics.record_vacuum();
+                    tracing::debug!(dead_rows_left = look.dead_rows, "vacuumed the open-task table");
+                }
+                VacuumOutcome::NotAllowed if !vacuumer.refusal_logged.swap(true, Ordering::Relaxed) => {
+                    tracing::warn!(
+                        "this role may not vacuum job_tasks (it is not its owner): the vacuumer leaves it to autovacuum"
+                    );
+                }
+                VacuumOutcome::NotAllowed | VacuumOutcome::NotNeeded | VacuumOutcome::UnderWay => {}
             }
         }
         Err(error) => {

@@ -404,6 +404,13 @@ async fn the_sweeper_rescues_stale_tasks_and_prunes_finished_jobs(pool: sqlx::Pg
         .await;
         let text = server.scrape().await;
         assert!(text.contains(r#"backlog_maintenance_runs_total{maintenance="vacuum",result="ok"}"#));
+        let vacuums: i64 = sqlx::query_scalar(
+            "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'job_tasks'::regclass",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(vacuums >= 1, "PostgreSQL counted {vacuums} vacuums of job_tasks");
     }
 
     let text = server.scrape().await;

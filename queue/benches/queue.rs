@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use queue::{JobType, NewJob, Queue, TaskType};
+use queue::{JobType, NewJob, Queue, TaskType, VacuumOutcome};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
@@ -346,9 +346,13 @@ async fn drain_beside(
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(VACUUMER_EVERY);
             tick.tick().await;
+            let mut left = 0;
             loop {
                 tick.tick().await;
-                q.vacuum_tasks(VACUUMER_MIN_DEAD_ROWS).await?;
+                let look = q.vacuum_tasks(VACUUMER_MIN_DEAD_ROWS, left).await?;
+                if look.outcome == VacuumOutcome::Vacuumed {
+                    left = look.dead_rows;
+                }
             }
             #[allow(unreachable_code)]
             anyhow::Ok(())

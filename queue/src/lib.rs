@@ -43,7 +43,7 @@ pub use notify::{TaskNotifications, RUNNABLE_CHANNEL};
 pub use pools::{PoolStatus, PoolStatusRecord};
 pub use registry::{NewWorker, ReplicaLoad, WorkerRecord, WorkerState};
 pub use tasks::{is_transient, CompletedAndClaimed, Failure, FailureKind, RetryOutcome, MAX_RETRY_AFTER};
-pub use vacuum::TaskVacuum;
+pub use vacuum::{TaskVacuum, VacuumOutcome};
 
 /// The schema, applied with `queue.migrate()` or `api migrate`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

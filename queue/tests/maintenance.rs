@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use queue::{JobStatus, Retention, RetentionMode, TaskStatus, TaskType};
+use queue::{JobStatus, Retention, RetentionMode, TaskStatus, TaskType, VacuumOutcome};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -776,14 +776,56 @@ async fn the_vacuumer_clears_what_claims_left_at_the_head_of_the_line(pool: PgPo
         "a claim behind 20,000 taken tasks read {walked} pages"
     );
 
-    let too_few = q.vacuum_tasks(1_000_000).await.unwrap();
-    assert!(!too_few.vacuumed && too_few.dead_rows >= 20_000, "{too_few:?}");
+    let too_few = q.vacuum_tasks(1_000_000, 0).await.unwrap();
+    assert_eq!(too_few.outcome, VacuumOutcome::NotNeeded, "{too_few:?}");
+    assert!(too_few.dead_rows >= 20_000, "{too_few:?}");
     assert!(pages_read_by_a_claim().await > 50, "nothing vacuumed yet");
 
-    let vacuumed = q.vacuum_tasks(10_000).await.unwrap();
-    assert!(vacuumed.vacuumed, "{vacuumed:?}");
+    // A role that does not own the table is told so, and nothing is sent
+    // for PostgreSQL to refuse.
+    let role = format!("backlog_not_owner_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE ROLE {role}"))
+        .execute(&one)
+        .await
+        .unwrap();
+    sqlx::query(&format!("SET ROLE {role}"))
+        .execute(&one)
+        .await
+        .unwrap();
+    let refused = q.vacuum_tasks(10_000, 0).await;
+    sqlx::query("RESET ROLE").execute(&one).await.unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&one)
+        .await
+        .unwrap();
+    assert_eq!(refused.unwrap().outcome, VacuumOutcome::NotAllowed);
+
+    let vacuumed = q.vacuum_tasks(10_000, 0).await.unwrap();
+    assert_eq!(vacuumed.outcome, VacuumOutcome::Vacuumed, "{vacuumed:?}");
     let read = pages_read_by_a_claim().await;
     assert!(read < 10, "a claim after the vacuum read {read} pages");
     // What is left is what was not taken, by those three claims of one.
     assert_eq!(count(&pool, "job_tasks").await, 1000 - 3);
+
+    // Rows a long transaction still sees stay dead through a vacuum; they
+    // do not make the next look vacuum again, only as many more do.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT count(*) FROM job_tasks")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let held = q.claim("w", &[TaskType::TextGeneration], 997).await.unwrap();
+    let results: Vec<_> = held.iter().map(|t| (t.lease(), json!(null))).collect();
+    assert_eq!(q.complete_batch("w", &results).await.unwrap().len(), 997);
+    flush_statistics(&one).await;
+    let kept = q.vacuum_tasks(1_000, vacuumed.dead_rows).await.unwrap();
+    assert_eq!(kept.outcome, VacuumOutcome::Vacuumed, "{kept:?}");
+    assert!(kept.dead_rows >= 1_000, "the held rows are still dead: {kept:?}");
+    let again = q.vacuum_tasks(1_000, kept.dead_rows).await.unwrap();
+    assert_eq!(again.outcome, VacuumOutcome::NotNeeded, "{again:?}");
+    holder.rollback().await.unwrap();
 }
