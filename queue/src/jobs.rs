@@ -121,7 +121,7 @@ impl Queue {
 
         // A replay takes no place in line: a place given and left empty
         // reads, to the tenant's next enqueue, as its line having been
-        // served (`place_in_line` probes the latest place), and that job
+        // served (`take_places_in_line` probes the latest place), and that job
         // would start at the head, ahead of the tenant's own waiting jobs.
         let keyed = jobs.iter().any(|j| j.idempotency_key.is_some());
         let replays = if keyed {
@@ -362,32 +362,88 @@ impl Queue {
     }
 
     /// Each job's place in line among its tenant's and the other tenants'
-    /// (see `place_in_line` in the migrations), per job its tenant, first
-    /// task type and priority; taken in its own short statement so the
+    /// (see `take_places_in_line` in the migrations), per job its tenant,
+    /// first task type and priority; taken in its own short statement so the
     /// tenants' clocks are not held through the enqueue or retry. Returns
     /// the connection that took them, for the caller's next statement; a
     /// retry checks one out afresh.
     async fn place_in_line(
         &self,
-        lines: &[(&str, TaskType, i32)],
+        jobs: &[(&str, TaskType, i32)],
     ) -> Result<(Vec<DateTime<Utc>>, PoolConnection<Postgres>)> {
-        Ok(retry_transient(|| async {
+        let batch = LinesOfBatch::new(jobs);
+        // Whole microseconds, as PostgreSQL's interval keeps them, so each
+        // job's place below is where the line's clock counted it.
+        let step_micros = (self.config.fair_share_interval.as_secs_f64() * 1e6).round() as i64;
+        let (firsts, conn) = retry_transient(|| async {
             let mut conn = self.pool.acquire().await?;
-            let places: Vec<DateTime<Utc>> =
-                sqlx::query_scalar("SELECT place FROM place_in_line($1, $2, $3, $4) ORDER BY job_ord")
-                    .bind(lines.iter().map(|l| l.0).collect::<Vec<_>>())
-                    .bind(lines.iter().map(|l| l.1.as_str()).collect::<Vec<_>>())
-                    .bind(lines.iter().map(|l| l.2).collect::<Vec<_>>())
-                    .bind(self.config.fair_share_interval.as_secs_f64())
+            let firsts: Vec<(i64, DateTime<Utc>)> =
+                sqlx::query_as("SELECT line_ord, first_place FROM take_places_in_line($1, $2, $3, $4, $5)")
+                    .bind(batch.lines.iter().map(|l| l.0).collect::<Vec<_>>())
+                    .bind(batch.lines.iter().map(|l| l.1.as_str()).collect::<Vec<_>>())
+                    .bind(batch.lines.iter().map(|l| l.2).collect::<Vec<_>>())
+                    .bind(&batch.counts)
+                    .bind(step_micros as f64 / 1e6)
                     .fetch_all(&mut *conn)
                     .await?;
-            Ok((places, conn))
+            Ok((firsts, conn))
         })
-        .await?)
+        .await?;
+        let mut first_of_line = vec![None; batch.lines.len()];
+        for (ord, first) in firsts {
+            // `line_ord` counts the lines given from 1.
+            if let Some(slot) = usize::try_from(ord - 1)
+                .ok()
+                .and_then(|i| first_of_line.get_mut(i))
+            {
+                *slot = Some(first);
+            }
+        }
+        let places = batch
+            .line_and_rank
+            .iter()
+            .map(|&(line, rank)| {
+                first_of_line[line].map(|first| first + chrono::TimeDelta::microseconds(step_micros * rank))
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                sqlx::Error::Protocol("take_places_in_line answered fewer lines than asked".into())
+            })?;
+        Ok((places, conn))
     }
 
     fn validate(&self, job: &NewJob) -> Result<()> {
         validate_new_job(job, self.config.max_input_bytes)
+    }
+}
+
+/// A batch's jobs grouped by line (tenant, first task type, priority), in
+/// the order each line first appears: the lines and their job counts, and
+/// per job its line and how many of the line's jobs come before it.
+struct LinesOfBatch<'a> {
+    lines: Vec<(&'a str, TaskType, i32)>,
+    counts: Vec<i32>,
+    line_and_rank: Vec<(usize, i64)>,
+}
+
+impl<'a> LinesOfBatch<'a> {
+    fn new(jobs: &[(&'a str, TaskType, i32)]) -> Self {
+        let mut index: HashMap<(&str, TaskType, i32), usize> = HashMap::new();
+        let mut batch = LinesOfBatch {
+            lines: Vec::new(),
+            counts: Vec::new(),
+            line_and_rank: Vec::with_capacity(jobs.len()),
+        };
+        for &job in jobs {
+            let line = *index.entry(job).or_insert_with(|| {
+                batch.lines.push(job);
+                batch.counts.push(0);
+                batch.lines.len() - 1
+            });
+            batch.line_and_rank.push((line, i64::from(batch.counts[line])));
+            batch.counts[line] += 1;
+        }
+        batch
     }
 }
 
@@ -831,5 +887,39 @@ fn refuse_nul_in_json(at: &str, value: &serde_json::Value) -> Result<()> {
             refuse_nul_in_json(&format!("{at}.{key}"), item)
         }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_grouped_into_lines_in_the_order_they_first_appear_and_each_job_ranked_in_its_line() {
+        let text = TaskType::TextGeneration;
+        let pdf = TaskType::PdfGeneration;
+        let batch = LinesOfBatch::new(&[
+            ("acme", text, 0),
+            ("globex", text, 0),
+            ("acme", text, 0),
+            ("acme", pdf, 0),
+            ("acme", text, 5),
+            ("acme", text, 0),
+            ("globex", text, 0),
+        ]);
+        assert_eq!(
+            batch.lines,
+            vec![
+                ("acme", text, 0),
+                ("globex", text, 0),
+                ("acme", pdf, 0),
+                ("acme", text, 5)
+            ]
+        );
+        assert_eq!(batch.counts, vec![3, 2, 1, 1]);
+        assert_eq!(
+            batch.line_and_rank,
+            vec![(0, 0), (1, 0), (0, 1), (2, 0), (3, 0), (0, 2), (1, 1)]
+        );
     }
 }

@@ -225,7 +225,7 @@ async fn rows_and_entries_read(conn: &mut sqlx::PgConnection, tables: &[&str]) -
 
 /// A new database's first burst: `job_tasks` has never been analyzed with
 /// rows in it, so the planner gives every filter its default selectivity and
-/// takes every plan for one row. The claim, and place_in_line's head of the
+/// takes every plan for one row. The claim, and take_places_in_line's head of the
 /// line and fair-restart probe, must still read the claim index at the head
 /// of the line; they read every pending task of the type when the
 /// active-task index looked cheaper (and a hashed subplan did the same).
@@ -243,7 +243,7 @@ async fn runnable_reads_stay_at_the_head_of_the_line_before_any_statistics(pool:
     for _ in 0..3 {
         // The tenant's clock is past the head, so each call probes its
         // latest place.
-        sqlx::query("SELECT place FROM place_in_line($1, $2, $3, 0.001)")
+        sqlx::query("SELECT first_place FROM take_places_in_line($1, $2, $3, '{1}', 0.001)")
             .bind(vec![TENANT])
             .bind(vec!["text_generation"])
             .bind(vec![0i32])
@@ -326,7 +326,7 @@ async fn claims_stay_at_the_head_of_the_line_when_statistics_say_the_table_is_em
 
 /// A queue that drained empty, vacuumed down to no pages (autovacuum
 /// truncates the empty end of a table), and a burst: plans a connection
-/// caches for place_in_line are made for a table where a sequential scan
+/// caches for take_places_in_line are made for a table where a sequential scan
 /// costs nothing, and until the next analyze every enqueue read every task
 /// twice, for the head of the line and for the fair-restart probe (50 ms a
 /// call at 99,000 tasks, in a scratch program running `make bench-queue`'s
@@ -334,7 +334,7 @@ async fn claims_stay_at_the_head_of_the_line_when_statistics_say_the_table_is_em
 /// enough: the probe, an equality on the place, then walked another index
 /// of the type.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn place_in_line_stays_at_the_head_of_the_line_when_the_queue_drained_empty(pool: PgPool) {
+async fn places_in_line_stay_at_the_head_of_the_line_when_the_queue_drained_empty(pool: PgPool) {
     let q = queue(pool.clone());
     // Autovacuum off first: altering the table later would drop the plans.
     for sql in [
@@ -348,7 +348,8 @@ async fn place_in_line_stays_at_the_head_of_the_line_when_the_queue_drained_empt
     // from the sixth call on they may. Either way it is made while the
     // table is empty.
     let mut producer = pool.acquire().await.unwrap();
-    let place = "SELECT place FROM place_in_line('{acme}', '{text_generation}', '{0}', 0.001)";
+    let place =
+        "SELECT first_place FROM take_places_in_line('{acme}', '{text_generation}', '{0}', '{1}', 0.001)";
     for _ in 0..8 {
         sqlx::query(place).fetch_all(&mut *producer).await.unwrap();
     }
@@ -458,8 +459,8 @@ async fn the_hot_path_keeps_its_plan_settings(pool: PgPool) {
         "complete_tasks",
         "fail_task",
         "lock_jobs_of_tasks",
-        "place_in_line",
         "release_tasks",
+        "take_places_in_line",
         "take_tasks",
     ];
     let settings: Vec<(String, Vec<String>)> = sqlx::query_as(

@@ -161,3 +161,110 @@ async fn a_replayed_job_takes_no_place_in_line(pool: PgPool) {
         "two tenants waiting share the first claims half and half, not {small} of 100: {order:?}"
     );
 }
+
+/// An enqueue takes its places one row per line (`take_places_in_line`)
+/// and counts each line's jobs itself: a mixed batch gets the places that
+/// `place_in_line`, which numbered every job in SQL, gives from the same
+/// clocks.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_mixed_batch_takes_the_places_place_in_line_gives(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = |(tenant, job_type, priority): (&str, JobType, i32), i: usize| {
+        let input = match job_type {
+            JobType::Pdf => json!({ "text": format!("# {i}") }),
+            _ => json!({ "prompt": format!("{i}") }),
+        };
+        NewJob {
+            priority,
+            ..NewJob::new(tenant, job_type, input)
+        }
+    };
+    let acme_text = ("acme", JobType::Text, 0);
+    let acme_urgent = ("acme", JobType::Text, 5);
+    let acme_pdf = ("acme", JobType::Pdf, 0);
+    let globex_text = ("globex", JobType::Text, 0);
+    // Every line already waits, so each clock starts from a task's place
+    // rather than from the time of the call.
+    let lines = [acme_text, acme_urgent, acme_pdf, globex_text];
+    q.enqueue_batch(lines.iter().enumerate().map(|(i, &l)| job(l, i)).collect())
+        .await
+        .unwrap();
+    let batch: Vec<NewJob> = [
+        acme_text,
+        globex_text,
+        acme_text,
+        acme_pdf,
+        acme_urgent,
+        acme_text,
+        globex_text,
+        acme_pdf,
+        acme_text,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, l)| job(l, 100 + i))
+    .collect();
+
+    let mut tx = pool.begin().await.unwrap();
+    let expected: Vec<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT place FROM place_in_line($1, $2, $3, 0.01) ORDER BY job_ord")
+            .bind(batch.iter().map(|j| j.tenant.clone()).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|j| j.job_type.plan()[0].task_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batch.iter().map(|j| j.priority).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    // The clocks go back to where they were.
+    tx.rollback().await.unwrap();
+
+    let mut placed = Vec::new();
+    for enqueued in q.enqueue_batch(batch).await.unwrap() {
+        let place: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar("SELECT fair_at FROM job_tasks WHERE job_id = $1")
+                .bind(enqueued.job.id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        placed.push(place);
+    }
+    assert_eq!(placed, expected);
+    // Four lines, not one place per job: a line's jobs are a step apart.
+    assert_eq!(
+        placed[2] - placed[0],
+        chrono::TimeDelta::milliseconds(10),
+        "acme's second text job is one step behind its first"
+    );
+}
+
+/// The function's own checks: a line named twice would have its clock
+/// moved twice from one head, so the two runs of places could overlap.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn take_places_in_line_refuses_a_line_named_twice_or_a_count_below_one(pool: PgPool) {
+    let call = |tenants: Vec<&'static str>, counts: Vec<i32>| {
+        let pool = pool.clone();
+        async move {
+            let n = tenants.len();
+            sqlx::query("SELECT * FROM take_places_in_line($1, $2, $3, $4, 0.01)")
+                .bind(tenants)
+                .bind(vec!["text_generation"; n])
+                .bind(vec![0i32; n])
+                .bind(counts)
+                .fetch_all(&pool)
+                .await
+                .map(|rows| rows.len())
+                .map_err(|e| e.to_string())
+        }
+    };
+    let twice = call(vec!["acme", "acme"], vec![1, 2]).await.unwrap_err();
+    assert!(twice.contains("named twice"), "{twice}");
+    let none = call(vec!["acme"], vec![0]).await.unwrap_err();
+    assert!(none.contains("at least 1"), "{none}");
+    let short = call(vec!["acme", "globex"], vec![1]).await.unwrap_err();
+    assert!(short.contains("must be as long"), "{short}");
+    assert_eq!(call(vec!["acme", "globex"], vec![3, 1]).await, Ok(2));
+}
