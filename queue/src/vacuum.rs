@@ -37,7 +37,8 @@ pub enum VacuumOutcome {
     /// replica's), or took it first: not waited for.
     UnderWay,
     /// This role may not vacuum the table (only its owner, a member of the
-    /// owner's role or a superuser may): PostgreSQL would skip it with a
+    /// owner's role, a superuser, the database's owner or, from PostgreSQL
+    /// 17, a role with MAINTAIN on it may): PostgreSQL would skip it with a
     /// warning on every look.
     NotAllowed,
 }
@@ -50,14 +51,19 @@ impl Queue {
     /// vacuum again). One read of the statistics when there is nothing to
     /// do. Safe from several processes at once.
     pub async fn vacuum_tasks(&self, min_dead_rows: i64, left_last_time: i64) -> Result<TaskVacuum> {
-        // PostgreSQL 15 lets a table's owner, a member of its role, a
-        // superuser or the database's owner vacuum it; the last is left
-        // out here (it cannot be read as simply) and gets `NotAllowed`.
+        // Who may vacuum it, as VACUUM itself decides: the table's owner (a
+        // member of its role, a superuser) or, from PostgreSQL 17, a role
+        // with MAINTAIN on it (pg_maintain's members among them); and in
+        // every version the database's owner.
         let (dead_rows, vacuums, allowed, under_way): (i64, i64, bool, bool) = sqlx::query_as(
             "SELECT s.n_dead_tup, s.vacuum_count + s.autovacuum_count,
-                    pg_has_role(c.relowner, 'USAGE'),
+                    CASE WHEN current_setting('server_version_num')::int >= 170000
+                         THEN has_table_privilege(c.oid, 'MAINTAIN')
+                         ELSE pg_has_role(c.relowner, 'USAGE') END
+                    OR pg_has_role(d.datdba, 'USAGE'),
                     EXISTS (SELECT 1 FROM pg_stat_progress_vacuum p WHERE p.relid = c.oid)
              FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
+                  JOIN pg_database d ON d.datname = current_database()
              WHERE c.oid = 'job_tasks'::regclass",
         )
         .fetch_one(&self.pool)

@@ -782,26 +782,35 @@ async fn the_vacuumer_clears_what_claims_left_at_the_head_of_the_line(pool: PgPo
     assert!(pages_read_by_a_claim().await > 50, "nothing vacuumed yet");
 
     // A role that does not own the table is told so, and nothing is sent
-    // for PostgreSQL to refuse.
+    // for PostgreSQL to refuse; once it owns the database, it may vacuum.
     let role = format!("backlog_not_owner_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE ROLE {role}"))
-        .execute(&one)
-        .await
-        .unwrap();
-    sqlx::query(&format!("SET ROLE {role}"))
-        .execute(&one)
-        .await
-        .unwrap();
+    let (database, owner): (String, String) = sqlx::query_as(
+        "SELECT datname::text, datdba::regrole::text FROM pg_database WHERE datname = current_database()",
+    )
+    .fetch_one(&one)
+    .await
+    .unwrap();
+    let run = |sql: String| {
+        let one = one.clone();
+        async move { sqlx::query(&sql).execute(&one).await.unwrap() }
+    };
+    run(format!("CREATE ROLE {role}")).await;
+    run(format!("SET ROLE {role}")).await;
     let refused = q.vacuum_tasks(10_000, 0).await;
-    sqlx::query("RESET ROLE").execute(&one).await.unwrap();
-    sqlx::query(&format!("DROP ROLE {role}"))
-        .execute(&one)
-        .await
-        .unwrap();
+    run("RESET ROLE".into()).await;
+    run(format!("ALTER DATABASE \"{database}\" OWNER TO {role}")).await;
+    run(format!("SET ROLE {role}")).await;
+    let vacuumed = q.vacuum_tasks(10_000, 0).await;
+    run("RESET ROLE".into()).await;
+    run(format!("ALTER DATABASE \"{database}\" OWNER TO {owner}")).await;
+    run(format!("DROP ROLE {role}")).await;
     assert_eq!(refused.unwrap().outcome, VacuumOutcome::NotAllowed);
-
-    let vacuumed = q.vacuum_tasks(10_000, 0).await.unwrap();
-    assert_eq!(vacuumed.outcome, VacuumOutcome::Vacuumed, "{vacuumed:?}");
+    let vacuumed = vacuumed.unwrap();
+    assert_eq!(
+        vacuumed.outcome,
+        VacuumOutcome::Vacuumed,
+        "the database's owner: {vacuumed:?}"
+    );
     let read = pages_read_by_a_claim().await;
     assert!(read < 10, "a claim after the vacuum read {read} pages");
     // What is left is what was not taken, by those three claims of one.
