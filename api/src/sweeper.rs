@@ -137,7 +137,7 @@ async fn vacuum_once(queue: &Queue, settings: &SweeperSettings, metrics: &Metric
                 }
                 VacuumOutcome::NotAllowed if !vacuumer.refusal_logged.swap(true, Ordering::Relaxed) => {
                     tracing::warn!(
-                        "this role may not vacuum job_tasks (it is not its owner): the vacuumer leaves it to autovacuum"
+                        "this role may not vacuum job_tasks (it owns neither the table nor the database): the vacuumer leaves it to autovacuum"
                     );
                 }
                 VacuumOutcome::NotAllowed | VacuumOutcome::NotNeeded | VacuumOutcome::UnderWay => {}

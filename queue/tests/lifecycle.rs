@@ -1011,8 +1011,8 @@ async fn one_call_completing_a_jobs_last_two_tasks_moves_it_to_history_with_both
 /// and to check its claim. The update of the tasks left open, which has
 /// none to update then, is skipped; it looked each one up a third time.
 /// Each job it looks up twice in the job key, to lock it and to read its
-/// counters; the delete that moves it to history reads it where the
-/// counters were read, where it looked it up a third time.
+/// counters; the delete that moves it to history reads the row where the
+/// counters were read (it looked the job up a third time before).
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn completing_one_task_jobs_looks_each_task_and_each_job_up_twice(pool: PgPool) {
     let Some(one) = one_connection_with_statistics(&pool).await else {
