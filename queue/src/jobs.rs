@@ -30,6 +30,43 @@ struct Existing {
     task_max_attempts: Option<i32>,
 }
 
+/// What the server sets on a job it inserts; the rest of the row is what
+/// the client sent. Reading back only these spares the enqueue sending
+/// every job's input back and parsing it again (a batch's inputs are most
+/// of its answer): the job built from them reads the same as the stored
+/// one, since jsonb keeps the input's meaning and a `serde_json::Value`
+/// orders an object's keys itself.
+#[derive(Debug, sqlx::FromRow)]
+struct InsertedJob {
+    id: Uuid,
+    #[sqlx(try_from = "String")]
+    status: JobStatus,
+    error: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+impl InsertedJob {
+    fn into_job(self, new: NewJob) -> Job {
+        Job {
+            id: self.id,
+            tenant: new.tenant,
+            job_type: new.job_type,
+            status: self.status,
+            input: new.input,
+            priority: new.priority,
+            idempotency_key: new.idempotency_key,
+            error: self.error,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobWithTasks {
     pub job: Job,
@@ -218,7 +255,7 @@ impl Queue {
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::text[], $13::int[])
                               AS n(id, tenant, job_type, input, priority, idempotency_key, tasks_total)
                 WHERE n.idempotency_key IS NULL OR n.id IN (SELECT job_id FROM keyed)
-                RETURNING *
+                RETURNING id, status, error, created_at, updated_at, started_at, finished_at
             ), tasks AS (
                 INSERT INTO job_tasks (job_id, task_type, dependencies, waiting_on, priority, max_attempts,
                                        timeout_seconds, has_dependents, fair_at)
@@ -250,14 +287,14 @@ impl Queue {
         .bind(&task_has_dependents)
         .bind(&task_fair_at);
         let mut tx = None;
-        let inserted: Vec<Job> = if keyed {
+        let inserted: Vec<InsertedJob> = if keyed {
             let tx = tx.insert(conn.begin().await?);
             insert.fetch_all(&mut **tx).await?
         } else {
             insert.fetch_all(&mut *conn).await?
         };
 
-        let mut created: HashMap<Uuid, Job> = inserted.into_iter().map(|j| (j.id, j)).collect();
+        let mut created: HashMap<Uuid, InsertedJob> = inserted.into_iter().map(|j| (j.id, j)).collect();
         // Jobs not inserted lost to an existing idempotency key (from an
         // earlier call, or earlier in this batch).
         let missing: Vec<usize> = (0..jobs.len())
@@ -298,10 +335,14 @@ impl Queue {
             }
         }
 
+        let batch_tenant = jobs[0].tenant.clone();
         let mut out = Vec::with_capacity(jobs.len());
-        for (i, new) in jobs.iter().enumerate() {
-            if let Some(job) = created.remove(&ids[i]) {
-                out.push(Enqueued { job, created: true });
+        for (i, new) in jobs.into_iter().enumerate() {
+            if let Some(inserted) = created.remove(&ids[i]) {
+                out.push(Enqueued {
+                    job: inserted.into_job(new),
+                    created: true,
+                });
                 continue;
             }
             let key = new.idempotency_key.clone().unwrap_or_default();
@@ -326,7 +367,7 @@ impl Queue {
         }
         if let Some(mut tx) = tx {
             if let Some(key) = batch_key {
-                same_batch_or_new(&mut tx, key, &jobs[0].tenant, &out).await?;
+                same_batch_or_new(&mut tx, key, &batch_tenant, &out).await?;
             }
             tx.commit().await?;
         }

@@ -446,3 +446,34 @@ async fn a_tenants_job_indexes_stay_dense_as_its_jobs_arrive_and_finish(pool: Pg
     assert_eq!(count(&pool, "jobs").await, 0);
     assert_dense(&pool, "job_history_tenant_id", "job_history_pkey").await;
 }
+
+/// The job an enqueue returns is built from what the client sent and what
+/// the server set; read back, the stored job is the same, keyed or not,
+/// whatever the input's key order and text.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn the_job_an_enqueue_returns_is_the_job_stored(pool: PgPool) {
+    let q = queue(pool.clone());
+    // The fields in no order jsonb keeps, text beyond ASCII, escapes.
+    let input = json!({
+        "voice": "gmw/en-GB-x-rp",
+        "title": "Grüße, 世界 \u{1F600}",
+        "prompt": "tides\tand\\moons",
+        "lang": "en"
+    });
+    let unkeyed = NewJob::new("globex", JobType::Text, input.clone())
+        .priority(7)
+        .max_attempts(3);
+    let keyed = NewJob::new("globex", JobType::Text, input).idempotency_key("k-1");
+    let returned = q.enqueue_batch(vec![unkeyed, keyed.clone()]).await.unwrap();
+    let replayed = q.enqueue(keyed).await.unwrap();
+    for (enqueued, replay) in returned.iter().zip([false, true]) {
+        assert!(enqueued.created);
+        let stored = q.job("globex", enqueued.job.id).await.unwrap();
+        assert_eq!(enqueued.job, stored, "returned and stored differ");
+        if replay {
+            assert_eq!(replayed.job, stored, "a replay returns the stored job");
+        }
+    }
+    assert_eq!(returned[0].job.priority, 7);
+    assert_eq!(returned[1].job.idempotency_key.as_deref(), Some("k-1"));
+}
