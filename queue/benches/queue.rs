@@ -721,8 +721,9 @@ async fn time_depth(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
         .execute(admin)
         .await?;
     // Unmeasured calls first: the statement is prepared and its plan
-    // settled (custom plans for the first five). Fifty samples left the
-    // p50 moving by a third between runs of the same code.
+    // settled (custom plans for the first five). More samples than the
+    // fifty it took narrow each p50; the swing between the sides with and
+    // without history stayed (see the README).
     for _ in 0..DEPTH_WARMUP {
         q.depth().await?;
     }

@@ -32,10 +32,10 @@ struct Existing {
 
 /// What the server sets on a job it inserts; the rest of the row is what
 /// the client sent. Reading back only these spares the enqueue sending
-/// every job's input back and parsing it again (a batch's inputs are most
-/// of its answer): the job built from them reads the same as the stored
-/// one, since jsonb keeps the input's meaning and a `serde_json::Value`
-/// orders an object's keys itself.
+/// every job's input and tenant back and parsing them again: the job built
+/// from them reads the same as the stored one, since jsonb keeps the
+/// input's meaning and a `serde_json::Value` orders an object's keys
+/// itself.
 #[derive(Debug, sqlx::FromRow)]
 struct InsertedJob {
     id: Uuid,
