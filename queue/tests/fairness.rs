@@ -163,11 +163,12 @@ async fn a_replayed_job_takes_no_place_in_line(pool: PgPool) {
 }
 
 /// An enqueue takes its places one row per line (`take_places_in_line`)
-/// and counts each line's jobs itself: a mixed batch gets the places that
-/// `place_in_line`, which numbered every job in SQL, gives from the same
-/// clocks.
+/// and counts each line's jobs itself: in a mixed batch, the jobs of each
+/// line (tenant, first task type, priority) queue behind that line's job
+/// already waiting, a step apart, in the batch's order, whatever the other
+/// lines' jobs between them.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn a_mixed_batch_takes_the_places_place_in_line_gives(pool: PgPool) {
+async fn a_mixed_batch_queues_each_lines_jobs_a_step_apart_behind_its_waiting_job(pool: PgPool) {
     let q = queue(pool.clone());
     let job = |(tenant, job_type, priority): (&str, JobType, i32), i: usize| {
         let input = match job_type {
@@ -179,17 +180,34 @@ async fn a_mixed_batch_takes_the_places_place_in_line_gives(pool: PgPool) {
             ..NewJob::new(tenant, job_type, input)
         }
     };
+    let place_of = |job_id: uuid::Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+                "SELECT fair_at FROM job_tasks WHERE job_id = $1",
+            )
+            .bind(job_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
     let acme_text = ("acme", JobType::Text, 0);
     let acme_urgent = ("acme", JobType::Text, 5);
     let acme_pdf = ("acme", JobType::Pdf, 0);
     let globex_text = ("globex", JobType::Text, 0);
-    // Every line already waits, so each clock starts from a task's place
-    // rather than from the time of the call.
+    // Every line already waits, so each clock goes on from its line's
+    // waiting job rather than from the time of the call.
     let lines = [acme_text, acme_urgent, acme_pdf, globex_text];
-    q.enqueue_batch(lines.iter().enumerate().map(|(i, &l)| job(l, i)).collect())
+    let mut waiting = Vec::new();
+    for enqueued in q
+        .enqueue_batch(lines.iter().enumerate().map(|(i, &l)| job(l, i)).collect())
         .await
-        .unwrap();
-    let batch: Vec<NewJob> = [
+        .unwrap()
+    {
+        waiting.push(place_of(enqueued.job.id).await);
+    }
+    let batch = [
         acme_text,
         globex_text,
         acme_text,
@@ -199,46 +217,52 @@ async fn a_mixed_batch_takes_the_places_place_in_line_gives(pool: PgPool) {
         globex_text,
         acme_pdf,
         acme_text,
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(i, l)| job(l, 100 + i))
-    .collect();
-
-    let mut tx = pool.begin().await.unwrap();
-    let expected: Vec<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT place FROM place_in_line($1, $2, $3, 0.01) ORDER BY job_ord")
-            .bind(batch.iter().map(|j| j.tenant.clone()).collect::<Vec<_>>())
-            .bind(
-                batch
-                    .iter()
-                    .map(|j| j.job_type.plan()[0].task_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(batch.iter().map(|j| j.priority).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
-            .await
-            .unwrap();
-    // The clocks go back to where they were.
-    tx.rollback().await.unwrap();
+    ];
+    let step = chrono::TimeDelta::milliseconds(10);
+    // The k-th job of a line in the batch (from 1) goes k steps behind the
+    // line's waiting job.
+    let expected: Vec<_> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let l = lines.iter().position(|other| other == line).unwrap();
+            let k = batch[..=i].iter().filter(|other| *other == line).count() as i32;
+            waiting[l] + step * k
+        })
+        .collect();
 
     let mut placed = Vec::new();
-    for enqueued in q.enqueue_batch(batch).await.unwrap() {
-        let place: chrono::DateTime<chrono::Utc> =
-            sqlx::query_scalar("SELECT fair_at FROM job_tasks WHERE job_id = $1")
-                .bind(enqueued.job.id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        placed.push(place);
+    for enqueued in q
+        .enqueue_batch(batch.iter().enumerate().map(|(i, &l)| job(l, 100 + i)).collect())
+        .await
+        .unwrap()
+    {
+        placed.push(place_of(enqueued.job.id).await);
     }
     assert_eq!(placed, expected);
-    // Four lines, not one place per job: a line's jobs are a step apart.
-    assert_eq!(
-        placed[2] - placed[0],
-        chrono::TimeDelta::milliseconds(10),
-        "acme's second text job is one step behind its first"
-    );
+    // And each line's clock stands a step past its last job, where the
+    // line's next job will go.
+    for (l, &(tenant, job_type, priority)) in lines.iter().enumerate() {
+        let last = (0..batch.len())
+            .filter(|&i| batch[i] == lines[l])
+            .map(|i| placed[i])
+            .max()
+            .unwrap();
+        let clock: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+            "SELECT fair_at FROM tenant_clocks WHERE tenant = $1 AND task_type = $2 AND priority = $3",
+        )
+        .bind(tenant)
+        .bind(job_type.plan()[0].task_type.as_str())
+        .bind(priority)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            clock,
+            last + step,
+            "{tenant}'s {job_type:?} line at priority {priority}"
+        );
+    }
 }
 
 /// The function's own checks: a line named twice would have its clock
