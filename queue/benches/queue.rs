@@ -720,6 +720,13 @@ async fn time_depth(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
     sqlx::query("VACUUM ANALYZE jobs, job_tasks, job_history, task_history")
         .execute(admin)
         .await?;
+    // Each side is timed from a finished checkpoint: the writes before it
+    // (drains, a backlog, a million rows of history) otherwise leave one
+    // running through some timings and not others.
+    sqlx::query("CHECKPOINT")
+        .execute(admin)
+        .await
+        .context("CHECKPOINT before timing the depth query (needs superuser or pg_checkpoint)")?;
     // Unmeasured calls first: the statement is prepared and its plan
     // settled (custom plans for the first five). More samples than the
     // fifty it took narrow each p50; the swing between the sides with and

@@ -9,7 +9,8 @@
 //   2. drain: one `run()` worker pool with the batched settings graphile-worker
 //      documents for throughput (concurrentJobs 24, localQueue 500, job
 //      completion/failure batching with delay 0), timed from `run()` until
-//      the job table is empty; then the queue is filled again and drained
+//      the job table is empty; then the table is vacuumed (backlog's are
+//      truncated and vacuumed before each fill), filled again and drained
 //      with a local queue of 50, so one fetch takes as many jobs as one of
 //      backlog's batched claims (the matched setting);
 //   3. latency: 1,000 sequential jobs through `workerUtils.addJob` against a
@@ -95,17 +96,16 @@ async function fill() {
   if ((await remainingJobs(utils)) !== JOBS) throw new Error("enqueue: job table does not hold every job");
 }
 
-// Fresh statistics so the drain's job-fetch query is planned for a table of
-// 200k rows, not from whatever (if any) statistics an empty table had. All
-// tables of the schema, so this does not depend on the private table names of
-// a release.
-async function analyze() {
+// Run `command` (ANALYZE, VACUUM ...) over every table of graphile-worker's
+// schema, read from the catalogue so this does not depend on the private
+// table names of a release.
+async function everyTable(command) {
   await utils.withPgClient(async (client) => {
     const { rows } = await client.query(
       `select format('%I.%I', schemaname, tablename) as t from pg_tables where schemaname = $1`,
       [schema],
     );
-    await client.query(`analyze ${rows.map((r) => r.t).join(", ")}`);
+    await client.query(`${command} ${rows.map((r) => r.t).join(", ")}`);
   });
 }
 
@@ -169,13 +169,22 @@ try {
     `enqueue (addJobs, batch ${ENQUEUE_BATCH}): ${fmtInt(enqueueRate)} jobs/s ` +
       `(${JOBS} jobs in ${enqueueSeconds.toFixed(2)} s; node CPU ${cpuSeconds(cpu)} s)`,
   );
-  await analyze();
+  // Fresh statistics, so the drain's job-fetch query is planned for a table
+  // of 200k rows, not from whatever (if any) statistics an empty table had.
+  await everyTable("analyze");
 
   // 2. Drain, at the documented settings and at backlog's batch ------------
   const drainRate = await drain(DRAIN_WORKER);
+  // The first drain's 200,000 deleted rows cleared before the second fill,
+  // as backlog's benchmark truncates and vacuums its tables before each
+  // fill. Without it the matched drain ran over a table that still held
+  // them or not, as autovacuum happened to reach it in time.
+  await everyTable("vacuum");
   await fill();
-  await analyze();
+  await everyTable("analyze");
   const matchedDrainRate = await drain({ ...DRAIN_WORKER, localQueue: { size: MATCHED_LOCAL_QUEUE } });
+  // And cleared again before the latency phase, as backlog's is.
+  await everyTable("vacuum analyze");
 
   // 3. Enqueue → start latency ----------------------------------------------
   // Default pool: concurrency 1, no local queue, no completion batching; new
