@@ -728,9 +728,9 @@ async fn time_depth(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
         .await
         .context("CHECKPOINT before timing the depth query (needs superuser or pg_checkpoint)")?;
     // Unmeasured calls first: the statement is prepared and its plan
-    // settled (custom plans for the first five). More samples than the
-    // fifty it took narrow each p50; the swing between the sides with and
-    // without history stayed (see the README).
+    // settled (custom plans for the first five). 300 samples narrow each
+    // p50; the swing between the sides with and without history went only
+    // with the checkpoint above (see the README).
     for _ in 0..DEPTH_WARMUP {
         q.depth().await?;
     }

@@ -335,7 +335,6 @@ impl Queue {
             }
         }
 
-        let batch_tenant = jobs[0].tenant.clone();
         let mut out = Vec::with_capacity(jobs.len());
         for (i, new) in jobs.into_iter().enumerate() {
             if let Some(inserted) = created.remove(&ids[i]) {
@@ -367,7 +366,8 @@ impl Queue {
         }
         if let Some(mut tx) = tx {
             if let Some(key) = batch_key {
-                same_batch_or_new(&mut tx, key, &batch_tenant, &out).await?;
+                // The batch's key is its first job's tenant's.
+                same_batch_or_new(&mut tx, key, &out[0].job.tenant, &out).await?;
             }
             tx.commit().await?;
         }
