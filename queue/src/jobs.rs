@@ -726,8 +726,12 @@ impl Queue {
         .execute(&mut *tx)
         .await?;
         let job = sqlx::query_as(
-            "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now()
-             WHERE id = $1 RETURNING *",
+            // A claim does not write the job's row: a job cancelled while
+            // its tasks ran started when the first of them was claimed.
+            "UPDATE jobs j SET status = 'cancelled', finished_at = now(), updated_at = now(),
+                    started_at = coalesce(j.started_at,
+                        (SELECT min(t.first_claimed_at) FROM job_tasks t WHERE t.job_id = j.id))
+             WHERE j.id = $1 RETURNING j.*",
         )
         .bind(id)
         .fetch_one(&mut *tx)
@@ -802,7 +806,7 @@ impl Queue {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        let job = sqlx::query_as("SELECT * FROM jobs WHERE id = $1")
+        let job = sqlx::query_as("SELECT * FROM open_jobs WHERE id = $1")
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;
@@ -859,6 +863,9 @@ async fn same_batch_or_new(
 /// A row lock taken on a job read with [`locked_job`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum RowLock {
+    /// The job's row and its open tasks: a claim writes only the tasks
+    /// (`open_jobs` reads the job's status off them), so a reader that must
+    /// see every status change after it holds both.
     Share,
     NoKeyUpdate,
     Update,
@@ -874,24 +881,45 @@ pub(crate) async fn locked_job(
     id: Uuid,
     lock: RowLock,
 ) -> Result<Job> {
-    let lock = match lock {
+    let clause = match lock {
         RowLock::Share => "FOR SHARE",
         RowLock::NoKeyUpdate => "FOR NO KEY UPDATE",
         RowLock::Update => "FOR UPDATE",
     };
-    let open = format!("SELECT * FROM jobs WHERE id = $1 AND tenant = $2 {lock}");
-    let finished = format!("SELECT * FROM job_history WHERE id = $1 AND tenant = $2 {lock}");
+    let open = format!("SELECT 1 FROM jobs WHERE id = $1 AND tenant = $2 {clause}");
+    let finished = format!("SELECT * FROM job_history WHERE id = $1 AND tenant = $2 {clause}");
     // Each move is one transaction, so three looks see it settle.
     for _ in 0..3 {
-        for sql in [&open, &finished] {
-            let job: Option<Job> = sqlx::query_as(sql)
+        let locked: Option<i32> = sqlx::query_scalar(&open)
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if locked.is_some() {
+            if let RowLock::Share = lock {
+                // In id order, as every other locker of a job's tasks.
+                sqlx::query(
+                    "SELECT 1 FROM job_tasks WHERE job_id = $1 AND status IN ('pending', 'claimed', 'processing')
+                     ORDER BY id FOR SHARE",
+                )
                 .bind(id)
-                .bind(tenant)
-                .fetch_optional(&mut *conn)
+                .execute(&mut *conn)
                 .await?;
-            if let Some(job) = job {
-                return Ok(job);
             }
+            // Read after the locks, in a statement of its own: one that
+            // waited for a lock still reads the tasks as they were before.
+            return Ok(sqlx::query_as("SELECT * FROM open_jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?);
+        }
+        let job: Option<Job> = sqlx::query_as(&finished)
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(job) = job {
+            return Ok(job);
         }
     }
     Err(QueueError::JobNotFound(id))

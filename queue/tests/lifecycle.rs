@@ -46,6 +46,91 @@ async fn a_reading_job_runs_text_first_then_pdf_and_audio(pool: PgPool) {
     );
 }
 
+/// The job's row as last written: a claim must leave it alone.
+async fn job_row_version(pool: &PgPool, job: uuid::Uuid) -> String {
+    sqlx::query_scalar("SELECT xmin::text FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_job_started_when_its_task_was_first_claimed_through_a_retry(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("tides")).await.unwrap().job;
+    let written = job_row_version(&pool, job.id).await;
+
+    let first = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    assert_eq!(
+        job_row_version(&pool, job.id).await,
+        written,
+        "the claim wrote the job's row"
+    );
+    let running = q.job(TENANT, job.id).await.unwrap();
+    assert_eq!(running.status, JobStatus::Processing);
+    assert_eq!(running.started_at, first.claimed_at);
+    assert!(
+        running.updated_at >= first.claimed_at.unwrap(),
+        "updated by the claim"
+    );
+
+    q.fail("w1", first.lease(), &Failure::retryable("busy"))
+        .await
+        .unwrap();
+    make_retries_due(&pool).await;
+    let second = claim_one(&q, "w2", TaskType::TextGeneration).await;
+    assert!(second.claimed_at > first.claimed_at);
+    assert_eq!(
+        q.job(TENANT, job.id).await.unwrap().started_at,
+        first.claimed_at,
+        "started at the first claim, not the failure's time"
+    );
+    q.complete("w2", second.lease(), json!({})).await.unwrap();
+
+    let done = q.job(TENANT, job.id).await.unwrap();
+    assert_eq!(done.status, JobStatus::Complete);
+    assert_eq!(done.started_at, first.claimed_at, "in history too");
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_job_cancelled_while_its_task_ran_started_when_it_was_claimed(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(text_job("tides")).await.unwrap().job;
+    let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
+
+    let cancelled = q.cancel_job(TENANT, job.id).await.unwrap();
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+    assert_eq!(cancelled.started_at, task.claimed_at);
+    assert_eq!(q.job(TENANT, job.id).await.unwrap().started_at, task.claimed_at);
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_reading_job_started_when_its_text_task_was_claimed(pool: PgPool) {
+    let q = queue(pool.clone());
+    let job = q.enqueue(reading_job("tides")).await.unwrap().job;
+    let text = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    q.complete("w1", text.lease(), json!({})).await.unwrap();
+
+    let running = q.job(TENANT, job.id).await.unwrap();
+    assert_eq!(
+        running.status,
+        JobStatus::Processing,
+        "pdf and audio are still to run"
+    );
+    assert_eq!(running.started_at, text.claimed_at);
+    for task in q
+        .claim("w2", &[TaskType::PdfGeneration, TaskType::AudioGeneration], 2)
+        .await
+        .unwrap()
+    {
+        q.complete("w2", task.lease(), json!({})).await.unwrap();
+    }
+    let done = q.job(TENANT, job.id).await.unwrap();
+    assert_eq!(done.status, JobStatus::Complete);
+    assert_eq!(done.started_at, text.claimed_at);
+}
+
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_failed_text_task_fails_the_job_and_cancels_what_depended_on_it(pool: PgPool) {
     let q = queue(pool);

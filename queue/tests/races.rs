@@ -410,38 +410,41 @@ async fn a_completion_chosen_as_a_deadlock_victim_is_repeated_and_applies(pool: 
     assert_eq!(job_status(&q, job.id).await, JobStatus::Complete);
 }
 
-/// A claim that meets its job locked (an event stream registering its
-/// watch holds it FOR SHARE) skips the job's update rather than wait; the
-/// first heartbeat then shows the job as started, from the claim's time.
+/// A claim writes its tasks and not its job's row (the job reads
+/// `processing` off them), so a watch registering meanwhile must wait for
+/// the claim's task locks. Had it read the job before the claim committed,
+/// and put its watch in after the claim looked for watches, the stream
+/// would show `queued` and never hear of the change.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn a_claim_that_meets_a_watched_job_is_shown_started_by_its_heartbeat(pool: PgPool) {
+async fn a_watch_registering_while_a_claim_commits_reads_the_job_started(pool: PgPool) {
     let q = queue(pool.clone());
     let job = q.enqueue(text_job("tides")).await.unwrap().job;
 
-    let mut watching = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR SHARE")
-        .bind(job.id)
-        .execute(&mut *watching)
-        .await
-        .unwrap();
-    let task = q
-        .claim_and_start("w", &[TaskType::TextGeneration], 1)
-        .await
-        .unwrap()
-        .remove(0);
-    watching.commit().await.unwrap();
-    assert_eq!(
-        job_status(&q, job.id).await,
-        JobStatus::Queued,
-        "the claim did not wait for the lock"
-    );
+    let mut claiming = pool.begin().await.unwrap();
+    let claimed: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM claim_tasks('w', ARRAY['text_generation'], 1)")
+            .fetch_all(&mut *claiming)
+            .await
+            .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let watching = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            q.watch_job(TENANT, job.id, uuid::Uuid::now_v7(), Duration::from_secs(60))
+                .await
+        })
+    };
+    until_done_or_blocked(&pool, &watching, 1).await;
+    claiming.commit().await.unwrap();
 
-    let lost = q.heartbeat("w", &[task.lease()]).await.unwrap();
-    assert!(lost.is_empty());
-    let job = q.job("acme", job.id).await.unwrap();
-    assert_eq!(job.status, JobStatus::Processing);
+    let seen = watching.await.unwrap().unwrap();
+    assert_eq!(
+        seen.status,
+        JobStatus::Processing,
+        "the watch read the job before the claim it raced"
+    );
     let claimed_at = q.tasks_of(job.id).await.unwrap()[0].claimed_at;
-    assert_eq!(job.started_at, claimed_at, "started when claimed");
+    assert_eq!(seen.started_at, claimed_at, "started when claimed");
 }
 
 /// The claim number is the lease, so a claim must be on disk before its
