@@ -725,9 +725,9 @@ impl Queue {
         .bind(id)
         .execute(&mut *tx)
         .await?;
+        // A claim does not write the job's row: a job cancelled while its
+        // tasks ran started when the first of them was claimed.
         let job = sqlx::query_as(
-            // A claim does not write the job's row: a job cancelled while
-            // its tasks ran started when the first of them was claimed.
             "UPDATE jobs j SET status = 'cancelled', finished_at = now(), updated_at = now(),
                     started_at = coalesce(j.started_at,
                         (SELECT min(t.first_claimed_at) FROM job_tasks t WHERE t.job_id = j.id))
