@@ -13,15 +13,15 @@ use crate::model::{Job, JobStatus, JobType, NewJob, Task, TaskType};
 use crate::tasks::retry_transient;
 use crate::Queue;
 
-/// The jobs of an enqueue, `$1`–`$6` and `$13` per job, from `source`: the
-/// rows of the job insert's FROM and WHERE.
-macro_rules! insert_jobs_from {
-    ($source:literal) => {
+/// The jobs of an enqueue, `$1`–`$6` and `$13` per job, kept where
+/// `filter` holds.
+macro_rules! insert_jobs_where {
+    ($filter:literal) => {
         concat!(
             "INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key, tasks_total)
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::text[], $13::int[])
                            AS n(id, tenant, job_type, input, priority, idempotency_key, tasks_total) ",
-            $source,
+            $filter,
             " RETURNING id, status, error, created_at, updated_at, started_at, finished_at"
         )
     };
@@ -53,7 +53,7 @@ macro_rules! insert_tasks_where {
 /// benchmark section).
 const INSERT_JOBS: &str = concat!(
     "WITH inserted AS (",
-    insert_jobs_from!(""),
+    insert_jobs_where!(""),
     "), tasks AS (",
     insert_tasks_where!(""),
     ") SELECT * FROM inserted"
@@ -80,7 +80,7 @@ const INSERT_KEYED_JOBS: &str = concat!(
           AND NOT EXISTS (SELECT 1 FROM all_jobs j WHERE j.id = job_keys.job_id)
         RETURNING job_id
     ), inserted AS (",
-    insert_jobs_from!("WHERE n.idempotency_key IS NULL OR n.id IN (SELECT job_id FROM keyed)"),
+    insert_jobs_where!("WHERE n.idempotency_key IS NULL OR n.id IN (SELECT job_id FROM keyed)"),
     "), tasks AS (",
     insert_tasks_where!("WHERE p.job_id IN (SELECT id FROM inserted)"),
     ") SELECT * FROM inserted"
