@@ -279,12 +279,17 @@ async fn listing_by_age_keeps_the_jobs_created_since_the_given_instant(pool: sql
     let key = server.key("acme", ApiKeyRole::Client).await;
     let old = server.create_text_job(&key, "old").await;
     let new = server.create_text_job(&key, "new").await;
-    // Two days old: a job from before the console's "last 24 hours".
-    sqlx::query("UPDATE jobs SET created_at = now() - interval '2 days' WHERE id = $1::uuid")
-        .bind(&old)
-        .execute(&server.pool)
-        .await
-        .unwrap();
+    // Two days old: a job from before the console's "last 24 hours" (a
+    // text job is kept in its task's row).
+    sqlx::query(
+        "WITH moved AS (UPDATE jobs SET created_at = now() - interval '2 days' WHERE id = $1::uuid)
+         UPDATE job_tasks SET created_at = now() - interval '2 days'
+         WHERE job_id = $1::uuid AND job_input IS NOT NULL",
+    )
+    .bind(&old)
+    .execute(&server.pool)
+    .await
+    .unwrap();
     let ids = |page: &serde_json::Value| -> Vec<String> {
         page["jobs"]
             .as_array()

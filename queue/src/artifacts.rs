@@ -126,7 +126,8 @@ impl Queue {
         let held: Option<Uuid> = sqlx::query_scalar(
             "SELECT job_id FROM job_tasks
              WHERE id = $1 AND job_id = $2 AND claimed_by = $3 AND claims = $4
-               AND status IN ('claimed', 'processing')",
+               AND status IN ('claimed', 'processing')
+             FOR SHARE",
         )
         .bind(lease.task_id)
         .bind(artifact.job_id)

@@ -27,21 +27,24 @@ macro_rules! insert_jobs_where {
     };
 }
 
-/// The tasks of an enqueue, `$7`–`$12`, `$14` and `$15` per task, kept
-/// where `filter` holds.
+/// The tasks of an enqueue, `$7`–`$12` and `$14`–`$18` per task, kept
+/// where `filter` holds. `$16`–`$18` are the job's tenant, type and input
+/// on the task of a job kept in its task's row, NULL on any other.
 macro_rules! insert_tasks_where {
-    ($filter:literal) => {
+    ($filter:literal, $returning:literal) => {
         concat!(
             "INSERT INTO job_tasks (job_id, task_type, dependencies, waiting_on, priority, max_attempts,
-                                    timeout_seconds, has_dependents, fair_at)
+                                    timeout_seconds, has_dependents, fair_at, job_tenant, job_type, job_input)
              SELECT p.job_id, p.task_type, d.deps, cardinality(d.deps), p.priority, p.max_attempts,
-                    p.timeout_seconds, p.has_dependents, p.fair_at
+                    p.timeout_seconds, p.has_dependents, p.fair_at, p.job_tenant, p.job_type, p.job_input
              FROM unnest($7::uuid[], $8::text[], $9::text[], $10::int[], $11::int[], $12::int[], $14::bool[],
-                         $15::timestamptz[])
-                  AS p(job_id, task_type, deps, priority, max_attempts, timeout_seconds, has_dependents, fair_at)
+                         $15::timestamptz[], $16::text[], $17::text[], $18::jsonb[])
+                  AS p(job_id, task_type, deps, priority, max_attempts, timeout_seconds, has_dependents, fair_at,
+                       job_tenant, job_type, job_input)
              CROSS JOIN LATERAL (SELECT string_to_array(nullif(p.deps, ''), ',') AS deps_or_null) a
              CROSS JOIN LATERAL (SELECT coalesce(a.deps_or_null, '{}'::text[]) AS deps) d ",
-            $filter
+            $filter,
+            $returning
         )
     };
 }
@@ -50,13 +53,17 @@ macro_rules! insert_tasks_where {
 /// task it is given. Without the key's statement (planned and started even
 /// when it inserts nothing) and the tasks' check against the inserted jobs,
 /// a one-job statement costs the server about a third less (the README's
-/// benchmark section).
+/// benchmark section). A job of one task is given no `jobs` row: its task's
+/// row holds it (migration `20261209000001`), and what the server set on
+/// it is read back from there.
 const INSERT_JOBS: &str = concat!(
     "WITH inserted AS (",
     insert_jobs_where!(""),
     "), tasks AS (",
-    insert_tasks_where!(""),
-    ") SELECT * FROM inserted"
+    insert_tasks_where!("", "RETURNING job_id, job_input IS NOT NULL AS in_task_row, created_at, updated_at"),
+    ") SELECT * FROM inserted
+      UNION ALL
+      SELECT t.job_id, 'queued', NULL, t.created_at, t.updated_at, NULL, NULL FROM tasks t WHERE t.in_task_row"
 );
 
 /// An enqueue with keys: a job whose key is taken is not inserted, nor
@@ -82,8 +89,49 @@ const INSERT_KEYED_JOBS: &str = concat!(
     ), inserted AS (",
     insert_jobs_where!("WHERE n.idempotency_key IS NULL OR n.id IN (SELECT job_id FROM keyed)"),
     "), tasks AS (",
-    insert_tasks_where!("WHERE p.job_id IN (SELECT id FROM inserted)"),
+    insert_tasks_where!("WHERE p.job_id IN (SELECT id FROM inserted)", ""),
     ") SELECT * FROM inserted"
+);
+
+/// A tenant's page of jobs from one of the views `all_jobs` joins, newest
+/// first (`$1` tenant, `$2` status, `$3` job type, `$4` before, `$5` page
+/// size, `$6` created after).
+macro_rules! page_of {
+    ($source:literal) => {
+        concat!(
+            "(SELECT * FROM ",
+            $source,
+            " WHERE tenant = $1
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::text IS NULL OR job_type = $3)
+               AND ($4::uuid IS NULL OR id < $4)
+               AND ($6::timestamptz IS NULL OR created_at >= $6)
+               -- The same bound on the key, so the scan of (tenant, id)
+               -- stops near it instead of reading the tenant's whole
+               -- history: ids are UUIDv7 from the API host's clock, an
+               -- hour of slack against the database's.
+               AND ($6::timestamptz IS NULL OR id >= uuid_v7_floor($6 - interval '1 hour'))
+             ORDER BY id DESC
+             LIMIT $5)"
+        )
+    };
+}
+
+/// A tenant's jobs, newest first: each of `all_jobs`' parts read as a page
+/// of its own, so each scan of its (tenant, id) index stops at the page
+/// (jobs in flight in task rows are as few as the workers' slots). Read
+/// through `all_jobs`, open jobs kept in task rows were sorted whole first
+/// (migration `20261209000001`).
+const LIST_JOBS: &str = concat!(
+    "SELECT * FROM (",
+    page_of!("open_job_rows"),
+    " UNION ALL ",
+    page_of!("waiting_jobs_in_task_rows"),
+    " UNION ALL ",
+    page_of!("running_jobs_in_task_rows"),
+    " UNION ALL ",
+    page_of!("job_history"),
+    ") page ORDER BY id DESC LIMIT $5"
 );
 
 /// The job an enqueue returned, and whether this call created it (false when
@@ -266,6 +314,13 @@ impl Queue {
             .collect::<Option<_>>()
             .ok_or_else(|| sqlx::Error::Protocol("place_in_line answered fewer places than asked".into()))?;
         let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+        // A job of one task lives in its task's row, unless it has a key:
+        // a replay compares the job a key names, and finds it by its row.
+        let in_task_row: Vec<bool> = jobs
+            .iter()
+            .map(|j| !keyed && j.job_type.plan().len() == 1)
+            .collect();
+        let with_row: Vec<usize> = (0..jobs.len()).filter(|&i| !in_task_row[i]).collect();
         let mut task_job = Vec::new();
         let mut task_type = Vec::new();
         let mut task_deps = Vec::new();
@@ -274,12 +329,16 @@ impl Queue {
         let mut task_timeout = Vec::new();
         let mut task_has_dependents = Vec::new();
         let mut task_fair_at = Vec::new();
-        let mut tasks_total = Vec::with_capacity(jobs.len());
-        for ((id, job), place) in ids.iter().zip(&jobs).zip(&places) {
+        let mut task_job_tenant = Vec::new();
+        let mut task_job_type = Vec::new();
+        let mut task_job_input = Vec::new();
+        for (((id, job), place), &in_row) in ids.iter().zip(&jobs).zip(&places).zip(&in_task_row) {
             let steps = job.job_type.plan();
-            tasks_total.push(steps.len() as i32);
             for plan in steps {
                 task_job.push(*id);
+                task_job_tenant.push(in_row.then_some(job.tenant.as_str()));
+                task_job_type.push(in_row.then_some(job.job_type.as_str()));
+                task_job_input.push(in_row.then_some(&job.input));
                 task_type.push(plan.task_type.as_str());
                 task_deps.push(
                     plan.depends_on
@@ -304,14 +363,15 @@ impl Queue {
         // asked (and a conflicting replay must then undo the batch). Without
         // one the statement is its own transaction: no BEGIN and COMMIT
         // round trips on the path every enqueue → claim wake-up waits for.
+        let job_rows = || with_row.iter().map(|&i| &jobs[i]);
         let insert = sqlx::query_as(if keyed { INSERT_KEYED_JOBS } else { INSERT_JOBS })
-            .bind(&ids)
-            .bind(jobs.iter().map(|j| j.tenant.as_str()).collect::<Vec<_>>())
-            .bind(jobs.iter().map(|j| j.job_type.as_str()).collect::<Vec<_>>())
-            .bind(jobs.iter().map(|j| &j.input).collect::<Vec<_>>())
-            .bind(jobs.iter().map(|j| j.priority).collect::<Vec<_>>())
+            .bind(with_row.iter().map(|&i| ids[i]).collect::<Vec<_>>())
+            .bind(job_rows().map(|j| j.tenant.as_str()).collect::<Vec<_>>())
+            .bind(job_rows().map(|j| j.job_type.as_str()).collect::<Vec<_>>())
+            .bind(job_rows().map(|j| &j.input).collect::<Vec<_>>())
+            .bind(job_rows().map(|j| j.priority).collect::<Vec<_>>())
             .bind(
-                jobs.iter()
+                job_rows()
                     .map(|j| j.idempotency_key.as_deref())
                     .collect::<Vec<_>>(),
             )
@@ -321,9 +381,16 @@ impl Queue {
             .bind(&task_priority)
             .bind(&task_attempts)
             .bind(&task_timeout)
-            .bind(&tasks_total)
+            .bind(
+                job_rows()
+                    .map(|j| j.job_type.plan().len() as i32)
+                    .collect::<Vec<_>>(),
+            )
             .bind(&task_has_dependents)
-            .bind(&task_fair_at);
+            .bind(&task_fair_at)
+            .bind(&task_job_tenant)
+            .bind(&task_job_type)
+            .bind(&task_job_input);
         let mut tx = None;
         let inserted: Vec<InsertedJob> = if keyed {
             let tx = tx.insert(conn.begin().await?);
@@ -697,29 +764,15 @@ impl Queue {
                 format!("must be between 1 and 1000, got {}", filter.limit),
             ));
         }
-        let mut jobs: Vec<Job> = sqlx::query_as(
-            "SELECT * FROM all_jobs
-             WHERE tenant = $1
-               AND ($2::text IS NULL OR status = $2)
-               AND ($3::text IS NULL OR job_type = $3)
-               AND ($4::uuid IS NULL OR id < $4)
-               AND ($6::timestamptz IS NULL OR created_at >= $6)
-               -- The same bound on the key, so the scan of (tenant, id)
-               -- stops near it instead of reading the tenant's whole
-               -- history: ids are UUIDv7 from the API host's clock, an
-               -- hour of slack against the database's.
-               AND ($6::timestamptz IS NULL OR id >= uuid_v7_floor($6 - interval '1 hour'))
-             ORDER BY id DESC
-             LIMIT $5",
-        )
-        .bind(tenant)
-        .bind(filter.status.map(|s| s.as_str()))
-        .bind(filter.job_type.map(|t| t.as_str()))
-        .bind(filter.before)
-        .bind(filter.limit + 1)
-        .bind(filter.created_after)
-        .fetch_all(&self.pool)
-        .await?;
+        let mut jobs: Vec<Job> = sqlx::query_as(LIST_JOBS)
+            .bind(tenant)
+            .bind(filter.status.map(|s| s.as_str()))
+            .bind(filter.job_type.map(|t| t.as_str()))
+            .bind(filter.before)
+            .bind(filter.limit + 1)
+            .bind(filter.created_after)
+            .fetch_all(&self.pool)
+            .await?;
         let next = if jobs.len() as i64 > filter.limit {
             jobs.truncate(filter.limit as usize);
             jobs.last().map(|j| j.id)
@@ -765,19 +818,30 @@ impl Queue {
         .await?;
         // A claim does not write the job's row: a job cancelled while its
         // tasks ran started when the first of them was claimed.
-        let job = sqlx::query_as(
+        let with_row: Option<Job> = sqlx::query_as(
             "UPDATE jobs j SET status = 'cancelled', finished_at = now(), updated_at = now(),
                     started_at = coalesce(j.started_at,
                         (SELECT min(t.first_claimed_at) FROM job_tasks t WHERE t.job_id = j.id))
              WHERE j.id = $1 RETURNING j.*",
         )
         .bind(id)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
         sqlx::query("SELECT retire_jobs(ARRAY[$1::uuid])")
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        // A job kept in its task's row has no row to update: retire_jobs
+        // wrote it to history from its cancelled task.
+        let job = match with_row {
+            Some(job) => job,
+            None => {
+                sqlx::query_as("SELECT * FROM job_history WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+        };
         tx.commit().await?;
         Ok(job)
     }
@@ -909,10 +973,11 @@ pub(crate) enum RowLock {
     Update,
 }
 
-/// A tenant's job, open (`jobs`) or finished (`job_history`), read under a
-/// row lock in `conn`'s transaction; another tenant's job is not found. A
-/// job that moved between the two while this waited for its lock (it
-/// finished, or was retried) is looked for again where it went.
+/// A tenant's job, open (`jobs`, or its task's row in `job_tasks`) or
+/// finished (`job_history`), read under a row lock in `conn`'s transaction;
+/// another tenant's job is not found. A job that moved while this waited
+/// for its lock (it finished, or was retried) is looked for again where it
+/// went.
 pub(crate) async fn locked_job(
     conn: &mut sqlx::PgConnection,
     tenant: &str,
@@ -925,6 +990,10 @@ pub(crate) async fn locked_job(
         RowLock::Update => "FOR UPDATE",
     };
     let open = format!("SELECT 1 FROM jobs WHERE id = $1 AND tenant = $2 {clause}");
+    // A job kept in its task's row: that row is the job's and its task's.
+    let in_task_row = format!(
+        "SELECT 1 FROM job_tasks WHERE job_id = $1 AND job_tenant = $2 AND job_input IS NOT NULL {clause}"
+    );
     let finished = format!("SELECT * FROM job_history WHERE id = $1 AND tenant = $2 {clause}");
     // Each move is one transaction, so three looks see it settle.
     for _ in 0..3 {
@@ -933,6 +1002,21 @@ pub(crate) async fn locked_job(
             .bind(tenant)
             .fetch_optional(&mut *conn)
             .await?;
+        let in_task_row = match locked {
+            Some(_) => false,
+            None => sqlx::query_scalar::<_, i32>(&in_task_row)
+                .bind(id)
+                .bind(tenant)
+                .fetch_optional(&mut *conn)
+                .await?
+                .is_some(),
+        };
+        if in_task_row {
+            return Ok(sqlx::query_as("SELECT * FROM open_jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?);
+        }
         if locked.is_some() {
             if let RowLock::Share = lock {
                 // In id order, as every other locker of a job's tasks.

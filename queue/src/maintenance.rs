@@ -405,7 +405,11 @@ impl Queue {
                      SELECT a.* FROM kept_jobs k JOIN {artifacts} a ON a.job_id = k.id
                      UNION ALL
                      SELECT a.* FROM jobs j JOIN {artifacts} a ON a.job_id = j.id
-                     WHERE j.id >= {DAY_RANGE_FROM} AND j.id < {DAY_RANGE_TO}"
+                     WHERE j.id >= {DAY_RANGE_FROM} AND j.id < {DAY_RANGE_TO}
+                     UNION ALL
+                     SELECT a.* FROM job_tasks t JOIN {artifacts} a ON a.job_id = t.job_id
+                     WHERE t.job_input IS NOT NULL
+                       AND t.job_id >= {DAY_RANGE_FROM} AND t.job_id < {DAY_RANGE_TO}"
             ))
             .bind(day)
             .execute(&mut *tx)

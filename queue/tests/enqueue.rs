@@ -428,10 +428,16 @@ async fn a_tenants_job_indexes_stay_dense_as_its_jobs_arrive_and_finish(pool: Pg
     }
 
     let q = queue(pool.clone());
+    // Keyed, so each job has a row of its own (a text job without a key is
+    // kept in its task's row).
     for batch in 0..10 {
-        q.enqueue_batch((0..1000).map(|i| text_job(&format!("{batch}-{i}"))).collect())
-            .await
-            .unwrap();
+        q.enqueue_batch(
+            (0..1000)
+                .map(|i| text_job(&format!("{batch}-{i}")).idempotency_key(format!("{batch}-{i}")))
+                .collect(),
+        )
+        .await
+        .unwrap();
     }
     assert_dense(&pool, "jobs_tenant_id", "jobs_pkey").await;
 

@@ -25,7 +25,7 @@ async fn next_claims(q: &Queue, pool: &PgPool, n: i32) -> Vec<String> {
     let mut tenants = Vec::new();
     for _ in 0..n {
         let task = claim_one(q, "w", TaskType::TextGeneration).await;
-        let tenant: String = sqlx::query_scalar("SELECT tenant FROM jobs WHERE id = $1")
+        let tenant: String = sqlx::query_scalar("SELECT tenant FROM all_jobs WHERE id = $1")
             .bind(task.job_id)
             .fetch_one(pool)
             .await

@@ -46,19 +46,30 @@ async fn a_reading_job_runs_text_first_then_pdf_and_audio(pool: PgPool) {
     );
 }
 
-/// The job's row as last written: a claim must leave it alone.
-async fn job_row_version(pool: &PgPool, job: uuid::Uuid) -> String {
+/// The job's row as last written: a claim must leave it alone. None for a
+/// job kept in its task's row.
+async fn job_row_version(pool: &PgPool, job: uuid::Uuid) -> Option<String> {
     sqlx::query_scalar("SELECT xmin::text FROM jobs WHERE id = $1")
         .bind(job)
-        .fetch_one(pool)
+        .fetch_optional(pool)
         .await
         .unwrap()
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
-async fn a_job_started_when_its_task_was_first_claimed_through_a_retry(pool: PgPool) {
+async fn a_job_with_a_row_started_when_its_task_was_first_claimed_through_a_retry(pool: PgPool) {
+    let job = text_job("tides").idempotency_key("tides");
+    started_when_its_task_was_first_claimed_through_a_retry(pool, job).await;
+}
+
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_job_in_its_task_row_started_when_its_task_was_first_claimed_through_a_retry(pool: PgPool) {
+    started_when_its_task_was_first_claimed_through_a_retry(pool, text_job("tides")).await;
+}
+
+async fn started_when_its_task_was_first_claimed_through_a_retry(pool: PgPool, job: queue::NewJob) {
     let q = queue(pool.clone());
-    let job = q.enqueue(text_job("tides")).await.unwrap().job;
+    let job = q.enqueue(job).await.unwrap().job;
     let written = job_row_version(&pool, job.id).await;
 
     let first = claim_one(&q, "w1", TaskType::TextGeneration).await;
@@ -1100,14 +1111,34 @@ async fn one_call_completing_a_jobs_last_two_tasks_moves_it_to_history_with_both
 /// counters were read (it looked the job up a third time before).
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn completing_one_task_jobs_looks_each_task_and_each_job_up_twice(pool: PgPool) {
+    // Keyed, so each job has a row of its own.
+    completing_one_task_jobs_looks_up(pool, true, 2, 2).await;
+}
+
+/// A job kept in its task's row has no job row to look up: the completion
+/// looks its task up three times (to find that it has no job row to lock,
+/// to lock and check it, to delete it) and no job.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn completing_jobs_kept_in_their_task_rows_looks_each_task_up_three_times_and_no_job(pool: PgPool) {
+    completing_one_task_jobs_looks_up(pool, false, 3, 0).await;
+}
+
+async fn completing_one_task_jobs_looks_up(pool: PgPool, keyed: bool, per_task: i64, per_job: i64) {
     let Some(one) = one_connection_with_statistics(&pool).await else {
         return;
     };
     let q = queue(one.clone());
     const TASKS: i64 = 50;
-    q.enqueue_batch((0..TASKS).map(|i| text_job(&i.to_string())).collect())
-        .await
-        .unwrap();
+    q.enqueue_batch(
+        (0..TASKS)
+            .map(|i| match keyed {
+                true => text_job(&i.to_string()).idempotency_key(i.to_string()),
+                false => text_job(&i.to_string()),
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
     let held = q
         .claim("w", &[TaskType::TextGeneration], TASKS as i32)
         .await
@@ -1130,7 +1161,7 @@ async fn completing_one_task_jobs_looks_each_task_and_each_job_up_twice(pool: Pg
     let tasks_looked_up = lookups("job_tasks_pkey").await - tasks_before;
     let jobs_looked_up = lookups("jobs_pkey").await - jobs_before;
     assert!(
-        tasks_looked_up <= 2 * TASKS + 5 && jobs_looked_up <= 2 * TASKS + 5,
+        tasks_looked_up <= per_task * TASKS + 5 && jobs_looked_up <= per_job * TASKS + 5,
         "completing {TASKS} one-task jobs looked tasks up {tasks_looked_up} times and jobs {jobs_looked_up} times"
     );
     // And each finished as it should: complete, with its output, in history.

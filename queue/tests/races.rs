@@ -14,29 +14,6 @@ use serde_json::json;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::task::JoinHandle;
 
-/// Backends of this test's database waiting for a lock right now.
-async fn lock_waiters(pool: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
-/// Wait until `other` has finished or `waiters` backends are blocked on a
-/// lock: the moment the held transaction may commit.
-async fn until_done_or_blocked<T>(pool: &PgPool, other: &JoinHandle<T>, waiters: i64) {
-    for _ in 0..500 {
-        if other.is_finished() || lock_waiters(pool).await >= waiters {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the concurrent call neither finished nor blocked within 5 s");
-}
-
 /// A reading job whose text is complete, with pdf and audio claimed by w1
 /// and w2: the moment two of its tasks can finish together.
 async fn reading_job_at_its_last_two_tasks(q: &Queue) -> (uuid::Uuid, Lease, Lease) {
@@ -251,14 +228,20 @@ async fn a_drain_racing_an_unregistered_claim_waits_for_it_and_keeps_the_claimer
 }
 
 /// A third connection holds the job, so both racers queue up behind it in a
-/// known order: the cancel first, then the other call.
+/// known order: the cancel first, then the other call. A job kept in its
+/// task's row is held there.
 async fn hold_job(pool: &PgPool, job: uuid::Uuid) -> Transaction<'static, Postgres> {
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(job)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let held: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE id = $1 FOR NO KEY UPDATE) j)
+              + (SELECT count(*) FROM (SELECT 1 FROM job_tasks WHERE job_id = $1 AND job_input IS NOT NULL
+                                       FOR NO KEY UPDATE) t)",
+    )
+    .bind(job)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(held, 1, "the job is open");
     tx
 }
 
@@ -311,7 +294,14 @@ async fn a_cancel_and_a_completion_of_one_job_do_not_deadlock(pool: PgPool) {
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_cancel_and_a_claim_of_one_job_do_not_deadlock(pool: PgPool) {
     let q = queue(pool.clone());
-    let job = q.enqueue(text_job("x")).await.unwrap().job.id;
+    // A job with a row of its own, locked apart from its task (a key keeps
+    // it there): a job kept in its task's row has one lock for both.
+    let job = q
+        .enqueue(text_job("x").idempotency_key("x"))
+        .await
+        .unwrap()
+        .job
+        .id;
 
     let holder = hold_job(&pool, job).await;
     let cancelling = cancel(&q, job);
@@ -614,7 +604,7 @@ async fn a_freed_key_taken_over_by_one_request_is_replayed_to_a_racing_one(pool:
     let mut taking = pool.begin().await.unwrap();
     for sql in [
         "INSERT INTO jobs (id, tenant, job_type, input, priority, idempotency_key, tasks_total)
-         SELECT $1, tenant, job_type, input, priority, 'k', tasks_total FROM jobs WHERE id = $2",
+         SELECT $1, tenant, job_type, input, priority, 'k', tasks_total FROM all_jobs WHERE id = $2",
         "UPDATE job_keys SET job_id = $1 WHERE idempotency_key = 'k'",
     ] {
         sqlx::query(sql)

@@ -154,6 +154,11 @@ pub async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) -> uuid::Uuid {
     let mut tx = pool.begin().await.unwrap();
     for (jobs, tasks) in [("jobs", "job_tasks"), ("job_history", "task_history")] {
         let statements = [
+            // A job kept in its task's row was created with its task.
+            format!(
+                "UPDATE {tasks} SET created_at = created_at - make_interval(days => $3)
+                 WHERE job_id = $1 AND job_input IS NOT NULL AND $2::uuid IS NOT NULL"
+            ),
             format!(
                 "INSERT INTO {jobs} SELECT $2, tenant, job_type, status, input, priority, idempotency_key, error,
                         created_at - make_interval(days => $3), updated_at, started_at,

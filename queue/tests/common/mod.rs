@@ -102,3 +102,26 @@ pub async fn flush_statistics(one: &PgPool) {
         .await
         .unwrap();
 }
+
+/// Backends of this test's database waiting for a lock right now.
+pub async fn lock_waiters(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Wait until `other` has finished or `waiters` backends are blocked on a
+/// lock: the moment the held transaction may commit.
+pub async fn until_done_or_blocked<T>(pool: &PgPool, other: &tokio::task::JoinHandle<T>, waiters: i64) {
+    for _ in 0..500 {
+        if other.is_finished() || lock_waiters(pool).await >= waiters {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the concurrent call neither finished nor blocked within 5 s");
+}
