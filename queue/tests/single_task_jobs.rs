@@ -305,3 +305,37 @@ async fn a_tenants_newest_page_reads_only_the_page(pool: PgPool) {
     let processing = listed.iter().filter(|(_, s)| *s == JobStatus::Processing).count();
     assert_eq!(processing, 50);
 }
+
+/// A job kept in its task's row has no row whose trigger tells its
+/// watchers: its failure, its sweep and its cancel tell them themselves.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn watchers_hear_a_job_in_a_task_row_fail_be_swept_and_be_cancelled(pool: PgPool) {
+    let q = queue(pool.clone());
+    let mut once = text_job("swept");
+    once.max_attempts = 1;
+    let swept = q.enqueue(once).await.unwrap().job;
+    let failed = q.enqueue(text_job("failed")).await.unwrap().job;
+    let cancelled = q.enqueue(text_job("cancelled")).await.unwrap().job;
+    let mut notifications = q.listen_job_status().await.unwrap();
+    for job in [&swept, &failed, &cancelled] {
+        q.watch_job(TENANT, job.id, uuid::Uuid::now_v7(), Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let first = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    assert_eq!(first.job_id, swept.id);
+    assert_eq!(next_change(&mut notifications).await, swept.id, "processing");
+    age_heartbeat(&pool, first.lease(), Duration::from_secs(3600)).await;
+    q.sweep(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(next_change(&mut notifications).await, swept.id, "swept to failed");
+
+    let second = claim_one(&q, "w1", TaskType::TextGeneration).await;
+    assert_eq!(next_change(&mut notifications).await, failed.id, "processing");
+    q.fail("w1", second.lease(), &Failure::permanent("bad input"))
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut notifications).await, failed.id, "failed");
+
+    q.cancel_job(TENANT, cancelled.id).await.unwrap();
+    assert_eq!(next_change(&mut notifications).await, cancelled.id, "cancelled");
+}

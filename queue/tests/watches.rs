@@ -6,23 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use queue::{JobStatus, JobStatusEvent, JobStatusNotifications, QueueError, TaskType};
+use queue::{JobStatus, QueueError, TaskType};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 const TTL: Duration = Duration::from_secs(60);
-
-async fn next_change(notifications: &mut JobStatusNotifications) -> Uuid {
-    match tokio::time::timeout(Duration::from_secs(10), notifications.next())
-        .await
-        .expect("a notification within 10 s")
-        .unwrap()
-    {
-        JobStatusEvent::Changed(id) => id,
-        JobStatusEvent::Resync => panic!("unexpected resync"),
-    }
-}
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn only_watched_jobs_are_notified(pool: PgPool) {

@@ -125,3 +125,15 @@ pub async fn until_done_or_blocked<T>(pool: &PgPool, other: &tokio::task::JoinHa
     }
     panic!("the concurrent call neither finished nor blocked within 5 s");
 }
+
+/// The next job a status notification names, within 10 s.
+pub async fn next_change(notifications: &mut queue::JobStatusNotifications) -> uuid::Uuid {
+    match tokio::time::timeout(Duration::from_secs(10), notifications.next())
+        .await
+        .expect("a notification within 10 s")
+        .unwrap()
+    {
+        queue::JobStatusEvent::Changed(id) => id,
+        queue::JobStatusEvent::Resync => panic!("unexpected resync"),
+    }
+}
