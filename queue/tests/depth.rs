@@ -448,8 +448,11 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
 
 /// The hot path's functions plan without sequential scans (`20261205000011`),
 /// and keep one generic plan per statement (`20261206000001`); the claim
-/// also plans without bitmap scans (`20261205000006`): the tests above hold
-/// only while these settings do. `CREATE OR REPLACE FUNCTION` drops a
+/// (`20261205000006`) and the completion (`20261210000001`) also plan
+/// without bitmap scans: a bitmap scan would hand the claim its tasks out
+/// of the line's order, and the completion's delete would lock tasks in
+/// the heap's order rather than by id. The tests above hold only while
+/// these settings do. `CREATE OR REPLACE FUNCTION` drops a
 /// function's settings, so a migration that restates one of these must set
 /// them again.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -479,7 +482,7 @@ async fn the_hot_path_keeps_its_plan_settings(pool: PgPool) {
     );
     for (name, config) in &settings {
         let mut wanted = vec!["enable_seqscan=off", "plan_cache_mode=force_generic_plan"];
-        if name == "take_tasks" {
+        if name == "take_tasks" || name == "complete_tasks" {
             wanted.push("enable_bitmapscan=off");
         }
         for wanted in wanted {
