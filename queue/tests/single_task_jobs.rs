@@ -237,6 +237,57 @@ async fn a_completion_waiting_behind_a_sweep_of_its_task_completes_nothing(pool:
     assert_eq!(tasks[0].status, queue::TaskStatus::Pending);
 }
 
+/// A completion takes the tasks of jobs kept in their rows in id order,
+/// whatever order its batch lists them in: the order a heartbeat takes
+/// them in, so the two cannot each hold a task the other waits for. Here
+/// another transaction holds the lower task; the completion, given the
+/// higher one first, waits for the lower one without having taken the
+/// higher one.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn a_completion_takes_jobs_in_task_rows_in_id_order(pool: PgPool) {
+    let q = queue(pool.clone());
+    for topic in ["tides", "moons"] {
+        q.enqueue(text_job(topic)).await.unwrap();
+    }
+    let mut held = q.claim("w1", &[TaskType::TextGeneration], 2).await.unwrap();
+    held.sort_by_key(|t| t.id);
+    let (low, high) = (held[0].lease(), held[1].lease());
+
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM job_tasks WHERE id = $1 FOR UPDATE")
+        .bind(low.task_id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let completing = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            q.complete_batch("w1", &[(high, json!({"n": 2})), (low, json!({"n": 1}))])
+                .await
+        })
+    };
+    until_done_or_blocked(&pool, &completing, 1).await;
+    assert!(
+        !completing.is_finished(),
+        "the completion waits for the lower task, which the other transaction holds"
+    );
+    let higher_free = sqlx::query("SELECT 1 FROM job_tasks WHERE id = $1 FOR UPDATE NOWAIT")
+        .bind(high.task_id)
+        .execute(&mut *other)
+        .await;
+    assert!(
+        higher_free.is_ok(),
+        "the waiting completion must not hold the higher task: {higher_free:?}"
+    );
+    other.commit().await.unwrap();
+
+    let mut completed = completing.await.unwrap().unwrap();
+    completed.sort_by_key(|l| l.task_id);
+    assert_eq!(completed, vec![low, high]);
+    assert_eq!(jobs_in_task_rows(&pool).await, 0);
+    assert_eq!(count(&pool, "job_history").await, 2);
+}
+
 /// A tenant's newest page reads the top of its open jobs kept in task rows
 /// and stops. Through `all_jobs` the planner sorted all of them first: a
 /// member of a UNION ALL with a WHERE of its own is planned for its whole
