@@ -53,7 +53,10 @@ impl Default for Timings {
 /// Faults injected into answers.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
-    /// Fraction of requests (after auth) answered 500, 503 or 429 instead.
+    /// Fraction of requests (after auth) answered 500, 503 or 429 instead,
+    /// spread evenly from a random first one: any n requests meet n times
+    /// the fraction of them, give or take one, so a test's faults do not
+    /// depend on luck (drawn per request, 38 requests at 0.3 met 3).
     pub error_fraction: f64,
     /// Every answer is delayed this much.
     pub slow: Option<Duration>,
@@ -191,6 +194,9 @@ struct State {
     failing_boots: usize,
     /// Per app: requests being answered now, and the most at once so far.
     in_flight: HashMap<String, (usize, usize)>,
+    /// `error_fraction` accrued since the last injected fault; one is
+    /// injected each time it reaches 1.
+    fault_credit: f64,
 }
 
 struct Shared {
@@ -288,7 +294,9 @@ impl FlyEmulator {
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        self.state().faults = faults;
+        let mut state = self.state();
+        state.faults = faults;
+        state.fault_credit = rand::rng().random::<f64>();
     }
 
     pub fn on_machine_event(&self, hook: Hook) {
@@ -596,8 +604,9 @@ impl Shared {
             return Some((status, vec![("retry-after", retry_after.to_string())], body));
         }
         *tokens -= 1.0;
-        let fraction = state.faults.error_fraction;
-        if fraction > 0.0 && rand::rng().random::<f64>() < fraction {
+        state.fault_credit += state.faults.error_fraction;
+        if state.faults.error_fraction > 0.0 && state.fault_credit >= 1.0 {
+            state.fault_credit -= 1.0;
             *injected = true;
             let reply = match rand::rng().random_range(0..3) {
                 0 => error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
