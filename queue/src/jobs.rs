@@ -997,28 +997,21 @@ pub(crate) async fn locked_job(
     let finished = format!("SELECT * FROM job_history WHERE id = $1 AND tenant = $2 {clause}");
     // Each move is one transaction, so three looks see it settle.
     for _ in 0..3 {
-        let locked: Option<i32> = sqlx::query_scalar(&open)
+        let in_job_row = sqlx::query_scalar::<_, i32>(&open)
             .bind(id)
             .bind(tenant)
             .fetch_optional(&mut *conn)
-            .await?;
-        let in_task_row = match locked {
-            Some(_) => false,
-            None => sqlx::query_scalar::<_, i32>(&in_task_row)
+            .await?
+            .is_some();
+        let in_task_row = !in_job_row
+            && sqlx::query_scalar::<_, i32>(&in_task_row)
                 .bind(id)
                 .bind(tenant)
                 .fetch_optional(&mut *conn)
                 .await?
-                .is_some(),
-        };
-        if in_task_row {
-            return Ok(sqlx::query_as("SELECT * FROM open_jobs WHERE id = $1")
-                .bind(id)
-                .fetch_one(&mut *conn)
-                .await?);
-        }
-        if locked.is_some() {
-            if let RowLock::Share = lock {
+                .is_some();
+        if in_job_row || in_task_row {
+            if in_job_row && matches!(lock, RowLock::Share) {
                 // In id order, as every other locker of a job's tasks.
                 sqlx::query(
                     "SELECT 1 FROM job_tasks WHERE job_id = $1 AND status IN ('pending', 'claimed', 'processing')
