@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use queue::{Failure, JobType, NewJob, Queue, TaskType};
+use queue::{Failure, JobType, NewJob, Queue, QueueConfig, TaskType};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -291,4 +291,53 @@ async fn take_places_in_line_refuses_a_line_named_twice_or_a_count_below_one(poo
     let short = call(vec!["acme", "globex"], vec![1]).await.unwrap_err();
     assert!(short.contains("must be as long"), "{short}");
     assert_eq!(call(vec!["acme", "globex"], vec![3, 1]).await, Ok(2));
+}
+
+/// An enqueue's places commit before its insert: held behind a lock on
+/// `job_tasks`, it has already moved and let go of its tenant's clock, so
+/// another enqueue of the line is not held behind its insert and its
+/// commit's flush (and the place of a job not yet inserted is counted).
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn an_enqueue_lets_go_of_its_tenants_clock_before_it_inserts(pool: PgPool) {
+    let q = queue(pool.clone());
+    let mut held = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE job_tasks IN SHARE MODE")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let enqueue = {
+        let q = q.clone();
+        tokio::spawn(async move { q.enqueue(text_job("held behind the lock")).await })
+    };
+    until_done_or_blocked(&pool, &enqueue, 1).await;
+    assert!(
+        !enqueue.is_finished(),
+        "the insert waits for the lock on job_tasks"
+    );
+
+    let mut other = pool.acquire().await.unwrap();
+    let clock: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT fair_at FROM tenant_clocks WHERE tenant = $1 AND task_type = 'text_generation'
+         FOR UPDATE NOWAIT",
+    )
+    .bind(TENANT)
+    .fetch_optional(&mut *other)
+    .await
+    .expect("the clock is not locked while the insert waits");
+    let clock = clock.expect("the place is committed before the insert");
+
+    held.commit().await.unwrap();
+    let job = enqueue.await.unwrap().unwrap().job;
+    let place: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT fair_at FROM job_tasks WHERE job_id = $1")
+            .bind(job.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let step = QueueConfig::default().fair_share_interval;
+    assert_eq!(
+        clock,
+        place + chrono::Duration::from_std(step).unwrap(),
+        "the job went where the clock counted it"
+    );
 }
