@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, Row};
 
 use crate::error::{QueueError, Result};
 use crate::model::{Lease, Task, TaskStatus, TaskType};
@@ -184,7 +186,7 @@ impl Queue {
     }
 
     /// Complete held tasks and claim up to `limit` more, started, in one
-    /// round trip and one transaction (`complete_and_claim_tasks`): what
+    /// round trip and one transaction (`complete_and_claim_next`): what
     /// [`Queue::complete_batch`] then [`Queue::claim_and_start`] would do,
     /// for a worker whose finished tasks free the slots it claims for.
     /// A draining worker's completions are stored and nothing is claimed.
@@ -201,8 +203,8 @@ impl Queue {
         // lost is reported again, and a claim repeated with its nonce
         // returns the tasks it took.
         let nonce = uuid::Uuid::now_v7();
-        let rows: Vec<Task> = retry_transient(|| {
-            sqlx::query_as("SELECT * FROM complete_and_claim_tasks($1, $2, $3, $4, $5, $6, $7)")
+        let rows: Vec<PgRow> = retry_transient(|| {
+            sqlx::query("SELECT * FROM complete_and_claim_next($1, $2, $3, $4, $5, $6, $7)")
                 .bind(worker_id)
                 .bind(&ids)
                 .bind(&claims)
@@ -213,9 +215,16 @@ impl Queue {
                 .fetch_all(&self.pool)
         })
         .await?;
-        let (completed, claimed): (Vec<Task>, Vec<Task>) =
-            rows.into_iter().partition(|t| t.status == TaskStatus::Complete);
-        let done: Vec<i64> = completed.iter().map(|t| t.id).collect();
+        // A completed task's row is its id and status alone.
+        let mut done = Vec::new();
+        let mut claimed = Vec::new();
+        for row in rows {
+            if row.try_get::<&str, _>("status")? == TaskStatus::Complete.as_str() {
+                done.push(row.try_get::<i64, _>("id")?);
+            } else {
+                claimed.push(Task::from_row(&row)?);
+            }
+        }
         Ok(CompletedAndClaimed {
             completed: leases_among(results, &done),
             claimed,

@@ -393,7 +393,7 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
     }
     let mut worker = pool.acquire().await.unwrap();
     let claim = "SELECT id, claims FROM claim_and_start_tasks('w-1', '{text_generation}', 32)";
-    let complete_and_claim = "SELECT count(*) FROM complete_and_claim_tasks('w-1', $1, $2,
+    let complete_and_claim = "SELECT count(*) FROM complete_and_claim_next('w-1', $1, $2,
                                   array_fill('null'::jsonb, ARRAY[cardinality($1)]), '{text_generation}', 32)";
     // The quiet hour before: jobs one at a time, each claimed and completed.
     for i in 0..8 {
@@ -458,6 +458,7 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn the_hot_path_keeps_its_plan_settings(pool: PgPool) {
     let hot_path = [
+        "complete_and_claim_next",
         "complete_and_claim_tasks",
         "complete_tasks",
         "fail_task",

@@ -249,11 +249,13 @@ async fn inputs_the_workers_would_refuse_are_refused_at_enqueue(pool: PgPool) {
 async fn every_claim_is_callable_from_plain_sql_and_rejects_a_bad_limit(pool: PgPool) {
     let q = queue(pool.clone());
     // claim_and_start_tasks writes `processing` where claim_tasks writes
-    // `claimed`; complete_and_claim_tasks (here with nothing to complete)
-    // claims as claim_and_start_tasks does.
+    // `claimed`; complete_and_claim_next (here with nothing to complete)
+    // claims as claim_and_start_tasks does, as does complete_and_claim_tasks,
+    // which the previous release calls.
     for (function, completions, status) in [
         ("claim_tasks", "", "claimed"),
         ("claim_and_start_tasks", "", "processing"),
+        ("complete_and_claim_next", "'{}', '{}', '{}', ", "processing"),
         ("complete_and_claim_tasks", "'{}', '{}', '{}', ", "processing"),
     ] {
         q.enqueue(text_job("x")).await.unwrap();

@@ -376,7 +376,7 @@ async fn completing_and_claiming_in_one_call_fences_the_completions_and_starts_t
     for (call, setting) in [
         ("SELECT count(*) FROM claim_tasks('w2', ARRAY['text_generation'], 1)", "on"),
         (
-            "SELECT count(*) FROM complete_and_claim_tasks('w2', '{}', '{}', '{}', ARRAY['text_generation'], 1)",
+            "SELECT count(*) FROM complete_and_claim_next('w2', '{}', '{}', '{}', ARRAY['text_generation'], 1)",
             "on",
         ),
     ] {
@@ -841,7 +841,7 @@ async fn a_claim_whose_answer_was_lost_returns_the_tasks_it_took(pool: PgPool) {
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_completion_and_claim_whose_answer_was_lost_returns_the_tasks_it_took(pool: PgPool) {
     use test_support::pg_proxy::AnswerLosingProxy;
-    let proxy = AnswerLosingProxy::in_front_of(&pool, b"complete_and_claim_tasks").await;
+    let proxy = AnswerLosingProxy::in_front_of(&pool, b"complete_and_claim_next").await;
     let q = queue(pool.clone());
     q.enqueue_batch((0..4).map(|i| text_job(&format!("{i}"))).collect())
         .await

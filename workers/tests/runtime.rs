@@ -223,7 +223,7 @@ async fn a_finished_task_is_completed_in_the_call_that_claims_the_next(pool: PgP
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_batch_claimed_in_a_call_whose_answer_was_lost_is_still_run(pool: PgPool) {
     use test_support::pg_proxy::AnswerLosingProxy;
-    let proxy = AnswerLosingProxy::in_front_of(&pool, b"complete_and_claim_tasks").await;
+    let proxy = AnswerLosingProxy::in_front_of(&pool, b"complete_and_claim_next").await;
     let q = Queue::new(pool.clone());
     enqueue_text_jobs(&q, 6).await;
     let handler = SlowHandler {
