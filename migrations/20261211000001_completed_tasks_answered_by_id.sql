@@ -6,9 +6,9 @@
 -- moves them to history) and, for a completion repeated after a lost
 -- answer, reads history too. The worker uses only their ids: which leases
 -- completed. Half of every answer was rows nobody read: without them, a
--- drain of 100,000 tasks at 50 a call with 4 workers took 0.50-0.64 s of
--- the client's CPU against 0.62-0.72 s and ran 12 % faster (the median of
--- six pairs; README, make bench-queue).
+-- drain of 100,000 tasks at 50 a call with 4 workers took less of the
+-- client's CPU in 14 of 15 pairs measured, and ran 9 % faster (the
+-- median; README, make bench-queue).
 --
 -- A completed task's row here has its id and status ('complete') and
 -- nothing else; a claimed task's row is whole, as before. The claim is
