@@ -991,7 +991,7 @@ pub(crate) async fn locked_job(
     };
     let open = format!("SELECT 1 FROM jobs WHERE id = $1 AND tenant = $2 {clause}");
     // A job kept in its task's row: that row is the job's and its task's.
-    let in_task_row = format!(
+    let task_row = format!(
         "SELECT 1 FROM job_tasks WHERE job_id = $1 AND job_tenant = $2 AND job_input IS NOT NULL {clause}"
     );
     let finished = format!("SELECT * FROM job_history WHERE id = $1 AND tenant = $2 {clause}");
@@ -1004,7 +1004,7 @@ pub(crate) async fn locked_job(
             .await?
             .is_some();
         let in_task_row = !in_job_row
-            && sqlx::query_scalar::<_, i32>(&in_task_row)
+            && sqlx::query_scalar::<_, i32>(&task_row)
                 .bind(id)
                 .bind(tenant)
                 .fetch_optional(&mut *conn)
