@@ -43,6 +43,15 @@ async fn main() -> Result<()> {
         "backlog queue benchmark ({} cores)",
         std::thread::available_parallelism()?.get()
     );
+    // TLS costs every call; the peers' ratios are only fair on one transport
+    // (scripts/bench-queue.sh asks for plain TCP unless the URL says otherwise).
+    let tls: bool = sqlx::query_scalar(
+        "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+    )
+    .fetch_one(&admin)
+    .await?;
+    println!("backlog's connections: {}", transport(tls));
+    report.insert("tls".into(), json!(tls));
 
     // Enqueue: batches of 1,000 jobs (one task each), one connection.
     reset(&admin).await?;
@@ -210,6 +219,7 @@ async fn main() -> Result<()> {
 
     // References 2 and up: the peer queues the script measured in this run.
     let ours = Ours {
+        tls,
         enqueue: enqueue_rate,
         drain: best_batched,
         drain_batch_500: best_batch_500,
@@ -242,6 +252,14 @@ fn noop_job(i: usize) -> NewJob {
 /// From `before` to `after`, in percent of `before`.
 fn percent_change(before: f64, after: f64) -> f64 {
     (after / before - 1.0) * 100.0
+}
+
+fn transport(tls: bool) -> &'static str {
+    if tls {
+        "TLS"
+    } else {
+        "plain TCP"
+    }
 }
 
 fn round2(x: f64) -> f64 {
@@ -839,6 +857,8 @@ const PEERS: [Peer; 2] = [
 
 /// backlog's own figures of this run, for the ratios to the peers.
 struct Ours<'a> {
+    /// Whether backlog's connections are encrypted.
+    tls: bool,
     enqueue: f64,
     /// Best drain claiming 50 at a time.
     drain: f64,
@@ -867,6 +887,16 @@ fn report_peer(known: &Peer, peer: &Value, ours: &Ours<'_>, report: &mut serde_j
         peer["version"].as_str().unwrap_or("?"),
         peer["latency_wakeup"].as_str().unwrap_or("?"),
     );
+    match peer["tls"].as_bool() {
+        Some(theirs) if theirs == ours.tls => println!("  transport matched: {}", transport(theirs)),
+        Some(theirs) => println!(
+            "  transport NOT matched: backlog {}, {} {}; the ratios compare unlike connections",
+            transport(ours.tls),
+            known.name,
+            transport(theirs)
+        ),
+        None => println!("  transport of {} not reported", known.name),
+    }
     let mut ratios = json!({
         "drain": round2(ours.drain / drain),
         "enqueue": round2(ours.enqueue / enqueue),

@@ -31,6 +31,11 @@ export function announce(library, version) {
   }
 }
 
+// Whether `rows` (the answer to TLS_QUERY on the peer's own connection)
+// says the connection is encrypted; the report compares it with backlog's.
+export const TLS_QUERY = "select coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false) as tls";
+export const usesTls = (rows) => rows[0]?.tls === true;
+
 // Resolved/rejected from outside; used to hand a value from a job handler
 // back to the measuring loop.
 export function deferred() {

@@ -57,3 +57,52 @@ fn make_run_uses_the_backlog_database() {
         "make run asks for its own database"
     );
 }
+
+/// `make bench-queue` compares backlog with peers whose client
+/// (node-postgres) connects without TLS unless the URL asks; sqlx and
+/// pgbench would encrypt on a server that offers TLS. The script asks every
+/// client for plain TCP when the URL names no sslmode, and keeps one named.
+#[test]
+fn bench_queue_runs_every_client_on_one_transport() {
+    let server = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by make test");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // A `cargo` that reports the URL the benchmark would be given.
+    let stub = std::env::temp_dir().join(format!("backlog-cargo-stub-{}", std::process::id()));
+    std::fs::create_dir_all(&stub).unwrap();
+    let cargo = stub.join("cargo");
+    std::fs::write(&cargo, "#!/bin/sh\necho \"bench url: $DATABASE_URL\"\n").unwrap();
+    std::fs::set_permissions(&cargo, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bench_url = |url: &str| {
+        let output = Command::new("bash")
+            .arg(root.join("scripts/bench-queue.sh"))
+            .env("DATABASE_URL", url)
+            .env("PEERS", "0")
+            .env(
+                "PATH",
+                format!("{}:{}", stub.display(), std::env::var("PATH").unwrap()),
+            )
+            .output()
+            .expect("bash runs the script");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("bench url: "))
+            .expect("the benchmark ran")
+            .to_string()
+    };
+    let separator = if server.contains('?') { '&' } else { '?' };
+
+    let plain = bench_url(&server);
+    assert!(plain.ends_with("sslmode=disable"), "{plain}");
+    let named = bench_url(&format!("{server}{separator}sslmode=prefer"));
+    std::fs::remove_dir_all(&stub).unwrap();
+    assert!(
+        named.contains("sslmode=prefer") && !named.contains("sslmode=disable"),
+        "{named}"
+    );
+}

@@ -27,7 +27,17 @@ import { createRequire } from "node:module";
 import { performance } from "node:perf_hooks";
 import { setTimeout as sleep } from "node:timers/promises";
 
-import { announce, benchmarkDatabaseUrl, cpuSeconds, deferred, fmtInt, latencyFigures, withTimeout } from "./common.mjs";
+import {
+  announce,
+  benchmarkDatabaseUrl,
+  cpuSeconds,
+  deferred,
+  fmtInt,
+  latencyFigures,
+  TLS_QUERY,
+  usesTls,
+  withTimeout,
+} from "./common.mjs";
 
 // graphile-worker logs one info line per successful job. At ~10^4 jobs/s that
 // formatting and console I/O would be what we measure, and it would flood
@@ -244,6 +254,7 @@ try {
       drain_matched_local_queue: MATCHED_LOCAL_QUEUE,
       latency_ms: latency,
       latency_wakeup: "LISTEN/NOTIFY",
+      tls: await utils.withPgClient(async (client) => usesTls((await client.query(TLS_QUERY)).rows)),
       jobs: JOBS,
     }),
   );

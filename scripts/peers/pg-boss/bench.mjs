@@ -44,7 +44,17 @@ import { createRequire } from "node:module";
 import { performance } from "node:perf_hooks";
 import { setTimeout as sleep } from "node:timers/promises";
 
-import { announce, benchmarkDatabaseUrl, cpuSeconds, deferred, fmtInt, latencyFigures, withTimeout } from "./common.mjs";
+import {
+  announce,
+  benchmarkDatabaseUrl,
+  cpuSeconds,
+  deferred,
+  fmtInt,
+  latencyFigures,
+  TLS_QUERY,
+  usesTls,
+  withTimeout,
+} from "./common.mjs";
 
 import PgBoss from "pg-boss";
 
@@ -229,6 +239,7 @@ try {
       drain_note: `first ${DRAIN_MEASURED} jobs of a ${JOBS}-job queue`,
       latency_ms: latency,
       latency_wakeup: `polling every ${POLLING_INTERVAL_SECONDS} s`,
+      tls: usesTls(await sql(TLS_QUERY)),
       jobs: JOBS,
     }),
   );
