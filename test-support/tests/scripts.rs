@@ -5,12 +5,14 @@
 use std::path::Path;
 use std::process::Command;
 
-fn ensure_postgres(server_url: &str, database: &str) -> String {
+/// Run `scripts/NAME` with `args` and `env`, and return its stdout; the
+/// script must succeed.
+fn run_script(name: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let output = Command::new("bash")
-        .arg(root.join("scripts/ensure-postgres.sh"))
-        .arg(database)
-        .env("DATABASE_URL", server_url)
+        .arg(root.join("scripts").join(name))
+        .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("bash runs the script");
     assert!(
@@ -18,7 +20,13 @@ fn ensure_postgres(server_url: &str, database: &str) -> String {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout).unwrap().trim_end().to_string()
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn ensure_postgres(server_url: &str, database: &str) -> String {
+    run_script("ensure-postgres.sh", &[database], &[("DATABASE_URL", server_url)])
+        .trim_end()
+        .to_string()
 }
 
 #[tokio::test]
@@ -65,35 +73,23 @@ fn make_run_uses_the_backlog_database() {
 #[test]
 fn bench_queue_runs_every_client_on_one_transport() {
     let server = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by make test");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     // A `cargo` that reports the URL the benchmark would be given.
     let stub = std::env::temp_dir().join(format!("backlog-cargo-stub-{}", std::process::id()));
     std::fs::create_dir_all(&stub).unwrap();
     let cargo = stub.join("cargo");
     std::fs::write(&cargo, "#!/bin/sh\necho \"bench url: $DATABASE_URL\"\n").unwrap();
     std::fs::set_permissions(&cargo, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", stub.display(), std::env::var("PATH").unwrap());
     let bench_url = |url: &str| {
-        let output = Command::new("bash")
-            .arg(root.join("scripts/bench-queue.sh"))
-            .env("DATABASE_URL", url)
-            .env("PEERS", "0")
-            .env(
-                "PATH",
-                format!("{}:{}", stub.display(), std::env::var("PATH").unwrap()),
-            )
-            .output()
-            .expect("bash runs the script");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("bench url: "))
-            .expect("the benchmark ran")
-            .to_string()
+        run_script(
+            "bench-queue.sh",
+            &[],
+            &[("DATABASE_URL", url), ("PEERS", "0"), ("PATH", &path)],
+        )
+        .lines()
+        .find_map(|l| l.strip_prefix("bench url: "))
+        .expect("the benchmark ran")
+        .to_string()
     };
     let separator = if server.contains('?') { '&' } else { '?' };
 
