@@ -94,9 +94,9 @@ fn bench_queue_runs_every_client_on_one_transport() {
     let separator = if server.contains('?') { '&' } else { '?' };
 
     let plain = bench_url(&server);
-    assert!(plain.ends_with("sslmode=disable"), "{plain}");
     let named = bench_url(&format!("{server}{separator}sslmode=prefer"));
     std::fs::remove_dir_all(&stub).unwrap();
+    assert!(plain.ends_with("sslmode=disable"), "{plain}");
     assert!(
         named.contains("sslmode=prefer") && !named.contains("sslmode=disable"),
         "{named}"
