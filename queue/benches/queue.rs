@@ -130,12 +130,12 @@ async fn main() -> Result<()> {
     let depth_change = percent_change(flat.depth_empty.p50, flat.depth_history.p50);
     let drain_change = percent_change(flat.drain_empty, flat.drain_history);
     println!(
-        "depth query (100,000 pending): p50 {:.2} ms, max {:.2} ms with no history; p50 {:.2} ms, max {:.2} ms \
-         with {history} finished ({depth_change:+.0} % at p50)",
+        "depth query (100,000 pending; {HISTORY_ROUNDS} rounds of {DEPTH_SAMPLES} alternating): p50 {:.2} ms, \
+         max {:.2} ms with no history; p50 {:.2} ms, max {:.2} ms with {history} finished ({depth_change:+.0} % at p50)",
         flat.depth_empty.p50, flat.depth_empty.max, flat.depth_history.p50, flat.depth_history.max
     );
     println!(
-        "{}, {workers} workers, batch {HISTORY_BATCH}, best of {HISTORY_ROUNDS}: {:.0} tasks/s with no history, \
+        "{}, {workers} workers, batch {HISTORY_BATCH}, best of {HISTORY_ROUNDS} alternating: {:.0} tasks/s with no history, \
          {:.0} tasks/s with {history} finished ({drain_change:+.0} %)",
         how.label(),
         flat.drain_empty,
@@ -477,9 +477,19 @@ struct DepthTime {
     max: f64,
 }
 
+impl DepthTime {
+    fn of(mut times: Vec<f64>) -> Self {
+        times.sort_by(f64::total_cmp);
+        DepthTime {
+            p50: percentile(&times, 0.5),
+            max: *times.last().unwrap_or(&f64::NAN),
+        }
+    }
+}
+
 /// Issue #16's flat-with-history target: the depth query and the best
-/// batch-50 drain (best of its rounds), each measured with no history and
-/// again with history finished tasks in the tables.
+/// batch-50 drain (best of its rounds), each measured on a database with
+/// no history and on one with `history` finished tasks, rounds alternating.
 struct HistoryFigures {
     depth_empty: DepthTime,
     depth_history: DepthTime,
@@ -531,50 +541,138 @@ async fn with_and_without_history(
     how: DrainLoop,
     workers: usize,
 ) -> Result<HistoryFigures> {
-    // The drain first: what it finishes would be history for the depth query.
-    let mut drain_empty: f64 = 0.0;
-    for _ in 0..HISTORY_ROUNDS {
-        reset(admin).await?;
-        let rate = drain(url, admin, how, workers, HISTORY_BATCH, DRAIN_TASKS_BATCHED).await?;
-        drain_empty = drain_empty.max(rate);
-    }
-    reset(admin).await?;
+    // The history lives in a second database, so the two sides can take
+    // turns: measured one after the other, a shared machine's drift between
+    // the halves of the run read as history's cost (−1 % in one run, −23 %
+    // in the next, with the side without history ahead each time).
+    let (name, history_url) = sibling_database(url, "history")?;
+    recreate_database(admin, &name).await?;
+    let history_admin = queue::pool_options(2).connect(&history_url).await?;
+    let history_q = Queue::new(history_admin.clone());
+    history_q.migrate().await?;
+    let empty = Side { url, admin, q };
+    let with_history = Side {
+        url: &history_url,
+        admin: &history_admin,
+        q: &history_q,
+    };
+    let figures = side_by_side(&empty, &with_history, history, how, workers).await;
+    history_admin.close().await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(admin)
+        .await?;
+    figures
+}
+
+/// One side of a comparison: a database, and the queue on it.
+struct Side<'a> {
+    url: &'a str,
+    admin: &'a PgPool,
+    q: &'a Queue,
+}
+
+async fn side_by_side(
+    empty: &Side<'_>,
+    with_history: &Side<'_>,
+    history: u64,
+    how: DrainLoop,
+    workers: usize,
+) -> Result<HistoryFigures> {
     // Backlog and history straight in SQL: ten million enqueues through the
-    // API would only measure enqueue again.
-    add_rows(admin, Rows::Backlog, 100_000, 0).await?;
-    let depth_empty = time_depth(admin, q).await?;
-    // In steps of a million, so no statement runs for minutes.
+    // API would only measure enqueue again. The history in steps of a
+    // million, so no statement runs for minutes.
+    reset(empty.admin).await?;
+    add_rows(empty.admin, Rows::Backlog, DEPTH_BACKLOG, 0).await?;
+    add_rows(with_history.admin, Rows::Backlog, DEPTH_BACKLOG, 0).await?;
     let mut added = 0;
     while added < history {
         let step = (history - added).min(1_000_000);
-        add_rows(admin, Rows::History, step, added).await?;
+        add_rows(with_history.admin, Rows::History, step, added).await?;
         added += step;
     }
-    let depth_history = time_depth(admin, q).await?;
+    let (mut depth_empty, mut depth_history) = (Vec::new(), Vec::new());
+    for _ in 0..HISTORY_ROUNDS {
+        depth_empty.extend(time_depth(empty.admin, empty.q).await?);
+        depth_history.extend(time_depth(with_history.admin, with_history.q).await?);
+    }
     // The same drain beside the history alone: the depth query's backlog
     // goes (its tasks are of every type, and the drain must end empty).
     sqlx::query("DELETE FROM job_tasks WHERE status = 'pending'")
-        .execute(admin)
+        .execute(with_history.admin)
         .await?;
     sqlx::query("DELETE FROM jobs WHERE tenant = $1")
         .bind(Rows::Backlog.tenant())
-        .execute(admin)
+        .execute(with_history.admin)
         .await?;
-    sqlx::query("VACUUM ANALYZE jobs, job_tasks, job_history, task_history")
-        .execute(admin)
-        .await?;
-    // Each round's finished tasks join the history.
-    let mut drain_history: f64 = 0.0;
+    // Each side's round starts from vacuumed open-task tables; the history
+    // side's finished tasks join its history.
+    let (mut drain_empty, mut drain_history): (f64, f64) = (0.0, 0.0);
     for _ in 0..HISTORY_ROUNDS {
-        let rate = drain(url, admin, how, workers, HISTORY_BATCH, DRAIN_TASKS_BATCHED).await?;
+        reset(empty.admin).await?;
+        let rate = drain(
+            empty.url,
+            empty.admin,
+            how,
+            workers,
+            HISTORY_BATCH,
+            DRAIN_TASKS_BATCHED,
+        )
+        .await?;
+        drain_empty = drain_empty.max(rate);
+        sqlx::query("VACUUM ANALYZE jobs, job_tasks, job_history, task_history")
+            .execute(with_history.admin)
+            .await?;
+        let rate = drain(
+            with_history.url,
+            with_history.admin,
+            how,
+            workers,
+            HISTORY_BATCH,
+            DRAIN_TASKS_BATCHED,
+        )
+        .await?;
         drain_history = drain_history.max(rate);
     }
     Ok(HistoryFigures {
-        depth_empty,
-        depth_history,
+        depth_empty: DepthTime::of(depth_empty),
+        depth_history: DepthTime::of(depth_history),
         drain_empty,
         drain_history,
     })
+}
+
+/// A database beside the one `url` names, `<its name>_<suffix>` on the
+/// same server: its name and its URL.
+fn sibling_database(url: &str, suffix: &str) -> Result<(String, String)> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let (server, database) = base
+        .rsplit_once('/')
+        .filter(|(server, database)| server.contains("//") && !database.is_empty())
+        .with_context(|| format!("DATABASE_URL must name a database, got {url:?}"))?;
+    let name = format!("{database}_{suffix}");
+    // Created and dropped by name in SQL below.
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        bail!("the bench database's name must be lowercase letters, digits and _, got {database:?}");
+    }
+    Ok((name.clone(), format!("{server}/{name}{query}")))
+}
+
+/// Drop `name` if a failed run left it, and create it afresh.
+async fn recreate_database(admin: &PgPool, name: &str) -> Result<()> {
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(admin)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(admin)
+        .await
+        .with_context(|| format!("creating {name}, the history side's database (needs CREATEDB)"))?;
+    Ok(())
 }
 
 /// The best batch-50 drain alone and with the vacuumer beside it (best of
@@ -730,11 +828,15 @@ async fn time_day_retention(admin: &PgPool, q: &Queue) -> Result<Vec<DayRetentio
     Ok(figures)
 }
 
-/// The depth query's timing: unmeasured calls, then timed ones.
+/// The depth query's timing: unmeasured calls, then timed ones, per round.
 const DEPTH_WARMUP: usize = 10;
-const DEPTH_SAMPLES: usize = 300;
+const DEPTH_SAMPLES: usize = 100;
+/// Pending tasks the depth query counts, with and without history.
+const DEPTH_BACKLOG: u64 = 100_000;
 
-async fn time_depth(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
+/// One side's depth timings: unmeasured calls, then `DEPTH_SAMPLES` timed
+/// ones, in milliseconds.
+async fn time_depth(admin: &PgPool, q: &Queue) -> Result<Vec<f64>> {
     sqlx::query("VACUUM ANALYZE jobs, job_tasks, job_history, task_history")
         .execute(admin)
         .await?;
@@ -746,9 +848,9 @@ async fn time_depth(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
         .await
         .context("CHECKPOINT before timing the depth query (needs superuser or pg_checkpoint)")?;
     // Unmeasured calls first: the statement is prepared and its plan
-    // settled (custom plans for the first five). 300 samples narrow each
-    // p50; the swing between the sides with and without history went only
-    // with the checkpoint above (see the README).
+    // settled (custom plans for the first five). The samples of a side's
+    // rounds together narrow its p50; the swing between the sides with and
+    // without history went only with the checkpoint above (see the README).
     for _ in 0..DEPTH_WARMUP {
         q.depth().await?;
     }
@@ -758,11 +860,7 @@ async fn time_depth(admin: &PgPool, q: &Queue) -> Result<DepthTime> {
         q.depth().await?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
-    Ok(DepthTime {
-        p50: percentile(&times, 0.5),
-        max: *times.last().unwrap(),
-    })
+    Ok(times)
 }
 
 /// PostgreSQL's ceiling for the same work in raw SQL: each pgbench
