@@ -39,7 +39,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-## Queue throughput and latency against pgbench, graphile-worker and pg-boss (PEERS=0 skips the peers, PEERS=pg-boss picks).
+## Queue throughput and latency against pgbench, graphile-worker and pg-boss (PEERS=0 skips the peers, PEERS=pg-boss picks; ROUNDS=5 alternates issue #16's figures with graphile-worker's).
 bench-queue:
 	DATABASE_URL="$$(scripts/ensure-postgres.sh)" PEERS="$(PEERS)" scripts/bench-queue.sh
 

@@ -9,6 +9,13 @@
 # (colon-separated), the names of those that failed as PEERS_FAILED. A failed
 # peer does not stop the others or backlog's own figures; it is named in the
 # report and at the end, and the script then exits non-zero.
+#
+# ROUNDS=N (N ≥ 2) measures instead only what issue #16's targets compare
+# (BENCH_SCOPE=targets on both sides: enqueue, the drain at 50, latency),
+# in N rounds of graphile-worker and backlog, alternating which goes
+# first, then prints every round, the medians and how many rounds met
+# each target. One run's ratios move with the machine's other load as much
+# as the targets' margins; rounds side by side show the spread.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 : "${DATABASE_URL:?DATABASE_URL must name a PostgreSQL server}"
@@ -37,6 +44,43 @@ results=()
 failed=()
 tmpfiles=()
 trap 'rm -f "${tmpfiles[@]}"' EXIT
+
+rounds=${ROUNDS:-1}
+case "$rounds" in
+  '' | *[!0-9]*) echo "bench-queue: ROUNDS must be a whole number, got '$rounds'" >&2; exit 2 ;;
+esac
+if [ "$rounds" -ge 2 ]; then
+  case "${PEERS:-1}" in
+    1 | graphile-worker) ;;
+    *) echo "bench-queue: ROUNDS=$rounds compares against graphile-worker only (issue #16's targets); PEERS='${PEERS:-}' cannot be used with it" >&2; exit 2 ;;
+  esac
+  cd "$root"
+  # Build once, before the first round, so no round pays the compile.
+  cargo bench -p queue --bench queue --locked --no-run >&2
+  ours_files=()
+  peer_files=()
+  for r in $(seq 1 "$rounds"); do
+    peer_file=$(mktemp)
+    ours_file=$(mktemp)
+    tmpfiles+=("$peer_file" "$ours_file")
+    # Odd rounds graphile-worker first, even rounds backlog first.
+    if [ $((r % 2)) -eq 1 ]; then order="peer ours"; first=graphile-worker; else order="ours peer"; first=backlog; fi
+    for side in $order; do
+      echo "bench-queue: round $r of $rounds: $([ "$side" = peer ] && echo graphile-worker || echo backlog)" >&2
+      if [ "$side" = peer ]; then
+        BENCH_SCOPE=targets DATABASE_URL="$DATABASE_URL" scripts/peers/graphile-worker/run.sh | tee "$peer_file" >&2
+      else
+        BENCH_SCOPE=targets ROUND="$r/$rounds" ROUND_ORDER="$first" \
+          scripts/with-scratch-db.sh backlog_bench cargo bench -p queue --bench queue --locked | tee "$ours_file"
+      fi
+    done
+    ours_files+=("$ours_file")
+    peer_files+=("$peer_file")
+  done
+  ROUND_RESULTS=$(IFS=:; echo "${ours_files[*]}") ROUND_PEER_RESULTS=$(IFS=:; echo "${peer_files[*]}") \
+    cargo bench -p queue --bench queue --locked
+  exit 0
+fi
 IFS=, read -r -a names <<<"$selected"
 for name in "${names[@]}"; do
   if [ ! -x "$root/scripts/peers/$name/run.sh" ]; then

@@ -13,6 +13,8 @@
 //      truncated and vacuumed before each fill), filled again and drained
 //      with a local queue of 50, so one fetch takes as many jobs as one of
 //      backlog's batched claims (the matched setting);
+//      BENCH_SCOPE=targets (a round of `make bench-queue ROUNDS=N`) skips the
+//      documented-settings drain and drains the first fill at 50;
 //   3. latency: 1,000 sequential jobs through `workerUtils.addJob` against a
 //      default pool (concurrency 1, woken by LISTEN/NOTIFY); each is added
 //      only after the previous one started, and a sample is "task began" minus
@@ -69,6 +71,13 @@ const DRAIN_TIMEOUT_MS = 10 * 60_000;
 const LATENCY_JOB_TIMEOUT_MS = 10_000;
 
 const connectionString = benchmarkDatabaseUrl();
+// "all", or "targets": only what issue #16's targets compare (enqueue, the
+// drain at 50, latency), for the alternating rounds of scripts/bench-queue.sh.
+const SCOPE = process.env.BENCH_SCOPE || "all";
+if (SCOPE !== "all" && SCOPE !== "targets") {
+  console.error(`bench.mjs: BENCH_SCOPE must be all or targets, got ${JSON.stringify(SCOPE)}`);
+  process.exit(2);
+}
 
 const require = createRequire(import.meta.url);
 const version = require("graphile-worker/package.json").version;
@@ -184,14 +193,17 @@ try {
   await everyTable("analyze");
 
   // 2. Drain, at the documented settings and at backlog's batch ------------
-  const drainRate = await drain(DRAIN_WORKER);
-  // The first drain's 200,000 deleted rows cleared before the second fill,
-  // as backlog's benchmark truncates and vacuums its tables before each
-  // fill. Without it the matched drain ran over a table that still held
-  // them or not, as autovacuum happened to reach it in time.
-  await everyTable("vacuum");
-  await fill();
-  await everyTable("analyze");
+  let drainRate = null;
+  if (SCOPE === "all") {
+    drainRate = await drain(DRAIN_WORKER);
+    // The first drain's 200,000 deleted rows cleared before the second fill,
+    // as backlog's benchmark truncates and vacuums its tables before each
+    // fill. Without it the matched drain ran over a table that still held
+    // them or not, as autovacuum happened to reach it in time.
+    await everyTable("vacuum");
+    await fill();
+    await everyTable("analyze");
+  }
   const matchedDrainRate = await drain({ ...DRAIN_WORKER, localQueue: { size: MATCHED_LOCAL_QUEUE } });
   // And cleared again before the latency phase, as backlog's is.
   await everyTable("vacuum analyze");
@@ -247,9 +259,12 @@ try {
     JSON.stringify({
       peer: "graphile-worker",
       version,
+      scope: SCOPE,
       enqueue_jobs_per_s: Math.round(enqueueRate),
-      drain_jobs_per_s: Math.round(drainRate),
-      drain_local_queue: DRAIN_WORKER.localQueue.size,
+      // Not measured in the targets scope.
+      ...(drainRate === null
+        ? {}
+        : { drain_jobs_per_s: Math.round(drainRate), drain_local_queue: DRAIN_WORKER.localQueue.size }),
       drain_matched_batch_jobs_per_s: Math.round(matchedDrainRate),
       drain_matched_local_queue: MATCHED_LOCAL_QUEUE,
       latency_ms: latency,
