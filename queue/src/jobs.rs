@@ -52,8 +52,8 @@ macro_rules! insert_tasks_where {
 /// An enqueue whose jobs carry no idempotency key inserts every job and
 /// task it is given. Without the key's statement (planned and started even
 /// when it inserts nothing) and the tasks' check against the inserted jobs,
-/// a one-job statement costs the server about a third less (the README's
-/// benchmark section). A job of one task is given no `jobs` row: its task's
+/// a one-job statement costs the server about a third less
+/// (docs/bench-queue-log.md, "An enqueue without keys"). A job of one task is given no `jobs` row: its task's
 /// row holds it (migration `20261209000001`), and what the server set on
 /// it is read back from there.
 const INSERT_JOBS: &str = concat!(
