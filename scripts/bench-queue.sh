@@ -66,10 +66,11 @@ if [ "$rounds" -ge 2 ]; then
     # Odd rounds graphile-worker first, even rounds backlog first.
     if [ $((r % 2)) -eq 1 ]; then order="peer ours"; first=graphile-worker; else order="ours peer"; first=backlog; fi
     for side in $order; do
-      echo "bench-queue: round $r of $rounds: $([ "$side" = peer ] && echo graphile-worker || echo backlog)" >&2
       if [ "$side" = peer ]; then
+        echo "bench-queue: round $r of $rounds: graphile-worker" >&2
         BENCH_SCOPE=targets DATABASE_URL="$DATABASE_URL" scripts/peers/graphile-worker/run.sh | tee "$peer_file" >&2
       else
+        echo "bench-queue: round $r of $rounds: backlog" >&2
         BENCH_SCOPE=targets ROUND="$r/$rounds" ROUND_ORDER="$first" \
           scripts/with-scratch-db.sh backlog_bench cargo bench -p queue --bench queue --locked | tee "$ours_file"
       fi

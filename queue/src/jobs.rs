@@ -53,9 +53,9 @@ macro_rules! insert_tasks_where {
 /// task it is given. Without the key's statement (planned and started even
 /// when it inserts nothing) and the tasks' check against the inserted jobs,
 /// a one-job statement costs the server about a third less
-/// (docs/bench-queue-log.md, "An enqueue without keys"). A job of one task is given no `jobs` row: its task's
-/// row holds it (migration `20261209000001`), and what the server set on
-/// it is read back from there.
+/// (docs/bench-queue-log.md, "An enqueue without keys"). A job of one task
+/// is given no `jobs` row: its task's row holds it (migration
+/// `20261209000001`), and what the server set on it is read back from there.
 const INSERT_JOBS: &str = concat!(
     "WITH inserted AS (",
     insert_jobs_where!(""),
