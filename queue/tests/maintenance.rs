@@ -600,6 +600,69 @@ async fn the_coming_days_get_their_partitions_and_a_day_already_in_default_is_le
     );
 }
 
+/// History takes rows the open tables have already checked, and does not
+/// check them again (migration `20261212000001`): on history and every
+/// partition of it, those of the coming days made after the migration too,
+/// the one CHECK left is that a job there is finished, and it still holds.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn history_checks_only_that_its_jobs_are_finished(pool: PgPool) {
+    let q = queue(pool.clone());
+    let days = coming_days(&pool).await;
+    for day in &days[1..] {
+        sqlx::raw_sql(&format!(
+            "DROP TABLE job_history_{day}; DROP TABLE task_history_{day}; DROP TABLE artifacts_{day}"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    assert_eq!(q.create_history_partitions().await.unwrap(), days[1..]);
+
+    let checks: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT c.relname::text, k.conname::text
+         FROM pg_class c LEFT JOIN pg_constraint k ON k.conrelid = c.oid AND k.contype = 'c'
+         WHERE c.oid IN ('job_history'::regclass, 'task_history'::regclass)
+            OR c.oid IN (SELECT inhrelid FROM pg_inherits
+                         WHERE inhparent IN ('job_history'::regclass, 'task_history'::regclass))
+         ORDER BY 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for day in &days[1..] {
+        for table in ["job_history", "task_history"] {
+            let partition = format!("{table}_{day}");
+            assert!(
+                checks.iter().any(|(relation, _)| *relation == partition),
+                "{partition} is among those read"
+            );
+        }
+    }
+    for (relation, check) in &checks {
+        let expected = relation
+            .starts_with("job_history")
+            .then_some("job_history_finished");
+        assert_eq!(
+            check.as_deref(),
+            expected,
+            "{relation}: a job in history is finished, and nothing else is checked again"
+        );
+    }
+
+    let unfinished = sqlx::query(
+        "INSERT INTO job_history (id, tenant, job_type, status, input)
+         VALUES (uuid_v7_floor(now()), 'acme', 'text', 'queued', '{}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_err();
+    assert_eq!(
+        unfinished.as_database_error().and_then(|e| e.constraint()),
+        Some("job_history_finished"),
+        "{unfinished}"
+    );
+}
+
 /// `task_types()` (what the in-flight reads name so they skip the backlog)
 /// must hold every task type: a type left out would never be swept, and a
 /// replica holding only such tasks would look idle to the drain step.
