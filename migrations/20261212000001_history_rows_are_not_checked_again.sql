@@ -7,9 +7,9 @@
 -- row written, and each statement that writes history prepares them again
 -- for the partition it routes to. In a drain at 50 a call by 4 workers,
 -- `perf` put 17 % of the server's CPU in the completion's two history
--- inserts, and the checks' evaluation at 4.5 % of it; without these
--- copies, 3.0 % (the open tables' own checks: docs/bench-queue-log.md,
--- "History rows checked once").
+-- inserts, and 4.5 % in evaluating CHECKs; without these copies, 3.0 %,
+-- the open tables' own (docs/bench-queue-log.md, "What history costs the
+-- drain, and history rows checked once").
 --
 -- Every row reaches history from `jobs` or `job_tasks` (completions,
 -- retire_jobs), or from history itself (retention keeps a day's late
