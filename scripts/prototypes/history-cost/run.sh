@@ -58,9 +58,14 @@ else
   echo "history-cost: no cgroup v1 cpuacct or cgroup v2 hierarchy under /sys/fs/cgroup" >&2
   exit 1
 fi
-for pid in "$postmaster" $(pgrep -P "$postmaster"); do
-  echo "$pid" >"$group/cgroup.procs"
-done
+move_server() {
+  for pid in "$postmaster" $(pgrep -P "$postmaster"); do
+    echo "$pid" >"$1/cgroup.procs" 2>/dev/null || true
+  done
+}
+move_server "$group"
+# Back where they were (the hierarchy's root) however the run ends.
+trap 'move_server "$(dirname "$group")"; rm -rf "$work"' EXIT
 
 for variant in "${variants[@]}"; do
   if [ "$variant" != base ] && [ ! -f "$here/variant-$variant.sql" ]; then
