@@ -193,13 +193,10 @@ async fn login(url: Option<String>) -> Result<()> {
         .or_else(|| settings.url.as_ref().map(|(u, _)| u.clone()))
         .ok_or_else(|| CliError::Usage("no API URL: pass --url https://…".into()))?;
     let mut line = String::new();
-    let terminal = console::Term::stderr();
-    if std::io::stdin().is_terminal() && terminal.is_term() {
+    if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
         // Typed or pasted at a terminal: not echoed, so the key stays out of
         // the scrollback, a screen share and a recorded session.
-        eprint!("API key for {url} (not shown): ");
-        line = terminal
-            .read_secure_line()
+        line = read_line_unechoed(&format!("API key for {url} (not shown): "))
             .map_err(CliError::file("reading the key from", "the terminal"))?;
     } else {
         std::io::stdin()
@@ -232,6 +229,30 @@ async fn login(url: Option<String>) -> Result<()> {
         eprintln!("Note: {source} is set and wins over the config file while it is.");
     }
     Ok(())
+}
+
+/// One line from the terminal on stdin, its echo off from before `prompt`
+/// shows until the line is read. The echo goes off without discarding
+/// pending input (`TCSANOW`): turned off after the prompt and with
+/// `TCSAFLUSH`, as `console`'s secure read did, a key pasted the moment the
+/// prompt appeared was echoed, then discarded, and login waited for a line
+/// that never came.
+fn read_line_unechoed(prompt: &str) -> std::io::Result<String> {
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    let stdin = std::io::stdin();
+    let shown = tcgetattr(&stdin)?;
+    let mut hidden = shown.clone();
+    hidden.local_flags.remove(LocalFlags::ECHO);
+    // The Enter that ends the key still moves to the next line.
+    hidden.local_flags.insert(LocalFlags::ECHONL);
+    tcsetattr(&stdin, SetArg::TCSANOW, &hidden)?;
+    eprint!("{prompt}");
+    let mut line = String::new();
+    let read = stdin.read_line(&mut line);
+    let restored = tcsetattr(&stdin, SetArg::TCSANOW, &shown);
+    read?;
+    restored?;
+    Ok(line)
 }
 
 /// `backlog logout`: forget the stored key.

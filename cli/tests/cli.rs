@@ -971,7 +971,11 @@ async fn login_at_a_terminal_does_not_echo_the_key(pool: sqlx::PgPool) {
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(format!("{key}\n").as_bytes()).await.unwrap();
     let rest = tokio::time::timeout(Duration::from_secs(20), stdout.read_to_end(&mut transcript)).await;
-    assert!(rest.is_ok(), "login did not finish");
+    assert!(
+        rest.is_ok(),
+        "login did not finish: {}",
+        String::from_utf8_lossy(&transcript)
+    );
     drop(stdin);
     let transcript = String::from_utf8_lossy(&transcript).into_owned();
     assert!(transcript.contains("Logged in to"), "{transcript}");
