@@ -208,7 +208,12 @@ async fn a_dropped_day_loses_its_bytes_and_keys_and_its_kept_jobs_keep_theirs(po
 #[sqlx::test(migrator = "queue::MIGRATOR")]
 async fn a_job_left_unfinished_after_its_tasks_is_repaired_and_counted(pool: PgPool) {
     let q = Queue::new(pool.clone());
-    let job = enqueue_text_job(&q).await;
+    // Keyed, so it has a job row to leave unfinished.
+    let job = q
+        .enqueue(NewJob::new("acme", JobType::Text, json!({"prompt": "p"})).idempotency_key("k"))
+        .await
+        .unwrap()
+        .job;
     let task = claim_text_task(&q).await;
     q.complete("w", task.lease(), json!({})).await.unwrap();
     // The state a status race used to leave: every task final, the job not.

@@ -131,6 +131,8 @@ const LIST_JOBS: &str = concat!(
     page_of!("running_jobs_in_task_rows"),
     " UNION ALL ",
     page_of!("job_history"),
+    " UNION ALL ",
+    page_of!("finished_jobs_in_task_rows"),
     ") page ORDER BY id DESC LIMIT $5"
 );
 
@@ -974,10 +976,10 @@ pub(crate) enum RowLock {
 }
 
 /// A tenant's job, open (`jobs`, or its task's row in `job_tasks`) or
-/// finished (`job_history`), read under a row lock in `conn`'s transaction;
-/// another tenant's job is not found. A job that moved while this waited
-/// for its lock (it finished, or was retried) is looked for again where it
-/// went.
+/// finished (`job_history`, or its task's row in `task_history`), read
+/// under a row lock in `conn`'s transaction; another tenant's job is not
+/// found. A job that moved while this waited for its lock (it finished, or
+/// was retried) is looked for again where it went.
 pub(crate) async fn locked_job(
     conn: &mut sqlx::PgConnection,
     tenant: &str,
@@ -995,6 +997,9 @@ pub(crate) async fn locked_job(
         "SELECT 1 FROM job_tasks WHERE job_id = $1 AND job_tenant = $2 AND job_input IS NOT NULL {clause}"
     );
     let finished = format!("SELECT * FROM job_history WHERE id = $1 AND tenant = $2 {clause}");
+    // A job of one task that completed in its task's row stays that row.
+    let finished_task_row =
+        format!("SELECT * FROM finished_jobs_in_task_rows WHERE id = $1 AND tenant = $2 {clause}");
     // Each move is one transaction, so three looks see it settle.
     for _ in 0..3 {
         let in_job_row = sqlx::query_scalar::<_, i32>(&open)
@@ -1028,13 +1033,15 @@ pub(crate) async fn locked_job(
                 .fetch_one(&mut *conn)
                 .await?);
         }
-        let job: Option<Job> = sqlx::query_as(&finished)
-            .bind(id)
-            .bind(tenant)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(job) = job {
-            return Ok(job);
+        for finished in [&finished, &finished_task_row] {
+            let job: Option<Job> = sqlx::query_as(finished)
+                .bind(id)
+                .bind(tenant)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(job) = job {
+                return Ok(job);
+            }
         }
     }
     Err(QueueError::JobNotFound(id))

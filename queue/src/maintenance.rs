@@ -104,6 +104,21 @@ fn queue_artifact_bytes(doomed: &str, artifacts: &str, mode: RetentionMode) -> S
     }
 }
 
+/// The finished jobs of a history table and its tasks' table, as one
+/// relation shaped as `job_history`: the table's rows, and the jobs of one
+/// task that completed in their task's row (the view
+/// `finished_jobs_in_task_rows` reads them so from `task_history`; a day's
+/// detached tables have no such view).
+fn finished_jobs_of(jobs: &str, tasks: &str) -> String {
+    format!(
+        "(SELECT * FROM {jobs}
+          UNION ALL
+          SELECT t.job_id, t.job_tenant, t.job_type, t.status, t.job_input, t.priority, NULL::text, NULL::text,
+                 t.created_at, t.updated_at, t.first_claimed_at, t.finished_at, 1, 1
+          FROM {tasks} t WHERE t.job_input IS NOT NULL)"
+    )
+}
+
 /// The statement copying the jobs in `doomed` (ids), read from `jobs`,
 /// `tasks` and `artifacts`, into `jobs_archive`.
 fn archive_statement(jobs: &str, tasks: &str, artifacts: &str, doomed: &str) -> String {
@@ -271,11 +286,14 @@ impl Queue {
             return Err(QueueError::invalid("older_than", "is too large"));
         }
         if retention.older_than < Duration::from_secs(86_400) {
-            return self.prune_rows("job_history", retention).await;
+            return self.prune_rows("job_history", "task_history", retention).await;
         }
         let mut total = self.drop_history_days(retention).await?;
-        for table in ["job_history_before", "job_history_default"] {
-            total += self.prune_rows(table, retention).await?;
+        for (jobs, tasks) in [
+            ("job_history_before", "task_history_before"),
+            ("job_history_default", "task_history_default"),
+        ] {
+            total += self.prune_rows(jobs, tasks, retention).await?;
         }
         Ok(total)
     }
@@ -382,17 +400,26 @@ impl Queue {
         .bind(retention.older_than.as_secs_f64())
         .execute(&mut *tx)
         .await?;
+        // So the reads by kept job below go through the day's indexes.
+        sqlx::query("ANALYZE kept_jobs").execute(&mut *tx).await?;
+        // A job of one task that completed in its task's row is kept as
+        // that row (`complete`, so the day's index of completions finds it).
+        sqlx::query(&format!(
+            "CREATE TEMPORARY TABLE kept_tasks ON COMMIT DROP AS
+                 SELECT t.* FROM kept_jobs k JOIN {tasks} t ON t.job_id = k.id
+                 UNION ALL
+                 SELECT t.* FROM {tasks} t
+                 WHERE t.status = 'complete' AND t.finished_at >= now() - make_interval(secs => $1)
+                   AND t.job_input IS NOT NULL"
+        ))
+        .bind(retention.older_than.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
         let statements = [
-            // So the reads by kept job below go through the day's indexes.
-            "ANALYZE kept_jobs".to_string(),
-            format!(
-                "CREATE TEMPORARY TABLE kept_tasks ON COMMIT DROP AS
-                     SELECT t.* FROM kept_jobs k JOIN {tasks} t ON t.job_id = k.id"
-            ),
             format!("ALTER TABLE job_history DETACH PARTITION {jobs}"),
             format!("ALTER TABLE task_history DETACH PARTITION {tasks}"),
             format!("DELETE FROM {jobs} WHERE id IN (SELECT id FROM kept_jobs)"),
-            format!("DELETE FROM {tasks} WHERE job_id IN (SELECT id FROM kept_jobs)"),
+            format!("DELETE FROM {tasks} WHERE job_id IN (SELECT job_id FROM kept_tasks)"),
             "INSERT INTO job_history SELECT * FROM kept_jobs".to_string(),
             "INSERT INTO task_history SELECT * FROM kept_tasks".to_string(),
         ];
@@ -402,7 +429,10 @@ impl Queue {
         if records_by_day {
             sqlx::query(&format!(
                 "CREATE TEMPORARY TABLE kept_artifacts ON COMMIT DROP AS
-                     SELECT a.* FROM kept_jobs k JOIN {artifacts} a ON a.job_id = k.id
+                     SELECT a.* FROM (SELECT id FROM kept_jobs
+                                      UNION ALL
+                                      SELECT job_id FROM kept_tasks WHERE job_input IS NOT NULL) k
+                     JOIN {artifacts} a ON a.job_id = k.id
                      UNION ALL
                      SELECT a.* FROM jobs j JOIN {artifacts} a ON a.job_id = j.id
                      WHERE j.id >= {DAY_RANGE_FROM} AND j.id < {DAY_RANGE_TO}
@@ -438,6 +468,7 @@ impl Queue {
             tasks,
             artifacts,
         } = DayTables::of(day)?;
+        let day_jobs = finished_jobs_of(&jobs, &tasks);
         let mut tx = self.pool.begin().await?;
         let (records_by_day, before_day_folders): (bool, bool) = sqlx::query_as(
             "SELECT to_regclass($1) IS NOT NULL, $2 < (SELECT day_folders_from FROM artifact_layout)",
@@ -454,23 +485,23 @@ impl Queue {
             "artifacts"
         };
         if mode == RetentionMode::Archive {
-            sqlx::query(&archive_statement(&jobs, &tasks, records, &jobs))
+            sqlx::query(&archive_statement(&day_jobs, &tasks, records, &day_jobs))
                 .execute(&mut *tx)
                 .await?;
         }
         if mode == RetentionMode::Delete && before_day_folders {
-            sqlx::query(&queue_artifact_bytes(&jobs, records, mode))
+            sqlx::query(&queue_artifact_bytes(&day_jobs, records, mode))
                 .execute(&mut *tx)
                 .await?;
         }
         if !records_by_day {
             sqlx::query(&format!(
-                "DELETE FROM artifacts a USING {jobs} d WHERE a.job_id = d.id"
+                "DELETE FROM artifacts a USING {day_jobs} d WHERE a.job_id = d.id"
             ))
             .execute(&mut *tx)
             .await?;
         }
-        let removed: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {jobs}"))
+        let removed: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {day_jobs} j"))
             .fetch_one(&mut *tx)
             .await?;
         // A day that kept no job has no keys or bytes left either: jobs
@@ -498,44 +529,60 @@ impl Queue {
         Ok(removed as u64)
     }
 
-    /// Remove old finished jobs from `table` (history or one of its
-    /// partitions) row by row, `batch` per statement.
-    async fn prune_rows(&self, table: &str, retention: Retention) -> Result<u64> {
+    /// Remove old finished jobs from `jobs` (history or one of its
+    /// partitions) and the jobs of one task that completed in their task's
+    /// row in `tasks` (the matching tasks' table) row by row, `batch` of
+    /// each per statement.
+    async fn prune_rows(&self, jobs: &str, tasks: &str, retention: Retention) -> Result<u64> {
         let archive = match retention.mode {
             RetentionMode::Delete => String::new(),
             RetentionMode::Archive => format!(
                 "archived AS ({}),",
-                archive_statement("job_history", "task_history", "artifacts", "doomed")
+                archive_statement(
+                    &finished_jobs_of("job_history", "task_history"),
+                    "task_history",
+                    "artifacts",
+                    "doomed"
+                )
             ),
         };
         let sql = format!(
-            "WITH doomed AS (
-                 SELECT id FROM {table}
+            "WITH doomed_jobs AS (
+                 SELECT id FROM {jobs}
                  WHERE id < uuid_v7_floor(now() - make_interval(secs => $1))
                    AND finished_at < now() - make_interval(secs => $1)
                  LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), doomed_task_rows AS (
+                 SELECT job_id AS id FROM {tasks}
+                 WHERE job_input IS NOT NULL
+                   AND job_id < uuid_v7_floor(now() - make_interval(secs => $1))
+                   AND finished_at < now() - make_interval(secs => $1)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), doomed AS (
+                 SELECT id FROM doomed_jobs UNION ALL SELECT id FROM doomed_task_rows
              ), {archive} bytes AS (
                  {queue_bytes}
              ), records AS (
                  DELETE FROM artifacts WHERE job_id IN (SELECT id FROM doomed)
              ), keys AS (
                  DELETE FROM job_keys WHERE job_id IN (SELECT id FROM doomed)
-             ), tasks AS (
+             ), gone_tasks AS (
                  DELETE FROM task_history WHERE job_id IN (SELECT id FROM doomed)
+             ), gone_jobs AS (
+                 DELETE FROM job_history WHERE id IN (SELECT id FROM doomed)
              )
-             DELETE FROM job_history WHERE id IN (SELECT id FROM doomed)",
+             SELECT (SELECT count(*) FROM doomed_jobs), (SELECT count(*) FROM doomed_task_rows)",
             queue_bytes = queue_artifact_bytes("doomed", "artifacts", retention.mode),
         );
         let mut total = 0;
         loop {
-            let removed = sqlx::query(&sql)
+            let (with_rows, in_task_rows): (i64, i64) = sqlx::query_as(&sql)
                 .bind(retention.older_than.as_secs_f64())
                 .bind(retention.batch)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-            total += removed;
-            if removed < retention.batch as u64 {
+                .fetch_one(&self.pool)
+                .await?;
+            total += (with_rows + in_task_rows) as u64;
+            if with_rows < retention.batch && in_task_rows < retention.batch {
                 return Ok(total);
             }
         }

@@ -241,6 +241,7 @@ impl Task {
     pub fn lease(&self) -> Lease {
         Lease {
             task_id: self.id,
+            job_id: self.job_id,
             claim: self.claims,
         }
     }
@@ -255,6 +256,10 @@ impl Task {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Lease {
     pub task_id: i64,
+    /// The task's job: a completion repeated after its answer was lost
+    /// finds the task in history by it (history's key is the job's id and
+    /// the task's).
+    pub job_id: Uuid,
     pub claim: i32,
 }
 

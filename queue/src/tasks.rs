@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, Row};
+use uuid::Uuid;
 
 use crate::error::{QueueError, Result};
 use crate::model::{Lease, Task, TaskStatus, TaskType};
@@ -172,13 +173,14 @@ impl Queue {
         if results.is_empty() {
             return Ok(Vec::new());
         }
-        let (ids, claims, outputs) = completion_arrays(results);
+        let batch = completion_arrays(results);
         let done: Vec<i64> = retry_transient(|| {
-            sqlx::query_scalar("SELECT task_id FROM complete_tasks($1, $2, $3, $4)")
+            sqlx::query_scalar("SELECT task_id FROM complete_tasks($1, $2, $3, $4, $5)")
                 .bind(worker_id)
-                .bind(&ids)
-                .bind(&claims)
-                .bind(&outputs)
+                .bind(&batch.ids)
+                .bind(&batch.job_ids)
+                .bind(&batch.claims)
+                .bind(&batch.outputs)
                 .fetch_all(&self.pool)
         })
         .await?;
@@ -198,17 +200,18 @@ impl Queue {
         limit: i32,
     ) -> Result<CompletedAndClaimed> {
         let types = claim_arguments(worker_id, task_types, limit)?;
-        let (ids, claims, outputs) = completion_arrays(results);
+        let batch = completion_arrays(results);
         // Safe to repeat, as each half is: a completion whose answer was
         // lost is reported again, and a claim repeated with its nonce
         // returns the tasks it took.
         let nonce = uuid::Uuid::now_v7();
         let rows: Vec<PgRow> = retry_transient(|| {
-            sqlx::query("SELECT * FROM complete_and_claim_next($1, $2, $3, $4, $5, $6, $7)")
+            sqlx::query("SELECT * FROM complete_and_claim_next($1, $2, $3, $4, $5, $6, $7, $8)")
                 .bind(worker_id)
-                .bind(&ids)
-                .bind(&claims)
-                .bind(&outputs)
+                .bind(&batch.ids)
+                .bind(&batch.job_ids)
+                .bind(&batch.claims)
+                .bind(&batch.outputs)
                 .bind(&types)
                 .bind(limit)
                 .bind(nonce)
@@ -345,14 +348,22 @@ fn claim_arguments<'t>(worker_id: &str, task_types: &'t [TaskType], limit: i32) 
 }
 
 /// Completions as the SQL functions take them: ids, claims, outputs.
-fn completion_arrays(
-    results: &[(Lease, serde_json::Value)],
-) -> (Vec<i64>, Vec<i32>, Vec<&serde_json::Value>) {
-    (
-        results.iter().map(|(l, _)| l.task_id).collect(),
-        results.iter().map(|(l, _)| l.claim).collect(),
-        results.iter().map(|(_, o)| o).collect(),
-    )
+fn completion_arrays(results: &[(Lease, serde_json::Value)]) -> CompletionArrays<'_> {
+    CompletionArrays {
+        ids: results.iter().map(|(l, _)| l.task_id).collect(),
+        job_ids: results.iter().map(|(l, _)| l.job_id).collect(),
+        claims: results.iter().map(|(l, _)| l.claim).collect(),
+        outputs: results.iter().map(|(_, o)| o).collect(),
+    }
+}
+
+/// A batch of completions as `complete_tasks` takes them: one array per
+/// field, in the batch's order.
+struct CompletionArrays<'a> {
+    ids: Vec<i64>,
+    job_ids: Vec<Uuid>,
+    claims: Vec<i32>,
+    outputs: Vec<&'a serde_json::Value>,
 }
 
 /// The leases of `results` whose task is among `done`.

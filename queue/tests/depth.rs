@@ -392,22 +392,18 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
         sqlx::query(sql).execute(&pool).await.unwrap();
     }
     let mut worker = pool.acquire().await.unwrap();
-    let claim = "SELECT id, claims FROM claim_and_start_tasks('w-1', '{text_generation}', 32)";
-    let complete_and_claim = "SELECT count(*) FROM complete_and_claim_next('w-1', $1, $2,
+    let claim = "SELECT id, job_id, claims FROM claim_and_start_tasks('w-1', '{text_generation}', 32)";
+    let complete_and_claim = "SELECT count(*) FROM complete_and_claim_next('w-1', $1, $2, $3,
                                   array_fill('null'::jsonb, ARRAY[cardinality($1)]), '{text_generation}', 32)";
     // The quiet hour before: jobs one at a time, each claimed and completed.
     for i in 0..8 {
         q.enqueue(text_job(&format!("quiet-{i}"))).await.unwrap();
-        let (ids, claims): (Vec<i64>, Vec<i32>) = sqlx::query_as::<_, (i64, i32)>(claim)
-            .fetch_all(&mut *worker)
-            .await
-            .unwrap()
-            .into_iter()
-            .unzip();
-        assert_eq!(ids.len(), 1);
+        let held: Vec<(i64, uuid::Uuid, i32)> = sqlx::query_as(claim).fetch_all(&mut *worker).await.unwrap();
+        assert_eq!(held.len(), 1);
         let done: i64 = sqlx::query_scalar(complete_and_claim)
-            .bind(&ids)
-            .bind(&claims)
+            .bind(held.iter().map(|h| h.0).collect::<Vec<_>>())
+            .bind(held.iter().map(|h| h.1).collect::<Vec<_>>())
+            .bind(held.iter().map(|h| h.2).collect::<Vec<_>>())
             .fetch_one(&mut *worker)
             .await
             .unwrap();
@@ -418,17 +414,13 @@ async fn a_worker_claims_and_completes_at_the_head_of_the_line_when_the_queue_dr
     let tables = ["job_tasks", "jobs"];
     let mut tx = sqlx::Connection::begin(&mut *worker).await.unwrap();
     let before = rows_and_entries_read(&mut tx, &tables).await;
-    let (ids, claims): (Vec<i64>, Vec<i32>) = sqlx::query_as::<_, (i64, i32)>(claim)
-        .fetch_all(&mut *tx)
-        .await
-        .unwrap()
-        .into_iter()
-        .unzip();
-    assert_eq!(ids.len(), 32);
+    let held: Vec<(i64, uuid::Uuid, i32)> = sqlx::query_as(claim).fetch_all(&mut *tx).await.unwrap();
+    assert_eq!(held.len(), 32);
     let after_claim = rows_and_entries_read(&mut tx, &tables).await;
     let touched: i64 = sqlx::query_scalar(complete_and_claim)
-        .bind(&ids)
-        .bind(&claims)
+        .bind(held.iter().map(|h| h.0).collect::<Vec<_>>())
+        .bind(held.iter().map(|h| h.1).collect::<Vec<_>>())
+        .bind(held.iter().map(|h| h.2).collect::<Vec<_>>())
         .fetch_one(&mut *tx)
         .await
         .unwrap();
@@ -474,6 +466,8 @@ async fn the_hot_path_keeps_its_plan_settings(pool: PgPool) {
         "take_places_in_line",
         "take_tasks",
     ];
+    // Every signature of each: an instance of the previous release calls
+    // the previous one while an upgrade rolls out.
     let settings: Vec<(String, Vec<String>)> = sqlx::query_as(
         "SELECT p.proname::text, coalesce(p.proconfig, '{}') FROM pg_proc p
          WHERE p.pronamespace = 'public'::regnamespace AND p.proname = ANY ($1)
@@ -483,11 +477,9 @@ async fn the_hot_path_keeps_its_plan_settings(pool: PgPool) {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(
-        settings.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(),
-        hot_path,
-        "one function of each name"
-    );
+    let mut names: Vec<&str> = settings.iter().map(|(name, _)| name.as_str()).collect();
+    names.dedup();
+    assert_eq!(names, hot_path, "each function is there");
     for (name, config) in &settings {
         let mut wanted = vec!["enable_seqscan=off", "plan_cache_mode=force_generic_plan"];
         if name == "take_tasks" || name == "complete_tasks" {

@@ -453,6 +453,24 @@ async fn a_tenants_job_indexes_stay_dense_as_its_jobs_arrive_and_finish(pool: Pg
     }
     assert_eq!(count(&pool, "jobs").await, 0);
     assert_dense(&pool, "job_history_tenant_id", "job_history_pkey").await;
+
+    // Without keys: each job is its task's row, and finishes as that row.
+    for batch in 0..10 {
+        q.enqueue_batch((0..1000).map(|i| text_job(&format!("{batch}-{i}"))).collect())
+            .await
+            .unwrap();
+    }
+    loop {
+        let held = q.claim("w", &[TaskType::TextGeneration], 500).await.unwrap();
+        if held.is_empty() {
+            break;
+        }
+        let results: Vec<_> = held.iter().map(|t| (t.lease(), json!(null))).collect();
+        assert_eq!(q.complete_batch("w", &results).await.unwrap().len(), held.len());
+    }
+    assert_eq!(count(&pool, "jobs_in_task_history").await, 10_000);
+    // Against the 10,000 keyed jobs' key: as many entries.
+    assert_dense(&pool, "task_history_job_tenant", "job_history_pkey").await;
 }
 
 /// The job an enqueue returns is built from what the client sent and what

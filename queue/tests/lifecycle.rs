@@ -870,6 +870,68 @@ async fn a_completion_and_claim_whose_answer_was_lost_returns_the_tasks_it_took(
     assert!(done.claimed.iter().all(|t| t.attempts == 1), "{:?}", done.claimed);
 }
 
+/// Instances of the previous release, still running while an upgrade rolls
+/// out, complete through the signatures without the tasks' jobs: a repeat
+/// is still reported, each task's job looked up. Through the new
+/// signature, a repeat naming the wrong job is not reported (the lease is
+/// taken as lost) and changes nothing.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn completions_repeated_through_the_previous_signatures_are_reported_again(pool: PgPool) {
+    let q = queue(pool.clone());
+    q.enqueue_batch((0..3).map(|i| text_job(&format!("{i}"))).collect())
+        .await
+        .unwrap();
+    let mut held = q
+        .claim_and_start("w", &[TaskType::TextGeneration], 3)
+        .await
+        .unwrap();
+    held.sort_by_key(|t| t.id);
+
+    let complete = |task: &queue::Task| {
+        sqlx::query_scalar::<_, i64>("SELECT task_id FROM complete_tasks('w', $1, $2, ARRAY['{}'::jsonb])")
+            .bind(vec![task.id])
+            .bind(vec![task.claims])
+            .fetch_all(&pool)
+    };
+    for call in ["first", "repeat"] {
+        assert_eq!(complete(&held[0]).await.unwrap(), vec![held[0].id], "{call}");
+    }
+    let complete_and_claim = |task: &queue::Task| {
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT id, status FROM complete_and_claim_next('w', $1, $2, ARRAY['{}'::jsonb], '{text_generation}', 1)",
+        )
+        .bind(vec![task.id])
+        .bind(vec![task.claims])
+        .fetch_all(&pool)
+    };
+    for call in ["first", "repeat"] {
+        assert_eq!(
+            complete_and_claim(&held[1]).await.unwrap(),
+            vec![(held[1].id, "complete".to_string())],
+            "{call}"
+        );
+    }
+
+    let lease = held[2].lease();
+    let result = [(lease, json!({}))];
+    assert_eq!(q.complete_batch("w", &result).await.unwrap(), vec![lease]);
+    let wrong_job = queue::Lease {
+        job_id: held[0].job_id,
+        ..lease
+    };
+    assert!(q
+        .complete_batch("w", &[(wrong_job, json!({"text": "again"}))])
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(q.complete_batch("w", &result).await.unwrap(), vec![lease]);
+    for task in &held {
+        let job = q.job_with_tasks(TENANT, task.job_id).await.unwrap();
+        assert_eq!(job.job.status, JobStatus::Complete);
+        assert_eq!(job.tasks[0].output, Some(json!({})));
+    }
+}
+
 /// The nonce from plain SQL: the same nonce again returns the same tasks
 /// (those still held), a new one claims the next.
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -905,6 +967,11 @@ async fn a_claim_repeated_with_its_nonce_returns_its_tasks_still_held(pool: PgPo
     // One of the second batch finishes: a repeat returns the one still held.
     let lease = queue::Lease {
         task_id: second[0],
+        job_id: sqlx::query_scalar("SELECT job_id FROM job_tasks WHERE id = $1")
+            .bind(second[0])
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
         claim: 1,
     };
     q.complete("w", lease, json!({ "text": "done" })).await.unwrap();

@@ -320,13 +320,18 @@ async fn silent_idle_replicas_are_forgotten_busy_ones_kept(pool: PgPool) {
     );
 }
 
-/// The partition of history a job's row is in.
+/// The partition of history a job's row is in: `job_history`'s, or, for a
+/// job of one task that completed in its task's row, `task_history`'s.
 async fn partition_of(pool: &PgPool, id: uuid::Uuid) -> Option<String> {
-    sqlx::query_scalar("SELECT tableoid::regclass::text FROM job_history WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT tableoid::regclass::text FROM job_history WHERE id = $1
+         UNION ALL
+         SELECT tableoid::regclass::text FROM task_history WHERE job_id = $1 AND job_input IS NOT NULL",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
 }
 
 /// An artifact record for each of these jobs' tasks, in the job's folder.
@@ -463,8 +468,112 @@ async fn retention_drops_a_whole_day_and_keeps_its_jobs_that_finished_late(pool:
     q.complete("w", task.lease(), json!({})).await.unwrap();
     assert_eq!(
         partition_of(&pool, open).await.as_deref(),
-        Some("job_history_default")
+        Some("task_history_default")
     );
+}
+
+/// A job of one task enqueued without a key that completes stays one
+/// history row, its task's (migration `20261213000001`): retention keeps
+/// it when it finished late, archives it whole, and removes it with its
+/// day, from DEFAULT and, under a day's age, row by row, as any job.
+#[sqlx::test(migrator = "queue::MIGRATOR")]
+async fn retention_keeps_archives_and_drops_jobs_that_completed_in_their_task_rows(pool: PgPool) {
+    test_support::history_partitioned_since(&pool, 20).await;
+    let q = queue(pool.clone());
+    let mut finished = Vec::new();
+    for prompt in ["old", "late"] {
+        q.enqueue(text_job(prompt)).await.unwrap();
+        let task = claim_one(&q, "w", TaskType::TextGeneration).await;
+        q.complete("w", task.lease(), json!({ "text": prompt }))
+            .await
+            .unwrap();
+        finished.push(test_support::backdate(&pool, task.job_id, 10).await);
+    }
+    let [old, late] = finished[..] else { unreachable!() };
+    assert_eq!(count(&pool, "job_history").await, 0, "both are task rows");
+    record_artifacts_of(&pool, &[old, late]).await;
+    let day = partition_of(&pool, old).await.expect("the old job is in history");
+    assert!(day.starts_with("task_history_2"), "a day's partition: {day}");
+    // Created ten days ago, finished just now: younger than the age.
+    sqlx::query("UPDATE task_history SET finished_at = now() WHERE job_id = $1")
+        .bind(late)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let week = Duration::from_secs(7 * 86400);
+    let archive = |older_than, batch| Retention {
+        older_than,
+        mode: RetentionMode::Archive,
+        batch,
+    };
+    assert_eq!(q.prune(archive(week, 100)).await.unwrap(), 1, "only the old job");
+    assert!(matches!(
+        q.job(TENANT, old).await,
+        Err(queue::QueueError::JobNotFound(_))
+    ));
+    let archived: (String, String, serde_json::Value, serde_json::Value, i32, i32) = sqlx::query_as(
+        "SELECT tenant, status, job->'input', tasks->0->'output',
+                jsonb_array_length(tasks), jsonb_array_length(artifacts)
+         FROM jobs_archive WHERE id = $1",
+    )
+    .bind(old)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        archived,
+        (
+            TENANT.to_string(),
+            "complete".into(),
+            json!({"prompt": "old"}),
+            json!({"text": "old"}),
+            1,
+            1
+        ),
+        "archived whole: the job, its task and its artifact"
+    );
+    assert_eq!(
+        partition_of(&pool, late).await.as_deref(),
+        Some("task_history_default"),
+        "the job that finished late is kept"
+    );
+    let kept = q.job_with_tasks(TENANT, late).await.unwrap();
+    assert_eq!(kept.job.status, JobStatus::Complete);
+    assert_eq!(kept.tasks[0].output, Some(json!({ "text": "late" })));
+    assert_eq!(artifact_records(&pool).await, [late].into_iter().collect());
+
+    // Old enough now: DEFAULT is pruned row by row.
+    sqlx::query("UPDATE task_history SET finished_at = now() - interval '8 days' WHERE job_id = $1")
+        .bind(late)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(q.prune(archive(week, 100)).await.unwrap(), 1);
+    assert!(q.job(TENANT, late).await.is_err());
+    assert_eq!(count(&pool, "task_history").await, 0);
+    assert!(artifact_records(&pool).await.is_empty());
+
+    // Under a day's age, history is pruned row by row: both kinds of job,
+    // one of each a statement.
+    let keyed = finished_job(&q, "keyed", "k-keyed").await;
+    q.enqueue(text_job("keyless")).await.unwrap();
+    let task = claim_one(&q, "w", TaskType::TextGeneration).await;
+    q.complete("w", task.lease(), json!({})).await.unwrap();
+    for id in [keyed, task.job_id] {
+        test_support::backdate(&pool, id, 2).await;
+    }
+    let removed = q
+        .prune(Retention {
+            older_than: Duration::from_secs(3600),
+            mode: RetentionMode::Delete,
+            batch: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(removed, 2);
+    assert_eq!(count(&pool, "all_jobs").await, 0);
+    assert_eq!(count(&pool, "all_tasks").await, 0);
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]

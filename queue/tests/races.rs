@@ -634,11 +634,7 @@ async fn a_finished_job_of_ten_days_ago(pool: &PgPool, q: &Queue) -> uuid::Uuid 
     let old = claim_one(q, "w0", TaskType::TextGeneration).await;
     let job = test_support::backdate(pool, old.job_id, 10).await;
     q.complete("w0", old.lease(), json!({})).await.unwrap();
-    sqlx::query("UPDATE job_history SET finished_at = now() - interval '10 days' WHERE id = $1")
-        .bind(job)
-        .execute(pool)
-        .await
-        .unwrap();
+    test_support::finished_days_ago(pool, job, 10).await;
     job
 }
 
@@ -647,7 +643,13 @@ async fn a_transaction_that_read_history_and_artifacts_writes_them_while_retenti
     test_support::history_partitioned_since(&pool, 20).await;
     let q = queue(pool.clone());
     a_finished_job_of_ten_days_ago(&pool, &q).await;
-    let done = q.enqueue(text_job("done")).await.unwrap().job.id;
+    // Keyed, so it finishes as a job_history row, which a retry locks.
+    let done = q
+        .enqueue(text_job("done").idempotency_key("done"))
+        .await
+        .unwrap()
+        .job
+        .id;
     let task = claim_one(&q, "w1", TaskType::TextGeneration).await;
     q.complete("w1", task.lease(), json!({})).await.unwrap();
     q.enqueue(text_job("running")).await.unwrap();

@@ -75,7 +75,64 @@ async fn a_text_job_lives_in_its_task_row_until_it_finishes(pool: PgPool) {
     assert!(done.job.finished_at.is_some());
     assert_eq!(done.tasks.len(), 1);
     assert_eq!(done.tasks[0].output, Some(json!({ "text": "ebb and flow" })));
-    assert_eq!(count(&pool, "job_history").await, 1);
+    assert_eq!(
+        (
+            count(&pool, "job_history").await,
+            count(&pool, "task_history").await
+        ),
+        (0, 1),
+        "the finished job is one history row, its task's"
+    );
+    assert_eq!(count(&pool, "jobs_in_task_history").await, 1);
+    assert_eq!(q.job(TENANT, enqueued.id).await.unwrap(), done.job);
+    let page = q
+        .list_jobs(
+            TENANT,
+            &JobFilter {
+                limit: 10,
+                ..JobFilter::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.jobs, vec![done.job.clone()], "listed when finished");
+    let complete = q
+        .list_jobs(
+            TENANT,
+            &JobFilter {
+                status: Some(JobStatus::Complete),
+                limit: 10,
+                ..JobFilter::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(complete.jobs, vec![done.job.clone()], "listed by its status");
+    assert!(matches!(
+        q.job("another-tenant", enqueued.id).await,
+        Err(QueueError::JobNotFound(_))
+    ));
+    let theirs = q
+        .list_jobs(
+            "another-tenant",
+            &JobFilter {
+                limit: 10,
+                ..JobFilter::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(theirs.jobs.is_empty(), "another tenant lists none of it");
+    // Cancel and retry find it finished, under its lock, and refuse.
+    for refused in [
+        q.cancel_job(TENANT, enqueued.id).await,
+        q.retry_job(TENANT, enqueued.id).await,
+    ] {
+        assert!(
+            matches!(&refused, Err(QueueError::InvalidState { status, .. }) if status == "complete"),
+            "{refused:?}"
+        );
+    }
 }
 
 #[sqlx::test(migrator = "queue::MIGRATOR")]
@@ -285,7 +342,8 @@ async fn a_completion_takes_jobs_in_task_rows_in_id_order(pool: PgPool) {
     completed.sort_by_key(|l| l.task_id);
     assert_eq!(completed, vec![low, high]);
     assert_eq!(jobs_in_task_rows(&pool).await, 0);
-    assert_eq!(count(&pool, "job_history").await, 2);
+    assert_eq!(count(&pool, "job_history").await, 0);
+    assert_eq!(count(&pool, "jobs_in_task_history").await, 2);
 }
 
 /// A tenant's newest page reads the top of its open jobs kept in task rows

@@ -167,6 +167,7 @@ async fn complete_held_task(q: &queue::Queue, pool: &PgPool) -> queue::Result<()
     let held = task_of(pool, HELD, TaskType::TextGeneration).await;
     let lease = Lease {
         task_id: held,
+        job_id: job(HELD),
         claim: 1,
     };
     q.complete("w-live", lease, json!({ "text": "late but fine" }))
@@ -339,6 +340,7 @@ async fn leases_of_the_first_release_hold_or_die_as_they_did(pool: PgPool) {
                 "w-old",
                 Lease {
                     task_id: failed,
+                    job_id: job(FAILED),
                     claim: stale,
                 },
                 json!({ "text": "stale" }),
@@ -355,6 +357,7 @@ async fn leases_of_the_first_release_hold_or_die_as_they_did(pool: PgPool) {
             "w-dead",
             Lease {
                 task_id: abandoned,
+                job_id: job(ABANDONED),
                 claim: 1,
             },
             json!({ "text": "zombie" }),

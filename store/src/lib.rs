@@ -472,8 +472,16 @@ mod tests {
     #[test]
     fn keys_are_unique_per_claim() {
         let job: Uuid = "019af0a0-0000-7000-8000-000000000000".parse().unwrap();
-        let first = Lease { task_id: 7, claim: 1 };
-        let second = Lease { task_id: 7, claim: 2 };
+        let first = Lease {
+            task_id: 7,
+            job_id: job,
+            claim: 1,
+        };
+        let second = Lease {
+            task_id: 7,
+            job_id: job,
+            claim: 2,
+        };
         assert_eq!(
             artifact_key(job, ArtifactKind::Pdf, first),
             "jobs/20251205/019af0a0-0000-7000-8000-000000000000/pdf-7.1.pdf",

@@ -11,7 +11,15 @@ async fn put_get_range_and_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let store =
         ArtifactStore::from_url(&format!("file://{}/nested/artifacts", dir.path().display())).unwrap();
-    let key = artifact_key(Uuid::now_v7(), ArtifactKind::Text, Lease { task_id: 1, claim: 1 });
+    let key = artifact_key(
+        Uuid::now_v7(),
+        ArtifactKind::Text,
+        Lease {
+            task_id: 1,
+            job_id: Uuid::nil(),
+            claim: 1,
+        },
+    );
 
     let stored = store
         .put(&key, Bytes::from_static(b"hello, world"), "text/markdown")
@@ -62,7 +70,11 @@ async fn a_folder_lists_the_keys_under_it_at_any_depth() {
     let dir = tempfile::tempdir().unwrap();
     let store = ArtifactStore::local(dir.path()).unwrap();
     let job = Uuid::now_v7();
-    let lease = Lease { task_id: 1, claim: 1 };
+    let lease = Lease {
+        task_id: 1,
+        job_id: Uuid::nil(),
+        claim: 1,
+    };
     let mut keys = vec![
         artifact_key(job, ArtifactKind::Text, lease),
         artifact_key(job, ArtifactKind::Pdf, lease),
@@ -105,7 +117,11 @@ async fn delete_removes_the_object_and_is_idempotent() {
     let key = artifact_key(
         Uuid::now_v7(),
         ArtifactKind::Audio,
-        Lease { task_id: 1, claim: 1 },
+        Lease {
+            task_id: 1,
+            job_id: Uuid::nil(),
+            claim: 1,
+        },
     );
     store
         .put(&key, Bytes::from_static(b"mp3"), "audio/mpeg")
@@ -188,7 +204,15 @@ async fn put_for_the_strace_test() {
     let Some((root, store)) = traced_store() else {
         return;
     };
-    let key = artifact_key(Uuid::now_v7(), ArtifactKind::Text, Lease { task_id: 1, claim: 1 });
+    let key = artifact_key(
+        Uuid::now_v7(),
+        ArtifactKind::Text,
+        Lease {
+            task_id: 1,
+            job_id: Uuid::nil(),
+            claim: 1,
+        },
+    );
     std::fs::write(root.join("KEY"), &key).unwrap();
     store
         .put(&key, Bytes::from_static(b"bytes"), "text/markdown")
@@ -238,7 +262,11 @@ async fn delete_for_the_strace_test() {
         return;
     };
     let (one, other, third) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-    let lease = Lease { task_id: 1, claim: 1 };
+    let lease = Lease {
+        task_id: 1,
+        job_id: Uuid::nil(),
+        claim: 1,
+    };
     let keys = [
         artifact_key(one, ArtifactKind::Text, lease),
         artifact_key(other, ArtifactKind::Text, lease),

@@ -27,7 +27,15 @@ async fn objects_round_trip_through_an_s3_api() {
 
     let store = ArtifactStore::from_url("s3://artifacts/backlog/dev").unwrap();
     assert_eq!(store.location(), "s3://artifacts/backlog/dev");
-    let key = artifact_key(Uuid::now_v7(), ArtifactKind::Pdf, Lease { task_id: 1, claim: 1 });
+    let key = artifact_key(
+        Uuid::now_v7(),
+        ArtifactKind::Pdf,
+        Lease {
+            task_id: 1,
+            job_id: Uuid::nil(),
+            claim: 1,
+        },
+    );
     let stored = store
         .put(&key, Bytes::from_static(b"%PDF-1.7 pretend"), "application/pdf")
         .await

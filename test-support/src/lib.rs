@@ -105,7 +105,9 @@ pub async fn retried_and_errored_tasks(pool: &PgPool) -> (i64, i64) {
 /// Put a finished job back among the open ones, with its tasks as they
 /// are, as if it had never been moved to history: the state a job left
 /// unfinished after its tasks (an old race, a hand edit) is in, or what a
-/// retry does first. Returns how many tasks moved.
+/// retry does first. Returns how many tasks moved. The job must have a
+/// `job_history` row: a job of one task that completed in its task's row
+/// has none, and its row reopened alone would be no open job.
 pub async fn reopen_in_place<'e>(executor: impl sqlx::PgExecutor<'e>, job: uuid::Uuid) -> u64 {
     let moved: i32 = sqlx::query_scalar("SELECT reopen_job($1)")
         .bind(job)
@@ -142,6 +144,27 @@ pub async fn history_partitioned_since(pool: &PgPool, days: i32) {
     }
 }
 
+/// Say a finished job finished `days` ago, in whichever history row holds
+/// it: its `job_history` row, or, for a job of one task that completed in
+/// its task's row, that row in `task_history`.
+pub async fn finished_days_ago(pool: &PgPool, id: uuid::Uuid, days: i32) {
+    let moved: Option<i64> = sqlx::query_scalar(
+        "WITH with_row AS (
+             UPDATE job_history SET finished_at = now() - make_interval(days => $2) WHERE id = $1 RETURNING 1
+         ), in_task_row AS (
+             UPDATE task_history SET finished_at = now() - make_interval(days => $2)
+             WHERE job_id = $1 AND job_input IS NOT NULL RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM with_row) + (SELECT count(*) FROM in_task_row)",
+    )
+    .bind(id)
+    .bind(days)
+    .fetch_one(pool)
+    .await
+    .expect("moving a job's finish back");
+    assert_eq!(moved, Some(1), "job {id} is not finished");
+}
+
 /// Make a job `days` old as if it had been created then: a UUIDv7 id from
 /// that time, and its timestamps moved back. An open job stays open, a
 /// finished one lands in the history partition of its new day.
@@ -154,9 +177,11 @@ pub async fn backdate(pool: &PgPool, id: uuid::Uuid, days: i64) -> uuid::Uuid {
     let mut tx = pool.begin().await.unwrap();
     for (jobs, tasks) in [("jobs", "job_tasks"), ("job_history", "task_history")] {
         let statements = [
-            // A job kept in its task's row was created with its task.
+            // A job kept in its task's row was created with its task, and
+            // one that completed there finished with it.
             format!(
-                "UPDATE {tasks} SET created_at = created_at - make_interval(days => $3)
+                "UPDATE {tasks} SET created_at = created_at - make_interval(days => $3),
+                                    finished_at = finished_at - make_interval(days => $3)
                  WHERE job_id = $1 AND job_input IS NOT NULL AND $2::uuid IS NOT NULL"
             ),
             format!(

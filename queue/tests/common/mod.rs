@@ -65,6 +65,9 @@ pub async fn count(pool: &PgPool, table: &str) -> i64 {
         "all_jobs" => "SELECT count(*) FROM all_jobs",
         "all_tasks" => "SELECT count(*) FROM all_tasks",
         "job_history" => "SELECT count(*) FROM job_history",
+        // Jobs of one task that completed in their task's row.
+        "jobs_in_task_history" => "SELECT count(*) FROM task_history WHERE job_input IS NOT NULL",
+        "task_history" => "SELECT count(*) FROM task_history",
         "artifacts" => "SELECT count(*) FROM artifacts",
         "workers" => "SELECT count(*) FROM workers",
         "job_watches" => "SELECT count(*) FROM job_watches",

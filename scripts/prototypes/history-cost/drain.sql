@@ -14,15 +14,23 @@ $$;
 CREATE OR REPLACE FUNCTION proto_drain_step(p_client int, p_batch int) RETURNS int LANGUAGE plpgsql AS $$
 DECLARE
     v_ids bigint[];
+    v_job_ids uuid[];
     v_claims int[];
 BEGIN
-    SELECT array_agg(t.id), array_agg(t.claims) INTO v_ids, v_claims
+    SELECT array_agg(t.id), array_agg(t.job_id), array_agg(t.claims) INTO v_ids, v_job_ids, v_claims
     FROM take_tasks('w' || p_client, ARRAY['text_generation'], p_batch, 'processing', NULL) t;
     IF v_ids IS NULL THEN
         RETURN 0;
     END IF;
-    PERFORM complete_tasks('w' || p_client, v_ids, v_claims,
-                           array_fill('{}'::jsonb, ARRAY[cardinality(v_ids)]));
+    -- A variant of the completion from before it took the tasks' jobs
+    -- (variant-before.sql) is called as it was.
+    IF current_setting('proto.completion_without_jobs', true) = 'on' THEN
+        PERFORM complete_tasks('w' || p_client, v_ids, v_claims,
+                               array_fill('{}'::jsonb, ARRAY[cardinality(v_ids)]));
+    ELSE
+        PERFORM complete_tasks('w' || p_client, v_ids, v_job_ids, v_claims,
+                               array_fill('{}'::jsonb, ARRAY[cardinality(v_ids)]));
+    END IF;
     RETURN cardinality(v_ids);
 END
 $$;

@@ -8,25 +8,28 @@
 # and the rounds' median of the paired ratios less again (the log's "Where
 # history's writes cost the drain, measured as the server's CPU per task").
 #
-#   base        the migrations as they are
-#   oracle      a finished job of one task writes no history (an oracle,
-#               not a candidate: the contract keeps it readable)
-#   one_row     its task's history row only, the job's columns in it
-#   no_indexes  task_history_id and task_history_completed dropped
-#   brin        those two as BRIN indexes
-#   cut         one_row and no_indexes together
+#   base        the migrations as they are: a finished job of one task
+#               is its task's history row, the job's columns in it, and
+#               a repeated completion finds its task by the job it names
+#   oracle      such a job writes no history (an oracle, not a
+#               candidate: the contract keeps it readable)
+#   before      the completion before 20261213000001:
+#               a job_history row and the task's row, and task_history_id
+#   no_completed_index
+#               task_history_completed (the depth query's) dropped
+#   brin        that index as BRIN
 #
 # The server's CPU is read from a cgroup its processes are moved into, so
 # this runs as root on the server's machine (cgroup v1's cpuacct or v2).
 # Env: DATABASE_URL (a server; it creates its own databases), VARIANTS
-# (space-separated, default "base oracle cut one_row no_indexes"; the
+# (space-separated, default "base oracle before no_completed_index"; the
 # first is the reference), ROUNDS (default 15), TASKS (per measurement,
 # default 100000), CLIENTS (default 4), BATCH (default 50).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
 : "${DATABASE_URL:?DATABASE_URL must name a PostgreSQL server}"
-read -r -a variants <<<"${VARIANTS:-base oracle cut one_row no_indexes}"
+read -r -a variants <<<"${VARIANTS:-base oracle before no_completed_index}"
 rounds=${ROUNDS:-15}
 tasks=${TASKS:-100000}
 clients=${CLIENTS:-4}

@@ -1,4 +1,3 @@
 -- An oracle, not a candidate (the contract keeps every finished task
 -- readable): a finished job of one task writes no history.
-\set variant oracle
 \ir rewrite-completion.sql
