@@ -301,7 +301,7 @@ async fn history_figures(
     let days = time_day_retention(admin, q).await?;
     for day in &days {
         println!(
-            "retention of a day of history ({} jobs, each with a task, an artifact record and an idempotency key): \
+            "retention of a day of history ({} jobs, each with a task and an artifact record, half keyed and half in their task row): \
              {:.0} ms; the cleaner forgetting its keys afterwards: {:.0} ms",
             day.jobs, day.ms, day.keys_ms
         );
