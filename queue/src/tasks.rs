@@ -118,7 +118,7 @@ impl Queue {
         let types = claim_arguments(worker_id, task_types, limit)?;
         // Safe to repeat: a repeat with the nonce of a call that committed
         // (its answer lost) returns that call's tasks, not more.
-        let nonce = uuid::Uuid::now_v7();
+        let nonce = Uuid::now_v7();
         Ok(retry_transient(|| {
             sqlx::query_as(sql)
                 .bind(worker_id)
@@ -204,7 +204,7 @@ impl Queue {
         // Safe to repeat, as each half is: a completion whose answer was
         // lost is reported again, and a claim repeated with its nonce
         // returns the tasks it took.
-        let nonce = uuid::Uuid::now_v7();
+        let nonce = Uuid::now_v7();
         let rows: Vec<PgRow> = retry_transient(|| {
             sqlx::query("SELECT * FROM complete_and_claim_next($1, $2, $3, $4, $5, $6, $7, $8)")
                 .bind(worker_id)
@@ -347,7 +347,8 @@ fn claim_arguments<'t>(worker_id: &str, task_types: &'t [TaskType], limit: i32) 
     Ok(task_types.iter().map(|t| t.as_str()).collect())
 }
 
-/// Completions as the SQL functions take them: ids, claims, outputs.
+/// Completions as the SQL functions take them: task ids, job ids, claims,
+/// outputs.
 fn completion_arrays(results: &[(Lease, serde_json::Value)]) -> CompletionArrays<'_> {
     CompletionArrays {
         ids: results.iter().map(|(l, _)| l.task_id).collect(),

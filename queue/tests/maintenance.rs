@@ -495,11 +495,7 @@ async fn retention_keeps_archives_and_drops_jobs_that_completed_in_their_task_ro
     let day = partition_of(&pool, old).await.expect("the old job is in history");
     assert!(day.starts_with("task_history_2"), "a day's partition: {day}");
     // Created ten days ago, finished just now: younger than the age.
-    sqlx::query("UPDATE task_history SET finished_at = now() WHERE job_id = $1")
-        .bind(late)
-        .execute(&pool)
-        .await
-        .unwrap();
+    test_support::finished_days_ago(&pool, late, 0).await;
 
     let week = Duration::from_secs(7 * 86400);
     let archive = |older_than, batch| Retention {
@@ -544,11 +540,7 @@ async fn retention_keeps_archives_and_drops_jobs_that_completed_in_their_task_ro
     assert_eq!(artifact_records(&pool).await, [late].into_iter().collect());
 
     // Old enough now: DEFAULT is pruned row by row.
-    sqlx::query("UPDATE task_history SET finished_at = now() - interval '8 days' WHERE job_id = $1")
-        .bind(late)
-        .execute(&pool)
-        .await
-        .unwrap();
+    test_support::finished_days_ago(&pool, late, 8).await;
     assert_eq!(q.prune(archive(week, 100)).await.unwrap(), 1);
     assert!(q.job(TENANT, late).await.is_err());
     assert_eq!(count(&pool, "task_history").await, 0);

@@ -148,7 +148,7 @@ pub async fn history_partitioned_since(pool: &PgPool, days: i32) {
 /// it: its `job_history` row, or, for a job of one task that completed in
 /// its task's row, that row in `task_history`.
 pub async fn finished_days_ago(pool: &PgPool, id: uuid::Uuid, days: i32) {
-    let moved: Option<i64> = sqlx::query_scalar(
+    let moved: i64 = sqlx::query_scalar(
         "WITH with_row AS (
              UPDATE job_history SET finished_at = now() - make_interval(days => $2) WHERE id = $1 RETURNING 1
          ), in_task_row AS (
@@ -162,7 +162,7 @@ pub async fn finished_days_ago(pool: &PgPool, id: uuid::Uuid, days: i32) {
     .fetch_one(pool)
     .await
     .expect("moving a job's finish back");
-    assert_eq!(moved, Some(1), "job {id} is not finished");
+    assert_eq!(moved, 1, "job {id} is not finished");
 }
 
 /// Make a job `days` old as if it had been created then: a UUIDv7 id from
